@@ -1,0 +1,118 @@
+"""The `netprobe` command: dispatch to train, plot and ls (SPEC §1)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from netprobe.errors import ConfigError
+
+USAGE = """\
+usage: netprobe {train,plot,ls} ...
+
+  netprobe train [OVERRIDES]     train with probes attached (Hydra app; `netprobe train --help`)
+  netprobe train -m seed=0,1,2   sweep with Hydra multirun
+  netprobe plot PATH... [--out DIR] [--format png,svg,pdf] [--only NAMES]
+                                 render every figure the runs under PATH support
+  netprobe ls PATH...            one row per run: status, model, data, init, seed, ...
+
+exit codes: 0 success, 1 run failed or diverged, 2 bad usage or input, 130 interrupted
+"""
+
+
+def fail(message: str) -> int:
+    print(f"netprobe: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from netprobe import __version__
+
+        print(f"netprobe {__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    commands = {"train": train_command, "plot": plot_command, "ls": ls_command}
+    if command not in commands:
+        return fail(f"unknown command {command!r}; valid commands: {', '.join(commands)}")
+    try:
+        return commands[command](rest)
+    except ConfigError as exc:
+        return fail(str(exc))
+    except KeyboardInterrupt:
+        print("netprobe: interrupted", file=sys.stderr)
+        return 130
+
+
+def train_command(args: list[str]) -> int:
+    from netprobe.config import preflight
+    from netprobe.train import hydra_main
+
+    hydra_info = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
+    if not hydra_info & set(args):
+        preflight(args)
+    return hydra_main(args)
+
+
+def plot_command(args: list[str]) -> int:
+    parser = _Parser(
+        prog="netprobe plot",
+        description="Render every figure the stored runs under PATH support, and an index.html.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run or sweep directories")
+    parser.add_argument("--out", help="output folder (default: PATH/figures for one PATH)")
+    parser.add_argument("--format", default="png", help="comma-separated: png, svg, pdf")
+    parser.add_argument("--only", help="comma-separated figure names (see the list below)")
+    from netprobe.plots import FIGURES, plot
+
+    parser.epilog = "figures: " + ", ".join(FIGURES)
+    ns = _parse(parser, args)
+    if isinstance(ns, int):
+        return ns
+    written = plot(
+        ns.paths,
+        out=ns.out,
+        formats=_split(ns.format),
+        only=_split(ns.only) if ns.only else None,
+    )
+    return 0 if written else 1
+
+
+def ls_command(args: list[str]) -> int:
+    parser = _Parser(prog="netprobe ls", description="One table row per run.")
+    parser.add_argument("paths", nargs="*", default=["outputs"], metavar="PATH")
+    ns = _parse(parser, args)
+    if isinstance(ns, int):
+        return ns
+    from netprobe.listing import list_runs
+
+    list_runs(ns.paths)
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (via ConfigError), not usage text plus a line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _parse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace | int:
+    """Parse `args`; `--help` returns 0 instead of exiting."""
+    try:
+        return parser.parse_args(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

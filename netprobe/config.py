@@ -1,0 +1,173 @@
+"""Where the config groups live, how a config is composed, and what makes one valid (SPEC §2)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from netprobe.errors import ConfigError
+
+CONFIG_NAME = "config"
+PRECISIONS = ("32", "bf16", "16")
+GROUPS = ("model", "data", "init", "optim", "probes", "trainer", "experiment")
+
+
+def conf_dir() -> Path:
+    """The config folder: inside the installed package (wheel), else the source tree's conf/."""
+    package = Path(__file__).resolve().parent
+    packaged = package / "conf"
+    return packaged if packaged.is_dir() else package.parent / "conf"
+
+
+def options(group: str) -> list[str]:
+    """The option names of a config group: its YAML files."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose and validate the config as `netprobe train OVERRIDES` would (one run, no sweep)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            try:
+                cfg = hydra_compose(CONFIG_NAME, overrides=overrides)
+            except Exception as exc:  # noqa: BLE001 - Hydra's errors become one clear line
+                raise _explain(exc, overrides, hydra_compose) from None
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+    return cfg
+
+
+def preflight(args: Sequence[str]) -> None:
+    """Compose and validate every job a `netprobe train ARGS` command line would run.
+
+    Hydra's own flags and `hydra.*` overrides are left to Hydra; sweeps (`seed=0,1,2`) are expanded.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir"):
+            skip = True
+        elif not arg.startswith("-") and not re.match(r"^[+~]*hydra[./]", arg):
+            overrides.append(arg)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(_first_line(exc)) from None
+    choices = []
+    for text, ov in zip(overrides, parsed):
+        if ov.is_sweep_override():
+            key = text.split("=", 1)[0]
+            choices.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
+        else:
+            choices.append([text])
+    for combo in itertools.islice(itertools.product(*choices), 1000):
+        compose(combo)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _explain(exc: Exception, overrides: list[str], hydra_compose: Callable) -> ConfigError:
+    from hydra.errors import MissingConfigException
+
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+        group, _, name = exc.missing_cfg_file.rpartition("/")
+        if group:
+            valid = ", ".join(exc.options or options(group))
+            return ConfigError(f"unknown {group} {name!r}; valid {group} options: {valid}")
+    match = re.search(r"Could not (?:override|append to|delete from) '([^']+)'", str(exc))
+    if match:
+        key = match.group(1)
+        parent, _, leaf = key.rpartition(".")
+        rest = [o for o in overrides if not o.lstrip("+~").startswith(key)]
+        try:
+            node = OmegaConf.select(hydra_compose(CONFIG_NAME, overrides=rest), parent or "")
+        except Exception:  # noqa: BLE001
+            node = None
+        if isinstance(node, DictConfig):
+            where = f" under {parent}" if parent else ""
+            return ConfigError(
+                f"unknown config key {key!r}; valid keys{where}: {', '.join(map(str, node))}"
+            )
+        return ConfigError(f"unknown config key {key!r}")
+    return ConfigError(_first_line(exc))
+
+
+# ---------------------------------------------------------------- validation
+
+Check = Callable[[Any], bool]
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _optional(check: Check) -> Check:
+    return lambda v: v is None or check(v)
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def _non_negative_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+_CHECKS: dict[str, tuple[Check, str]] = {
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "trainer.epochs": (_positive_int, "a positive integer"),
+    "trainer.max_steps": (_optional(_positive_int), "a positive integer or null"),
+    "trainer.precision": (lambda v: str(v) in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    "trainer.device": (
+        lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
+        "auto, cpu, cuda, cuda:N or mps",
+    ),
+    "trainer.target_val_acc": (
+        _optional(lambda v: _positive(v) and v <= 1),
+        "a fraction in (0, 1] (0.94, not 94) or null",
+    ),
+    "trainer.log_every": (_positive_int, "a positive integer"),
+    "trainer.flush_every": (_positive_int, "a positive integer"),
+    "trainer.checkpoint_every": (_non_negative_int, "an integer ≥ 0"),
+    "optim.lr": (_positive, "a positive number"),
+    "optim.weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number ≥ 0"),
+    "data.batch_size": (_positive_int, "a positive integer"),
+    "data.probe_size": (_positive_int, "a positive integer"),
+    "data.val_fraction": (
+        _optional(lambda v: isinstance(v, (int, float)) and 0 < v < 1),
+        "a fraction in (0, 1), or null for the official test split",
+    ),
+    "data.num_workers": (_non_negative_int, "an integer ≥ 0"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first value of the wrong type or out of range."""
+    for key, (check, valid) in _CHECKS.items():
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        except Exception as exc:  # noqa: BLE001 - missing mandatory values, bad interpolations
+            raise ConfigError(f"{key}: {_first_line(exc)}") from None
+        if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
+            continue
+        if not check(value):
+            raise ConfigError(f"{key}={value!r} is not valid; expected {valid}")
+    if cfg.model.get("_target_") in (None, "???"):
+        raise ConfigError("model._target_ is not set; give model._target_=my.module.Net")

@@ -1,0 +1,346 @@
+"""attach(): runs the probes on their schedules and owns the run's writer (SPEC §4)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from netprobe.errors import ConfigError
+from netprobe.probes import PROBES, Probe, ProbeContext, Progress
+from netprobe.store import RunWriter, ScalarBlock, rows_table, scalar_table
+from netprobe.structure import layer_table, module_graph
+
+Number = float | int | torch.Tensor
+
+
+class Recorder:
+    """Holds probe output as device tensors and moves it to the host in one copy per table."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self._scalars: list[tuple[int, int, str, list[str], list[str], torch.Tensor]] = []
+        self._hists: list[tuple[int, int, str, str, str, torch.Tensor, torch.Tensor]] = []
+        self._matrices: list[tuple[int, int, str, str, str, str, torch.Tensor]] = []
+
+    def scalars(
+        self, probe: str, layers: list[str], metrics: list[str], values: torch.Tensor | Number
+    ) -> None:
+        """Values [len(layers), len(metrics)] for the current step."""
+        values = torch.as_tensor(values).detach()
+        self._scalars.append(
+            (self.progress.step, self.progress.epoch, probe, layers, metrics, values)
+        )
+
+    def histogram(
+        self,
+        probe: str,
+        layer: str,
+        source: str,
+        edges: torch.Tensor,
+        counts: torch.Tensor,
+        below: torch.Tensor | int = 0,
+        above: torch.Tensor | int = 0,
+    ) -> None:
+        """Counts per bin for `edges` (len(edges) = len(counts) + 1), plus out-of-range counts."""
+        tail = torch.stack([torch.as_tensor(below), torch.as_tensor(above)]).to(counts.device)
+        self._hists.append(
+            (
+                self.progress.step,
+                self.progress.epoch,
+                probe,
+                layer,
+                source,
+                edges.detach(),
+                torch.cat([counts.detach().reshape(-1), tail.reshape(-1)]),
+            )
+        )
+
+    def matrix(self, probe: str, name: str, row: str, col: str, values: torch.Tensor) -> None:
+        """A matrix (or vector) named `name` for the pair (`row`, `col`) of layers."""
+        self._matrices.append(
+            (self.progress.step, self.progress.epoch, probe, name, row, col, values.detach())
+        )
+
+    def __len__(self) -> int:
+        return len(self._scalars) + len(self._hists) + len(self._matrices)
+
+    def drain(self) -> dict[str, pa.Table]:
+        """Everything buffered so far, on the host, as Arrow tables; the buffers are emptied."""
+        tables: dict[str, pa.Table] = {}
+        if self._scalars:
+            flat = _to_host([v for *_, v in self._scalars], torch.float64)
+            blocks = [
+                ScalarBlock(
+                    step, epoch, probe, layers, metrics, v.reshape(len(layers), len(metrics))
+                )
+                for (step, epoch, probe, layers, metrics, _), v in zip(self._scalars, flat)
+            ]
+            tables["scalars"] = scalar_table(blocks)
+        if self._hists:
+            edges = _to_host([h[5] for h in self._hists], torch.float64)
+            counts = _to_host([h[6] for h in self._hists], torch.int64)
+            rows = [
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "probe": probe,
+                    "layer": layer,
+                    "source": source,
+                    "edges": e,
+                    "counts": c[:-2],
+                    "below": int(c[-2]),
+                    "above": int(c[-1]),
+                }
+                for (step, epoch, probe, layer, source, *_), e, c in zip(self._hists, edges, counts)
+            ]
+            tables["histograms"] = rows_table("histograms", rows)
+        if self._matrices:
+            values = _to_host([m[6] for m in self._matrices], torch.float32)
+            rows = [
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "probe": probe,
+                    "name": name,
+                    "row": row,
+                    "col": col,
+                    "shape": list(t.shape),
+                    "values": v,
+                }
+                for (step, epoch, probe, name, row, col, t), v in zip(self._matrices, values)
+            ]
+            tables["matrices"] = rows_table("matrices", rows)
+        self._scalars, self._hists, self._matrices = [], [], []
+        return tables
+
+
+def _to_host(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[np.ndarray]:
+    """One device-to-host copy per device for a list of tensors; returns flat numpy pieces."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    out: list[np.ndarray] = [np.empty(0)] * len(tensors)
+    for indices in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1).to(dtype) for i in indices]).cpu().numpy()
+        sizes = np.cumsum([tensors[i].numel() for i in indices])[:-1]
+        for i, piece in zip(indices, np.split(flat, sizes)):
+            out[i] = piece
+    return out
+
+
+ProbeSpec = Sequence[str] | Mapping[str, Mapping[str, Any] | None] | None
+
+
+def _probe_configs(probes: ProbeSpec) -> dict[str, dict[str, Any]]:
+    if probes is None:
+        return {}
+    if isinstance(probes, str):
+        probes = [probes]
+    items = probes.items() if isinstance(probes, Mapping) else ((n, None) for n in probes)
+    configs = {}
+    for name, cfg in items:
+        if name not in PROBES:
+            raise ConfigError(f"unknown probe {name!r}; valid probes: {', '.join(PROBES)}")
+        configs[name] = dict(cfg or {})
+    return configs
+
+
+class Monitor:
+    """Drives the probes from the training loop's four calls and writes what they record."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        out_dir: str | os.PathLike,
+        probes: ProbeSpec = ("gradients",),
+        probe_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+        *,
+        valid_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        info: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        flush_every: int = 100,
+    ) -> None:
+        self._t0 = time.perf_counter()
+        self.model = model
+        self.optimizer = optimizer
+        self.flush_every = flush_every
+        self.progress = Progress()
+        self.record = Recorder(self.progress)
+        layers = layer_table(model, probe_batch[0] if probe_batch is not None else None)
+        modules = [r.module for r in layers if not r.param]
+        edges = module_graph(model, modules)
+        ctx = ProbeContext(
+            model=model,
+            layers=layers,
+            edges=edges,
+            record=self.record,
+            progress=self.progress,
+            loss_fn=loss_fn,
+            probe_batch=probe_batch,
+            valid_batch=valid_batch,
+            seed=seed,
+        )
+        # Probes are built before anything is written, so bad probe settings leave no trace.
+        configs = _probe_configs(probes)
+        self.probes: list[Probe] = [
+            PROBES[name](ctx, **cfg) for name, cfg in configs.items() if cfg.get("enabled", True)
+        ]
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._probe_time = 0.0
+        self._samples = 0
+        self._flush_t = time.perf_counter()
+        self._last: dict[str, torch.Tensor | float] = {}
+        self.best_val_acc: float | None = None
+        self.closed = False
+        self.writer = RunWriter(
+            out_dir,
+            {
+                "seed": seed,
+                "probes": [p.name for p in self.probes],
+                "epochs_done": 0,
+                "steps_done": 0,
+                "best_val_acc": None,
+                "final": {},
+                "probe_overhead": None,
+                **dict(info or {}),
+            },
+        )
+        self.path = self.writer.path
+        self.writer.write_table("layers", rows_table("layers", [asdict(r) for r in layers]))
+        self.writer.write_table(
+            "graph", rows_table("graph", [{"source": s, "target": t} for s, t in edges])
+        )
+        self._run_probes("on_start")
+
+    # -- the training loop's calls
+    def after_backward(
+        self, loss: torch.Tensor, acc: Number | None = None, batch_size: int | None = None
+    ) -> None:
+        """Record the step's loss (and accuracy); gradient probes read `.grad` now."""
+        rec = self.record
+        loss = loss.detach()
+        rec.scalars("train", [""], ["loss"], loss.reshape(1, 1))
+        self._last["loss"] = loss
+        if acc is not None:
+            acc = torch.as_tensor(acc).detach()
+            rec.scalars("train", [""], ["acc"], acc.reshape(1, 1))
+            self._last["acc"] = acc
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if grads:
+            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)))
+            rec.scalars("train", [""], ["grad_l2_total"], total.reshape(1, 1))
+        if self.optimizer is not None:
+            rec.scalars("train", [""], ["lr"], float(self.optimizer.param_groups[0]["lr"]))
+        self._samples += batch_size or 0
+        self._run_probes("after_backward")
+
+    def after_step(self) -> None:
+        """Update probes read the new weights now; the step counter advances."""
+        self._run_probes("after_step")
+        self.progress.step += 1
+        if self.progress.step % self.flush_every == 0:
+            self.flush()
+
+    def end_epoch(self, val_loss: Number | None = None, val_acc: Number | None = None) -> None:
+        """Record validation results, run the epoch captures, and flush."""
+        rec = self.record
+        if val_loss is not None:
+            self._last["val_loss"] = float(val_loss)
+            rec.scalars("train", [""], ["val_loss"], self._last["val_loss"])
+        if val_acc is not None:
+            self._last["val_acc"] = float(val_acc)
+            rec.scalars("train", [""], ["val_acc"], self._last["val_acc"])
+            self.best_val_acc = max(self.best_val_acc or 0.0, self._last["val_acc"])
+        self._run_probes("on_epoch_end")
+        self.progress.epoch += 1
+        self.flush()
+        self.writer.update(
+            epochs_done=self.progress.epoch,
+            steps_done=self.progress.step,
+            best_val_acc=self.best_val_acc,
+        )
+
+    # -- bookkeeping
+    def _run_probes(self, hook: str) -> None:
+        t = time.perf_counter()
+        for probe in self.probes:
+            getattr(probe, hook)()
+        self._probe_time += time.perf_counter() - t
+
+    def flush(self) -> None:
+        """Move everything buffered to the host and write one part file per table."""
+        now = time.perf_counter()
+        if self._samples:
+            rate = self._samples / max(now - self._flush_t, 1e-9)
+            self.record.scalars("train", [""], ["samples_per_s"], rate)
+        self._samples, self._flush_t = 0, now
+        for name, table in self.record.drain().items():
+            self.writer.append(name, table)
+
+    def latest(self) -> dict[str, float]:
+        """The last recorded loss, accuracy and validation results as floats (syncs the device)."""
+        return {k: float(v) for k, v in self._last.items()}
+
+    def close(self, status: str = "completed", error: str | None = None, **info: Any) -> None:
+        """Run the end captures (on success), flush, and record the final status. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if status == "completed":
+                self._run_probes("on_end")
+            self.flush()
+        finally:
+            final = {k: v for k, v in self.latest().items() if math.isfinite(v)}
+            wall = time.perf_counter() - self._t0
+            self.writer.close(
+                status,
+                error=error,
+                epochs_done=self.progress.epoch,
+                steps_done=self.progress.step,
+                best_val_acc=self.best_val_acc,
+                final=final,
+                probe_overhead=self._probe_time / wall if wall > 0 else None,
+                **info,
+            )
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close("completed")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.close("interrupted", error="interrupted")
+        else:
+            self.close("failed", error=f"{exc_type.__name__}: {exc}")
+
+
+def attach(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    probes: ProbeSpec = ("gradients",),
+    probe_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    **kwargs: Any,
+) -> Monitor:
+    """Attach probes to `model` and start a run in `out_dir`; use as a context manager."""
+    return Monitor(model, out_dir, probes, probe_batch, loss_fn, **kwargs)

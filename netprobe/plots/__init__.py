@@ -1,0 +1,157 @@
+"""`netprobe plot`: find runs, group them by everything but the seed, draw every figure family."""
+
+from __future__ import annotations
+
+import html
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from netprobe.errors import ConfigError
+from netprobe.plots import curves, gradients  # noqa: F401 - importing registers their figures
+from netprobe.plots.common import FIGURES, RunGroup
+from netprobe.store import Run, find_runs
+
+FORMATS = ("png", "svg", "pdf")
+# Keys that differ between runs without making them different experiments.
+IGNORED_KEYS = {"seed", "name", "out_root"}
+
+
+def flat(config: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {dotted.key: value}."""
+    out: dict[str, Any] = {}
+    for key, value in (config or {}).items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat(value, f"{path}."))
+        else:
+            out[path] = repr(value) if isinstance(value, list) else value
+    return out
+
+
+def group_runs(runs: list[Run]) -> list[RunGroup]:
+    """Runs whose configs agree on everything but the seed form one group."""
+    configs = [{k: v for k, v in flat(r.config).items() if k not in IGNORED_KEYS} for r in runs]
+    keys: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        keys.setdefault(tuple(sorted((k, str(v)) for k, v in cfg.items())), []).append(i)
+    if len(keys) == 1:
+        return [RunGroup([runs[i] for i in next(iter(keys.values()))])]
+    all_keys = set().union(*configs)
+    varying = sorted(k for k in all_keys if len({str(c.get(k)) for c in configs}) > 1)
+    groups = []
+    for members in keys.values():
+        values = {k: configs[members[0]].get(k) for k in varying}
+        label = ",".join(f"{k.removesuffix('.name')}={v}" for k, v in values.items())
+        groups.append(RunGroup([runs[i] for i in members], label=label, varying=values))
+    return sorted(groups, key=lambda g: g.label)
+
+
+def plot(
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    formats: Sequence[str] = ("png",),
+    only: Sequence[str] | None = None,
+) -> list[Path]:
+    """Draw every figure the runs under `paths` support into `out`, with an index.html."""
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise ConfigError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    for name in only or ():
+        if name not in FIGURES:
+            raise ConfigError(f"unknown figure {name!r}; valid figures: {', '.join(FIGURES)}")
+    run_dirs = [d for p in paths for d in _existing(p)]
+    runs = []
+    for d in run_dirs:
+        try:
+            runs.append(Run(d))
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"skipping run {d}: damaged run.json ({exc})", stacklevel=2)
+    if not runs:
+        raise ConfigError(f"no runs (directories with run.json) under {', '.join(map(str, paths))}")
+    if out is None:
+        out = Path(os.path.commonpath([Path(p).resolve() for p in paths])) / "figures"
+    out = Path(out)
+    specs = [FIGURES[n] for n in (only or FIGURES)]
+    groups = group_runs(runs)
+    sections: list[tuple[RunGroup, list[tuple[str, Path]]]] = []
+    written: list[Path] = []
+    for group in groups:
+        folder = out / _safe(group.label) if group.label else out
+        entries = []
+        for spec in specs:
+            try:
+                rendered = spec.draw(group)
+            except Exception as exc:  # noqa: BLE001 - one broken figure must not stop the rest
+                warnings.warn(
+                    f"figure {spec.name} failed for {group.label or 'runs'}: {exc}", stacklevel=2
+                )
+                continue
+            if rendered is None:
+                continue
+            items = rendered.items() if isinstance(rendered, dict) else [("", rendered)]
+            for suffix, fig in items:
+                stem = f"{spec.name}_{suffix}" if suffix else spec.name
+                folder.mkdir(parents=True, exist_ok=True)
+                for fmt in formats:
+                    path = folder / f"{stem}.{fmt}"
+                    fig.savefig(path, dpi=110)
+                    written.append(path)
+                plt.close(fig)
+                entries.append(
+                    (
+                        spec.caption + (f" ({suffix})" if suffix else ""),
+                        folder / f"{stem}.{formats[0]}",
+                    )
+                )
+        sections.append((group, entries))
+    index = out / "index.html"
+    out.mkdir(parents=True, exist_ok=True)
+    index.write_text(_index_html(sections, out))
+    for path in written:
+        print(path)
+    print(index)
+    print(
+        f"{len(written)} figure files for {len(runs)} run(s) in {len(groups)} group(s)",
+        file=sys.stderr,
+    )
+    return written
+
+
+def _existing(path: str | os.PathLike) -> list[Path]:
+    if not Path(path).exists():
+        raise ConfigError(f"no such file or directory: {path}")
+    return list(find_runs(path))
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "=-_.," else "_" for c in label)
+
+
+def _index_html(sections: list[tuple[RunGroup, list[tuple[str, Path]]]], out: Path) -> str:
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>netprobe figures</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
+        "figure{display:inline-block;margin:1em;vertical-align:top;max-width:640px}"
+        "img{max-width:100%;border:1px solid #ddd}figcaption{font-size:0.9em;color:#333}</style>",
+        "<h1>netprobe figures</h1>",
+    ]
+    for group, entries in sections:
+        runs = ", ".join(html.escape(str(r.path)) for r in group.runs[:5])
+        more = f" and {group.n - 5} more" if group.n > 5 else ""
+        parts.append(f"<h2>{html.escape(group.title)}</h2><p>{group.n} run(s): {runs}{more}</p>")
+        for caption, path in entries:
+            rel = html.escape(path.relative_to(out).as_posix())
+            parts.append(
+                f"<figure><a href='{rel}'><img src='{rel}' alt='{html.escape(caption)}'></a>"
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
+    return "\n".join(parts) + "\n"
+
+
+__all__ = ["FIGURES", "group_runs", "plot"]

@@ -1,0 +1,138 @@
+"""What every figure family shares: run groups, seed aggregation, the figure registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from netprobe.store import Run  # noqa: E402
+
+Rendered = Figure | dict[str, Figure] | None
+
+
+@dataclass
+class RunGroup:
+    """Runs that differ only by seed, drawn together: curves show mean ± std over them."""
+
+    runs: list[Run]
+    label: str = ""
+    varying: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def title(self) -> str:
+        info = self.runs[0].info
+        head = f"{info.get('model', '?')} on {info.get('data', '?')}, init {info.get('init', '?')}"
+        return f"{head} ({self.label})" if self.label else head
+
+    def scalars(self, probe: str, metric: str | None = None) -> pd.DataFrame:
+        """Scalars of every run in the group, with a `run` column (0..n-1)."""
+        frames = [
+            run.scalars(probe=probe, metric=metric).assign(run=i) for i, run in enumerate(self.runs)
+        ]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def histograms(self, probe: str) -> pd.DataFrame:
+        frames = [run.histograms(probe=probe).assign(run=i) for i, run in enumerate(self.runs)]
+        return pd.concat(frames, ignore_index=True)
+
+    def matrices(self, probe: str, name: str | None = None) -> pd.DataFrame:
+        frames = [
+            run.matrices(probe=probe, name=name).assign(run=i) for i, run in enumerate(self.runs)
+        ]
+        return pd.concat(frames, ignore_index=True)
+
+    @cached_property
+    def layer_rank(self) -> dict[str, int]:
+        """Position of every module and parameter name in forward order, for sorting layers."""
+        layers = self.runs[0].layers()
+        names = [f"{m}.{p}" if p else m for m, p in zip(layers["module"], layers["param"])]
+        return {name: i for i, name in enumerate(names)}
+
+    def ordered(self, names: Any) -> list[str]:
+        """`names` sorted in forward order (unknown names last, alphabetically)."""
+        rank = self.layer_rank
+        return sorted(set(names), key=lambda n: (rank.get(n, len(rank)), n))
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    name: str
+    caption: str
+    draw: Callable[[RunGroup], Rendered]
+
+
+FIGURES: dict[str, FigureSpec] = {}
+
+
+def figure(name: str, caption: str) -> Callable[[Callable[[RunGroup], Rendered]], Callable]:
+    """Register a figure: `draw(group)` returns a Figure, {suffix: Figure}, or None (no data)."""
+
+    def register(draw: Callable[[RunGroup], Rendered]) -> Callable[[RunGroup], Rendered]:
+        FIGURES[name] = FigureSpec(name, caption, draw)
+        return draw
+
+    return register
+
+
+def mean_std(df: pd.DataFrame, by: list[str], value: str = "value") -> pd.DataFrame:
+    """Mean, std (0 for one run) and n of `value` over runs, per `by`."""
+    out = df.groupby(by, sort=True)[value].agg(["mean", "std", "count"]).reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    return out
+
+
+def band(
+    ax: Axes,
+    x: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    n: int,
+    label: str | None = None,
+    color: Any = None,
+    **kwargs: Any,
+) -> None:
+    """A mean line with a ±1 std band; the legend says how many runs it averages."""
+    label = f"{label} (n={n})" if label is not None and n > 1 else label
+    (line,) = ax.plot(x, mean, label=label, color=color, **kwargs)
+    if n > 1:
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+
+
+def smooth(values: np.ndarray, points: int = 200) -> np.ndarray:
+    """A centred moving average that leaves about `points` independent values along the curve."""
+    window = max(1, len(values) // points)
+    if window == 1:
+        return values
+    kernel = np.ones(window) / window
+    padded = np.pad(values, (window // 2, window - 1 - window // 2), mode="edge")
+    return np.convolve(padded, kernel, mode="valid")
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4, 4.2), **kw: Any):
+    """A figure of `nrows × ncols` panels each about `size` inches, laid out without overlaps."""
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False, **kw
+    )
+    fig.set_layout_engine("constrained")
+    return fig, axes
+
+
+def short(name: str, width: int = 28) -> str:
+    """A layer name short enough for a tick label."""
+    return name if len(name) <= width else "…" + name[-(width - 1) :]

@@ -1,0 +1,114 @@
+"""Gradient statistics: flow bars, L1/L2 norms over steps, and a layer × step heatmap."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from netprobe.plots.common import RunGroup, band, figure, new_figure, short, smooth
+
+
+def _stats(group: RunGroup, metric: str):
+    df = group.scalars("gradients", metric)
+    return df[df["layer"] != ""]
+
+
+@figure(
+    "grad_flow_bars",
+    "Gradient flow per layer (forward order): max over steps of max|g|, mean of mean|g|.",
+)
+def grad_flow_bars(group: RunGroup):
+    max_abs, mean_abs = _stats(group, "max_abs"), _stats(group, "mean_abs")
+    if max_abs.empty:
+        return None
+    layers = group.ordered(max_abs["layer"])
+    # Per run first (max or mean over its steps), then mean and std over runs.
+    peak = max_abs.groupby(["layer", "run"])["value"].max().groupby("layer").agg(["mean", "std"])
+    avg = mean_abs.groupby(["layer", "run"])["value"].mean().groupby("layer").agg(["mean", "std"])
+    peak, avg = peak.reindex(layers).fillna(0), avg.reindex(layers).fillna(0)
+    x = np.arange(len(layers))
+    fig, axes = new_figure(size=(max(6.4, 0.45 * len(layers) + 2), 4.6))
+    ax = axes[0, 0]
+    err = group.n > 1
+    ax.bar(
+        x,
+        peak["mean"],
+        0.8,
+        color="tab:cyan",
+        alpha=0.6,
+        label="max |g|",
+        yerr=peak["std"] if err else None,
+    )
+    ax.bar(
+        x, avg["mean"], 0.8, color="tab:blue", label="mean |g|", yerr=avg["std"] if err else None
+    )
+    ax.set_yscale("log")
+    ax.set_xticks(x, [short(n) for n in layers], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("gradient magnitude")
+    ax.set_xlabel("layer (forward order)")
+    ax.legend(title=f"n={group.n}" if group.n > 1 else None)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"Gradient flow — {group.title}")
+    return fig
+
+
+@figure("grad_norms", "L1 and L2 norm of each layer's gradient over training steps (log scale).")
+def grad_norms(group: RunGroup):
+    l1, l2 = _stats(group, "l1"), _stats(group, "l2")
+    if l1.empty:
+        return None
+    layers = group.ordered(l1["layer"])
+    fig, axes = new_figure(1, 2, size=(6.0, 4.4))
+    colors = matplotlib_colors(len(layers))
+    for ax, df, title in ((axes[0, 0], l1, "L1 norm"), (axes[0, 1], l2, "L2 norm")):
+        for color, layer in zip(colors, layers):
+            part = df[df["layer"] == layer]
+            stats = part.groupby("step")["value"].agg(["mean", "std"]).fillna(0)
+            band(
+                ax,
+                stats.index.to_numpy(),
+                smooth(stats["mean"].to_numpy()),
+                smooth(stats["std"].to_numpy()),
+                group.n,
+                label=short(layer),
+                color=color,
+            )
+        ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_title(f"gradient {title}")
+        ax.grid(alpha=0.3)
+    axes[0, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(group.title)
+    return fig
+
+
+@figure("grad_heatmap", "log10 of each layer's gradient L2 norm, layer × step (mean over seeds).")
+def grad_heatmap(group: RunGroup):
+    l2 = _stats(group, "l2")
+    if l2.empty:
+        return None
+    layers = group.ordered(l2["layer"])
+    table = l2.pivot_table(index="layer", columns="step", values="value", aggfunc="mean")
+    table = table.reindex(layers)
+    values = np.log10(np.clip(table.to_numpy(dtype=float), 1e-30, None))
+    steps = table.columns.to_numpy()
+    fig, axes = new_figure(size=(9.0, max(3.0, 0.3 * len(layers) + 1.6)))
+    ax = axes[0, 0]
+    mesh = ax.imshow(
+        values,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5),
+    )
+    ax.set_yticks(range(len(layers)), [short(n, 36) for n in layers], fontsize=8)
+    ax.set_xlabel("optimizer step")
+    ax.set_title(f"log10 ‖g‖₂ per layer — {group.title}")
+    fig.colorbar(mesh, ax=ax, label="log10 L2 norm")
+    return fig
+
+
+def matplotlib_colors(n: int):
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis" if n > 10 else "tab10"]
+    return [cmap(i / max(n - 1, 1)) if n > 10 else cmap(i) for i in range(n)]

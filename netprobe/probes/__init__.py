@@ -1,0 +1,10 @@
+"""Probe groups by name (SPEC §5); each lives in its own module."""
+
+from __future__ import annotations
+
+from netprobe.probes.base import Probe, ProbeContext, Progress
+from netprobe.probes.gradients import Gradients
+
+PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in [Gradients]}
+
+__all__ = ["PROBES", "Probe", "ProbeContext", "Progress"]

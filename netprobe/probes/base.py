@@ -1,0 +1,170 @@
+"""What every probe shares: its schedule, what it tracks, and where it records."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from netprobe.errors import ConfigError
+from netprobe.structure import LayerInfo, is_weight_layer
+
+if TYPE_CHECKING:
+    from netprobe.monitor import Recorder
+
+AT_CHOICES = ("start", "epoch", "end")
+
+
+@dataclass
+class Progress:
+    """Where training is: `step` optimizer steps done so far (the index of the step under way)."""
+
+    step: int = 0
+    epoch: int = 0
+
+
+@dataclass
+class ProbeContext:
+    """Everything a probe may read: the model, its structure, the probe batch, and the recorder."""
+
+    model: nn.Module
+    layers: list[LayerInfo]
+    edges: list[tuple[str, str]]
+    record: Recorder
+    progress: Progress
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    probe_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+    valid_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def generator(self, salt: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator seeded from the run seed and `salt`, independent of the training RNG."""
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed * 1_000_003 + salt)
+        return g
+
+
+class Probe:
+    """Base class. Subclasses set `name`, their default schedule, and override the hooks they need.
+
+    Hooks, called by the monitor: `after_backward` (gradients are in `.grad`), `after_step` (weights
+    updated), and `capture` at the `at` points (`start` before the first step, `epoch` after each
+    epoch, `end` after training). Results go to `self.ctx.record` as device tensors.
+    """
+
+    name: ClassVar[str]
+    default_every: ClassVar[int | None] = None
+    default_at: ClassVar[tuple[str, ...]] = ()
+    # Keys a probe accepts besides the common ones; values are defaults.
+    options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
+        self.ctx = ctx
+        common = {"layers", "exclude", "every", "at", "enabled"}
+        unknown = set(cfg) - common - set(self.options)
+        if unknown:
+            valid = ", ".join(sorted(common | set(self.options)))
+            raise ConfigError(
+                f"unknown key {sorted(unknown)[0]!r} for probe {self.name}; valid keys: {valid}"
+            )
+        self.cfg = {**self.options, **{k: v for k, v in cfg.items() if k in self.options}}
+        self.patterns = _as_list(cfg.get("layers"))
+        self.exclude = _as_list(cfg.get("exclude"))
+        every = cfg.get("every", self.default_every)
+        at = cfg.get("at", self.default_at)
+        if every == "epoch":
+            every, at = None, ("epoch",)
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ConfigError(
+                f"probes.{self.name}.every={every!r} must be a positive number of steps or 'epoch'"
+            )
+        at = tuple(_as_list(at))
+        for point in at:
+            if point not in AT_CHOICES:
+                raise ConfigError(
+                    f"probes.{self.name}.at has {point!r}; valid: {', '.join(AT_CHOICES)}"
+                )
+        self.every: int | None = every
+        self.at = at
+        self._last_capture: int | None = None
+
+    # -- schedule
+    def due(self, step: int | None = None) -> bool:
+        step = self.ctx.progress.step if step is None else step
+        return self.every is not None and step % self.every == 0
+
+    # -- hooks
+    def after_backward(self) -> None: ...
+
+    def after_step(self) -> None: ...
+
+    def capture(self) -> None: ...
+
+    def on_start(self) -> None:
+        if "start" in self.at:
+            self._capture_once()
+
+    def on_epoch_end(self) -> None:
+        if "epoch" in self.at:
+            self._capture_once()
+
+    def on_end(self) -> None:
+        if "end" in self.at:
+            self._capture_once()
+
+    def _capture_once(self) -> None:
+        step = self.ctx.progress.step
+        if self._last_capture != step:
+            self._last_capture = step
+            self.capture()
+
+    # -- selection
+    def select(
+        self, rows: list[LayerInfo], default: Callable[[LayerInfo], bool]
+    ) -> list[LayerInfo]:
+        """Rows whose name fully matches one of `layers` (else `default`), minus `exclude`."""
+        if self.patterns:
+            chosen = [r for r in rows if any(re.fullmatch(p, r.name) for p in self.patterns)]
+            for p in self.patterns:
+                if not any(re.fullmatch(p, r.name) for r in rows):
+                    names = ", ".join(r.name for r in rows)
+                    raise ConfigError(
+                        f"probes.{self.name}.layers pattern {p!r} matches nothing; "
+                        f"available: {names}"
+                    )
+        else:
+            chosen = [r for r in rows if default(r)]
+        return [r for r in chosen if not any(re.fullmatch(p, r.name) for p in self.exclude)]
+
+    def select_params(
+        self, default: Callable[[LayerInfo], bool] | None = None
+    ) -> list[tuple[str, torch.nn.Parameter]]:
+        """Tracked parameters as (name, tensor); default: every conv and linear weight."""
+        model = self.ctx.model
+        rows = [r for r in self.ctx.layers if r.param]
+        default = default or (lambda r: is_weight_layer(r, model))
+        params = dict(model.named_parameters())
+        return [(r.name, params[r.name]) for r in self.select(rows, default) if r.name in params]
+
+    def select_modules(
+        self, default: Callable[[LayerInfo], bool] | None = None
+    ) -> list[tuple[str, nn.Module]]:
+        """Tracked modules as (name, module), forward order; default: modules with parameters."""
+        model = self.ctx.model
+        rows = [r for r in self.ctx.layers if not r.param]
+        has_params = {r.module for r in self.ctx.layers if r.param}
+        default = default or (lambda r: r.module in has_params)
+        return [(r.module, model.get_submodule(r.module)) for r in self.select(rows, default)]
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return list(value)

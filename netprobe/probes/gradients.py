@@ -1,0 +1,42 @@
+"""Per-layer gradient statistics, every step by default (SPEC §5 `gradients`)."""
+
+from __future__ import annotations
+
+import torch
+
+from netprobe.probes.base import Probe
+
+METRICS = ["l1", "l2", "mean_abs", "max_abs"]
+
+
+def gradient_stats(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tensor [l1 = Σ|g|, l2 = √Σg², mean_abs = l1/numel, max_abs = max|g|], and ‖g‖₂ overall.
+
+    Fused multi-tensor kernels; nothing leaves the device.
+    """
+    l1 = torch.stack(torch._foreach_norm(grads, 1))
+    l2 = torch.stack(torch._foreach_norm(grads, 2))
+    max_abs = torch.stack(torch._foreach_norm(grads, float("inf")))
+    numel = torch.tensor([g.numel() for g in grads], dtype=l1.dtype, device=l1.device)
+    return torch.stack([l1, l2, l1 / numel, max_abs], dim=1), torch.linalg.vector_norm(l2)
+
+
+class Gradients(Probe):
+    name = "gradients"
+    default_every = 1
+
+    def __init__(self, ctx, **cfg) -> None:
+        super().__init__(ctx, **cfg)
+        self.params = self.select_params()
+        self.names = [n for n, _ in self.params]
+
+    def after_backward(self) -> None:
+        if not self.due():
+            return
+        with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
+        if not with_grad:
+            return
+        names = self.names if len(with_grad) == len(self.params) else [n for n, _ in with_grad]
+        per_tensor, total = gradient_stats([g for _, g in with_grad])
+        self.ctx.record.scalars(self.name, names, METRICS, per_tensor)
+        self.ctx.record.scalars(self.name, [""], ["grad_l2_total"], total.reshape(1, 1))

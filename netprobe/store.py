@@ -1,0 +1,323 @@
+"""The run directory (SPEC §3): the only code that reads or writes Parquet and run.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+RUN_FILE = "run.json"
+STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
+TABLES = ("scalars", "histograms", "matrices")
+
+_dict_str = pa.dictionary(pa.int32(), pa.string())
+SCHEMAS: dict[str, pa.Schema] = {
+    "scalars": pa.schema(
+        [
+            ("step", pa.int64()),
+            ("epoch", pa.int32()),
+            ("probe", _dict_str),
+            ("layer", _dict_str),
+            ("metric", _dict_str),
+            ("value", pa.float64()),
+        ]
+    ),
+    "histograms": pa.schema(
+        [
+            ("step", pa.int64()),
+            ("epoch", pa.int32()),
+            ("probe", _dict_str),
+            ("layer", _dict_str),
+            ("source", _dict_str),
+            ("edges", pa.list_(pa.float64())),
+            ("counts", pa.list_(pa.int64())),
+            ("below", pa.int64()),
+            ("above", pa.int64()),
+        ]
+    ),
+    "matrices": pa.schema(
+        [
+            ("step", pa.int64()),
+            ("epoch", pa.int32()),
+            ("probe", _dict_str),
+            ("name", _dict_str),
+            ("row", _dict_str),
+            ("col", _dict_str),
+            ("shape", pa.list_(pa.int32())),
+            ("values", pa.list_(pa.float32())),
+        ]
+    ),
+    "layers": pa.schema(
+        [
+            ("order", pa.int32()),
+            ("module", pa.string()),
+            ("param", pa.string()),
+            ("type", pa.string()),
+            ("shape", pa.list_(pa.int32())),
+            ("numel", pa.int64()),
+        ]
+    ),
+    "graph": pa.schema([("source", pa.string()), ("target", pa.string())]),
+}
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _atomic_write_bytes(path: Path, write: Any) -> None:
+    """Write via `write(tmp_path)` to a temporary name beside `path`, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic_write_bytes(path, write)
+
+
+def _dict_array(codes: np.ndarray, names: list[str]) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), pa.array(names, pa.string()))
+
+
+@dataclass
+class ScalarBlock:
+    """One probe's scalars in columnar form: `values[i, j]` is (`layers[i]`, `metrics[j]`)."""
+
+    step: int
+    epoch: int
+    probe: str
+    layers: list[str]
+    metrics: list[str]
+    values: np.ndarray  # [len(layers), len(metrics)] float64
+
+
+def scalar_table(blocks: Iterable[ScalarBlock]) -> pa.Table:
+    """Assemble many blocks into one scalars table without per-row Python work."""
+    blocks = list(blocks)
+    probes, layers, metrics = _Interner(), _Interner(), _Interner()
+    steps, epochs, p_codes, l_codes, m_codes, values = [], [], [], [], [], []
+    for b in blocks:
+        n_l, n_m = len(b.layers), len(b.metrics)
+        n = n_l * n_m
+        steps.append(np.full(n, b.step, np.int64))
+        epochs.append(np.full(n, b.epoch, np.int32))
+        p_codes.append(np.full(n, probes.code(b.probe), np.int32))
+        l_codes.append(np.repeat(layers.codes(b.layers), n_m))
+        m_codes.append(np.tile(metrics.codes(b.metrics), n_l))
+        values.append(np.asarray(b.values, np.float64).reshape(n))
+    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+    return pa.Table.from_arrays(
+        [
+            pa.array(cat(steps, np.int64)),
+            pa.array(cat(epochs, np.int32)),
+            _dict_array(cat(p_codes, np.int32), probes.names),
+            _dict_array(cat(l_codes, np.int32), layers.names),
+            _dict_array(cat(m_codes, np.int32), metrics.names),
+            pa.array(cat(values, np.float64)),
+        ],
+        schema=SCHEMAS["scalars"],
+    )
+
+
+class _Interner:
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def code(self, name: str) -> int:
+        if name not in self._index:
+            self._index[name] = len(self.names)
+            self.names.append(name)
+        return self._index[name]
+
+    def codes(self, names: list[str]) -> np.ndarray:
+        return np.fromiter((self.code(n) for n in names), np.int32, len(names))
+
+
+def rows_table(table: str, rows: list[dict[str, Any]]) -> pa.Table:
+    """Build a histograms, matrices, layers or graph table from row dicts."""
+    schema = SCHEMAS[table]
+    columns = {name: [r[name] for r in rows] for name in schema.names}
+    arrays = []
+    for field in schema:
+        if pa.types.is_dictionary(field.type):
+            arrays.append(pa.array(columns[field.name], pa.string()).dictionary_encode())
+        else:
+            arrays.append(pa.array(columns[field.name], field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class RunWriter:
+    """Owns one run directory: run.json's lifecycle and the numbered Parquet part files."""
+
+    def __init__(self, path: str | os.PathLike, info: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._parts = {t: _next_part(self.path / t) for t in TABLES}
+        self.info = {
+            "netprobe_version": _version(),
+            "status": "running",
+            "started_at": now_iso(),
+            "ended_at": None,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "error": None,
+            **info,
+        }
+        self._write_info()
+
+    def update(self, **fields: Any) -> None:
+        self.info.update(fields)
+        self._write_info()
+
+    def close(self, status: str, error: str | None = None, **fields: Any) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}; valid: {', '.join(STATUSES)}")
+        self.update(status=status, error=error, ended_at=now_iso(), **fields)
+
+    def _write_info(self) -> None:
+        write_json(self.path / RUN_FILE, self.info)
+
+    def write_table(self, name: str, table: pa.Table) -> None:
+        """Write a whole single-file table (layers.parquet, graph.parquet)."""
+        _atomic_write_bytes(self.path / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
+
+    def append(self, name: str, table: pa.Table) -> Path | None:
+        """Write `table` as the next part file of `name`; each part is complete on its own."""
+        if table.num_rows == 0:
+            return None
+        folder = self.path / name
+        folder.mkdir(exist_ok=True)
+        part = folder / f"part-{self._parts[name]:06d}.parquet"
+        self._parts[name] += 1
+        _atomic_write_bytes(part, lambda tmp: pq.write_table(table, tmp))
+        return part
+
+
+def _next_part(folder: Path) -> int:
+    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    return int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
+
+
+def _version() -> str:
+    from netprobe import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------- reading
+
+
+class Run:
+    """A stored run: run.json as `.info`, the composed config, and each table as a DataFrame."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        with open(self.path / RUN_FILE) as f:
+            self.info: dict[str, Any] = json.load(f)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, status={self.info.get('status')!r})"
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        path = self.path / ".hydra" / "config.yaml"
+        if not path.exists():
+            return None
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+
+    def scalars(
+        self, probe: str | None = None, metric: str | None = None, layer: str | None = None
+    ) -> pd.DataFrame:
+        return self._read("scalars", probe=probe, metric=metric, layer=layer)
+
+    def histograms(
+        self, probe: str | None = None, layer: str | None = None, source: str | None = None
+    ) -> pd.DataFrame:
+        return self._read("histograms", probe=probe, layer=layer, source=source)
+
+    def matrices(self, probe: str | None = None, name: str | None = None) -> pd.DataFrame:
+        return self._read("matrices", probe=probe, name=name)
+
+    def layers(self) -> pd.DataFrame:
+        return _read_file(self.path / "layers.parquet", "layers")
+
+    def graph(self) -> pd.DataFrame:
+        return _read_file(self.path / "graph.parquet", "graph")
+
+    def _read(self, table: str, **equal: str | None) -> pd.DataFrame:
+        filters = [(k, "=", v) for k, v in equal.items() if v is not None] or None
+        parts = []
+        for part in sorted((self.path / table).glob("part-*.parquet")):
+            try:
+                parts.append(pq.read_table(part, filters=filters))
+            except (pa.ArrowException, OSError) as exc:
+                warnings.warn(f"skipping unreadable part file {part}: {exc}", stacklevel=3)
+        if not parts:
+            return _plain(SCHEMAS[table].empty_table())
+        return _plain(pa.concat_tables(parts, promote_options="permissive"))
+
+
+def _read_file(path: Path, table: str) -> pd.DataFrame:
+    if not path.exists():
+        return _plain(SCHEMAS[table].empty_table())
+    try:
+        return _plain(pq.read_table(path))
+    except (pa.ArrowException, OSError) as exc:
+        warnings.warn(f"skipping unreadable file {path}: {exc}", stacklevel=3)
+        return _plain(SCHEMAS[table].empty_table())
+
+
+def _plain(table: pa.Table) -> pd.DataFrame:
+    """To pandas with dictionary columns as plain strings, so users never meet categoricals."""
+    fields = [
+        pa.field(f.name, pa.string()) if pa.types.is_dictionary(f.type) else f for f in table.schema
+    ]
+    return table.cast(pa.schema(fields)).to_pandas()
+
+
+def load(path: str | os.PathLike) -> Run:
+    """Open the run stored at `path` (a directory holding run.json)."""
+    path = Path(path)
+    if not (path / RUN_FILE).exists():
+        raise FileNotFoundError(f"no {RUN_FILE} in {path}: not a netprobe run directory")
+    return Run(path)
+
+
+def find_runs(path: str | os.PathLike) -> Iterator[Path]:
+    """Every run directory at or beneath `path`, in sorted order."""
+    path = Path(path)
+    if (path / RUN_FILE).exists():
+        yield path
+        return
+    for run_file in sorted(path.rglob(RUN_FILE)):
+        yield run_file.parent
+
+
+def load_runs(path: str | os.PathLike) -> list[Run]:
+    """Every run at or beneath `path`."""
+    return [Run(p) for p in find_runs(path)]

@@ -1,0 +1,254 @@
+"""The training run: compose → build → loop → close. `netprobe train` runs it through Hydra."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+import netprobe
+from netprobe.config import validate
+from netprobe.data import Batches, build_data, fixed_batch
+from netprobe.init import initialize
+from netprobe.models import build_model
+from netprobe.progress import TrainProgress
+
+EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 1, "interrupted": 130}
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_optimizer(model: nn.Module, cfg: Any, epochs: int) -> tuple[torch.optim.Optimizer, Any]:
+    params = model.parameters()
+    if cfg.name == "sgd":
+        opt = torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov,
+        )
+    elif cfg.name in ("adam", "adamw"):
+        cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+        opt = cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    else:
+        from netprobe.errors import ConfigError
+
+        raise ConfigError(f"unknown optim {cfg.name!r}; valid optim options: sgd, adam, adamw")
+    scheduler = None
+    if cfg.get("scheduler") == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    elif cfg.get("scheduler") == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    return opt, scheduler
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, autocast: Any) -> tuple[float, float]:
+    """Mean loss and accuracy over a split, in eval mode; one host sync at the end."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=batches.device)
+    correct = torch.zeros((), device=batches.device, dtype=torch.int64)
+    for x, y in batches:
+        with autocast():
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    n = max(batches.n, 1)
+    return float(loss_sum) / n, float(correct) / n
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> str:
+    """Train as `cfg` says, with its probes attached, into `run_dir`; returns the final status."""
+    validate(cfg)
+    t = cfg.trainer
+    seed_everything(cfg.seed, t.deterministic)
+    device = resolve_device(t.device)
+    data = build_data(cfg.data)
+    model = build_model(cfg.model)
+    initialize(model, cfg.init)
+    model.to(device)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, t.epochs)
+    on_device = cfg.data.on_device if cfg.data.on_device is not None else device.type == "cuda"
+    train_batches = Batches(
+        data,
+        "train",
+        cfg.data.batch_size,
+        device,
+        shuffle=True,
+        seed=cfg.seed,
+        on_device=on_device,
+        num_workers=cfg.data.num_workers,
+    )
+    val_batches = Batches(data, "val", 512, device, shuffle=False, on_device=on_device)
+    probe_batch = fixed_batch(data, "train", cfg.data.probe_size, device)
+    valid_batch = fixed_batch(data, "val", cfg.data.probe_size, device)
+
+    precision = str(t.precision)
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=dtype))
+        if dtype is not None
+        else contextlib.nullcontext
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16")
+    forward = torch.compile(model) if t.compile else model
+
+    run_dir = Path(run_dir)
+    if not (run_dir / ".hydra" / "config.yaml").exists():
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    info = {
+        "name": cfg.name,
+        "device": str(device),
+        "torch_version": torch.__version__,
+        "git_sha": git_sha(),
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "init": cfg.init.name,
+        "optim": cfg.optim.name,
+        "epochs": t.epochs,
+    }
+    probes = OmegaConf.to_container(cfg.probes, resolve=True) or {}
+    total_steps = t.epochs * len(train_batches)
+    progress = TrainProgress(total=min(t.max_steps or total_steps, total_steps))
+    mon = netprobe.attach(
+        model,
+        run_dir,
+        probes=probes,
+        probe_batch=probe_batch,
+        loss_fn=F.cross_entropy,
+        valid_batch=valid_batch,
+        optimizer=optimizer,
+        info=info,
+        seed=cfg.seed,
+        flush_every=t.flush_every,
+    )
+    stop_reason = None
+    with mon, progress:
+        model.train()
+        for epoch in range(t.epochs):
+            for x, y in train_batches:
+                with autocast():
+                    logits = forward(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                step = mon.progress.step
+                acc = (logits.argmax(1) == y).float().mean() if step % t.log_every == 0 else None
+                mon.after_backward(loss, acc=acc, batch_size=len(y))
+                scaler.step(optimizer)
+                scaler.update()
+                mon.after_step()
+                progress.advance(mon)
+                if t.max_steps and mon.progress.step >= t.max_steps:
+                    stop_reason = f"reached trainer.max_steps={t.max_steps}"
+                    break
+            if scheduler is not None:
+                scheduler.step()
+            val_loss, val_acc = evaluate(model, val_batches, autocast)
+            mon.end_epoch(val_loss=val_loss, val_acc=val_acc)
+            progress.epoch_done(epoch, t.epochs, mon)
+            if stop_reason:
+                break
+            if t.target_val_acc is not None and val_acc >= t.target_val_acc:
+                stop_reason = f"validation accuracy {val_acc:.4f} ≥ target {t.target_val_acc}"
+                break
+        if stop_reason:
+            mon.writer.update(stop_reason=stop_reason)
+    return mon.writer.info["status"]
+
+
+def summary(run_dir: Path) -> str:
+    """The closing lines: where the run is, how it went, and the command that plots it."""
+    run = netprobe.load(run_dir)
+    info = run.info
+    final = info.get("final") or {}
+    parts = [
+        f"status {info['status']}",
+        f"{info['epochs_done']} epochs",
+        f"{info['steps_done']} steps",
+    ]
+    if info.get("best_val_acc") is not None:
+        parts.append(f"best val acc {info['best_val_acc']:.4f}")
+    if "val_loss" in final:
+        parts.append(f"val loss {final['val_loss']:.4f}")
+    lines = [f"run: {run_dir}", "  " + ", ".join(parts)]
+    if info.get("error"):
+        lines.append(f"  error: {info['error']}")
+    lines.append(f"next: netprobe plot {run_dir}")
+    return "\n".join(lines)
+
+
+LAST_EXIT = {"code": 0}
+
+
+def hydra_main(args: list[str]) -> int:
+    """Run the Hydra app on `args` (what follows `netprobe train`); returns the exit code."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from netprobe.config import CONFIG_NAME, conf_dir
+
+    @hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")
+    def app(cfg: DictConfig) -> str:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        started = time.perf_counter()
+        status = "failed"
+        try:
+            status = train(cfg, run_dir)
+        finally:
+            if (run_dir / "run.json").exists():
+                took = f"  ({time.perf_counter() - started:.1f} s)"
+                print(summary(run_dir) + took, file=sys.stderr)
+            code = EXIT_CODES.get(status, 1)
+            LAST_EXIT["code"] = max(LAST_EXIT["code"], code)
+        return status
+
+    argv = sys.argv
+    sys.argv = ["netprobe train", *args]
+    try:
+        app()
+    finally:
+        sys.argv = argv
+    return LAST_EXIT["code"]
