@@ -49,6 +49,13 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
+# Hydra's flags that take the next argument as their value.
+_FLAGS_WITH_VALUE = {
+    "-c", "--cfg", "-p", "--package", "-cn", "--config-name", "-cp", "--config-path",
+    "-cd", "--config-dir", "--experimental-rerun",
+}  # fmt: skip
+
+
 def preflight(args: Sequence[str]) -> None:
     """Compose and validate every job a `netprobe train ARGS` command line would run.
 
@@ -60,7 +67,7 @@ def preflight(args: Sequence[str]) -> None:
     for arg in args:
         if skip:
             skip = False
-        elif arg in ("-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir"):
+        elif arg in _FLAGS_WITH_VALUE:
             skip = True
         elif not arg.startswith("-") and not re.match(r"^[+~]*hydra[./]", arg):
             overrides.append(arg)

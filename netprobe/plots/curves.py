@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from matplotlib.ticker import MaxNLocator
+
 from netprobe.plots.common import RunGroup, band, figure, mean_std, new_figure, smooth
 
 PANELS = [
@@ -40,13 +42,15 @@ def training_curves(group: RunGroup):
             y,
             stats["std"].to_numpy(),
             group.n,
-            label="mean",
+            label="mean ± std" if group.n > 1 else None,
             marker="o" if x == "epoch" else None,
         )
+        if x == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if "acc" in metric:
             ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         if group.n > 1:
-            ax.legend(loc="best", fontsize=8, title=f"{group.n} seeds")
+            ax.legend(loc="best", fontsize=8)
     fig.suptitle(group.title)
     return fig

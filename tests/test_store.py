@@ -1,0 +1,127 @@
+"""The run directory and its tables match SPEC §3."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import netprobe
+from netprobe.store import RunWriter, ScalarBlock, scalar_table
+
+STR = "str"
+SPEC_COLUMNS = {
+    "scalars": {"step": pa.int64(), "epoch": pa.int32(), "probe": STR, "layer": STR, "metric": STR,
+                "value": pa.float64()},
+    "histograms": {"step": pa.int64(), "epoch": pa.int32(), "probe": STR, "layer": STR,
+                   "source": STR, "edges": pa.list_(pa.float64()), "counts": pa.list_(pa.int64()),
+                   "below": pa.int64(), "above": pa.int64()},
+    "matrices": {"step": pa.int64(), "epoch": pa.int32(), "probe": STR, "name": STR, "row": STR,
+                 "col": STR, "shape": pa.list_(pa.int32()), "values": pa.list_(pa.float32())},
+    "layers": {"order": pa.int32(), "module": STR, "param": STR, "type": STR,
+               "shape": pa.list_(pa.int32()), "numel": pa.int64()},
+    "graph": {"source": STR, "target": STR},
+}  # fmt: skip
+RUN_KEYS = {
+    "netprobe_version", "status", "started_at", "ended_at", "seed", "device", "torch_version",
+    "git_sha", "model", "data", "init", "probes", "epochs_done", "steps_done", "best_val_acc",
+    "final", "error", "probe_overhead",
+}  # fmt: skip
+
+
+def check_schema(schema: pa.Schema, table: str) -> None:
+    expected = SPEC_COLUMNS[table]
+    assert schema.names == list(expected)
+    for field in schema:
+        want = expected[field.name]
+        if want == STR:
+            ok = pa.types.is_string(field.type) or (
+                pa.types.is_dictionary(field.type) and pa.types.is_string(field.type.value_type)
+            )
+            assert ok, (table, field)
+        else:
+            assert field.type == want, (table, field)
+
+
+def test_run_directory_matches_spec(tiny_run):
+    run = tiny_run("model=cnn")
+    for table in ("scalars",):
+        parts = sorted((run.path / table).glob("part-*.parquet"))
+        assert parts, table
+        for part in parts:
+            check_schema(pq.read_schema(part), table)
+    for table in ("layers", "graph"):
+        check_schema(pq.read_schema(run.path / f"{table}.parquet"), table)
+    info = json.loads((run.path / "run.json").read_text())
+    assert RUN_KEYS <= set(info)
+    assert info["status"] == "completed" and info["error"] is None
+    assert (run.path / ".hydra" / "config.yaml").exists()
+    assert 0 <= info["probe_overhead"] < 1
+    assert set(info["final"]) >= {"loss", "acc", "val_loss", "val_acc"}
+    train = run.scalars(probe="train")
+    assert {"loss", "acc", "lr", "grad_l2_total", "samples_per_s", "val_loss", "val_acc"} <= set(
+        train["metric"]
+    )
+    assert train["step"].min() == 0 and train["epoch"].min() == 0
+
+
+def test_layers_table_lists_every_parameter(tiny_run):
+    run = tiny_run("model=cnn")
+    layers = run.layers()
+    params = layers[layers["param"] != ""]
+    from netprobe.models.cnn import CNN
+
+    model = CNN(3, 10, 8)
+    expected = {n: list(p.shape) for n, p in model.named_parameters()}
+    got = {
+        f"{m}.{p}": list(s) for m, p, s in zip(params["module"], params["param"], params["shape"])
+    }
+    assert got == expected
+    # Forward order: the first conv runs first, the last linear last.
+    first, last = layers.sort_values("order").iloc[[0, -1]]["module"]
+    assert (first, last) == ("features.0", "classifier.3")
+    edges = set(zip(run.graph()["source"], run.graph()["target"]))
+    assert ("features.0", "features.1") in edges
+
+
+def test_histogram_and_matrix_tables_match_spec(tmp_path):
+    import torch
+
+    from netprobe.monitor import Recorder
+    from netprobe.probes import Progress
+
+    rec = Recorder(Progress(step=3, epoch=1))
+    rec.histogram(
+        "p", "a.weight", "weight", torch.linspace(-1, 1, 5), torch.tensor([1, 2, 3, 4]), 5, 6
+    )
+    rec.matrix("p", "m", "a", "b", torch.ones(2, 3))
+    writer = RunWriter(tmp_path, {})
+    for name, table in rec.drain().items():
+        writer.append(name, table)
+    writer.close("completed")
+    for table in ("histograms", "matrices"):
+        check_schema(pq.read_schema(tmp_path / table / "part-000000.parquet"), table)
+    run = netprobe.load(tmp_path)
+    h = run.histograms().iloc[0]
+    assert list(h["counts"]) == [1, 2, 3, 4] and (h["below"], h["above"]) == (5, 6)
+    m = run.matrices().iloc[0]
+    assert list(m["shape"]) == [2, 3] and len(m["values"]) == 6 and m["step"] == 3
+
+
+def test_parts_are_numbered_and_load_runs_finds_runs(tmp_path):
+    for name in ("a", "b"):
+        writer = RunWriter(tmp_path / "sweep" / name, {"seed": 0})
+        for step in range(3):
+            block = ScalarBlock(step, 0, "train", [""], ["loss"], [[float(step)]])
+            writer.append("scalars", scalar_table([block]))
+        writer.close("completed")
+    runs = netprobe.load_runs(tmp_path / "sweep")
+    assert [r.path.name for r in runs] == ["a", "b"]
+    assert sorted(p.name for p in (runs[0].path / "scalars").iterdir()) == [
+        "part-000000.parquet",
+        "part-000001.parquet",
+        "part-000002.parquet",
+    ]
+    assert runs[0].scalars(metric="loss")["value"].tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(FileNotFoundError):
+        netprobe.load(tmp_path)

@@ -1,0 +1,77 @@
+"""The training loop: seeded reproducibility, stopping rules, and the composed config."""
+
+import pandas as pd
+import pytest
+
+from netprobe.config import compose
+from netprobe.errors import ConfigError
+
+
+def curves(run) -> pd.DataFrame:
+    df = pd.concat([run.scalars(probe="train"), run.scalars(probe="gradients")])
+    return df[df["metric"] != "samples_per_s"].reset_index(drop=True)  # wall-clock dependent
+
+
+def test_same_seed_gives_identical_scalars(tiny_run):
+    a, b = tiny_run("model=cnn", "seed=7"), tiny_run("model=cnn", "seed=7")
+    pd.testing.assert_frame_equal(curves(a), curves(b))
+    c = tiny_run("model=cnn", "seed=8")
+    assert not curves(a)["value"].equals(curves(c)["value"])
+
+
+def test_max_steps_stops_mid_epoch(tiny_run):
+    run = tiny_run("trainer.max_steps=3", "trainer.epochs=5")
+    assert run.info["steps_done"] == 3 and run.info["epochs_done"] == 1
+    assert run.scalars(probe="train", metric="loss")["step"].tolist() == [0, 1, 2]
+    assert "max_steps" in run.info["stop_reason"]
+
+
+def test_target_val_acc_stops_early(tiny_run):
+    run = tiny_run("trainer.target_val_acc=0.01", "trainer.epochs=5")
+    assert run.info["epochs_done"] == 1 and run.info["status"] == "completed"
+    assert run.info["best_val_acc"] >= 0.01
+
+
+def test_probes_none_still_records_training_curves(tiny_run):
+    run = tiny_run("probes=none")
+    assert run.info["probes"] == []
+    assert run.scalars(probe="gradients").empty
+    assert not run.scalars(probe="train", metric="val_acc").empty
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("model=nope", ["'nope'", "mlp", "cnn"]),
+        ("trainer.epochs=abc", ["trainer.epochs", "'abc'", "positive integer"]),
+        ("trainer.epochs=0", ["trainer.epochs", "positive integer"]),
+        ("optim.lr=-1", ["optim.lr", "positive"]),
+        ("trainer.bogus=1", ["trainer.bogus", "epochs"]),
+        ("init=nope", ["'nope'", "kaiming_normal"]),
+    ],
+)
+def test_bad_config_names_value_and_choices(override, words):
+    with pytest.raises(ConfigError) as exc:
+        compose([override])
+    message = str(exc.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize("init", ["default", "kaiming_normal", "kaiming_uniform", "xavier_normal",
+                                  "xavier_uniform", "orthogonal", "ones", "zeros"])  # fmt: skip
+def test_every_initializer_builds(init):
+    from netprobe.init import initialize
+    from netprobe.models import build_model
+
+    cfg = compose([f"init={init}", "model=cnn", "data=synthetic", "data.image_size=8"])
+    model = build_model(cfg.model)
+    initialize(model, cfg.init)
+    conv = model.features[0]
+    if init == "zeros":
+        assert conv.weight.abs().sum() == 0
+    if init == "ones":
+        assert (conv.weight == 1).all()
+    if init != "default":
+        assert conv.bias.abs().sum() == 0
