@@ -140,6 +140,11 @@ class OptimDynamics(Probe):
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
+        if self.every is None:
+            raise ConfigError(
+                f"probes.{self.name}.every must be a number of steps: each record compares a "
+                "step's gradient with the step before"
+            )
         for key in ("zero_threshold", "tiny_threshold"):
             value = self.cfg[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:

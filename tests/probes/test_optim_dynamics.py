@@ -311,7 +311,12 @@ def test_per_step_path_never_reads_device_values(monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize(
     "key, value",
-    [("zero_threshold", -1.0), ("tiny_threshold", "small"), ("sign_samples", 0)],
+    [
+        ("zero_threshold", -1.0),
+        ("tiny_threshold", "small"),
+        ("sign_samples", 0),
+        ("every", "epoch"),
+    ],
 )
 def test_bad_options_are_config_errors(key: str, value) -> None:
     with pytest.raises(ConfigError, match=key):
