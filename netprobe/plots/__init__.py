@@ -13,7 +13,12 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from netprobe.errors import ConfigError
-from netprobe.plots import curves, gradients  # noqa: F401 - importing registers their figures
+from netprobe.plots import (  # noqa: F401 - importing registers their figures
+    curves,
+    gradient_flow,
+    gradients,
+    optim_dynamics,
+)
 from netprobe.plots.common import FIGURES, RunGroup
 from netprobe.store import Run, find_runs
 

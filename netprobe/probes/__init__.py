@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from netprobe.probes.base import Probe, ProbeContext, Progress
+from netprobe.probes.gradient_flow import GradientFlow
 from netprobe.probes.gradients import Gradients
+from netprobe.probes.optim_dynamics import OptimDynamics
 
-PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in [Gradients]}
+PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in [Gradients, GradientFlow, OptimDynamics]}
 
 __all__ = ["PROBES", "Probe", "ProbeContext", "Progress"]

@@ -1,0 +1,164 @@
+"""Gradient norms at each tracked module and the data flow between them (SPEC §5 `gradient_flow`).
+
+Nodes are the tracked modules (default: every module with parameters). Their edges come from
+`module_graph` over the tracked modules themselves: the fx trace follows each value through
+untracked modules and functions call by call, which contracting the all-module graph in
+graph.parquet cannot do when an untracked module is called twice (torchvision's ResNet reuses
+one ReLU per block). The probe records them once, as matrices named `edge` (row = source,
+col = target).
+
+∂L/∂y is read with tensor hooks on the module outputs. A permanent forward hook on each tracked
+module adds them only during the forward of a capture step (ctx.progress.step is t during the
+forward of step t), and they are removed once the step's backward is read, so between capture
+steps no tensor hook exists. A hook on the output tensor itself, unlike a module backward hook,
+keeps working when an in-place activation overwrites that output afterwards: it reports the
+gradient with respect to the value the module produced.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+from netprobe.errors import ConfigError
+from netprobe.probes.base import Probe, ProbeContext
+from netprobe.structure import module_graph
+
+
+def node_gradient_norms(grads: list[torch.Tensor], node_of_grad: torch.Tensor, nodes: int):
+    """`w_grad_l2` = ‖∂L/∂W‖₂ over all of a node's parameters: √Σ_{p ∈ node} ‖g_p‖₂², per node."""
+    squares = torch.stack(torch._foreach_norm(grads, 2)).square()
+    total = torch.zeros(nodes, dtype=squares.dtype, device=squares.device)
+    return total.index_add_(0, node_of_grad, squares).sqrt()
+
+
+def output_gradient_norm(grad: torch.Tensor) -> torch.Tensor:
+    """‖∂L/∂y‖₂² of one output gradient, at least in float32 (summed over calls, then √)."""
+    dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(grad, dtype=dtype).square()
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    if isinstance(output, dict):
+        return [t for item in output.values() for t in _tensors(item)]
+    return []
+
+
+class GradientFlow(Probe):
+    """Every `every` steps: ‖∂L/∂W‖₂ and ‖∂L/∂y‖₂ per tracked module; the edges once at start."""
+
+    name = "gradient_flow"
+    default_every = 10
+    # The figure draws edges green above `threshold`; it reads the value from the run's config.
+    options = {"threshold": 0.01}
+
+    def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
+        super().__init__(ctx, **cfg)
+        if self.every is None:
+            raise ConfigError(
+                f"probes.{self.name}.every must be a number of steps: the probe reads the "
+                "training step's own backward pass, which the start/epoch/end points lack"
+            )
+        threshold = self.cfg["threshold"]
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
+            raise ConfigError(f"probes.{self.name}.threshold={threshold!r} must be a number ≥ 0")
+        self.modules = self.select_modules()
+        self.names = [n for n, _ in self.modules]
+        self.edges = module_graph(ctx.model, self.names) if self.names else []
+        # Each node's own parameters (not its children's: those are nodes of their own).
+        self.params = [
+            (i, p)
+            for i, (_, m) in enumerate(self.modules)
+            for p in m.parameters(recurse=False)
+            if p.requires_grad
+        ]
+        self._node_index: dict[tuple[torch.device, tuple[int, ...]], Any] = {}
+        self._pass = 0  # forward passes of the whole model so far
+        self._stash: dict[str, tuple[int, torch.Tensor]] = {}  # module -> (pass, Σ‖∂L/∂y‖²)
+        self._tensor_hooks: list[RemovableHandle] = []
+        self._module_hooks: list[RemovableHandle] = [
+            m.register_forward_hook(partial(self._on_forward, name)) for name, m in self.modules
+        ]
+        self._module_hooks.append(ctx.model.register_forward_pre_hook(self._on_model_forward))
+
+    # -- hooks on the model
+    def _on_model_forward(self, _module: nn.Module, _args: Any) -> None:
+        self._pass += 1
+
+    def _on_forward(self, name: str, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        if not torch.is_grad_enabled() or not self.due():
+            return
+        for tensor in _tensors(output):
+            if tensor.requires_grad:
+                hook = partial(self._on_output_grad, name, self._pass)
+                self._tensor_hooks.append(tensor.register_hook(hook))
+
+    def _on_output_grad(self, name: str, pass_id: int, grad: torch.Tensor) -> None:
+        square = output_gradient_norm(grad)
+        previous = self._stash.get(name)
+        # A module called several times in one pass (or with several outputs) adds up its parts.
+        if previous is not None and previous[0] == pass_id:
+            square = previous[1] + square
+        elif previous is not None and previous[0] > pass_id:
+            return
+        self._stash[name] = (pass_id, square)
+
+    # -- probe hooks
+    def on_start(self) -> None:
+        for source, target in self.edges:
+            self.ctx.record.matrix(self.name, "edge", source, target, torch.ones(1))
+        super().on_start()
+
+    def after_backward(self) -> None:
+        if not self.due():
+            return
+        self._record_output_grads()
+        self._record_weight_grads()
+
+    def on_end(self) -> None:
+        super().on_end()
+        for handle in self._module_hooks + self._tensor_hooks:
+            handle.remove()
+        self._module_hooks, self._tensor_hooks = [], []
+
+    # -- recording
+    def _record_output_grads(self) -> None:
+        stash, self._stash = self._stash, {}
+        for handle in self._tensor_hooks:
+            handle.remove()
+        self._tensor_hooks = []
+        if not stash:
+            return
+        # Only the latest forward pass that was backpropagated: the training step's own. Passes
+        # other probes ran earlier at the same step (their own forward and backward) are ignored.
+        latest = max(pass_id for pass_id, _ in stash.values())
+        names = [n for n in self.names if n in stash and stash[n][0] == latest]
+        values = torch.stack([stash[n][1] for n in names]).sqrt()
+        self.ctx.record.scalars(self.name, names, ["out_grad_l2"], values[:, None])
+
+    def _record_weight_grads(self) -> None:
+        present = [(i, p.grad) for i, p in self.params if p.grad is not None]
+        if not present:
+            return
+        nodes = tuple(i for i, _ in present)
+        device = present[0][1].device
+        # Index tensors are built once per device and set of nodes: no host copies per capture.
+        key = (device, nodes)
+        if key not in self._node_index:
+            with_grad = sorted(set(nodes))
+            self._node_index[key] = (
+                torch.tensor(nodes, dtype=torch.long, device=device),
+                torch.tensor(with_grad, dtype=torch.long, device=device),
+                [self.names[i] for i in with_grad],
+            )
+        node_of_grad, rows, names = self._node_index[key]
+        norms = node_gradient_norms([g for _, g in present], node_of_grad, len(self.names))
+        self.ctx.record.scalars(self.name, names, ["w_grad_l2"], norms[rows][:, None])

@@ -1,0 +1,323 @@
+"""optim_dynamics against a naive per-element reference on a hand-made sequence of steps."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from netprobe.errors import ConfigError
+from netprobe.monitor import Recorder
+from netprobe.probes import PROBES
+from netprobe.probes.base import ProbeContext, Progress
+from netprobe.probes.optim_dynamics import FIRST_METRICS, METRICS, OptimDynamics
+from netprobe.structure import layer_table
+
+ZERO, TINY = 1e-5, 1e-7
+TRACKED = [r"0\.weight", r"2\.weight", r"2\.bias"]
+
+# Tensor 0.weight (6 entries), step by step; each column is one entry's story:
+# e0 zero → zero → released; e1 tiny, flips while retained, stays; e2 flips twice while retained;
+# e3 large → zero (not released: it was not zero) → retained at exactly 0; e4 large flips (counts
+# only in flip_frac_all); e5 retained, then flips while retained.
+G0 = [
+    [0.0, 5e-8, -3e-6, 2e-5, -1e-2, 4e-6],
+    [0.0, -6e-8, 2e-6, 3e-6, -2e-2, 5e-6],
+    [1e-3, -7e-8, -8e-6, 0.0, 3e-2, -9e-6],
+    [-2e-3, 9e-8, 4e-6, 0.0, -4e-2, 6e-6],
+    [5e-6, -1e-8, -2e-6, 7e-6, 5e-2, -3e-6],
+]
+# 0.weight before step 0 (first row) and after each step: updates of both signs, and a zero update.
+W0 = [
+    [0.10, -0.20, 0.30, 0.40, -0.50, 0.60],
+    [0.11, -0.20, 0.29, 0.41, -0.49, 0.59],
+    [0.12, -0.21, 0.30, 0.41, -0.50, 0.60],
+    [0.10, -0.22, 0.31, 0.40, -0.48, 0.58],
+    [0.10, -0.20, 0.30, 0.42, -0.51, 0.61],
+    [0.09, -0.19, 0.31, 0.42, -0.52, 0.60],
+]
+MAGNITUDES = [0.0, 3e-8, 6e-8, 2e-6, 7e-6, 3e-5, 4e-3]
+
+
+def hand_made(steps: int = 5) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """Gradients G[t][i] and weights W[t][i] (W[0] before step 0, W[t+1] after step t), float32.
+
+    The first tensor is written out above; the other two mix magnitudes around both thresholds
+    with random signs, so zeros, releases, retains and flips all occur.
+    """
+    rng = np.random.default_rng(7)
+    shapes = [(2, 3), (5, 2), (5,)]
+    grads = [[np.array(G0[t], np.float32).reshape(shapes[0])] for t in range(steps)]
+    weights = [[np.array(W0[t], np.float32).reshape(shapes[0])] for t in range(steps + 1)]
+    for shape in shapes[1:]:
+        for t in range(steps):
+            mag = rng.choice(MAGNITUDES, size=shape)
+            grads[t].append((mag * rng.choice([-1.0, 1.0], size=shape)).astype(np.float32))
+        w = rng.normal(size=shape)
+        for t in range(steps + 1):
+            weights[t].append(w.astype(np.float32))
+            w = w + rng.choice([0.0, -1e-2, 2e-3, 5e-2], size=shape)
+    return grads, weights
+
+
+def naive_reference(grads, weights, zero=ZERO, tiny=TINY) -> dict[tuple[int, int, str], float]:
+    """SPEC §5 optim_dynamics, one element at a time in float64: {(step, tensor, metric): value}."""
+    out = {}
+    for t in range(len(grads)):
+        for i in range(len(grads[t])):
+            g = [float(x) for x in grads[t][i].ravel()]
+            w_before = [float(x) for x in weights[t][i].ravel()]
+            w_after = [float(x) for x in weights[t + 1][i].ravel()]
+            n = len(g)
+            dw = [w_after[j] - w_before[j] for j in range(n)]
+            out[t, i, "zero_frac_1e7"] = sum(1 for x in g if abs(x) <= tiny) / n
+            out[t, i, "zero_frac"] = sum(1 for x in g if abs(x) <= zero) / n
+            out[t, i, "wdiff_l2"] = math.sqrt(sum(d * d for d in dw))
+            if t == 0:
+                continue
+            gp = [float(x) for x in grads[t - 1][i].ravel()]
+            n_prev = released = retained = flip_ret = flip_all = local_min = local_max = 0
+            moved = 0.0
+            for j in range(n):
+                z_prev, z_now = abs(gp[j]) <= zero, abs(g[j]) <= zero
+                flip = gp[j] * g[j] < 0
+                n_prev += z_prev
+                released += z_prev and not z_now
+                flip_all += flip
+                if z_prev and z_now:
+                    retained += 1
+                    moved += abs(dw[j])
+                    if flip:
+                        flip_ret += 1
+                        curvature = dw[j] * (g[j] - gp[j])
+                        local_min += curvature > 0
+                        local_max += curvature < 0
+            out[t, i, "released_frac"] = released / max(n_prev, 1)
+            out[t, i, "retained_frac"] = retained / max(n_prev, 1)
+            out[t, i, "flip_frac"] = flip_ret / max(retained, 1)
+            out[t, i, "flip_frac_all"] = flip_all / n
+            out[t, i, "wdiff_retained"] = moved / max(retained, 1)
+            out[t, i, "local_min"] = float(local_min)
+            out[t, i, "local_max"] = float(local_max)
+    return out
+
+
+def small_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 5))
+
+
+def make_probe(model: nn.Module, seed: int = 0, **cfg) -> OptimDynamics:
+    progress = Progress()
+    ctx = ProbeContext(
+        model=model,
+        layers=layer_table(model),
+        edges=[],
+        record=Recorder(progress),
+        progress=progress,
+        loss_fn=F.cross_entropy,
+        seed=seed,
+    )
+    return PROBES["optim_dynamics"](ctx, **cfg)
+
+
+def feed(probe: OptimDynamics, grads, weights) -> None:
+    """Drive the probe as the training loop would: backward, step, next step."""
+    params = probe.tensors
+    with torch.no_grad():
+        for p, w in zip(params, weights[0]):
+            p.copy_(torch.from_numpy(w))
+    for t in range(len(grads)):
+        for p, g in zip(params, grads[t]):
+            p.grad = torch.from_numpy(g.copy())
+        probe.after_backward()
+        with torch.no_grad():
+            for p, w in zip(params, weights[t + 1]):
+                p.copy_(torch.from_numpy(w))
+        probe.after_step()
+        probe.ctx.progress.step += 1
+
+
+def recorded(probe: OptimDynamics) -> pd.DataFrame:
+    df = probe.ctx.record.drain()["scalars"].to_pandas()
+    return df.astype({"probe": str, "layer": str, "metric": str})
+
+
+def test_registered_with_its_config_keys() -> None:
+    assert PROBES["optim_dynamics"] is OptimDynamics
+    assert set(OptimDynamics.options) == {"zero_threshold", "tiny_threshold", "sign_samples"}
+
+
+def test_every_metric_matches_the_naive_reference() -> None:
+    grads, weights = hand_made()
+    probe = make_probe(small_model(), layers=TRACKED)
+    assert probe.names == ["0.weight", "2.weight", "2.bias"]
+    feed(probe, grads, weights)
+    df = recorded(probe)
+    ref = naive_reference(grads, weights)
+    # The first step has no previous gradient: only what is defined there is recorded.
+    assert set(df.loc[df["step"] == 0, "metric"]) == set(FIRST_METRICS)
+    for t in range(1, len(grads)):
+        assert set(df.loc[df["step"] == t, "metric"]) == set(METRICS)
+    assert len(df) == 3 * len(FIRST_METRICS) + 3 * len(METRICS) * (len(grads) - 1)
+    got = {
+        (int(s), probe.names.index(layer), m): v
+        for s, layer, m, v in zip(df["step"], df["layer"], df["metric"], df["value"])
+    }
+    assert got.keys() == ref.keys()
+    for key, want in ref.items():
+        assert got[key] == pytest.approx(want, rel=1e-5, abs=0.0), key
+    # The hand-made tensor exercises each case at least once.
+    for metric in ("released_frac", "flip_frac", "wdiff_retained", "local_min", "local_max"):
+        assert any(ref[t, 0, metric] > 0 for t in range(1, len(grads))), metric
+
+
+def test_configurable_thresholds() -> None:
+    grads, weights = hand_made()
+    probe = make_probe(small_model(), layers=TRACKED, zero_threshold=5e-4, tiny_threshold=1e-6)
+    feed(probe, grads, weights)
+    df = recorded(probe)
+    ref = naive_reference(grads, weights, zero=5e-4, tiny=1e-6)
+    for s, layer, m, v in zip(df["step"], df["layer"], df["metric"], df["value"]):
+        assert v == pytest.approx(ref[int(s), probe.names.index(layer), m], rel=1e-5, abs=0.0)
+
+
+def test_every_two_steps_still_compares_with_the_step_before() -> None:
+    grads, weights = hand_made()
+    probe = make_probe(small_model(), layers=TRACKED, every=2)
+    feed(probe, grads, weights)
+    df = recorded(probe)
+    assert sorted(df["step"].unique()) == [0, 2, 4]
+    ref = naive_reference(grads, weights)
+    for s, layer, m, v in zip(df["step"], df["layer"], df["metric"], df["value"]):
+        assert v == pytest.approx(ref[int(s), probe.names.index(layer), m], rel=1e-5, abs=0.0)
+    assert set(df.loc[df["step"] == 2, "metric"]) == set(METRICS)
+
+
+def _held_bytes(probe: OptimDynamics, model: nn.Module) -> list[int]:
+    """Bytes of every distinct storage the probe references, besides the model's own tensors."""
+    owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    owned |= {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
+    seen: dict[int, int] = {}
+
+    def visit(value) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            if storage.data_ptr() not in owned:
+                seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    visit(vars(probe))
+    return sorted(seen.values())
+
+
+def test_holds_one_copy_of_the_previous_gradient_and_weights() -> None:
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    probe = make_probe(model)
+    n = 64 * 64 + 64 * 32
+    torch.manual_seed(0)
+    for step in range(4):
+        for p in probe.tensors:
+            p.grad = torch.randn_like(p) * 1e-5
+        probe.after_backward()
+        # Between backward and step: g_{t−1} (now g_t), W_{t−1}, and one int8 code per element
+        # (none at the first step, which has no previous gradient to compare with).
+        big = [b for b in _held_bytes(probe, model) if b >= n]
+        assert big == ([4 * n, 4 * n] if step == 0 else [n, 4 * n, 4 * n])
+        with torch.no_grad():
+            for p in probe.tensors:
+                p.add_(torch.randn_like(p) * 1e-3)
+        probe.after_step()
+        probe.ctx.progress.step += 1
+        held = _held_bytes(probe, model)
+        # After the step: exactly one flat copy of g and one of W, plus the small sign sample.
+        assert [b for b in held if b >= n] == [4 * n, 4 * n]
+        assert sum(b for b in held if b < n) < 4096
+
+
+def test_sign_map_codes_of_the_sampled_entries() -> None:
+    model = nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 3))
+    probe = make_probe(model, seed=3, sign_samples=16)
+    torch.manual_seed(1)
+    values = torch.tensor([0.0, 3e-6, -4e-6, 1e-5 / 2, -2e-5, 2e-5, 0.3, -1e-9])
+    grads = [values[torch.randint(len(values), p.shape)] for p in probe.tensors]
+    for p, g in zip(probe.tensors, grads):
+        p.grad = g.clone()
+    probe.after_backward()
+    probe.after_step()
+    probe.ctx.progress.step += 1
+    probe.on_epoch_end()
+    df = probe.ctx.record.drain()["matrices"].to_pandas()
+    assert list(df["name"].astype(str).unique()) == ["sign_map"]
+    assert list(df["row"].astype(str)) == probe.names
+    flat = torch.cat([g.reshape(-1) for g in grads]).double().numpy()
+    index = probe.sign_index.numpy()
+    # 16 of the 200 entries, 16 of the 30 (fewer entries than K would keep them all); distinct.
+    assert probe.sign_sizes == [16, 16]
+    for (a, b), layer_values, offset, size in zip(
+        [(0, 16), (16, 32)], df["values"], [0, 200], [200, 30]
+    ):
+        picks = index[a:b]
+        assert len(set(picks)) == 16 and (picks >= offset).all() and (picks < offset + size).all()
+        want = []
+        for g in flat[picks]:
+            want.append(1.0 if 0 < g <= ZERO else -1.0 if -ZERO <= g < 0 else 0.0)
+        np.testing.assert_array_equal(layer_values, want)
+    # Drawn once from the run seed: the same seed draws the same entries, another seed others.
+    np.testing.assert_array_equal(make_probe(model, seed=3, sign_samples=16).sign_index, index)
+    assert not np.array_equal(make_probe(model, seed=4, sign_samples=16).sign_index, index)
+    small = make_probe(model, seed=3, sign_samples=64)
+    assert small.sign_sizes == [64, 30]
+
+
+def test_sign_map_waits_for_a_gradient() -> None:
+    probe = make_probe(small_model())
+    probe.on_start()
+    probe.on_epoch_end()
+    assert "matrices" not in probe.ctx.record.drain()
+
+
+def test_per_step_path_never_reads_device_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    grads, weights = hand_made()
+    probe = make_probe(small_model(), layers=TRACKED)
+
+    def boom(*_args, **_kwargs):
+        raise AssertionError("a per-step probe read a tensor's value on the host")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    params = probe.tensors
+    for t in range(3):
+        for p, g in zip(params, grads[t]):
+            p.grad = torch.from_numpy(g.copy())
+        probe.after_backward()
+        with torch.no_grad():
+            for p, w in zip(params, weights[t + 1]):
+                p.copy_(torch.from_numpy(w))
+        probe.after_step()
+        probe.ctx.progress.step += 1
+    monkeypatch.undo()
+    assert len(recorded(probe)) == 3 * len(FIRST_METRICS) + 2 * 3 * len(METRICS)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("zero_threshold", -1.0),
+        ("tiny_threshold", "small"),
+        ("sign_samples", 0),
+        ("every", "epoch"),
+    ],
+)
+def test_bad_options_are_config_errors(key: str, value) -> None:
+    with pytest.raises(ConfigError, match=key):
+        make_probe(small_model(), **{key: value})
