@@ -63,7 +63,10 @@ def preflight(args: Sequence[str]) -> None:
     for arg in args:
         if skip:
             skip = False
-        elif arg in ("-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir"):
+        elif arg in (
+            *("-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir"),
+            *("-c", "--cfg", "-p", "--package"),  # `--cfg job`: `job` is no override
+        ):
             skip = True
         elif not arg.startswith("-") and not re.match(r"^[+~]*hydra[./]", arg):
             overrides.append(arg)

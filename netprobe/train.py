@@ -246,6 +246,7 @@ def hydra_main(args: list[str]) -> int:
             LAST_EXIT["code"] = max(LAST_EXIT["code"], code)
         return status
 
+    LAST_EXIT["code"] = 0  # a fresh count for each call, when called more than once in a process
     argv = sys.argv
     sys.argv = ["netprobe train", *args]
     try:

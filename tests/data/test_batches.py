@@ -129,3 +129,23 @@ def test_keep_on_device_decision(monkeypatch: pytest.MonkeyPatch):
     assert keep_on_device(None, data, gpu) is True
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * data.nbytes, 0))
     assert keep_on_device(None, data, gpu) is False
+
+
+def test_training_is_the_same_on_either_path(tiny_run):
+    """The whole run, not just the batches: same losses with the data on the device or not."""
+    runs = [tiny_run("data.augment=true", f"data.on_device={flag}") for flag in (True, False)]
+    a, b = (r.scalars("train", "loss")["value"].to_numpy() for r in runs)
+    assert len(a) > 10 and (a == b).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_paths_agree_on_the_gpu():
+    data = image_data()
+    gpu = torch.device("cuda")
+    kwargs = dict(shuffle=True, seed=3, augment=True)
+    loader = epochs(Batches(data, "train", 32, gpu, on_device=False, **kwargs))
+    resident = epochs(Batches(data, "train", 32, gpu, on_device=True, **kwargs))
+    assert all(x.device.type == "cuda" for x, _ in resident)
+    for (xa, ya), (xb, yb) in zip(loader, resident):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert keep_on_device(None, data, gpu) is True  # a few kB fit on any GPU
