@@ -28,6 +28,8 @@ class VisionSet:
     files: tuple[str, ...]  # what must be in that folder
     mean: tuple[float, ...]  # published per-channel statistics of the train split, in [0, 1]
     std: tuple[float, ...]
+    channels: int
+    image_size: int
     num_classes: int
     hflip: bool  # whether a mirror image keeps its label (not for digits)
     what_to_put: str
@@ -51,6 +53,8 @@ SETS: dict[str, VisionSet] = {
         IDX,
         (0.1307,),
         (0.3081,),
+        1,
+        28,
         10,
         hflip=False,
         what_to_put="the MNIST raw IDX files (train-images-idx3-ubyte, ..., .gz is fine)",
@@ -62,6 +66,8 @@ SETS: dict[str, VisionSet] = {
         IDX,
         (0.2860,),
         (0.3530,),
+        1,
+        28,
         10,
         hflip=True,
         what_to_put="the Fashion-MNIST raw IDX files (train-images-idx3-ubyte, ..., .gz is fine)",
@@ -73,6 +79,8 @@ SETS: dict[str, VisionSet] = {
         (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"),
         (0.4914, 0.4822, 0.4465),
         (0.2470, 0.2435, 0.2616),
+        3,
+        32,
         10,
         hflip=True,
         what_to_put="the contents of cifar-10-python.tar.gz (data_batch_1..5, test_batch, "
@@ -85,6 +93,8 @@ SETS: dict[str, VisionSet] = {
         ("train", "test", "meta"),
         (0.5071, 0.4865, 0.4409),
         (0.2673, 0.2564, 0.2762),
+        3,
+        32,
         100,
         hflip=True,
         what_to_put="the contents of cifar-100-python.tar.gz (train, test, meta)",
@@ -109,6 +119,14 @@ def prepare(cfg: Any) -> None:
     missing, or whose download fails, is a ConfigError naming the folder and both remedies.
     """
     spec = SETS[cfg.name]
+    for key in ("channels", "image_size", "num_classes"):
+        # The model is sized from these keys, so they must say what the files hold.
+        if cfg.get(key) != getattr(spec, key):
+            raise ConfigError(
+                f"data.{key}={cfg.get(key)} does not match {spec.title} "
+                f"({spec.channels}x{spec.image_size}x{spec.image_size} images, "
+                f"{spec.num_classes} classes); leave data.{key} at {getattr(spec, key)}"
+            )
     folder = spec.path(cfg.root)
     missing = missing_files(cfg.name, cfg.root)
     if not missing:
@@ -144,20 +162,13 @@ def load(cfg: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
     for train in (True, False):
         try:
             ds = _torchvision_set(spec, cfg.root, train=train, download=False)
-        except RuntimeError as exc:  # torchvision's "not found or corrupted" (CIFAR checksums)
+        except Exception:  # noqa: BLE001 - a failed CIFAR checksum, a truncated file, ...
             raise ConfigError(
                 f"data.root={cfg.root!s}: {spec.title} files in {spec.path(cfg.root)} are "
-                f"unreadable or corrupted ({exc}); delete them and run with data.download=true"
+                "unreadable or corrupted; delete them and run with data.download=true"
             ) from None
         parts.extend(_as_tensors(ds.data, ds.targets))
     x_train, y_train, x_test, y_test = parts
-    expected = (cfg.channels, cfg.image_size, cfg.image_size)
-    if tuple(x_train.shape[1:]) != expected:
-        c, h, w = x_train.shape[1:]
-        raise ConfigError(
-            f"data.channels={cfg.channels}, data.image_size={cfg.image_size} do not match "
-            f"{spec.title}'s {c}-channel {h}x{w} images; leave them at {c} and {h}"
-        )
     return x_train, y_train, x_test, y_test
 
 

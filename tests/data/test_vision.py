@@ -138,10 +138,23 @@ def test_corrupted_cifar_fails_torchvisions_checksum(tmp_path: Path, fake):
         build_data(data_cfg("cifar10", tmp_path))
 
 
-def test_image_size_must_match_the_files(tmp_path: Path, fake):
+def test_truncated_idx_file_is_reported(tmp_path: Path, fake):
     fake.mnist(tmp_path)
-    with pytest.raises(ConfigError, match=r"data.image_size=32 .* 28x28"):
-        build_data(data_cfg("mnist", tmp_path, "data.image_size=32"))
+    images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:6])
+    with pytest.raises(ConfigError, match="unreadable or corrupted"):
+        build_data(data_cfg("mnist", tmp_path))
+
+
+@pytest.mark.parametrize(
+    "override, valid",
+    [("data.image_size=32", "28"), ("data.channels=3", "1"), ("data.num_classes=5", "10")],
+)
+def test_shape_keys_must_match_the_data_set(tmp_path: Path, fake, override: str, valid: str):
+    fake.mnist(tmp_path)
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}=\d+ does not match MNIST .* at {valid}$"):
+        prepare_data(data_cfg("mnist", tmp_path, override))
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
