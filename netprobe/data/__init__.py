@@ -162,8 +162,8 @@ class Batches:
 
     With `on_device`, the whole split lives on the device and batches are drawn by index; otherwise
     a DataLoader feeds the device. Both take their indices from one seeded `IndexBatches`, so
-    they give the same batches. With `augment`, every batch is
-    randomly cropped and (where the data allows) mirrored on the device, the same way for both.
+    they give the same batches. With `augment`, every batch is randomly cropped and (where the
+    data allows) mirrored on the device, the same way for both.
     """
 
     def __init__(
@@ -187,7 +187,7 @@ class Batches:
         self.generator = torch.Generator().manual_seed(seed)
         self.sampler = IndexBatches(len(x), batch_size, shuffle, drop_last, self.generator)
         # Drawn on the device so that augmenting a batch never waits on a host-to-device copy;
-        # its own stream, so turning augmentation on leaves the shuffling order unchanged.
+        # a generator of its own, so turning augmentation on leaves the shuffling order unchanged.
         self.augment_generator = torch.Generator(device=device).manual_seed(seed + 1)
         if on_device:
             self.x, self.y = x.to(device), y.to(device)
