@@ -57,11 +57,14 @@ _FLAGS_WITH_VALUE = {
 
 
 def preflight(args: Sequence[str]) -> None:
-    """Compose and validate every job a `netprobe train ARGS` command line would run.
+    """Compose and validate every job a `netprobe train ARGS` command line would run, and check
+    (or download) the data each needs.
 
     Hydra's own flags and `hydra.*` overrides are left to Hydra; sweeps (`seed=0,1,2`) are expanded.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from netprobe.data import prepare_data
 
     overrides, skip = [], False
     for arg in args:
@@ -82,8 +85,16 @@ def preflight(args: Sequence[str]) -> None:
             choices.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
         else:
             choices.append([text])
+    # Hydra prints these and trains nothing, so they need no data on disk.
+    only_prints = bool({"--cfg", "-c", "--resolve"} & set(args))
+    prepared = set()
     for combo in itertools.islice(itertools.product(*choices), 1000):
-        compose(combo)
+        cfg = compose(combo)
+        key = (cfg.data.name, str(cfg.data.get("root")), bool(cfg.data.get("download")))
+        if not only_prints and key not in prepared:
+            # Missing data fails here, before Hydra makes a run directory.
+            prepare_data(cfg.data)
+            prepared.add(key)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -162,6 +173,9 @@ _CHECKS: dict[str, tuple[Check, str]] = {
         "a fraction in (0, 1), or null for the official test split",
     ),
     "data.num_workers": (_non_negative_int, "an integer ≥ 0"),
+    "data.augment": (lambda v: isinstance(v, bool), "true or false"),
+    "data.on_device": (_optional(lambda v: isinstance(v, bool)), "true, false or null (auto)"),
+    "data.download": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import netprobe
 from netprobe.config import validate
-from netprobe.data import Batches, build_data, fixed_batch
+from netprobe.data import Batches, build_data, fixed_batch, keep_on_device
 from netprobe.init import initialize
 from netprobe.models import build_model
 from netprobe.progress import TrainProgress
@@ -108,7 +108,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
     initialize(model, cfg.init)
     model.to(device)
     optimizer, scheduler = build_optimizer(model, cfg.optim, t.epochs)
-    on_device = cfg.data.on_device if cfg.data.on_device is not None else device.type == "cuda"
+    on_device = keep_on_device(cfg.data.on_device, data, device)
     train_batches = Batches(
         data,
         "train",
@@ -118,6 +118,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         seed=cfg.seed,
         on_device=on_device,
         num_workers=cfg.data.num_workers,
+        augment=cfg.data.augment,
     )
     val_batches = Batches(data, "val", 512, device, shuffle=False, on_device=on_device)
     probe_batch = fixed_batch(data, "train", cfg.data.probe_size, device)
@@ -245,6 +246,7 @@ def hydra_main(args: list[str]) -> int:
             LAST_EXIT["code"] = max(LAST_EXIT["code"], code)
         return status
 
+    LAST_EXIT["code"] = 0  # a fresh count for each call, when called more than once in a process
     argv = sys.argv
     sys.argv = ["netprobe train", *args]
     try:

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from netprobe.data import vision as _vision
 from netprobe.errors import ConfigError
 
 
@@ -17,6 +18,8 @@ class ImageData:
     """A whole dataset held as tensors: raw images [N, C, H, W] (uint8 or float) and labels [N].
 
     `normalize` maps a raw batch to the model's input: x / scale, then per-channel (x - mean) / std.
+    Training augmentation pads by `crop_padding` pixels (default: an eighth of the side) before a
+    random crop, and mirrors images only where `hflip` says a mirror image keeps its label.
     """
 
     name: str
@@ -28,12 +31,17 @@ class ImageData:
     scale: float = 1.0
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
+    crop_padding: int | None = None
+    hflip: bool = False
 
     def __post_init__(self) -> None:
         if self.mean is None or self.std is None:
             x = self.x_train.float() / self.scale
             self.mean = x.mean(dim=(0, 2, 3))
             self.std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        if self.crop_padding is None:
+            self.crop_padding = max(1, self.image_size // 8)
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def channels(self) -> int:
@@ -43,9 +51,20 @@ class ImageData:
     def image_size(self) -> int:
         return self.x_train.shape[-1]
 
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.x_train, self.y_train, self.x_val, self.y_val)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = self.mean.to(x.device).view(1, -1, 1, 1)
-        std = self.std.to(x.device).view(1, -1, 1, 1)
+        # Cached per device: copying mean and std to the GPU at every batch would add two
+        # host-to-device transfers per step.
+        if x.device not in self._stats:
+            self._stats[x.device] = (
+                self.mean.to(x.device).view(1, -1, 1, 1),
+                self.std.to(x.device).view(1, -1, 1, 1),
+            )
+        mean, std = self._stats[x.device]
         return (x.float() / self.scale - mean) / std
 
 
@@ -84,7 +103,34 @@ def synthetic(cfg: Any) -> ImageData:
     return ImageData("synthetic", *split(x, y, cfg.val_fraction or 0.2, cfg.seed), k)
 
 
-BUILDERS = {"digits": digits, "synthetic": synthetic}
+def torchvision_data(cfg: Any) -> ImageData:
+    """MNIST, Fashion-MNIST, CIFAR-10 or CIFAR-100 from torchvision's files under `cfg.root`.
+
+    Validation is the official test split when `val_fraction` is null, else a seeded part of train.
+    Normalization uses each data set's published mean and std, not statistics of this split.
+    """
+    spec = _vision.SETS[cfg.name]
+    x_train, y_train, x_test, y_test = _vision.load(cfg)
+    if cfg.val_fraction is None:
+        parts = (x_train, y_train, x_test, y_test)
+    else:
+        parts = split(x_train, y_train, cfg.val_fraction, cfg.seed)
+    return ImageData(
+        cfg.name,
+        *parts,
+        spec.num_classes,
+        scale=255.0,
+        mean=torch.tensor(spec.mean),
+        std=torch.tensor(spec.std),
+        hflip=spec.hflip,
+    )
+
+
+BUILDERS = {
+    "digits": digits,
+    "synthetic": synthetic,
+    **{name: torchvision_data for name in _vision.SETS},
+}
 
 
 def build_data(cfg: Any) -> ImageData:
@@ -94,12 +140,30 @@ def build_data(cfg: Any) -> ImageData:
     return BUILDERS[cfg.name](cfg)
 
 
+def prepare_data(cfg: Any) -> None:
+    """Check (or download) the files a data config needs, before any run directory exists."""
+    if cfg.name in _vision.SETS:
+        _vision.prepare(cfg)
+
+
+def keep_on_device(setting: bool | None, data: ImageData, device: torch.device) -> bool:
+    """Whether to hold the whole data set on `device`: `data.on_device`, or when null, on a GPU
+    where it takes less than a quarter of the free memory (leaving room for the model)."""
+    if setting is not None:
+        return bool(setting)
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return data.nbytes < free / 4
+
+
 class Batches:
     """Shuffled training batches or ordered validation batches, normalized, on `device`.
 
     With `on_device`, the whole split lives on the device and batches are drawn by index; otherwise
-    a DataLoader with a seeded RandomSampler feeds the device. Both draw the same permutation
-    from the same generator, so they give the same batches.
+    a DataLoader feeds the device. Both take their indices from one seeded `IndexBatches`, so
+    they give the same batches. With `augment`, every batch is randomly cropped and (where the
+    data allows) mirrored on the device, the same way for both.
     """
 
     def __init__(
@@ -114,33 +178,43 @@ class Batches:
         on_device: bool = False,
         num_workers: int = 0,
         drop_last: bool = False,
+        augment: bool = False,
     ) -> None:
         self.data = data
         x, y = (data.x_train, data.y_train) if split == "train" else (data.x_val, data.y_val)
         self.batch_size, self.device, self.shuffle = batch_size, device, shuffle
-        self.on_device, self.drop_last = on_device, drop_last
+        self.on_device, self.drop_last, self.augment = on_device, drop_last, augment
         self.generator = torch.Generator().manual_seed(seed)
+        self.sampler = IndexBatches(len(x), batch_size, shuffle, drop_last, self.generator)
+        # Drawn on the device so that augmenting a batch never waits on a host-to-device copy;
+        # a generator of its own, so turning augmentation on leaves the shuffling order unchanged.
+        self.augment_generator = torch.Generator(device=device).manual_seed(seed + 1)
         if on_device:
             self.x, self.y = x.to(device), y.to(device)
         else:
-            sampler = RandomSampler(x, generator=self.generator) if shuffle else None
             self.loader = DataLoader(
                 TensorDataset(x, y),
-                batch_size=batch_size,
-                sampler=sampler,
+                # Whole batches of indices: one tensor gather per batch, not one per sample.
+                sampler=self.sampler,
+                batch_size=None,
                 num_workers=num_workers,
-                drop_last=drop_last,
                 pin_memory=device.type == "cuda",
                 persistent_workers=num_workers > 0,
+                # The loader seeds its workers from this, not from the global RNG, so both paths
+                # leave the global RNG (dropout, ...) in the same state.
+                generator=torch.Generator().manual_seed(seed),
             )
         self.n = len(x)
 
     def __len__(self) -> int:
-        full, rest = divmod(self.n, self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
+        return len(self.sampler)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in self._raw():
+            if self.augment:
+                x = random_crop_flip(
+                    x, self.data.crop_padding, self.data.hflip, self.augment_generator
+                )
             yield self.data.normalize(x), y
 
     def _raw(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -148,14 +222,66 @@ class Batches:
             for x, y in self.loader:
                 yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             return
-        order = (
-            torch.randperm(self.n, generator=self.generator).to(self.device)
-            if self.shuffle
-            else torch.arange(self.n, device=self.device)
-        )
-        for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+        # One host-to-device copy of the epoch's order; each batch is then a slice on the device.
+        order = self.sampler.epoch_order().to(self.device)
+        for batch in self.sampler.slices():
+            idx = order[batch]
             yield self.x[idx], self.y[idx]
+
+
+class IndexBatches(Sampler[torch.Tensor]):
+    """The index batches of one epoch: a fresh permutation from `generator` (or 0..n-1 in order)
+    cut into `batch_size` pieces. Both data paths read their batches from here."""
+
+    def __init__(
+        self, n: int, batch_size: int, shuffle: bool, drop_last: bool, generator: torch.Generator
+    ) -> None:
+        self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
+        self.generator = generator
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def epoch_order(self) -> torch.Tensor:
+        # Exactly one draw per epoch; RandomSampler draws a second, empty-sliced permutation at
+        # the end of each epoch, which would make the two paths drift apart from epoch 2 on.
+        if self.shuffle:
+            return torch.randperm(self.n, generator=self.generator)
+        return torch.arange(self.n)
+
+    def slices(self) -> Iterator[slice]:
+        for i in range(len(self)):
+            yield slice(i * self.batch_size, (i + 1) * self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = self.epoch_order()
+        for batch in self.slices():
+            yield order[batch]
+
+
+def random_crop_flip(
+    x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """Per sample of x [B, C, H, W]: zero-pad by `padding`, crop back to H x W at a random offset
+    and, with `flip`, mirror left-right with probability 1/2; one gather for the whole batch.
+    """
+    b, c, h, w = x.shape
+    dev = x.device
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (b, 1), device=dev, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (b, 1), device=dev, generator=generator)
+    rows = dy + torch.arange(h, device=dev)  # [B, H]
+    cols = dx + torch.arange(w, device=dev)  # [B, W]
+    if flip:
+        mirrored = torch.rand(b, 1, device=dev, generator=generator) < 0.5
+        cols = torch.where(mirrored, cols.flip(1), cols)
+    return padded[
+        torch.arange(b, device=dev).view(b, 1, 1, 1),
+        torch.arange(c, device=dev).view(1, c, 1, 1),
+        rows.view(b, 1, h, 1),
+        cols.view(b, 1, 1, w),
+    ]
 
 
 def fixed_batch(
