@@ -304,6 +304,8 @@ class Monitor:
                 self._run_probes("on_end")
             self.flush()
         finally:
+            for probe in self.probes:
+                probe.close()
             final = {k: v for k, v in self.latest().items() if math.isfinite(v)}
             wall = time.perf_counter() - self._t0
             self.writer.close(

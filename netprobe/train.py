@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import netprobe
+from netprobe.checkpoint import checkpoint_path, save_checkpoint
 from netprobe.config import validate
 from netprobe.data import Batches, build_data, fixed_batch, keep_on_device
 from netprobe.init import initialize
@@ -164,8 +165,22 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         seed=cfg.seed,
         flush_every=t.flush_every,
     )
+
+    def checkpoint(name: int | str, epoch: int) -> None:
+        save_checkpoint(
+            checkpoint_path(run_dir, name),
+            model,
+            epoch=epoch,
+            step=mon.progress.step,
+            optimizer=optimizer,
+            scheduler=scheduler.state_dict() if scheduler is not None else None,
+            scaler=scaler.state_dict(),
+        )
+
     stop_reason = None
     with mon, progress:
+        if t.checkpoint_every:
+            checkpoint("start", epoch=-1)
         model.train()
         for epoch in range(t.epochs):
             for x, y in train_batches:
@@ -190,6 +205,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             val_loss, val_acc = evaluate(model, val_batches, autocast)
             mon.end_epoch(val_loss=val_loss, val_acc=val_acc)
             progress.epoch_done(epoch, t.epochs, mon)
+            if t.checkpoint_every:
+                if (epoch + 1) % t.checkpoint_every == 0:
+                    checkpoint(epoch, epoch)
+                checkpoint("last", epoch)
             if stop_reason:
                 break
             if t.target_val_acc is not None and val_acc >= t.target_val_acc:

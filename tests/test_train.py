@@ -2,6 +2,7 @@
 
 import pandas as pd
 import pytest
+import torch
 
 from netprobe.config import compose
 from netprobe.errors import ConfigError
@@ -75,3 +76,25 @@ def test_every_initializer_builds(init):
         assert (conv.weight == 1).all()
     if init != "default":
         assert conv.bias.abs().sum() == 0
+
+
+def test_checkpoints_hold_the_model_after_each_epoch(tiny_run) -> None:
+    from netprobe.checkpoint import load_checkpoint
+
+    run = tiny_run("model=cnn", "probes=none", "trainer.checkpoint_every=1")
+    folder = run.path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "epoch-0000.pt",
+        "epoch-0001.pt",
+        "last.pt",
+        "start.pt",
+    ]
+    last, final = load_checkpoint(folder / "last.pt"), load_checkpoint(folder / "epoch-0001.pt")
+    assert last["epoch"] == final["epoch"] == 1
+    assert last["step"] == run.info["steps_done"]
+    assert {"model", "optimizer", "rng", "scheduler", "scaler"} <= set(last)
+    start = load_checkpoint(folder / "start.pt")
+    assert start["step"] == 0
+    assert not all(
+        torch.equal(start["model"][k], final["model"][k]) for k in final["model"] if "weight" in k
+    )

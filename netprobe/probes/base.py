@@ -53,8 +53,9 @@ class Probe:
     """Base class. Subclasses set `name`, their default schedule, and override the hooks they need.
 
     Hooks, called by the monitor: `after_backward` (gradients are in `.grad`), `after_step` (weights
-    updated), and `capture` at the `at` points (`start` before the first step, `epoch` after each
-    epoch, `end` after training). Results go to `self.ctx.record` as device tensors.
+    updated), `capture` at the `at` points (`start` before the first step, `epoch` after each
+    epoch, `end` after training), and `close` however the run ends. Results go to
+    `self.ctx.record` as device tensors.
     """
 
     name: ClassVar[str]
@@ -104,6 +105,9 @@ class Probe:
     def after_step(self) -> None: ...
 
     def capture(self) -> None: ...
+
+    def close(self) -> None:
+        """Release what the probe holds on the model (hooks); called however the run ends."""
 
     def on_start(self) -> None:
         if "start" in self.at:

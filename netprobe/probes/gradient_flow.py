@@ -123,8 +123,7 @@ class GradientFlow(Probe):
         self._record_output_grads()
         self._record_weight_grads()
 
-    def on_end(self) -> None:
-        super().on_end()
+    def close(self) -> None:
         for handle in self._module_hooks + self._tensor_hooks:
             handle.remove()
         self._module_hooks, self._tensor_hooks = [], []

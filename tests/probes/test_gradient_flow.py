@@ -173,7 +173,7 @@ def test_tensor_hooks_exist_only_on_capture_steps(monkeypatch: pytest.MonkeyPatc
     with torch.no_grad():
         model(x)
     assert len(registered) == 12
-    probe.on_end()
+    probe.close()
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
     assert len(model._forward_pre_hooks) == 0
 
