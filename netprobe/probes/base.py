@@ -109,6 +109,12 @@ class Probe:
     def close(self) -> None:
         """Release what the probe holds on the model (hooks); called however the run ends."""
 
+    # -- resuming: what a probe carries from one step to the next (previous weights, fixed bins)
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
     def on_start(self) -> None:
         if "start" in self.at:
             self._capture_once()
