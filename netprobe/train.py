@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,31 @@ def evaluate(model: nn.Module, batches: Batches, autocast: Any) -> tuple[float, 
     return float(loss_sum) / n, float(correct) / n
 
 
+def train_step(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    mon: netprobe.Monitor,
+    log_every: int = 1,
+) -> None:
+    """One optimizer step with the monitor's two calls around it. Nothing here reads a value
+    back to the host (precision 16 aside: GradScaler checks for inf once per step)."""
+    with autocast():
+        logits = forward(x)
+        loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    acc = (logits.argmax(1) == y).float().mean() if mon.progress.step % log_every == 0 else None
+    mon.after_backward(loss, acc=acc, batch_size=len(y))
+    scaler.step(optimizer)
+    scaler.update()
+    mon.after_step()
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> str:
     """Train as `cfg` says, with its probes attached, into `run_dir`; returns the final status."""
     validate(cfg)
@@ -184,18 +210,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         model.train()
         for epoch in range(t.epochs):
             for x, y in train_batches:
-                with autocast():
-                    logits = forward(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                step = mon.progress.step
-                acc = (logits.argmax(1) == y).float().mean() if step % t.log_every == 0 else None
-                mon.after_backward(loss, acc=acc, batch_size=len(y))
-                scaler.step(optimizer)
-                scaler.update()
-                mon.after_step()
+                train_step(forward, x, y, optimizer, scaler, autocast, mon, t.log_every)
                 progress.advance(mon)
                 if t.max_steps and mon.progress.step >= t.max_steps:
                     stop_reason = f"reached trainer.max_steps={t.max_steps}"
