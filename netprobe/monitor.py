@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
 from netprobe.probes import PROBES, Probe, ProbeContext, Progress
-from netprobe.store import RunWriter, ScalarBlock, rows_table, scalar_table
+from netprobe.store import RunWriter, rows_table, scalar_table
 from netprobe.structure import layer_table, module_graph
 
 Number = float | int | torch.Tensor
@@ -37,7 +37,10 @@ class Recorder:
         self, probe: str, layers: list[str], metrics: list[str], values: torch.Tensor | Number
     ) -> None:
         """Values [len(layers), len(metrics)] for the current step."""
-        values = torch.as_tensor(values).detach()
+        if not isinstance(values, torch.Tensor):
+            values = torch.as_tensor(values)
+        elif values.requires_grad:
+            values = values.detach()
         self._scalars.append(
             (self.progress.step, self.progress.epoch, probe, layers, metrics, values)
         )
@@ -79,14 +82,8 @@ class Recorder:
         """Everything buffered so far, on the host, as Arrow tables; the buffers are emptied."""
         tables: dict[str, pa.Table] = {}
         if self._scalars:
-            flat = _to_host([v for *_, v in self._scalars], torch.float64)
-            blocks = [
-                ScalarBlock(
-                    step, epoch, probe, layers, metrics, v.reshape(len(layers), len(metrics))
-                )
-                for (step, epoch, probe, layers, metrics, _), v in zip(self._scalars, flat)
-            ]
-            tables["scalars"] = scalar_table(blocks)
+            values = _to_host_flat([v for *_, v in self._scalars], torch.float64)
+            tables["scalars"] = scalar_table(self._scalars, values)
         if self._hists:
             edges = _to_host([h[5] for h in self._hists], torch.float64)
             counts = _to_host([h[6] for h in self._hists], torch.int64)
@@ -125,6 +122,15 @@ class Recorder:
         return tables
 
 
+def _to_host_flat(tensors: list[torch.Tensor], dtype: torch.dtype) -> np.ndarray:
+    """The tensors flattened and concatenated, in order, on the host: one copy per device."""
+    devices = {t.device for t in tensors}
+    if len(devices) == 1:
+        # cat promotes mixed dtypes itself: one conversion for all, not one per tensor.
+        return torch.cat([t.reshape(-1) for t in tensors]).to(dtype).cpu().numpy()
+    return np.concatenate(_to_host(tensors, dtype))
+
+
 def _to_host(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[np.ndarray]:
     """One device-to-host copy per device for a list of tensors; returns flat numpy pieces."""
     by_device: dict[torch.device, list[int]] = {}
@@ -132,10 +138,10 @@ def _to_host(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[np.ndarray
         by_device.setdefault(t.device, []).append(i)
     out: list[np.ndarray] = [np.empty(0)] * len(tensors)
     for indices in by_device.values():
-        flat = torch.cat([tensors[i].reshape(-1).to(dtype) for i in indices]).cpu().numpy()
-        sizes = np.cumsum([tensors[i].numel() for i in indices])[:-1]
-        for i, piece in zip(indices, np.split(flat, sizes)):
-            out[i] = piece
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).to(dtype).cpu().numpy()
+        ends = np.cumsum([tensors[i].numel() for i in indices]).tolist()
+        for i, start, end in zip(indices, [0, *ends], ends):
+            out[i] = flat[start:end]
     return out
 
 
