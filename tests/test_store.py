@@ -158,3 +158,17 @@ def test_recorded_scalars_keep_their_order_and_values(tmp_path):
     assert np.all(df["epoch"] == 0)
     with pytest.raises(ValueError, match="values for"):
         scalar_table([ScalarBlock(0, 0, "p", ["a"], ["m"], [[1.0]])], values=np.zeros(2))
+
+
+def test_reading_sees_new_parts_and_skips_damaged_ones(tmp_path):
+    writer = RunWriter(tmp_path, {})
+    for step in range(2):
+        block = ScalarBlock(step, 0, "train", [""], ["loss"], [[float(step)]])
+        writer.append("scalars", scalar_table([block]))
+    run = netprobe.load(tmp_path)
+    assert run.scalars(metric="loss")["value"].tolist() == [0.0, 1.0]
+    writer.append("scalars", scalar_table([ScalarBlock(2, 0, "train", [""], ["loss"], [[2.0]])]))
+    assert run.scalars(metric="loss")["value"].tolist() == [0.0, 1.0, 2.0]
+    (tmp_path / "scalars" / "part-000001.parquet").write_bytes(b"not parquet")
+    with pytest.warns(UserWarning, match="part-000001"):
+        assert run.scalars()["value"].tolist() == [0.0, 2.0]
