@@ -1,5 +1,7 @@
 """The gradients probe against a naive per-tensor computation."""
 
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -17,6 +19,7 @@ def naive_stats(g: np.ndarray) -> dict[str, float]:
         "l2": sum(v * v for v in flat) ** 0.5,
         "mean_abs": l1 / len(flat),
         "max_abs": max(abs(v) for v in flat),
+        "nonfinite": sum(not math.isfinite(v) for v in flat),
     }
 
 
