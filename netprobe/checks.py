@@ -87,7 +87,7 @@ def check_writable(path: Path, key: str = "output folder") -> None:
     if not existing.is_dir():
         raise ConfigError(
             f"{key}={path} cannot be created: {existing} is a file, not a folder; "
-            "choose another folder (hydra.run.dir=... or out_root=...)"
+            f"choose another folder ({key}=... or out_root=...)"
         )
     try:
         # The one sure test is to write: permissions, read-only mounts, root's exceptions.
@@ -95,8 +95,8 @@ def check_writable(path: Path, key: str = "output folder") -> None:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise ConfigError(
-            f"{key}={path} cannot be written: {existing}: {reason}; "
-            "choose a writable folder (hydra.run.dir=... or out_root=...)"
+            f"{key}={path} cannot be written: making a folder in {existing} failed ({reason}); "
+            f"choose a writable folder ({key}=... or out_root=...)"
         ) from None
 
 
