@@ -22,15 +22,17 @@ class NonfiniteWatch:
         self._host: torch.Tensor | None = None
         self._event: torch.cuda.Event | None = None
         self._known: int | None = None
+        self.polled = False  # read through an asynchronous copy (a GPU) rather than directly
 
     def observe(self, loss: torch.Tensor, step: int) -> None:
         """Fold in the loss of optimizer step `step`."""
         loss = loss.detach()
         if self._first is None:
             self._first = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            self.polled = loss.device.type == "cuda"
         bad = ~torch.isfinite(loss).all()
         self._first = torch.where(bad & (self._first < 0), step, self._first)
-        if self._first.device.type == "cuda":
+        if self.polled:
             self._poll()
 
     def _poll(self) -> None:
@@ -40,7 +42,8 @@ class NonfiniteWatch:
                 return  # the last copy is still in flight: look again next step
             self._read(int(self._host))  # type: ignore[arg-type] - pinned host memory, landed
         else:
-            self._host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            pin = torch.cuda.is_available()  # pinned memory lets the copy run asynchronously
+            self._host = torch.empty((), dtype=torch.int64, pin_memory=pin)
             self._event = torch.cuda.Event()
         self._host.copy_(self._first, non_blocking=True)  # type: ignore[union-attr]
         self._event.record()
@@ -52,7 +55,7 @@ class NonfiniteWatch:
     @property
     def first_step(self) -> int | None:
         """The first non-finite step as far as the host knows now; never waits on a GPU."""
-        if self._known is None and self._first is not None and self._first.device.type == "cpu":
+        if self._known is None and self._first is not None and not self.polled:
             self._read(int(self._first))
         return self._known
 
