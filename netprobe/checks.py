@@ -60,23 +60,34 @@ def check_probes(cfg: DictConfig) -> None:
     _checked_probes.add(key)
 
 
-def check_output_dir(args: Sequence[str], overrides: Sequence[str], resume: bool) -> None:
+def check_output_dir(
+    args: Sequence[str], overrides: Sequence[str], resume: bool, jobs: int = 1
+) -> None:
     """The folder Hydra would write (hydra.run.dir, or hydra.sweep.dir with -m) must be writable
-    and, for a single run not resuming, must not hold another run.
+    and, unless resuming, must not hold another run: Hydra would overwrite that run's .hydra/
+    config before the run itself refused the folder.
 
-    `overrides` are the job's own overrides (one sweep combination); `args` the full command line.
-    A run folder that cannot be resolved here (Hydra-only interpolations) is left to Hydra.
+    `overrides` are the first job's own overrides; `args` the full command line; `jobs` how many
+    jobs a sweep has (their folders are `<sweep.dir>/<job number>` unless sweep.subdir is changed).
+    Folders that cannot be resolved here (Hydra-only interpolations) are left to Hydra.
     """
     multirun = bool({"-m", "--multirun"} & set(args)) or "hydra.mode=MULTIRUN" in args
     hydra_overrides = [a for a in args if re.match(r"^[+~]*hydra[./]", a)]
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    folder = _resolve(key, [*overrides, *hydra_overrides])
-    if folder is None:
+    resolved = _resolve(key, [*overrides, *hydra_overrides])
+    if resolved is None:
         return
+    folder, subdir = resolved
     path = Path(folder).expanduser()
     check_writable(path, key)
-    if not multirun and not resume and path.is_dir():
+    if resume or not path.is_dir():
+        return
+    if not multirun:
         check_new_run_dir(path)
+    elif subdir == "${hydra.job.num}":
+        for num in range(jobs):
+            if (path / str(num)).is_dir():
+                check_new_run_dir(path / str(num))
 
 
 def check_writable(path: Path, key: str = "output folder") -> None:
@@ -100,7 +111,8 @@ def check_writable(path: Path, key: str = "output folder") -> None:
         ) from None
 
 
-def _resolve(key: str, overrides: list[str]) -> str | None:
+def _resolve(key: str, overrides: list[str]) -> tuple[str, str] | None:
+    """The value of `key` in the composed Hydra config, and hydra.sweep.subdir unresolved."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -113,9 +125,10 @@ def _resolve(key: str, overrides: list[str]) -> str | None:
             cfg = compose(CONFIG_NAME, overrides=overrides, return_hydra_config=True)
             HydraConfig.instance().set_config(cfg)
             value = OmegaConf.select(cfg, key)
+            subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
     except Exception:  # noqa: BLE001 - whatever Hydra alone can resolve, Hydra will check
         return None
     finally:
         HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()
-    return str(value) if value is not None else None
+    return (str(value), str(subdir)) if value is not None else None

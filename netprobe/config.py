@@ -99,8 +99,11 @@ def preflight(args: Sequence[str]) -> None:
             prepared.add(key)
         if not only_prints:
             check_probes(cfg)
-            if combo_index == 0:  # one run folder, or one sweep folder for them all
-                check_output_dir(args, combo, resume=bool(cfg.trainer.get("resume")))
+        if combo_index == 0:
+            first_combo, resume = combo, bool(cfg.trainer.get("resume"))
+    if not only_prints:
+        # After every job's own checks: the run folder, or the sweep's folder and its job folders.
+        check_output_dir(args, first_combo, resume=resume, jobs=combo_index + 1)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -152,3 +152,16 @@ def test_plot_only_unknown_figure(tiny_run, capsys):
     code, err = run_cli(["plot", str(run.path), "--only", "training_curves,nope"], capsys)
     assert_one_line(code, err, ["'nope'", "training_curves", "grad_norms"])
     assert not (run.path / "figures").exists()
+
+
+def test_sweep_into_a_folder_holding_its_runs_is_refused(tmp_path, monkeypatch, capsys):
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "seed=0,1", *TINY, "trainer.epochs=1", "trainer.max_steps=1",
+            "probes=none", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    assert cli(args) == 0
+    config = (sweep / "1" / ".hydra" / "config.yaml").read_text()
+    capsys.readouterr()
+    code, err = run_cli([*args, "optim.lr=0.5"], capsys)
+    assert_one_line(code, err, [str(sweep / "0"), "already holds a run"])
+    assert (sweep / "1" / ".hydra" / "config.yaml").read_text() == config
