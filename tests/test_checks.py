@@ -56,6 +56,10 @@ TRAIN_CASES = {
         ["probes.gradient_flow.every=-3", "positive"],
     ),
     "every type": (["probes.gradients.every=often"], ["'often'", "positive", "'epoch'"]),
+    "custom model": (
+        ["model=custom", "model._target_=torch.nn.Linear"],
+        ["model=custom", "cannot build", "in_channels"],
+    ),
     # probe settings only the model can judge
     "layers": (
         ["model=cnn", "probes.gradients.layers=[nope\\..*]"],
