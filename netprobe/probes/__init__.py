@@ -6,7 +6,10 @@ from netprobe.probes.base import Probe, ProbeContext, Progress
 from netprobe.probes.gradient_flow import GradientFlow
 from netprobe.probes.gradients import Gradients
 from netprobe.probes.optim_dynamics import OptimDynamics
+from netprobe.probes.weights import Weights
 
-PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in [Gradients, GradientFlow, OptimDynamics]}
+PROBES: dict[str, type[Probe]] = {
+    cls.name: cls for cls in [Gradients, GradientFlow, OptimDynamics, Weights]
+}
 
 __all__ = ["PROBES", "Probe", "ProbeContext", "Progress"]
