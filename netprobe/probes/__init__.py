@@ -6,10 +6,11 @@ from netprobe.probes.base import Probe, ProbeContext, Progress
 from netprobe.probes.gradient_flow import GradientFlow
 from netprobe.probes.gradients import Gradients
 from netprobe.probes.optim_dynamics import OptimDynamics
+from netprobe.probes.rwc import RelativeWeightChange
 from netprobe.probes.weights import Weights
 
 PROBES: dict[str, type[Probe]] = {
-    cls.name: cls for cls in [Gradients, GradientFlow, OptimDynamics, Weights]
+    cls.name: cls for cls in [Gradients, GradientFlow, OptimDynamics, RelativeWeightChange, Weights]
 }
 
 __all__ = ["PROBES", "Probe", "ProbeContext", "Progress"]
