@@ -51,27 +51,43 @@ def _chunks(sizes: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def bin_counts(x: torch.Tensor, seg: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """Counts [S, bins + 2] of flat float64 `x` (segment `seg`) in `edges` [S, bins + 1]:
-    column 0 counts x < e_0, column bins + 1 counts x > e_bins, column 1 + i counts
+def _spread(values: torch.Tensor, seg: torch.Tensor | None) -> torch.Tensor:
+    """Per-segment `values` [S] as one value per element (a broadcast scalar for one segment)."""
+    return values if seg is None else values[seg]
+
+
+def _segment_sum(x: torch.Tensor, seg: torch.Tensor | None, segments: int) -> torch.Tensor:
+    if seg is None:
+        return x.sum().reshape(1)
+    return torch.zeros(segments, dtype=x.dtype, device=x.device).index_add_(0, seg, x)
+
+
+def bin_counts(x: torch.Tensor, seg: torch.Tensor | None, edges: torch.Tensor) -> torch.Tensor:
+    """Counts [S, bins + 2] of flat float64 `x` (segment `seg`, None for one) in `edges`
+    [S, bins + 1]: column 0 counts x < e_0, column bins + 1 counts x > e_bins, column 1 + i counts
     e_i ≤ x < e_{i+1} (the last bin closed, as numpy.histogram). NaN counts nowhere.
     """
     segments, width = edges.shape
     bins = width - 1
-    lo, hi = edges[:, 0][seg], edges[:, -1][seg]
-    # Estimate the bin by arithmetic, then settle it against the stored edges themselves, so
-    # that values on an edge fall exactly where a comparison with the edges puts them.
-    guess = ((x - lo) / (hi - lo) * bins).floor_().nan_to_num_(0.0).clamp_(0, bins - 1).long()
-    base = seg * width
-    left = edges.reshape(-1)[base + guess]
-    right = edges.reshape(-1)[base + guess + 1]
-    guess -= (x < left).long()
-    guess += ((x >= right) & (guess < bins - 1)).long()
-    local = guess + 1
-    local = torch.where(x < lo, 0, local)
-    local = torch.where(x > hi, bins + 1, local)
+    lo, hi = _spread(edges[:, 0], seg), _spread(edges[:, -1], seg)
+    if seg is None:
+        # Right-closed search: i such that e_{i-1} ≤ x < e_i, so 0 below and bins + 1 from e_bins.
+        local = torch.bucketize(x, edges[0], right=True)
+        local = torch.where(x == hi, bins, local)
+        index = local
+    else:
+        # Estimate the bin by arithmetic, then settle it against the stored edges themselves, so
+        # that values on an edge fall exactly where a comparison with the edges puts them.
+        guess = ((x - lo) / (hi - lo) * bins).floor_().nan_to_num_(0.0).clamp_(0, bins - 1).long()
+        at = seg * width + guess
+        flat_edges = edges.reshape(-1)
+        guess -= (x < flat_edges[at]).long()
+        guess += ((x >= flat_edges[at + 1]) & (guess < bins - 1)).long()
+        local = torch.where(x < lo, 0, guess + 1)
+        local = torch.where(x > hi, bins + 1, local)
+        index = seg * (bins + 2) + local
     # NaN goes to a spare slot past the last segment that is dropped below.
-    index = torch.where(torch.isnan(x), segments * (bins + 2), seg * (bins + 2) + local)
+    index = torch.where(torch.isnan(x), segments * (bins + 2), index)
     counts = torch.zeros(segments * (bins + 2) + 1, dtype=torch.int64, device=x.device)
     counts.index_add_(0, index, torch.ones_like(index))
     return counts[:-1].reshape(segments, bins + 2)
@@ -93,28 +109,32 @@ def distributions(
     stats, counts, dists = [], [], []
     for a, b in _chunks(sizes):
         part = sizes[a:b]
-        seg = _segments(part, device)
+        k = len(part)
+        seg = _segments(part, device) if k > 1 else None
         x = torch.cat([t.detach().reshape(-1) for t in tensors[a:b]]).to(torch.float64)
         n = torch.tensor(part, dtype=torch.float64, device=device)
-        zeros = torch.zeros(len(part), dtype=torch.float64, device=device)
-        mean = zeros.clone().index_add_(0, seg, x) / n
-        d = x - mean[seg]
+        mean = _segment_sum(x, seg, k) / n
+        d = x - _spread(mean, seg)
         d2 = d * d
-        m2 = zeros.clone().index_add_(0, seg, d2) / n
-        m3 = zeros.clone().index_add_(0, seg, d2.mul_(d)) / n
+        m2 = _segment_sum(d2, seg, k) / n
+        m3 = _segment_sum(d2.mul_(d), seg, k) / n
         del d, d2
         std = m2.sqrt()
         skew = torch.where(m2 > 0, m3 / (m2 * std), torch.zeros_like(m3))
-        lo = zeros.clone().scatter_reduce_(0, seg, x, "amin", include_self=False)
-        hi = zeros.clone().scatter_reduce_(0, seg, x, "amax", include_self=False)
-        l2 = zeros.clone().index_add_(0, seg, x * x).sqrt_()
+        if seg is None:
+            lo, hi = (v.reshape(1) for v in torch.aminmax(x))
+        else:
+            zeros = torch.zeros(k, dtype=torch.float64, device=device)
+            lo = zeros.scatter_reduce(0, seg, x, "amin", include_self=False)
+            hi = zeros.scatter_reduce(0, seg, x, "amax", include_self=False)
+        l2 = _segment_sum(x * x, seg, k).sqrt_()
         stats.append(torch.stack([mean, std, skew, lo, hi, l2], dim=1))
         if edges is not None:
             counts.append(bin_counts(x, seg, edges[a:b]))
         if reference is not None:
             r = torch.cat([t.reshape(-1) for t in reference[a:b]]).to(torch.float64)
             diff = x.sub_(r)
-            dists.append(zeros.clone().index_add_(0, seg, diff.mul_(diff)).sqrt_())
+            dists.append(_segment_sum(diff.mul_(diff), seg, k).sqrt_())
     return (
         torch.cat(stats),
         torch.cat(counts) if edges is not None else None,

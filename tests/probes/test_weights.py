@@ -136,18 +136,21 @@ def test_every_metric_matches_numpy_over_captures() -> None:
     assert hists["below"].sum() > 0 and hists["above"].sum() > 0
 
 
-def test_out_of_range_counts_and_values_on_edges() -> None:
+@pytest.mark.parametrize("params", ["weights", "all"])
+def test_out_of_range_counts_and_values_on_edges(params: str) -> None:
+    # With the bias the two tensors share one chunk; alone, the weight takes the one-tensor path.
     model = nn.Sequential(nn.Linear(4, 2))
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[0.5, -0.25, 0.0, 0.1], [0.2, -0.3, 0.4, -0.5]]))
-    probe = make_probe(model, bins=4)  # edges -1, -0.5, 0, 0.5, 1: exact in float32
+        model[0].bias.copy_(torch.tensor([0.25, -1.0]))
+    probe = make_probe(model, bins=4, params=params)  # edges -1, -0.5, 0, 0.5, 1: exact in fp32
     probe.on_start()
     values = [[-1.5, -1.0, -0.5, 0.0], [0.5, 1.0, 1.0000001, float("nan")]]
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor(values))
     next_epoch(probe)
     _, hists = tables(probe)
-    last = hists[hists["step"] == 3].iloc[0]
+    last = hists[(hists["step"] == 3) & (hists["layer"] == "0.weight")].iloc[0]
     np.testing.assert_array_equal(last["edges"], [-1.0, -0.5, 0.0, 0.5, 1.0])
     finite = np.array(values, np.float32).ravel()
     finite = finite[np.isfinite(finite)].astype(np.float64)
