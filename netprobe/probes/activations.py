@@ -6,12 +6,13 @@ inputs of the same shape, the same at every capture, drawn from the run seed). F
 tracked modules exist only during the capture; each output is reduced on the device as it is
 produced, so no module's output outlives its hook call.
 
-Per module and source: a histogram in bins fixed at the first capture (0…2·max y when every value
-is ≥ 0 there, else ±2·max|y|), and scalars `mean`, `std`, `skew`, `zero_frac` = #(y ≤ 0)/numel
-(the share a ReLU would zero; exactly the zeros of a ReLU output) and `dead_frac` = the share of
-units that are ≤ 0 for every sample, a unit being one position of the output flattened per sample
-(a feature, or a channel at one location). The scalars table has no source column, so the metric
-names carry it: `train/mean`, `valid/dead_frac`, `random/skew`.
+Per module and source: a histogram in bins fixed at the first capture (0…f·max y when every value
+is ≥ 0 there, else ±f·max|y|, f = `range_factor`, 2 as for weights), and scalars `mean`, `std`,
+`skew`, `zero_frac` = #(y ≤ 0)/numel (the share a ReLU would zero; exactly the zeros of a ReLU
+output) and `dead_frac` = the share of units that are ≤ 0 for every sample, a unit being one
+position of the output flattened per sample (a feature, or a channel at one location). The
+scalars table has no source column, so the metric names carry it: `train/mean`,
+`valid/dead_frac`, `random/skew`.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Activations(Probe):
 
     name = "activations"
     default_at = ("start", "epoch")
-    options = {"sources": list(SOURCES), "bins": 50}
+    options = {"sources": list(SOURCES), "bins": 50, "range_factor": 2.0}
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
@@ -75,7 +76,10 @@ class Activations(Probe):
                 )
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
             raise ConfigError(f"probes.{self.name}.bins={bins!r} must be a positive integer")
-        self.bins = bins
+        factor = self.cfg["range_factor"]
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+            raise ConfigError(f"probes.{self.name}.range_factor={factor!r} must be a number > 0")
+        self.bins, self.factor = bins, float(factor)
         self.sources = [s for s in SOURCES if s in sources]
         self.modules = self.select_modules()
         self.names = [n for n, _ in self.modules]
@@ -115,7 +119,9 @@ class Activations(Probe):
                     return  # a module called again within the forward: its first call counts
                 edges = self.edges[source].get(name)
                 if edges is None:
-                    edges = symmetric_edges([y.reshape(-1)], self.bins, nonnegative=True)[0]
+                    edges = symmetric_edges(
+                        [y.reshape(-1)], self.bins, nonnegative=True, factor=self.factor
+                    )[0]
                     self.edges[source][name] = edges
                 results[name] = activation_stats(y, edges)
 

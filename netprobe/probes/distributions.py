@@ -14,16 +14,18 @@ MOMENTS = ["mean", "std", "skew", "min", "max", "l2"]
 CHUNK = 1 << 21
 
 
-def symmetric_edges(tensors: list[torch.Tensor], bins: int, nonnegative: bool = False):
-    """Edges [len(tensors), bins + 1] in float64: ±2·max|x| per tensor (0…2·max x when
+def symmetric_edges(
+    tensors: list[torch.Tensor], bins: int, nonnegative: bool = False, factor: float = 2.0
+):
+    """Edges [len(tensors), bins + 1] in float64: ±factor·max|x| per tensor (0…factor·max x when
     `nonnegative` and every value is ≥ 0). A tensor of zeros, or one that is not finite, gets ±1."""
-    peak = torch.stack(torch._foreach_norm(tensors, float("inf"), dtype=torch.float64))
-    lo = -2 * peak
+    peak = factor * torch.stack(torch._foreach_norm(tensors, float("inf"), dtype=torch.float64))
+    lo = -peak
     if nonnegative:
         mins = torch.stack([t.detach().min().to(torch.float64) for t in tensors])
         lo = torch.where(mins >= 0, torch.zeros_like(lo), lo)
     ok = torch.isfinite(peak) & (peak > 0)
-    hi = torch.where(ok, 2 * peak, torch.ones_like(peak))
+    hi = torch.where(ok, peak, torch.ones_like(peak))
     lo = torch.where(ok, lo, -torch.ones_like(lo))
     steps = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64, device=peak.device)
     edges = lo[:, None] + (hi - lo)[:, None] * steps

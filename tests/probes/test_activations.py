@@ -111,7 +111,7 @@ def perturb(model: nn.Module, seed: int) -> None:
 
 def test_registered_with_its_keys() -> None:
     assert PROBES["activations"] is Activations
-    assert set(Activations.options) == {"sources", "bins"}
+    assert set(Activations.options) == {"sources", "bins", "range_factor"}
     assert Activations.default_at == ("start", "epoch")
 
 
@@ -260,7 +260,8 @@ def test_needs_an_input_batch() -> None:
 
 
 @pytest.mark.parametrize(
-    "key, value", [("sources", ["test"]), ("bins", 0), ("every", 5), ("at", ["later"])]
+    "key, value",
+    [("sources", ["test"]), ("bins", 0), ("every", 5), ("at", ["later"]), ("range_factor", 0)],
 )
 def test_bad_options_are_config_errors(key: str, value) -> None:
     with pytest.raises(ConfigError, match=key):
