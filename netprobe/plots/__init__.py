@@ -14,10 +14,13 @@ import matplotlib.pyplot as plt
 
 from netprobe.errors import ConfigError
 from netprobe.plots import (  # noqa: F401 - importing registers their figures
+    activations,
     curves,
     gradient_flow,
     gradients,
     optim_dynamics,
+    rwc,
+    weights,
 )
 from netprobe.plots.common import FIGURES, RunGroup
 from netprobe.store import Run, find_runs
