@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 
 from netprobe.errors import ConfigError
 from netprobe.plots import (  # noqa: F401 - importing registers their figures
+    augmentation,
     correlation,
     curves,
     gradient_flow,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from netprobe.probes.augmentation import Augmentation
 from netprobe.probes.base import Probe, ProbeContext, Progress
 from netprobe.probes.correlation import Correlation
 from netprobe.probes.gradient_flow import GradientFlow
@@ -9,7 +10,7 @@ from netprobe.probes.gradients import Gradients
 from netprobe.probes.optim_dynamics import OptimDynamics
 
 PROBES: dict[str, type[Probe]] = {
-    cls.name: cls for cls in [Gradients, GradientFlow, OptimDynamics, Correlation]
+    cls.name: cls for cls in [Gradients, GradientFlow, OptimDynamics, Correlation, Augmentation]
 }
 
 __all__ = ["PROBES", "Probe", "ProbeContext", "Progress"]

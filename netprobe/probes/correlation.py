@@ -19,7 +19,7 @@ import torch
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import AT_CHOICES, Probe, ProbeContext, _as_list
-from netprobe.probes.module_outputs import flatten_features, module_outputs
+from netprobe.probes.module_outputs import flatten_features, module_outputs, seeded_subset
 from netprobe.structure import WEIGHT_TYPES
 
 CONV_CHOICES = ("pool", "flatten")
@@ -153,12 +153,9 @@ class Correlation(Probe):
         """At most `max_features` columns: a random subset drawn once from the run's seed."""
         k, d = self.cfg["max_features"], x.shape[1]
         if name not in self._subsets:
-            if d <= k:
-                self._subsets[name] = None
-            else:
-                salt = 0xC022 + [n for n, _ in self.modules].index(name)
-                pick = torch.randperm(d, generator=self.ctx.generator(salt))[:k].sort().values
-                self._subsets[name] = pick.to(x.device)
+            salt = 0xC022 + [n for n, _ in self.modules].index(name)
+            pick = seeded_subset(d, k, self.ctx.generator(salt))
+            self._subsets[name] = None if pick is None else pick.to(x.device)
         pick = self._subsets[name]
         return x if pick is None else x.index_select(1, pick)
 

@@ -72,3 +72,10 @@ def flatten_features(output: torch.Tensor, conv: str = "pool") -> torch.Tensor:
     if output.ndim > 2 and conv == "pool":
         return output.flatten(2).mean(dim=2)
     return output.reshape(output.shape[0], -1)
+
+
+def seeded_subset(d: int, k: int, generator: torch.Generator) -> torch.Tensor | None:
+    """Sorted indices of k of d features drawn with `generator`, or None when d ≤ k (keep all)."""
+    if d <= k:
+        return None
+    return torch.randperm(d, generator=generator)[:k].sort().values
