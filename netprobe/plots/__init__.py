@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 from netprobe.errors import ConfigError
 from netprobe.plots import (  # noqa: F401 - importing registers their figures
     augmentation,
+    channels,
     correlation,
     curves,
     gradient_flow,

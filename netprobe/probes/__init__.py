@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from netprobe.probes.augmentation import Augmentation
 from netprobe.probes.base import Probe, ProbeContext, Progress
+from netprobe.probes.channels import Channels
 from netprobe.probes.correlation import Correlation
 from netprobe.probes.gradient_flow import GradientFlow
 from netprobe.probes.gradients import Gradients
 from netprobe.probes.optim_dynamics import OptimDynamics
 
 PROBES: dict[str, type[Probe]] = {
-    cls.name: cls for cls in [Gradients, GradientFlow, OptimDynamics, Correlation, Augmentation]
+    cls.name: cls
+    for cls in [Gradients, GradientFlow, OptimDynamics, Correlation, Augmentation, Channels]
 }
 
 __all__ = ["PROBES", "Probe", "ProbeContext", "Progress"]

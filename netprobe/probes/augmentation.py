@@ -27,7 +27,12 @@ import torch.nn.functional as F
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
 from netprobe.probes.correlation import CONV_CHOICES, pearson
-from netprobe.probes.module_outputs import flatten_features, module_outputs, seeded_subset
+from netprobe.probes.module_outputs import (
+    flatten_features,
+    module_outputs,
+    seeded_subset,
+    to_float64,
+)
 from netprobe.structure import WEIGHT_TYPES
 
 PADDING_CHOICES = ("border", "zeros", "reflection")
@@ -77,8 +82,8 @@ def augment(x: torch.Tensor, theta: torch.Tensor, padding: str = "border") -> to
 def invariance(augmented: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """mean_k Var_aug(f_k) / mean_k Var_batch(f_k) for features [N, d] and [B, d] (population
     variances, float64); 0 when the features do not vary across the probe batch either."""
-    var_aug = augmented.to(torch.float64).var(dim=0, correction=0).mean()
-    var_batch = batch.to(torch.float64).var(dim=0, correction=0).mean()
+    var_aug = to_float64(augmented).var(dim=0, correction=0).mean()
+    var_batch = to_float64(batch).var(dim=0, correction=0).mean()
     return torch.where(var_batch > 0, var_aug / torch.where(var_batch > 0, var_batch, 1.0), 0.0)
 
 
@@ -169,7 +174,7 @@ class Augmentation(Probe):
         """The N random affine matrices, the same at every capture of the run."""
         c, n = self.cfg, self.cfg["samples"]
         gen = self.ctx.generator(salt=0xA06, device=device)
-        u = torch.rand(n, 4, generator=gen, device=device, dtype=torch.float64)
+        u = torch.rand(n, 4, generator=gen, device=device)
         angle = (2 * u[:, 0] - 1) * c["rotation"]
         shift = (2 * u[:, 1:3] - 1) * c["translate"]
         low, high = c["scale"]

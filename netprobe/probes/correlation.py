@@ -19,7 +19,12 @@ import torch
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import AT_CHOICES, Probe, ProbeContext, _as_list
-from netprobe.probes.module_outputs import flatten_features, module_outputs, seeded_subset
+from netprobe.probes.module_outputs import (
+    flatten_features,
+    module_outputs,
+    seeded_subset,
+    to_float64,
+)
 from netprobe.structure import WEIGHT_TYPES
 
 CONV_CHOICES = ("pool", "flatten")
@@ -31,7 +36,7 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
     A constant column has no defined correlation; it becomes all zeros, so its correlation with
     every feature (itself included) is 0, never NaN.
     """
-    x = x.to(torch.float64)
+    x = to_float64(x)
     centered = x - x.mean(dim=0)
     std = centered.square().mean(dim=0).sqrt()
     return torch.where(std > 0, centered / torch.where(std > 0, std, 1.0), 0.0)
@@ -63,7 +68,7 @@ def linear_cka(features: list[torch.Tensor]) -> torch.Tensor:
     """
     grams = []
     for x in features:
-        xc = x.to(torch.float64)
+        xc = to_float64(x)
         xc = xc - xc.mean(dim=0)
         grams.append((xc @ xc.T).reshape(-1))
     k = torch.stack(grams)
