@@ -55,10 +55,14 @@ def group_runs(runs: list[Run]) -> list[RunGroup]:
         return [RunGroup([runs[i] for i in next(iter(keys.values()))])]
     all_keys = set().union(*configs)
     varying = sorted(k for k in all_keys if len({str(c.get(k)) for c in configs}) > 1)
+    # A group option that differs (model=cnn vs mlp) names the group; the keys it brings along
+    # (model.width, data.image_size...) differ because of it and would only lengthen the label.
+    chosen = {k.removesuffix(".name") for k in varying if k.endswith(".name")}
+    named = [k for k in varying if k.endswith(".name") or k.split(".")[0] not in chosen]
     groups = []
     for members in keys.values():
         values = {k: configs[members[0]].get(k) for k in varying}
-        label = ",".join(f"{k.removesuffix('.name')}={v}" for k, v in values.items())
+        label = ",".join(f"{k.removesuffix('.name')}={values[k]}" for k in named)
         groups.append(RunGroup([runs[i] for i in members], label=label, varying=values))
     return sorted(groups, key=lambda g: g.label)
 
