@@ -15,6 +15,9 @@ import matplotlib.pyplot as plt
 from netprobe.errors import ConfigError
 from netprobe.plots import (  # noqa: F401 - importing registers their figures
     activations,
+    augmentation,
+    channels,
+    correlation,
     curves,
     gradient_flow,
     gradients,

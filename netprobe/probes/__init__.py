@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from netprobe.probes.activations import Activations
+from netprobe.probes.augmentation import Augmentation
 from netprobe.probes.base import Probe, ProbeContext, Progress
+from netprobe.probes.channels import Channels
+from netprobe.probes.correlation import Correlation
 from netprobe.probes.gradient_flow import GradientFlow
 from netprobe.probes.gradients import Gradients
 from netprobe.probes.optim_dynamics import OptimDynamics
@@ -15,10 +18,13 @@ PROBES: dict[str, type[Probe]] = {
     for cls in [
         Gradients,
         GradientFlow,
-        OptimDynamics,
-        RelativeWeightChange,
         Weights,
+        RelativeWeightChange,
+        OptimDynamics,
         Activations,
+        Correlation,
+        Augmentation,
+        Channels,
     ]
 }
 
