@@ -62,8 +62,10 @@ def group_runs(runs: list[Run]) -> list[RunGroup]:
     groups = []
     for members in keys.values():
         values = {k: configs[members[0]].get(k) for k in varying}
-        label = ",".join(f"{k.removesuffix('.name')}={values[k]}" for k in named)
-        groups.append(RunGroup([runs[i] for i in members], label=label, varying=values))
+        parts = {k.removesuffix(".name"): f"{k.removesuffix('.name')}={values[k]}" for k in named}
+        detail = ", ".join(p for k, p in parts.items() if k not in ("model", "data", "init"))
+        group = RunGroup([runs[i] for i in members], ",".join(parts.values()), values, detail)
+        groups.append(group)
     return sorted(groups, key=lambda g: g.label)
 
 
