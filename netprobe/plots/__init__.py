@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 
 from netprobe.errors import ConfigError
 from netprobe.plots import (  # noqa: F401 - importing registers their figures
+    activations,
     augmentation,
     channels,
     correlation,
@@ -21,6 +22,8 @@ from netprobe.plots import (  # noqa: F401 - importing registers their figures
     gradient_flow,
     gradients,
     optim_dynamics,
+    rwc,
+    weights,
 )
 from netprobe.plots.common import FIGURES, RunGroup
 from netprobe.store import Run, find_runs
