@@ -33,8 +33,11 @@ def check_probes(cfg: DictConfig) -> None:
                 data.channels, data.image_size, data.num_classes))  # fmt: skip
     if key in _checked_probes or not probes:
         return
-    x = torch.zeros(2, data.channels, data.image_size, data.image_size)
-    y = torch.zeros(2, dtype=torch.long)
+    # As many samples as the run's probe batches (settings may index into them), as a view of
+    # one blank image: no memory per sample.
+    n = max(2, int(data.probe_size))
+    x = torch.zeros(1, data.channels, data.image_size, data.image_size).expand(n, -1, -1, -1)
+    y = torch.zeros(1, dtype=torch.long).expand(n)
     try:
         model = build_model(cfg.model)
     except ConfigError:
