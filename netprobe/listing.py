@@ -19,6 +19,7 @@ STATUS_STYLE = {
     "diverged": "magenta",
     "interrupted": "yellow",
     "damaged": "red",
+    "crashed": "red",
 }
 
 
@@ -36,11 +37,11 @@ def list_runs(paths: Sequence[str | os.PathLike], console: Console | None = None
         for run_dir in find_runs(path):
             count += 1
             try:
-                info = Run(run_dir).info
+                run = Run(run_dir)
             except (OSError, ValueError):
                 table.add_row("[red]damaged[/]", "", "", "", "", "", "", str(run_dir))
                 continue
-            status = info.get("status", "?")
+            info, status = run.info, run.status
             acc = info.get("best_val_acc")
             table.add_row(
                 f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]",

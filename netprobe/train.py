@@ -21,11 +21,13 @@ import netprobe
 from netprobe.checkpoint import checkpoint_path, save_checkpoint
 from netprobe.config import validate
 from netprobe.data import Batches, build_data, fixed_batch, keep_on_device
+from netprobe.errors import ConfigError
 from netprobe.init import initialize
+from netprobe.lifecycle import StopSignals
 from netprobe.models import build_model
 from netprobe.progress import TrainProgress
 
-EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 1, "interrupted": 130}
+EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 1, "interrupted": 130, "refused": 2}
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -162,9 +164,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
     forward = torch.compile(model) if t.compile else model
 
     run_dir = Path(run_dir)
-    if not (run_dir / ".hydra" / "config.yaml").exists():
-        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     info = {
         "name": cfg.name,
         "device": str(device),
@@ -190,7 +189,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         info=info,
         seed=cfg.seed,
         flush_every=t.flush_every,
+        on_nonfinite=t.get("on_nonfinite", "stop"),
     )
+    # Only now, with the probes built and the directory ours, is anything written.
+    if not (run_dir / ".hydra" / "config.yaml").exists():
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
 
     def checkpoint(name: int | str, epoch: int) -> None:
         save_checkpoint(
@@ -204,7 +208,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         )
 
     stop_reason = None
-    with mon, progress:
+    stop_on_nonfinite = mon.on_nonfinite == "stop"
+    with StopSignals(), mon, progress:
         if t.checkpoint_every:
             checkpoint("start", epoch=-1)
         model.train()
@@ -212,9 +217,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             for x, y in train_batches:
                 train_step(forward, x, y, optimizer, scaler, autocast, mon, t.log_every)
                 progress.advance(mon)
+                if stop_on_nonfinite and mon.nonfinite_step is not None:
+                    stop_reason = f"non-finite loss at step {mon.nonfinite_step}"
+                    break
                 if t.max_steps and mon.progress.step >= t.max_steps:
                     stop_reason = f"reached trainer.max_steps={t.max_steps}"
                     break
+            if stop_on_nonfinite and mon.nonfinite_step is not None:
+                break  # the weights are no longer numbers: nothing to evaluate or save
             if scheduler is not None:
                 scheduler.step()
             val_loss, val_acc = evaluate(model, val_batches, autocast)
@@ -272,8 +282,15 @@ def hydra_main(args: list[str]) -> int:
         status = "failed"
         try:
             status = train(cfg, run_dir)
+        except ConfigError as exc:
+            # Refused before writing (its folder in use, say): one line and exit 2, in sweeps too.
+            print(f"netprobe: {exc}", file=sys.stderr)
+            status = "refused"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
         finally:
-            if (run_dir / "run.json").exists():
+            if status != "refused" and (run_dir / "run.json").exists():
                 took = f"  ({time.perf_counter() - started:.1f} s)"
                 print(summary(run_dir) + took, file=sys.stderr)
             code = EXIT_CODES.get(status, 1)

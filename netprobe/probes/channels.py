@@ -1,0 +1,217 @@
+"""How much gradient each conv channel sends back and receives (SPEC §5 `channels`).
+
+For a tracked Conv2d (groups = 1) with weight W [C_out, C_in, k, k] and g = ∂L/∂y at its output on
+the probe batch (one forward and backward in eval mode; `.grad` of the parameters is not touched),
+the gradient that output channel c1 sends to input channel c2 is
+
+    LG^{c1→c2} = conv_transpose2d(g[:, c1], W[c1, c2])   (the conv's stride, padding, dilation),
+
+and Σ_{c1} LG^{c1→c2} is ∂L/∂x[:, c2]. Per channel: emission Em_{c1} = Σ_{c2} ‖LG^{c1→c2}‖_F and
+absorption Ab_{c2} = Σ_{c1} ‖LG^{c1→c2}‖_F, norms over batch and space. Recorded as matrices
+`emission` [C_out] and `absorption` [C_in] (row = the conv), and scalars `em_mean`, `em_std`,
+`ab_mean`, `ab_std` (population std over channels).
+
+Wide layers need no map per pair: LG^{c1→c2} is linear in the kernel W[c1, c2], so its squared
+norm is a quadratic form in those k² weights with one k² × k² Gram matrix per output channel c1
+(`channel_pair_norms`). Output channels go `chunk` at a time, so memory stays near
+chunk × min(C_in, k²) × B × H_in × W_in values whatever the layer's width.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from netprobe.errors import ConfigError
+from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.module_outputs import module_outputs, to_float64
+
+METRICS = ["em_mean", "em_std", "ab_mean", "ab_std"]
+
+
+def is_tracked_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups == 1
+
+
+def transpose_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """The conv's padding as two ints: `valid` is 0; `same` pads d(k−1) in total, the smaller half
+    first (what PyTorch does), so that half is what the transpose crops."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        return tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
+    return tuple(conv.padding)
+
+
+def _transpose_extra(
+    g: torch.Tensor,
+    kernel_size: tuple[int, int],
+    input_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int]:
+    """output_padding that makes conv_transpose2d reach the conv's input size.
+
+    It restores the rows a strided conv never reached; for an asymmetric `same` padding the
+    transpose comes out larger instead, and the caller crops it to the input size.
+    """
+    full = [
+        (o - 1) * s - 2 * p + d * (k - 1) + 1
+        for o, s, p, d, k in zip(g.shape[2:], stride, padding, dilation, kernel_size)
+    ]
+    return tuple(max(0, size - f) for size, f in zip(input_size, full))
+
+
+def spread_gradients(
+    g: torch.Tensor,
+    kernel_size: tuple[int, int],
+    input_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> torch.Tensor:
+    """U [B, C, k·k, H_in, W_in]: U[:, c, κ] = conv_transpose2d(g[:, c], e_κ), the output
+    gradient of channel c placed where kernel tap κ carries it back to the input.
+
+    Then LG^{c1→c2} = Σ_κ W[c1, c2, κ] U[:, c1, κ], since conv_transpose2d is linear in the kernel.
+    With one-hot kernels the values are copies of g, exact in any precision.
+    """
+    b, c = g.shape[:2]
+    kh, kw = kernel_size
+    taps = kh * kw
+    eye = torch.eye(taps, dtype=g.dtype, device=g.device).view(1, taps, kh, kw)
+    h, w = input_size
+    extra = _transpose_extra(g, kernel_size, input_size, stride, padding, dilation)
+    u = F.conv_transpose2d(
+        g,
+        eye.expand(c, taps, kh, kw),
+        stride=stride,
+        padding=padding,
+        output_padding=extra,
+        groups=c,
+        dilation=dilation,
+    )[:, :, :h, :w]
+    return u.reshape(b, c, taps, h, w)
+
+
+def channel_pair_norms(
+    g: torch.Tensor,
+    weight: torch.Tensor,
+    input_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    chunk: int = 16,
+) -> torch.Tensor:
+    """‖LG^{c1→c2}‖_F for every pair, [C_out, C_in] (float64), with g [B, C_out, H_out, W_out].
+
+    Output channels go `chunk` at a time. With few input channels (C_in ≤ k²) each block's maps
+    LG^{c1→c2} are made outright, by one conv_transpose2d with groups = the block's channels.
+    With more, no map is made per pair: LG^{c1→c2} = U_{c1} w with w = W[c1, c2] flattened (see
+    `spread_gradients`), so ‖LG^{c1→c2}‖²_F = wᵀ A_{c1} w with the k² × k² Gram matrix
+    A_{c1} = U_{c1}ᵀ U_{c1} summed over batch and space, one per output channel for all its pairs.
+    Either way the memory is about chunk × min(C_in, k²) × B × H_in × W_in values.
+    """
+    c_out, c_in, kh, kw = weight.shape
+    taps = kh * kw
+    h, w = input_size
+    squares = []
+    if c_in <= taps:
+        extra = _transpose_extra(g, (kh, kw), input_size, stride, padding, dilation)
+        for a in range(0, c_out, chunk):
+            n = min(chunk, c_out - a)
+            lg = F.conv_transpose2d(
+                g[:, a : a + n],
+                weight[a : a + n],
+                stride=stride,
+                padding=padding,
+                output_padding=extra,
+                groups=n,
+                dilation=dilation,
+            )[:, :, :h, :w]
+            squares.append(to_float64(lg).square().sum(dim=(0, 2, 3)).view(n, c_in))
+    else:
+        flat_w = to_float64(weight.reshape(c_out, c_in, taps))
+        for a in range(0, c_out, chunk):
+            u = spread_gradients(
+                g[:, a : a + chunk], (kh, kw), input_size, stride, padding, dilation
+            )
+            n = u.shape[1]
+            # [n, k², B·H·W] in float64: the Gram sums run over every batch element and pixel
+            u = to_float64(u.permute(1, 2, 0, 3, 4).reshape(n, taps, -1))
+            gram = u @ u.transpose(1, 2)
+            pair_w = flat_w[a : a + n]
+            squares.append(((pair_w @ gram) * pair_w).sum(dim=-1))  # wᵀ A w per (c1, c2)
+    return torch.cat(squares).clamp(min=0).sqrt()
+
+
+def emission_absorption(norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Em_{c1} = Σ_{c2} ‖LG^{c1→c2}‖_F and Ab_{c2} = Σ_{c1} ‖LG^{c1→c2}‖_F from [C_out, C_in]."""
+    return norms.sum(dim=1), norms.sum(dim=0)
+
+
+class Channels(Probe):
+    """At the end (or each epoch): per-channel gradient emission and absorption of each conv."""
+
+    name = "channels"
+    default_at = ("end",)
+    options = {"chunk": 16}
+
+    def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
+        super().__init__(ctx, **cfg)
+        chunk = self.cfg["chunk"]
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ConfigError(f"probes.{self.name}.chunk={chunk!r} must be a positive integer")
+        model = ctx.model
+        chosen = self.select_modules(lambda r: is_tracked_conv(model.get_submodule(r.module)))
+        self.modules = [(n, m) for n, m in chosen if is_tracked_conv(m)]
+        if self.patterns and not self.modules:
+            convs = [n for n, m in model.named_modules() if is_tracked_conv(m)]
+            raise ConfigError(
+                f"probes.{self.name}.layers {self.patterns} select no Conv2d with groups=1; "
+                f"those are: {', '.join(convs) or 'none in this model'}"
+            )
+
+    def output_gradients(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Size]]:
+        """g = ∂L/∂y of each tracked conv on the probe batch, and the shape of its input."""
+        x, y = self.ctx.probe_batch
+        outs = module_outputs(self.ctx.model, self.modules, x, grad=True)
+        names = [n for n, _ in self.modules if n in outs.values and outs.values[n].requires_grad]
+        if not names:
+            return {}, {}
+        loss = self.ctx.loss_fn(outs.output, y)
+        grads = torch.autograd.grad(loss, [outs.values[n] for n in names], allow_unused=True)
+        found = {n: g for n, g in zip(names, grads) if g is not None}
+        return found, outs.input_shapes
+
+    def capture(self) -> None:
+        if self.ctx.probe_batch is None or not self.modules:
+            return
+        grads, shapes = self.output_gradients()
+        names, stats = [], []
+        for name, conv in self.modules:
+            if name not in grads:
+                continue
+            with torch.no_grad():
+                norms = channel_pair_norms(
+                    grads[name],
+                    conv.weight.detach(),
+                    tuple(shapes[name][-2:]),
+                    conv.stride,
+                    transpose_padding(conv),
+                    conv.dilation,
+                    self.cfg["chunk"],
+                )
+            em, ab = emission_absorption(norms)
+            self.ctx.record.matrix(self.name, "emission", name, "", em)
+            self.ctx.record.matrix(self.name, "absorption", name, "", ab)
+            names.append(name)
+            stats.append(
+                torch.stack([em.mean(), em.std(correction=0), ab.mean(), ab.std(correction=0)])
+            )
+        if names:
+            self.ctx.record.scalars(self.name, names, METRICS, torch.stack(stats))

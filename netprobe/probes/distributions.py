@@ -1,0 +1,121 @@
+"""Fixed-bin histograms and moments of tensors on their device (weights, activations).
+
+Each tensor is reduced with plain device reductions (deterministic, no atomics on floats), in
+float64 slices of at most SLICE elements so that a huge tensor never needs a full float64 copy.
+Bins are found by binary search against the stored edges (`bucketize`), so a value on an edge
+lands where numpy.histogram puts it, and counted with one integer `index_add_` spread over
+REPLICAS copies of the bins (a few hot addresses serialise atomics; spread, they do not).
+Nothing is read on the host and no host-to-device copy is made: a capture never syncs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MOMENTS = ["mean", "std", "skew", "min", "max", "l2"]
+SLICE = 1 << 22
+REPLICAS = 256
+
+
+@torch.no_grad()
+def symmetric_edges(
+    tensors: list[torch.Tensor], bins: int, nonnegative: bool = False, factor: float = 2.0
+) -> torch.Tensor:
+    """Edges [len(tensors), bins + 1] in float64: ±factor·max|x| per tensor (0…factor·max x when
+    `nonnegative` and every value is ≥ 0). A tensor of zeros, or one that is not finite, gets ±1."""
+    tensors = [t.detach() for t in tensors]
+    peak = factor * torch.stack(torch._foreach_norm(tensors, float("inf"), dtype=torch.float64))
+    lo = -peak
+    if nonnegative:
+        mins = torch.stack([t.min().to(torch.float64) for t in tensors])
+        lo = torch.where(mins >= 0, torch.zeros_like(lo), lo)
+    ok = torch.isfinite(peak) & (peak > 0)
+    hi = torch.where(ok, peak, torch.ones_like(peak))
+    lo = torch.where(ok, lo, -torch.ones_like(lo))
+    steps = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64, device=peak.device)
+    edges = lo[:, None] + (hi - lo)[:, None] * steps
+    edges[:, -1] = hi  # exact upper end, whatever the rounding of the sum
+    return edges
+
+
+def bin_counts(x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Counts [bins + 2] of float64 `x` in `edges` [bins + 1]: index 0 counts x < e_0, index
+    bins + 1 counts x > e_bins, index 1 + i counts e_i ≤ x < e_{i+1} (the last bin closed, as
+    numpy.histogram). NaN counts nowhere."""
+    bins = len(edges) - 1
+    # Right-closed search: i with e_{i-1} ≤ x < e_i, so 0 below the range and bins + 1 from e_bins.
+    local = torch.bucketize(x, edges, right=True)
+    local = torch.where(x == edges[-1], bins, local)
+    local = torch.where(torch.isnan(x), bins + 2, local)  # a spare slot, dropped below
+    spread = local * REPLICAS + (torch.arange(len(x), device=x.device) & (REPLICAS - 1))
+    one = torch.ones(1, dtype=torch.int64, device=x.device).expand(len(x))
+    counts = torch.zeros((bins + 3) * REPLICAS, dtype=torch.int64, device=x.device)
+    counts.index_add_(0, spread, one)
+    return counts.view(bins + 3, REPLICAS).sum(1)[:-1]
+
+
+def _pieces(t: torch.Tensor) -> list[torch.Tensor]:
+    return list(t.detach().reshape(-1).split(SLICE))
+
+
+@torch.no_grad()
+def tensor_distribution(
+    t: torch.Tensor, edges: torch.Tensor | None = None, reference: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One tensor's [mean, std, skew, min, max, l2] in float64, counts in `edges` (or None), and
+    ‖t − reference‖₂ (or None); see `distributions`."""
+    f64 = torch.float64
+    pieces = _pieces(t)
+    total = sum(p.sum(dtype=f64) for p in pieces)
+    squares = sum(torch.linalg.vector_norm(p, dtype=f64).square() for p in pieces)
+    extremes = [torch.aminmax(p) for p in pieces]
+    lo = torch.stack([e.min for e in extremes]).min().to(f64)
+    hi = torch.stack([e.max for e in extremes]).max().to(f64)
+    mean = total / t.numel()
+    m2 = m3 = counts = distance = None
+    references = _pieces(reference) if reference is not None else [None] * len(pieces)
+    for piece, ref in zip(pieces, references):
+        x = piece.to(f64)
+        d = x - mean
+        d2 = d * d
+        m2 = d2.sum() if m2 is None else m2 + d2.sum()
+        d2.mul_(d)
+        m3 = d2.sum() if m3 is None else m3 + d2.sum()
+        del d, d2
+        if edges is not None:
+            c = bin_counts(x, edges)
+            counts = c if counts is None else counts + c
+        if ref is not None:
+            diff = x.sub_(ref)
+            s = diff.mul_(diff).sum()
+            distance = s if distance is None else distance + s
+    m2, m3 = m2 / t.numel(), m3 / t.numel()
+    std = m2.sqrt()
+    skew = torch.where(m2 > 0, m3 / (m2 * std), torch.zeros_like(m3))
+    stats = torch.stack([mean, std, skew, lo, hi, squares.sqrt()])
+    return stats, counts, distance.sqrt() if distance is not None else None
+
+
+def distributions(
+    tensors: list[torch.Tensor],
+    edges: torch.Tensor | None = None,
+    reference: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Moments per tensor, and optionally counts in fixed `edges` and the distance to `reference`.
+
+    Returns [L, 6] float64 with `mean`, `std` = √(Σ(x−μ)²/n), `skew` = (Σ(x−μ)³/n)/std³ (0 for a
+    constant tensor), `min`, `max`, `l2` = √Σx²; counts [L, bins + 2] (below, bins…, above) or
+    None; ‖x − reference‖₂ per tensor [L] or None.
+    """
+    results = [
+        tensor_distribution(
+            t,
+            edges[i] if edges is not None else None,
+            reference[i] if reference is not None else None,
+        )
+        for i, t in enumerate(tensors)
+    ]
+    stats = torch.stack([r[0] for r in results])
+    counts = torch.stack([r[1] for r in results]) if edges is not None else None
+    distance = torch.stack([r[2] for r in results]) if reference is not None else None
+    return stats, counts, distance
