@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from netprobe.divergence import ON_NONFINITE, NonfiniteWatch
 from netprobe.errors import ConfigError
 from netprobe.probes import PROBES, Probe, ProbeContext, Progress
+from netprobe.probes.gradients import stat_dtype
 from netprobe.store import RunWriter, rows_table, scalar_table
 from netprobe.structure import layer_table, module_graph
 
@@ -263,7 +264,8 @@ class Monitor:
             self._last["acc"] = acc
         grads = [p.grad for p in self._params if p.grad is not None]
         if grads:
-            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)))
+            norms = torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))
+            total = torch.linalg.vector_norm(torch.stack(norms))
             rec.scalars("train", [""], ["grad_l2_total"], total.reshape(1, 1))
         if self.optimizer is not None:
             rec.scalars("train", [""], ["lr"], float(self.optimizer.param_groups[0]["lr"]))

@@ -30,12 +30,13 @@ from torch.utils.hooks import RemovableHandle
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.gradients import stat_dtype
 from netprobe.structure import module_graph
 
 
 def node_gradient_norms(grads: list[torch.Tensor], node_of_grad: torch.Tensor, nodes: int):
     """`w_grad_l2` = ‖∂L/∂W‖₂ over all of a node's parameters: √Σ_{p ∈ node} ‖g_p‖₂², per node."""
-    squares = torch.stack(torch._foreach_norm(grads, 2)).square()
+    squares = torch.stack(torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))).square()
     total = torch.zeros(nodes, dtype=squares.dtype, device=squares.device)
     return total.index_add_(0, node_of_grad, squares).sqrt()
 
