@@ -217,7 +217,12 @@ class Monitor:
         # Probes are built before anything is written, so bad probe settings leave no trace.
         self.probes: list[Probe] = build_probes(ctx, probes)
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self._device = self._params[0].device if self._params else torch.device("cpu")
+        # Time inside probes: host time, and on a GPU the time between CUDA events around them
+        # (kernels run after the host has moved on), read back at flushes, which sync anyway.
         self._probe_time = 0.0
+        self._probe_events: list[tuple[torch.cuda.Event, torch.cuda.Event, float]] = []
+        self._flush_time = 0.0
         self._samples = 0
         self._flush_t = time.perf_counter()
         self._last: dict[str, torch.Tensor | float] = {}
@@ -233,6 +238,7 @@ class Monitor:
                 "best_val_acc": None,
                 "final": {},
                 "probe_overhead": None,
+                "flush_overhead": None,
                 "first_nonfinite_step": None,
                 **dict(info or {}),
             },
@@ -300,10 +306,28 @@ class Monitor:
 
     # -- bookkeeping
     def _run_probes(self, hook: str) -> None:
+        if not self.probes:
+            return
+        cuda = self._device.type == "cuda"
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         t = time.perf_counter()
         for probe in self.probes:
             getattr(probe, hook)()
-        self._probe_time += time.perf_counter() - t
+        host = time.perf_counter() - t
+        if cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._probe_events.append((start, end, host))
+        else:
+            self._probe_time += host
+
+    def _settle_probe_time(self) -> None:
+        for start, end, host in self._probe_events:
+            end.synchronize()
+            self._probe_time += max(host, start.elapsed_time(end) / 1e3)
+        self._probe_events = []
 
     def flush(self) -> None:
         """Move everything buffered to the host and write one part file per table."""
@@ -312,9 +336,15 @@ class Monitor:
             rate = self._samples / max(now - self._flush_t, 1e-9)
             self.record.scalars("train", [""], ["samples_per_s"], rate)
         self._samples, self._flush_t = 0, now
+        if self._device.type == "cuda":
+            # Waiting for the queued training work is not the flush's cost; the drain waits anyway.
+            torch.cuda.synchronize(self._device)
+        t = time.perf_counter()
         for name, table in self.record.drain().items():
             self.writer.append(name, table)
         self.nonfinite.settle()  # the drain has just synced: the exact answer costs nothing more
+        self._settle_probe_time()
+        self._flush_time += time.perf_counter() - t
 
     @property
     def nonfinite_step(self) -> int | None:
@@ -352,7 +382,9 @@ class Monitor:
                 steps_done=self.progress.step,
                 best_val_acc=self.best_val_acc,
                 final=final,
+                # Fractions of wall time: inside probes, and writing what they recorded.
                 probe_overhead=self._probe_time / wall if wall > 0 else None,
+                flush_overhead=self._flush_time / wall if wall > 0 else None,
                 first_nonfinite_step=first,
                 **info,
             )
