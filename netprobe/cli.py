@@ -56,11 +56,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train_command(args: list[str]) -> int:
     from netprobe.config import preflight
+    from netprobe.distributed import launched
+    from netprobe.resume import check_command_line
     from netprobe.train import hydra_main
 
     hydra_info = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
     if not hydra_info & set(args):
-        preflight(args)
+        check_command_line(args)
+        # Under torchrun only rank 0 checks (or downloads) the data; the others wait for it
+        # when they join the process group.
+        preflight(args, check_data=launched().is_main)
     return hydra_main(args)
 
 

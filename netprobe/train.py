@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import netprobe
+from netprobe import distributed, resume
 from netprobe.checkpoint import checkpoint_path, save_checkpoint
 from netprobe.config import validate
 from netprobe.data import Batches, build_data, fixed_batch, keep_on_device
+from netprobe.errors import ConfigError
 from netprobe.init import initialize
 from netprobe.models import build_model
 from netprobe.progress import TrainProgress
@@ -99,11 +103,17 @@ def evaluate(model: nn.Module, batches: Batches, autocast: Any) -> tuple[float, 
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> str:
-    """Train as `cfg` says, with its probes attached, into `run_dir`; returns the final status."""
+    """Train as `cfg` says, with its probes attached, into `run_dir`; returns the final status.
+
+    Under torchrun every rank calls this; rank 0's `run_dir` is used and only rank 0 writes.
+    With `trainer.resume`, training continues from the run's last checkpoint (netprobe.resume).
+    """
     validate(cfg)
     t = cfg.trainer
     seed_everything(cfg.seed, t.deterministic)
-    device = resolve_device(t.device)
+    place, device = distributed.setup(resolve_device(t.device))
+    run_dir = Path(distributed.from_main(str(run_dir), place))
+    state = resume.start(cfg, run_dir, writes=place.is_main)
     data = build_data(cfg.data)
     model = build_model(cfg.model)
     initialize(model, cfg.init)
@@ -120,6 +130,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         on_device=on_device,
         num_workers=cfg.data.num_workers,
         augment=cfg.data.augment,
+        rank=place.rank,
+        world_size=place.world_size,
     )
     val_batches = Batches(data, "val", 512, device, shuffle=False, on_device=on_device)
     probe_batch = fixed_batch(data, "train", cfg.data.probe_size, device)
@@ -133,10 +145,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         else contextlib.nullcontext
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "16")
-    forward = torch.compile(model) if t.compile else model
+    forward = distributed.wrap(model, place, device)
+    forward = torch.compile(forward) if t.compile else forward
 
-    run_dir = Path(run_dir)
-    if not (run_dir / ".hydra" / "config.yaml").exists():
+    if place.is_main and not (run_dir / ".hydra" / "config.yaml").exists():
         (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     info = {
@@ -152,21 +164,40 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
     }
     probes = OmegaConf.to_container(cfg.probes, resolve=True) or {}
     total_steps = t.epochs * len(train_batches)
-    progress = TrainProgress(total=min(t.max_steps or total_steps, total_steps))
-    mon = netprobe.attach(
-        model,
-        run_dir,
-        probes=probes,
-        probe_batch=probe_batch,
-        loss_fn=F.cross_entropy,
-        valid_batch=valid_batch,
-        optimizer=optimizer,
-        info=info,
-        seed=cfg.seed,
-        flush_every=t.flush_every,
-    )
+    if place.is_main:
+        mon = netprobe.attach(
+            model,
+            run_dir,
+            probes=probes,
+            probe_batch=probe_batch,
+            loss_fn=F.cross_entropy,
+            valid_batch=valid_batch,
+            optimizer=optimizer,
+            info={**info, "world_size": place.world_size},
+            seed=cfg.seed,
+            flush_every=t.flush_every,
+            resume=state["monitor"] if state else None,
+        )
+    else:
+        mon = distributed.FollowerMonitor()
+        if state:
+            mon.load_state_dict(state["monitor"])
+    first_epoch = 0
+    if state:
+        first_epoch = resume.restore(
+            state,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            batches=train_batches,
+        )
+    total = min(t.max_steps or total_steps, total_steps) - mon.progress.step
+    progress = TrainProgress(total=max(total, 0), quiet=not place.is_main)
 
     def checkpoint(name: int | str, epoch: int) -> None:
+        if not place.is_main:
+            return
         save_checkpoint(
             checkpoint_path(run_dir, name),
             model,
@@ -175,14 +206,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             optimizer=optimizer,
             scheduler=scheduler.state_dict() if scheduler is not None else None,
             scaler=scaler.state_dict(),
+            # What resuming needs besides: probe state and where the data order is.
+            monitor=mon.state_dict(),
+            data=train_batches.state_dict(),
         )
 
     stop_reason = None
     with mon, progress:
-        if t.checkpoint_every:
+        if t.checkpoint_every and state is None:
             checkpoint("start", epoch=-1)
         model.train()
-        for epoch in range(t.epochs):
+        for epoch in range(first_epoch, t.epochs):
+            if t.max_steps and mon.progress.step >= t.max_steps:  # a resumed run already there
+                stop_reason = f"reached trainer.max_steps={t.max_steps}"
+                break
             for x, y in train_batches:
                 with autocast():
                     logits = forward(x)
@@ -192,7 +229,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
                 scaler.unscale_(optimizer)
                 step = mon.progress.step
                 acc = (logits.argmax(1) == y).float().mean() if step % t.log_every == 0 else None
-                mon.after_backward(loss, acc=acc, batch_size=len(y))
+                if place.enabled:
+                    # The whole global batch's loss and accuracy, as one process would record.
+                    pair = torch.stack([loss.detach(), loss.new_zeros(()) if acc is None else acc])
+                    pair = distributed.mean_over_ranks(pair, place)
+                    loss, acc = pair[0], None if acc is None else pair[1]
+                mon.after_backward(loss, acc=acc, batch_size=len(y) * place.world_size)
                 scaler.step(optimizer)
                 scaler.update()
                 mon.after_step()
@@ -202,7 +244,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
                     break
             if scheduler is not None:
                 scheduler.step()
-            val_loss, val_acc = evaluate(model, val_batches, autocast)
+            # Every rank evaluates the same weights; rank 0's numbers decide, so all stop alike.
+            val_loss, val_acc = distributed.from_main(evaluate(model, val_batches, autocast), place)
             mon.end_epoch(val_loss=val_loss, val_acc=val_acc)
             progress.epoch_done(epoch, t.epochs, mon)
             if t.checkpoint_every:
@@ -240,36 +283,86 @@ def summary(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-LAST_EXIT = {"code": 0}
+class JobFailed(Exception):
+    """A job that a launcher ran in another process ended with a non-zero exit code; Hydra
+    carries it back to the sweep's own process, which exits with that code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+
+# The jobs this process runs itself: the worst exit code and the first bad-input error. `pid`
+# tells a job whether it runs here or in a launcher's worker, whose globals nobody reads.
+JOBS: dict[str, Any] = {"code": 0, "error": None, "pid": None}
 
 
 def hydra_main(args: list[str]) -> int:
-    """Run the Hydra app on `args` (what follows `netprobe train`); returns the exit code."""
+    """Run the Hydra app on `args` (what follows `netprobe train`); returns the exit code.
+
+    Jobs run by a launcher in other processes (joblib, submitit) report a bad config or an
+    unsuccessful run by raising, which Hydra hands back here; jobs run here record theirs in JOBS.
+    """
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
 
     from netprobe.config import CONFIG_NAME, conf_dir
 
     @hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")
     def app(cfg: DictConfig) -> str:
+        here = os.getpid() == JOBS["pid"]
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         started = time.perf_counter()
         status = "failed"
         try:
             status = train(cfg, run_dir)
+        except ConfigError as exc:
+            if not here:
+                raise
+            JOBS["error"] = JOBS["error"] or exc
+            return "bad input"
         finally:
             if (run_dir / "run.json").exists():
                 took = f"  ({time.perf_counter() - started:.1f} s)"
                 print(summary(run_dir) + took, file=sys.stderr)
-            code = EXIT_CODES.get(status, 1)
-            LAST_EXIT["code"] = max(LAST_EXIT["code"], code)
+        code = EXIT_CODES.get(status, 1)
+        if here:
+            JOBS["code"] = max(JOBS["code"], code)
+        elif code:
+            raise JobFailed(code, f"run {run_dir} ended {status}")
         return status
 
-    LAST_EXIT["code"] = 0  # a fresh count for each call, when called more than once in a process
-    argv = sys.argv
-    sys.argv = ["netprobe train", *args]
+    # A fresh count for each call, when called more than once in a process.
+    JOBS.update(code=0, error=None, pid=os.getpid())
+    argv, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    sys.argv = ["netprobe train", *args, *distributed.hydra_overrides()]
+    # Hydra raises instead of printing and exiting 1, so that each error gets its exit code.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         app()
+    except JobFailed as exc:
+        print(f"netprobe: {exc}", file=sys.stderr)
+        JOBS["code"] = max(JOBS["code"], exc.code)
+    except HydraException as exc:
+        raise ConfigError(_first_line(exc)) from None
+    except Exception:  # noqa: BLE001 - a run that crashed: its traceback, then exit 1
+        traceback.print_exc()
+        JOBS["code"] = max(JOBS["code"], 1)
     finally:
         sys.argv = argv
-    return LAST_EXIT["code"]
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
+    if JOBS["error"] is not None:
+        raise JOBS["error"]
+    return JOBS["code"]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
