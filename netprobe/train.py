@@ -297,7 +297,7 @@ class JobFailed(Exception):
 
 # The jobs this process runs itself: the worst exit code and the first bad-input error. `pid`
 # tells a job whether it runs here or in a launcher's worker, whose globals nobody reads.
-JOBS: dict[str, Any] = {"code": 0, "error": None, "pid": None}
+JOBS: dict[str, Any] = {"code": 0, "error": None, "pid": None, "started": False}
 
 
 def hydra_main(args: list[str]) -> int:
@@ -315,6 +315,7 @@ def hydra_main(args: list[str]) -> int:
     @hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")
     def app(cfg: DictConfig) -> str:
         here = os.getpid() == JOBS["pid"]
+        JOBS["started"] = JOBS["started"] or here
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         started = time.perf_counter()
         status = "failed"
@@ -325,6 +326,11 @@ def hydra_main(args: list[str]) -> int:
                 raise
             JOBS["error"] = JOBS["error"] or exc
             return "bad input"
+        except Exception as exc:
+            if here:
+                raise
+            traceback.print_exc()  # into the worker's log
+            raise JobFailed(1, f"run {run_dir} failed: {type(exc).__name__}: {exc}") from None
         finally:
             if (run_dir / "run.json").exists():
                 took = f"  ({time.perf_counter() - started:.1f} s)"
@@ -337,7 +343,7 @@ def hydra_main(args: list[str]) -> int:
         return status
 
     # A fresh count for each call, when called more than once in a process.
-    JOBS.update(code=0, error=None, pid=os.getpid())
+    JOBS.update(code=0, error=None, pid=os.getpid(), started=False)
     argv, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = ["netprobe train", *args, *distributed.hydra_overrides()]
     # Hydra raises instead of printing and exiting 1, so that each error gets its exit code.
@@ -349,8 +355,10 @@ def hydra_main(args: list[str]) -> int:
         JOBS["code"] = max(JOBS["code"], exc.code)
     except HydraException as exc:
         raise ConfigError(_first_line(exc)) from None
-    except Exception:  # noqa: BLE001 - a run that crashed: its traceback, then exit 1
-        traceback.print_exc()
+    except Exception as exc:
+        if not JOBS["started"]:  # Hydra refused the command line before running anything
+            raise ConfigError(_first_line(exc)) from None
+        traceback.print_exc()  # a run that crashed here: its traceback, then exit 1
         JOBS["code"] = max(JOBS["code"], 1)
     finally:
         sys.argv = argv
