@@ -78,9 +78,9 @@ def plot_command(args: list[str]) -> int:
     parser.add_argument("--out", help="output folder (default: PATH/figures for one PATH)")
     parser.add_argument("--format", default="png", help="comma-separated: png, svg, pdf")
     parser.add_argument("--only", help="comma-separated figure names (see the list below)")
-    from netprobe.plots import FIGURES, plot
+    from netprobe.plots import COMPARISONS, FIGURES, plot
 
-    parser.epilog = "figures: " + ", ".join(FIGURES)
+    parser.epilog = "figures: " + ", ".join([*FIGURES, *COMPARISONS])
     ns = _parse(parser, args)
     if isinstance(ns, int):
         return ns
