@@ -39,8 +39,14 @@ class Distributed:
 
 
 def launched() -> Distributed:
-    """What torchrun's environment says about this process (no process group is started)."""
+    """What torchrun's environment says about this process (no process group is started).
+
+    A job of a submitit launcher (SLURM, local) with several tasks counts too: submitit's own
+    helper writes the same variables from the job's SLURM environment.
+    """
     env = os.environ
+    if "RANK" not in env and env.get("SUBMITIT_EXECUTOR"):
+        _from_submitit()
     if "RANK" not in env or "WORLD_SIZE" not in env:
         return Distributed()
     return Distributed(
@@ -49,6 +55,15 @@ def launched() -> Distributed:
         local_rank=int(env.get("LOCAL_RANK", 0)),
         enabled=True,
     )
+
+
+def _from_submitit() -> None:
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if JobEnvironment().num_tasks > 1:
+        # Each task keeps every GPU visible and takes cuda:LOCAL_RANK, as under torchrun.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def setup(device: torch.device) -> tuple[Distributed, torch.device]:

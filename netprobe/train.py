@@ -332,7 +332,7 @@ def hydra_main(args: list[str]) -> int:
             traceback.print_exc()  # into the worker's log
             raise JobFailed(1, f"run {run_dir} failed: {type(exc).__name__}: {exc}") from None
         finally:
-            if (run_dir / "run.json").exists():
+            if distributed.launched().is_main and (run_dir / "run.json").exists():
                 took = f"  ({time.perf_counter() - started:.1f} s)"
                 print(summary(run_dir) + took, file=sys.stderr)
         code = EXIT_CODES.get(status, 1)

@@ -41,22 +41,8 @@ def test_two_ranks_split_each_batch_evenly():
         IndexBatches(70, 33, True, False, torch.Generator(), 0, 2)
 
 
-def test_torchrun_gloo_matches_one_process(tmp_path: Path):
-    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "netprobe", "train", *SETUP, f"hydra.run.dir={ddp_dir}"]  # fmt: skip
-    res = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    train(compose(SETUP), single_dir)
-
-    ddp, single = netprobe.load(ddp_dir), netprobe.load(single_dir)
-    assert ddp.info["status"] == "completed" and ddp.info["world_size"] == 2
-    # Only rank 0 wrote: one run directory, nothing from the other rank's Hydra beside it.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]
-
+def assert_same_records(ddp: netprobe.Run, single: netprobe.Run) -> None:
+    """The gradient metrics and training curves of both runs, step by step, within 1e-5."""
     keys = ["step", "epoch", "probe", "layer", "metric"]
     for probe in ("gradients", "train"):
         a = ddp.scalars(probe=probe).sort_values(keys).reset_index(drop=True)
@@ -69,3 +55,41 @@ def test_torchrun_gloo_matches_one_process(tmp_path: Path):
             np.abs(b["value"].to_numpy()), 1e-12
         )
         assert rel.max() <= 1e-5, a.assign(rel=rel).sort_values("rel").tail()
+
+
+def worker_env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def test_torchrun_gloo_matches_one_process(tmp_path: Path):
+    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "netprobe", "train", *SETUP, f"hydra.run.dir={ddp_dir}"]  # fmt: skip
+    res = subprocess.run(
+        command, cwd=tmp_path, env=worker_env(), capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    train(compose(SETUP), single_dir)
+
+    ddp, single = netprobe.load(ddp_dir), netprobe.load(single_dir)
+    assert ddp.info["status"] == "completed" and ddp.info["world_size"] == 2
+    # Only rank 0 wrote: one run directory, nothing from the other rank's Hydra beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]
+    assert_same_records(ddp, single)
+
+
+@pytest.mark.slow
+def test_submitit_job_with_two_tasks_trains_with_ddp(tmp_path: Path):
+    """`hydra.launcher.tasks_per_node=2` (SLURM or local): one DDP run per job."""
+    sweep, single_dir = tmp_path / "sweep", tmp_path / "single"
+    command = [sys.executable, "-m", "netprobe", "train", "-m", "hydra/launcher=submitit_local",
+               "hydra.launcher.tasks_per_node=2", *SETUP, f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    res = subprocess.run(
+        command, cwd=tmp_path, env=worker_env(), capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    train(compose(SETUP), single_dir)
+    ddp = netprobe.load(sweep / "0")
+    assert ddp.info["status"] == "completed" and ddp.info["world_size"] == 2
+    assert_same_records(ddp, netprobe.load(single_dir))
