@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from netprobe.errors import ConfigError
@@ -42,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in commands:
         return fail(f"unknown command {command!r}; valid commands: {', '.join(commands)}")
     try:
-        return commands[command](rest)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return commands[command](rest)
     except ConfigError as exc:
         return fail(str(exc))
     except KeyboardInterrupt:
@@ -52,6 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output piped into `head` and the like: stop quietly, as other command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _show_warning(
+    message: Warning | str, category: type[Warning], *args: object, **kw: object
+) -> None:
+    """Warnings (a skipped damaged file, say) as one line each, without source excerpts."""
+    print(f"netprobe: warning: {message}", file=sys.stderr)
 
 
 def train_command(args: list[str]) -> int:

@@ -64,6 +64,7 @@ def preflight(args: Sequence[str], check_data: bool = True) -> None:
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from netprobe.checks import check_output_dir, check_probes
     from netprobe.data import prepare_data
 
     overrides, skip = [], False
@@ -88,13 +89,21 @@ def preflight(args: Sequence[str], check_data: bool = True) -> None:
     # Hydra prints these and trains nothing, so they need no data on disk.
     only_prints = bool({"--cfg", "-c", "--resolve"} & set(args)) or not check_data
     prepared = set()
-    for combo in itertools.islice(itertools.product(*choices), 1000):
+    combos = itertools.islice(itertools.product(*choices), 1000)
+    for combo_index, combo in enumerate(combos):
         cfg = compose(combo)
         key = (cfg.data.name, str(cfg.data.get("root")), bool(cfg.data.get("download")))
         if not only_prints and key not in prepared:
             # Missing data fails here, before Hydra makes a run directory.
             prepare_data(cfg.data)
             prepared.add(key)
+        if not only_prints:
+            check_probes(cfg)
+        if combo_index == 0:
+            first_combo, resume = combo, bool(cfg.trainer.get("resume"))
+    if not only_prints:
+        # After every job's own checks: the run folder, or the sweep's folder and its job folders.
+        check_output_dir(args, first_combo, resume=resume, jobs=combo_index + 1)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -164,6 +173,7 @@ _CHECKS: dict[str, tuple[Check, str]] = {
     "trainer.log_every": (_positive_int, "a positive integer"),
     "trainer.flush_every": (_positive_int, "a positive integer"),
     "trainer.checkpoint_every": (_non_negative_int, "an integer ≥ 0"),
+    "trainer.on_nonfinite": (lambda v: v in ("stop", "continue"), "stop or continue"),
     "optim.lr": (_positive, "a positive number"),
     "optim.weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number ≥ 0"),
     "data.batch_size": (_positive_int, "a positive integer"),

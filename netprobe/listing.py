@@ -20,6 +20,7 @@ STATUS_STYLE = {
     "diverged": "magenta",
     "interrupted": "yellow",
     "damaged": "red",
+    "crashed": "red",
 }
 
 
@@ -93,11 +94,11 @@ def _table(
         extra = [jobs.get(run_dir, "")] if jobs else []
         shown = run_dir.resolve().relative_to(sweep) if sweep is not None else run_dir
         try:
-            info = Run(run_dir).info
+            run = Run(run_dir)
         except (OSError, ValueError):
             table.add_row("[red]damaged[/]", "", "", "", "", "", "", *extra, str(shown))
             continue
-        status = info.get("status", "?")
+        info, status = run.info, run.status
         acc = info.get("best_val_acc")
         table.add_row(
             f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]",

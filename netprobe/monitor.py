@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from netprobe.divergence import ON_NONFINITE, NonfiniteWatch
 from netprobe.errors import ConfigError
 from netprobe.probes import PROBES, Probe, ProbeContext, Progress
 from netprobe.store import RunWriter, ScalarBlock, rows_table, scalar_table
@@ -156,6 +157,12 @@ def _probe_configs(probes: ProbeSpec) -> dict[str, dict[str, Any]]:
     return configs
 
 
+def build_probes(ctx: ProbeContext, probes: ProbeSpec) -> list[Probe]:
+    """The enabled probes, built on `ctx`; bad settings raise ConfigError before anything exists."""
+    configs = _probe_configs(probes)
+    return [PROBES[name](ctx, **cfg) for name, cfg in configs.items() if cfg.get("enabled", True)]
+
+
 class Monitor:
     """Drives the probes from the training loop's four calls and writes what they record."""
 
@@ -172,8 +179,15 @@ class Monitor:
         info: Mapping[str, Any] | None = None,
         seed: int = 0,
         flush_every: int = 100,
+        on_nonfinite: str = "stop",
         resume: Mapping[str, Any] | None = None,
     ) -> None:
+        if on_nonfinite not in ON_NONFINITE:
+            raise ConfigError(
+                f"on_nonfinite={on_nonfinite!r} is not valid; expected {' or '.join(ON_NONFINITE)}"
+            )
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite = NonfiniteWatch()
         self._t0 = time.perf_counter()
         self.model = model
         self.optimizer = optimizer
@@ -195,10 +209,7 @@ class Monitor:
             seed=seed,
         )
         # Probes are built before anything is written, so bad probe settings leave no trace.
-        configs = _probe_configs(probes)
-        self.probes: list[Probe] = [
-            PROBES[name](ctx, **cfg) for name, cfg in configs.items() if cfg.get("enabled", True)
-        ]
+        self.probes: list[Probe] = build_probes(ctx, probes)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._probe_time = 0.0
         self._samples = 0
@@ -218,17 +229,22 @@ class Monitor:
                 "best_val_acc": self.best_val_acc,
                 "final": {},
                 "probe_overhead": None,
+                "first_nonfinite_step": None,
                 **dict(info or {}),
             },
             resume=resume is not None,
         )
         self.path = self.writer.path
-        self.writer.write_table("layers", rows_table("layers", [asdict(r) for r in layers]))
-        self.writer.write_table(
-            "graph", rows_table("graph", [{"source": s, "target": t} for s, t in edges])
-        )
-        if resume is None:  # a resumed run had its start captures the first time
-            self._run_probes("on_start")
+        try:
+            self.writer.write_table("layers", rows_table("layers", [asdict(r) for r in layers]))
+            self.writer.write_table(
+                "graph", rows_table("graph", [{"source": s, "target": t} for s, t in edges])
+            )
+            if resume is None:  # a resumed run had its start captures the first time
+                self._run_probes("on_start")
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
 
     # -- resuming: where training is, and what each probe carries between steps
     def state_dict(self) -> dict[str, Any]:
@@ -262,6 +278,7 @@ class Monitor:
         """Record the step's loss (and accuracy); gradient probes read `.grad` now."""
         rec = self.record
         loss = loss.detach()
+        self.nonfinite.observe(loss, self.progress.step)
         rec.scalars("train", [""], ["loss"], loss.reshape(1, 1))
         self._last["loss"] = loss
         if acc is not None:
@@ -319,6 +336,13 @@ class Monitor:
         self._samples, self._flush_t = 0, now
         for name, table in self.record.drain().items():
             self.writer.append(name, table)
+        self.nonfinite.settle()  # the drain has just synced: the exact answer costs nothing more
+
+    @property
+    def nonfinite_step(self) -> int | None:
+        """The first step with a non-finite loss, once the host knows of it (a step or two late on
+        a GPU, exact after each flush); None while every loss has been finite."""
+        return self.nonfinite.first_step
 
     def latest(self) -> dict[str, float]:
         """The last recorded loss, accuracy and validation results as floats (syncs the device)."""
@@ -329,6 +353,11 @@ class Monitor:
         if self.closed:
             return
         self.closed = True
+        first = self.nonfinite.settle()
+        if status == "completed" and first is not None:
+            last_loss = self.latest().get("loss", math.nan)
+            if self.on_nonfinite == "stop" or not math.isfinite(last_loss):
+                status, error = "diverged", f"non-finite loss at step {first}"
         try:
             if status == "completed":
                 self._run_probes("on_end")
@@ -346,6 +375,7 @@ class Monitor:
                 best_val_acc=self.best_val_acc,
                 final=final,
                 probe_overhead=self._probe_time / wall if wall > 0 else None,
+                first_nonfinite_step=first,
                 **info,
             )
 

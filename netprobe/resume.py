@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from netprobe.checkpoint import checkpoint_path, load_checkpoint, set_rng_states
 from netprobe.errors import ConfigError
+from netprobe.lifecycle import RunLock
 from netprobe.store import RUN_FILE, drop_rows_after
 
 _RESUME = re.compile(r"^\+*trainer\.resume=(true|True|1)$")
@@ -64,7 +65,9 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
     if "monitor" not in state or "data" not in state:
         raise ConfigError(f"{path} lacks the probe and data state needed to resume")
     if writes:
-        drop_rows_after(run_dir, state["epoch"])
+        # Under the run's lock: a run still going in another process is refused, not cut back.
+        with RunLock(run_dir):
+            drop_rows_after(run_dir, state["epoch"])
     return state
 
 

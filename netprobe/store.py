@@ -173,9 +173,21 @@ def rows_table(table: str, rows: list[dict[str, Any]]) -> pa.Table:
 class RunWriter:
     """Owns one run directory: run.json's lifecycle and the numbered Parquet part files."""
 
-    def __init__(self, path: str | os.PathLike, info: dict[str, Any], resume: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike, info: dict[str, Any], *, resume: bool = False
+    ) -> None:
+        from netprobe.lifecycle import RunLock, check_new_run_dir
+
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        # One writer per directory; a new run never writes into an old one (resuming does).
+        self.lock = RunLock(self.path).acquire()
+        try:
+            if not resume:
+                check_new_run_dir(self.path)
+        except BaseException:
+            self.lock.release()
+            raise
         self._parts = {t: _next_part(self.path / t) for t in TABLES}
         # Resuming keeps what run.json said (when it started, ...) and notes when it went on.
         before = Run(self.path).info if resume else {}
@@ -202,7 +214,10 @@ class RunWriter:
     def close(self, status: str, error: str | None = None, **fields: Any) -> None:
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; valid: {', '.join(STATUSES)}")
-        self.update(status=status, error=error, ended_at=now_iso(), **fields)
+        try:
+            self.update(status=status, error=error, ended_at=now_iso(), **fields)
+        finally:
+            self.lock.release()
 
     def _write_info(self) -> None:
         write_json(self.path / RUN_FILE, self.info)
@@ -262,10 +277,20 @@ class Run:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         with open(self.path / RUN_FILE) as f:
-            self.info: dict[str, Any] = json.load(f)
+            info = json.load(f)
+        if not isinstance(info, dict):
+            raise ValueError(f"{self.path / RUN_FILE} holds {type(info).__name__}, not an object")
+        self.info: dict[str, Any] = info
 
     def __repr__(self) -> str:
-        return f"Run({str(self.path)!r}, status={self.info.get('status')!r})"
+        return f"Run({str(self.path)!r}, status={self.status!r})"
+
+    @property
+    def status(self) -> str:
+        """run.json's status, or `crashed` when it says `running` but its process is gone."""
+        from netprobe.lifecycle import effective_status
+
+        return effective_status(self.info)
 
     @property
     def config(self) -> dict[str, Any] | None:
@@ -301,8 +326,8 @@ class Run:
         for part in sorted((self.path / table).glob("part-*.parquet")):
             try:
                 parts.append(pq.read_table(part, filters=filters))
-            except (pa.ArrowException, OSError) as exc:
-                warnings.warn(f"skipping unreadable part file {part}: {exc}", stacklevel=3)
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                warnings.warn(f"skipping unreadable part file {part}: {_short(exc)}", stacklevel=3)
         if not parts:
             return _plain(SCHEMAS[table].empty_table())
         return _plain(pa.concat_tables(parts, promote_options="permissive"))
@@ -313,9 +338,14 @@ def _read_file(path: Path, table: str) -> pd.DataFrame:
         return _plain(SCHEMAS[table].empty_table())
     try:
         return _plain(pq.read_table(path))
-    except (pa.ArrowException, OSError) as exc:
-        warnings.warn(f"skipping unreadable file {path}: {exc}", stacklevel=3)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        warnings.warn(f"skipping unreadable file {path}: {_short(exc)}", stacklevel=3)
         return _plain(SCHEMAS[table].empty_table())
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _plain(table: pa.Table) -> pd.DataFrame:
@@ -345,5 +375,12 @@ def find_runs(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def load_runs(path: str | os.PathLike) -> list[Run]:
-    """Every run at or beneath `path`."""
-    return [Run(p) for p in find_runs(path)]
+    """Every run at or beneath `path`; a run whose run.json cannot be read is skipped, with a
+    warning."""
+    runs = []
+    for p in find_runs(path):
+        try:
+            runs.append(Run(p))
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"skipping run {p}: damaged {RUN_FILE} ({_short(exc)})", stacklevel=2)
+    return runs

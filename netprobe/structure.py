@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,19 @@ def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module of `model` in eval mode; on exit each module gets its own flag back (a model
+    may keep some submodules in eval mode on purpose, e.g. frozen BatchNorm)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def layer_table(model: nn.Module, example: torch.Tensor | None = None) -> list[LayerInfo]:
     """Rows for every leaf module and parameter, ordered as the forward pass runs them.
 
@@ -56,13 +71,10 @@ def layer_table(model: nn.Module, example: torch.Tensor | None = None) -> list[L
             return hook
 
         handles = [m.register_forward_hook(record(n)) for n, m in leaves.items()]
-        was_training = model.training
         try:
-            model.eval()
-            with torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 model(example[:2])
         finally:
-            model.train(was_training)
             for h in handles:
                 h.remove()
     # Modules the forward never reached keep their registration order, after the rest.

@@ -25,10 +25,11 @@ from netprobe.config import validate
 from netprobe.data import Batches, build_data, fixed_batch, keep_on_device
 from netprobe.errors import ConfigError
 from netprobe.init import initialize
+from netprobe.lifecycle import StopSignals
 from netprobe.models import build_model
 from netprobe.progress import TrainProgress
 
-EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 1, "interrupted": 130}
+EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 1, "interrupted": 130, "refused": 2}
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -148,9 +149,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
     forward = distributed.wrap(model, place, device)
     forward = torch.compile(forward) if t.compile else forward
 
-    if place.is_main and not (run_dir / ".hydra" / "config.yaml").exists():
-        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     info = {
         "name": cfg.name,
         "device": str(device),
@@ -176,8 +174,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             info={**info, "world_size": place.world_size},
             seed=cfg.seed,
             flush_every=t.flush_every,
+            on_nonfinite=t.get("on_nonfinite", "stop"),
             resume=state["monitor"] if state else None,
         )
+        # Only now, with the probes built and the directory ours, is anything written.
+        if not (run_dir / ".hydra" / "config.yaml").exists():
+            (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     else:
         mon = distributed.FollowerMonitor()
         if state:
@@ -212,7 +215,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         )
 
     stop_reason = None
-    with mon, progress:
+    stop_on_nonfinite = mon.on_nonfinite == "stop"
+    with StopSignals(), mon, progress:
         if t.checkpoint_every and state is None:
             checkpoint("start", epoch=-1)
         model.train()
@@ -239,9 +243,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
                 scaler.update()
                 mon.after_step()
                 progress.advance(mon)
+                if stop_on_nonfinite and mon.nonfinite_step is not None:
+                    stop_reason = f"non-finite loss at step {mon.nonfinite_step}"
+                    break
                 if t.max_steps and mon.progress.step >= t.max_steps:
                     stop_reason = f"reached trainer.max_steps={t.max_steps}"
                     break
+            if stop_on_nonfinite and mon.nonfinite_step is not None:
+                break  # the weights are no longer numbers: nothing to evaluate or save
             if scheduler is not None:
                 scheduler.step()
             # Every rank evaluates the same weights; rank 0's numbers decide, so all stop alike.
@@ -295,9 +304,9 @@ class JobFailed(Exception):
         return str(self.args[1])
 
 
-# The jobs this process runs itself: the worst exit code and the first bad-input error. `pid`
-# tells a job whether it runs here or in a launcher's worker, whose globals nobody reads.
-JOBS: dict[str, Any] = {"code": 0, "error": None, "pid": None, "started": False}
+# The jobs this process runs itself: the worst exit code, and whether any started. `pid` tells a
+# job whether it runs here or in a launcher's worker, whose globals nobody reads.
+JOBS: dict[str, Any] = {"code": 0, "pid": None, "started": False}
 
 
 def hydra_main(args: list[str]) -> int:
@@ -323,16 +332,21 @@ def hydra_main(args: list[str]) -> int:
             status = train(cfg, run_dir)
         except ConfigError as exc:
             if not here:
-                raise
-            JOBS["error"] = JOBS["error"] or exc
-            return "bad input"
+                raise  # Hydra hands it back to the sweep's own process, which exits 2
+            # Refused before writing (its folder in use, say): one line and exit 2, in sweeps too.
+            print(f"netprobe: {exc}", file=sys.stderr)
+            status = "refused"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
         except Exception as exc:
             if here:
                 raise
             traceback.print_exc()  # into the worker's log
             raise JobFailed(1, f"run {run_dir} failed: {type(exc).__name__}: {exc}") from None
         finally:
-            if distributed.launched().is_main and (run_dir / "run.json").exists():
+            shown = status != "refused" and distributed.launched().is_main
+            if shown and (run_dir / "run.json").exists():
                 took = f"  ({time.perf_counter() - started:.1f} s)"
                 print(summary(run_dir) + took, file=sys.stderr)
         code = EXIT_CODES.get(status, 1)
@@ -343,7 +357,7 @@ def hydra_main(args: list[str]) -> int:
         return status
 
     # A fresh count for each call, when called more than once in a process.
-    JOBS.update(code=0, error=None, pid=os.getpid(), started=False)
+    JOBS.update(code=0, pid=os.getpid(), started=False)
     argv, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = ["netprobe train", *args, *distributed.hydra_overrides()]
     # Hydra raises instead of printing and exiting 1, so that each error gets its exit code.
@@ -366,8 +380,6 @@ def hydra_main(args: list[str]) -> int:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = full_error
-    if JOBS["error"] is not None:
-        raise JOBS["error"]
     return JOBS["code"]
 
 

@@ -14,11 +14,17 @@ import matplotlib.pyplot as plt
 
 from netprobe.errors import ConfigError
 from netprobe.plots import (  # noqa: F401 - importing registers their figures
+    activations,
+    augmentation,
+    channels,
     compare,
+    correlation,
     curves,
     gradient_flow,
     gradients,
     optim_dynamics,
+    rwc,
+    weights,
 )
 from netprobe.plots.common import FIGURES, RunGroup
 from netprobe.plots.compare import COMPARISONS, swept

@@ -6,19 +6,25 @@ import torch
 
 from netprobe.probes.base import Probe
 
-METRICS = ["l1", "l2", "mean_abs", "max_abs"]
+METRICS = ["l1", "l2", "mean_abs", "max_abs", "nonfinite"]
 
 
 def gradient_stats(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per tensor [l1 = Σ|g|, l2 = √Σg², mean_abs = l1/numel, max_abs = max|g|], and ‖g‖₂ overall.
+    """Per tensor [l1 = Σ|g|, l2 = √Σg², mean_abs = l1/numel, max_abs = max|g|,
+    nonfinite = #(g is NaN or ±inf)], and ‖g‖₂ overall.
 
-    Fused multi-tensor kernels; nothing leaves the device.
+    Fused multi-tensor kernels for the norms; nothing leaves the device.
     """
     l1 = torch.stack(torch._foreach_norm(grads, 1))
     l2 = torch.stack(torch._foreach_norm(grads, 2))
     max_abs = torch.stack(torch._foreach_norm(grads, float("inf")))
-    numel = torch.tensor([g.numel() for g in grads], dtype=l1.dtype, device=l1.device)
-    return torch.stack([l1, l2, l1 / numel, max_abs], dim=1), torch.linalg.vector_norm(l2)
+    sizes = torch.tensor([g.numel() for g in grads], device=l1.device)
+    # Counted in int64, so a few bad entries in a huge tensor are not lost to float rounding.
+    nonfinite = sizes - torch.stack([torch.isfinite(g).sum() for g in grads])
+    return (
+        torch.stack([l1, l2, l1 / sizes.to(l1.dtype), max_abs, nonfinite.to(l1.dtype)], dim=1),
+        torch.linalg.vector_norm(l2),
+    )
 
 
 class Gradients(Probe):

@@ -1,5 +1,7 @@
 """The gradients probe against a naive per-tensor computation."""
 
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -17,6 +19,7 @@ def naive_stats(g: np.ndarray) -> dict[str, float]:
         "l2": sum(v * v for v in flat) ** 0.5,
         "mean_abs": l1 / len(flat),
         "max_abs": max(abs(v) for v in flat),
+        "nonfinite": sum(not math.isfinite(v) for v in flat),
     }
 
 
@@ -71,3 +74,15 @@ def test_layers_regex_selects(tiny_run):
     run = tiny_run("model=cnn", "probes.gradients.layers=[classifier\\..*weight]")
     layers = set(run.scalars(probe="gradients")["layer"]) - {""}
     assert layers == {"classifier.1.weight", "classifier.3.weight"}
+
+
+def test_nonfinite_counts_bad_entries_per_tensor():
+    torch.manual_seed(2)
+    grads = [torch.randn(4, 5), torch.randn(2, 3, 3, 3), torch.randn(6)]
+    grads[0][1, 2] = float("nan")
+    grads[0][3, 0] = float("inf")
+    grads[1].view(-1)[::5] = float("-inf")
+    per_tensor, _ = gradient_stats(grads)
+    for row, g in zip(per_tensor, grads):
+        assert row[4].item() == naive_stats(g.double().numpy())["nonfinite"]
+    assert [row[4].item() for row in per_tensor] == [2, 11, 0]

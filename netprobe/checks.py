@@ -1,0 +1,134 @@
+"""What `netprobe train` checks before Hydra creates a run directory: that the probes can be
+built on the model, and that the output folder can be written and holds no other run."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from netprobe.errors import ConfigError
+from netprobe.lifecycle import check_new_run_dir
+
+_checked_probes: set[str] = set()
+
+
+def check_probes(cfg: DictConfig) -> None:
+    """Build the model and its probes once, on the CPU with a blank batch of the data's shape, so a
+    bad probe setting (a `layers` pattern matching nothing, an unknown key, a negative threshold)
+    fails before any run directory exists. Configs already checked are skipped."""
+    from netprobe.models import build_model
+    from netprobe.monitor import Recorder, build_probes
+    from netprobe.probes import ProbeContext, Progress
+    from netprobe.structure import layer_table, module_graph
+
+    probes = OmegaConf.to_container(cfg.probes, resolve=True) or {}
+    data = cfg.data
+    key = repr((OmegaConf.to_container(cfg.model, resolve=True), probes,
+                data.channels, data.image_size, data.num_classes))  # fmt: skip
+    if key in _checked_probes or not probes:
+        return
+    try:
+        model = build_model(cfg.model)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a model that cannot be built fails the run anyway
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model={cfg.model.name}: cannot build the model: {first}") from None
+    x = torch.zeros(2, data.channels, data.image_size, data.image_size)
+    y = torch.zeros(2, dtype=torch.long)
+    layers = layer_table(model, x)
+    progress = Progress()
+    ctx = ProbeContext(
+        model=model,
+        layers=layers,
+        edges=module_graph(model, [r.module for r in layers if not r.param]),
+        record=Recorder(progress),
+        progress=progress,
+        loss_fn=torch.nn.functional.cross_entropy,
+        probe_batch=(x, y),
+        valid_batch=(x, y),
+        seed=int(cfg.seed),
+    )
+    for probe in build_probes(ctx, probes):
+        probe.close()
+    _checked_probes.add(key)
+
+
+def check_output_dir(
+    args: Sequence[str], overrides: Sequence[str], resume: bool, jobs: int = 1
+) -> None:
+    """The folder Hydra would write (hydra.run.dir, or hydra.sweep.dir with -m) must be writable
+    and, unless resuming, must not hold another run: Hydra would overwrite that run's .hydra/
+    config before the run itself refused the folder.
+
+    `overrides` are the first job's own overrides; `args` the full command line; `jobs` how many
+    jobs a sweep has (their folders are `<sweep.dir>/<job number>` unless sweep.subdir is changed).
+    Folders that cannot be resolved here (Hydra-only interpolations) are left to Hydra.
+    """
+    multirun = bool({"-m", "--multirun"} & set(args)) or "hydra.mode=MULTIRUN" in args
+    hydra_overrides = [a for a in args if re.match(r"^[+~]*hydra[./]", a)]
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    resolved = _resolve(key, [*overrides, *hydra_overrides])
+    if resolved is None:
+        return
+    folder, subdir = resolved
+    path = Path(folder).expanduser()
+    check_writable(path, key)
+    if resume or not path.is_dir():
+        return
+    if not multirun:
+        check_new_run_dir(path)
+    elif subdir == "${hydra.job.num}":
+        for num in range(jobs):
+            if (path / str(num)).is_dir():
+                check_new_run_dir(path / str(num))
+
+
+def check_writable(path: Path, key: str = "output folder") -> None:
+    """Raise ConfigError unless `path` exists as a writable folder or could be created."""
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{key}={path} cannot be created: {existing} is a file, not a folder; "
+            f"choose another folder ({key}=... or out_root=...)"
+        )
+    try:
+        # The one sure test is to write: permissions, read-only mounts, root's exceptions.
+        os.rmdir(tempfile.mkdtemp(prefix=".netprobe-write-check-", dir=existing))
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"{key}={path} cannot be written: making a folder in {existing} failed ({reason}); "
+            f"choose a writable folder ({key}=... or out_root=...)"
+        ) from None
+
+
+def _resolve(key: str, overrides: list[str]) -> tuple[str, str] | None:
+    """The value of `key` in the composed Hydra config, and hydra.sweep.subdir unresolved."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from netprobe.config import CONFIG_NAME, conf_dir
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose(CONFIG_NAME, overrides=overrides, return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            value = OmegaConf.select(cfg, key)
+            subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
+    except Exception:  # noqa: BLE001 - whatever Hydra alone can resolve, Hydra will check
+        return None
+    finally:
+        HydraConfig.instance().cfg = None
+        GlobalHydra.instance().clear()
+    return (str(value), str(subdir)) if value is not None else None

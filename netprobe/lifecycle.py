@@ -1,0 +1,247 @@
+"""A run's life outside the happy path: one writer per run directory, clean stops on Ctrl-C and
+SIGTERM, and telling a crashed run (its process is gone) from one still running."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+from netprobe.errors import ConfigError
+
+LOCK_FILE = ".netprobe.lock"
+RUN_FILE = "run.json"
+INTERRUPTED_EXIT = 130
+
+
+# ---------------------------------------------------------------- is the writer alive?
+
+
+def process_alive(pid: int, host: str | None = None, started_at: str | None = None) -> bool:
+    """Whether process `pid` on `host` may still be the one that started at `started_at`.
+
+    A process on another host cannot be checked and counts as alive. On Linux a pid that was
+    reused by a process started after `started_at` counts as gone.
+    """
+    if host is not None and host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process: it exists
+    except OSError:
+        return True
+    began = _process_start_time(pid)
+    if began is not None and started_at:
+        try:
+            run_start = datetime.fromisoformat(started_at).timestamp()
+        except ValueError:
+            return True
+        # run.json's time is written after the process started, at one-second resolution.
+        return began <= run_start + 2
+    return True
+
+
+def _process_start_time(pid: int) -> float | None:
+    """When `pid` started (Unix time), from /proc; None where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def effective_status(info: dict[str, Any]) -> str:
+    """run.json's status, except `crashed` for a `running` run whose process is gone."""
+    status = str(info.get("status", "?"))
+    pid = info.get("pid")
+    if status == "running" and isinstance(pid, int):
+        if not process_alive(pid, info.get("host"), info.get("started_at")):
+            return "crashed"
+    return status
+
+
+# ---------------------------------------------------------------- one writer per run directory
+
+
+def check_new_run_dir(path: str | os.PathLike) -> None:
+    """Refuse a run directory that already holds a run, so two runs never mix their data.
+
+    Resuming (`trainer.resume`) is the one caller that reuses a run directory: it skips this check.
+    """
+    path = Path(path)
+    holder = _lock_holder(path / LOCK_FILE)
+    if holder is not None and holder.get("pid") != os.getpid() and _holder_alive(holder):
+        raise ConfigError(_busy_message(path, holder))
+    if not (path / RUN_FILE).exists():
+        return
+    info: Any = None
+    try:
+        info = json.loads((path / RUN_FILE).read_text())
+        status = effective_status(info) if isinstance(info, dict) else "damaged"
+    except (OSError, ValueError):
+        status = "damaged"
+    if status == "running":
+        raise ConfigError(_busy_message(path, info))
+    raise ConfigError(
+        f"run directory {path} already holds a run (status {status}); choose a new folder "
+        f"(hydra.run.dir=...) or continue it with trainer.resume=true"
+    )
+
+
+class RunLock:
+    """`.netprobe.lock` in a run directory, created atomically; a second writer is refused.
+
+    The file names the holder's pid and host, so a lock left by a killed process (gone from this
+    host) is taken over instead of blocking the directory for ever.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path) / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(3):
+            if _create_exclusive(self.path, json.dumps(me)):
+                self.held = True
+                return self
+            holder = _lock_holder(self.path)
+            if holder is None or _holder_alive(holder):
+                raise ConfigError(_busy_message(self.path.parent, holder))
+            # The holder is gone: its lock is stale. Remove it and try again.
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        raise ConfigError(_busy_message(self.path.parent, _lock_holder(self.path)))
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Create `path` holding `text` unless it exists; never leaves it half-written.
+
+    The text goes to a private file first and is hard-linked into place, which fails if the name
+    exists; filesystems without hard links fall back to O_EXCL.
+    """
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _lock_holder(path: Path) -> dict[str, Any] | None:
+    try:
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable: assume someone holds it
+    return holder if isinstance(holder, dict) else {}
+
+
+def _holder_alive(holder: dict[str, Any]) -> bool:
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return True
+    return process_alive(pid, holder.get("host"))
+
+
+def _busy_message(path: Path, holder: dict[str, Any] | None) -> str:
+    who = ""
+    if holder and holder.get("pid"):
+        who = f" (pid {holder['pid']} on {holder.get('host', '?')})"
+    return (
+        f"run directory {path} is in use by another netprobe run{who}; choose another folder "
+        f"(hydra.run.dir=...), or delete {path / LOCK_FILE} if that process is gone"
+    )
+
+
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+
+
+class StopSignals:
+    """While active, Ctrl-C or SIGTERM raise KeyboardInterrupt in the training loop, so the run
+    flushes what it recorded and is marked `interrupted`; a second signal exits at once (130).
+
+    Only the main thread can receive signals: elsewhere this does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            print(f"\nnetprobe: {name} again: exiting now", file=sys.stderr, flush=True)
+            os._exit(INTERRUPTED_EXIT)
+        self.received = signum
+        print(
+            f"\nnetprobe: {name}: saving what was recorded (press Ctrl-C again to quit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise KeyboardInterrupt(name)

@@ -1,0 +1,155 @@
+"""Feature distributions per layer and input source: first vs last capture, their evolution, and
+the share of inactive and dead units over training."""
+
+from __future__ import annotations
+
+import pandas as pd
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+from netprobe.plots.common import RunGroup, band, figure, new_figure, short
+from netprobe.plots.gradients import matplotlib_colors
+from netprobe.plots.weights import evolution_grid, first_run, histogram_grid, trained_epochs
+
+PROBE = "activations"
+SOURCES = {
+    "train": "fixed train batch",
+    "valid": "fixed validation batch",
+    "random": "uniform [0, 1) random inputs",
+}
+
+
+def _split(scalars: pd.DataFrame) -> pd.DataFrame:
+    """Metrics stored as `source/stat` split into a `source` column and the plain stat."""
+    parts = scalars["metric"].str.split("/", n=1, expand=True)
+    return scalars.assign(source=parts[0], metric=parts[1])
+
+
+def _labels(group: RunGroup) -> dict[str, str]:
+    layers = group.runs[0].layers()
+    modules = layers[layers["param"] == ""]
+    return {m: f"{short(m, 26)} ({t})" for m, t in zip(modules["module"], modules["type"])}
+
+
+def _per_source(group: RunGroup, draw) -> dict | None:
+    run, which = first_run(group)
+    hists = group.runs[run].histograms(PROBE)
+    if hists.empty:
+        return None
+    stats = _split(group.runs[run].scalars(PROBE))
+    figures = {}
+    for source in [s for s in SOURCES if s in set(hists["source"])]:
+        figures[source] = draw(
+            source,
+            hists[hists["source"] == source],
+            stats[stats["source"] == source],
+            which,
+        )
+    return figures or None
+
+
+@figure(
+    "activation_distributions",
+    "Output distribution of each tracked module (forward order) on one input source, at the "
+    "first capture (filled) and the last (outline), in fixed bins; eval mode.",
+)
+def activation_distributions(group: RunGroup):
+    labels = _labels(group)
+
+    def draw(source, hists, stats, which):
+        return histogram_grid(
+            group,
+            hists,
+            stats,
+            f"Feature distributions on the {SOURCES[source]} — {group.title}, {which}",
+            "output value",
+            labels,
+        )
+
+    return _per_source(group, draw)
+
+
+@figure(
+    "activation_evolution",
+    "How each module's output histogram moves over training on one input source: epochs trained "
+    "× output value, colour the fraction of values per bin (log), mean ± std in cyan.",
+)
+def activation_evolution(group: RunGroup):
+    labels = _labels(group)
+
+    def draw(source, hists, stats, which):
+        return evolution_grid(
+            group,
+            hists,
+            stats,
+            f"Feature histogram over training on the {SOURCES[source]} — {group.title}, {which}",
+            "output value",
+            labels,
+        )
+
+    return _per_source(group, draw)
+
+
+PANELS = [
+    ("std", "output std", True),
+    ("zero_frac", "inactive outputs: fraction ≤ 0", False),
+    ("dead_frac", "dead units: ≤ 0 for every sample", False),
+]
+
+
+@figure(
+    "activation_stats",
+    "Output std, share of inactive outputs (≤ 0) and of dead units per module over training, "
+    "one row per input source (mean ± std over seeds).",
+)
+def activation_stats(group: RunGroup):
+    df = group.scalars(PROBE)
+    if df.empty:
+        return None
+    df = _split(df)
+    df = df.assign(x=trained_epochs(df))
+    sources = [s for s in SOURCES if s in set(df["source"])]
+    layers = group.ordered(df["layer"])
+    colors = dict(zip(layers, matplotlib_colors(len(layers))))
+    fig, axes = new_figure(len(sources), len(PANELS), size=(4.2, 3.0))
+    for r, source in enumerate(sources):
+        for c, (metric, title, log) in enumerate(PANELS):
+            ax = axes[r, c]
+            part = df[(df["source"] == source) & (df["metric"] == metric)]
+            for layer in layers:
+                rows = part[part["layer"] == layer]
+                if rows.empty:
+                    continue
+                stats = rows.groupby("x")["value"].agg(["mean", "std"]).fillna(0.0)
+                band(
+                    ax,
+                    stats.index.to_numpy(),
+                    stats["mean"].to_numpy(),
+                    stats["std"].to_numpy(),
+                    group.n,
+                    label=short(layer),
+                    color=colors[layer],
+                    marker="o" if len(stats) <= 20 else None,
+                    markersize=3,
+                )
+            if log and (part["value"] > 0).all():
+                ax.set_yscale("log")
+            if metric.endswith("_frac"):
+                ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+            ax.set_title(f"{title} — {source}", fontsize=9)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            if r == len(sources) - 1:
+                ax.set_xlabel("epochs trained")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    seeds = f"\nmean ± std over {group.n} seeds" if group.n > 1 else ""
+    fig.legend(
+        handles,
+        labels,
+        loc="outside right center",
+        fontsize=7,
+        ncol=1 if len(labels) <= 30 else 2,
+        title=f"module (forward order){seeds}",
+        title_fontsize=8,
+    )
+    fig.suptitle(f"Feature statistics — {group.title}")
+    return fig

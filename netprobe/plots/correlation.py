@@ -1,0 +1,244 @@
+"""Layer correlations: grid of C_ij, corr_mean and CKA heatmaps, corr_mean over epochs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+
+from netprobe.plots.common import RunGroup, band, figure, new_figure, short
+from netprobe.plots.gradients import matplotlib_colors
+from netprobe.store import Run
+
+PROBE = "correlation"
+# Correlations are signed: a diverging map centred at 0, red positive, blue negative.
+CORR_CMAP = "RdBu_r"
+MAX_ANNOTATED = 12  # heatmaps with more layers than this get no numbers in their cells
+
+
+def epochs_done(run: Run, steps: Iterable[int], epochs: Iterable[int]) -> list[int]:
+    """Epochs completed at each capture: 0 before the first step, N after the N-th epoch.
+
+    An epoch-end capture stores the epoch just finished (0-based, so N − 1), while an `end`
+    capture runs after the last epoch has been counted and stores N itself = run.json's
+    `epochs_done`.
+    """
+    done = run.info.get("epochs_done")
+    out = []
+    for step, epoch in zip(steps, epochs):
+        if step == 0:
+            out.append(0)
+        elif done is not None and epoch >= done:
+            out.append(int(done))
+        else:
+            out.append(int(epoch) + 1)
+    return out
+
+
+def with_epochs(group: RunGroup, df: pd.DataFrame) -> pd.DataFrame:
+    """`df` (with a `run` column) plus `x`: the epochs completed at each of its captures."""
+    x = pd.Series(0, index=df.index, dtype=int)
+    for r, part in df.groupby("run"):
+        x[part.index] = epochs_done(group.runs[int(r)], part["step"], part["epoch"])
+    return df.assign(x=x)
+
+
+def when(x: int) -> str:
+    return "before training" if x == 0 else f"after epoch {x}"
+
+
+def layer_labels(group: RunGroup, names: list[str], width: int = 22) -> list[str]:
+    """Module names with their type (`net.1 · Linear`), for axis labels."""
+    layers = group.runs[0].layers()
+    kinds = dict(zip(layers["module"], layers["type"]))
+    return [f"{short(n, width)} · {kinds[n]}" if n in kinds else short(n, width) for n in names]
+
+
+def pair_matrix(rows: pd.DataFrame, names: list[str]) -> np.ndarray:
+    """L × L from one value per (row, col) pair recorded for i ≤ j, mirrored; NaN where missing."""
+    index = {n: i for i, n in enumerate(names)}
+    out = np.full((len(names), len(names)), np.nan)
+    for row, col, values in zip(rows["row"], rows["col"], rows["values"]):
+        if row in index and col in index:
+            out[index[row], index[col]] = out[index[col], index[row]] = float(values[0])
+    return out
+
+
+def heatmap(
+    ax: Axes, values: np.ndarray, labels: list[str], cmap: str, vmin: float, vmax: float
+) -> matplotlib.image.AxesImage:
+    """A layer × layer heatmap, first layer top left; cells annotated when there are few."""
+    image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ticks = np.arange(len(labels))
+    fontsize = 8 if len(labels) <= 12 else 6
+    ax.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=fontsize)
+    ax.set_yticks(ticks, labels, fontsize=fontsize)
+    if len(labels) <= MAX_ANNOTATED:
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                r, g, b, _ = image.cmap(image.norm(v))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")  # fmt: skip
+    return image
+
+
+def _pair_values(group: RunGroup, name: str) -> pd.DataFrame | None:
+    df = group.matrices(PROBE, name)
+    if df.empty:
+        return None
+    return with_epochs(group, df)
+
+
+def _pair_heatmaps(group: RunGroup, name: str, title: str, caption: str, vmax: float | None):
+    """First and last capture side by side, mean over the group's runs; `vmax` None: data max."""
+    df = _pair_values(group, name)
+    if df is None:
+        return None
+    names = group.ordered(pd.concat([df["row"], df["col"]]))
+    labels = layer_labels(group, names)
+    first, last = df["x"].min(), df["x"].max()
+    shown = [first] if first == last else [first, last]
+    panels = []
+    for x in shown:
+        part = df[df["x"] == x]
+        per_run = [pair_matrix(part[part["run"] == r], names) for r in sorted(part["run"].unique())]
+        panels.append((x, np.nanmean(np.stack(per_run), axis=0), len(per_run)))
+    if vmax is None:
+        top = max(float(np.nanmax(m)) if np.isfinite(m).any() else 0.0 for _, m, _ in panels)
+        vmax = max(top, 1e-3)
+    size = max(4.2, 0.5 * len(names) + 2.2)
+    fig, axes = new_figure(1, len(shown), size=(size + 0.6, size))
+    image = None
+    for ax, (x, mean, runs) in zip(axes.flat, panels):
+        image = heatmap(ax, mean, labels, "viridis", 0.0, vmax)
+        of_runs = f", mean of {runs} runs" if runs > 1 else ""
+        ax.set_title(f"{when(x)}{of_runs}", fontsize=10)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=caption)
+    fig.suptitle(f"{title} — {group.title}", fontsize=11)
+    return fig
+
+
+@figure(
+    "corr_mean_heatmap",
+    "Mean positive Pearson correlation, mean(max(C_ij, 0)), between the features of every pair "
+    "of layers (the diagonal: within a layer, self-pairs left out); first and last capture.",
+)
+def corr_mean_heatmap(group: RunGroup):
+    return _pair_heatmaps(
+        group, "corr_mean", "Mean positive feature correlation", "mean(max(C_ij, 0))", None
+    )
+
+
+@figure(
+    "cka_heatmap",
+    "Linear CKA between the representations of every pair of layers on the probe batch; "
+    "first and last capture.",
+)
+def cka_heatmap(group: RunGroup):
+    return _pair_heatmaps(group, "cka", "Linear CKA between layers", "linear CKA", 1.0)
+
+
+@figure(
+    "corr_mean_evolution",
+    "Mean positive feature correlation over epochs: within each layer (left) and between each "
+    "layer and the next (right); epoch 0 is before training.",
+)
+def corr_mean_evolution(group: RunGroup):
+    df = _pair_values(group, "corr_mean")
+    if df is None:
+        return None
+    names = group.ordered(pd.concat([df["row"], df["col"]]))
+    colors = dict(zip(names, matplotlib_colors(len(names))))
+    fig, axes = new_figure(1, 2, size=(5.6, 4.2))
+    panels = [
+        (axes[0, 0], [(n, n) for n in names], "within a layer"),
+        (axes[0, 1], list(zip(names[:-1], names[1:])), "between consecutive layers"),
+    ]
+    markers = df["x"].nunique() <= 30
+    for ax, pairs, title in panels:
+        for a, b in pairs:
+            part = df[(df["row"] == a) & (df["col"] == b)]
+            if part.empty:
+                continue
+            value = part["values"].map(lambda v: float(v[0]))
+            stats = part.assign(value=value).groupby("x")["value"].agg(["mean", "std"]).fillna(0)
+            label = short(a) if a == b else f"{short(a, 14)} → {short(b, 14)}"
+            band(
+                ax,
+                stats.index.to_numpy(),
+                stats["mean"].to_numpy(),
+                stats["std"].to_numpy(),
+                group.n,
+                label=label,
+                color=colors[a],
+                marker="o" if markers else None,
+                markersize=3,
+            )
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch (0 = before training)")
+        ax.set_ylabel("mean(max(C, 0))")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, title="forward order", title_fontsize=7)
+    fig.suptitle(f"Feature correlation over training — {group.title}", fontsize=11)
+    return fig
+
+
+@figure(
+    "correlation_grid",
+    "Pearson correlation C_ij between every feature of layer i (rows) and of layer j (columns), "
+    "for layers i ≤ j in forward order; one figure per capture that kept the full matrices.",
+)
+def correlation_grid(group: RunGroup):
+    run = group.runs[0]
+    df = run.matrices(PROBE, "C")
+    if df.empty:
+        return None
+    df = df.assign(x=epochs_done(run, df["step"], df["epoch"]))
+    names = group.ordered(pd.concat([df["row"], df["col"]]))
+    which = f", seed {run.info.get('seed')}" + (f" (1 of {group.n} runs)" if group.n > 1 else "")
+    figures = {}
+    for x in sorted(df["x"].unique()):
+        suffix = "start" if x == 0 else f"epoch{x:04d}"
+        figures[suffix] = _grid(group, df[df["x"] == x], names, when(x), which)
+    return figures
+
+
+def _grid(group: RunGroup, part: pd.DataFrame, names: list[str], when: str, which: str):
+    n = len(names)
+    cell = float(np.clip(14 / n, 1.1, 2.4))
+    fig, axes = new_figure(n, n, size=(cell, cell))
+    blocks = {
+        (row, col): np.asarray(values).reshape(shape)
+        for row, col, shape, values in zip(part["row"], part["col"], part["shape"], part["values"])
+    }
+    image = None
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            ax = axes[i, j]
+            block = blocks.get((a, b))
+            if j < i or block is None:
+                ax.axis("off")
+                continue
+            image = ax.imshow(
+                block, cmap=CORR_CMAP, vmin=-1, vmax=1, aspect="auto", interpolation="nearest"
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"{short(b, 16)}\n({block.shape[1]})", fontsize=7)
+            if j == i:
+                ax.set_ylabel(f"{short(a, 16)}\n({block.shape[0]})", fontsize=7)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="Pearson correlation")
+    fig.suptitle(
+        f"Feature correlations C_ij, {when} — {group.title}{which}\n"
+        "rows: features of layer i, columns: features of layer j (feature count in brackets)",
+        fontsize=10,
+    )
+    return fig

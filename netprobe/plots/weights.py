@@ -1,0 +1,306 @@
+"""Weight distributions: first vs last histogram per tensor, their evolution, and their moments."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+from netprobe.plots.common import RunGroup, band, figure, new_figure, short
+from netprobe.plots.gradients import matplotlib_colors
+
+PROBE = "weights"
+FIRST, LAST = "tab:blue", "tab:orange"
+
+
+def trained_epochs(df: pd.DataFrame) -> np.ndarray:
+    """Epochs of training behind each row: 0 for the capture before the first step, else epoch + 1
+    (a capture after epoch e, counted from 0 as in the tables, has e + 1 epochs behind it)."""
+    return np.where(df["step"].to_numpy() == 0, 0, df["epoch"].to_numpy() + 1)
+
+
+def capture_label(step: int, epoch: int) -> str:
+    return "before training" if step == 0 else f"after epoch {epoch + 1} (step {step})"
+
+
+def grid_shape(n: int, max_cols: int = 4) -> tuple[int, int]:
+    cols = min(max_cols, max(1, math.ceil(math.sqrt(n))))
+    return math.ceil(n / cols), cols
+
+
+def first_run(group: RunGroup) -> tuple[int, str]:
+    """Distributions are drawn from one run (bins differ between runs): its index and a note."""
+    seed = group.runs[0].info.get("seed")
+    return 0, f"seed {seed}" + (f" (1 of {group.n} runs)" if group.n > 1 else "")
+
+
+def draw_first_last(ax: Axes, first: pd.Series, last: pd.Series) -> None:
+    """Two histograms in the same fixed bins, as fractions of the tensor, first filled, last
+    outlined. What fell outside the bins is drawn as a hatched bar just beyond each end."""
+    edges = np.asarray(first["edges"])
+    width = edges[1] - edges[0]
+    outside = False
+    for row, color, filled in ((first, FIRST, True), (last, LAST, False)):
+        counts = np.asarray(row["counts"], dtype=float)
+        total = max(counts.sum() + row["below"] + row["above"], 1)
+        frac = counts / total
+        if filled:
+            ax.stairs(frac, edges, fill=True, color=color, alpha=0.35, lw=0)
+            ax.stairs(frac, edges, color=color, lw=0.8)
+        else:
+            ax.stairs(frac, edges, color=color, lw=1.4)
+        for count, x in (
+            (row["below"], edges[0] - 1.5 * width),
+            (row["above"], edges[-1] + 1.5 * width),
+        ):
+            if count:
+                outside = True
+                ax.bar(x, count / total, width, color="none", edgecolor=color, hatch="///", lw=1)
+    if outside:
+        ax.axvline(edges[0], color="0.4", lw=0.6, ls=":")
+        ax.axvline(edges[-1], color="0.4", lw=0.6, ls=":")
+        ax.set_xlim(edges[0] - 2.5 * width, edges[-1] + 2.5 * width)
+    else:
+        ax.set_xlim(edges[0], edges[-1])
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.25)
+
+
+def moments_title(name: str, stats: pd.DataFrame, first_step: int, last_step: int) -> str:
+    """`name` and mean, std, skew (and dead_frac where recorded) at the first → last capture."""
+
+    def value(metric: str, step: int) -> float:
+        rows = stats[(stats["metric"] == metric) & (stats["step"] == step)]["value"]
+        return float(rows.iloc[0]) if len(rows) else float("nan")
+
+    def change(metric: str, symbol: str, fmt: str = ".2g") -> str:
+        return f"{symbol} {value(metric, first_step):{fmt}} → {value(metric, last_step):{fmt}}"
+
+    third = change("skew", "skew")
+    if (stats["metric"] == "dead_frac").any():
+        third += ",  " + change("dead_frac", "dead", ".0%")
+    return f"{name}\n{change('mean', 'μ')},  {change('std', 'σ')}\n{third}"
+
+
+def histogram_grid(
+    group: RunGroup,
+    hists: pd.DataFrame,
+    stats: pd.DataFrame,
+    title: str,
+    xlabel: str,
+    labels: dict[str, str] | None = None,
+):
+    """One panel per layer (forward order): the first and last capture's histograms overlaid;
+    `stats` holds the layers' `mean`, `std`, `skew` (and `dead_frac`) for the panel titles."""
+    labels = labels or {}
+    layers = group.ordered(hists["layer"])
+    steps = sorted(hists["step"].unique())
+    first_step, last_step = steps[0], steps[-1]
+    rows, cols = grid_shape(len(layers))
+    fig, axes = new_figure(rows, cols, size=(3.8, 3.2))
+    epoch_of = dict(zip(hists["step"], hists["epoch"]))
+    for ax, layer in zip(axes.flat, layers):
+        mine = hists[hists["layer"] == layer]
+        first = mine[mine["step"] == first_step]
+        last = mine[mine["step"] == last_step]
+        if first.empty or last.empty:
+            ax.set_axis_off()
+            continue
+        draw_first_last(ax, first.iloc[0], last.iloc[0])
+        ax.set_title(
+            moments_title(
+                labels.get(layer, short(layer, 34)),
+                stats[stats["layer"] == layer],
+                first_step,
+                last_step,
+            ),
+            fontsize=8,
+        )
+    for ax in axes.flat[len(layers) :]:
+        ax.set_axis_off()
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel, fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("fraction per bin", fontsize=8)
+    handles = [
+        Patch(facecolor=FIRST, alpha=0.5, label=capture_label(first_step, epoch_of[first_step])),
+        Patch(
+            facecolor="none",
+            edgecolor=LAST,
+            lw=1.4,
+            label=capture_label(last_step, epoch_of[last_step]),
+        ),
+    ]
+    if (hists["below"] + hists["above"]).any():
+        handles.append(
+            Patch(facecolor="none", edgecolor="0.3", hatch="///", label="outside the fixed bins")
+        )
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9)
+    fig.suptitle(title)
+    return fig
+
+
+@figure(
+    "weights_histograms",
+    "Weight histogram of each tracked tensor before training (filled) and at the last capture "
+    "(outline), in the run's fixed bins; titles give mean, std and skew first → last.",
+)
+def weights_histograms(group: RunGroup):
+    run, which = first_run(group)
+    hists = group.runs[run].histograms(PROBE)
+    if hists.empty:
+        return None
+    stats = group.runs[run].scalars(PROBE)
+    return histogram_grid(
+        group, hists, stats, f"Weight distributions — {group.title}, {which}", "weight value"
+    )
+
+
+def evolution_grid(
+    group: RunGroup,
+    hists: pd.DataFrame,
+    stats: pd.DataFrame,
+    title: str,
+    ylabel: str,
+    labels: dict[str, str] | None = None,
+):
+    """One heatmap per layer: capture × bin, colour the fraction of values in the bin (log);
+    values outside the fixed bins in a band beyond each end, past a dotted line."""
+    labels = labels or {}
+    layers = group.ordered(hists["layer"])
+    rows, cols = grid_shape(len(layers))
+    fig, axes = new_figure(rows, cols, size=(3.6, 2.9))
+    norm = LogNorm(vmin=1e-4, vmax=1.0)
+    mesh = None
+    for ax, layer in zip(axes.flat, layers):
+        mine = hists[hists["layer"] == layer].sort_values("step")
+        edges = np.asarray(mine["edges"].iloc[0])
+        counts = np.stack([np.asarray(c, dtype=float) for c in mine["counts"]])
+        below, above = mine["below"].to_numpy(float), mine["above"].to_numpy(float)
+        frac = counts / np.maximum(counts.sum(1) + below + above, 1)[:, None]
+        outside = bool(below.any() or above.any())
+        if outside:
+            # What fell outside the fixed bins, as one cell two bins tall beyond each end.
+            total = np.maximum(counts.sum(1) + below + above, 1)
+            frac = np.column_stack([below / total, frac, above / total])
+            step = edges[1] - edges[0]
+            edges = np.concatenate([[edges[0] - 2 * step], edges, [edges[-1] + 2 * step]])
+        x = trained_epochs(mine)
+        # Cell edges between consecutive captures, so uneven gaps keep their width.
+        mids = (x[1:] + x[:-1]) / 2 if len(x) > 1 else np.array([])
+        xe = np.concatenate([[x[0] - 0.5], mids, [x[-1] + 0.5]])
+        mesh = ax.pcolormesh(
+            xe, edges, np.ma.masked_less_equal(frac.T, 0), cmap="magma", norm=norm, shading="flat"
+        )
+        mean = stats[(stats["layer"] == layer) & (stats["metric"] == "mean")].sort_values("step")
+        std = stats[(stats["layer"] == layer) & (stats["metric"] == "std")].sort_values("step")
+        if len(mean) == len(x) and len(std) == len(x):
+            m, s = mean["value"].to_numpy(), std["value"].to_numpy()
+            ax.plot(x, m, color="cyan", lw=1, label="mean")
+            ax.plot(x, m + s, color="cyan", lw=0.7, ls="--", label="mean ± std")
+            ax.plot(x, m - s, color="cyan", lw=0.7, ls="--")
+        if outside:
+            for y in (edges[1], edges[-2]):
+                ax.axhline(y, color="white", lw=0.6, ls=":")
+        ax.set_ylim(edges[0], edges[-1])
+        ax.set_facecolor("black")
+        ax.set_title(labels.get(layer, short(layer, 34)), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes.flat[len(layers) :]:
+        ax.set_axis_off()
+    for ax in axes[-1]:
+        ax.set_xlabel("epochs trained", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel, fontsize=8)
+    if mesh is not None:
+        fig.colorbar(mesh, ax=axes, label="fraction of values in bin", shrink=0.8)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+@figure(
+    "weights_evolution",
+    "How each tensor's weight histogram moves over training: epochs trained × weight value, "
+    "colour the fraction of weights per bin (log), mean ± std in cyan.",
+)
+def weights_evolution(group: RunGroup):
+    run, which = first_run(group)
+    hists = group.runs[run].histograms(PROBE)
+    if hists.empty:
+        return None
+    stats = group.runs[run].scalars(PROBE)
+    return evolution_grid(
+        group,
+        hists,
+        stats,
+        f"Weight histogram over training — {group.title}, {which}",
+        "weight value",
+    )
+
+
+STAT_PANELS = [
+    ("std", "standard deviation σ", True),
+    ("skew", "skewness", False),
+    ("dist_init", r"relative distance from init $\|W-W_0\|_2/\|W_0\|_2$", False),
+]
+
+
+@figure(
+    "weights_stats",
+    "Per-tensor weight std, skew and relative distance from initialization over training "
+    "(mean ± std over seeds).",
+)
+def weights_stats(group: RunGroup):
+    df = group.scalars(PROBE)
+    if df.empty:
+        return None
+    df = df.assign(x=trained_epochs(df))
+    layers = group.ordered(df["layer"])
+    colors = dict(zip(layers, matplotlib_colors(len(layers))))
+    fig, axes = new_figure(1, 3, size=(4.4, 3.6))
+    for ax, (metric, title, log) in zip(axes.flat, STAT_PANELS):
+        part = df[df["metric"] == metric]
+        for layer in layers:
+            rows = part[(part["layer"] == layer) & np.isfinite(part["value"])]
+            if rows.empty:
+                continue
+            stats = rows.groupby("x")["value"].agg(["mean", "std"]).fillna(0.0)
+            band(
+                ax,
+                stats.index.to_numpy(),
+                stats["mean"].to_numpy(),
+                stats["std"].to_numpy(),
+                group.n,
+                label=short(layer),
+                color=colors[layer],
+                marker="o" if len(stats) <= 20 else None,
+                markersize=3,
+            )
+        if log and (part["value"] > 0).all():
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epochs trained")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    seeds = f"\nmean ± std over {group.n} seeds" if group.n > 1 else ""
+    fig.legend(
+        handles,
+        labels,
+        loc="outside right center",
+        fontsize=7,
+        ncol=1 if len(labels) <= 30 else 2,
+        title=f"tensor (forward order){seeds}",
+        title_fontsize=8,
+    )
+    fig.suptitle(f"Weight statistics — {group.title}")
+    return fig

@@ -1,0 +1,169 @@
+"""Feature distributions of tracked modules on fixed inputs (SPEC §5 `activations`).
+
+At each capture the model runs in eval mode (train mode is restored after) on each input source:
+`train` (the fixed probe batch), `valid` (the fixed validation batch) and `random` (uniform [0, 1)
+inputs of the same shape, the same at every capture, drawn from the run seed). Forward hooks on the
+tracked modules exist only during the capture; each output is reduced on the device as it is
+produced, so no module's output outlives its hook call.
+
+Per module and source: a histogram in bins fixed at the first capture (0…f·max y when every value
+is ≥ 0 there, else ±f·max|y|, f = `range_factor`, 2 as for weights), and scalars `mean`, `std`,
+`skew`, `zero_frac` = #(y ≤ 0)/numel (the share a ReLU would zero; exactly the zeros of a ReLU
+output) and `dead_frac` = the share of units that are ≤ 0 for every sample, a unit being one
+position of the output flattened per sample (a feature, or a channel at one location). The
+scalars table has no source column, so the metric names carry it: `train/mean`,
+`valid/dead_frac`, `random/skew`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from netprobe.errors import ConfigError
+from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.distributions import distributions, symmetric_edges
+
+SOURCES = ("train", "valid", "random")
+STATS = ["mean", "std", "skew", "zero_frac", "dead_frac"]
+RANDOM_SALT = 0xAC71
+
+
+def activation_stats(y: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[mean, std, skew, zero_frac, dead_frac] of a batch of outputs y [B, ...] in float64, and
+    its counts [bins + 2] (below, bins…, above) in `edges`."""
+    flat = y.detach().reshape(y.shape[0], -1)
+    moments, counts, _ = distributions([flat], edges[None])
+    inactive = flat <= 0
+    zero_frac = inactive.sum(dtype=torch.float64) / flat.numel()
+    dead_frac = inactive.all(dim=0).sum(dtype=torch.float64) / flat.shape[1]
+    return torch.cat([moments[0, :3], torch.stack([zero_frac, dead_frac])]), counts[0]
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+class Activations(Probe):
+    """At `at` points: histogram and statistics of each tracked module's output, per source."""
+
+    name = "activations"
+    default_at = ("start", "epoch")
+    options = {"sources": list(SOURCES), "bins": 50, "range_factor": 2.0}
+
+    def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
+        super().__init__(ctx, **cfg)
+        if self.every is not None:
+            raise ConfigError(
+                f"probes.{self.name}.every={self.every!r}: activations are captured at the `at` "
+                "points; valid: at: [start, epoch, end] (any of them)"
+            )
+        sources, bins = self.cfg["sources"], self.cfg["bins"]
+        sources = [sources] if isinstance(sources, str) else list(sources)
+        for source in sources:
+            if source not in SOURCES:
+                raise ConfigError(
+                    f"probes.{self.name}.sources has {source!r}; valid: {', '.join(SOURCES)}"
+                )
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+            raise ConfigError(f"probes.{self.name}.bins={bins!r} must be a positive integer")
+        factor = self.cfg["range_factor"]
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+            raise ConfigError(f"probes.{self.name}.range_factor={factor!r} must be a number > 0")
+        self.bins, self.factor = bins, float(factor)
+        self.sources = [s for s in SOURCES if s in sources]
+        self.modules = self.select_modules()
+        self.names = [n for n, _ in self.modules]
+        if self.names and ctx.probe_batch is None and ctx.valid_batch is None:
+            raise ConfigError(f"probes.{self.name} needs input: pass probe_batch=(x, y) to attach")
+        # Bins fixed at the first capture, per source and module.
+        self.edges: dict[str, dict[str, torch.Tensor]] = {s: {} for s in self.sources}
+
+    def _inputs(self) -> list[tuple[str, torch.Tensor]]:
+        ctx = self.ctx
+        batches = {"train": ctx.probe_batch, "valid": ctx.valid_batch}
+        shape_from = ctx.probe_batch if ctx.probe_batch is not None else ctx.valid_batch
+        out = []
+        for source in self.sources:
+            if source == "random":
+                x = shape_from[0]
+                gen = ctx.generator(RANDOM_SALT, device=x.device)
+                floating = x.dtype if x.is_floating_point() else torch.float32
+                out.append(
+                    (source, torch.rand(x.shape, generator=gen, device=x.device, dtype=floating))
+                )
+            elif batches[source] is not None:
+                out.append((source, batches[source][0]))
+        return out
+
+    def capture(self) -> None:
+        if not self.names:
+            return
+        model = self.ctx.model
+        results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        source = ""
+
+        def hook_for(name: str):
+            def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+                y = _first_tensor(output)
+                if y is None or name in results or y.ndim == 0:
+                    return  # a module called again within the forward: its first call counts
+                edges = self.edges[source].get(name)
+                if edges is None:
+                    edges = symmetric_edges(
+                        [y.reshape(-1)], self.bins, nonnegative=True, factor=self.factor
+                    )[0]
+                    self.edges[source][name] = edges
+                results[name] = activation_stats(y, edges)
+
+            return hook
+
+        was_training = model.training
+        handles = [m.register_forward_hook(hook_for(n)) for n, m in self.modules]
+        try:
+            model.eval()
+            with torch.no_grad():
+                for source, x in self._inputs():
+                    results.clear()
+                    model(x)
+                    self._record(source, results)
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+
+    def _record(self, source: str, results: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        names = [n for n in self.names if n in results]
+        if not names:
+            return
+        record = self.ctx.record
+        stats = torch.stack([results[n][0] for n in names])
+        record.scalars(self.name, names, [f"{source}/{s}" for s in STATS], stats)
+        for name in names:
+            counts = results[name][1]
+            edges = self.edges[source][name]
+            record.histogram(self.name, name, source, edges, counts[1:-1], counts[0], counts[-1])
+
+    # -- resuming
+    def state_dict(self) -> dict[str, Any]:
+        return {"edges": {s: dict(e) for s, e in self.edges.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        batch = self.ctx.probe_batch if self.ctx.probe_batch is not None else self.ctx.valid_batch
+        device = batch[0].device if batch is not None else torch.device("cpu")
+        for source, edges in state.get("edges", {}).items():
+            if source in self.edges:
+                self.edges[source] = {
+                    n: e.to(device=device, dtype=torch.float64).clone()
+                    for n, e in edges.items()
+                    if n in self.names
+                }

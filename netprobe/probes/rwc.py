@@ -1,0 +1,122 @@
+"""Relative Weight Change per layer and epoch (SPEC §5 `rwc`; arXiv 2011.06735, Eq. 1).
+
+The probe holds exactly one copy of the tracked weights: W_{e−1}, taken before the first step
+(W₀) and refreshed in place after each epoch's record. `every_steps: k` adds a finer record,
+`rwc_step` every k optimizer steps against the weights k steps earlier, which needs a second copy
+of its own. Both copies travel in the state_dict, so a resumed run continues identically.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from netprobe.errors import ConfigError
+from netprobe.probes.base import Probe, ProbeContext
+
+MODES = ("l1", "elementwise")
+
+
+def relative_weight_change(
+    current: list[torch.Tensor], previous: list[torch.Tensor], mode: str = "l1"
+) -> torch.Tensor:
+    """Per tensor, in float64: `l1` rwc = ‖W_e − W_{e−1}‖₁ / ‖W_{e−1}‖₁ (the paper's Eq. 1);
+    `elementwise` = mean over i with W_{e−1,i} ≠ 0 of |ΔW_i| / |W_{e−1,i}| (the original code's).
+    """
+    diffs = torch._foreach_sub(current, previous)
+    if mode == "l1":
+        change = torch.stack(torch._foreach_norm(diffs, 1, dtype=torch.float64))
+        return change / torch.stack(torch._foreach_norm(previous, 1, dtype=torch.float64))
+    sums, counts = [], []
+    for diff, prev in zip(diffs, previous):
+        nonzero = prev != 0
+        ratio = torch.where(nonzero, diff.abs_().to(torch.float64) / prev.abs(), 0.0)
+        sums.append(ratio.sum())
+        counts.append(nonzero.sum())
+    return torch.stack(sums) / torch.stack(counts).to(torch.float64)
+
+
+class RelativeWeightChange(Probe):
+    """After each epoch (and every `every_steps` steps if set): rwc of each tracked weight."""
+
+    name = "rwc"
+    default_at = ("epoch",)
+    options = {"mode": "l1", "every_steps": None}
+
+    def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
+        super().__init__(ctx, **cfg)
+        if self.every is not None:
+            raise ConfigError(
+                f"probes.{self.name}.every={self.every!r}: rwc compares epochs, valid: "
+                f"every=epoch; for a record every N steps set probes.{self.name}.every_steps=N"
+            )
+        mode, k = self.cfg["mode"], self.cfg["every_steps"]
+        if mode not in MODES:
+            raise ConfigError(f"probes.{self.name}.mode={mode!r}; valid: {', '.join(MODES)}")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ConfigError(
+                f"probes.{self.name}.every_steps={k!r} must be a positive number of steps or null"
+            )
+        self.mode, self.every_steps = mode, k
+        # Default: every parameter of ndim > 1 (conv kernels, linear matrices, embeddings).
+        self.params = self.select_params(lambda r: len(r.shape) > 1)
+        self.names = [n for n, _ in self.params]
+        self.tensors = [p for _, p in self.params]
+        self.previous: list[torch.Tensor] | None = None  # W_{e−1}
+        self.previous_step: list[torch.Tensor] | None = None  # W_{t−k}, only with every_steps
+
+    def _copy(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.tensors]
+
+    def on_start(self) -> None:
+        if self.tensors:
+            self.previous = self._copy()
+            if self.every_steps is not None:
+                self.previous_step = self._copy()
+        super().on_start()
+
+    def _record(self, metric: str, previous: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            values = relative_weight_change(self.tensors, previous, self.mode)
+            torch._foreach_copy_(previous, self.tensors)
+        self.ctx.record.scalars(self.name, self.names, [metric], values[:, None])
+
+    def capture(self) -> None:
+        if not self.tensors:
+            return
+        if self.previous is None:  # driven without on_start: this capture becomes W₀
+            self.previous = self._copy()
+            return
+        self._record("rwc", self.previous)
+
+    def after_step(self) -> None:
+        k = self.every_steps
+        if k is None or not self.tensors or (self.ctx.progress.step + 1) % k:
+            return
+        if self.previous_step is None:
+            self.previous_step = self._copy()
+            return
+        self._record("rwc_step", self.previous_step)
+
+    # -- resuming
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"names": list(self.names)}
+        if self.previous is not None:
+            state["previous"] = dict(zip(self.names, self.previous))
+        if self.previous_step is not None:
+            state["previous_step"] = dict(zip(self.names, self.previous_step))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state.get("names", [])) != self.names:
+            raise ConfigError(
+                f"probes.{self.name}: the saved state tracks {state.get('names')}, "
+                f"this run tracks {self.names}"
+            )
+        for key in ("previous", "previous_step"):
+            if key in state:
+                copies = [
+                    state[key][n].to(device=p.device, dtype=p.dtype).clone() for n, p in self.params
+                ]
+                setattr(self, key, copies)

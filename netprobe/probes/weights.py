@@ -1,0 +1,108 @@
+"""Weight distributions at start and after each epoch (SPEC §5 `weights`).
+
+Per tracked tensor: a histogram in bins fixed at the first capture for the whole run (±2·max|W|,
+values outside counted in `below` / `above`), and the scalars `mean`, `std`, `skew`, `min`, `max`,
+`l2` and `dist_init` = ‖W − W₀‖₂ / ‖W₀‖₂, with W₀ the weights before the first step. The
+probe keeps one copy of W₀ and the bin edges; both travel in its state_dict for resuming.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from netprobe.errors import ConfigError
+from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.distributions import MOMENTS, distributions, symmetric_edges
+
+METRICS = [*MOMENTS, "dist_init"]
+PARAMS = ("weights", "all")
+
+
+def distance_to_initial(distance: torch.Tensor, initial_norm: torch.Tensor) -> torch.Tensor:
+    """`dist_init` = ‖W − W₀‖₂ / ‖W₀‖₂; NaN where W₀ = 0 (zero-initialised biases), where the
+    ratio has no meaning."""
+    return torch.where(initial_norm > 0, distance / initial_norm, torch.nan)
+
+
+class Weights(Probe):
+    """At `at` points: fixed-bin histogram and moments of each tracked parameter."""
+
+    name = "weights"
+    default_at = ("start", "epoch")
+    options = {"params": "weights", "bins": 50}
+
+    def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
+        super().__init__(ctx, **cfg)
+        if self.every is not None:
+            raise ConfigError(
+                f"probes.{self.name}.every={self.every!r}: weights are captured at the `at` "
+                "points; valid: at: [start, epoch, end] (any of them)"
+            )
+        params, bins = self.cfg["params"], self.cfg["bins"]
+        if params not in PARAMS:
+            raise ConfigError(f"probes.{self.name}.params={params!r}; valid: {', '.join(PARAMS)}")
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+            raise ConfigError(f"probes.{self.name}.bins={bins!r} must be a positive integer")
+        self.bins = bins
+        # `all`: every parameter, biases and norm-layer scales and shifts included.
+        self.params = self.select_params((lambda r: True) if params == "all" else None)
+        self.names = [n for n, _ in self.params]
+        self.tensors = [p for _, p in self.params]
+        self.sources = ["bias" if n.rsplit(".", 1)[-1] == "bias" else "weight" for n in self.names]
+        self.initial: list[torch.Tensor] | None = None  # W₀, one copy
+        self.initial_norm: torch.Tensor | None = None  # ‖W₀‖₂ per tensor, float64
+        self.edges: torch.Tensor | None = None  # [L, bins + 1], fixed at the first capture
+
+    def _snapshot_initial(self) -> None:
+        self.initial = [p.detach().clone() for p in self.tensors]
+        self.initial_norm = torch.stack(torch._foreach_norm(self.initial, 2, dtype=torch.float64))
+
+    def on_start(self) -> None:
+        if self.tensors:
+            self._snapshot_initial()
+        super().on_start()
+
+    def capture(self) -> None:
+        if not self.tensors:
+            return
+        if self.initial is None:  # driven without on_start: the first capture is W₀
+            self._snapshot_initial()
+        if self.edges is None:
+            self.edges = symmetric_edges(self.tensors, self.bins)
+        stats, counts, distance = distributions(self.tensors, self.edges, self.initial)
+        dist_init = distance_to_initial(distance, self.initial_norm)
+        values = torch.cat([stats, dist_init[:, None]], dim=1)
+        record = self.ctx.record
+        record.scalars(self.name, self.names, METRICS, values)
+        for i, (name, source) in enumerate(zip(self.names, self.sources)):
+            row = counts[i]
+            record.histogram(self.name, name, source, self.edges[i], row[1:-1], row[0], row[-1])
+
+    # -- resuming
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"names": list(self.names)}
+        if self.initial is not None:
+            state["initial"] = dict(zip(self.names, self.initial))
+        if self.edges is not None:
+            state["edges"] = self.edges
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state.get("names", [])) != self.names:
+            raise ConfigError(
+                f"probes.{self.name}: the saved state tracks {state.get('names')}, "
+                f"this run tracks {self.names}"
+            )
+        if "initial" in state:
+            self.initial = [
+                state["initial"][n].to(device=p.device, dtype=p.dtype).clone()
+                for n, p in self.params
+            ]
+            self.initial_norm = torch.stack(
+                torch._foreach_norm(self.initial, 2, dtype=torch.float64)
+            )
+        if "edges" in state:
+            device = self.tensors[0].device
+            self.edges = state["edges"].to(device=device, dtype=torch.float64).clone()

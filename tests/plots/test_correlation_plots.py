@@ -1,0 +1,87 @@
+"""Figures of the correlation probe, drawn from tiny runs trained through the real config path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch.nn as nn
+
+import netprobe
+from netprobe.config import compose
+from netprobe.plots import plot
+from netprobe.plots.common import FIGURES, RunGroup
+from netprobe.plots.correlation import CORR_CMAP, epochs_done, pair_matrix
+from netprobe.train import train
+
+TINY = [
+    "data=synthetic",
+    "data.num_samples=256",
+    "data.image_size=8",
+    "data.batch_size=32",
+    "data.probe_size=32",
+    "trainer.epochs=2",
+    "trainer.flush_every=5",
+]
+NAMES = ["corr_mean_heatmap", "cka_heatmap", "corr_mean_evolution", "correlation_grid"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("correlation")
+    for model, seed in (("cnn", 0), ("cnn", 1), ("mlp", 0)):
+        cfg = compose([*TINY, f"model={model}", f"seed={seed}", "probes=[correlation]"])
+        train(cfg, root / model / f"seed{seed}")
+    return root
+
+
+def test_stored_pairs_and_full_matrices(runs: Path) -> None:
+    run = netprobe.load(runs / "cnn" / "seed0")
+    means = run.matrices("correlation", "corr_mean")
+    names = list(dict.fromkeys(means["row"]))
+    assert names == ["features.0", "features.3", "features.6", "classifier.1", "classifier.3"]
+    # start + 2 epochs, each with every pair i ≤ j once
+    assert means.groupby("step").size().tolist() == [15, 15, 15]
+    full = run.matrices("correlation", "C")
+    assert sorted(epochs_done(run, full["step"].unique(), [0, 1])) == [0, 2]
+    values = np.concatenate(full["values"].to_list())
+    assert np.isfinite(values).all() and np.abs(values).max() <= 1 + 1e-5
+
+
+def test_figures_render(runs: Path, tmp_path: Path) -> None:
+    written = plot([runs], out=tmp_path, only=NAMES)
+    stems = sorted({p.stem for p in written})
+    expected = ["cka_heatmap", "corr_mean_evolution", "corr_mean_heatmap"]
+    expected += ["correlation_grid_epoch0002", "correlation_grid_start"]
+    # two groups (model=cnn, model=mlp), the same figures for each
+    assert stems == sorted(expected) and len(written) == 2 * len(expected)
+    for path in written:
+        assert path.stat().st_size > 8_000, path
+
+
+def test_heatmaps_average_seeds_and_keep_forward_order(runs: Path) -> None:
+    group = RunGroup(netprobe.load_runs(runs / "cnn"))
+    fig = FIGURES["cka_heatmap"].draw(group)
+    first = fig.axes[0]
+    labels = [t.get_text() for t in first.get_yticklabels()]
+    assert labels[0].startswith("features.0") and labels[-1].startswith("classifier.3")
+    assert "mean of 2 runs" in first.get_title()
+    grid = FIGURES["correlation_grid"].draw(group)
+    image = grid["start"].axes[0].images[0]
+    assert image.get_cmap().name == CORR_CMAP and image.norm.vmin == -1 and image.norm.vmax == 1
+
+
+def test_pair_matrix_mirrors_the_upper_triangle() -> None:
+    rows = pd.DataFrame(
+        {"row": ["a", "a", "b"], "col": ["a", "b", "b"], "values": [[1.0], [0.3], [0.5]]}
+    )
+    np.testing.assert_allclose(pair_matrix(rows, ["a", "b"]), [[1.0, 0.3], [0.3, 0.5]])
+
+
+def test_no_figures_without_the_probe(tmp_path: Path) -> None:
+    with netprobe.attach(nn.Linear(2, 2), tmp_path / "run", probes=[]):
+        pass
+    group = RunGroup([netprobe.load(tmp_path / "run")])
+    assert all(FIGURES[name].draw(group) is None for name in NAMES)

@@ -1,0 +1,261 @@
+"""correlation against numpy: Pearson (np.corrcoef), linear CKA (its formula), schedules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from netprobe.errors import ConfigError
+from netprobe.monitor import Recorder
+from netprobe.probes import PROBES
+from netprobe.probes.base import ProbeContext, Progress
+from netprobe.probes.correlation import Correlation, linear_cka, mean_positive, pearson
+from netprobe.structure import layer_table
+
+REL = 1e-5
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(6, 8, 3, stride=2),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(8 * 3 * 3, 5),
+    )
+
+
+def make_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **cfg) -> Correlation:
+    progress = Progress()
+    ctx = ProbeContext(
+        model=model,
+        layers=layer_table(model, x),
+        edges=[],
+        record=Recorder(progress),
+        progress=progress,
+        loss_fn=F.cross_entropy,
+        probe_batch=(x, y),
+        seed=3,
+    )
+    return PROBES["correlation"](ctx, **cfg)
+
+
+def batch(shape=(40, 3, 8, 8), seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen), torch.randint(0, 5, (shape[0],), generator=gen)
+
+
+def matrices(probe: Correlation) -> pd.DataFrame:
+    return (
+        probe.ctx.record.drain()["matrices"]
+        .to_pandas()
+        .astype({"probe": str, "name": str, "row": str, "col": str})
+    )
+
+
+def features_by_hand(model: nn.Module, x: torch.Tensor, names: list[str], conv: str):
+    """The module outputs as [B, d] numpy arrays, from a plain eval forward with hooks."""
+    outputs = {}
+    modules = dict(model.named_modules())
+
+    def keep(name: str):
+        def hook(_m, _i, out) -> None:  # returns None: the model goes on with its own output
+            outputs.setdefault(name, out.detach().clone())
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    model.train()
+    for h in handles:
+        h.remove()
+    out = {}
+    for n in names:
+        o = outputs[n].double().numpy()
+        if o.ndim == 4:
+            o = o.mean(axis=(2, 3)) if conv == "pool" else o.reshape(len(o), -1)
+        out[n] = o
+    return out
+
+
+def cka_by_formula(x: np.ndarray, y: np.ndarray) -> float:
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    num = np.linalg.norm(yc.T @ xc, "fro") ** 2
+    return num / (np.linalg.norm(xc.T @ xc, "fro") * np.linalg.norm(yc.T @ yc, "fro"))
+
+
+def test_pearson_matches_numpy_corrcoef() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 7))
+    b = a[:, :3] @ rng.normal(size=(3, 4)) + 0.5 * rng.normal(size=(50, 4))
+    got = pearson(torch.from_numpy(a).float(), torch.from_numpy(b).float()).numpy()
+    a32, b32 = a.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64)
+    want = np.corrcoef(a32, b32, rowvar=False)[:7, 7:]
+    np.testing.assert_allclose(got, want, rtol=REL)
+
+
+def test_constant_features_correlate_zero_not_nan() -> None:
+    x = torch.randn(20, 4)
+    x[:, 2] = 1.5
+    c = pearson(x, x)
+    assert torch.isfinite(c).all()
+    assert (c[2] == 0).all() and (c[:, 2] == 0).all()
+    assert torch.isfinite(linear_cka([x, torch.zeros(20, 3)])).all()
+
+
+def test_mean_positive_matches_a_loop() -> None:
+    rng = np.random.default_rng(1)
+    c = rng.uniform(-1, 1, size=(6, 6))
+    between = sum(max(v, 0.0) for v in c.flat) / c.size
+    within = sum(max(c[i, j], 0.0) for i in range(6) for j in range(6) if i != j) / 30
+    t = torch.from_numpy(c)
+    assert float(mean_positive(t, same_layer=False)) == pytest.approx(between, rel=REL)
+    assert float(mean_positive(t, same_layer=True)) == pytest.approx(within, rel=REL)
+
+
+def test_linear_cka_matches_formula_and_invariances() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(30, 8))
+    y = np.tanh(x @ rng.normal(size=(8, 5))) + 0.3 * rng.normal(size=(30, 5))
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    feats = [torch.from_numpy(v) for v in (x, y, x @ q, 3.7 * x)]
+    cka = linear_cka(feats).numpy()
+    assert cka[0, 1] == pytest.approx(cka_by_formula(x, y), rel=REL)
+    assert cka[1, 0] == pytest.approx(cka[0, 1], rel=REL)
+    assert cka[0, 2] == pytest.approx(1.0, rel=REL)  # orthogonal transform
+    assert cka[0, 3] == pytest.approx(1.0, rel=REL)  # isotropic scaling
+    np.testing.assert_allclose(np.diag(cka), 1.0, rtol=REL)
+
+
+@pytest.mark.parametrize("conv", ["pool", "flatten"])
+def test_probe_records_against_numpy(conv: str) -> None:
+    model = small_cnn()
+    x, y = batch()
+    probe = make_probe(model, x, y, conv=conv, max_features=1000, save_full_at=["start"])
+    names = ["0", "3", "6"]
+    assert [n for n, _ in probe.modules] == names  # conv and linear by default, forward order
+    probe.on_start()
+    df = matrices(probe)
+    feats = features_by_hand(model, x, names, conv)
+    for i, a in enumerate(names):
+        for b in names[i:]:
+            want = np.corrcoef(feats[a], feats[b], rowvar=False)[: feats[a].shape[1]]
+            want = want[:, feats[a].shape[1] :]
+            full = df[(df["name"] == "C") & (df["row"] == a) & (df["col"] == b)]
+            assert len(full) == 1
+            got = full["values"].iloc[0].reshape(full["shape"].iloc[0])
+            np.testing.assert_allclose(got, want, rtol=REL, atol=1e-6)
+            mean = df[(df["name"] == "corr_mean") & (df["row"] == a) & (df["col"] == b)]
+            positive = np.clip(want, 0, None)
+            ref = (
+                (positive.sum() - np.trace(positive)) / (want.size - len(want))
+                if a == b
+                else (positive.mean())
+            )
+            assert float(mean["values"].iloc[0][0]) == pytest.approx(ref, rel=REL)
+            cka = df[(df["name"] == "cka") & (df["row"] == a) & (df["col"] == b)]
+            assert float(cka["values"].iloc[0][0]) == pytest.approx(
+                cka_by_formula(feats[a], feats[b]), rel=REL
+            )
+    assert not ((df["name"] == "C") & (df["row"] == "6") & (df["col"] == "0")).any()
+
+
+def test_feature_subset_is_seeded_fixed_and_capped() -> None:
+    model = small_cnn()
+    x, y = batch()
+    probe = make_probe(
+        model, x, y, conv="flatten", max_features=20, save_full_at=["start", "epoch"]
+    )
+    probe.on_start()
+    first = matrices(probe)
+    with torch.no_grad():
+        model[0].weight.mul_(1.1)
+    probe.ctx.progress.step = 5
+    probe.on_epoch_end()
+    second = matrices(probe)
+    full = first[first["name"] == "C"]
+    assert all(max(s) <= 20 for s in full["shape"])
+    # conv 0 has 6·8·8 = 384 features: the same 20 at every capture, the same for the same seed.
+    pick = probe._subsets["0"]
+    assert pick is not None and len(pick) == 20
+    again = make_probe(small_cnn(), x, y, conv="flatten", max_features=20)
+    again.on_start()
+    assert torch.equal(again._subsets["0"], pick)
+    feats = features_by_hand(model, x, ["0"], "flatten")["0"][:, pick.numpy()]
+    got = second[(second["name"] == "C") & (second["row"] == "0") & (second["col"] == "0")]
+    want = np.corrcoef(feats, rowvar=False)
+    np.testing.assert_allclose(got["values"].iloc[0].reshape(20, 20), want, rtol=REL, atol=1e-6)
+
+
+def test_schedule_saves_full_matrices_at_start_and_last_capture_only() -> None:
+    model = small_cnn()
+    x, y = batch()
+    probe = make_probe(model, x, y)
+    progress = probe.ctx.progress
+    probe.on_start()
+    for _ in range(3):
+        progress.step += 4
+        probe.on_epoch_end()
+        progress.epoch += 1
+    probe.on_end()
+    df = matrices(probe)
+    assert sorted(df.loc[df["name"] == "corr_mean", "step"].unique()) == [0, 4, 8, 12]
+    assert sorted(df.loc[df["name"] == "C", "step"].unique()) == [0, 12]
+    pairs = 3 * 4 // 2
+    assert (df[df["name"] == "corr_mean"].groupby("step").size() == pairs).all()
+    assert (df[df["name"] == "C"].groupby("step").size() == pairs).all()
+
+
+def test_modes_restored_and_outputs_unchanged_by_inplace_ops() -> None:
+    model = small_cnn()
+    model.train()
+    model[1].eval()  # a frozen BatchNorm stays frozen
+    x, y = batch()
+    probe = make_probe(model, x, y, save_full_at=[])
+    stats = model[1].running_mean.clone()
+    probe.on_start()
+    assert model.training and not model[1].training and model[0].training
+    assert torch.equal(model[1].running_mean, stats)
+    # conv 3's output goes through an in-place ReLU; its kept features must still go negative.
+    names, feats = probe.features()
+    assert names[1] == "3" and (feats[1] < 0).any()
+
+
+def test_layer_table_restores_each_modules_mode() -> None:
+    model = small_cnn()
+    model.train()
+    model[1].eval()
+    layer_table(model, batch()[0])
+    assert model.training and model[0].training and not model[1].training
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ({"layers": ["nothing.*"]}, "matches nothing"),
+        ({"conv": "max"}, "conv='max'"),
+        ({"max_features": 1}, "max_features=1"),
+        ({"save_full_at": ["middle"]}, "'middle'"),
+        ({"at": ["sometimes"]}, "'sometimes'"),
+        ({"bins": 3}, "unknown key 'bins'"),
+    ],
+)
+def test_bad_settings_fail_with_one_line(cfg: dict, message: str) -> None:
+    x, y = batch()
+    with pytest.raises(ConfigError, match=message):
+        make_probe(small_cnn(), x, y, **cfg)
+
+
+def test_layers_select_by_regex() -> None:
+    x, y = batch()
+    probe = make_probe(small_cnn(), x, y, layers=[r"[0-4]"], exclude=["1", "2", "4"])
+    assert [n for n, _ in probe.modules] == ["0", "3"]

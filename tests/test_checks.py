@@ -1,0 +1,167 @@
+"""Bad input to `netprobe train`, `plot` and `ls`: exit 2, one line naming the bad value and what
+would be valid, no traceback, and nothing written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from netprobe.cli import main as cli
+
+TINY = ["data=synthetic", "data.num_samples=128", "data.image_size=8", "data.probe_size=32"]
+
+TRAIN_CASES = {
+    # unknown option in a config group
+    "model": (["model=nope"], ["'nope'", "mlp", "resnet18"]),
+    "data": (["data=nope"], ["'nope'", "digits", "cifar10"]),
+    "init": (["init=nope"], ["'nope'", "orthogonal"]),
+    "optim": (["optim=nope"], ["'nope'", "sgd", "adamw"]),
+    "probes": (["probes=[nope]"], ["'nope'", "gradients"]),
+    "trainer": (["trainer=nope"], ["'nope'", "default"]),
+    "experiment": (["experiment=nope"], ["'nope'", "rwc"]),
+    # unknown config key
+    "trainer key": (["trainer.bogus=1"], ["trainer.bogus", "epochs", "on_nonfinite"]),
+    "top key": (["bogus=1"], ["'bogus'", "seed"]),
+    "probe key": (["probes.gradients.bogus=1"], ["probes.gradients.bogus", "every", "layers"]),
+    "added probe key": (["+probes.gradients.bogus=1"], ["'bogus'", "gradients", "layers"]),
+    # wrong type
+    "epochs type": (["trainer.epochs=abc"], ["trainer.epochs", "'abc'", "positive integer"]),
+    "lr type": (["optim.lr=abc"], ["optim.lr", "'abc'", "positive number"]),
+    "batch type": (["data.batch_size=1.5"], ["data.batch_size=1.5", "positive integer"]),
+    "on_nonfinite": (["trainer.on_nonfinite=maybe"], ["'maybe'", "stop or continue"]),
+    # out of range
+    "epochs 0": (["trainer.epochs=0"], ["trainer.epochs=0", "positive integer"]),
+    "epochs <0": (["trainer.epochs=-2"], ["trainer.epochs=-2", "positive integer"]),
+    "lr 0": (["optim.lr=0"], ["optim.lr=0", "positive number"]),
+    "lr <0": (["optim=sgd", "optim.lr=-0.1"], ["optim.lr=-0.1", "positive number"]),
+    "batch 0": (["data.batch_size=0"], ["data.batch_size=0", "positive integer"]),
+    "zero_threshold": (
+        ["probes=[optim_dynamics]", "probes.optim_dynamics.zero_threshold=-1"],
+        ["probes.optim_dynamics.zero_threshold=-1", "≥ 0"],
+    ),
+    "tiny_threshold": (
+        ["probes=[optim_dynamics]", "probes.optim_dynamics.tiny_threshold=-1e-9"],
+        ["probes.optim_dynamics.tiny_threshold=-1e-09", "≥ 0"],
+    ),
+    "flow threshold": (
+        ["probes=[gradient_flow]", "probes.gradient_flow.threshold=-0.5"],
+        ["probes.gradient_flow.threshold=-0.5", "≥ 0"],
+    ),
+    "every 0": (["probes.gradients.every=0"], ["probes.gradients.every=0", "positive"]),
+    "flow every": (
+        ["probes=[gradient_flow]", "probes.gradient_flow.every=-3"],
+        ["probes.gradient_flow.every=-3", "positive"],
+    ),
+    "every type": (["probes.gradients.every=often"], ["'often'", "positive", "'epoch'"]),
+    # probe settings only the model can judge
+    "layers": (
+        ["model=cnn", "probes.gradients.layers=[nope\\..*]"],
+        ["probes.gradients.layers", "'nope\\\\..*'", "matches nothing", "features.0.weight"],
+    ),
+}
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    code = cli(args)
+    return code, capsys.readouterr().err
+
+
+def assert_one_line(code: int, err: str, words: list[str]) -> None:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES)
+def test_bad_train_input_is_one_line_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
+    overrides, words = TRAIN_CASES[case]
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["train", *TINY, *overrides], capsys)
+    assert_one_line(code, err, words)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_dataset(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["train", "data=mnist", f"data.root={tmp_path / 'none'}"], capsys)
+    assert_one_line(code, err, [f"data.root={tmp_path / 'none'}", "data.download=true"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_output_folder_under_a_file(tmp_path, monkeypatch, capsys, multirun):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    args = ["train", *TINY, f"{key}={tmp_path / 'notes.txt' / 'run'}"]
+    code, err = run_cli(args + (["-m", "seed=0,1"] if multirun else []), capsys)
+    assert_one_line(code, err, [f"{key}={tmp_path / 'notes.txt' / 'run'}", "is a file", key])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_output_folder_that_cannot_be_written(tmp_path, monkeypatch, capsys):
+    """What a read-only folder does (root ignores permissions, so the refusal is simulated)."""
+
+    def refuse(*args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    code, err = run_cli(["train", *TINY, "out_root=/somewhere/read-only"], capsys)
+    assert_one_line(code, err, ["hydra.run.dir=/somewhere/read-only/", "Permission denied"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder(tmp_path, monkeypatch, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["train", *TINY, f"hydra.run.dir={locked / 'run'}"], capsys)
+    assert_one_line(code, err, [f"hydra.run.dir={locked / 'run'}", "cannot be written"])
+    assert list(locked.iterdir()) == []
+
+
+def test_folder_that_holds_a_finished_run_is_refused(tiny_run, tmp_path, monkeypatch, capsys):
+    run = tiny_run("trainer.epochs=1", "trainer.max_steps=1", "probes=none")
+    before = sorted(p.name for p in Path(run.path).rglob("*"))
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["train", *TINY, f"hydra.run.dir={run.path}"], capsys)
+    assert_one_line(code, err, [str(run.path), "already holds a run", "trainer.resume=true"])
+    assert sorted(p.name for p in Path(run.path).rglob("*")) == before
+
+
+def test_plot_and_ls_without_runs(tmp_path, capsys):
+    for command in (["plot", str(tmp_path)], ["ls", str(tmp_path)]):
+        code, err = run_cli(command, capsys)
+        assert_one_line(code, err, ["no runs", str(tmp_path)])
+    code, err = run_cli(["plot", str(tmp_path / "nowhere")], capsys)
+    assert_one_line(code, err, ["no such file or directory", "nowhere"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_only_unknown_figure(tiny_run, capsys):
+    run = tiny_run("trainer.epochs=1", "trainer.max_steps=1", "probes=none")
+    capsys.readouterr()
+    code, err = run_cli(["plot", str(run.path), "--only", "training_curves,nope"], capsys)
+    assert_one_line(code, err, ["'nope'", "training_curves", "grad_norms"])
+    assert not (run.path / "figures").exists()
+
+
+def test_sweep_into_a_folder_holding_its_runs_is_refused(tmp_path, monkeypatch, capsys):
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "seed=0,1", *TINY, "trainer.epochs=1", "trainer.max_steps=1",
+            "probes=none", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    assert cli(args) == 0
+    config = (sweep / "1" / ".hydra" / "config.yaml").read_text()
+    capsys.readouterr()
+    code, err = run_cli([*args, "optim.lr=0.5"], capsys)
+    assert_one_line(code, err, [str(sweep / "0"), "already holds a run"])
+    assert (sweep / "1" / ".hydra" / "config.yaml").read_text() == config
