@@ -20,8 +20,9 @@ TINY = ["data=synthetic", "data.num_samples=128", "data.image_size=8", "data.bat
         "data.probe_size=32", "trainer.flush_every=5"]  # fmt: skip
 # 103 training samples in batches of 32: 4 steps per epoch (the last one short), 12 in three.
 SETUP = [*TINY, "model=cnn", "model.width=4", "model.hidden=16", "trainer.epochs=3",
-         "trainer.checkpoint_every=1", "probes=[gradients,optim_dynamics,gradient_flow]",
-         "probes.gradient_flow.every=2"]  # fmt: skip
+         "trainer.checkpoint_every=1", "probes.gradient_flow.every=2",
+         # Every probe that carries state from one step or epoch to the next.
+         "probes=[gradients,optim_dynamics,gradient_flow,weights,rwc,activations]"]  # fmt: skip
 INTERRUPT_AT = 6  # in the middle of epoch 1 (the second), after a flush at step 5
 
 
@@ -45,14 +46,16 @@ def config(*extra: str):
     return cfg
 
 
-def stored(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def stored(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     run = netprobe.load(run_dir)
     keys = ["step", "epoch", "probe", "layer", "metric"]
     scalars = run.scalars()
     scalars = scalars[scalars["metric"] != "samples_per_s"]  # wall-clock dependent
     scalars = scalars.sort_values(keys).reset_index(drop=True)
     matrices = run.matrices().sort_values(["step", "epoch", "probe", "name", "row", "col"])
-    return scalars, matrices.reset_index(drop=True)
+    hists = run.histograms().sort_values(["step", "epoch", "probe", "layer", "source"])
+    hists = hists.assign(edges=hists["edges"].map(list), counts=hists["counts"].map(list))
+    return scalars, matrices.reset_index(drop=True), hists.reset_index(drop=True)
 
 
 def test_interrupted_run_resumed_equals_an_unbroken_one(tmp_path, monkeypatch):
@@ -68,12 +71,18 @@ def test_interrupted_run_resumed_equals_an_unbroken_one(tmp_path, monkeypatch):
     assert netprobe.load(broken).scalars(metric="loss")["step"].max() == INTERRUPT_AT
 
     assert train(config("trainer.resume=true"), broken) == "completed"
-    (a_scalars, a_matrices), (b_scalars, b_matrices) = stored(whole), stored(broken)
+    (a_scalars, a_matrices, a_hists), (b_scalars, b_matrices, b_hists) = (
+        stored(whole),
+        stored(broken),
+    )
     keys = ["step", "epoch", "probe", "layer", "metric"]
     assert not b_scalars.duplicated(keys).any()
     assert b_scalars[b_scalars["metric"] == "loss"]["step"].tolist() == list(range(12))
+    assert set(b_scalars["probe"]) >= {"optim_dynamics", "rwc", "weights", "activations"}
     pd.testing.assert_frame_equal(a_scalars, b_scalars)  # the same steps and the same values
     pd.testing.assert_frame_equal(a_matrices, b_matrices)
+    assert len(b_hists) > 0
+    pd.testing.assert_frame_equal(a_hists, b_hists)
 
     a, b = netprobe.load(whole).info, netprobe.load(broken).info
     assert b["status"] == "completed" and b["error"] is None and len(b["resumed_at"]) == 1
