@@ -5,45 +5,18 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
-
 from netprobe.plots import group_runs, plot
 from netprobe.plots.common import RunGroup
 from netprobe.plots.compare import COMPARISONS, swept
-from netprobe.store import rows_table
 
 SMALL = ["model=cnn", "model.width=4", "model.hidden=16", "probes=[gradients]"]
 
 
-def add_histograms(run, shift: float) -> None:
-    """Stored histograms as the weights and activations probes write them: weights per tensor
-    (source weight) and layer outputs (source train), at the first and the last step."""
-    last = int(run.scalars(metric="loss")["step"].max()) + 1
-    edges = np.linspace(-1, 1, 21).tolist()
-    rng = np.random.default_rng(0)
-    rows = []
-    for probe, source, layers in (
-        ("weights", "weight", ["features.0.weight", "features.3.weight", "classifier.3.weight"]),
-        ("activations", "train", ["features.0", "features.3", "classifier.3"]),
-    ):
-        for step, centre in ((0, 0.0), (last, shift)):
-            for layer in layers:
-                values = rng.normal(centre, 0.3, 500)
-                counts, _ = np.histogram(values, bins=edges)
-                rows.append({"step": step, "epoch": 0 if step == 0 else 1, "probe": probe,
-                             "layer": layer, "source": source, "edges": edges,
-                             "counts": counts.tolist(), "below": int((values < -1).sum()),
-                             "above": int((values > 1).sum())})  # fmt: skip
-    (run.path / "histograms").mkdir()
-    pq.write_table(rows_table("histograms", rows), run.path / "histograms" / "part-000000.parquet")
-
-
 def test_init_sweep_gets_side_by_side_figures(tiny_run, tmp_path: Path):
-    runs = [tiny_run(*SMALL, "init=xavier_normal", f"seed={s}") for s in (0, 1)]
-    runs += [tiny_run(*SMALL, "init=orthogonal", "seed=0")]
-    for run, shift in zip(runs, (0.3, 0.3, -0.4)):
-        add_histograms(run, shift)
+    # The probes that store weight (source weight) and feature (source train) histograms.
+    probes = "probes=[weights,activations]"
+    runs = [tiny_run(*SMALL, probes, "init=xavier_normal", f"seed={s}") for s in (0, 1)]
+    runs += [tiny_run(*SMALL, probes, "init=orthogonal", "seed=0")]
     sweep = swept(group_runs(runs))
     assert sweep.key == "init" and sweep.labels == ["orthogonal", "xavier_normal"]
     assert [g.n for g in sweep.groups] == [1, 2]
