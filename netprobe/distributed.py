@@ -143,10 +143,12 @@ class FollowerMonitor:
     """What ranks other than 0 attach: it counts steps and epochs as `Monitor` does, so every
     rank stops at the same point, and records and writes nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_nonfinite: str = "stop") -> None:
         self.progress = Progress()
         self.writer = _Status()
         self.best_val_acc: float | None = None
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite_step: int | None = None  # rank 0 watches the (all-reduced) loss
 
     def after_backward(self, loss: torch.Tensor, **_: Any) -> None: ...
 

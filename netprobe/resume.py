@@ -5,11 +5,16 @@ continues from (`checkpoints/last.pt`, written at every epoch end when `trainer.
 > 0), and cutting the stored tables back to that checkpoint, so that the finished run holds
 every step exactly once. Code that refuses to write into a directory already holding a run asks
 `resuming(cfg)` first.
+
+`trainer.resume=true` means "continue the run in this directory if there is one": a directory
+holding no run yet starts from the beginning, so a sweep given it from the outset can be sent
+again (or requeued by SLURM) and every job picks up where it stopped.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,17 +36,15 @@ def resuming(cfg: DictConfig) -> bool:
 
 def check_command_line(args: Sequence[str]) -> None:
     """Before Hydra makes a directory: resuming needs the run's own directory on the command line
-    (`hydra.run.dir=RUN`, or `hydra.sweep.dir=SWEEP` to resume every job of a sweep)."""
+    (`hydra.run.dir=RUN`, or `hydra.sweep.dir=SWEEP` to resume every job of a sweep); without
+    it Hydra would make a new, timestamped one."""
     if not any(_RESUME.match(a) for a in args):
         return
     sweep = bool({"-m", "--multirun"} & set(args))
     key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
-    given = [a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")]
-    if not given:
-        raise ConfigError(f"trainer.resume=true needs {key}=<the {'sweep' if sweep else 'run'}"
-                          " directory to continue>")  # fmt: skip
-    if not sweep and not (Path(given[-1]) / RUN_FILE).exists():
-        raise ConfigError(f"trainer.resume=true, but {given[-1]} holds no run (no {RUN_FILE})")
+    if not any(a.startswith(f"{key}=") for a in args):
+        what = "sweep" if sweep else "run"
+        raise ConfigError(f"trainer.resume=true needs {key}=<the {what} directory to continue>")
 
 
 def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str, Any] | None:
@@ -51,10 +54,9 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
         return None
     run_dir = Path(run_dir)
     if not (run_dir / RUN_FILE).exists():
-        raise ConfigError(
-            f"trainer.resume=true, but {run_dir} holds no run (no {RUN_FILE}); give "
-            "hydra.run.dir=<the run's directory>"
-        )
+        if writes:
+            print(f"netprobe: no run in {run_dir} to resume; starting it", file=sys.stderr)
+        return None
     path = checkpoint_path(run_dir, "last")
     if not path.exists():
         raise ConfigError(

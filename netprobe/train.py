@@ -182,7 +182,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     else:
-        mon = distributed.FollowerMonitor()
+        mon = distributed.FollowerMonitor(on_nonfinite=t.get("on_nonfinite", "stop"))
         if state:
             mon.load_state_dict(state["monitor"])
     first_epoch = 0
@@ -216,6 +216,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
 
     stop_reason = None
     stop_on_nonfinite = mon.on_nonfinite == "stop"
+
+    def nonfinite_step(sync_point: bool) -> int | None:
+        """The first step with a non-finite loss, when training should stop for it. Under DDP
+        every rank must stop at the same step: rank 0's answer is shared, at the points where
+        it syncs with the device anyway (flushes, epoch ends)."""
+        if not stop_on_nonfinite:
+            return None
+        if not place.enabled:
+            return mon.nonfinite_step
+        return distributed.from_main(mon.nonfinite_step, place) if sync_point else None
+
     with StopSignals(), mon, progress:
         if t.checkpoint_every and state is None:
             checkpoint("start", epoch=-1)
@@ -243,13 +254,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
                 scaler.update()
                 mon.after_step()
                 progress.advance(mon)
-                if stop_on_nonfinite and mon.nonfinite_step is not None:
-                    stop_reason = f"non-finite loss at step {mon.nonfinite_step}"
+                bad = nonfinite_step(mon.progress.step % t.flush_every == 0)
+                if bad is not None:
+                    stop_reason = f"non-finite loss at step {bad}"
                     break
                 if t.max_steps and mon.progress.step >= t.max_steps:
                     stop_reason = f"reached trainer.max_steps={t.max_steps}"
                     break
-            if stop_on_nonfinite and mon.nonfinite_step is not None:
+            if nonfinite_step(sync_point=True) is not None:
                 break  # the weights are no longer numbers: nothing to evaluate or save
             if scheduler is not None:
                 scheduler.step()
@@ -331,11 +343,11 @@ def hydra_main(args: list[str]) -> int:
         try:
             status = train(cfg, run_dir)
         except ConfigError as exc:
+            status = "refused"
             if not here:
                 raise  # Hydra hands it back to the sweep's own process, which exits 2
             # Refused before writing (its folder in use, say): one line and exit 2, in sweeps too.
             print(f"netprobe: {exc}", file=sys.stderr)
-            status = "refused"
         except KeyboardInterrupt:
             status = "interrupted"
             raise

@@ -101,9 +101,12 @@ def test_resume_continues_after_the_last_checkpoint(tmp_path):
     assert run.info["epochs_done"] == 2 and run.info["status"] == "completed"
 
 
-def test_resume_needs_a_run_with_a_checkpoint(tmp_path, capsys):
-    with pytest.raises(ConfigError, match="holds no run"):
-        train(compose([*SETUP, "trainer.resume=true"]), tmp_path / "empty")
+def test_resume_starts_an_empty_directory_and_needs_a_checkpoint(tmp_path, capsys):
+    # Nothing there yet: a fresh start (a sweep sent with trainer.resume=true from the outset).
+    fresh = tmp_path / "fresh"
+    assert train(compose([*SETUP, "trainer.epochs=1", "trainer.resume=true"]), fresh)
+    assert "starting it" in capsys.readouterr().err
+    assert netprobe.load(fresh).info["status"] == "completed"
     run_dir = tmp_path / "run"
     train(compose([*SETUP, "trainer.epochs=1", "trainer.checkpoint_every=0"]), run_dir)
     with pytest.raises(ConfigError, match="last.pt does not exist"):
@@ -111,6 +114,5 @@ def test_resume_needs_a_run_with_a_checkpoint(tmp_path, capsys):
     # On the command line the run's directory is required, before Hydra makes a new one.
     assert cli(["train", "trainer.resume=true"]) == 2
     assert "hydra.run.dir" in capsys.readouterr().err
-    assert cli(["train", "trainer.resume=true", f"hydra.run.dir={tmp_path / 'none'}"]) == 2
-    assert "holds no run" in capsys.readouterr().err
-    assert not (tmp_path / "none").exists()
+    assert cli(["train", "-m", "seed=0,1", "trainer.resume=true"]) == 2
+    assert "hydra.sweep.dir" in capsys.readouterr().err

@@ -64,17 +64,20 @@ def test_submitit_local_sweep_over_two_seeds(workers_import_netprobe, tmp_path: 
     assert "for 2 run(s) in 1 group(s)" in capsys.readouterr().err
 
 
-def test_a_bad_job_in_a_worker_is_exit_2(workers_import_netprobe, tmp_path: Path, capsys):
-    """A config error only a job can see (a probe's layer pattern) comes back from the worker."""
+def test_a_job_refused_in_a_worker_is_exit_2(workers_import_netprobe, tmp_path: Path, capsys):
+    """A refusal only the job itself can see comes back from the worker as exit 2 and one line:
+    here a job folder that already holds a run, under a sweep.subdir preflight cannot resolve."""
     sweep = tmp_path / "sweep"
-    layers = "probes.gradients.layers=[features\\.0\\.weight],[nope]"
-    args = ["train", "-m", layers, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY,
-            f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    (sweep / "s1").mkdir(parents=True)
+    (sweep / "s1" / "run.json").write_text(json.dumps({"status": "completed", "seed": 1}))
+    args = ["train", "-m", "seed=0,1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY,
+            f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=s${seed}"]  # fmt: skip
     assert cli(args) == 2
     err = capsys.readouterr().err
-    assert "netprobe: probes.gradients.layers pattern 'nope' matches nothing" in err
+    assert f"netprobe: run directory {sweep / 's1'} already holds a run" in err
     assert "Traceback" not in err
-    assert json.loads((sweep / "0" / "run.json").read_text())["status"] == "completed"
+    assert json.loads((sweep / "s0" / "run.json").read_text())["status"] == "completed"
+    assert json.loads((sweep / "s1" / "run.json").read_text()) == {"status": "completed", "seed": 1}
 
 
 def test_slurm_launcher_config():
