@@ -235,6 +235,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             if t.max_steps and mon.progress.step >= t.max_steps:  # a resumed run already there
                 stop_reason = f"reached trainer.max_steps={t.max_steps}"
                 break
+            steps_at_start = mon.progress.step
             for x, y in train_batches:
                 with autocast():
                     logits = forward(x)
@@ -272,7 +273,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             if t.checkpoint_every:
                 if (epoch + 1) % t.checkpoint_every == 0:
                     checkpoint(epoch, epoch)
-                checkpoint("last", epoch)
+                # Resuming starts at an epoch boundary: an epoch cut short by max_steps leaves
+                # last.pt at the epoch before, so a resumed run redoes it whole.
+                if mon.progress.step - steps_at_start == len(train_batches):
+                    checkpoint("last", epoch)
             if stop_reason:
                 break
             if t.target_val_acc is not None and val_acc >= t.target_val_acc:

@@ -58,17 +58,33 @@ def stored(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     return scalars, matrices.reset_index(drop=True), hists.reset_index(drop=True)
 
 
-def test_interrupted_run_resumed_equals_an_unbroken_one(tmp_path, monkeypatch):
-    monkeypatch.setitem(PROBES, "interrupt", Interrupt)
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert train(config(), whole) == "completed"
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run never stopped, to compare with."""
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    PROBES["interrupt"] = Interrupt
+    try:
+        assert train(config(), run_dir) == "completed"
+    finally:
+        del PROBES["interrupt"]
+    return run_dir
 
-    Interrupt.armed = True
-    with pytest.raises(KeyboardInterrupt):
-        train(config(), broken)
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "max_steps"])
+def test_interrupted_run_resumed_equals_an_unbroken_one(whole, stop, tmp_path, monkeypatch):
+    monkeypatch.setitem(PROBES, "interrupt", Interrupt)
+    broken = tmp_path / "broken"
+    if stop == "ctrl-c":
+        Interrupt.armed = True
+        with pytest.raises(KeyboardInterrupt):
+            train(config(), broken)
+    else:  # stopped for good mid-epoch, then given more steps
+        assert train(config(f"trainer.max_steps={INTERRUPT_AT}"), broken) == "completed"
     info = json.loads((broken / "run.json").read_text())
-    assert info["status"] == "interrupted" and info["steps_done"] == INTERRUPT_AT
-    assert netprobe.load(broken).scalars(metric="loss")["step"].max() == INTERRUPT_AT
+    assert info["status"] == ("interrupted" if stop == "ctrl-c" else "completed")
+    assert info["steps_done"] == INTERRUPT_AT
+    last = INTERRUPT_AT if stop == "ctrl-c" else INTERRUPT_AT - 1
+    assert netprobe.load(broken).scalars(metric="loss")["step"].max() == last
 
     assert train(config("trainer.resume=true"), broken) == "completed"
     (a_scalars, a_matrices, a_hists), (b_scalars, b_matrices, b_hists) = (
