@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from netprobe.errors import ConfigError
 from netprobe.probes.base import Progress
 
 
@@ -73,6 +74,12 @@ def setup(device: torch.device) -> tuple[Distributed, torch.device]:
     if not place.enabled:
         return place, device
     if device.type == "cuda":
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", place.local_rank + 1))
+        if per_node > torch.cuda.device_count():
+            raise ConfigError(
+                f"{per_node} processes per node but {torch.cuda.device_count()} GPU(s) visible: "
+                "start at most one process per GPU, or train on the CPU with trainer.device=cpu"
+            )
         device = torch.device("cuda", place.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -21,7 +21,7 @@ from netprobe.train import train
 # 80 samples: 64 to train in global batches of 32 (16 per rank), 2 steps per epoch.
 SETUP = ["model=cnn", "model.width=4", "model.hidden=16", "data=synthetic",
          "data.num_samples=80", "data.image_size=8", "data.batch_size=32", "data.probe_size=16",
-         "trainer.epochs=2", "probes=[gradients]"]  # fmt: skip
+         "trainer.epochs=2", "probes=[gradients]", "trainer.device=cpu"]  # fmt: skip
 ROOT = Path(__file__).resolve().parents[1]
 
 
