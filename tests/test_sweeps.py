@@ -101,3 +101,18 @@ def test_slurm_launcher_config():
     assert launcher["partition"] == "gpu" and launcher["gpus_per_node"] == 1
     assert launcher["timeout_min"] == 240 and launcher["tasks_per_node"] == 1
     assert launcher["submitit_folder"] == "${hydra.sweep.dir}/.submitit/%j"
+
+
+def test_preflight_expands_a_presets_own_sweep(tmp_path: Path):
+    """`-m experiment=init_test` runs seven jobs from the preset's hydra.sweeper.params: their
+    folders are checked before Hydra writes into any (here job 3's holds a finished run)."""
+    from netprobe.config import preflight
+    from netprobe.errors import ConfigError
+
+    sweep = tmp_path / "sweep"
+    (sweep / "3").mkdir(parents=True)
+    (sweep / "3" / "run.json").write_text(json.dumps({"status": "completed"}))
+    args = ["-m", "experiment=init_test", *TINY, f"hydra.sweep.dir={sweep}"]
+    with pytest.raises(ConfigError, match=f"{sweep / '3'} already holds a run"):
+        preflight(args)
+    preflight([*args, "init=orthogonal"])  # the command line wins: one job, folder 0
