@@ -56,7 +56,7 @@ _FLAGS_WITH_VALUE = {
 }  # fmt: skip
 
 
-def preflight(args: Sequence[str]) -> None:
+def preflight(args: Sequence[str], check_data: bool = True) -> None:
     """Compose and validate every job a `netprobe train ARGS` command line would run, and check
     (or download) the data each needs.
 
@@ -87,7 +87,7 @@ def preflight(args: Sequence[str]) -> None:
         else:
             choices.append([text])
     # Hydra prints these and trains nothing, so they need no data on disk.
-    only_prints = bool({"--cfg", "-c", "--resolve"} & set(args))
+    only_prints = bool({"--cfg", "-c", "--resolve"} & set(args)) or not check_data
     prepared = set()
     combos = itertools.islice(itertools.product(*choices), 1000)
     for combo_index, combo in enumerate(combos):

@@ -180,6 +180,7 @@ class Monitor:
         seed: int = 0,
         flush_every: int = 100,
         on_nonfinite: str = "stop",
+        resume: Mapping[str, Any] | None = None,
     ) -> None:
         if on_nonfinite not in ON_NONFINITE:
             raise ConfigError(
@@ -216,19 +217,22 @@ class Monitor:
         self._last: dict[str, torch.Tensor | float] = {}
         self.best_val_acc: float | None = None
         self.closed = False
+        if resume is not None:
+            self.load_state_dict(resume)
         self.writer = RunWriter(
             out_dir,
             {
                 "seed": seed,
                 "probes": [p.name for p in self.probes],
-                "epochs_done": 0,
-                "steps_done": 0,
-                "best_val_acc": None,
+                "epochs_done": self.progress.epoch,
+                "steps_done": self.progress.step,
+                "best_val_acc": self.best_val_acc,
                 "final": {},
                 "probe_overhead": None,
                 "first_nonfinite_step": None,
                 **dict(info or {}),
             },
+            resume=resume is not None,
         )
         self.path = self.writer.path
         try:
@@ -236,10 +240,36 @@ class Monitor:
             self.writer.write_table(
                 "graph", rows_table("graph", [{"source": s, "target": t} for s, t in edges])
             )
-            self._run_probes("on_start")
+            if resume is None:  # a resumed run had its start captures the first time
+                self._run_probes("on_start")
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
             raise
+
+    # -- resuming: where training is, and what each probe carries between steps
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, best and latest results, and each probe's state; taken at an epoch end,
+        when nothing is buffered."""
+        return {
+            "step": self.progress.step,
+            "epoch": self.progress.epoch,
+            "best_val_acc": self.best_val_acc,
+            "last": self.latest(),
+            "probes": {
+                p.name: {"state": p.state_dict(), "last_capture": p._last_capture}
+                for p in self.probes
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.progress.step, self.progress.epoch = state["step"], state["epoch"]
+        self.best_val_acc = state["best_val_acc"]
+        self._last = dict(state["last"])
+        saved = state["probes"]
+        for probe in self.probes:
+            if probe.name in saved:
+                probe.load_state_dict(saved[probe.name]["state"])
+                probe._last_capture = saved[probe.name]["last_capture"]
 
     # -- the training loop's calls
     def after_backward(
