@@ -33,16 +33,24 @@ def check_probes(cfg: DictConfig) -> None:
                 data.channels, data.image_size, data.num_classes))  # fmt: skip
     if key in _checked_probes or not probes:
         return
+    # As many samples as the run's probe batches (settings may index into them), as a view of
+    # one blank image: no memory per sample.
+    n = max(2, int(data.probe_size))
+    x = torch.zeros(1, data.channels, data.image_size, data.image_size).expand(n, -1, -1, -1)
+    y = torch.zeros(1, dtype=torch.long).expand(n)
     try:
         model = build_model(cfg.model)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - a model that cannot be built fails the run anyway
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"model={cfg.model.name}: cannot build the model: {first}") from None
-    x = torch.zeros(2, data.channels, data.image_size, data.image_size)
-    y = torch.zeros(2, dtype=torch.long)
-    layers = layer_table(model, x)
+        raise ConfigError(f"model={cfg.model.name}: cannot build the model: {_line(exc)}") from None
+    try:
+        layers = layer_table(model, x)
+    except Exception as exc:  # noqa: BLE001 - the run's first forward pass would fail the same way
+        raise ConfigError(
+            f"model={cfg.model.name} fails on a batch of shape {list(x.shape)} "
+            f"(data.channels, data.image_size): {_line(exc)}"
+        ) from None
     progress = Progress()
     ctx = ProbeContext(
         model=model,
@@ -58,6 +66,12 @@ def check_probes(cfg: DictConfig) -> None:
     for probe in build_probes(ctx, probes):
         probe.close()
     _checked_probes.add(key)
+
+
+def _line(exc: BaseException) -> str:
+    """An exception's message on one line (Hydra puts the cause on the next one)."""
+    text = " ".join(str(exc).split())
+    return text[:300] if text else type(exc).__name__
 
 
 def check_output_dir(

@@ -56,6 +56,19 @@ TRAIN_CASES = {
         ["probes.gradient_flow.every=-3", "positive"],
     ),
     "every type": (["probes.gradients.every=often"], ["'often'", "positive", "'epoch'"]),
+    "custom model": (
+        ["model=custom", "model._target_=torch.nn.Linear"],
+        ["model=custom", "cannot build", "in_channels"],
+    ),
+    "weights bins": (
+        ["probes=[weights]", "probes.weights.bins=0"],
+        ["probes.weights.bins=0", "positive integer"],
+    ),
+    "range_factor": (
+        ["probes=[activations]", "probes.activations.range_factor=-1"],
+        ["probes.activations.range_factor=-1", "> 0"],
+    ),
+    "rwc mode": (["probes=[rwc]", "probes.rwc.mode=nope"], ["'nope'", "elementwise"]),
     # probe settings only the model can judge
     "layers": (
         ["model=cnn", "probes.gradients.layers=[nope\\..*]"],
@@ -165,3 +178,11 @@ def test_sweep_into_a_folder_holding_its_runs_is_refused(tmp_path, monkeypatch, 
     code, err = run_cli([*args, "optim.lr=0.5"], capsys)
     assert_one_line(code, err, [str(sweep / "0"), "already holds a run"])
     assert (sweep / "1" / ".hydra" / "config.yaml").read_text() == config
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_every_probe_passes_the_check_with_its_defaults(model):
+    from netprobe.checks import check_probes
+    from netprobe.config import compose
+
+    check_probes(compose([*TINY, f"model={model}", "probes=all"]))

@@ -57,14 +57,17 @@ def group_runs(runs: list[Run]) -> list[RunGroup]:
         return [RunGroup([runs[i] for i in next(iter(keys.values()))])]
     all_keys = set().union(*configs)
     varying = sorted(k for k in all_keys if len({str(c.get(k)) for c in configs}) > 1)
-    # A group's other keys (init.gain, ...) come with its option: `init=orthogonal` says it all.
+    # A group option that differs (model=cnn vs mlp) names the group; the keys it brings along
+    # (model.width, data.image_size...) differ because of it and would only lengthen the label.
     chosen = {k.removesuffix(".name") for k in varying if k.endswith(".name")}
-    shown = [k for k in varying if k.endswith(".name") or k.split(".")[0] not in chosen]
+    named = [k for k in varying if k.endswith(".name") or k.split(".")[0] not in chosen]
     groups = []
     for members in keys.values():
         values = {k: configs[members[0]].get(k) for k in varying}
-        label = ",".join(f"{k.removesuffix('.name')}={values[k]}" for k in shown)
-        groups.append(RunGroup([runs[i] for i in members], label=label, varying=values))
+        parts = {k.removesuffix(".name"): f"{k.removesuffix('.name')}={values[k]}" for k in named}
+        detail = ", ".join(p for k, p in parts.items() if k not in ("model", "data", "init"))
+        group = RunGroup([runs[i] for i in members], ",".join(parts.values()), values, detail)
+        groups.append(group)
     return sorted(groups, key=lambda g: g.label)
 
 

@@ -40,13 +40,15 @@ def channel_boxplots(group: RunGroup):
         (axes[0, 0], "absorption", "absorption: gradient each input channel receives"),
         (axes[1, 0], "emission", "emission: gradient each output channel sends back"),
     ):
-        positive = True
+        zeros_noted = False
         for k, (which, x) in enumerate(captures):
             data = [_values(df, name, layer, x) for layer in layers]
-            positive &= all((d > 0).all() for d in data if len(d))
+            # Log scale across layers whose magnitudes differ by decades; channels with exactly
+            # zero gradient (dead) cannot be drawn there, so each box says how many it leaves out.
+            positive = [d[d > 0] for d in data]
             offset = (k - (len(captures) - 1) / 2) * width
             ax.boxplot(
-                [d if len(d) else [np.nan] for d in data],
+                [d if len(d) else [np.nan] for d in positive],
                 positions=positions + offset,
                 widths=width * 0.85,
                 patch_artist=True,
@@ -55,8 +57,18 @@ def channel_boxplots(group: RunGroup):
                 flierprops={"markersize": 3, "markerfacecolor": COLORS[which], "alpha": 0.7},
                 manage_ticks=False,
             )
-        if positive:
-            ax.set_yscale("log")
+            for pos, d, p in zip(positions + offset, data, positive):
+                if len(d) > len(p):
+                    zeros_noted = True
+                    ax.annotate(
+                        f"{len(d) - len(p)}×0", (pos, 0), xycoords=("data", "axes fraction"),
+                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=7, color="tab:red",
+                        bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5},
+                    )  # fmt: skip
+        ax.set_yscale("log")
+        if zeros_noted:
+            title += "\n(red n×0: channels at exactly 0, left off the log axis)"
         ax.set_xticks(positions, [short(n) for n in layers], rotation=30, ha="right", fontsize=8)
         ax.set_xlim(-0.6, len(layers) - 0.4)
         ax.set_ylabel(f"{name}\n(sum of ‖LG‖_F)")

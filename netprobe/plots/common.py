@@ -29,6 +29,8 @@ class RunGroup:
     runs: list[Run]
     label: str = ""
     varying: dict[str, Any] = field(default_factory=dict)
+    # What tells this group apart beyond model, data and init (which the title always names).
+    detail: str = ""
 
     @property
     def n(self) -> int:
@@ -38,7 +40,7 @@ class RunGroup:
     def title(self) -> str:
         info = self.runs[0].info
         head = f"{info.get('model', '?')} on {info.get('data', '?')}, init {info.get('init', '?')}"
-        return f"{head} ({self.label})" if self.label else head
+        return f"{head} ({self.detail})" if self.detail else head
 
     def scalars(self, probe: str, metric: str | None = None) -> pd.DataFrame:
         """Scalars of every run in the group, with a `run` column (0..n-1)."""

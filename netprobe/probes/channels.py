@@ -11,8 +11,10 @@ absorption Ab_{c2} = Σ_{c1} ‖LG^{c1→c2}‖_F, norms over batch and space. R
 `emission` [C_out] and `absorption` [C_in] (row = the conv), and scalars `em_mean`, `em_std`,
 `ab_mean`, `ab_std` (population std over channels).
 
-All pairs of a block go through one grouped conv_transpose2d; blocks hold at most `chunk` channel
-pairs, so memory stays near chunk × B × H_in × W_in values whatever the layer's width.
+Wide layers need no map per pair: LG^{c1→c2} is linear in the kernel W[c1, c2], so its squared
+norm is a quadratic form in those k² weights with one k² × k² Gram matrix per output channel c1
+(`channel_pair_norms`). Output channels go `chunk` at a time, so memory stays near
+chunk × min(C_in, k²) × B × H_in × W_in values whatever the layer's width.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
-from netprobe.probes.module_outputs import module_outputs
+from netprobe.probes.module_outputs import module_outputs, to_float64
 
 METRICS = ["em_mean", "em_std", "ab_mean", "ab_std"]
 
@@ -44,6 +46,58 @@ def transpose_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return tuple(conv.padding)
 
 
+def _transpose_extra(
+    g: torch.Tensor,
+    kernel_size: tuple[int, int],
+    input_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int]:
+    """output_padding that makes conv_transpose2d reach the conv's input size.
+
+    It restores the rows a strided conv never reached; for an asymmetric `same` padding the
+    transpose comes out larger instead, and the caller crops it to the input size.
+    """
+    full = [
+        (o - 1) * s - 2 * p + d * (k - 1) + 1
+        for o, s, p, d, k in zip(g.shape[2:], stride, padding, dilation, kernel_size)
+    ]
+    return tuple(max(0, size - f) for size, f in zip(input_size, full))
+
+
+def spread_gradients(
+    g: torch.Tensor,
+    kernel_size: tuple[int, int],
+    input_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> torch.Tensor:
+    """U [B, C, k·k, H_in, W_in]: U[:, c, κ] = conv_transpose2d(g[:, c], e_κ), the output
+    gradient of channel c placed where kernel tap κ carries it back to the input.
+
+    Then LG^{c1→c2} = Σ_κ W[c1, c2, κ] U[:, c1, κ], since conv_transpose2d is linear in the kernel.
+    With one-hot kernels the values are copies of g, exact in any precision.
+    """
+    b, c = g.shape[:2]
+    kh, kw = kernel_size
+    taps = kh * kw
+    eye = torch.eye(taps, dtype=g.dtype, device=g.device).view(1, taps, kh, kw)
+    h, w = input_size
+    extra = _transpose_extra(g, kernel_size, input_size, stride, padding, dilation)
+    u = F.conv_transpose2d(
+        g,
+        eye.expand(c, taps, kh, kw),
+        stride=stride,
+        padding=padding,
+        output_padding=extra,
+        groups=c,
+        dilation=dilation,
+    )[:, :, :h, :w]
+    return u.reshape(b, c, taps, h, w)
+
+
 def channel_pair_norms(
     g: torch.Tensor,
     weight: torch.Tensor,
@@ -51,41 +105,48 @@ def channel_pair_norms(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
-    chunk: int = 256,
+    chunk: int = 16,
 ) -> torch.Tensor:
-    """‖LG^{c1→c2}‖_F for every pair, [C_out, C_in], with g [B, C_out, H_out, W_out].
+    """‖LG^{c1→c2}‖_F for every pair, [C_out, C_in] (float64), with g [B, C_out, H_out, W_out].
 
-    A block of k1 output channels × k2 input channels is one conv_transpose2d with groups = k1:
-    group c1 maps g[:, c1] through W[c1, c2] for each of the k2 input channels c2 at once.
+    Output channels go `chunk` at a time. With few input channels (C_in ≤ k²) each block's maps
+    LG^{c1→c2} are made outright, by one conv_transpose2d with groups = the block's channels.
+    With more, no map is made per pair: LG^{c1→c2} = U_{c1} w with w = W[c1, c2] flattened (see
+    `spread_gradients`), so ‖LG^{c1→c2}‖²_F = wᵀ A_{c1} w with the k² × k² Gram matrix
+    A_{c1} = U_{c1}ᵀ U_{c1} summed over batch and space, one per output channel for all its pairs.
+    Either way the memory is about chunk × min(C_in, k²) × B × H_in × W_in values.
     """
-    c_out, c_in = weight.shape[:2]
-    k2 = min(c_in, chunk)
-    k1 = max(1, chunk // k2)
+    c_out, c_in, kh, kw = weight.shape
+    taps = kh * kw
     h, w = input_size
-    # Output size of the transpose without output_padding; the rest of the input (rows the
-    # strided conv never reached) comes from output_padding, or is cropped for asymmetric `same`.
-    full = [
-        (o - 1) * s - 2 * p + d * (k - 1) + 1
-        for o, s, p, d, k in zip(g.shape[2:], stride, padding, dilation, weight.shape[2:])
-    ]
-    extra = tuple(max(0, size - f) for size, f in zip((h, w), full))
-    norms = torch.empty(c_out, c_in, dtype=torch.float32, device=g.device)
-    for a in range(0, c_out, k1):
-        n1 = min(k1, c_out - a)
-        for b in range(0, c_in, k2):
-            n2 = min(k2, c_in - b)
+    squares = []
+    if c_in <= taps:
+        extra = _transpose_extra(g, (kh, kw), input_size, stride, padding, dilation)
+        for a in range(0, c_out, chunk):
+            n = min(chunk, c_out - a)
             lg = F.conv_transpose2d(
-                g[:, a : a + n1],
-                weight[a : a + n1, b : b + n2],
+                g[:, a : a + n],
+                weight[a : a + n],
                 stride=stride,
                 padding=padding,
                 output_padding=extra,
-                groups=n1,
+                groups=n,
                 dilation=dilation,
             )[:, :, :h, :w]
-            norm = torch.linalg.vector_norm(lg, dim=(0, 2, 3), dtype=torch.float32)
-            norms[a : a + n1, b : b + n2] = norm.view(n1, n2)
-    return norms
+            squares.append(to_float64(lg).square().sum(dim=(0, 2, 3)).view(n, c_in))
+    else:
+        flat_w = to_float64(weight.reshape(c_out, c_in, taps))
+        for a in range(0, c_out, chunk):
+            u = spread_gradients(
+                g[:, a : a + chunk], (kh, kw), input_size, stride, padding, dilation
+            )
+            n = u.shape[1]
+            # [n, k², B·H·W] in float64: the Gram sums run over every batch element and pixel
+            u = to_float64(u.permute(1, 2, 0, 3, 4).reshape(n, taps, -1))
+            gram = u @ u.transpose(1, 2)
+            pair_w = flat_w[a : a + n]
+            squares.append(((pair_w @ gram) * pair_w).sum(dim=-1))  # wᵀ A w per (c1, c2)
+    return torch.cat(squares).clamp(min=0).sqrt()
 
 
 def emission_absorption(norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +159,7 @@ class Channels(Probe):
 
     name = "channels"
     default_at = ("end",)
-    options = {"chunk": 256}
+    options = {"chunk": 16}
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)

@@ -189,3 +189,15 @@ def test_feature_cap_and_mode() -> None:
 def test_bad_settings_fail_with_one_line(cfg: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         make_probe(small_cnn(), **cfg)
+
+
+def test_preflight_checks_sample_index_against_the_probe_batch() -> None:
+    from netprobe.checks import check_probes
+    from netprobe.config import compose
+
+    tiny = ["data=synthetic", "data.image_size=8", "data.probe_size=32", "model=cnn"]
+    check_probes(compose([*tiny, "probes=[augmentation]", "probes.augmentation.sample_index=20"]))
+    with pytest.raises(ConfigError, match="sample_index=32"):
+        check_probes(
+            compose([*tiny, "probes=[augmentation]", "probes.augmentation.sample_index=32"])
+        )

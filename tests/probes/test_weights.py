@@ -131,6 +131,8 @@ def test_every_metric_matches_numpy_over_captures() -> None:
         perturb(model, 0.4 * (epoch + 1), seed=epoch)
         snaps.append(snapshot(probe))
         next_epoch(probe)
+    # Nothing the probe keeps or records is tied to the autograd graph of the parameters.
+    assert not probe.edges.requires_grad and not probe.initial_norm.requires_grad
     hists = check_against_reference(probe, snaps, initial)
     # The perturbations push values out of the fixed range: the tails are really exercised.
     assert hists["below"].sum() > 0 and hists["above"].sum() > 0
@@ -138,7 +140,6 @@ def test_every_metric_matches_numpy_over_captures() -> None:
 
 @pytest.mark.parametrize("params", ["weights", "all"])
 def test_out_of_range_counts_and_values_on_edges(params: str) -> None:
-    # With the bias the two tensors share one chunk; alone, the weight takes the one-tensor path.
     model = nn.Sequential(nn.Linear(4, 2))
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[0.5, -0.25, 0.0, 0.1], [0.2, -0.3, 0.4, -0.5]]))
@@ -301,11 +302,11 @@ def test_bad_options_are_config_errors(key: str, value) -> None:
         make_probe(small_model(), **{key: value})
 
 
-def test_chunks_split_anywhere_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tensors_reduced_in_slices_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     from netprobe.probes import distributions
 
-    # Chunks of at most 7 elements: every tensor of more than 7 becomes a chunk of its own.
-    monkeypatch.setattr(distributions, "CHUNK", 7)
+    # Slices of at most 7 elements: every tensor is reduced piece by piece.
+    monkeypatch.setattr(distributions, "SLICE", 7)
     model = small_model()
     probe = make_probe(model, params="all")
     initial = snapshot(probe)
