@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,39 @@ def evaluate(model: nn.Module, batches: Batches, autocast: Any) -> tuple[float, 
     model.train(was_training)
     n = max(batches.n, 1)
     return float(loss_sum) / n, float(correct) / n
+
+
+def train_step(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    mon: netprobe.Monitor,
+    log_every: int = 1,
+    place: distributed.Distributed | None = None,
+) -> None:
+    """One optimizer step with the monitor's two calls around it. Nothing here reads a value
+    back to the host (precision 16 aside: GradScaler checks for inf once per step)."""
+    with autocast():
+        logits = forward(x)
+        loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    acc = (logits.argmax(1) == y).float().mean() if mon.progress.step % log_every == 0 else None
+    batch_size = len(y)
+    if place is not None and place.enabled:
+        # The whole global batch's loss and accuracy, as one process would record them.
+        pair = torch.stack([loss.detach(), loss.new_zeros(()) if acc is None else acc])
+        pair = distributed.mean_over_ranks(pair, place)
+        loss, acc = pair[0], None if acc is None else pair[1]
+        batch_size *= place.world_size
+    mon.after_backward(loss, acc=acc, batch_size=batch_size)
+    scaler.step(optimizer)
+    scaler.update()
+    mon.after_step()
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> str:
@@ -237,23 +271,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
                 break
             steps_at_start = mon.progress.step
             for x, y in train_batches:
-                with autocast():
-                    logits = forward(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                step = mon.progress.step
-                acc = (logits.argmax(1) == y).float().mean() if step % t.log_every == 0 else None
-                if place.enabled:
-                    # The whole global batch's loss and accuracy, as one process would record.
-                    pair = torch.stack([loss.detach(), loss.new_zeros(()) if acc is None else acc])
-                    pair = distributed.mean_over_ranks(pair, place)
-                    loss, acc = pair[0], None if acc is None else pair[1]
-                mon.after_backward(loss, acc=acc, batch_size=len(y) * place.world_size)
-                scaler.step(optimizer)
-                scaler.update()
-                mon.after_step()
+                train_step(forward, x, y, optimizer, scaler, autocast, mon, t.log_every, place)
                 progress.advance(mon)
                 bad = nonfinite_step(mon.progress.step % t.flush_every == 0)
                 if bad is not None:
