@@ -40,7 +40,7 @@ class Recorder:
     ) -> None:
         """Values [len(layers), len(metrics)] for the current step."""
         if not isinstance(values, torch.Tensor):
-            values = torch.as_tensor(values)
+            values = torch.as_tensor(values, dtype=torch.float64)  # not float32: lr 1e-3 stays
         elif values.requires_grad:
             values = values.detach()
         self._scalars.append(
@@ -166,8 +166,20 @@ def _probe_configs(probes: ProbeSpec) -> dict[str, dict[str, Any]]:
 
 def build_probes(ctx: ProbeContext, probes: ProbeSpec) -> list[Probe]:
     """The enabled probes, built on `ctx`; bad settings raise ConfigError before anything exists."""
-    configs = _probe_configs(probes)
-    return [PROBES[name](ctx, **cfg) for name, cfg in configs.items() if cfg.get("enabled", True)]
+    built: list[Probe] = []
+    try:
+        for name, cfg in _probe_configs(probes).items():
+            if cfg.get("enabled", True):
+                built.append(PROBES[name](ctx, **cfg))
+    except BaseException:
+        close_probes(built)  # their hooks must not stay on the user's model
+        raise
+    return built
+
+
+def close_probes(probes: list[Probe]) -> None:
+    for probe in probes:
+        probe.close()
 
 
 class Monitor:
@@ -229,24 +241,13 @@ class Monitor:
         self._last: dict[str, torch.Tensor | float] = {}
         self.best_val_acc: float | None = None
         self.closed = False
-        if resume is not None:
-            self.load_state_dict(resume)
-        self.writer = RunWriter(
-            out_dir,
-            {
-                "seed": seed,
-                "probes": [p.name for p in self.probes],
-                "epochs_done": self.progress.epoch,
-                "steps_done": self.progress.step,
-                "best_val_acc": self.best_val_acc,
-                "final": {},
-                "probe_overhead": None,
-                "flush_overhead": None,
-                "first_nonfinite_step": None,
-                **dict(info or {}),
-            },
-            resume=resume is not None,
-        )
+        try:
+            if resume is not None:
+                self.load_state_dict(resume)
+            self.writer = self._writer(out_dir, info, seed, resume is not None)
+        except BaseException:
+            close_probes(self.probes)
+            raise
         self.path = self.writer.path
         try:
             self.writer.write_table("layers", rows_table("layers", [asdict(r) for r in layers]))
@@ -258,6 +259,23 @@ class Monitor:
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
             raise
+
+    def _writer(
+        self, out_dir: str | os.PathLike, info: Mapping[str, Any] | None, seed: int, resume: bool
+    ) -> RunWriter:
+        initial = {
+            "seed": seed,
+            "probes": [p.name for p in self.probes],
+            "epochs_done": self.progress.epoch,
+            "steps_done": self.progress.step,
+            "best_val_acc": self.best_val_acc,
+            "final": {},
+            "probe_overhead": None,
+            "flush_overhead": None,
+            "first_nonfinite_step": None,
+            **dict(info or {}),
+        }
+        return RunWriter(out_dir, initial, resume=resume)
 
     # -- resuming: where training is, and what each probe carries between steps
     def state_dict(self) -> dict[str, Any]:
@@ -401,8 +419,7 @@ class Monitor:
                 self._run_probes("on_end")
             self.flush()
         finally:
-            for probe in self.probes:
-                probe.close()
+            close_probes(self.probes)
             final = {k: v for k, v in self.latest().items() if math.isfinite(v)}
             wall = time.perf_counter() - self._t0
             self.writer.close(
