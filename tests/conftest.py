@@ -42,6 +42,19 @@ def train_tiny() -> Callable[..., Path]:
     return make
 
 
+@pytest.fixture(scope="session")
+def train_seeds(train_tiny: Callable[..., Path]) -> Callable[..., Path]:
+    """`train_seeds(root, "model=cnn")` trains `train_tiny` runs root/seed0 and root/seed1 (or
+    the given `seeds`) that differ only by seed, and returns root: one figure group."""
+
+    def make(root: Path, *overrides: str, seeds: tuple[int, ...] = (0, 1)) -> Path:
+        for seed in seeds:
+            train_tiny(root / f"seed{seed}", *overrides, f"seed={seed}")
+        return root
+
+    return make
+
+
 @pytest.fixture
 def tiny_run(tmp_path: Path, train_tiny: Callable[..., Path]) -> Callable[..., Run]:
     """`tiny_run("model=cnn", "probes=[gradients]")` trains a tiny run and returns it loaded."""

@@ -37,6 +37,12 @@ class RunGroup:
         return len(self.runs)
 
     @property
+    def seed_note(self) -> str:
+        """Names the run a one-run figure draws, e.g. `seed 0 (1 of 3 runs)`."""
+        seed = self.runs[0].info.get("seed")
+        return f"seed {seed}" + (f" (1 of {self.n} runs)" if self.n > 1 else "")
+
+    @property
     def title(self) -> str:
         info = self.runs[0].info
         head = f"{info.get('model', '?')} on {info.get('data', '?')}, init {info.get('init', '?')}"

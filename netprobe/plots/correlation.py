@@ -189,7 +189,7 @@ def correlation_grid(group: RunGroup):
         return None
     df = df.assign(x=epochs_done(run, df["step"], df["epoch"]))
     names = group.ordered(pd.concat([df["row"], df["col"]]))
-    which = f", seed {run.info.get('seed')}" + (f" (1 of {group.n} runs)" if group.n > 1 else "")
+    which = f", {group.seed_note}"
     figures = {}
     for x in sorted(df["x"].unique()):
         suffix = "start" if x == 0 else f"epoch{x:04d}"

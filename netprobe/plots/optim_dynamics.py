@@ -104,8 +104,7 @@ def _sign_data(group: RunGroup):
         return None
     layers = group.ordered(df["row"])
     codes, epochs, widths = sign_matrix(df, layers)
-    which = f"seed {run.info.get('seed')}" + (f" (1 of {group.n} runs)" if group.n > 1 else "")
-    return codes, epochs, widths, layers, which
+    return codes, epochs, widths, layers, group.seed_note
 
 
 def _sign_legend(ax, zero: float) -> None:

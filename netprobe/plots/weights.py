@@ -42,8 +42,7 @@ def grid_shape(n: int, max_cols: int = 4) -> tuple[int, int]:
 
 def first_run(group: RunGroup) -> tuple[int, str]:
     """Distributions are drawn from one run (bins differ between runs): its index and a note."""
-    seed = group.runs[0].info.get("seed")
-    return 0, f"seed {seed}" + (f" (1 of {group.n} runs)" if group.n > 1 else "")
+    return 0, group.seed_note
 
 
 def draw_first_last(ax: Axes, first: pd.Series, last: pd.Series) -> None:

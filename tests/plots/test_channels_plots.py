@@ -14,17 +14,9 @@ from netprobe.plots.common import FIGURES, RunGroup
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, train_tiny) -> Path:
+def runs(tmp_path_factory: pytest.TempPathFactory, train_seeds) -> Path:
     root = tmp_path_factory.mktemp("channels")
-    for seed in (0, 1):
-        overrides = [
-            "model=cnn",
-            f"seed={seed}",
-            "probes=[channels]",
-            "probes.channels.at=[start,end]",
-        ]
-        train_tiny(root / f"seed{seed}", *overrides)
-    return root
+    return train_seeds(root, "model=cnn", "probes=[channels]", "probes.channels.at=[start,end]")
 
 
 def test_stored_vectors_and_scalars(runs: Path) -> None:

@@ -18,11 +18,9 @@ NAMES = ["corr_mean_heatmap", "cka_heatmap", "corr_mean_evolution", "correlation
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, train_tiny) -> Path:
+def runs(tmp_path_factory: pytest.TempPathFactory, train_seeds) -> Path:
     root = tmp_path_factory.mktemp("correlation")
-    for model, seed in (("cnn", 0), ("cnn", 1)):
-        overrides = [f"model={model}", f"seed={seed}", "probes=[correlation]"]
-        train_tiny(root / model / f"seed{seed}", *overrides)
+    train_seeds(root / "cnn", "model=cnn", "probes=[correlation]")
     return root
 
 

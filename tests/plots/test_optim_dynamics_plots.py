@@ -19,11 +19,9 @@ NAMES = ["optim_dynamics_curves", "grad_sign_map", "grad_sign_map_zoom"]
 
 
 @pytest.fixture(scope="module")
-def two_seeds(tmp_path_factory: pytest.TempPathFactory, train_tiny) -> Path:
+def two_seeds(tmp_path_factory: pytest.TempPathFactory, train_seeds) -> Path:
     root = tmp_path_factory.mktemp("optim_dynamics")
-    for seed in (0, 1):
-        train_tiny(root / f"seed{seed}", "model=cnn", "probes=[optim_dynamics]", f"seed={seed}")
-    return root
+    return train_seeds(root, "model=cnn", "probes=[optim_dynamics]")
 
 
 def test_stored_metrics_and_sign_map(two_seeds: Path) -> None:

@@ -16,12 +16,9 @@ NAMES = ["rwc_curves", "rwc_heatmap"]
 
 
 @pytest.fixture(scope="module")
-def two_seeds(tmp_path_factory: pytest.TempPathFactory, train_tiny) -> Path:
+def two_seeds(tmp_path_factory: pytest.TempPathFactory, train_seeds) -> Path:
     root = tmp_path_factory.mktemp("rwc")
-    for seed in (0, 1):
-        overrides = ["model=cnn", "probes=[rwc]", "trainer.epochs=3", f"seed={seed}"]
-        train_tiny(root / f"seed{seed}", *overrides)
-    return root
+    return train_seeds(root, "model=cnn", "probes=[rwc]", "trainer.epochs=3")
 
 
 def test_figures_render(two_seeds: Path, tmp_path: Path) -> None:

@@ -17,12 +17,9 @@ NAMES = ["weights_histograms", "weights_evolution", "weights_stats"]
 
 
 @pytest.fixture(scope="module")
-def two_seeds(tmp_path_factory: pytest.TempPathFactory, train_tiny) -> Path:
+def two_seeds(tmp_path_factory: pytest.TempPathFactory, train_seeds) -> Path:
     root = tmp_path_factory.mktemp("weights")
-    for seed in (0, 1):
-        overrides = ["model=cnn", "probes=[weights]", "probes.weights.params=all", f"seed={seed}"]
-        train_tiny(root / f"seed{seed}", *overrides)
-    return root
+    return train_seeds(root, "model=cnn", "probes=[weights]", "probes.weights.params=all")
 
 
 def test_figures_render(two_seeds: Path, tmp_path: Path) -> None:
