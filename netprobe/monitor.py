@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from netprobe.divergence import ON_NONFINITE, NonfiniteWatch
 from netprobe.errors import ConfigError
 from netprobe.probes import PROBES, Probe, ProbeContext, Progress
-from netprobe.store import RunWriter, ScalarBlock, rows_table, scalar_table
+from netprobe.probes.gradients import stat_dtype
+from netprobe.store import RunWriter, rows_table, scalar_table
 from netprobe.structure import layer_table, module_graph
 
 Number = float | int | torch.Tensor
@@ -38,7 +39,10 @@ class Recorder:
         self, probe: str, layers: list[str], metrics: list[str], values: torch.Tensor | Number
     ) -> None:
         """Values [len(layers), len(metrics)] for the current step."""
-        values = torch.as_tensor(values).detach()
+        if not isinstance(values, torch.Tensor):
+            values = torch.as_tensor(values)
+        elif values.requires_grad:
+            values = values.detach()
         self._scalars.append(
             (self.progress.step, self.progress.epoch, probe, layers, metrics, values)
         )
@@ -80,14 +84,8 @@ class Recorder:
         """Everything buffered so far, on the host, as Arrow tables; the buffers are emptied."""
         tables: dict[str, pa.Table] = {}
         if self._scalars:
-            flat = _to_host([v for *_, v in self._scalars], torch.float64)
-            blocks = [
-                ScalarBlock(
-                    step, epoch, probe, layers, metrics, v.reshape(len(layers), len(metrics))
-                )
-                for (step, epoch, probe, layers, metrics, _), v in zip(self._scalars, flat)
-            ]
-            tables["scalars"] = scalar_table(blocks)
+            values = _to_host_flat([v for *_, v in self._scalars], torch.float64)
+            tables["scalars"] = scalar_table(self._scalars, values)
         if self._hists:
             edges = _to_host([h[5] for h in self._hists], torch.float64)
             counts = _to_host([h[6] for h in self._hists], torch.int64)
@@ -126,6 +124,15 @@ class Recorder:
         return tables
 
 
+def _to_host_flat(tensors: list[torch.Tensor], dtype: torch.dtype) -> np.ndarray:
+    """The tensors flattened and concatenated, in order, on the host: one copy per device."""
+    devices = {t.device for t in tensors}
+    if len(devices) == 1:
+        # cat promotes mixed dtypes itself: one conversion for all, not one per tensor.
+        return torch.cat([t.reshape(-1) for t in tensors]).to(dtype).cpu().numpy()
+    return np.concatenate(_to_host(tensors, dtype))
+
+
 def _to_host(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[np.ndarray]:
     """One device-to-host copy per device for a list of tensors; returns flat numpy pieces."""
     by_device: dict[torch.device, list[int]] = {}
@@ -133,10 +140,10 @@ def _to_host(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[np.ndarray
         by_device.setdefault(t.device, []).append(i)
     out: list[np.ndarray] = [np.empty(0)] * len(tensors)
     for indices in by_device.values():
-        flat = torch.cat([tensors[i].reshape(-1).to(dtype) for i in indices]).cpu().numpy()
-        sizes = np.cumsum([tensors[i].numel() for i in indices])[:-1]
-        for i, piece in zip(indices, np.split(flat, sizes)):
-            out[i] = piece
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).to(dtype).cpu().numpy()
+        ends = np.cumsum([tensors[i].numel() for i in indices]).tolist()
+        for i, start, end in zip(indices, [0, *ends], ends):
+            out[i] = flat[start:end]
     return out
 
 
@@ -180,6 +187,7 @@ class Monitor:
         seed: int = 0,
         flush_every: int = 100,
         on_nonfinite: str = "stop",
+        resume: Mapping[str, Any] | None = None,
     ) -> None:
         if on_nonfinite not in ON_NONFINITE:
             raise ConfigError(
@@ -210,25 +218,34 @@ class Monitor:
         # Probes are built before anything is written, so bad probe settings leave no trace.
         self.probes: list[Probe] = build_probes(ctx, probes)
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self._device = self._params[0].device if self._params else torch.device("cpu")
+        # Time inside probes: host time, and on a GPU the time between CUDA events around them
+        # (kernels run after the host has moved on), read back at flushes, which sync anyway.
         self._probe_time = 0.0
+        self._probe_events: list[tuple[torch.cuda.Event, torch.cuda.Event, float]] = []
+        self._flush_time = 0.0
         self._samples = 0
         self._flush_t = time.perf_counter()
         self._last: dict[str, torch.Tensor | float] = {}
         self.best_val_acc: float | None = None
         self.closed = False
+        if resume is not None:
+            self.load_state_dict(resume)
         self.writer = RunWriter(
             out_dir,
             {
                 "seed": seed,
                 "probes": [p.name for p in self.probes],
-                "epochs_done": 0,
-                "steps_done": 0,
-                "best_val_acc": None,
+                "epochs_done": self.progress.epoch,
+                "steps_done": self.progress.step,
+                "best_val_acc": self.best_val_acc,
                 "final": {},
                 "probe_overhead": None,
+                "flush_overhead": None,
                 "first_nonfinite_step": None,
                 **dict(info or {}),
             },
+            resume=resume is not None,
         )
         self.path = self.writer.path
         try:
@@ -236,10 +253,36 @@ class Monitor:
             self.writer.write_table(
                 "graph", rows_table("graph", [{"source": s, "target": t} for s, t in edges])
             )
-            self._run_probes("on_start")
+            if resume is None:  # a resumed run had its start captures the first time
+                self._run_probes("on_start")
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
             raise
+
+    # -- resuming: where training is, and what each probe carries between steps
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, best and latest results, and each probe's state; taken at an epoch end,
+        when nothing is buffered."""
+        return {
+            "step": self.progress.step,
+            "epoch": self.progress.epoch,
+            "best_val_acc": self.best_val_acc,
+            "last": self.latest(),
+            "probes": {
+                p.name: {"state": p.state_dict(), "last_capture": p._last_capture}
+                for p in self.probes
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.progress.step, self.progress.epoch = state["step"], state["epoch"]
+        self.best_val_acc = state["best_val_acc"]
+        self._last = dict(state["last"])
+        saved = state["probes"]
+        for probe in self.probes:
+            if probe.name in saved:
+                probe.load_state_dict(saved[probe.name]["state"])
+                probe._last_capture = saved[probe.name]["last_capture"]
 
     # -- the training loop's calls
     def after_backward(
@@ -257,7 +300,8 @@ class Monitor:
             self._last["acc"] = acc
         grads = [p.grad for p in self._params if p.grad is not None]
         if grads:
-            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)))
+            norms = torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))
+            total = torch.linalg.vector_norm(torch.stack(norms))
             rec.scalars("train", [""], ["grad_l2_total"], total.reshape(1, 1))
         if self.optimizer is not None:
             rec.scalars("train", [""], ["lr"], float(self.optimizer.param_groups[0]["lr"]))
@@ -292,10 +336,28 @@ class Monitor:
 
     # -- bookkeeping
     def _run_probes(self, hook: str) -> None:
+        if not self.probes:
+            return
+        cuda = self._device.type == "cuda"
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         t = time.perf_counter()
         for probe in self.probes:
             getattr(probe, hook)()
-        self._probe_time += time.perf_counter() - t
+        host = time.perf_counter() - t
+        if cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._probe_events.append((start, end, host))
+        else:
+            self._probe_time += host
+
+    def _settle_probe_time(self) -> None:
+        for start, end, host in self._probe_events:
+            end.synchronize()
+            self._probe_time += max(host, start.elapsed_time(end) / 1e3)
+        self._probe_events = []
 
     def flush(self) -> None:
         """Move everything buffered to the host and write one part file per table."""
@@ -304,9 +366,15 @@ class Monitor:
             rate = self._samples / max(now - self._flush_t, 1e-9)
             self.record.scalars("train", [""], ["samples_per_s"], rate)
         self._samples, self._flush_t = 0, now
+        if self._device.type == "cuda":
+            # Waiting for the queued training work is not the flush's cost; the drain waits anyway.
+            torch.cuda.synchronize(self._device)
+        t = time.perf_counter()
         for name, table in self.record.drain().items():
             self.writer.append(name, table)
         self.nonfinite.settle()  # the drain has just synced: the exact answer costs nothing more
+        self._settle_probe_time()
+        self._flush_time += time.perf_counter() - t
 
     @property
     def nonfinite_step(self) -> int | None:
@@ -344,7 +412,9 @@ class Monitor:
                 steps_done=self.progress.step,
                 best_val_acc=self.best_val_acc,
                 final=final,
+                # Fractions of wall time: inside probes, and writing what they recorded.
                 probe_overhead=self._probe_time / wall if wall > 0 else None,
+                flush_overhead=self._flush_time / wall if wall > 0 else None,
                 first_nonfinite_step=first,
                 **info,
             )

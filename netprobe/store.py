@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 RUN_FILE = "run.json"
@@ -113,29 +114,58 @@ class ScalarBlock:
     values: np.ndarray  # [len(layers), len(metrics)] float64
 
 
-def scalar_table(blocks: Iterable[ScalarBlock]) -> pa.Table:
-    """Assemble many blocks into one scalars table without per-row Python work."""
-    blocks = list(blocks)
+def scalar_table(
+    blocks: Iterable[ScalarBlock | tuple[int, int, str, list[str], list[str], Any]],
+    values: np.ndarray | None = None,
+) -> pa.Table:
+    """Assemble many blocks into one scalars table without per-row Python work.
+
+    Blocks are ScalarBlocks or (step, epoch, probe, layers, metrics, values) tuples; `values`, when
+    given, holds every block's values flat, in block order, and the blocks' own are ignored.
+    Blocks with the same probe, layers and metrics (one per step from each probe) share their
+    dictionary codes, so the Python work is one dict lookup per block; the rest is numpy.
+    """
+    blocks = [
+        (b.step, b.epoch, b.probe, b.layers, b.metrics, b.values)
+        if isinstance(b, ScalarBlock)
+        else b
+        for b in blocks
+    ]
     probes, layers, metrics = _Interner(), _Interner(), _Interner()
-    steps, epochs, p_codes, l_codes, m_codes, values = [], [], [], [], [], []
-    for b in blocks:
-        n_l, n_m = len(b.layers), len(b.metrics)
-        n = n_l * n_m
-        steps.append(np.full(n, b.step, np.int64))
-        epochs.append(np.full(n, b.epoch, np.int32))
-        p_codes.append(np.full(n, probes.code(b.probe), np.int32))
-        l_codes.append(np.repeat(layers.codes(b.layers), n_m))
-        m_codes.append(np.tile(metrics.codes(b.metrics), n_l))
-        values.append(np.asarray(b.values, np.float64).reshape(n))
+    shapes: dict[tuple, tuple[int, np.ndarray, np.ndarray]] = {}
+    n_blocks = len(blocks)
+    sizes = np.empty(n_blocks, np.int64)
+    steps = np.empty(n_blocks, np.int64)
+    epochs = np.empty(n_blocks, np.int32)
+    p_codes = np.empty(n_blocks, np.int32)
+    l_parts, m_parts = [], []
+    for i, (step, epoch, probe, layer_names, metric_names, _) in enumerate(blocks):
+        key = (probe, tuple(layer_names), tuple(metric_names))
+        codes = shapes.get(key)
+        if codes is None:
+            n_m = len(metric_names)
+            codes = shapes[key] = (
+                probes.code(probe),
+                np.repeat(layers.codes(layer_names), n_m),
+                np.tile(metrics.codes(metric_names), len(layer_names)),
+            )
+        p_codes[i], l_code, m_code = codes
+        sizes[i], steps[i], epochs[i] = len(l_code), step, epoch
+        l_parts.append(l_code)
+        m_parts.append(m_code)
     cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+    if values is None:
+        values = cat([np.asarray(b[5], np.float64).reshape(-1) for b in blocks], np.float64)
+    if len(values) != sizes.sum():
+        raise ValueError(f"{len(values)} values for {sizes.sum()} (layer, metric) pairs")
     return pa.Table.from_arrays(
         [
-            pa.array(cat(steps, np.int64)),
-            pa.array(cat(epochs, np.int32)),
-            _dict_array(cat(p_codes, np.int32), probes.names),
-            _dict_array(cat(l_codes, np.int32), layers.names),
-            _dict_array(cat(m_codes, np.int32), metrics.names),
-            pa.array(cat(values, np.float64)),
+            pa.array(np.repeat(steps, sizes)),
+            pa.array(np.repeat(epochs, sizes)),
+            _dict_array(np.repeat(p_codes, sizes), probes.names),
+            _dict_array(cat(l_parts, np.int32), layers.names),
+            _dict_array(cat(m_parts, np.int32), metrics.names),
+            pa.array(np.asarray(values, np.float64)),
         ],
         schema=SCHEMAS["scalars"],
     )
@@ -188,14 +218,20 @@ class RunWriter:
             self.lock.release()
             raise
         self._parts = {t: _next_part(self.path / t) for t in TABLES}
+        # Resuming keeps what run.json said (when it started, ...) and notes when it went on.
+        before = Run(self.path).info if resume else {}
+        before.pop("stop_reason", None)
+        resumed = [*before.get("resumed_at", []), now_iso()] if resume else []
         self.info = {
+            **before,
             "netprobe_version": _version(),
             "status": "running",
-            "started_at": now_iso(),
+            "started_at": before.get("started_at", now_iso()),
             "ended_at": None,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "error": None,
+            **({"resumed_at": resumed} if resumed else {}),
             **info,
         }
         self._write_info()
@@ -227,8 +263,41 @@ class RunWriter:
         folder.mkdir(exist_ok=True)
         part = folder / f"part-{self._parts[name]:06d}.parquet"
         self._parts[name] += 1
-        _atomic_write_bytes(part, lambda tmp: pq.write_table(table, tmp))
+        _atomic_write_bytes(part, lambda tmp: pq.write_table(table, tmp, **_write_options(table)))
         return part
+
+
+def drop_rows_after(path: str | os.PathLike, epoch: int) -> int:
+    """Remove every stored row of an epoch after `epoch` (resuming from the checkpoint taken at
+    its end); part files are rewritten atomically, emptied ones removed. Returns rows removed."""
+    removed = 0
+    for name in TABLES:
+        for part in sorted((Path(path) / name).glob("part-*.parquet")):
+            table = pq.read_table(part)
+            keep = pc.less_equal(table["epoch"], epoch)
+            kept = table.filter(keep)
+            if kept.num_rows == table.num_rows:
+                continue
+            removed += table.num_rows - kept.num_rows
+            if kept.num_rows == 0:
+                part.unlink()
+            else:
+                _atomic_write_bytes(part, lambda tmp, t=kept: pq.write_table(t, tmp))
+    return removed
+
+
+def _write_options(table: pa.Table) -> dict[str, Any]:
+    """Dictionary pages for the name columns only, and statistics only where readers filter:
+    dictionary-encoding random float values wastes a third of the write time and space."""
+    names = [
+        f.name for f in table.schema if pa.types.is_dictionary(f.type) or f.type == pa.string()
+    ]
+    keys = [
+        f.name
+        for f in table.schema
+        if not (pa.types.is_floating(f.type) or pa.types.is_list(f.type))
+    ]
+    return {"use_dictionary": names, "write_statistics": keys}
 
 
 def _next_part(folder: Path) -> int:
@@ -255,6 +324,7 @@ class Run:
         if not isinstance(info, dict):
             raise ValueError(f"{self.path / RUN_FILE} holds {type(info).__name__}, not an object")
         self.info: dict[str, Any] = info
+        self._cache: dict[str, tuple[tuple, pa.Table]] = {}
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.status!r})"
@@ -295,16 +365,42 @@ class Run:
         return _read_file(self.path / "graph.parquet", "graph")
 
     def _read(self, table: str, **equal: str | None) -> pd.DataFrame:
-        filters = [(k, "=", v) for k, v in equal.items() if v is not None] or None
-        parts = []
-        for part in sorted((self.path / table).glob("part-*.parquet")):
-            try:
-                parts.append(pq.read_table(part, filters=filters))
-            except (pa.ArrowException, OSError, ValueError) as exc:
-                warnings.warn(f"skipping unreadable part file {part}: {_short(exc)}", stacklevel=3)
-        if not parts:
-            return _plain(SCHEMAS[table].empty_table())
-        return _plain(pa.concat_tables(parts, promote_options="permissive"))
+        data = self._table(table)
+        for column, value in equal.items():
+            if value is not None:
+                data = data.filter(pc.equal(data[column], value))
+        return _plain(data)
+
+    def _table(self, table: str) -> pa.Table:
+        """All part files of `table` as one Arrow table, read once while the parts stay the same
+        (figures query one table many times; a run still training gets new parts)."""
+        parts = sorted((self.path / table).glob("part-*.parquet"))
+        key = tuple((p.name, p.stat().st_size) for p in parts)
+        cached = self._cache.get(table)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        data = _read_parts(parts, table)
+        self._cache[table] = (key, data)
+        return data
+
+
+def _read_parts(parts: list[Path], table: str) -> pa.Table:
+    if not parts:
+        return SCHEMAS[table].empty_table()
+    try:
+        # One multi-threaded scan of every part: twice as fast as a read per file.
+        return pq.read_table([str(p) for p in parts])
+    except (pa.ArrowException, OSError, ValueError):
+        pass  # some part is damaged or differs: read them one by one, skipping the bad ones
+    tables = []
+    for part in parts:
+        try:
+            tables.append(pq.read_table(part))
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            warnings.warn(f"skipping unreadable part file {part}: {_short(exc)}", stacklevel=4)
+    if not tables:
+        return SCHEMAS[table].empty_table()
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def _read_file(path: Path, table: str) -> pd.DataFrame:

@@ -125,3 +125,50 @@ def test_parts_are_numbered_and_load_runs_finds_runs(tmp_path):
     assert runs[0].scalars(metric="loss")["value"].tolist() == [0.0, 1.0, 2.0]
     with pytest.raises(FileNotFoundError):
         netprobe.load(tmp_path)
+
+
+def test_recorded_scalars_keep_their_order_and_values(tmp_path):
+    """Blocks that repeat a (probe, layers, metrics) shape share codes; rows stay in block order."""
+    import numpy as np
+    import torch
+
+    from netprobe.monitor import Recorder
+    from netprobe.probes import Progress
+
+    progress = Progress()
+    rec = Recorder(progress)
+    expected = []
+    for step in range(3):
+        progress.step = step
+        grads = torch.arange(6, dtype=torch.float32).reshape(3, 2) + 10 * step
+        rec.scalars("gradients", ["a", "b", "c"], ["l1", "l2"], grads)
+        rec.scalars("train", [""], ["lr"], 0.5 * step)  # a Python number among tensors
+        rec.scalars("gradients", ["a", "c"], ["l1", "l2"], torch.ones(2, 2, dtype=torch.float64))
+        for (layer, metric), value in zip(
+            [(layer, m) for layer in "abc" for m in ("l1", "l2")], grads.reshape(-1).tolist()
+        ):
+            expected.append((step, "gradients", layer, metric, value))
+        expected.append((step, "train", "", "lr", 0.5 * step))
+        expected += [(step, "gradients", layer, m, 1.0) for layer in "ac" for m in ("l1", "l2")]
+    writer = RunWriter(tmp_path, {})
+    writer.append("scalars", rec.drain()["scalars"])
+    df = netprobe.load(tmp_path).scalars()
+    got = list(zip(df["step"], df["probe"], df["layer"], df["metric"], df["value"]))
+    assert got == expected
+    assert np.all(df["epoch"] == 0)
+    with pytest.raises(ValueError, match="values for"):
+        scalar_table([ScalarBlock(0, 0, "p", ["a"], ["m"], [[1.0]])], values=np.zeros(2))
+
+
+def test_reading_sees_new_parts_and_skips_damaged_ones(tmp_path):
+    writer = RunWriter(tmp_path, {})
+    for step in range(2):
+        block = ScalarBlock(step, 0, "train", [""], ["loss"], [[float(step)]])
+        writer.append("scalars", scalar_table([block]))
+    run = netprobe.load(tmp_path)
+    assert run.scalars(metric="loss")["value"].tolist() == [0.0, 1.0]
+    writer.append("scalars", scalar_table([ScalarBlock(2, 0, "train", [""], ["loss"], [[2.0]])]))
+    assert run.scalars(metric="loss")["value"].tolist() == [0.0, 1.0, 2.0]
+    (tmp_path / "scalars" / "part-000001.parquet").write_bytes(b"not parquet")
+    with pytest.warns(UserWarning, match="part-000001"):
+        assert run.scalars()["value"].tolist() == [0.0, 2.0]

@@ -75,6 +75,8 @@ class RunGroup:
     def ordered(self, names: Any) -> list[str]:
         """`names` sorted in forward order (unknown names last, alphabetically)."""
         rank = self.layer_rank
+        if isinstance(names, (pd.Series, pd.Index, np.ndarray)):
+            names = pd.unique(names)  # iterating a long string column item by item is slow
         return sorted(set(names), key=lambda n: (rank.get(n, len(rank)), n))
 
 

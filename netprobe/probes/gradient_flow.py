@@ -8,11 +8,15 @@ one ReLU per block). The probe records them once, as matrices named `edge` (row 
 col = target).
 
 ∂L/∂y is read with tensor hooks on the module outputs. A permanent forward hook on each tracked
-module adds them only during the forward of a capture step (ctx.progress.step is t during the
-forward of step t), and they are removed once the step's backward is read, so between capture
-steps no tensor hook exists. A hook on the output tensor itself, unlike a module backward hook,
-keeps working when an in-place activation overwrites that output afterwards: it reports the
-gradient with respect to the value the module produced.
+module adds them only during the forward of a capture step (the probe arms itself in `on_start`
+and `after_step` for the step to come), and they are removed once the step's backward is read, so
+between capture steps no tensor hook exists. Under torch.compile the hooks read only that one
+bool, so the compiled graph has two variants (armed, unarmed) instead of a recompile per step,
+and adding the tensor hooks runs eagerly (a graph break on capture steps only).
+
+A hook on the output tensor itself, unlike a module backward hook, keeps working when an in-place
+activation overwrites that output afterwards: it reports the gradient with respect to the value
+the module produced.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ from torch.utils.hooks import RemovableHandle
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.gradients import stat_dtype
 from netprobe.structure import module_graph
 
 
 def node_gradient_norms(grads: list[torch.Tensor], node_of_grad: torch.Tensor, nodes: int):
     """`w_grad_l2` = ‖∂L/∂W‖₂ over all of a node's parameters: √Σ_{p ∈ node} ‖g_p‖₂², per node."""
-    squares = torch.stack(torch._foreach_norm(grads, 2)).square()
+    squares = torch.stack(torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))).square()
     total = torch.zeros(nodes, dtype=squares.dtype, device=squares.device)
     return total.index_add_(0, node_of_grad, squares).sqrt()
 
@@ -81,7 +86,8 @@ class GradientFlow(Probe):
             if p.requires_grad
         ]
         self._node_index: dict[tuple[torch.device, tuple[int, ...]], Any] = {}
-        self._pass = 0  # forward passes of the whole model so far
+        self._armed = False  # whether the coming forward is a capture step's
+        self._pass = 0  # forward passes of the whole model while armed
         self._stash: dict[str, tuple[int, torch.Tensor]] = {}  # module -> (pass, Σ‖∂L/∂y‖²)
         self._tensor_hooks: list[RemovableHandle] = []
         self._module_hooks: list[RemovableHandle] = [
@@ -91,11 +97,19 @@ class GradientFlow(Probe):
 
     # -- hooks on the model
     def _on_model_forward(self, _module: nn.Module, _args: Any) -> None:
-        self._pass += 1
+        if self._armed:
+            self._count_pass()
 
     def _on_forward(self, name: str, _module: nn.Module, _inputs: Any, output: Any) -> None:
-        if not torch.is_grad_enabled() or not self.due():
-            return
+        if self._armed and torch.is_grad_enabled():
+            self._watch(name, output)
+
+    @torch.compiler.disable
+    def _count_pass(self) -> None:
+        self._pass += 1
+
+    @torch.compiler.disable
+    def _watch(self, name: str, output: Any) -> None:
         for tensor in _tensors(output):
             if tensor.requires_grad:
                 hook = partial(self._on_output_grad, name, self._pass)
@@ -115,6 +129,7 @@ class GradientFlow(Probe):
     def on_start(self) -> None:
         for source, target in self.edges:
             self.ctx.record.matrix(self.name, "edge", source, target, torch.ones(1))
+        self._armed = self.due()
         super().on_start()
 
     def after_backward(self) -> None:
@@ -122,6 +137,13 @@ class GradientFlow(Probe):
             return
         self._record_output_grads()
         self._record_weight_grads()
+
+    def after_step(self) -> None:
+        self._armed = self.due(self.ctx.progress.step + 1)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # A resumed run skips on_start: arm for its first step here.
+        self._armed = self.due()
 
     def close(self) -> None:
         for handle in self._module_hooks + self._tensor_hooks:

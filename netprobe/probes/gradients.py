@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from netprobe.probes.base import Probe
@@ -9,16 +11,29 @@ from netprobe.probes.base import Probe
 METRICS = ["l1", "l2", "mean_abs", "max_abs", "nonfinite"]
 
 
+def stat_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    """float64 for float64 tensors, else float32: statistics of low-precision tensors in float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@functools.lru_cache(maxsize=64)
+def _sizes(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # Made once per device and set of tensors: no host-to-device copy per step.
+    return torch.tensor(sizes, device=device)
+
+
 def gradient_stats(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per tensor [l1 = Σ|g|, l2 = √Σg², mean_abs = l1/numel, max_abs = max|g|,
     nonfinite = #(g is NaN or ±inf)], and ‖g‖₂ overall.
 
-    Fused multi-tensor kernels for the norms; nothing leaves the device.
+    Fused multi-tensor kernels for the norms; nothing leaves the device. Half-precision gradients
+    are summed in float32 (a bf16 sum over a large tensor keeps ~3 significant digits).
     """
-    l1 = torch.stack(torch._foreach_norm(grads, 1))
-    l2 = torch.stack(torch._foreach_norm(grads, 2))
-    max_abs = torch.stack(torch._foreach_norm(grads, float("inf")))
-    sizes = torch.tensor([g.numel() for g in grads], device=l1.device)
+    dtype = stat_dtype(grads)
+    l1 = torch.stack(torch._foreach_norm(grads, 1, dtype=dtype))
+    l2 = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype))
+    max_abs = torch.stack(torch._foreach_norm(grads, float("inf"), dtype=dtype))
+    sizes = _sizes(tuple(g.numel() for g in grads), l1.device)
     # Counted in int64, so a few bad entries in a huge tensor are not lost to float rounding.
     nonfinite = sizes - torch.stack([torch.isfinite(g).sum() for g in grads])
     return (
