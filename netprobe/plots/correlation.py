@@ -9,8 +9,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 
-from netprobe.plots.common import RunGroup, band, figure, new_figure, short
-from netprobe.plots.gradients import matplotlib_colors
+from netprobe.plots.common import RunGroup, figure, layer_colors, mean_band, new_figure, short
 from netprobe.store import Run
 
 PROBE = "correlation"
@@ -152,32 +151,21 @@ def corr_mean_evolution(group: RunGroup):
     if df is None:
         return None
     names = group.ordered(pd.concat([df["row"], df["col"]]))
-    colors = dict(zip(names, matplotlib_colors(len(names))))
+    colors = layer_colors(names)
     fig, axes = new_figure(1, 2, size=(5.6, 4.2))
     panels = [
         (axes[0, 0], [(n, n) for n in names], "within a layer"),
         (axes[0, 1], list(zip(names[:-1], names[1:])), "between consecutive layers"),
     ]
-    markers = df["x"].nunique() <= 30
+    markers_upto = 30 if df["x"].nunique() <= 30 else 0  # dots on every curve or on none
     for ax, pairs, title in panels:
         for a, b in pairs:
             part = df[(df["row"] == a) & (df["col"] == b)]
             if part.empty:
                 continue
             value = part["values"].map(lambda v: float(v[0]))
-            stats = part.assign(value=value).groupby("x")["value"].agg(["mean", "std"]).fillna(0)
             label = short(a) if a == b else f"{short(a, 14)} → {short(b, 14)}"
-            band(
-                ax,
-                stats.index.to_numpy(),
-                stats["mean"].to_numpy(),
-                stats["std"].to_numpy(),
-                group.n,
-                label=label,
-                color=colors[a],
-                marker="o" if markers else None,
-                markersize=3,
-            )
+            mean_band(ax, part.assign(value=value), "x", group.n, label, colors[a], markers_upto)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch (0 = before training)")
         ax.set_ylabel("mean(max(C, 0))")
@@ -201,7 +189,7 @@ def correlation_grid(group: RunGroup):
         return None
     df = df.assign(x=epochs_done(run, df["step"], df["epoch"]))
     names = group.ordered(pd.concat([df["row"], df["col"]]))
-    which = f", seed {run.info.get('seed')}" + (f" (1 of {group.n} runs)" if group.n > 1 else "")
+    which = f", {group.seed_note}"
     figures = {}
     for x in sorted(df["x"].unique()):
         suffix = "start" if x == 0 else f"epoch{x:04d}"

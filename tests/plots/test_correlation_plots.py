@@ -10,30 +10,17 @@ import pytest
 import torch.nn as nn
 
 import netprobe
-from netprobe.config import compose
 from netprobe.plots import plot
 from netprobe.plots.common import FIGURES, RunGroup
 from netprobe.plots.correlation import CORR_CMAP, epochs_done, pair_matrix
-from netprobe.train import train
 
-TINY = [
-    "data=synthetic",
-    "data.num_samples=256",
-    "data.image_size=8",
-    "data.batch_size=32",
-    "data.probe_size=32",
-    "trainer.epochs=2",
-    "trainer.flush_every=5",
-]
 NAMES = ["corr_mean_heatmap", "cka_heatmap", "corr_mean_evolution", "correlation_grid"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def runs(tmp_path_factory: pytest.TempPathFactory, train_seeds) -> Path:
     root = tmp_path_factory.mktemp("correlation")
-    for model, seed in (("cnn", 0), ("cnn", 1)):
-        cfg = compose([*TINY, f"model={model}", f"seed={seed}", "probes=[correlation]"])
-        train(cfg, root / model / f"seed{seed}")
+    train_seeds(root / "cnn", "model=cnn", "probes=[correlation]")
     return root
 
 
