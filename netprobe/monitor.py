@@ -416,7 +416,7 @@ class Monitor:
                 status, error = "diverged", f"non-finite loss at step {first}"
         try:
             if status == "completed":
-                self._run_probes("on_end")
+                self._end_captures()
             self.flush()
         finally:
             close_probes(self.probes)
@@ -435,6 +435,16 @@ class Monitor:
                 first_nonfinite_step=first,
                 **info,
             )
+
+    def _end_captures(self) -> None:
+        """The `end` captures, stored under the epoch they follow (the last one trained), as an
+        epoch-end capture at the same step is: every capture's epoch is the epoch behind it."""
+        done = self.progress.epoch
+        self.progress.epoch = max(done - 1, 0)
+        try:
+            self._run_probes("on_end")
+        finally:
+            self.progress.epoch = done
 
     def __enter__(self) -> Monitor:
         return self

@@ -19,7 +19,7 @@ def _last_capture(group: RunGroup, name: str | None = None):
         return None
     step = df["step"].max()
     df = df[df["step"] == step]
-    x = epochs_done(run, [step], [df["epoch"].iloc[0]])[0]
+    x = epochs_done([step], [df["epoch"].iloc[0]])[0]
     return df, run, f"{when(x)}, {group.seed_note}"
 
 

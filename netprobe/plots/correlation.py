@@ -10,7 +10,6 @@ import pandas as pd
 from matplotlib.axes import Axes
 
 from netprobe.plots.common import RunGroup, figure, layer_colors, mean_band, new_figure, short
-from netprobe.store import Run
 
 PROBE = "correlation"
 # Correlations are signed: a diverging map centred at 0, red positive, blue negative.
@@ -18,31 +17,15 @@ CORR_CMAP = "RdBu_r"
 MAX_ANNOTATED = 12  # heatmaps with more layers than this get no numbers in their cells
 
 
-def epochs_done(run: Run, steps: Iterable[int], epochs: Iterable[int]) -> list[int]:
-    """Epochs completed at each capture: 0 before the first step, N after the N-th epoch.
-
-    An epoch-end capture stores the epoch just finished (0-based, so N − 1), while an `end`
-    capture runs after the last epoch has been counted and stores N itself = run.json's
-    `epochs_done`.
-    """
-    done = run.info.get("epochs_done")
-    out = []
-    for step, epoch in zip(steps, epochs):
-        if step == 0:
-            out.append(0)
-        elif done is not None and epoch >= done:
-            out.append(int(done))
-        else:
-            out.append(int(epoch) + 1)
-    return out
+def epochs_done(steps: Iterable[int], epochs: Iterable[int]) -> list[int]:
+    """Epochs completed at each capture: 0 before the first step, e + 1 after epoch e (every
+    capture, `end` ones too, stores the 0-based epoch it follows)."""
+    return [0 if step == 0 else int(epoch) + 1 for step, epoch in zip(steps, epochs)]
 
 
-def with_epochs(group: RunGroup, df: pd.DataFrame) -> pd.DataFrame:
+def with_epochs(df: pd.DataFrame) -> pd.DataFrame:
     """`df` (with a `run` column) plus `x`: the epochs completed at each of its captures."""
-    x = pd.Series(0, index=df.index, dtype=int)
-    for r, part in df.groupby("run"):
-        x[part.index] = epochs_done(group.runs[int(r)], part["step"], part["epoch"])
-    return df.assign(x=x)
+    return df.assign(x=epochs_done(df["step"], df["epoch"]))
 
 
 def when(x: int) -> str:
@@ -89,7 +72,7 @@ def _pair_values(group: RunGroup, name: str) -> pd.DataFrame | None:
     df = group.matrices(PROBE, name)
     if df.empty:
         return None
-    return with_epochs(group, df)
+    return with_epochs(df)
 
 
 def _pair_heatmaps(group: RunGroup, name: str, title: str, caption: str, vmax: float | None):
@@ -187,7 +170,7 @@ def correlation_grid(group: RunGroup):
     df = run.matrices(PROBE, "C")
     if df.empty:
         return None
-    df = df.assign(x=epochs_done(run, df["step"], df["epoch"]))
+    df = df.assign(x=epochs_done(df["step"], df["epoch"]))
     names = group.ordered(pd.concat([df["row"], df["col"]]))
     which = f", {group.seed_note}"
     figures = {}
