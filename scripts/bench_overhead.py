@@ -224,7 +224,9 @@ def run_case(
         for v in variants:
             if v.monitor is None:
                 continue
-            for _ in range(3):
+            for i in range(3):
+                # A step first: a probe captures at most once per step.
+                v.step(*batches[i % len(batches)])
                 synchronize(device)
                 t0 = time.perf_counter()
                 v.monitor.end_epoch()  # epoch captures, then a flush (timed apart)

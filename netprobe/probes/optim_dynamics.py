@@ -12,6 +12,7 @@ metrics need from the gradient side (retained, flipped, sign of g_t − g_{t−1
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -44,6 +45,22 @@ def segment_sums(flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(list(flat.split(sizes)), 1))
 
 
+def segment_counts(masks: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+    """#True in each consecutive segment of each flat bool mask, as [len(sizes), len(masks)] int64.
+
+    The masks are stacked and each segment summed across all of them at once: a few kernels for
+    every count of a step instead of a cast and a reduction per mask, and exact integer counts.
+    """
+    stacked = torch.stack(masks)
+    return torch.stack([part.sum(dim=1) for part in stacked.split(sizes, dim=1)])
+
+
+@functools.lru_cache(maxsize=64)
+def _numel(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Made once per device: no host-to-device copy per step.
+    return torch.tensor(sizes, dtype=dtype, device=device)
+
+
 def _count_dtype(x: torch.Tensor) -> torch.dtype:
     # Counts in half precision would be wrong beyond a few thousand elements.
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -68,20 +85,19 @@ def gradient_dynamics(
     and flipped with the sign of g_t − g_{t−1} (which, across a flip, is the sign of g_t).
     """
     dtype = _count_dtype(g)
-    numel = torch.tensor(sizes, dtype=dtype, device=g.device)
-    count = lambda mask: segment_sums(mask.to(dtype), sizes)  # noqa: E731
+    numel = _numel(tuple(sizes), dtype, g.device)
     a = g.abs()
-    z = a <= zero_threshold
-    n_tiny, n_zero = count(a <= tiny_threshold), count(z)
+    tiny, z = a <= tiny_threshold, a <= zero_threshold
     if g_prev is None:
-        return torch.stack([n_tiny / numel, n_zero / numel], dim=1), None, None
+        counts = segment_counts([tiny, z], sizes).to(dtype)
+        return counts / numel[:, None], None, None
     z_prev = g_prev.abs() <= zero_threshold
     # Signs, not the product g_{t−1}·g_t, so that two tiny opposite gradients cannot underflow to 0.
     flipped = (g * g_prev.sign()) < 0
     retained = z_prev & z
     flipped_retained = retained & flipped
-    n_prev, n_retained = count(z_prev), count(retained)
-    n_flip_retained, n_flip = count(flipped_retained), count(flipped)
+    counts = segment_counts([tiny, z, z_prev, retained, flipped_retained, flipped], sizes)
+    n_tiny, n_zero, n_prev, n_retained, n_flip_retained, n_flip = counts.to(dtype).unbind(1)
     one = torch.ones((), dtype=dtype, device=g.device)
     metrics = torch.stack(
         [
@@ -118,8 +134,7 @@ def update_dynamics(
     moved = segment_sums(torch.where(retained, dw.abs(), 0), sizes)
     # On flipped elements code = ±2 carries the sign of g_t − g_{t−1}; elsewhere it is masked out.
     direction = torch.where(code.abs() == FLIP_UP, dw * code, 0)
-    local_min = segment_sums((direction > 0).to(dtype), sizes)
-    local_max = segment_sums((direction < 0).to(dtype), sizes)
+    local_min, local_max = segment_counts([direction > 0, direction < 0], sizes).to(dtype).unbind(1)
     mean_moved = moved / torch.clamp(n_retained.to(dtype), min=1)
     return torch.stack([wdiff_l2, mean_moved, local_min, local_max], dim=1)
 
