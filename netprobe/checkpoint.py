@@ -1,7 +1,8 @@
 """Checkpoints in a run's `checkpoints/` folder (SPEC §3): the model after an epoch, and more.
 
 `start.pt` holds the weights before the first step, `epoch-NNNN.pt` the state after epoch NNNN
-(counted from 0, as the stored tables count), and `last.pt` the latest of them, for resuming.
+(counted from 0, as the stored tables count), and `last.pt` the state after the latest whole
+epoch, for resuming (netprobe.resume).
 """
 
 from __future__ import annotations

@@ -66,11 +66,16 @@ def _show_warning(
 
 def train_command(args: list[str]) -> int:
     from netprobe.config import preflight
+    from netprobe.distributed import launched
+    from netprobe.resume import check_command_line
     from netprobe.train import hydra_main
 
     hydra_info = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
     if not hydra_info & set(args):
-        preflight(args)
+        check_command_line(args)
+        # Under torchrun only rank 0 checks (or downloads) the data; the others wait for it
+        # when they join the process group.
+        preflight(args, check_data=launched().is_main)
     return hydra_main(args)
 
 
@@ -83,9 +88,9 @@ def plot_command(args: list[str]) -> int:
     parser.add_argument("--out", help="output folder (default: PATH/figures for one PATH)")
     parser.add_argument("--format", default="png", help="comma-separated: png, svg, pdf")
     parser.add_argument("--only", help="comma-separated figure names (see the list below)")
-    from netprobe.plots import FIGURES, plot
+    from netprobe.plots import COMPARISONS, FIGURES, plot
 
-    parser.epilog = "figures: " + ", ".join(FIGURES)
+    parser.epilog = "figures: " + ", ".join([*FIGURES, *COMPARISONS])
     ns = _parse(parser, args)
     if isinstance(ns, int):
         return ns

@@ -56,11 +56,12 @@ _FLAGS_WITH_VALUE = {
 }  # fmt: skip
 
 
-def preflight(args: Sequence[str]) -> None:
+def preflight(args: Sequence[str], check_data: bool = True) -> None:
     """Compose and validate every job a `netprobe train ARGS` command line would run, and check
     (or download) the data each needs.
 
-    Hydra's own flags and `hydra.*` overrides are left to Hydra; sweeps (`seed=0,1,2`) are expanded.
+    Hydra's own flags and `hydra.*` overrides are left to Hydra; sweeps (`seed=0,1,2`) are expanded,
+    with `-m` also those a preset lists in `hydra.sweeper.params` (the command line wins).
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -86,8 +87,16 @@ def preflight(args: Sequence[str]) -> None:
             choices.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
         else:
             choices.append([text])
+    if {"-m", "--multirun"} & set(args):
+        given = {text.split("=", 1)[0].lstrip("+~") for text in overrides}
+        swept = [a for a in args if re.match(r"^\+*hydra\.sweeper\.params\.", a)]
+        for key, value in _sweeper_params([c[0] for c in choices], swept).items():
+            if key not in given:
+                ov = OverridesParser.create().parse_override(f"{key}={value}")
+                values = ov.sweep_string_iterator() if ov.is_sweep_override() else [value]
+                choices.append([f"{key}={v}" for v in values])
     # Hydra prints these and trains nothing, so they need no data on disk.
-    only_prints = bool({"--cfg", "-c", "--resolve"} & set(args))
+    only_prints = bool({"--cfg", "-c", "--resolve"} & set(args)) or not check_data
     prepared = set()
     combos = itertools.islice(itertools.product(*choices), 1000)
     for combo_index, combo in enumerate(combos):
@@ -104,6 +113,25 @@ def preflight(args: Sequence[str]) -> None:
     if not only_prints:
         # After every job's own checks: the run folder, or the sweep's folder and its job folders.
         check_output_dir(args, first_combo, resume=resume, jobs=combo_index + 1)
+
+
+def _sweeper_params(overrides: list[str], extra: list[str]) -> dict[str, str]:
+    """`hydra.sweeper.params` of the config that `overrides` compose (a preset's own sweep)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            try:
+                cfg = hydra_compose(CONFIG_NAME, [*overrides, *extra], return_hydra_config=True)
+            except Exception as exc:  # noqa: BLE001 - the same errors compose() explains
+                raise _explain(exc, overrides, hydra_compose) from None
+    finally:
+        GlobalHydra.instance().clear()
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    return {str(k): str(v) for k, v in params.items()}
 
 
 def _first_line(exc: BaseException) -> str:

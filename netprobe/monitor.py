@@ -40,7 +40,7 @@ class Recorder:
     ) -> None:
         """Values [len(layers), len(metrics)] for the current step."""
         if not isinstance(values, torch.Tensor):
-            values = torch.as_tensor(values)
+            values = torch.as_tensor(values, dtype=torch.float64)  # not float32: lr 1e-3 stays
         elif values.requires_grad:
             values = values.detach()
         self._scalars.append(
@@ -166,8 +166,20 @@ def _probe_configs(probes: ProbeSpec) -> dict[str, dict[str, Any]]:
 
 def build_probes(ctx: ProbeContext, probes: ProbeSpec) -> list[Probe]:
     """The enabled probes, built on `ctx`; bad settings raise ConfigError before anything exists."""
-    configs = _probe_configs(probes)
-    return [PROBES[name](ctx, **cfg) for name, cfg in configs.items() if cfg.get("enabled", True)]
+    built: list[Probe] = []
+    try:
+        for name, cfg in _probe_configs(probes).items():
+            if cfg.get("enabled", True):
+                built.append(PROBES[name](ctx, **cfg))
+    except BaseException:
+        close_probes(built)  # their hooks must not stay on the user's model
+        raise
+    return built
+
+
+def close_probes(probes: list[Probe]) -> None:
+    for probe in probes:
+        probe.close()
 
 
 class Monitor:
@@ -187,6 +199,7 @@ class Monitor:
         seed: int = 0,
         flush_every: int = 100,
         on_nonfinite: str = "stop",
+        resume: Mapping[str, Any] | None = None,
     ) -> None:
         if on_nonfinite not in ON_NONFINITE:
             raise ConfigError(
@@ -228,31 +241,66 @@ class Monitor:
         self._last: dict[str, torch.Tensor | float] = {}
         self.best_val_acc: float | None = None
         self.closed = False
-        self.writer = RunWriter(
-            out_dir,
-            {
-                "seed": seed,
-                "probes": [p.name for p in self.probes],
-                "epochs_done": 0,
-                "steps_done": 0,
-                "best_val_acc": None,
-                "final": {},
-                "probe_overhead": None,
-                "flush_overhead": None,
-                "first_nonfinite_step": None,
-                **dict(info or {}),
-            },
-        )
+        try:
+            if resume is not None:
+                self.load_state_dict(resume)
+            self.writer = self._writer(out_dir, info, seed, resume is not None)
+        except BaseException:
+            close_probes(self.probes)
+            raise
         self.path = self.writer.path
         try:
             self.writer.write_table("layers", rows_table("layers", [asdict(r) for r in layers]))
             self.writer.write_table(
                 "graph", rows_table("graph", [{"source": s, "target": t} for s, t in edges])
             )
-            self._run_probes("on_start")
+            if resume is None:  # a resumed run had its start captures the first time
+                self._run_probes("on_start")
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
             raise
+
+    def _writer(
+        self, out_dir: str | os.PathLike, info: Mapping[str, Any] | None, seed: int, resume: bool
+    ) -> RunWriter:
+        initial = {
+            "seed": seed,
+            "probes": [p.name for p in self.probes],
+            "epochs_done": self.progress.epoch,
+            "steps_done": self.progress.step,
+            "best_val_acc": self.best_val_acc,
+            "final": {},
+            "probe_overhead": None,
+            "flush_overhead": None,
+            "first_nonfinite_step": None,
+            **dict(info or {}),
+        }
+        return RunWriter(out_dir, initial, resume=resume)
+
+    # -- resuming: where training is, and what each probe carries between steps
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, best and latest results, and each probe's state; taken at an epoch end,
+        when nothing is buffered."""
+        return {
+            "step": self.progress.step,
+            "epoch": self.progress.epoch,
+            "best_val_acc": self.best_val_acc,
+            "last": self.latest(),
+            "probes": {
+                p.name: {"state": p.state_dict(), "last_capture": p._last_capture}
+                for p in self.probes
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.progress.step, self.progress.epoch = state["step"], state["epoch"]
+        self.best_val_acc = state["best_val_acc"]
+        self._last = dict(state["last"])
+        saved = state["probes"]
+        for probe in self.probes:
+            if probe.name in saved:
+                probe.load_state_dict(saved[probe.name]["state"])
+                probe._last_capture = saved[probe.name]["last_capture"]
 
     # -- the training loop's calls
     def after_backward(
@@ -368,11 +416,10 @@ class Monitor:
                 status, error = "diverged", f"non-finite loss at step {first}"
         try:
             if status == "completed":
-                self._run_probes("on_end")
+                self._end_captures()
             self.flush()
         finally:
-            for probe in self.probes:
-                probe.close()
+            close_probes(self.probes)
             final = {k: v for k, v in self.latest().items() if math.isfinite(v)}
             wall = time.perf_counter() - self._t0
             self.writer.close(
@@ -388,6 +435,16 @@ class Monitor:
                 first_nonfinite_step=first,
                 **info,
             )
+
+    def _end_captures(self) -> None:
+        """The `end` captures, stored under the epoch they follow (the last one trained), as an
+        epoch-end capture at the same step is: every capture's epoch is the epoch behind it."""
+        done = self.progress.epoch
+        self.progress.epoch = max(done - 1, 0)
+        try:
+            self._run_probes("on_end")
+        finally:
+            self.progress.epoch = done
 
     def __enter__(self) -> Monitor:
         return self

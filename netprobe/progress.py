@@ -12,9 +12,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class TrainProgress:
     """Advances once per step; reads the loss only when the monitor has flushed (no extra syncs)."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, quiet: bool = False) -> None:
         self.console = Console(stderr=True)
-        self.live = self.console.is_terminal
+        self.live = self.console.is_terminal and not quiet
+        self.quiet = quiet
         self.total = total
         self._bar: Progress | None = None
 
@@ -48,5 +49,5 @@ class TrainProgress:
         )
         if self._bar is not None:
             self._bar.update(self._task, status=text)
-        else:
+        elif not self.quiet:
             print(text, file=sys.stderr, flush=True)

@@ -218,14 +218,20 @@ class RunWriter:
             self.lock.release()
             raise
         self._parts = {t: _next_part(self.path / t) for t in TABLES}
+        # Resuming keeps what run.json said (when it started, ...) and notes when it went on.
+        before = Run(self.path).info if resume else {}
+        before.pop("stop_reason", None)
+        resumed = [*before.get("resumed_at", []), now_iso()] if resume else []
         self.info = {
+            **before,
             "netprobe_version": _version(),
             "status": "running",
-            "started_at": now_iso(),
+            "started_at": before.get("started_at", now_iso()),
             "ended_at": None,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "error": None,
+            **({"resumed_at": resumed} if resumed else {}),
             **info,
         }
         self._write_info()
@@ -259,6 +265,25 @@ class RunWriter:
         self._parts[name] += 1
         _atomic_write_bytes(part, lambda tmp: pq.write_table(table, tmp, **_write_options(table)))
         return part
+
+
+def drop_rows_after(path: str | os.PathLike, epoch: int) -> int:
+    """Remove every stored row of an epoch after `epoch` (resuming from the checkpoint taken at
+    its end); part files are rewritten atomically, emptied ones removed. Returns rows removed."""
+    removed = 0
+    for name in TABLES:
+        for part in sorted((Path(path) / name).glob("part-*.parquet")):
+            table = pq.read_table(part)
+            keep = pc.less_equal(table["epoch"], epoch)
+            kept = table.filter(keep)
+            if kept.num_rows == table.num_rows:
+                continue
+            removed += table.num_rows - kept.num_rows
+            if kept.num_rows == 0:
+                part.unlink()
+            else:
+                _atomic_write_bytes(part, lambda tmp, t=kept: pq.write_table(t, tmp))
+    return removed
 
 
 def _write_options(table: pa.Table) -> dict[str, Any]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import netprobe
+from netprobe import distributed, resume
 from netprobe.checkpoint import checkpoint_path, save_checkpoint
 from netprobe.config import validate
 from netprobe.data import Batches, build_data, fixed_batch, keep_on_device
@@ -110,6 +113,7 @@ def train_step(
     autocast: Callable[[], contextlib.AbstractContextManager],
     mon: netprobe.Monitor,
     log_every: int = 1,
+    place: distributed.Distributed | None = None,
 ) -> None:
     """One optimizer step with the monitor's two calls around it. Nothing here reads a value
     back to the host (precision 16 aside: GradScaler checks for inf once per step)."""
@@ -120,18 +124,31 @@ def train_step(
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     acc = (logits.argmax(1) == y).float().mean() if mon.progress.step % log_every == 0 else None
-    mon.after_backward(loss, acc=acc, batch_size=len(y))
+    batch_size = len(y)
+    if place is not None and place.enabled:
+        # The whole global batch's loss and accuracy, as one process would record them.
+        pair = torch.stack([loss.detach(), loss.new_zeros(()) if acc is None else acc])
+        pair = distributed.mean_over_ranks(pair, place)
+        loss, acc = pair[0], None if acc is None else pair[1]
+        batch_size *= place.world_size
+    mon.after_backward(loss, acc=acc, batch_size=batch_size)
     scaler.step(optimizer)
     scaler.update()
     mon.after_step()
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> str:
-    """Train as `cfg` says, with its probes attached, into `run_dir`; returns the final status."""
+    """Train as `cfg` says, with its probes attached, into `run_dir`; returns the final status.
+
+    Under torchrun every rank calls this; rank 0's `run_dir` is used and only rank 0 writes.
+    With `trainer.resume`, training continues from the run's last checkpoint (netprobe.resume).
+    """
     validate(cfg)
     t = cfg.trainer
     seed_everything(cfg.seed, t.deterministic)
-    device = resolve_device(t.device)
+    place, device = distributed.setup(resolve_device(t.device))
+    run_dir = Path(distributed.from_main(str(run_dir), place))
+    state = resume.start(cfg, run_dir, writes=place.is_main)
     data = build_data(cfg.data)
     model = build_model(cfg.model)
     initialize(model, cfg.init)
@@ -148,6 +165,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         on_device=on_device,
         num_workers=cfg.data.num_workers,
         augment=cfg.data.augment,
+        rank=place.rank,
+        world_size=place.world_size,
     )
     val_batches = Batches(data, "val", 512, device, shuffle=False, on_device=on_device)
     probe_batch = fixed_batch(data, "train", cfg.data.probe_size, device)
@@ -161,9 +180,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         else contextlib.nullcontext
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "16")
-    forward = torch.compile(model) if t.compile else model
+    forward = distributed.wrap(model, place, device)
+    forward = torch.compile(forward) if t.compile else forward
 
-    run_dir = Path(run_dir)
     info = {
         "name": cfg.name,
         "device": str(device),
@@ -177,26 +196,45 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
     }
     probes = OmegaConf.to_container(cfg.probes, resolve=True) or {}
     total_steps = t.epochs * len(train_batches)
-    progress = TrainProgress(total=min(t.max_steps or total_steps, total_steps))
-    mon = netprobe.attach(
-        model,
-        run_dir,
-        probes=probes,
-        probe_batch=probe_batch,
-        loss_fn=F.cross_entropy,
-        valid_batch=valid_batch,
-        optimizer=optimizer,
-        info=info,
-        seed=cfg.seed,
-        flush_every=t.flush_every,
-        on_nonfinite=t.get("on_nonfinite", "stop"),
-    )
-    # Only now, with the probes built and the directory ours, is anything written.
-    if not (run_dir / ".hydra" / "config.yaml").exists():
-        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    if place.is_main:
+        mon = netprobe.attach(
+            model,
+            run_dir,
+            probes=probes,
+            probe_batch=probe_batch,
+            loss_fn=F.cross_entropy,
+            valid_batch=valid_batch,
+            optimizer=optimizer,
+            info={**info, "world_size": place.world_size},
+            seed=cfg.seed,
+            flush_every=t.flush_every,
+            on_nonfinite=t.get("on_nonfinite", "stop"),
+            resume=state["monitor"] if state else None,
+        )
+        # Only now, with the probes built and the directory ours, is anything written.
+        if not (run_dir / ".hydra" / "config.yaml").exists():
+            (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    else:
+        mon = distributed.FollowerMonitor(on_nonfinite=t.get("on_nonfinite", "stop"))
+        if state:
+            mon.load_state_dict(state["monitor"])
+    first_epoch = 0
+    if state:
+        first_epoch = resume.restore(
+            state,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            batches=train_batches,
+        )
+    total = min(t.max_steps or total_steps, total_steps) - mon.progress.step
+    progress = TrainProgress(total=max(total, 0), quiet=not place.is_main)
 
     def checkpoint(name: int | str, epoch: int) -> None:
+        if not place.is_main:
+            return
         save_checkpoint(
             checkpoint_path(run_dir, name),
             model,
@@ -205,35 +243,58 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             optimizer=optimizer,
             scheduler=scheduler.state_dict() if scheduler is not None else None,
             scaler=scaler.state_dict(),
+            # What resuming needs besides: probe state and where the data order is.
+            monitor=mon.state_dict(),
+            data=train_batches.state_dict(),
         )
 
     stop_reason = None
     stop_on_nonfinite = mon.on_nonfinite == "stop"
+
+    def nonfinite_step(sync_point: bool) -> int | None:
+        """The first step with a non-finite loss, when training should stop for it. Under DDP
+        every rank must stop at the same step: rank 0's answer is shared, at the points where
+        it syncs with the device anyway (flushes, epoch ends)."""
+        if not stop_on_nonfinite:
+            return None
+        if not place.enabled:
+            return mon.nonfinite_step
+        return distributed.from_main(mon.nonfinite_step, place) if sync_point else None
+
     with StopSignals(), mon, progress:
-        if t.checkpoint_every:
+        if t.checkpoint_every and state is None:
             checkpoint("start", epoch=-1)
         model.train()
-        for epoch in range(t.epochs):
+        for epoch in range(first_epoch, t.epochs):
+            if t.max_steps and mon.progress.step >= t.max_steps:  # a resumed run already there
+                stop_reason = f"reached trainer.max_steps={t.max_steps}"
+                break
+            steps_at_start = mon.progress.step
             for x, y in train_batches:
-                train_step(forward, x, y, optimizer, scaler, autocast, mon, t.log_every)
+                train_step(forward, x, y, optimizer, scaler, autocast, mon, t.log_every, place)
                 progress.advance(mon)
-                if stop_on_nonfinite and mon.nonfinite_step is not None:
-                    stop_reason = f"non-finite loss at step {mon.nonfinite_step}"
+                bad = nonfinite_step(mon.progress.step % t.flush_every == 0)
+                if bad is not None:
+                    stop_reason = f"non-finite loss at step {bad}"
                     break
                 if t.max_steps and mon.progress.step >= t.max_steps:
                     stop_reason = f"reached trainer.max_steps={t.max_steps}"
                     break
-            if stop_on_nonfinite and mon.nonfinite_step is not None:
+            if nonfinite_step(sync_point=True) is not None:
                 break  # the weights are no longer numbers: nothing to evaluate or save
             if scheduler is not None:
                 scheduler.step()
-            val_loss, val_acc = evaluate(model, val_batches, autocast)
+            # Every rank evaluates the same weights; rank 0's numbers decide, so all stop alike.
+            val_loss, val_acc = distributed.from_main(evaluate(model, val_batches, autocast), place)
             mon.end_epoch(val_loss=val_loss, val_acc=val_acc)
             progress.epoch_done(epoch, t.epochs, mon)
             if t.checkpoint_every:
                 if (epoch + 1) % t.checkpoint_every == 0:
                     checkpoint(epoch, epoch)
-                checkpoint("last", epoch)
+                # Resuming starts at an epoch boundary: an epoch cut short by max_steps leaves
+                # last.pt at the epoch before, so a resumed run redoes it whole.
+                if mon.progress.step - steps_at_start == len(train_batches):
+                    checkpoint("last", epoch)
             if stop_reason:
                 break
             if t.target_val_acc is not None and val_acc >= t.target_val_acc:
@@ -265,43 +326,97 @@ def summary(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-LAST_EXIT = {"code": 0}
+class JobFailed(Exception):
+    """A job that a launcher ran in another process ended with a non-zero exit code; Hydra
+    carries it back to the sweep's own process, which exits with that code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+
+# The jobs this process runs itself: the worst exit code, and whether any started. `pid` tells a
+# job whether it runs here or in a launcher's worker, whose globals nobody reads.
+JOBS: dict[str, Any] = {"code": 0, "pid": None, "started": False}
 
 
 def hydra_main(args: list[str]) -> int:
-    """Run the Hydra app on `args` (what follows `netprobe train`); returns the exit code."""
+    """Run the Hydra app on `args` (what follows `netprobe train`); returns the exit code.
+
+    Jobs run by a launcher in other processes (joblib, submitit) report a bad config or an
+    unsuccessful run by raising, which Hydra hands back here; jobs run here record theirs in JOBS.
+    """
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
 
     from netprobe.config import CONFIG_NAME, conf_dir
 
     @hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")
     def app(cfg: DictConfig) -> str:
+        here = os.getpid() == JOBS["pid"]
+        JOBS["started"] = JOBS["started"] or here
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         started = time.perf_counter()
         status = "failed"
         try:
             status = train(cfg, run_dir)
         except ConfigError as exc:
+            status = "refused"
+            if not here:
+                raise  # Hydra hands it back to the sweep's own process, which exits 2
             # Refused before writing (its folder in use, say): one line and exit 2, in sweeps too.
             print(f"netprobe: {exc}", file=sys.stderr)
-            status = "refused"
         except KeyboardInterrupt:
             status = "interrupted"
             raise
+        except Exception as exc:
+            if here:
+                raise
+            traceback.print_exc()  # into the worker's log
+            raise JobFailed(1, f"run {run_dir} failed: {type(exc).__name__}: {exc}") from None
         finally:
-            if status != "refused" and (run_dir / "run.json").exists():
+            shown = status != "refused" and distributed.launched().is_main
+            if shown and (run_dir / "run.json").exists():
                 took = f"  ({time.perf_counter() - started:.1f} s)"
                 print(summary(run_dir) + took, file=sys.stderr)
-            code = EXIT_CODES.get(status, 1)
-            LAST_EXIT["code"] = max(LAST_EXIT["code"], code)
+        code = EXIT_CODES.get(status, 1)
+        if here:
+            JOBS["code"] = max(JOBS["code"], code)
+        elif code:
+            raise JobFailed(code, f"run {run_dir} ended {status}")
         return status
 
-    LAST_EXIT["code"] = 0  # a fresh count for each call, when called more than once in a process
-    argv = sys.argv
-    sys.argv = ["netprobe train", *args]
+    # A fresh count for each call, when called more than once in a process.
+    JOBS.update(code=0, pid=os.getpid(), started=False)
+    argv, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    sys.argv = ["netprobe train", *args, *distributed.hydra_overrides()]
+    # Hydra raises instead of printing and exiting 1, so that each error gets its exit code.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         app()
+    except JobFailed as exc:
+        print(f"netprobe: {exc}", file=sys.stderr)
+        JOBS["code"] = max(JOBS["code"], exc.code)
+    except HydraException as exc:
+        raise ConfigError(_first_line(exc)) from None
+    except Exception as exc:
+        if not JOBS["started"]:  # Hydra refused the command line before running anything
+            raise ConfigError(_first_line(exc)) from None
+        traceback.print_exc()  # a run that crashed here: its traceback, then exit 1
+        JOBS["code"] = max(JOBS["code"], 1)
     finally:
         sys.argv = argv
-    return LAST_EXIT["code"]
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
+    return JOBS["code"]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

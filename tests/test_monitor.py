@@ -1,4 +1,4 @@
-"""The monitor's own accounting: probe_overhead and flush_overhead in run.json are measured."""
+"""The monitor's own accounting (probe and flush overhead), what it stores, and what it leaves."""
 
 from __future__ import annotations
 
@@ -43,3 +43,42 @@ def test_probe_and_flush_overhead_are_the_time_spent_in_them(tmp_path, monkeypat
     assert info["probe_overhead"] == pytest.approx(sum(spent) / wall, rel=0.1)
     assert 0.3 < info["probe_overhead"] < 0.6
     assert 0 < info["flush_overhead"] < 0.5
+
+
+def small_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("failure", ["bad probe setting", "folder already holds a run"])
+def test_a_failed_attach_leaves_no_hooks_on_the_model(tmp_path, failure):
+    from netprobe.errors import ConfigError
+
+    model = small_net()
+    batch = (torch.randn(4, 4), torch.randint(0, 2, (4,)))
+    probes = {"gradient_flow": {}, "weights": {"every": 0}}
+    if failure == "folder already holds a run":
+        with netprobe.attach(small_net(), tmp_path / "run", probes=[], probe_batch=batch):
+            pass
+        probes = {"gradient_flow": {}}
+    with pytest.raises(ConfigError):
+        netprobe.attach(model, tmp_path / "run", probes=probes, probe_batch=batch)
+    assert hook_count(model) == 0
+
+
+def test_python_numbers_are_stored_in_float64(tmp_path):
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with netprobe.attach(model, tmp_path / "run", probes=[], optimizer=opt) as mon:
+        loss = F.cross_entropy(model(torch.randn(4, 4)), torch.tensor([0, 1, 0, 1]))
+        loss.backward()
+        mon.after_backward(loss)
+        opt.step()
+        mon.after_step()
+        mon.end_epoch(val_loss=0.5, val_acc=0.94)
+    train = netprobe.load(tmp_path / "run").scalars(probe="train")
+    value = dict(zip(train["metric"], train["value"]))
+    assert value["lr"] == 1e-3 and value["val_acc"] == 0.94

@@ -163,7 +163,8 @@ class Batches:
     With `on_device`, the whole split lives on the device and batches are drawn by index; otherwise
     a DataLoader feeds the device. Both take their indices from one seeded `IndexBatches`, so
     they give the same batches. With `augment`, every batch is randomly cropped and (where the
-    data allows) mirrored on the device, the same way for both.
+    data allows) mirrored on the device, the same way for both. Under DDP, `batch_size` is the
+    global batch and this process (`rank` of `world_size`) gets its equal share of each one.
     """
 
     def __init__(
@@ -179,16 +180,21 @@ class Batches:
         num_workers: int = 0,
         drop_last: bool = False,
         augment: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.data = data
         x, y = (data.x_train, data.y_train) if split == "train" else (data.x_val, data.y_val)
         self.batch_size, self.device, self.shuffle = batch_size, device, shuffle
         self.on_device, self.drop_last, self.augment = on_device, drop_last, augment
         self.generator = torch.Generator().manual_seed(seed)
-        self.sampler = IndexBatches(len(x), batch_size, shuffle, drop_last, self.generator)
+        self.sampler = IndexBatches(
+            len(x), batch_size, shuffle, drop_last, self.generator, rank, world_size
+        )
         # Drawn on the device so that augmenting a batch never waits on a host-to-device copy;
         # a generator of its own, so turning augmentation on leaves the shuffling order unchanged.
-        self.augment_generator = torch.Generator(device=device).manual_seed(seed + 1)
+        # Each rank crops its own share differently; rank 0 crops as a single process does.
+        self.augment_generator = torch.Generator(device=device).manual_seed(seed + 1 + 7919 * rank)
         if on_device:
             self.x, self.y = x.to(device), y.to(device)
         else:
@@ -208,6 +214,17 @@ class Batches:
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Where the shuffling and augmentation draws are, for resuming at an epoch boundary."""
+        return {
+            "sampler": self.generator.get_state(),
+            "augment": self.augment_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["sampler"])
+        self.augment_generator.set_state(state["augment"])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in self._raw():
@@ -231,17 +248,35 @@ class Batches:
 
 class IndexBatches(Sampler[torch.Tensor]):
     """The index batches of one epoch: a fresh permutation from `generator` (or 0..n-1 in order)
-    cut into `batch_size` pieces. Both data paths read their batches from here."""
+    cut into `batch_size` pieces. Both data paths read their batches from here.
+
+    Under DDP every rank draws the same permutation (same seed) and takes the `rank`-th of
+    `world_size` equal contiguous parts of each batch, as DistributedSampler shards an epoch; a
+    last batch too small to split evenly loses its remainder, so all ranks step together.
+    """
 
     def __init__(
-        self, n: int, batch_size: int, shuffle: bool, drop_last: bool, generator: torch.Generator
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        generator: torch.Generator,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if batch_size % world_size:
+            raise ConfigError(
+                f"data.batch_size={batch_size} must be a multiple of the {world_size} processes: "
+                "it is the global batch, split evenly between them"
+            )
         self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
         self.generator = generator
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         full, rest = divmod(self.n, self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
+        return full if self.drop_last or rest < self.world_size else full + 1
 
     def epoch_order(self) -> torch.Tensor:
         # Exactly one draw per epoch; RandomSampler draws a second, empty-sliced permutation at
@@ -252,7 +287,9 @@ class IndexBatches(Sampler[torch.Tensor]):
 
     def slices(self) -> Iterator[slice]:
         for i in range(len(self)):
-            yield slice(i * self.batch_size, (i + 1) * self.batch_size)
+            start = i * self.batch_size
+            share = min(self.batch_size, self.n - start) // self.world_size
+            yield slice(start + self.rank * share, start + (self.rank + 1) * share)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         order = self.epoch_order()

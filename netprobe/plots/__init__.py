@@ -17,6 +17,7 @@ from netprobe.plots import (  # noqa: F401 - importing registers their figures
     activations,
     augmentation,
     channels,
+    compare,
     correlation,
     curves,
     gradient_flow,
@@ -26,11 +27,12 @@ from netprobe.plots import (  # noqa: F401 - importing registers their figures
     weights,
 )
 from netprobe.plots.common import FIGURES, RunGroup
+from netprobe.plots.compare import COMPARISONS, swept
 from netprobe.store import Run, find_runs
 
 FORMATS = ("png", "svg", "pdf")
 # Keys that differ between runs without making them different experiments.
-IGNORED_KEYS = {"seed", "name", "out_root"}
+IGNORED_KEYS = {"seed", "name", "out_root", "trainer.resume"}
 
 
 def flat(config: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
@@ -80,8 +82,9 @@ def plot(
         if fmt not in FORMATS:
             raise ConfigError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     for name in only or ():
-        if name not in FIGURES:
-            raise ConfigError(f"unknown figure {name!r}; valid figures: {', '.join(FIGURES)}")
+        if name not in FIGURES and name not in COMPARISONS:
+            valid = ", ".join([*FIGURES, *COMPARISONS])
+            raise ConfigError(f"unknown figure {name!r}; valid figures: {valid}")
     run_dirs = [d for p in paths for d in _existing(p)]
     runs = []
     for d in run_dirs:
@@ -94,39 +97,26 @@ def plot(
     if out is None:
         out = Path(os.path.commonpath([Path(p).resolve() for p in paths])) / "figures"
     out = Path(out)
-    specs = [FIGURES[n] for n in (only or FIGURES)]
+    specs = [FIGURES[n] for n in (only or FIGURES) if n in FIGURES]
     groups = group_runs(runs)
-    sections: list[tuple[RunGroup, list[tuple[str, Path]]]] = []
+    sections: list[tuple[str, list[Run], list[tuple[str, Path]]]] = []
     written: list[Path] = []
     for group in groups:
         folder = out / _safe(group.label) if group.label else out
         entries = []
         for spec in specs:
-            try:
-                rendered = spec.draw(group)
-            except Exception as exc:  # noqa: BLE001 - one broken figure must not stop the rest
-                warnings.warn(
-                    f"figure {spec.name} failed for {group.label or 'runs'}: {exc}", stacklevel=2
-                )
-                continue
-            if rendered is None:
-                continue
-            items = rendered.items() if isinstance(rendered, dict) else [("", rendered)]
-            for suffix, fig in items:
-                stem = f"{spec.name}_{suffix}" if suffix else spec.name
-                folder.mkdir(parents=True, exist_ok=True)
-                for fmt in formats:
-                    path = folder / f"{stem}.{fmt}"
-                    fig.savefig(path, dpi=110)
-                    written.append(path)
-                plt.close(fig)
-                entries.append(
-                    (
-                        spec.caption + (f" ({suffix})" if suffix else ""),
-                        folder / f"{stem}.{formats[0]}",
-                    )
-                )
-        sections.append((group, entries))
+            what = f"figure {spec.name} for {group.label or 'runs'}"
+            entries += _render(what, spec, group, folder, formats, written)
+        sections.append((group.title, group.runs, entries))
+    # A sweep over more than the seed: its values side by side, in compare/.
+    sweep = swept(groups)
+    if sweep is not None:
+        entries = []
+        for spec in [COMPARISONS[n] for n in (only or COMPARISONS) if n in COMPARISONS]:
+            what = f"comparison {spec.name}"
+            entries += _render(what, spec, sweep, out / "compare", formats, written)
+        if entries:
+            sections.insert(0, (f"Comparison: {sweep.title}", runs, entries))
     index = out / "index.html"
     out.mkdir(parents=True, exist_ok=True)
     index.write_text(_index_html(sections, out))
@@ -140,6 +130,38 @@ def plot(
     return written
 
 
+def _render(
+    what: str,
+    spec: Any,
+    target: Any,
+    folder: Path,
+    formats: Sequence[str],
+    written: list[Path],
+) -> list[tuple[str, Path]]:
+    """Draw one registered figure of `target` (a group or a sweep), save it in every format;
+    returns its (caption, path) index entries."""
+    try:
+        rendered = spec.draw(target)
+    except Exception as exc:  # noqa: BLE001 - one broken figure must not stop the rest
+        warnings.warn(f"{what} failed: {exc}", stacklevel=3)
+        return []
+    if rendered is None:
+        return []
+    entries = []
+    items = rendered.items() if isinstance(rendered, dict) else [("", rendered)]
+    for suffix, fig in items:
+        stem = f"{spec.name}_{suffix}" if suffix else spec.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for fmt in formats:
+            path = folder / f"{stem}.{fmt}"
+            fig.savefig(path, dpi=110)
+            written.append(path)
+        plt.close(fig)
+        caption = spec.caption + (f" ({suffix})" if suffix else "")
+        entries.append((caption, folder / f"{stem}.{formats[0]}"))
+    return entries
+
+
 def _existing(path: str | os.PathLike) -> list[Path]:
     if not Path(path).exists():
         raise ConfigError(f"no such file or directory: {path}")
@@ -150,7 +172,7 @@ def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "=-_.," else "_" for c in label)
 
 
-def _index_html(sections: list[tuple[RunGroup, list[tuple[str, Path]]]], out: Path) -> str:
+def _index_html(sections: list[tuple[str, list[Run], list[tuple[str, Path]]]], out: Path) -> str:
     parts = [
         "<!doctype html><meta charset='utf-8'><title>netprobe figures</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
@@ -158,10 +180,10 @@ def _index_html(sections: list[tuple[RunGroup, list[tuple[str, Path]]]], out: Pa
         "img{max-width:100%;border:1px solid #ddd}figcaption{font-size:0.9em;color:#333}</style>",
         "<h1>netprobe figures</h1>",
     ]
-    for group, entries in sections:
-        runs = ", ".join(html.escape(str(r.path)) for r in group.runs[:5])
-        more = f" and {group.n - 5} more" if group.n > 5 else ""
-        parts.append(f"<h2>{html.escape(group.title)}</h2><p>{group.n} run(s): {runs}{more}</p>")
+    for title, members, entries in sections:
+        runs = ", ".join(html.escape(str(r.path)) for r in members[:5])
+        more = f" and {len(members) - 5} more" if len(members) > 5 else ""
+        parts.append(f"<h2>{html.escape(title)}</h2><p>{len(members)} run(s): {runs}{more}</p>")
         for caption, path in entries:
             rel = html.escape(path.relative_to(out).as_posix())
             parts.append(

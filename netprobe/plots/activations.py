@@ -6,8 +6,15 @@ from __future__ import annotations
 import pandas as pd
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from netprobe.plots.common import RunGroup, band, figure, new_figure, short
-from netprobe.plots.gradients import matplotlib_colors
+from netprobe.plots.common import (
+    RunGroup,
+    figure,
+    layer_bands,
+    layer_colors,
+    layer_legend,
+    new_figure,
+    short,
+)
 from netprobe.plots.weights import evolution_grid, first_run, histogram_grid, trained_epochs
 
 PROBE = "activations"
@@ -30,19 +37,24 @@ def _labels(group: RunGroup) -> dict[str, str]:
     return {m: f"{short(m, 26)} ({t})" for m, t in zip(modules["module"], modules["type"])}
 
 
-def _per_source(group: RunGroup, draw) -> dict | None:
+def _per_source(group: RunGroup, grid, what: str) -> dict | None:
+    """One `grid` figure (`histogram_grid` or `evolution_grid`) of the first run per input
+    source, titled `what` on the source."""
     run, which = first_run(group)
     hists = group.runs[run].histograms(PROBE)
     if hists.empty:
         return None
     stats = _split(group.runs[run].scalars(PROBE))
+    labels = _labels(group)
     figures = {}
     for source in [s for s in SOURCES if s in set(hists["source"])]:
-        figures[source] = draw(
-            source,
+        figures[source] = grid(
+            group,
             hists[hists["source"] == source],
             stats[stats["source"] == source],
-            which,
+            f"{what} on the {SOURCES[source]} — {group.title}, {which}",
+            "output value",
+            labels,
         )
     return figures or None
 
@@ -53,19 +65,7 @@ def _per_source(group: RunGroup, draw) -> dict | None:
     "first capture (filled) and the last (outline), in fixed bins; eval mode.",
 )
 def activation_distributions(group: RunGroup):
-    labels = _labels(group)
-
-    def draw(source, hists, stats, which):
-        return histogram_grid(
-            group,
-            hists,
-            stats,
-            f"Feature distributions on the {SOURCES[source]} — {group.title}, {which}",
-            "output value",
-            labels,
-        )
-
-    return _per_source(group, draw)
+    return _per_source(group, histogram_grid, "Feature distributions")
 
 
 @figure(
@@ -74,19 +74,7 @@ def activation_distributions(group: RunGroup):
     "× output value, colour the fraction of values per bin (log), mean ± std in cyan.",
 )
 def activation_evolution(group: RunGroup):
-    labels = _labels(group)
-
-    def draw(source, hists, stats, which):
-        return evolution_grid(
-            group,
-            hists,
-            stats,
-            f"Feature histogram over training on the {SOURCES[source]} — {group.title}, {which}",
-            "output value",
-            labels,
-        )
-
-    return _per_source(group, draw)
+    return _per_source(group, evolution_grid, "Feature histogram over training")
 
 
 PANELS = [
@@ -108,29 +96,13 @@ def activation_stats(group: RunGroup):
     df = _split(df)
     df = df.assign(x=trained_epochs(df))
     sources = [s for s in SOURCES if s in set(df["source"])]
-    layers = group.ordered(df["layer"])
-    colors = dict(zip(layers, matplotlib_colors(len(layers))))
+    colors = layer_colors(group.ordered(df["layer"]))
     fig, axes = new_figure(len(sources), len(PANELS), size=(4.2, 3.0))
     for r, source in enumerate(sources):
         for c, (metric, title, log) in enumerate(PANELS):
             ax = axes[r, c]
             part = df[(df["source"] == source) & (df["metric"] == metric)]
-            for layer in layers:
-                rows = part[part["layer"] == layer]
-                if rows.empty:
-                    continue
-                stats = rows.groupby("x")["value"].agg(["mean", "std"]).fillna(0.0)
-                band(
-                    ax,
-                    stats.index.to_numpy(),
-                    stats["mean"].to_numpy(),
-                    stats["std"].to_numpy(),
-                    group.n,
-                    label=short(layer),
-                    color=colors[layer],
-                    marker="o" if len(stats) <= 20 else None,
-                    markersize=3,
-                )
+            layer_bands(ax, part, colors, group.n)
             if log and (part["value"] > 0).all():
                 ax.set_yscale("log")
             if metric.endswith("_frac"):
@@ -140,16 +112,6 @@ def activation_stats(group: RunGroup):
             ax.grid(alpha=0.3)
             if r == len(sources) - 1:
                 ax.set_xlabel("epochs trained")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    seeds = f"\nmean ± std over {group.n} seeds" if group.n > 1 else ""
-    fig.legend(
-        handles,
-        labels,
-        loc="outside right center",
-        fontsize=7,
-        ncol=1 if len(labels) <= 30 else 2,
-        title=f"module (forward order){seeds}",
-        title_fontsize=8,
-    )
+    layer_legend(fig, axes[0, 0], group, "module")
     fig.suptitle(f"Feature statistics — {group.title}")
     return fig

@@ -19,9 +19,8 @@ def _last_capture(group: RunGroup, name: str | None = None):
         return None
     step = df["step"].max()
     df = df[df["step"] == step]
-    x = epochs_done(run, [step], [df["epoch"].iloc[0]])[0]
-    which = f"seed {run.info.get('seed')}" + (f" (1 of {group.n} runs)" if group.n > 1 else "")
-    return df, run, f"{when(x)}, {which}"
+    x = epochs_done([step], [df["epoch"].iloc[0]])[0]
+    return df, run, f"{when(x)}, {group.seed_note}"
 
 
 def _config(group: RunGroup) -> dict:

@@ -29,7 +29,7 @@ def channel_boxplots(group: RunGroup):
     df = group.matrices(PROBE)
     if df.empty:
         return None
-    df = with_epochs(group, df)
+    df = with_epochs(df)
     layers = group.ordered(df["row"])
     first, last = int(df["x"].min()), int(df["x"].max())
     captures = [("last", last)] if first == last else [("first", first), ("last", last)]

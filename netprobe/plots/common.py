@@ -37,6 +37,12 @@ class RunGroup:
         return len(self.runs)
 
     @property
+    def seed_note(self) -> str:
+        """Names the run a one-run figure draws, e.g. `seed 0 (1 of 3 runs)`."""
+        seed = self.runs[0].info.get("seed")
+        return f"seed {seed}" + (f" (1 of {self.n} runs)" if self.n > 1 else "")
+
+    @property
     def title(self) -> str:
         info = self.runs[0].info
         head = f"{info.get('model', '?')} on {info.get('data', '?')}, init {info.get('init', '?')}"
@@ -116,6 +122,72 @@ def band(
     (line,) = ax.plot(x, mean, label=label, color=color, **kwargs)
     if n > 1:
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+
+
+def mean_band(
+    ax: Axes,
+    rows: pd.DataFrame,
+    x: str,
+    n: int,
+    label: str | None = None,
+    color: Any = None,
+    markers_upto: int = 20,
+) -> None:
+    """`band` of `rows["value"]` averaged over runs at each `x`, with dots while there are at most
+    `markers_upto` points (0: never)."""
+    stats = rows.groupby(x)["value"].agg(["mean", "std"]).fillna(0.0)
+    band(
+        ax,
+        stats.index.to_numpy(),
+        stats["mean"].to_numpy(),
+        stats["std"].to_numpy(),
+        n,
+        label=label,
+        color=color,
+        marker="o" if len(stats) <= markers_upto else None,
+        markersize=3,
+    )
+
+
+def layer_colors(layers: list[str]) -> dict[str, Any]:
+    """One line colour per layer: tab10 up to 10 layers, else evenly along viridis."""
+    n = len(layers)
+    cmap = matplotlib.colormaps["viridis" if n > 10 else "tab10"]
+    return {layer: cmap(i / max(n - 1, 1)) if n > 10 else cmap(i) for i, layer in enumerate(layers)}
+
+
+def layer_bands(
+    ax: Axes,
+    df: pd.DataFrame,
+    colors: dict[str, Any],
+    n: int,
+    x: str = "x",
+    labels: bool = True,
+    markers_upto: int = 20,
+) -> None:
+    """A `mean_band` per layer of `df` (columns `layer`, `x`, `value`, `run`), for each layer of
+    `colors` in its order; layers without rows are skipped."""
+    for layer, color in colors.items():
+        rows = df[df["layer"] == layer]
+        if not rows.empty:
+            label = short(layer) if labels else None
+            mean_band(ax, rows, x, n, label, color, markers_upto)
+
+
+def layer_legend(fig: Figure, ax: Axes, group: RunGroup, what: str = "layer") -> None:
+    """`ax`'s curves listed once, outside the panels on the right, in forward order; the title
+    says how many seeds the bands average."""
+    handles, labels = ax.get_legend_handles_labels()
+    seeds = f"\nmean ± std over {group.n} seeds" if group.n > 1 else ""
+    fig.legend(
+        handles,
+        labels,
+        loc="outside right center",
+        fontsize=7,
+        ncol=1 if len(labels) <= 30 else 2,
+        title=f"{what} (forward order){seeds}",
+        title_fontsize=8,
+    )
 
 
 def smooth(values: np.ndarray, points: int = 200) -> np.ndarray:

@@ -9,9 +9,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 
-from netprobe.plots.common import RunGroup, band, figure, new_figure, short
-from netprobe.plots.gradients import matplotlib_colors
-from netprobe.store import Run
+from netprobe.plots.common import RunGroup, figure, layer_colors, mean_band, new_figure, short
 
 PROBE = "correlation"
 # Correlations are signed: a diverging map centred at 0, red positive, blue negative.
@@ -19,31 +17,15 @@ CORR_CMAP = "RdBu_r"
 MAX_ANNOTATED = 12  # heatmaps with more layers than this get no numbers in their cells
 
 
-def epochs_done(run: Run, steps: Iterable[int], epochs: Iterable[int]) -> list[int]:
-    """Epochs completed at each capture: 0 before the first step, N after the N-th epoch.
-
-    An epoch-end capture stores the epoch just finished (0-based, so N − 1), while an `end`
-    capture runs after the last epoch has been counted and stores N itself = run.json's
-    `epochs_done`.
-    """
-    done = run.info.get("epochs_done")
-    out = []
-    for step, epoch in zip(steps, epochs):
-        if step == 0:
-            out.append(0)
-        elif done is not None and epoch >= done:
-            out.append(int(done))
-        else:
-            out.append(int(epoch) + 1)
-    return out
+def epochs_done(steps: Iterable[int], epochs: Iterable[int]) -> list[int]:
+    """Epochs completed at each capture: 0 before the first step, e + 1 after epoch e (every
+    capture, `end` ones too, stores the 0-based epoch it follows)."""
+    return [0 if step == 0 else int(epoch) + 1 for step, epoch in zip(steps, epochs)]
 
 
-def with_epochs(group: RunGroup, df: pd.DataFrame) -> pd.DataFrame:
+def with_epochs(df: pd.DataFrame) -> pd.DataFrame:
     """`df` (with a `run` column) plus `x`: the epochs completed at each of its captures."""
-    x = pd.Series(0, index=df.index, dtype=int)
-    for r, part in df.groupby("run"):
-        x[part.index] = epochs_done(group.runs[int(r)], part["step"], part["epoch"])
-    return df.assign(x=x)
+    return df.assign(x=epochs_done(df["step"], df["epoch"]))
 
 
 def when(x: int) -> str:
@@ -90,7 +72,7 @@ def _pair_values(group: RunGroup, name: str) -> pd.DataFrame | None:
     df = group.matrices(PROBE, name)
     if df.empty:
         return None
-    return with_epochs(group, df)
+    return with_epochs(df)
 
 
 def _pair_heatmaps(group: RunGroup, name: str, title: str, caption: str, vmax: float | None):
@@ -152,32 +134,21 @@ def corr_mean_evolution(group: RunGroup):
     if df is None:
         return None
     names = group.ordered(pd.concat([df["row"], df["col"]]))
-    colors = dict(zip(names, matplotlib_colors(len(names))))
+    colors = layer_colors(names)
     fig, axes = new_figure(1, 2, size=(5.6, 4.2))
     panels = [
         (axes[0, 0], [(n, n) for n in names], "within a layer"),
         (axes[0, 1], list(zip(names[:-1], names[1:])), "between consecutive layers"),
     ]
-    markers = df["x"].nunique() <= 30
+    markers_upto = 30 if df["x"].nunique() <= 30 else 0  # dots on every curve or on none
     for ax, pairs, title in panels:
         for a, b in pairs:
             part = df[(df["row"] == a) & (df["col"] == b)]
             if part.empty:
                 continue
             value = part["values"].map(lambda v: float(v[0]))
-            stats = part.assign(value=value).groupby("x")["value"].agg(["mean", "std"]).fillna(0)
             label = short(a) if a == b else f"{short(a, 14)} → {short(b, 14)}"
-            band(
-                ax,
-                stats.index.to_numpy(),
-                stats["mean"].to_numpy(),
-                stats["std"].to_numpy(),
-                group.n,
-                label=label,
-                color=colors[a],
-                marker="o" if markers else None,
-                markersize=3,
-            )
+            mean_band(ax, part.assign(value=value), "x", group.n, label, colors[a], markers_upto)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch (0 = before training)")
         ax.set_ylabel("mean(max(C, 0))")
@@ -199,9 +170,9 @@ def correlation_grid(group: RunGroup):
     df = run.matrices(PROBE, "C")
     if df.empty:
         return None
-    df = df.assign(x=epochs_done(run, df["step"], df["epoch"]))
+    df = df.assign(x=epochs_done(df["step"], df["epoch"]))
     names = group.ordered(pd.concat([df["row"], df["col"]]))
-    which = f", seed {run.info.get('seed')}" + (f" (1 of {group.n} runs)" if group.n > 1 else "")
+    which = f", {group.seed_note}"
     figures = {}
     for x in sorted(df["x"].unique()):
         suffix = "start" if x == 0 else f"epoch{x:04d}"

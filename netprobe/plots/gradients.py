@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from netprobe.plots.common import RunGroup, band, figure, new_figure, short, smooth
+from netprobe.plots.common import RunGroup, band, figure, layer_colors, new_figure, short, smooth
 
 
 def _stats(group: RunGroup, metric: str):
@@ -58,9 +58,9 @@ def grad_norms(group: RunGroup):
         return None
     layers = group.ordered(l1["layer"])
     fig, axes = new_figure(1, 2, size=(6.0, 4.4))
-    colors = matplotlib_colors(len(layers))
+    colors = layer_colors(layers)
     for ax, df, title in ((axes[0, 0], l1, "L1 norm"), (axes[0, 1], l2, "L2 norm")):
-        for color, layer in zip(colors, layers):
+        for layer, color in colors.items():
             part = df[df["layer"] == layer]
             stats = part.groupby("step")["value"].agg(["mean", "std"]).fillna(0)
             band(
@@ -105,10 +105,3 @@ def grad_heatmap(group: RunGroup):
     ax.set_title(f"log10 ‖g‖₂ per layer — {group.title}")
     fig.colorbar(mesh, ax=ax, label="log10 L2 norm")
     return fig
-
-
-def matplotlib_colors(n: int):
-    import matplotlib
-
-    cmap = matplotlib.colormaps["viridis" if n > 10 else "tab10"]
-    return [cmap(i / max(n - 1, 1)) if n > 10 else cmap(i) for i in range(n)]

@@ -9,8 +9,15 @@ import pandas as pd
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.patches import Patch
 
-from netprobe.plots.common import RunGroup, band, figure, new_figure, short
-from netprobe.plots.gradients import matplotlib_colors
+from netprobe.plots.common import (
+    RunGroup,
+    figure,
+    layer_bands,
+    layer_colors,
+    layer_legend,
+    new_figure,
+    short,
+)
 
 PROBE = "optim_dynamics"
 # metric, panel title ({zero} and {tiny} are the run's thresholds), log scale
@@ -44,10 +51,10 @@ def optim_dynamics_curves(group: RunGroup):
     df = group.scalars(PROBE)
     if df.empty:
         return None
-    layers = group.ordered(df["layer"])
-    colors = dict(zip(layers, matplotlib_colors(len(layers))))
+    colors = layer_colors(group.ordered(df["layer"]))
     # Per run first (mean over the epoch's steps), then mean and std over runs.
     per_run = df.groupby(["metric", "layer", "epoch", "run"])["value"].mean().reset_index()
+    per_run["x"] = per_run["epoch"] + 1
     thresholds = _thresholds(group)
     fig, axes = new_figure(2, 5, size=(3.5, 3.1))
     for ax, (metric, title, log) in zip(axes.flat, PANELS):
@@ -57,37 +64,12 @@ def optim_dynamics_curves(group: RunGroup):
         if part.empty:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
             continue
-        for layer in layers:
-            rows = part[part["layer"] == layer]
-            if rows.empty:
-                continue
-            stats = rows.groupby("epoch")["value"].agg(["mean", "std"]).fillna(0.0)
-            band(
-                ax,
-                stats.index.to_numpy() + 1,
-                stats["mean"].to_numpy(),
-                stats["std"].to_numpy(),
-                group.n,
-                label=short(layer),
-                color=colors[layer],
-                marker="o" if len(stats) <= 20 else None,
-                markersize=3,
-            )
+        layer_bands(ax, part, colors, group.n)
         if log and (part["value"] > 0).all():
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    seeds = f"\nmean ± std over {group.n} seeds" if group.n > 1 else ""
-    fig.legend(
-        handles,
-        labels,
-        loc="outside right center",
-        fontsize=7,
-        ncol=1 if len(labels) <= 30 else 2,
-        title=f"layer (forward order){seeds}",
-        title_fontsize=8,
-    )
+    layer_legend(fig, axes.flat[0], group)
     fig.suptitle(f"Optimization dynamics — {group.title}")
     return fig
 
@@ -122,8 +104,7 @@ def _sign_data(group: RunGroup):
         return None
     layers = group.ordered(df["row"])
     codes, epochs, widths = sign_matrix(df, layers)
-    which = f"seed {run.info.get('seed')}" + (f" (1 of {group.n} runs)" if group.n > 1 else "")
-    return codes, epochs, widths, layers, which
+    return codes, epochs, widths, layers, group.seed_note
 
 
 def _sign_legend(ax, zero: float) -> None:

@@ -6,8 +6,15 @@ import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.ticker import MaxNLocator
 
-from netprobe.plots.common import RunGroup, band, figure, new_figure, short
-from netprobe.plots.gradients import matplotlib_colors
+from netprobe.plots.common import (
+    RunGroup,
+    figure,
+    layer_bands,
+    layer_colors,
+    layer_legend,
+    new_figure,
+    short,
+)
 
 PROBE = "rwc"
 
@@ -37,24 +44,11 @@ def rwc_curves(group: RunGroup):
     if df.empty:
         return None
     steps = _finite(group.scalars(PROBE, "rwc_step"))
-    layers = group.ordered(df["layer"])
-    colors = dict(zip(layers, matplotlib_colors(len(layers))))
+    colors = layer_colors(group.ordered(df["layer"]))
     panels = 2 if not steps.empty else 1
     fig, axes = new_figure(1, panels, size=(6.4, 4.4))
     ax = axes[0, 0]
-    for layer in layers:
-        stats = df[df["layer"] == layer].groupby("epoch")["value"].agg(["mean", "std"]).fillna(0.0)
-        band(
-            ax,
-            stats.index.to_numpy() + 1,
-            stats["mean"].to_numpy(),
-            stats["std"].to_numpy(),
-            group.n,
-            label=short(layer),
-            color=colors[layer],
-            marker="o" if len(stats) <= 30 else None,
-            markersize=3,
-        )
+    layer_bands(ax, df.assign(x=df["epoch"] + 1), colors, group.n, markers_upto=30)
     if (df["value"] > 0).all():
         ax.set_yscale("log")
     ax.set_xlabel("epoch")
@@ -65,33 +59,14 @@ def rwc_curves(group: RunGroup):
     if not steps.empty:
         k = ((group.runs[0].config or {}).get("probes") or {}).get(PROBE, {}).get("every_steps")
         ax2 = axes[0, 1]
-        for layer in layers:
-            rows = steps[steps["layer"] == layer]
-            stats = rows.groupby("step")["value"].agg(["mean", "std"]).fillna(0.0)
-            band(
-                ax2,
-                stats.index.to_numpy() + 1,
-                stats["mean"].to_numpy(),
-                stats["std"].to_numpy(),
-                group.n,
-                color=colors[layer],
-            )
+        x = steps["step"] + 1
+        layer_bands(ax2, steps.assign(x=x), colors, group.n, labels=False, markers_upto=0)
         if (steps["value"] > 0).all():
             ax2.set_yscale("log")
         ax2.set_xlabel("optimizer steps done")
         ax2.set_title(f"every {k} steps, against the weights {k} steps before")
         ax2.grid(alpha=0.3, which="both")
-    seeds = f"\nmean ± std over {group.n} seeds" if group.n > 1 else ""
-    handles, labels = ax.get_legend_handles_labels()
-    fig.legend(
-        handles,
-        labels,
-        loc="outside right center",
-        fontsize=7,
-        ncol=1 if len(labels) <= 30 else 2,
-        title=f"layer (forward order){seeds}",
-        title_fontsize=8,
-    )
+    layer_legend(fig, ax, group)
     fig.suptitle(f"Relative weight change — {group.title}")
     return fig
 

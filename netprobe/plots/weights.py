@@ -11,8 +11,15 @@ from matplotlib.colors import LogNorm
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from netprobe.plots.common import RunGroup, band, figure, new_figure, short
-from netprobe.plots.gradients import matplotlib_colors
+from netprobe.plots.common import (
+    RunGroup,
+    figure,
+    layer_bands,
+    layer_colors,
+    layer_legend,
+    new_figure,
+    short,
+)
 
 PROBE = "weights"
 FIRST, LAST = "tab:blue", "tab:orange"
@@ -35,8 +42,7 @@ def grid_shape(n: int, max_cols: int = 4) -> tuple[int, int]:
 
 def first_run(group: RunGroup) -> tuple[int, str]:
     """Distributions are drawn from one run (bins differ between runs): its index and a note."""
-    seed = group.runs[0].info.get("seed")
-    return 0, f"seed {seed}" + (f" (1 of {group.n} runs)" if group.n > 1 else "")
+    return 0, group.seed_note
 
 
 def draw_first_last(ax: Axes, first: pd.Series, last: pd.Series) -> None:
@@ -145,20 +151,23 @@ def histogram_grid(
     return fig
 
 
+def _first_run_grid(group: RunGroup, grid, what: str):
+    """`grid` (`histogram_grid` or `evolution_grid`) of the first run's weights, titled `what`."""
+    run, which = first_run(group)
+    hists = group.runs[run].histograms(PROBE)
+    if hists.empty:
+        return None
+    stats = group.runs[run].scalars(PROBE)
+    return grid(group, hists, stats, f"{what} — {group.title}, {which}", "weight value")
+
+
 @figure(
     "weights_histograms",
     "Weight histogram of each tracked tensor before training (filled) and at the last capture "
     "(outline), in the run's fixed bins; titles give mean, std and skew first → last.",
 )
 def weights_histograms(group: RunGroup):
-    run, which = first_run(group)
-    hists = group.runs[run].histograms(PROBE)
-    if hists.empty:
-        return None
-    stats = group.runs[run].scalars(PROBE)
-    return histogram_grid(
-        group, hists, stats, f"Weight distributions — {group.title}, {which}", "weight value"
-    )
+    return _first_run_grid(group, histogram_grid, "Weight distributions")
 
 
 def evolution_grid(
@@ -233,18 +242,7 @@ def evolution_grid(
     "colour the fraction of weights per bin (log), mean ± std in cyan.",
 )
 def weights_evolution(group: RunGroup):
-    run, which = first_run(group)
-    hists = group.runs[run].histograms(PROBE)
-    if hists.empty:
-        return None
-    stats = group.runs[run].scalars(PROBE)
-    return evolution_grid(
-        group,
-        hists,
-        stats,
-        f"Weight histogram over training — {group.title}, {which}",
-        "weight value",
-    )
+    return _first_run_grid(group, evolution_grid, "Weight histogram over training")
 
 
 STAT_PANELS = [
@@ -264,43 +262,17 @@ def weights_stats(group: RunGroup):
     if df.empty:
         return None
     df = df.assign(x=trained_epochs(df))
-    layers = group.ordered(df["layer"])
-    colors = dict(zip(layers, matplotlib_colors(len(layers))))
+    colors = layer_colors(group.ordered(df["layer"]))
     fig, axes = new_figure(1, 3, size=(4.4, 3.6))
     for ax, (metric, title, log) in zip(axes.flat, STAT_PANELS):
         part = df[df["metric"] == metric]
-        for layer in layers:
-            rows = part[(part["layer"] == layer) & np.isfinite(part["value"])]
-            if rows.empty:
-                continue
-            stats = rows.groupby("x")["value"].agg(["mean", "std"]).fillna(0.0)
-            band(
-                ax,
-                stats.index.to_numpy(),
-                stats["mean"].to_numpy(),
-                stats["std"].to_numpy(),
-                group.n,
-                label=short(layer),
-                color=colors[layer],
-                marker="o" if len(stats) <= 20 else None,
-                markersize=3,
-            )
+        layer_bands(ax, part[np.isfinite(part["value"])], colors, group.n)
         if log and (part["value"] > 0).all():
             ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epochs trained")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    seeds = f"\nmean ± std over {group.n} seeds" if group.n > 1 else ""
-    fig.legend(
-        handles,
-        labels,
-        loc="outside right center",
-        fontsize=7,
-        ncol=1 if len(labels) <= 30 else 2,
-        title=f"tensor (forward order){seeds}",
-        title_fontsize=8,
-    )
+    layer_legend(fig, axes.flat[0], group, "tensor")
     fig.suptitle(f"Weight statistics — {group.title}")
     return fig

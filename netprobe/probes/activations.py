@@ -25,6 +25,7 @@ import torch.nn as nn
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
 from netprobe.probes.distributions import distributions, symmetric_edges
+from netprobe.structure import eval_mode
 
 SOURCES = ("train", "valid", "random")
 STATS = ["mean", "std", "skew", "zero_frac", "dead_frac"]
@@ -127,11 +128,10 @@ class Activations(Probe):
 
             return hook
 
-        was_training = model.training
         handles = [m.register_forward_hook(hook_for(n)) for n, m in self.modules]
         try:
-            model.eval()
-            with torch.no_grad():
+            # eval_mode gives back each module's own flag, so a frozen BatchNorm stays frozen.
+            with eval_mode(model), torch.no_grad():
                 for source, x in self._inputs():
                     results.clear()
                     model(x)
@@ -139,7 +139,6 @@ class Activations(Probe):
         finally:
             for h in handles:
                 h.remove()
-            model.train(was_training)
 
     def _record(self, source: str, results: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         names = [n for n in self.names if n in results]

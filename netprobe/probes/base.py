@@ -74,8 +74,8 @@ class Probe:
                 f"unknown key {sorted(unknown)[0]!r} for probe {self.name}; valid keys: {valid}"
             )
         self.cfg = {**self.options, **{k: v for k, v in cfg.items() if k in self.options}}
-        self.patterns = _as_list(cfg.get("layers"))
-        self.exclude = _as_list(cfg.get("exclude"))
+        self.patterns = self._regexes("layers", cfg.get("layers"))
+        self.exclude = self._regexes("exclude", cfg.get("exclude"))
         every = cfg.get("every", self.default_every)
         at = cfg.get("at", self.default_at)
         if every == "epoch":
@@ -90,9 +90,31 @@ class Probe:
                 raise ConfigError(
                     f"probes.{self.name}.at has {point!r}; valid: {', '.join(AT_CHOICES)}"
                 )
+        # A setting the probe would ignore is an error, not a run that silently records nothing.
+        if self.default_every is None and every is not None:
+            raise ConfigError(
+                f"probes.{self.name}.every={every!r}: {self.name} captures at fixed points, not "
+                f"every N steps; set probes.{self.name}.at (valid: {', '.join(AT_CHOICES)})"
+            )
+        if not self.default_at and at:
+            raise ConfigError(
+                f"probes.{self.name}: {self.name} records every N steps, not at {list(at)}; "
+                f"set probes.{self.name}.every to a positive number of steps"
+            )
         self.every: int | None = every
         self.at = at
         self._last_capture: int | None = None
+
+    def _regexes(self, key: str, value: Any) -> list[str]:
+        patterns = [str(p) for p in _as_list(value)]
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ConfigError(
+                    f"probes.{self.name}.{key} pattern {p!r} is not a valid regex: {exc}"
+                ) from None
+        return patterns
 
     # -- schedule
     def due(self, step: int | None = None) -> bool:
@@ -149,6 +171,12 @@ class Probe:
                     )
         else:
             chosen = [r for r in rows if default(r)]
+        for p in self.exclude:
+            if not any(re.fullmatch(p, r.name) for r in rows):
+                raise ConfigError(
+                    f"probes.{self.name}.exclude pattern {p!r} matches nothing; "
+                    f"available: {', '.join(r.name for r in rows)}"
+                )
         return [r for r in chosen if not any(re.fullmatch(p, r.name) for p in self.exclude)]
 
     def select_params(

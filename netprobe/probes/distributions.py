@@ -86,7 +86,8 @@ def tensor_distribution(
             c = bin_counts(x, edges)
             counts = c if counts is None else counts + c
         if ref is not None:
-            diff = x.sub_(ref)
+            # Not x.sub_: for a float64 tensor `x` is the live parameter itself, not a copy.
+            diff = x - ref
             s = diff.mul_(diff).sum()
             distance = s if distance is None else distance + s
     m2, m3 = m2 / t.numel(), m3 / t.numel()

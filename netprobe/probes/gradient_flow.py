@@ -141,6 +141,10 @@ class GradientFlow(Probe):
     def after_step(self) -> None:
         self._armed = self.due(self.ctx.progress.step + 1)
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # A resumed run skips on_start: arm for its first step here.
+        self._armed = self.due()
+
     def close(self) -> None:
         for handle in self._module_hooks + self._tensor_hooks:
             handle.remove()

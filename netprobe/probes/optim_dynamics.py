@@ -243,6 +243,17 @@ class OptimDynamics(Probe):
         metrics = FIRST_METRICS if code is None else METRICS
         self.ctx.record.scalars(self.name, self.names, metrics, values)
 
+    def state_dict(self) -> dict[str, Any]:
+        """g_{t−1} (so the first step after resuming compares with the step before) and the sign
+        sample of the latest step; W_{t−1} is refilled at every due step, so it is not kept."""
+        return {"g_prev": self._g_prev, "g_step": self._g_step, "sign_sample": self._sign_sample}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.tensors[0].device if self.tensors else torch.device("cpu")
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        self._g_prev, self._g_step = move(state["g_prev"]), state["g_step"]
+        self._sign_sample = move(state["sign_sample"])
+
     def capture(self) -> None:
         """The sign codes of the K sampled gradients of the latest step, one row per tensor."""
         if self._sign_sample is None:

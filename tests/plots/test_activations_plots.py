@@ -9,29 +9,16 @@ import pytest
 import torch.nn as nn
 
 import netprobe
-from netprobe.config import compose
 from netprobe.plots import plot
 from netprobe.plots.common import FIGURES, RunGroup
-from netprobe.train import train
 
-# As tests/conftest.py's TINY: a few dozen steps on 8×8 synthetic images.
-TINY = [
-    "data=synthetic",
-    "data.num_samples=256",
-    "data.image_size=8",
-    "data.batch_size=32",
-    "data.probe_size=32",
-    "trainer.epochs=2",
-    "trainer.flush_every=5",
-]
 NAMES = ["activation_distributions", "activation_evolution", "activation_stats"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(tmp_path_factory: pytest.TempPathFactory, train_tiny) -> Path:
     root = tmp_path_factory.mktemp("activations")
-    train(compose([*TINY, "model=cnn", "probes=[activations]"]), root / "run")
-    return root / "run"
+    return train_tiny(root / "run", "model=cnn", "probes=[activations]")
 
 
 def test_figures_render_one_per_source(run_dir: Path, tmp_path: Path) -> None:

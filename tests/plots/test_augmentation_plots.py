@@ -9,40 +9,26 @@ import pytest
 import torch.nn as nn
 
 import netprobe
-from netprobe.config import compose
 from netprobe.plots import plot
 from netprobe.plots.augmentation import to_images
 from netprobe.plots.common import FIGURES, RunGroup
 from netprobe.plots.correlation import CORR_CMAP
-from netprobe.train import train
 
-TINY = [
-    "data=synthetic",
-    "data.num_samples=256",
-    "data.image_size=8",
-    "data.batch_size=32",
-    "data.probe_size=32",
-    "trainer.epochs=2",
-    "trainer.flush_every=5",
-]
 NAMES = ["augmentation_correlations", "augmentation_inputs"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def runs(tmp_path_factory: pytest.TempPathFactory, train_tiny) -> Path:
     root = tmp_path_factory.mktemp("augmentation")
     for model, channels in (("cnn", 3), ("mlp", 1)):
-        cfg = compose(
-            [
-                *TINY,
-                f"model={model}",
-                f"data.channels={channels}",
-                "probes=[augmentation]",
-                "probes.augmentation.samples=40",
-                "probes.augmentation.show=7",
-            ]
+        train_tiny(
+            root / model,
+            f"model={model}",
+            f"data.channels={channels}",
+            "probes=[augmentation]",
+            "probes.augmentation.samples=40",
+            "probes.augmentation.show=7",
         )
-        train(cfg, root / model)
     return root
 
 

@@ -9,32 +9,14 @@ import pytest
 import torch.nn as nn
 
 import netprobe
-from netprobe.config import compose
 from netprobe.plots import plot
 from netprobe.plots.common import FIGURES, RunGroup
-from netprobe.train import train
-
-TINY = [
-    "data=synthetic",
-    "data.num_samples=256",
-    "data.image_size=8",
-    "data.batch_size=32",
-    "data.probe_size=32",
-    "trainer.epochs=2",
-    "trainer.flush_every=5",
-    "model=cnn",
-]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def runs(tmp_path_factory: pytest.TempPathFactory, train_seeds) -> Path:
     root = tmp_path_factory.mktemp("channels")
-    for seed in (0, 1):
-        cfg = compose(
-            [*TINY, f"seed={seed}", "probes=[channels]", "probes.channels.at=[start,end]"]
-        )
-        train(cfg, root / f"seed{seed}")
-    return root
+    return train_seeds(root, "model=cnn", "probes=[channels]", "probes.channels.at=[start,end]")
 
 
 def test_stored_vectors_and_scalars(runs: Path) -> None:

@@ -10,33 +10,18 @@ import pytest
 import torch.nn as nn
 
 import netprobe
-from netprobe.config import compose
 from netprobe.plots import plot
 from netprobe.plots.common import FIGURES, RunGroup
 from netprobe.plots.optim_dynamics import sign_matrix
 from netprobe.probes.optim_dynamics import FIRST_METRICS, METRICS
-from netprobe.train import train
 
-TINY = [
-    "data=synthetic",
-    "data.num_samples=256",
-    "data.image_size=8",
-    "data.batch_size=32",
-    "data.probe_size=32",
-    "trainer.epochs=2",
-    "trainer.flush_every=5",
-    "model=cnn",
-    "probes=[optim_dynamics]",
-]
 NAMES = ["optim_dynamics_curves", "grad_sign_map", "grad_sign_map_zoom"]
 
 
 @pytest.fixture(scope="module")
-def two_seeds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def two_seeds(tmp_path_factory: pytest.TempPathFactory, train_seeds) -> Path:
     root = tmp_path_factory.mktemp("optim_dynamics")
-    for seed in (0, 1):
-        train(compose([*TINY, f"seed={seed}"]), root / f"seed{seed}")
-    return root
+    return train_seeds(root, "model=cnn", "probes=[optim_dynamics]")
 
 
 def test_stored_metrics_and_sign_map(two_seeds: Path) -> None:

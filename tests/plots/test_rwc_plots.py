@@ -9,31 +9,16 @@ import pytest
 import torch.nn as nn
 
 import netprobe
-from netprobe.config import compose
 from netprobe.plots import plot
 from netprobe.plots.common import FIGURES, RunGroup
-from netprobe.train import train
 
-# As tests/conftest.py's TINY: a few dozen steps on 8×8 synthetic images.
-TINY = [
-    "data=synthetic",
-    "data.num_samples=256",
-    "data.image_size=8",
-    "data.batch_size=32",
-    "data.probe_size=32",
-    "trainer.epochs=2",
-    "trainer.flush_every=5",
-]
 NAMES = ["rwc_curves", "rwc_heatmap"]
 
 
 @pytest.fixture(scope="module")
-def two_seeds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def two_seeds(tmp_path_factory: pytest.TempPathFactory, train_seeds) -> Path:
     root = tmp_path_factory.mktemp("rwc")
-    for seed in (0, 1):
-        cfg = compose([*TINY, "model=cnn", "probes=[rwc]", "trainer.epochs=3", f"seed={seed}"])
-        train(cfg, root / f"seed{seed}")
-    return root
+    return train_seeds(root, "model=cnn", "probes=[rwc]", "trainer.epochs=3")
 
 
 def test_figures_render(two_seeds: Path, tmp_path: Path) -> None:

@@ -198,29 +198,7 @@ def test_every_two_steps_still_compares_with_the_step_before() -> None:
     assert set(df.loc[df["step"] == 2, "metric"]) == set(METRICS)
 
 
-def _held_bytes(probe: OptimDynamics, model: nn.Module) -> list[int]:
-    """Bytes of every distinct storage the probe references, besides the model's own tensors."""
-    owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    owned |= {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
-    seen: dict[int, int] = {}
-
-    def visit(value) -> None:
-        if isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
-            if storage.data_ptr() not in owned:
-                seen[storage.data_ptr()] = storage.nbytes()
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                visit(item)
-        elif isinstance(value, dict):
-            for item in value.values():
-                visit(item)
-
-    visit(vars(probe))
-    return sorted(seen.values())
-
-
-def test_holds_one_copy_of_the_previous_gradient_and_weights() -> None:
+def test_holds_one_copy_of_the_previous_gradient_and_weights(held_bytes) -> None:
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
     probe = make_probe(model)
     n = 64 * 64 + 64 * 32
@@ -231,14 +209,14 @@ def test_holds_one_copy_of_the_previous_gradient_and_weights() -> None:
         probe.after_backward()
         # Between backward and step: g_{t−1} (now g_t), W_{t−1}, and one int8 code per element
         # (none at the first step, which has no previous gradient to compare with).
-        big = [b for b in _held_bytes(probe, model) if b >= n]
+        big = [b for b in held_bytes(probe, model) if b >= n]
         assert big == ([4 * n, 4 * n] if step == 0 else [n, 4 * n, 4 * n])
         with torch.no_grad():
             for p in probe.tensors:
                 p.add_(torch.randn_like(p) * 1e-3)
         probe.after_step()
         probe.ctx.progress.step += 1
-        held = _held_bytes(probe, model)
+        held = held_bytes(probe, model)
         # After the step: exactly one flat copy of g and one of W, plus the small sign sample.
         assert [b for b in held if b >= n] == [4 * n, 4 * n]
         assert sum(b for b in held if b < n) < 4096

@@ -141,26 +141,7 @@ def test_every_steps_adds_a_record_against_the_weights_k_steps_before() -> None:
         )
 
 
-def _held_bytes(probe: RelativeWeightChange, model: nn.Module) -> list[int]:
-    owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def visit(value) -> None:
-        if isinstance(value, torch.Tensor):
-            if value.untyped_storage().data_ptr() not in owned:
-                seen[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                visit(item)
-        elif isinstance(value, dict):
-            for item in value.values():
-                visit(item)
-
-    visit(vars(probe))
-    return sorted(seen.values())
-
-
-def test_holds_exactly_one_copy_of_the_previous_weights() -> None:
+def test_holds_exactly_one_copy_of_the_previous_weights(held_bytes) -> None:
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
     progress = Progress()
     ctx = ProbeContext(model, layer_table(model), [], Recorder(progress), progress, F.cross_entropy)
@@ -171,7 +152,7 @@ def test_holds_exactly_one_copy_of_the_previous_weights() -> None:
         progress.step += 1
         probe.on_epoch_end()
         progress.epoch += 1
-        assert _held_bytes(probe, model) == sorted([4 * 64 * 32, 4 * 32 * 16])
+        assert held_bytes(probe, model) == sorted([4 * 64 * 32, 4 * 32 * 16])
 
 
 def test_layer_regexes_select_and_a_pattern_without_match_fails() -> None:

@@ -317,3 +317,13 @@ def test_tensors_reduced_in_slices_give_the_same_result(monkeypatch: pytest.Monk
     next_epoch(probe)
     scalars, hists = tables(probe)
     check_against_reference_tables(probe, scalars, hists, snaps, initial)
+
+
+def test_capture_leaves_float64_weights_untouched() -> None:
+    # For float64 parameters the float64 view is the parameter itself: nothing may write to it.
+    from netprobe.probes.distributions import distributions
+
+    w = torch.randn(6, 5, dtype=torch.float64)
+    before = w.clone()
+    distributions([w], reference=[torch.ones_like(w)])
+    assert torch.equal(w, before)

@@ -1,0 +1,194 @@
+"""Multi-process training with torch.distributed (DDP), as started by `torchrun`.
+
+`torchrun --nproc_per_node=N -m netprobe train ...` starts N copies of `netprobe train`; each reads
+its place (RANK, WORLD_SIZE, LOCAL_RANK) from the environment torchrun sets. They train one model
+together: every rank takes an equal share of each global batch (`data.batch_size`), DDP
+averages the gradients during backward, so probes reading `.grad` after backward read the
+all-reduced gradient. Only rank 0 writes the run; the others attach a `FollowerMonitor`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from netprobe.errors import ConfigError
+from netprobe.probes.base import Progress
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place among the training processes; `world_size` 1 without torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    enabled: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> Distributed:
+    """What torchrun's environment says about this process (no process group is started).
+
+    A job of a submitit launcher (SLURM, local) with several tasks counts too: submitit's own
+    helper writes the same variables from the job's SLURM environment.
+    """
+    env = os.environ
+    if "RANK" not in env and env.get("SUBMITIT_EXECUTOR"):
+        _from_submitit()
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return Distributed()
+    return Distributed(
+        rank=int(env["RANK"]),
+        world_size=int(env["WORLD_SIZE"]),
+        local_rank=int(env.get("LOCAL_RANK", 0)),
+        enabled=True,
+    )
+
+
+def _from_submitit() -> None:
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if JobEnvironment().num_tasks > 1:
+        # Each task keeps every GPU visible and takes cuda:LOCAL_RANK, as under torchrun.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def setup(device: torch.device) -> tuple[Distributed, torch.device]:
+    """Join the process group when started by torchrun (once per process): NCCL on GPUs, gloo
+    on the CPU. Each rank gets its own GPU, `cuda:LOCAL_RANK`."""
+    place = launched()
+    if not place.enabled:
+        return place, device
+    if device.type == "cuda":
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", place.local_rank + 1))
+        if per_node > torch.cuda.device_count():
+            raise ConfigError(
+                f"{per_node} processes per node but {torch.cuda.device_count()} GPU(s) visible: "
+                "start at most one process per GPU, or train on the CPU with trainer.device=cpu"
+            )
+        device = torch.device("cuda", place.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=place.rank, world_size=place.world_size)
+        atexit.register(_leave)
+    return place, device
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, place: Distributed, device: torch.device) -> nn.Module:
+    """The module the training step calls: DDP around `model` under torchrun, else `model`.
+    Probes keep `model` itself, so their names carry no `module.` prefix and their own forward
+    passes (on rank 0 only) never wait for the other ranks."""
+    if not place.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def from_main(value: Any, place: Distributed) -> Any:
+    """Rank 0's `value`, on every rank (the run directory, the validation results)."""
+    if not place.enabled:
+        return value
+    box = [value if place.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_over_ranks(values: torch.Tensor, place: Distributed) -> torch.Tensor:
+    """The mean of a tensor over all ranks (the loss and accuracy of the whole global batch)."""
+    if not place.enabled:
+        return values
+    total = values.detach().clone()
+    dist.all_reduce(total)
+    return total / place.world_size
+
+
+def hydra_overrides() -> list[str]:
+    """Hydra overrides for ranks other than 0: their Hydra output goes to a throwaway folder, so
+    one run directory is made per run, not one per rank (the timestamps may differ)."""
+    place = launched()
+    if not place.enabled or place.is_main:
+        return []
+    scratch = tempfile.mkdtemp(prefix=f"netprobe-rank{place.rank}-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}", "hydra.output_subdir=null"]
+
+
+class _Status:
+    def __init__(self) -> None:
+        self.info: dict[str, Any] = {"status": "running"}
+
+    def update(self, **fields: Any) -> None:
+        self.info.update(fields)
+
+    def close(self, status: str, error: str | None = None, **fields: Any) -> None:
+        self.update(status=status, error=error, **fields)
+
+
+class FollowerMonitor:
+    """What ranks other than 0 attach: it counts steps and epochs as `Monitor` does, so every
+    rank stops at the same point, and records and writes nothing."""
+
+    def __init__(self, on_nonfinite: str = "stop") -> None:
+        self.progress = Progress()
+        self.writer = _Status()
+        self.best_val_acc: float | None = None
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite_step: int | None = None  # rank 0 watches the (all-reduced) loss
+
+    def after_backward(self, loss: torch.Tensor, **_: Any) -> None: ...
+
+    def after_step(self) -> None:
+        self.progress.step += 1
+
+    def end_epoch(self, val_loss: Any = None, val_acc: Any = None) -> None:
+        self.progress.epoch += 1
+
+    def latest(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.progress.step, "epoch": self.progress.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.progress.step, self.progress.epoch = state["step"], state["epoch"]
+
+    def close(self, status: str = "completed", error: str | None = None, **_: Any) -> None:
+        self.writer.close(status, error)
+
+    def __enter__(self) -> FollowerMonitor:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close("completed")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.close("interrupted", "interrupted")
+        else:
+            self.close("failed", f"{exc_type.__name__}: {exc}")

@@ -1,0 +1,261 @@
+"""Side-by-side figures for a sweep over one more key than the seed (init, model, data, lr...):
+one curve or panel per value of the swept key, each averaged over its seeds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.ticker import MaxNLocator
+
+from netprobe.plots.common import RunGroup, band, new_figure, short, smooth
+from netprobe.plots.curves import PANELS
+
+MAX_ROWS = 8  # layers shown in the distribution grids; evenly spread over the network
+
+
+@dataclass
+class Sweep:
+    """Groups of runs that differ in one swept key, each group a set of seeds."""
+
+    key: str  # "init", "model", "optim.lr", or several joined by ", "
+    groups: list[RunGroup]
+    labels: list[str]  # the swept value of each group
+
+    @property
+    def title(self) -> str:
+        info = self.groups[0].runs[0].info
+        fixed = [f"{k} {info.get(k)}" for k in ("model", "data", "init") if k not in self.key]
+        return f"{self.key} sweep ({', '.join(fixed)})" if fixed else f"{self.key} sweep"
+
+
+def swept(groups: list[RunGroup]) -> Sweep | None:
+    """What a set of groups varies: one config group (its option names label the groups), one
+    key (its values), or else several (the groups' own labels). None for a single group."""
+    if len(groups) < 2:
+        return None
+    keys = sorted(set().union(*(g.varying for g in groups)))
+    tops = {k.split(".")[0] for k in keys}
+    if len(tops) == 1 and f"{next(iter(tops))}.name" in keys:
+        key = next(iter(tops))
+        labels = [str(g.varying.get(f"{key}.name")) for g in groups]
+    elif len(keys) == 1:
+        key = keys[0]
+        labels = [str(g.varying.get(key)) for g in groups]
+    else:
+        key = ", ".join(k.removesuffix(".name") for k in keys)
+        labels = [g.label for g in groups]
+    order = sorted(range(len(groups)), key=lambda i: _sort_key(labels[i]))
+    return Sweep(key, [groups[i] for i in order], [labels[i] for i in order])
+
+
+def _sort_key(label: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(label), label)  # learning rates and widths in numeric order
+    except ValueError:
+        return (1, 0.0, label)
+
+
+@dataclass(frozen=True)
+class ComparisonSpec:
+    name: str
+    caption: str
+    draw: Callable[[Sweep], Any]
+
+
+COMPARISONS: dict[str, ComparisonSpec] = {}
+
+
+def comparison(name: str, caption: str) -> Callable[[Callable[[Sweep], Any]], Callable]:
+    """Register a comparison figure: `draw(sweep)` returns a Figure, {suffix: Figure} or None."""
+
+    def register(draw: Callable[[Sweep], Any]) -> Callable[[Sweep], Any]:
+        COMPARISONS[name] = ComparisonSpec(name, caption, draw)
+        return draw
+
+    return register
+
+
+def _colors(n: int) -> list[Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "viridis"]
+    return [cmap(i if n <= 10 else i / max(n - 1, 1)) for i in range(n)]
+
+
+@comparison(
+    "compare_curves",
+    "Training curves per value of the swept key: mean ± std over seeds (n in the legend).",
+)
+def compare_curves(sweep: Sweep):
+    frames = [g.scalars("train") for g in sweep.groups]
+    if all(df.empty for df in frames):
+        return None
+    fig, axes = new_figure(2, 2, size=(5.6, 3.6))
+    colors = _colors(len(sweep.groups))
+    for ax, (metric, title, x) in zip(axes.flat, PANELS):
+        ax.set_title(title)
+        ax.set_xlabel("epoch" if x == "epoch" else "optimizer step")
+        drawn = False
+        for df, group, label, color in zip(frames, sweep.groups, sweep.labels, colors):
+            part = df[df["metric"] == metric] if not df.empty else df
+            if part.empty:
+                continue
+            if x == "epoch":
+                part = part.assign(epoch=part["epoch"] + 1)  # epochs counted from 1
+            stats = _mean_over_runs(part, x)
+            y = stats["mean"].to_numpy()
+            if x == "step":
+                y = smooth(y)
+            band(
+                ax,
+                stats[x].to_numpy(),
+                y,
+                stats["std"].to_numpy(),
+                group.n,
+                label=label,
+                color=color,
+                marker="o" if x == "epoch" and len(stats) < 30 else None,
+                markersize=3,
+            )
+            drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
+            continue
+        if x == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if "acc" in metric:
+            ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if not handles:
+        handles, labels = axes[1, 1].get_legend_handles_labels()
+    fig.legend(handles, labels, title=sweep.key, loc="outside right upper", fontsize=8)
+    fig.suptitle(sweep.title)
+    return fig
+
+
+def _mean_over_runs(df: pd.DataFrame, x: str) -> pd.DataFrame:
+    """Mean and std over the runs of a group per x; only x values every run reached."""
+    per_x = df.groupby(x)["value"].agg(["mean", "std", "count"]).reset_index()
+    per_x["std"] = per_x["std"].fillna(0.0)
+    return per_x[per_x["count"] == df["run"].nunique()] if "run" in df else per_x
+
+
+@comparison(
+    "compare_final",
+    "Final validation accuracy and loss per value of the swept key: mean ± std over seeds, "
+    "each seed a dot.",
+)
+def compare_final(sweep: Sweep):
+    rows = [
+        {"i": i, "metric": metric, "value": run.info.get("final", {}).get(metric)}
+        for i, group in enumerate(sweep.groups)
+        for run in group.runs
+        for metric in ("val_acc", "val_loss")
+    ]
+    df = pd.DataFrame(rows).dropna()
+    if df.empty:
+        return None
+    fig, axes = new_figure(1, 2, size=(max(4.0, 0.7 * len(sweep.groups) + 1.5), 4.0))
+    colors = _colors(len(sweep.groups))
+    x = np.arange(len(sweep.groups))
+    for ax, (metric, title) in zip(axes[0], [("val_acc", "final validation accuracy"),
+                                             ("val_loss", "final validation loss")]):  # fmt: skip
+        part = df[df["metric"] == metric]
+        stats = part.groupby("i")["value"].agg(["mean", "std"]).reindex(x)
+        ax.bar(x, stats["mean"], 0.7, yerr=stats["std"].fillna(0), color=colors, alpha=0.55)
+        # Seeds of one value side by side, so equal results stay visible as separate dots.
+        rank = part.groupby("i").cumcount().to_numpy()
+        size = part.groupby("i")["value"].transform("size").to_numpy()
+        jitter = (rank - (size - 1) / 2) * min(0.08, 0.5 / size.max())
+        ax.scatter(part["i"] + jitter, part["value"], s=12, color="black", zorder=3)
+        ticks = [f"{short(lbl, 18)} (n={g.n})" for lbl, g in zip(sweep.labels, sweep.groups)]
+        ax.set_xticks(x, ticks, rotation=40, ha="right")
+        ax.set_xlabel(sweep.key)
+        ax.set_title(title)
+        if metric == "val_acc":
+            ax.set_ylim(0, 1.02)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(sweep.title)
+    return fig
+
+
+def _before_after(
+    sweep: Sweep, probe: str, source: str, what: str, unit: str
+) -> dict[str, Any] | None:
+    """A grid of layers (rows) × swept values (columns): the first capture against the last."""
+    hists = []
+    for group in sweep.groups:
+        df = group.runs[0].histograms(probe=probe, source=source)
+        hists.append(df)
+    if all(df.empty for df in hists):
+        return None
+    reference = next(g for g, df in zip(sweep.groups, hists) if not df.empty)
+    layers = reference.ordered(set().union(*(set(df["layer"]) for df in hists)))
+    if len(layers) > MAX_ROWS:
+        picks = np.unique(np.linspace(0, len(layers) - 1, MAX_ROWS).round().astype(int))
+        layers = [layers[i] for i in picks]
+    ncols = len(sweep.groups)
+    # Wide enough for the title even with two or three columns.
+    fig, axes = new_figure(len(layers), ncols, size=(max(2.6, 8.0 / ncols), 1.9))
+    for col, (df, label) in enumerate(zip(hists, sweep.labels)):
+        axes[0, col].set_title(label, fontsize=10)
+        for row, layer in enumerate(layers):
+            ax = axes[row, col]
+            part = df[df["layer"] == layer] if not df.empty else df
+            if part.empty:
+                ax.text(0.5, 0.5, "not recorded", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=8)  # fmt: skip
+                ax.set_xticks([]), ax.set_yticks([])
+            else:
+                first, last = part["step"].min(), part["step"].max()
+                for step, name, color in ((first, "before", "tab:blue"),
+                                          (last, "after", "tab:orange")):  # fmt: skip
+                    row_ = part[part["step"] == step].iloc[0]
+                    _stairs(ax, row_, color, f"{name} (step {step})")
+                ax.tick_params(labelsize=7)
+                if row == 0 and col == 0:
+                    ax.legend(fontsize=7, loc="upper right")
+            if col == 0:
+                ax.set_ylabel(short(layer, 22), fontsize=8)
+        axes[-1, col].set_xlabel(unit, fontsize=8)
+    fig.suptitle(f"{what} before and after training, per {sweep.key}\n{sweep.title}, first seed")
+    return fig
+
+
+def _stairs(ax: Any, row: pd.Series, color: str, label: str) -> None:
+    """One stored histogram as a density (the fraction outside its range said in the legend)."""
+    edges = np.asarray(row["edges"], dtype=float)
+    counts = np.asarray(row["counts"], dtype=float)
+    total = counts.sum() + row["below"] + row["above"]
+    widths = np.diff(edges)
+    if total <= 0 or len(edges) < 2:
+        return
+    density = counts / total / np.where(widths > 0, widths, 1)
+    outside = (row["below"] + row["above"]) / total
+    if outside >= 0.005:
+        label = f"{label}, {outside:.0%} outside"
+    ax.stairs(density, edges, color=color, fill=True, alpha=0.35, label=label)
+    ax.stairs(density, edges, color=color, lw=1)
+
+
+@comparison(
+    "compare_weights",
+    "Weight distributions per layer before and after training, one column per swept value "
+    "(probe weights).",
+)
+def compare_weights(sweep: Sweep):
+    return _before_after(sweep, "weights", "weight", "Weight distributions", "weight value")
+
+
+@comparison(
+    "compare_features",
+    "Feature (layer output) distributions on the training probe batch before and after "
+    "training, one column per swept value (probe activations).",
+)
+def compare_features(sweep: Sweep):
+    return _before_after(sweep, "activations", "train", "Feature distributions", "output value")

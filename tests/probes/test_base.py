@@ -1,0 +1,53 @@
+"""What every probe shares: settings it would ignore, and layer regexes, fail as one clear line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from netprobe.errors import ConfigError
+from netprobe.monitor import Recorder, build_probes
+from netprobe.probes import ProbeContext, Progress
+from netprobe.structure import layer_table
+
+
+def context() -> ProbeContext:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
+    progress = Progress()
+    return ProbeContext(
+        model=model,
+        layers=layer_table(model, x),
+        edges=[],
+        record=Recorder(progress),
+        progress=progress,
+        loss_fn=F.cross_entropy,
+        probe_batch=(x, y),
+        valid_batch=(x, y),
+    )
+
+
+@pytest.mark.parametrize(
+    ("probe", "cfg", "says"),
+    [
+        ("gradients", {"every": "epoch"}, "records every N steps"),
+        ("gradients", {"at": ["end"]}, "records every N steps"),
+        ("gradient_flow", {"at": ["start"]}, "records every N steps"),
+        ("channels", {"every": 2}, "captures at fixed points"),
+        ("weights", {"every": 5}, "captures at fixed points"),
+        ("gradients", {"layers": ["0.weight("]}, "not a valid regex"),
+        ("weights", {"exclude": ["nope.*"]}, "exclude pattern 'nope.*' matches nothing"),
+        ("weights", {"layers": ["nope"]}, "layers pattern 'nope' matches nothing"),
+    ],
+)
+def test_settings_a_probe_would_ignore_are_errors(probe, cfg, says):
+    with pytest.raises(ConfigError, match=says) as err:
+        build_probes(context(), {probe: cfg})
+    assert "\n" not in str(err.value)
+
+
+def test_capture_probes_take_every_epoch():
+    (channels,) = build_probes(context(), {"channels": {"every": "epoch"}})
+    assert channels.every is None and channels.at == ("epoch",)

@@ -1,0 +1,134 @@
+"""Resuming (netprobe/resume.py): an interrupted run continued to the end equals an unbroken one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from omegaconf import open_dict
+
+import netprobe
+from netprobe.cli import main as cli
+from netprobe.config import compose
+from netprobe.errors import ConfigError
+from netprobe.probes import PROBES, Probe
+from netprobe.train import train
+
+TINY = ["data=synthetic", "data.num_samples=128", "data.image_size=8", "data.batch_size=32",
+        "data.probe_size=32", "trainer.flush_every=5"]  # fmt: skip
+# 103 training samples in batches of 32: 4 steps per epoch (the last one short), 12 in three.
+SETUP = [*TINY, "model=cnn", "model.width=4", "model.hidden=16", "trainer.epochs=3",
+         "trainer.checkpoint_every=1", "probes.gradient_flow.every=2",
+         # Every probe that carries state from one step or epoch to the next.
+         "probes=[gradients,optim_dynamics,gradient_flow,weights,rwc,activations]"]  # fmt: skip
+INTERRUPT_AT = 6  # in the middle of epoch 1 (the second), after a flush at step 5
+
+
+class Interrupt(Probe):
+    """Presses Ctrl-C at a given step, once: the run's second epoch is cut short."""
+
+    name = "interrupt"
+    options = {"at_step": None}
+    armed = False
+
+    def after_backward(self) -> None:
+        if Interrupt.armed and self.ctx.progress.step == self.cfg["at_step"]:
+            Interrupt.armed = False
+            raise KeyboardInterrupt
+
+
+def config(*extra: str):
+    cfg = compose([*SETUP, *extra])
+    with open_dict(cfg):
+        cfg.probes.interrupt = {"at_step": INTERRUPT_AT}
+    return cfg
+
+
+def stored(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    run = netprobe.load(run_dir)
+    keys = ["step", "epoch", "probe", "layer", "metric"]
+    scalars = run.scalars()
+    scalars = scalars[scalars["metric"] != "samples_per_s"]  # wall-clock dependent
+    scalars = scalars.sort_values(keys).reset_index(drop=True)
+    matrices = run.matrices().sort_values(["step", "epoch", "probe", "name", "row", "col"])
+    hists = run.histograms().sort_values(["step", "epoch", "probe", "layer", "source"])
+    hists = hists.assign(edges=hists["edges"].map(list), counts=hists["counts"].map(list))
+    return scalars, matrices.reset_index(drop=True), hists.reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run never stopped, to compare with."""
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    PROBES["interrupt"] = Interrupt
+    try:
+        assert train(config(), run_dir) == "completed"
+    finally:
+        del PROBES["interrupt"]
+    return run_dir
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "max_steps"])
+def test_interrupted_run_resumed_equals_an_unbroken_one(whole, stop, tmp_path, monkeypatch):
+    monkeypatch.setitem(PROBES, "interrupt", Interrupt)
+    broken = tmp_path / "broken"
+    if stop == "ctrl-c":
+        Interrupt.armed = True
+        with pytest.raises(KeyboardInterrupt):
+            train(config(), broken)
+    else:  # stopped for good mid-epoch, then given more steps
+        assert train(config(f"trainer.max_steps={INTERRUPT_AT}"), broken) == "completed"
+    info = json.loads((broken / "run.json").read_text())
+    assert info["status"] == ("interrupted" if stop == "ctrl-c" else "completed")
+    assert info["steps_done"] == INTERRUPT_AT
+    last = INTERRUPT_AT if stop == "ctrl-c" else INTERRUPT_AT - 1
+    assert netprobe.load(broken).scalars(metric="loss")["step"].max() == last
+
+    assert train(config("trainer.resume=true"), broken) == "completed"
+    (a_scalars, a_matrices, a_hists), (b_scalars, b_matrices, b_hists) = (
+        stored(whole),
+        stored(broken),
+    )
+    keys = ["step", "epoch", "probe", "layer", "metric"]
+    assert not b_scalars.duplicated(keys).any()
+    assert b_scalars[b_scalars["metric"] == "loss"]["step"].tolist() == list(range(12))
+    assert set(b_scalars["probe"]) >= {"optim_dynamics", "rwc", "weights", "activations"}
+    pd.testing.assert_frame_equal(a_scalars, b_scalars)  # the same steps and the same values
+    pd.testing.assert_frame_equal(a_matrices, b_matrices)
+    assert len(b_hists) > 0
+    pd.testing.assert_frame_equal(a_hists, b_hists)
+
+    a, b = netprobe.load(whole).info, netprobe.load(broken).info
+    assert b["status"] == "completed" and b["error"] is None and len(b["resumed_at"]) == 1
+    assert b["started_at"] == info["started_at"]
+    for key in ("steps_done", "epochs_done", "best_val_acc", "final"):
+        assert a[key] == b[key], key
+
+
+def test_resume_continues_after_the_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    train(compose([*SETUP, "trainer.epochs=1"]), run_dir)
+    assert train(compose([*SETUP, "trainer.epochs=2", "trainer.resume=true"]), run_dir)
+    run = netprobe.load(run_dir)
+    assert run.scalars(metric="loss")["step"].tolist() == list(range(8))
+    assert run.scalars(metric="val_acc")["epoch"].tolist() == [0, 1]
+    assert run.info["epochs_done"] == 2 and run.info["status"] == "completed"
+
+
+def test_resume_starts_an_empty_directory_and_needs_a_checkpoint(tmp_path, capsys):
+    # Nothing there yet: a fresh start (a sweep sent with trainer.resume=true from the outset).
+    fresh = tmp_path / "fresh"
+    assert train(compose([*SETUP, "trainer.epochs=1", "trainer.resume=true"]), fresh)
+    assert "starting it" in capsys.readouterr().err
+    assert netprobe.load(fresh).info["status"] == "completed"
+    run_dir = tmp_path / "run"
+    train(compose([*SETUP, "trainer.epochs=1", "trainer.checkpoint_every=0"]), run_dir)
+    with pytest.raises(ConfigError, match="last.pt does not exist"):
+        train(compose([*SETUP, "trainer.resume=true"]), run_dir)
+    # On the command line the run's directory is required, before Hydra makes a new one.
+    assert cli(["train", "trainer.resume=true"]) == 2
+    assert "hydra.run.dir" in capsys.readouterr().err
+    assert cli(["train", "-m", "seed=0,1", "trainer.resume=true"]) == 2
+    assert "hydra.sweep.dir" in capsys.readouterr().err

@@ -1,0 +1,118 @@
+"""Sweeps through Hydra's launcher plugins: jobs in other processes, one run directory each."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+import netprobe
+from netprobe.cli import main as cli
+from netprobe.config import conf_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=cnn", "model.width=4", "model.hidden=16", "data=synthetic", "data.num_samples=64",
+        "data.image_size=8", "data.batch_size=16", "data.probe_size=16", "trainer.epochs=2",
+        "trainer.max_steps=3"]  # fmt: skip
+
+
+@pytest.fixture
+def workers_import_netprobe(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Launcher workers are fresh interpreters: they find netprobe through PYTHONPATH."""
+    path = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), path) if p))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)
+
+
+def complete_runs(sweep: Path, seeds: list[int]) -> list[netprobe.Run]:
+    runs = netprobe.load_runs(sweep)
+    assert sorted(r.info["seed"] for r in runs) == seeds
+    for run in runs:
+        assert run.info["status"] == "completed" and run.info["steps_done"] == 3
+        assert run.path.parent == sweep and (run.path / ".hydra" / "config.yaml").exists()
+        assert run.info["pid"] != os.getpid()  # trained in a worker process
+        assert run.scalars(metric="loss")["step"].tolist() == [0, 1, 2]
+    return runs
+
+
+def test_joblib_sweep_over_three_seeds(workers_import_netprobe, tmp_path: Path, capsys):
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "seed=0,1,2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+            *TINY, f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    assert cli(args) == 0
+    runs = complete_runs(sweep, [0, 1, 2])
+    assert len({r.info["pid"] for r in runs}) > 1  # in parallel: more than one worker
+    capsys.readouterr()
+    assert cli(["plot", str(sweep)]) == 0
+    assert "for 3 run(s) in 1 group(s)" in capsys.readouterr().err
+    assert (sweep / "figures" / "training_curves.png").stat().st_size > 5000
+
+
+def test_submitit_local_sweep_over_two_seeds(workers_import_netprobe, tmp_path: Path, capsys):
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "seed=0,1", "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=10", *TINY, f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    assert cli(args) == 0
+    complete_runs(sweep, [0, 1])
+    assert (sweep / ".submitit").is_dir()  # submitit's own logs, beside the runs
+    capsys.readouterr()
+    assert cli(["plot", str(sweep)]) == 0
+    assert "for 2 run(s) in 1 group(s)" in capsys.readouterr().err
+
+
+def test_a_job_refused_in_a_worker_is_exit_2(workers_import_netprobe, tmp_path: Path, capsys):
+    """A refusal only the job itself can see comes back from the worker as exit 2 and one line:
+    here a job folder that already holds a run, under a sweep.subdir preflight cannot resolve."""
+    sweep = tmp_path / "sweep"
+    (sweep / "s1").mkdir(parents=True)
+    (sweep / "s1" / "run.json").write_text(json.dumps({"status": "completed", "seed": 1}))
+    args = ["train", "-m", "seed=0,1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY,
+            f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=s${seed}"]  # fmt: skip
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert f"netprobe: run directory {sweep / 's1'} already holds a run" in err
+    assert "Traceback" not in err
+    assert json.loads((sweep / "s0" / "run.json").read_text())["status"] == "completed"
+    assert json.loads((sweep / "s1" / "run.json").read_text()) == {"status": "completed", "seed": 1}
+
+
+def test_slurm_launcher_config():
+    text = (conf_dir() / "hydra" / "launcher" / "slurm.yaml").read_text()
+    assert text.startswith("# @package hydra.launcher")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose(
+                "config",
+                ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                return_hydra_config=True,
+            )
+    finally:
+        GlobalHydra.instance().clear()
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert launcher["partition"] == "gpu" and launcher["gpus_per_node"] == 1
+    assert launcher["timeout_min"] == 240 and launcher["tasks_per_node"] == 1
+    assert launcher["submitit_folder"] == "${hydra.sweep.dir}/.submitit/%j"
+
+
+def test_preflight_expands_a_presets_own_sweep(tmp_path: Path):
+    """`-m experiment=init_test` runs seven jobs from the preset's hydra.sweeper.params: their
+    folders are checked before Hydra writes into any (here job 3's holds a finished run)."""
+    from netprobe.config import preflight
+    from netprobe.errors import ConfigError
+
+    sweep = tmp_path / "sweep"
+    (sweep / "3").mkdir(parents=True)
+    (sweep / "3" / "run.json").write_text(json.dumps({"status": "completed"}))
+    args = ["-m", "experiment=init_test", *TINY, f"hydra.sweep.dir={sweep}"]
+    with pytest.raises(ConfigError, match=f"{sweep / '3'} already holds a run"):
+        preflight(args)
+    preflight([*args, "init=orthogonal"])  # the command line wins: one job, folder 0
