@@ -3,6 +3,7 @@ SIGTERM, and telling a crashed run (its process is gone) from one still running.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -11,6 +12,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -203,6 +205,21 @@ def _busy_message(path: Path, holder: dict[str, Any] | None) -> str:
 
 
 # ---------------------------------------------------------------- Ctrl-C and SIGTERM
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends: what it drains from memory reaches the disk
+    before an interrupt can cut in (a flush is short; the signal is acted on right after)."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    held = hasattr(signal, "pthread_sigmask")
+    if held:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        if held:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class StopSignals:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,7 +73,8 @@ def list_runs(paths: Sequence[str | os.PathLike], console: Console | None = None
         else:
             jobs = swept_overrides(members)
             tables.append(_table(members, f"sweep {sweep} ({len(members)} runs)", jobs, sweep))
-    console = console or Console()
+    # Piped or redirected, rich would assume 80 columns and cut model names and paths short.
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
     for table in tables:
         console.print(table)
     return tables

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from netprobe.divergence import ON_NONFINITE, NonfiniteWatch
 from netprobe.errors import ConfigError
+from netprobe.lifecycle import signals_held
 from netprobe.probes import PROBES, Probe, ProbeContext, Progress
 from netprobe.probes.gradients import stat_dtype
 from netprobe.store import RunWriter, rows_table, scalar_table
@@ -388,8 +389,9 @@ class Monitor:
             # Waiting for the queued training work is not the flush's cost; the drain waits anyway.
             torch.cuda.synchronize(self._device)
         t = time.perf_counter()
-        for name, table in self.record.drain().items():
-            self.writer.append(name, table)
+        with signals_held():
+            for name, table in self.record.drain().items():
+                self.writer.append(name, table)
         self.nonfinite.settle()  # the drain has just synced: the exact answer costs nothing more
         self._settle_probe_time()
         self._flush_time += time.perf_counter() - t

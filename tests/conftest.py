@@ -91,3 +91,12 @@ def held_bytes() -> Callable[[object, nn.Module], list[int]]:
     """`held_bytes(probe, model)`: sorted bytes of every distinct storage the probe's attributes
     reference (through lists, tuples and dicts), besides the model's parameters and gradients."""
     return _held_bytes
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Figure tests call draw functions directly; their figures must not pile up across tests."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")

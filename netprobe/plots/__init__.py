@@ -144,8 +144,10 @@ def _render(
         rendered = spec.draw(target)
     except Exception as exc:  # noqa: BLE001 - one broken figure must not stop the rest
         warnings.warn(f"{what} failed: {exc}", stacklevel=3)
+        plt.close("all")  # whatever it had opened
         return []
     if rendered is None:
+        plt.close("all")
         return []
     entries = []
     items = rendered.items() if isinstance(rendered, dict) else [("", rendered)]

@@ -209,6 +209,31 @@ def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4,
     return fig, axes
 
 
+def panel_grid(
+    nrows: int,
+    ncols: int,
+    panel: tuple[float, float],
+    gap: tuple[float, float],
+    margins: tuple[float, float, float, float],
+):
+    """A figure of `nrows × ncols` panels laid out at fixed sizes in inches: each `panel` (w, h),
+    `gap` (w, h) between panels, `margins` (left, right, top, bottom) around them. For grids of
+    dozens of panels, where constrained layout costs more than the drawing; the caller leaves
+    room in `gap` and `margins` for its titles, tick labels, legends and colour bar."""
+    left, right, top, bottom = margins
+    width = left + right + ncols * panel[0] + (ncols - 1) * gap[0]
+    height = top + bottom + nrows * panel[1] + (nrows - 1) * gap[1]
+    spacing = {
+        "left": left / width,
+        "right": 1 - right / width,
+        "top": 1 - top / height,
+        "bottom": bottom / height,
+        "wspace": gap[0] / panel[0],
+        "hspace": gap[1] / panel[1],
+    }
+    return plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, gridspec_kw=spacing)
+
+
 def short(name: str, width: int = 28) -> str:
     """A layer name short enough for a tick label."""
     return name if len(name) <= width else "…" + name[-(width - 1) :]

@@ -181,35 +181,55 @@ def correlation_grid(group: RunGroup):
 
 
 def _grid(group: RunGroup, part: pd.DataFrame, names: list[str], when: str, which: str):
+    """Every block C_ij (i ≤ j) in one Axes, block (i, j) in the unit cell of row i and column j:
+    one Axes instead of one per pair keeps deep models (hundreds of pairs) quick to draw."""
     n = len(names)
-    cell = float(np.clip(14 / n, 1.1, 2.4))
-    fig, axes = new_figure(n, n, size=(cell, cell))
     blocks = {
         (row, col): np.asarray(values).reshape(shape)
         for row, col, shape, values in zip(part["row"], part["col"], part["shape"], part["values"])
     }
+    sizes = {}
+    for (row, col), block in blocks.items():
+        sizes[row], sizes[col] = block.shape
+    cell = float(np.clip(14 / n, 0.55, 2.4))
+    fig, axes = new_figure(1, 1, size=(cell * n + 3.2, cell * n + 2.0))
+    ax = axes[0, 0]
+    gap = 0.03  # white space between blocks, in cells
     image = None
     for i, a in enumerate(names):
-        for j, b in enumerate(names):
-            ax = axes[i, j]
+        for j, b in enumerate(names[i:], start=i):
             block = blocks.get((a, b))
-            if j < i or block is None:
-                ax.axis("off")
+            if block is None:
                 continue
+            extent = (j + gap, j + 1 - gap, i + 1 - gap, i + gap)
             image = ax.imshow(
-                block, cmap=CORR_CMAP, vmin=-1, vmax=1, aspect="auto", interpolation="nearest"
+                block, cmap=CORR_CMAP, vmin=-1, vmax=1, extent=extent, interpolation="nearest"
             )
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"{short(b, 16)}\n({block.shape[1]})", fontsize=7)
-            if j == i:
-                ax.set_ylabel(f"{short(a, 16)}\n({block.shape[0]})", fontsize=7)
+    ax.set_xlim(0, n)
+    ax.set_ylim(n, 0)
+    ax.set_aspect("equal")
+    for side in ax.spines.values():
+        side.set_visible(False)
+    labels = [f"{short(name, 22)} ({sizes[name]})" if name in sizes else short(name, 22)
+              for name in names]  # fmt: skip
+    centres = np.arange(n) + 0.5
+    fontsize = 8 if n <= 12 else 7
+    ax.xaxis.tick_top()
+    ax.set_xticks(
+        centres, labels, rotation=60, ha="left", rotation_mode="anchor", fontsize=fontsize
+    )
+    ax.set_yticks([])
+    ax.tick_params(length=0)
+    for i, label in enumerate(labels):  # row names along the diagonal, in the empty triangle
+        ax.text(i - 0.1, i + 0.5, label, ha="right", va="center", fontsize=fontsize)
+    ax.xaxis.set_label_position("top")
+    ax.set_xlabel("layer j (columns of its blocks)", fontsize=9)
     if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="Pearson correlation")
+        fig.colorbar(image, ax=ax, shrink=0.6, label="Pearson correlation")
     fig.suptitle(
         f"Feature correlations C_ij, {when} — {group.title}{which}\n"
-        "rows: features of layer i, columns: features of layer j (feature count in brackets)",
+        "block (i, j): features of layer i (rows, named along the diagonal) × features of "
+        "layer j (columns, named on top); feature count in brackets",
         fontsize=10,
     )
     return fig
