@@ -52,24 +52,7 @@ def segment_counts(masks: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
     every count of a step instead of a cast and a reduction per mask, and exact integer counts.
     """
     stacked = torch.stack(masks)
-    if stacked.device.type == "cuda":
-        return _segment_counts_scan(stacked, sizes)
     return torch.stack([part.sum(dim=1, dtype=torch.int64) for part in stacked.split(sizes, dim=1)])
-
-
-def _segment_counts_scan(stacked: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """segment_counts of stacked [k, N] masks in a fixed number of kernels however many segments:
-    a running count, read at each segment's end, differenced. On a GPU, where one reduction per
-    segment means one kernel launch per tracked tensor, this is the faster way."""
-    ends = _segment_ends(tuple(sizes), stacked.device)
-    # int32 holds any running count below 2^31 elements (half the memory traffic of int64).
-    running = stacked.cumsum(dim=1, dtype=torch.int32).index_select(1, ends).to(torch.int64)
-    return torch.diff(running, dim=1, prepend=running.new_zeros(len(stacked), 1)).T
-
-
-@functools.lru_cache(maxsize=64)
-def _segment_ends(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(sizes, device=device).cumsum(0) - 1
 
 
 @functools.lru_cache(maxsize=64)

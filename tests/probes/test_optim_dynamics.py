@@ -299,16 +299,3 @@ def test_per_step_path_never_reads_device_values(monkeypatch: pytest.MonkeyPatch
 def test_bad_options_are_config_errors(key: str, value) -> None:
     with pytest.raises(ConfigError, match=key):
         make_probe(small_model(), **{key: value})
-
-
-def test_segment_counts_by_scan_equal_counts_by_reduction():
-    """The GPU path (one running count for all segments) counts exactly what the CPU path does."""
-    from netprobe.probes.optim_dynamics import _segment_counts_scan, segment_counts
-
-    gen = torch.Generator().manual_seed(0)
-    sizes = [1, 7, 300, 2, 1000]
-    masks = [torch.rand(sum(sizes), generator=gen) < p for p in (0.0, 0.3, 0.9, 1.0)]
-    by_reduction = segment_counts(masks, sizes)
-    assert by_reduction.shape == (len(sizes), len(masks))
-    assert torch.equal(_segment_counts_scan(torch.stack(masks), sizes), by_reduction)
-    assert by_reduction[:, 3].tolist() == sizes
