@@ -17,9 +17,12 @@ def stat_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=64)
-def _sizes(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    # Made once per device and set of tensors: no host-to-device copy per step.
-    return torch.tensor(sizes, device=device)
+def device_sizes(
+    sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """`sizes` as a tensor on `device`, made once per device and set of tensors: a per-step
+    torch.tensor(...) would be a blocking host-to-device copy every step."""
+    return torch.tensor(sizes, dtype=dtype, device=device)
 
 
 def gradient_stats(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +36,7 @@ def gradient_stats(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     l1 = torch.stack(torch._foreach_norm(grads, 1, dtype=dtype))
     l2 = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype))
     max_abs = torch.stack(torch._foreach_norm(grads, float("inf"), dtype=dtype))
-    sizes = _sizes(tuple(g.numel() for g in grads), l1.device)
+    sizes = device_sizes(tuple(g.numel() for g in grads), l1.device)
     # Counted in int64, so a few bad entries in a huge tensor are not lost to float rounding.
     nonfinite = sizes - torch.stack([torch.isfinite(g).sum() for g in grads])
     return (

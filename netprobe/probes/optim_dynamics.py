@@ -12,13 +12,13 @@ metrics need from the gradient side (retained, flipped, sign of g_t − g_{t−1
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.gradients import device_sizes, stat_dtype
 
 GRAD_METRICS = [
     "zero_frac_1e7",
@@ -55,17 +55,6 @@ def segment_counts(masks: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
     return torch.stack([part.sum(dim=1, dtype=torch.int64) for part in stacked.split(sizes, dim=1)])
 
 
-@functools.lru_cache(maxsize=64)
-def _numel(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # Made once per device: no host-to-device copy per step.
-    return torch.tensor(sizes, dtype=dtype, device=device)
-
-
-def _count_dtype(x: torch.Tensor) -> torch.dtype:
-    # Counts in half precision would be wrong beyond a few thousand elements.
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def gradient_dynamics(
     g: torch.Tensor,
     g_prev: torch.Tensor | None,
@@ -84,8 +73,8 @@ def gradient_dynamics(
     and the int8 code per element for `update_dynamics`: 0 not retained, 1 retained, ±2 retained
     and flipped with the sign of g_t − g_{t−1} (which, across a flip, is the sign of g_t).
     """
-    dtype = _count_dtype(g)
-    numel = _numel(tuple(sizes), dtype, g.device)
+    dtype = stat_dtype([g])  # not half precision: counts would be wrong beyond a few thousand
+    numel = device_sizes(tuple(sizes), g.device, dtype)
     a = g.abs()
     tiny, z = a <= tiny_threshold, a <= zero_threshold
     if g_prev is None:
@@ -129,7 +118,7 @@ def update_dynamics(
     none, like the SPEC's max(#, 1) fractions); `local_min` / `local_max` = #(flipped ∧ retained ∧
     (W_t−W_{t−1})(g_t−g_{t−1}) > 0 / < 0). Returns [L, 4], or [L, 1] (`wdiff_l2`) without `code`.
     """
-    dtype = _count_dtype(dw)
+    dtype = stat_dtype([dw])
     dw = dw.to(dtype)
     wdiff_l2 = torch.stack(torch._foreach_norm(list(dw.split(sizes)), 2))
     if code is None or n_retained is None:
