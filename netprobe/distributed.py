@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from netprobe.errors import ConfigError
+from netprobe.lifecycle import ending
 from netprobe.probes.base import Progress
 
 
@@ -186,9 +187,4 @@ class FollowerMonitor:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is None:
-            self.close("completed")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.close("interrupted", "interrupted")
-        else:
-            self.close("failed", f"{exc_type.__name__}: {exc}")
+        self.close(*ending(exc_type, exc))

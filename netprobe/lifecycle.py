@@ -207,6 +207,18 @@ def _busy_message(path: Path, holder: dict[str, Any] | None) -> str:
 # ---------------------------------------------------------------- Ctrl-C and SIGTERM
 
 
+def ending(
+    exc_type: type[BaseException] | None, exc: BaseException | None
+) -> tuple[str, str | None]:
+    """A run's final status and error for how its `with` block ended (SPEC §4): `completed`,
+    `interrupted` for KeyboardInterrupt, else `failed` with the exception."""
+    if exc_type is None:
+        return "completed", None
+    if issubclass(exc_type, KeyboardInterrupt):
+        return "interrupted", "interrupted"
+    return "failed", f"{exc_type.__name__}: {exc}"
+
+
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """Ctrl-C and SIGTERM wait until the block ends: what it drains from memory reaches the disk

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from netprobe.divergence import ON_NONFINITE, NonfiniteWatch
 from netprobe.errors import ConfigError
-from netprobe.lifecycle import signals_held
+from netprobe.lifecycle import ending, signals_held
 from netprobe.probes import PROBES, Probe, ProbeContext, Progress
 from netprobe.probes.gradients import stat_dtype
 from netprobe.store import RunWriter, rows_table, scalar_table
@@ -457,12 +457,8 @@ class Monitor:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is None:
-            self.close("completed")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.close("interrupted", error="interrupted")
-        else:
-            self.close("failed", error=f"{exc_type.__name__}: {exc}")
+        status, error = ending(exc_type, exc)
+        self.close(status, error=error)
 
 
 def attach(
