@@ -137,6 +137,22 @@ class Probe:
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def load_tracked(self, state: dict[str, Any], *keys: str) -> dict[str, list[torch.Tensor]]:
+        """For probes tracking `self.params`: the per-parameter tensors saved under each of `keys`
+        that `state` has, copied onto each parameter's device and dtype. The saved state must
+        track the same parameters (`names`)."""
+        names = [n for n, _ in self.params]
+        if list(state.get("names", [])) != names:
+            raise ConfigError(
+                f"probes.{self.name}: the saved state tracks {state.get('names')}, "
+                f"this run tracks {names}"
+            )
+        return {
+            key: [state[key][n].to(device=p.device, dtype=p.dtype).clone() for n, p in self.params]
+            for key in keys
+            if key in state
+        }
+
     def on_start(self) -> None:
         if "start" in self.at:
             self._capture_once()

@@ -109,14 +109,5 @@ class RelativeWeightChange(Probe):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if list(state.get("names", [])) != self.names:
-            raise ConfigError(
-                f"probes.{self.name}: the saved state tracks {state.get('names')}, "
-                f"this run tracks {self.names}"
-            )
-        for key in ("previous", "previous_step"):
-            if key in state:
-                copies = [
-                    state[key][n].to(device=p.device, dtype=p.dtype).clone() for n, p in self.params
-                ]
-                setattr(self, key, copies)
+        for key, copies in self.load_tracked(state, "previous", "previous_step").items():
+            setattr(self, key, copies)

@@ -90,16 +90,9 @@ class Weights(Probe):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if list(state.get("names", [])) != self.names:
-            raise ConfigError(
-                f"probes.{self.name}: the saved state tracks {state.get('names')}, "
-                f"this run tracks {self.names}"
-            )
-        if "initial" in state:
-            self.initial = [
-                state["initial"][n].to(device=p.device, dtype=p.dtype).clone()
-                for n, p in self.params
-            ]
+        restored = self.load_tracked(state, "initial")
+        if "initial" in restored:
+            self.initial = restored["initial"]
             self.initial_norm = torch.stack(
                 torch._foreach_norm(self.initial, 2, dtype=torch.float64)
             )
