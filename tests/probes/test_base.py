@@ -51,3 +51,12 @@ def test_settings_a_probe_would_ignore_are_errors(probe, cfg, says):
 def test_capture_probes_take_every_epoch():
     (channels,) = build_probes(context(), {"channels": {"every": "epoch"}})
     assert channels.every is None and channels.at == ("epoch",)
+
+
+@pytest.mark.parametrize("probe", ["weights", "rwc"])
+def test_saved_state_of_other_parameters_is_refused(probe):
+    (built,) = build_probes(context(), {probe: {}})
+    state = built.state_dict()
+    state["names"] = ["other.weight"]
+    with pytest.raises(ConfigError, match="the saved state tracks"):
+        built.load_state_dict(state)
