@@ -217,7 +217,7 @@ class Monitor:
         layers = layer_table(model, probe_batch[0] if probe_batch is not None else None)
         modules = [r.module for r in layers if not r.param]
         edges = module_graph(model, modules)
-        ctx = ProbeContext(
+        self.ctx = ctx = ProbeContext(
             model=model,
             layers=layers,
             edges=edges,
@@ -322,6 +322,7 @@ class Monitor:
             norms = torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))
             total = torch.linalg.vector_norm(torch.stack(norms))
             rec.scalars("train", [""], ["grad_l2_total"], total.reshape(1, 1))
+            self.ctx.grad_l2_total = total  # the gradients probe records it too: one computation
         if self.optimizer is not None:
             rec.scalars("train", [""], ["lr"], float(self.optimizer.param_groups[0]["lr"]))
         self._samples += batch_size or 0

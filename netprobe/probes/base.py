@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -40,7 +40,8 @@ class ProbeContext:
     probe_batch: tuple[torch.Tensor, torch.Tensor] | None = None
     valid_batch: tuple[torch.Tensor, torch.Tensor] | None = None
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    # ‖∂L/∂θ‖₂ over every parameter at the current step, once the monitor has it (after backward).
+    grad_l2_total: torch.Tensor | None = None
 
     def generator(self, salt: int, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded from the run seed and `salt`, independent of the training RNG."""

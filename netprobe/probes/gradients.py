@@ -53,11 +53,6 @@ class Gradients(Probe):
         super().__init__(ctx, **cfg)
         self.params = self.select_params()
         self.names = [n for n, _ in self.params]
-        tracked = set(self.names)
-        # grad_l2_total is model-wide: biases and norm layers count although they are not tracked.
-        self.others = [
-            p for n, p in ctx.model.named_parameters() if p.requires_grad and n not in tracked
-        ]
 
     def after_backward(self) -> None:
         if not self.due():
@@ -66,10 +61,9 @@ class Gradients(Probe):
         if not with_grad:
             return
         names = self.names if len(with_grad) == len(self.params) else [n for n, _ in with_grad]
-        per_tensor, total = gradient_stats([g for _, g in with_grad])
+        per_tensor, _ = gradient_stats([g for _, g in with_grad])
         self.ctx.record.scalars(self.name, names, METRICS, per_tensor)
-        others = [p.grad for p in self.others if p.grad is not None]
-        if others:
-            rest = torch.stack(torch._foreach_norm(others, 2, dtype=total.dtype))
-            total = torch.linalg.vector_norm(torch.cat([total.reshape(1), rest]))
-        self.ctx.record.scalars(self.name, [""], ["grad_l2_total"], total.reshape(1, 1))
+        # Model-wide, biases and norm layers included: the monitor's norm for the training curve.
+        total = self.ctx.grad_l2_total
+        if total is not None:
+            self.ctx.record.scalars(self.name, [""], ["grad_l2_total"], total.reshape(1, 1))
