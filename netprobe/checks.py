@@ -23,9 +23,7 @@ def check_probes(cfg: DictConfig) -> None:
     bad probe setting (a `layers` pattern matching nothing, an unknown key, a negative threshold)
     fails before any run directory exists. Configs already checked are skipped."""
     from netprobe.models import build_model
-    from netprobe.monitor import Recorder, build_probes
-    from netprobe.probes import ProbeContext, Progress
-    from netprobe.structure import layer_table, module_graph
+    from netprobe.monitor import build_probes, probe_context
 
     probes = OmegaConf.to_container(cfg.probes, resolve=True) or {}
     data = cfg.data
@@ -45,24 +43,12 @@ def check_probes(cfg: DictConfig) -> None:
     except Exception as exc:  # noqa: BLE001 - a model that cannot be built fails the run anyway
         raise ConfigError(f"model={cfg.model.name}: cannot build the model: {_line(exc)}") from None
     try:
-        layers = layer_table(model, x)
+        ctx = probe_context(model, (x, y), (x, y), seed=int(cfg.seed))
     except Exception as exc:  # noqa: BLE001 - the run's first forward pass would fail the same way
         raise ConfigError(
             f"model={cfg.model.name} fails on a batch of shape {list(x.shape)} "
             f"(data.channels, data.image_size): {_line(exc)}"
         ) from None
-    progress = Progress()
-    ctx = ProbeContext(
-        model=model,
-        layers=layers,
-        edges=module_graph(model, [r.module for r in layers if not r.param]),
-        record=Recorder(progress),
-        progress=progress,
-        loss_fn=torch.nn.functional.cross_entropy,
-        probe_batch=(x, y),
-        valid_batch=(x, y),
-        seed=int(cfg.seed),
-    )
     for probe in build_probes(ctx, probes):
         probe.close()
     _checked_probes.add(key)

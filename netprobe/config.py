@@ -79,7 +79,7 @@ def preflight(args: Sequence[str], check_data: bool = True) -> None:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError(_first_line(exc)) from None
+        raise ConfigError(first_line(exc)) from None
     choices = []
     for text, ov in zip(overrides, parsed):
         if ov.is_sweep_override():
@@ -134,7 +134,8 @@ def _sweeper_params(overrides: list[str], extra: list[str]) -> dict[str, str]:
     return {str(k): str(v) for k, v in params.items()}
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line, as a one-line error wants it."""
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
@@ -161,7 +162,7 @@ def _explain(exc: Exception, overrides: list[str], hydra_compose: Callable) -> C
                 f"unknown config key {key!r}; valid keys{where}: {', '.join(map(str, node))}"
             )
         return ConfigError(f"unknown config key {key!r}")
-    return ConfigError(_first_line(exc))
+    return ConfigError(first_line(exc))
 
 
 # ---------------------------------------------------------------- validation
@@ -223,7 +224,7 @@ def validate(cfg: DictConfig) -> None:
         try:
             value = OmegaConf.select(cfg, key, throw_on_missing=True)
         except Exception as exc:  # noqa: BLE001 - missing mandatory values, bad interpolations
-            raise ConfigError(f"{key}: {_first_line(exc)}") from None
+            raise ConfigError(f"{key}: {first_line(exc)}") from None
         if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
             continue
         if not check(value):

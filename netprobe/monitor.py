@@ -165,6 +165,30 @@ def _probe_configs(probes: ProbeSpec) -> dict[str, dict[str, Any]]:
     return configs
 
 
+def probe_context(
+    model: nn.Module,
+    probe_batch: tuple[torch.Tensor, torch.Tensor] | None,
+    valid_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    seed: int = 0,
+) -> ProbeContext:
+    """What probes are built on: the model's layers in forward order (traced on the probe batch),
+    the data-flow edges between its modules, and a fresh recorder at step 0."""
+    progress = Progress()
+    layers = layer_table(model, probe_batch[0] if probe_batch is not None else None)
+    return ProbeContext(
+        model=model,
+        layers=layers,
+        edges=module_graph(model, [r.module for r in layers if not r.param]),
+        record=Recorder(progress),
+        progress=progress,
+        loss_fn=loss_fn,
+        probe_batch=probe_batch,
+        valid_batch=valid_batch,
+        seed=seed,
+    )
+
+
 def build_probes(ctx: ProbeContext, probes: ProbeSpec) -> list[Probe]:
     """The enabled probes, built on `ctx`; bad settings raise ConfigError before anything exists."""
     built: list[Probe] = []
@@ -212,22 +236,9 @@ class Monitor:
         self.model = model
         self.optimizer = optimizer
         self.flush_every = flush_every
-        self.progress = Progress()
-        self.record = Recorder(self.progress)
-        layers = layer_table(model, probe_batch[0] if probe_batch is not None else None)
-        modules = [r.module for r in layers if not r.param]
-        edges = module_graph(model, modules)
-        self.ctx = ctx = ProbeContext(
-            model=model,
-            layers=layers,
-            edges=edges,
-            record=self.record,
-            progress=self.progress,
-            loss_fn=loss_fn,
-            probe_batch=probe_batch,
-            valid_batch=valid_batch,
-            seed=seed,
-        )
+        self.ctx = ctx = probe_context(model, probe_batch, valid_batch, loss_fn, seed)
+        self.progress, self.record = ctx.progress, ctx.record
+        layers, edges = ctx.layers, ctx.edges
         # Probes are built before anything is written, so bad probe settings leave no trace.
         self.probes: list[Probe] = build_probes(ctx, probes)
         self._params = [p for p in model.parameters() if p.requires_grad]

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import netprobe
 from netprobe import distributed, resume
 from netprobe.checkpoint import checkpoint_path, save_checkpoint
-from netprobe.config import validate
+from netprobe.config import first_line, validate
 from netprobe.data import Batches, build_data, fixed_batch, keep_on_device
 from netprobe.errors import ConfigError
 from netprobe.init import initialize
@@ -402,10 +402,10 @@ def hydra_main(args: list[str]) -> int:
         print(f"netprobe: {exc}", file=sys.stderr)
         JOBS["code"] = max(JOBS["code"], exc.code)
     except HydraException as exc:
-        raise ConfigError(_first_line(exc)) from None
+        raise ConfigError(first_line(exc)) from None
     except Exception as exc:
         if not JOBS["started"]:  # Hydra refused the command line before running anything
-            raise ConfigError(_first_line(exc)) from None
+            raise ConfigError(first_line(exc)) from None
         traceback.print_exc()  # a run that crashed here: its traceback, then exit 1
         JOBS["code"] = max(JOBS["code"], 1)
     finally:
@@ -415,8 +415,3 @@ def hydra_main(args: list[str]) -> int:
         else:
             os.environ["HYDRA_FULL_ERROR"] = full_error
     return JOBS["code"]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
