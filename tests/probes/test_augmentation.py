@@ -7,14 +7,11 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
-from netprobe.monitor import Recorder
+from netprobe.monitor import probe_context
 from netprobe.probes import PROBES
 from netprobe.probes.augmentation import Augmentation, affine_theta, augment, invariance
-from netprobe.probes.base import ProbeContext, Progress
-from netprobe.structure import layer_table
 
 REL = 1e-5
 
@@ -42,19 +39,7 @@ def batch(n: int = 40, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_probe(model: nn.Module, **cfg) -> Augmentation:
     x, y = batch()
-    progress = Progress()
-    ctx = ProbeContext(
-        model=model,
-        layers=layer_table(model, x),
-        edges=[],
-        record=Recorder(progress),
-        progress=progress,
-        loss_fn=F.cross_entropy,
-        probe_batch=(x, y),
-        valid_batch=batch(10, seed=2),
-        seed=7,
-    )
-    return PROBES["augmentation"](ctx, **cfg)
+    return PROBES["augmentation"](probe_context(model, (x, y), batch(10, seed=2), seed=7), **cfg)
 
 
 def drained(probe: Augmentation) -> dict[str, pd.DataFrame]:

@@ -5,28 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
-from netprobe.monitor import Recorder, build_probes
-from netprobe.probes import ProbeContext, Progress
-from netprobe.structure import layer_table
+from netprobe.monitor import build_probes, probe_context
+from netprobe.probes import ProbeContext
 
 
 def context() -> ProbeContext:
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
-    progress = Progress()
-    return ProbeContext(
-        model=model,
-        layers=layer_table(model, x),
-        edges=[],
-        record=Recorder(progress),
-        progress=progress,
-        loss_fn=F.cross_entropy,
-        probe_batch=(x, y),
-        valid_batch=(x, y),
-    )
+    return probe_context(model, (x, y), (x, y))
 
 
 @pytest.mark.parametrize(

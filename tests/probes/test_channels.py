@@ -12,11 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
-from netprobe.monitor import Recorder
+from netprobe.monitor import probe_context
 from netprobe.probes import PROBES
-from netprobe.probes.base import ProbeContext, Progress
 from netprobe.probes.channels import Channels, channel_pair_norms
-from netprobe.structure import layer_table
 
 REL = 1e-5
 # PyTorch notes that an even kernel with padding="same" pads a copy of the input: expected here.
@@ -47,17 +45,7 @@ class Net(nn.Module):
 
 
 def make_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **cfg) -> Channels:
-    progress = Progress()
-    ctx = ProbeContext(
-        model=model,
-        layers=layer_table(model, x),
-        edges=[],
-        record=Recorder(progress),
-        progress=progress,
-        loss_fn=F.cross_entropy,
-        probe_batch=(x, y),
-    )
-    return PROBES["channels"](ctx, **cfg)
+    return PROBES["channels"](probe_context(model, (x, y)), **cfg)
 
 
 def batch(shape=(6, 3, 11, 10), seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,12 +7,10 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
-from netprobe.monitor import Recorder
+from netprobe.monitor import probe_context
 from netprobe.probes import PROBES
-from netprobe.probes.base import ProbeContext, Progress
 from netprobe.probes.correlation import Correlation, linear_cka, mean_positive, pearson
 from netprobe.structure import layer_table
 
@@ -33,18 +31,7 @@ def small_cnn() -> nn.Module:
 
 
 def make_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **cfg) -> Correlation:
-    progress = Progress()
-    ctx = ProbeContext(
-        model=model,
-        layers=layer_table(model, x),
-        edges=[],
-        record=Recorder(progress),
-        progress=progress,
-        loss_fn=F.cross_entropy,
-        probe_batch=(x, y),
-        seed=3,
-    )
-    return PROBES["correlation"](ctx, **cfg)
+    return PROBES["correlation"](probe_context(model, (x, y), seed=3), **cfg)
 
 
 def batch(shape=(40, 3, 8, 8), seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
