@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from netprobe.plots.common import RunGroup, band, new_figure, short, smooth
+from netprobe.plots.common import RunGroup, band, mean_std, new_figure, short, smooth
 from netprobe.plots.curves import PANELS
 
 MAX_ROWS = 8  # layers shown in the distribution grids; evenly spread over the network
@@ -140,8 +140,7 @@ def compare_curves(sweep: Sweep):
 
 def _mean_over_runs(df: pd.DataFrame, x: str) -> pd.DataFrame:
     """Mean and std over the runs of a group per x; only x values every run reached."""
-    per_x = df.groupby(x)["value"].agg(["mean", "std", "count"]).reset_index()
-    per_x["std"] = per_x["std"].fillna(0.0)
+    per_x = mean_std(df, [x])
     return per_x[per_x["count"] == df["run"].nunique()] if "run" in df else per_x
 
 
