@@ -17,7 +17,8 @@ usage: netprobe {train,plot,ls} ...
   netprobe train -m seed=0,1,2   sweep with Hydra multirun
   netprobe plot PATH... [--out DIR] [--format png,svg,pdf] [--only NAMES]
                                  render every figure the runs under PATH support
-  netprobe ls PATH...            one row per run: status, model, data, init, seed, ...
+  netprobe ls PATH... [--sort KEY] [--filter KEY=VALUE] [--columns A,B] [--format table|csv|json]
+                                 one row per run: status, steps, epochs, duration, val acc, ...
 
 exit codes: 0 success, 1 run failed or diverged, 2 bad usage or input, 130 interrupted
 """
@@ -65,13 +66,13 @@ def _show_warning(
 
 
 def train_command(args: list[str]) -> int:
-    from netprobe.config import preflight
-    from netprobe.distributed import launched
-    from netprobe.resume import check_command_line
-    from netprobe.train import hydra_main
+    from netprobe.app import INFO_FLAGS, hydra_main
 
-    hydra_info = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
-    if not hydra_info & set(args):
+    if not INFO_FLAGS & set(args):
+        from netprobe.config import preflight
+        from netprobe.distributed import launched
+        from netprobe.resume import check_command_line
+
         check_command_line(args)
         # Under torchrun only rank 0 checks (or downloads) the data; the others wait for it
         # when they join the process group.
@@ -104,14 +105,37 @@ def plot_command(args: list[str]) -> int:
 
 
 def ls_command(args: list[str]) -> int:
-    parser = _Parser(prog="netprobe ls", description="One table row per run.")
+    from netprobe.listing import COLUMNS, FORMATS
+
+    parser = _Parser(
+        prog="netprobe ls",
+        description="One row per run; the jobs of a sweep together, with mean ± std over seeds.",
+        epilog=f"columns: {', '.join(COLUMNS)}; --sort, --filter and --columns also take "
+        "config keys (optim.lr) and run.json keys",
+    )
     parser.add_argument("paths", nargs="*", default=["outputs"], metavar="PATH")
+    parser.add_argument("--sort", metavar="KEY", help="order by KEY; --sort=-KEY: descending")
+    parser.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep runs whose KEY is VALUE (or one of VALUE,VALUE); repeat to narrow",
+    )
+    parser.add_argument("--columns", help="comma-separated columns to show")
+    parser.add_argument("--format", default="table", help=f"one of {', '.join(FORMATS)}")
     ns = _parse(parser, args)
     if isinstance(ns, int):
         return ns
     from netprobe.listing import list_runs
 
-    list_runs(ns.paths)
+    list_runs(
+        ns.paths,
+        sort=ns.sort,
+        filters=ns.filter,
+        columns=_split(ns.columns) if ns.columns else None,
+        fmt=ns.format,
+    )
     return 0
 
 

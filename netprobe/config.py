@@ -201,6 +201,7 @@ _CHECKS: dict[str, tuple[Check, str]] = {
     ),
     "trainer.log_every": (_positive_int, "a positive integer"),
     "trainer.flush_every": (_positive_int, "a positive integer"),
+    "trainer.log_interval_s": (_positive, "a positive number of seconds"),
     "trainer.checkpoint_every": (_non_negative_int, "an integer ≥ 0"),
     "trainer.on_nonfinite": (lambda v: v in ("stop", "continue"), "stop or continue"),
     "optim.lr": (_positive, "a positive number"),

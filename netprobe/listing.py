@@ -1,18 +1,25 @@
-"""`netprobe ls`: one table row per run, the jobs of each sweep together."""
+"""`netprobe ls`: one row per run, the jobs of each sweep together with their mean ± std; sorted,
+filtered, and as a table, CSV or JSON. A column is a name and a function of the run (COLUMNS)."""
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 import os
+import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import yaml
-from rich.console import Console
-from rich.table import Table
 
 from netprobe.errors import ConfigError
-from netprobe.store import Run, find_runs
+from netprobe.lifecycle import effective_status
+from netprobe.store import RUN_FILE, find_runs, read_info
 
 STATUS_STYLE = {
     "completed": "green",
@@ -23,11 +30,140 @@ STATUS_STYLE = {
     "damaged": "red",
     "crashed": "red",
 }
-
-
-COLUMNS = ("status", "model", "data", "init", "seed", "epochs", "best val acc")
 # Hydra writes multirun.yaml into a sweep's directory; its jobs' run directories lie beneath.
 SWEEP_FILE = "multirun.yaml"
+FORMATS = ("table", "csv", "json")
+# The final metrics a sweep's mean ± std is taken of.
+AGGREGATED = ("best_val_acc", "val_acc", "loss")
+
+
+class Row:
+    """One run as `ls` sees it: run.json, the flattened config (read when asked for), its sweep."""
+
+    def __init__(self, path: Path, sweep: Path | None = None, swept: str = "") -> None:
+        self.path, self.sweep, self.swept = path, sweep, swept
+        try:
+            self.info: dict[str, Any] = read_info(path)
+            self.status = effective_status(self.info)
+        except (OSError, ValueError):
+            self.info, self.status = {}, "damaged"
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        """The composed config, flattened to dotted keys (`optim.lr`), interpolations resolved."""
+        path = self.path / ".hydra" / "config.yaml"
+        if not path.exists():
+            return {}
+        from omegaconf import OmegaConf
+
+        try:
+            cfg = OmegaConf.load(path)
+            try:
+                tree = OmegaConf.to_container(cfg, resolve=True)
+            except Exception:  # noqa: BLE001 - a resolver only Hydra knows: keep them as written
+                tree = OmegaConf.to_container(cfg, resolve=False)
+        except (OSError, ValueError, yaml.YAMLError):
+            return {}
+        return flatten(tree)
+
+    def value(self, key: str) -> Any:
+        """A column's value, else the config's or run.json's value at `key`."""
+        if key in COLUMNS:
+            return COLUMNS[key](self)
+        if key in self.config:
+            return self.config[key]
+        return self.info.get(key)
+
+    @property
+    def shown_path(self) -> str:
+        return str(self.path.resolve().relative_to(self.sweep) if self.sweep else self.path)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} → {'optim.lr': 0.1}; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _final(metric: str) -> Callable[[Row], Any]:
+    return lambda row: (row.info.get("final") or {}).get(metric)
+
+
+def _reason(row: Row) -> str:
+    """Why a run ended as it did: the error of an unsuccessful one, an early stop's reason."""
+    if row.status == "crashed":
+        return "its process is gone without closing the run"
+    if row.status == "damaged":
+        return f"unreadable {RUN_FILE}"
+    text = row.info.get("error") if row.status != "completed" else None
+    text = str(text or row.info.get("stop_reason") or "")
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def _duration(row: Row) -> float | None:
+    """Seconds from start to end (to now for a run still going)."""
+    try:
+        start = datetime.fromisoformat(row.info["started_at"])
+        end_text = row.info.get("ended_at")
+        end = datetime.fromisoformat(end_text) if end_text else datetime.now(start.tzinfo)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return max((end - start).total_seconds(), 0.0)
+
+
+def _started(row: Row) -> str:
+    try:
+        return datetime.fromisoformat(row.info["started_at"]).strftime("%Y-%m-%d %H:%M")
+    except (KeyError, TypeError, ValueError):
+        return ""
+
+
+# Every column: its name (for --columns, --sort, --filter) and the function giving its value.
+COLUMNS: dict[str, Callable[[Row], Any]] = {
+    "status": lambda row: row.status,
+    "reason": _reason,
+    "model": lambda row: row.info.get("model"),
+    "data": lambda row: row.info.get("data"),
+    "init": lambda row: row.info.get("init"),
+    "seed": lambda row: row.info.get("seed"),
+    "steps": lambda row: row.info.get("steps_done"),
+    "epochs": lambda row: row.info.get("epochs_done"),
+    "duration": _duration,
+    "loss": _final("loss"),
+    "best_val_acc": lambda row: row.info.get("best_val_acc"),
+    "val_acc": _final("val_acc"),
+    "probes": lambda row: ",".join(row.info.get("probes") or []),
+    "started": _started,
+    "path": lambda row: row.shown_path,
+}
+RIGHT = {"seed", "steps", "epochs", "duration", "loss", "best_val_acc", "val_acc"}
+SWEEP_COLUMNS = ("status", "reason", "epochs", "duration", "loss", "best_val_acc", "val_acc")
+
+
+def show(key: str, value: Any) -> str:
+    """A value as a table cell."""
+    if value is None:
+        return ""
+    if key == "duration":
+        from netprobe.progress import duration
+
+        return duration(value)
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+# ------------------------------------------------------------------------- finding the runs
 
 
 def sweep_of(run_dir: Path) -> Path | None:
@@ -38,23 +174,26 @@ def sweep_of(run_dir: Path) -> Path | None:
     return None
 
 
+def overrides_of(run_dir: Path) -> dict[str, str]:
+    """The job's command-line overrides (Hydra's .hydra/overrides.yaml) as key → value."""
+    try:
+        with open(run_dir / ".hydra" / "overrides.yaml") as f:
+            items = [str(o) for o in yaml.safe_load(f) or []]
+    except (OSError, yaml.YAMLError):
+        items = []
+    return dict(o.split("=", 1) if "=" in o else (o, "") for o in items)
+
+
 def swept_overrides(run_dirs: list[Path]) -> dict[Path, str]:
     """Each job's command-line overrides that differ between the jobs of its sweep."""
-    jobs = {}
-    for run_dir in run_dirs:
-        try:
-            with open(run_dir / ".hydra" / "overrides.yaml") as f:
-                items = [str(o) for o in yaml.safe_load(f) or []]
-        except (OSError, yaml.YAMLError):
-            items = []
-        jobs[run_dir] = dict(o.split("=", 1) if "=" in o else (o, "") for o in items)
+    jobs = {d: overrides_of(d) for d in run_dirs}
     keys = sorted({k for job in jobs.values() for k in job})
     varying = [k for k in keys if len({job.get(k) for job in jobs.values()}) > 1]
     return {d: " ".join(f"{k}={job.get(k, '')}" for k in varying) for d, job in jobs.items()}
 
 
-def list_runs(paths: Sequence[str | os.PathLike], console: Console | None = None) -> list[Table]:
-    """Print (and return) the runs under `paths`: one table per sweep, then the single runs."""
+def collect(paths: Sequence[str | os.PathLike]) -> dict[Path | None, list[Row]]:
+    """The runs under `paths`, grouped by sweep (None: runs of no sweep), sweeps first."""
     run_dirs: list[Path] = []
     for path in paths:
         if not Path(path).exists():
@@ -62,55 +201,240 @@ def list_runs(paths: Sequence[str | os.PathLike], console: Console | None = None
         run_dirs.extend(d for d in find_runs(path) if d not in run_dirs)
     if not run_dirs:
         raise ConfigError(f"no runs (directories with run.json) under {', '.join(map(str, paths))}")
-    sweeps: dict[Path | None, list[Path]] = {}
+    by_sweep: dict[Path | None, list[Path]] = {}
     for run_dir in run_dirs:
-        sweeps.setdefault(sweep_of(run_dir), []).append(run_dir)
-    tables = []
-    for sweep, members in sorted(sweeps.items(), key=lambda kv: (kv[0] is None, str(kv[0]))):
-        if sweep is None:
-            title = "single runs" if len(sweeps) > 1 else None
-            tables.append(_table(members, title, {}))
-        else:
-            jobs = swept_overrides(members)
-            tables.append(_table(members, f"sweep {sweep} ({len(members)} runs)", jobs, sweep))
-    # Piped or redirected, rich would assume 80 columns and cut model names and paths short.
-    console = console or Console(width=None if sys.stdout.isatty() else 200)
-    for table in tables:
-        console.print(table)
-    return tables
+        by_sweep.setdefault(sweep_of(run_dir), []).append(run_dir)
+    groups: dict[Path | None, list[Row]] = {}
+    for sweep in sorted(by_sweep, key=lambda s: (s is None, str(s))):
+        members = by_sweep[sweep]
+        swept = swept_overrides(members) if sweep is not None else {}
+        groups[sweep] = [Row(d, sweep, swept.get(d, "")) for d in members]
+    return groups
 
 
-def _table(
-    run_dirs: list[Path], title: str | None, jobs: dict[Path, str], sweep: Path | None = None
-) -> Table:
-    """One table; inside a sweep, paths are relative to the sweep directory in the title."""
-    table = Table(title=title, title_justify="left", show_lines=False)
-    right = ("seed", "epochs", "best val acc")
-    for col in COLUMNS:
-        # Statuses whole, never "compl…": they are what a reader scans the table for.
-        table.add_column(col, justify="right" if col in right else "left", no_wrap=col == "status")
-    if jobs:
-        table.add_column("swept", overflow="fold")
-    table.add_column("path", overflow="fold")
-    for run_dir in run_dirs:
-        extra = [jobs.get(run_dir, "")] if jobs else []
-        shown = run_dir.resolve().relative_to(sweep) if sweep is not None else run_dir
-        try:
-            run = Run(run_dir)
-        except (OSError, ValueError):
-            table.add_row("[red]damaged[/]", "", "", "", "", "", "", *extra, str(shown))
+# ------------------------------------------------------------------------- choosing and ordering
+
+
+def _keys(rows: list[Row]) -> set[str]:
+    return {*COLUMNS, "swept", *(k for row in rows for k in (*row.config, *row.info))}
+
+
+def _check_keys(keys: Sequence[str], rows: list[Row], what: str) -> None:
+    known = _keys(rows)
+    for key in keys:
+        if key not in known:
+            raise ConfigError(
+                f"{what} {key!r} is neither a column ({', '.join(COLUMNS)}) nor a config or "
+                "run.json key of these runs (e.g. optim.lr, trainer.epochs)"
+            )
+
+
+def _matches(value: Any, wanted: str) -> bool:
+    """Whether a value equals any of the comma-separated `wanted` (numbers as numbers)."""
+    for option in wanted.split(","):
+        if str(value) == option or show("", value) == option:
+            return True
+        if isinstance(value, bool) or value is None:
+            if str(value).lower() == option.lower():
+                return True
             continue
-        info, status = run.info, run.status
-        acc = info.get("best_val_acc")
-        table.add_row(
-            f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]",
-            str(info.get("model", "")),
-            str(info.get("data", "")),
-            str(info.get("init", "")),
-            str(info.get("seed", "")),
-            str(info.get("epochs_done", "")),
-            f"{acc:.4f}" if isinstance(acc, (int, float)) else "",
-            *extra,
-            str(shown),
+        try:
+            if float(value) == float(option):
+                return True
+        except (TypeError, ValueError):
+            pass
+    return False
+
+
+def parse_filters(filters: Sequence[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in filters:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--filter {item!r} must be KEY=VALUE (e.g. status=completed)")
+        pairs.append((key, value))
+    return pairs
+
+
+def select(
+    groups: dict[Path | None, list[Row]],
+    filters: Sequence[str] = (),
+    sort: str | None = None,
+) -> dict[Path | None, list[Row]]:
+    """Only the runs every filter matches, sorted by `sort` (`-KEY`: descending) in each group."""
+    rows = [row for members in groups.values() for row in members]
+    pairs = parse_filters(filters)
+    _check_keys([k for k, _ in pairs], rows, "--filter key")
+    descending = bool(sort and sort.startswith("-"))
+    key = sort.lstrip("-") if sort else None
+    if key is not None:
+        _check_keys([key], rows, "--sort key")
+    chosen: dict[Path | None, list[Row]] = {}
+    for sweep, members in groups.items():
+        kept = [r for r in members if all(_matches(_get(r, k), v) for k, v in pairs)]
+        if key is not None:
+            kept = _sorted(kept, key, descending)
+        if kept:
+            chosen[sweep] = kept
+    return chosen
+
+
+def _get(row: Row, key: str) -> Any:
+    return row.swept if key == "swept" else row.value(key)
+
+
+def _sorted(rows: list[Row], key: str, descending: bool) -> list[Row]:
+    """Numbers by value, the rest as text; runs without the key last either way."""
+    have = [r for r in rows if _get(r, key) not in (None, "")]
+    missing = [r for r in rows if _get(r, key) in (None, "")]
+
+    def order(row: Row) -> tuple[int, float, str]:
+        value = _get(row, key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return (0, float(value), "")
+        return (1, 0.0, str(value))
+
+    return sorted(have, key=order, reverse=descending) + missing
+
+
+def seed_groups(rows: list[Row]) -> list[tuple[str, list[Row]]]:
+    """A sweep's runs grouped by what the sweep varied apart from the seed."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        rest = " ".join(p for p in row.swept.split() if not p.startswith("seed="))
+        groups.setdefault(rest, []).append(row)
+    return list(groups.items())
+
+
+def mean_std_lines(rows: list[Row]) -> list[str]:
+    """mean ± std (sample std) of the final metrics, per group of runs differing only by seed."""
+    lines = []
+    for label, members in seed_groups(rows):
+        if len(members) < 2:
+            continue
+        parts = []
+        for key in AGGREGATED:
+            values = [v for r in members if isinstance(v := r.value(key), (int, float))]
+            if len(values) >= 2:
+                mean, std = statistics.mean(values), statistics.stdev(values)
+                parts.append(f"{key} {mean:.4f} ± {std:.4f}")
+        if parts:
+            where = f" with {label}" if label else ""
+            lines.append(f"mean ± std over {len(members)} runs{where}: " + ", ".join(parts))
+    return lines
+
+
+# ------------------------------------------------------------------------- writing
+
+
+def list_runs(
+    paths: Sequence[str | os.PathLike],
+    *,
+    sort: str | None = None,
+    filters: Sequence[str] = (),
+    columns: Sequence[str] | None = None,
+    fmt: str = "table",
+    out: Any = None,
+) -> int:
+    """Write the runs under `paths` to `out` (stdout) as `fmt`; returns how many were listed."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is not valid; valid formats: {', '.join(FORMATS)}")
+    groups = collect(paths)
+    rows = [row for members in groups.values() for row in members]
+    if columns is not None:
+        _check_keys(columns, rows, "column")
+    groups = select(groups, filters, sort)
+    out = out or sys.stdout
+    chosen = [row for members in groups.values() for row in members]
+    if fmt == "json":
+        json.dump([_as_json(row) for row in chosen], out, indent=1, default=str)
+        out.write("\n")
+    elif fmt == "csv":
+        keys = list(columns or COLUMNS)
+        if "path" in keys:  # whole paths: a CSV row stands alone, outside its sweep's table
+            keys[keys.index("path")] = "run_dir"
+        writer = csv.writer(out)
+        writer.writerow([*keys, "sweep", "swept"])
+        for row in chosen:
+            values = [str(row.path) if k == "run_dir" else row.value(k) for k in keys]
+            writer.writerow([*("" if v is None else v for v in values), row.sweep or "", row.swept])
+    else:
+        _print_tables(groups, columns, out)
+    return len(chosen)
+
+
+def _as_json(row: Row) -> dict[str, Any]:
+    """The whole run.json, the flattened config, and where the run lies."""
+    return {
+        "path": str(row.path),
+        "status": row.status,
+        "sweep": str(row.sweep) if row.sweep else None,
+        "swept": row.swept,
+        "info": row.info,
+        "config": row.config,
+    }
+
+
+def _print_tables(
+    groups: dict[Path | None, list[Row]], columns: Sequence[str] | None, out: Any
+) -> None:
+    from rich.console import Console
+
+    tty = out.isatty() if hasattr(out, "isatty") else False
+    # Piped or redirected, rich would assume 80 columns and cut model names and paths short.
+    console = Console(file=out, width=None if tty else 200, highlight=False)
+    for sweep, rows in groups.items():
+        if sweep is None:
+            title = "single runs" if len(groups) > 1 else None
+        else:
+            title = f"sweep {sweep} ({len(rows)} runs)"
+        if title:  # above the table, not its title: a narrow table would wrap a long path
+            console.print(title, markup=False, soft_wrap=True)
+        console.print(table(rows, columns))
+        if sweep is not None:
+            for line in mean_std_lines(rows):
+                console.print("  " + line, markup=False)
+
+
+def table(rows: list[Row], columns: Sequence[str] | None = None) -> Any:
+    """A rich table of `rows`: `columns` (all by default), and what a sweep varied."""
+    from rich.table import Table
+
+    keys = list(columns or COLUMNS)
+    in_sweep = any(row.sweep for row in rows)
+    if in_sweep and "swept" not in keys and columns is None:
+        keys.insert(keys.index("path") if "path" in keys else len(keys), "swept")
+    tab = Table()
+    for key in keys:
+        # Statuses whole, never "compl…": they are what a reader scans the table for.
+        tab.add_column(
+            key,
+            justify="right" if key in RIGHT else "left",
+            no_wrap=key == "status",
+            overflow="fold",
         )
-    return table
+    for row in rows:
+        cells = [show(key, _get(row, key)) for key in keys]
+        if "status" in keys:
+            i = keys.index("status")
+            cells[i] = f"[{STATUS_STYLE.get(row.status, 'white')}]{cells[i]}[/]"
+        tab.add_row(*cells)
+    return tab
+
+
+def sweep_summary(sweep: str | os.PathLike, out: Any = None) -> None:
+    """What closes `netprobe train -m`: the jobs' table, mean ± std over seeds, and the command
+    that plots the sweep."""
+    from rich.console import Console
+
+    out = out or sys.stderr
+    groups = collect([sweep])
+    rows = [row for members in groups.values() for row in members]
+    console = Console(file=out, width=None if out.isatty() else 200, highlight=False)
+    done = sum(row.status == "completed" for row in rows)
+    title = f"sweep {Path(sweep)}: {len(rows)} jobs, {done} completed"
+    console.print(title, markup=False, soft_wrap=True)
+    console.print(table(rows, ["path", *SWEEP_COLUMNS, "swept"]))
+    for line in mean_std_lines(rows):
+        console.print("  " + line, markup=False)
+    console.print(f"next: netprobe plot {sweep}", markup=False)

@@ -10,13 +10,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import pandas as pd  # Arrow's to_pandas imports it when a table is read: `ls` never does
 
 RUN_FILE = "run.json"
 STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
@@ -314,16 +316,21 @@ def _version() -> str:
 # ---------------------------------------------------------------- reading
 
 
+def read_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The run.json of the run at `path`; OSError or ValueError when it is missing or damaged."""
+    with open(Path(path) / RUN_FILE) as f:
+        info = json.load(f)
+    if not isinstance(info, dict):
+        raise ValueError(f"{Path(path) / RUN_FILE} holds {type(info).__name__}, not an object")
+    return info
+
+
 class Run:
     """A stored run: run.json as `.info`, the composed config, and each table as a DataFrame."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        with open(self.path / RUN_FILE) as f:
-            info = json.load(f)
-        if not isinstance(info, dict):
-            raise ValueError(f"{self.path / RUN_FILE} holds {type(info).__name__}, not an object")
-        self.info: dict[str, Any] = info
+        self.info: dict[str, Any] = read_info(self.path)
         self._cache: dict[str, tuple[tuple, pa.Table]] = {}
 
     def __repr__(self) -> str:

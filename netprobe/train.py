@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import subprocess
-import sys
-import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,15 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 import netprobe
 from netprobe import distributed, resume
 from netprobe.checkpoint import checkpoint_path, save_checkpoint
-from netprobe.config import first_line, validate
+from netprobe.config import validate
 from netprobe.data import Batches, build_data, fixed_batch, keep_on_device
-from netprobe.errors import ConfigError
 from netprobe.init import initialize
 from netprobe.lifecycle import StopSignals
 from netprobe.models import build_model
-from netprobe.progress import TrainProgress
-
-EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 1, "interrupted": 130, "refused": 2}
+from netprobe.progress import TrainProgress, banner
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -114,9 +107,10 @@ def train_step(
     mon: netprobe.Monitor,
     log_every: int = 1,
     place: distributed.Distributed | None = None,
-) -> None:
-    """One optimizer step with the monitor's two calls around it. Nothing here reads a value
-    back to the host (precision 16 aside: GradScaler checks for inf once per step)."""
+) -> torch.Tensor:
+    """One optimizer step with the monitor's two calls around it; returns the loss (on the
+    device). Nothing here reads a value back to the host (precision 16 aside: GradScaler checks
+    for inf once per step)."""
     with autocast():
         logits = forward(x)
         loss = F.cross_entropy(logits.float(), y)
@@ -135,6 +129,7 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     mon.after_step()
+    return loss
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> str:
@@ -229,8 +224,35 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             scaler=scaler,
             batches=train_batches,
         )
-    total = min(t.max_steps or total_steps, total_steps) - mon.progress.step
-    progress = TrainProgress(total=max(total, 0), quiet=not place.is_main)
+    progress = TrainProgress(
+        run_dir,
+        total=min(t.max_steps or total_steps, total_steps),
+        epochs=t.epochs,
+        first_step=mon.progress.step,
+        interval_s=t.log_interval_s,
+        quiet=not place.is_main,
+    )
+    start_lines = banner(
+        run_dir,
+        resumed_at=(first_epoch, mon.progress.step) if state else None,
+        device=str(device) + (f" × {place.world_size} processes" if place.enabled else ""),
+        precision=precision,
+        model=cfg.model.name,
+        parameters=sum(p.numel() for p in model.parameters()),
+        init=cfg.init.name,
+        optim=cfg.optim.name,
+        lr=cfg.optim.lr,
+        data=cfg.data.name,
+        train_samples=data.x_train.shape[0],
+        val_samples=data.x_val.shape[0],
+        batch_size=cfg.data.batch_size,
+        steps_per_epoch=len(train_batches),
+        epochs=t.epochs,
+        total_steps=progress.total,
+        probes=[p.name for p in getattr(mon, "probes", [])],
+    )
+    for line in start_lines:
+        progress.print(line)
 
     def checkpoint(name: int | str, epoch: int) -> None:
         if not place.is_main:
@@ -270,9 +292,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
                 stop_reason = f"reached trainer.max_steps={t.max_steps}"
                 break
             steps_at_start = mon.progress.step
+            progress.start_epoch(epoch)
             for x, y in train_batches:
-                train_step(forward, x, y, optimizer, scaler, autocast, mon, t.log_every, place)
-                progress.advance(mon)
+                loss = train_step(
+                    forward, x, y, optimizer, scaler, autocast, mon, t.log_every, place
+                )
+                progress.advance(loss, len(y) * place.world_size)
                 bad = nonfinite_step(mon.progress.step % t.flush_every == 0)
                 if bad is not None:
                     stop_reason = f"non-finite loss at step {bad}"
@@ -287,7 +312,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             # Every rank evaluates the same weights; rank 0's numbers decide, so all stop alike.
             val_loss, val_acc = distributed.from_main(evaluate(model, val_batches, autocast), place)
             mon.end_epoch(val_loss=val_loss, val_acc=val_acc)
-            progress.epoch_done(epoch, t.epochs, mon)
+            progress.epoch_done(epoch, mon.latest())
             if t.checkpoint_every:
                 if (epoch + 1) % t.checkpoint_every == 0:
                     checkpoint(epoch, epoch)
@@ -303,115 +328,3 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         if stop_reason:
             mon.writer.update(stop_reason=stop_reason)
     return mon.writer.info["status"]
-
-
-def summary(run_dir: Path) -> str:
-    """The closing lines: where the run is, how it went, and the command that plots it."""
-    run = netprobe.load(run_dir)
-    info = run.info
-    final = info.get("final") or {}
-    parts = [
-        f"status {info['status']}",
-        f"{info['epochs_done']} epochs",
-        f"{info['steps_done']} steps",
-    ]
-    if info.get("best_val_acc") is not None:
-        parts.append(f"best val acc {info['best_val_acc']:.4f}")
-    if "val_loss" in final:
-        parts.append(f"val loss {final['val_loss']:.4f}")
-    lines = [f"run: {run_dir}", "  " + ", ".join(parts)]
-    if info.get("error"):
-        lines.append(f"  error: {info['error']}")
-    lines.append(f"next: netprobe plot {run_dir}")
-    return "\n".join(lines)
-
-
-class JobFailed(Exception):
-    """A job that a launcher ran in another process ended with a non-zero exit code; Hydra
-    carries it back to the sweep's own process, which exits with that code."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(code, message)
-        self.code = code
-
-    def __str__(self) -> str:
-        return str(self.args[1])
-
-
-# The jobs this process runs itself: the worst exit code, and whether any started. `pid` tells a
-# job whether it runs here or in a launcher's worker, whose globals nobody reads.
-JOBS: dict[str, Any] = {"code": 0, "pid": None, "started": False}
-
-
-def hydra_main(args: list[str]) -> int:
-    """Run the Hydra app on `args` (what follows `netprobe train`); returns the exit code.
-
-    Jobs run by a launcher in other processes (joblib, submitit) report a bad config or an
-    unsuccessful run by raising, which Hydra hands back here; jobs run here record theirs in JOBS.
-    """
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.errors import HydraException
-
-    from netprobe.config import CONFIG_NAME, conf_dir
-
-    @hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")
-    def app(cfg: DictConfig) -> str:
-        here = os.getpid() == JOBS["pid"]
-        JOBS["started"] = JOBS["started"] or here
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        started = time.perf_counter()
-        status = "failed"
-        try:
-            status = train(cfg, run_dir)
-        except ConfigError as exc:
-            status = "refused"
-            if not here:
-                raise  # Hydra hands it back to the sweep's own process, which exits 2
-            # Refused before writing (its folder in use, say): one line and exit 2, in sweeps too.
-            print(f"netprobe: {exc}", file=sys.stderr)
-        except KeyboardInterrupt:
-            status = "interrupted"
-            raise
-        except Exception as exc:
-            if here:
-                raise
-            traceback.print_exc()  # into the worker's log
-            raise JobFailed(1, f"run {run_dir} failed: {type(exc).__name__}: {exc}") from None
-        finally:
-            shown = status != "refused" and distributed.launched().is_main
-            if shown and (run_dir / "run.json").exists():
-                took = f"  ({time.perf_counter() - started:.1f} s)"
-                print(summary(run_dir) + took, file=sys.stderr)
-        code = EXIT_CODES.get(status, 1)
-        if here:
-            JOBS["code"] = max(JOBS["code"], code)
-        elif code:
-            raise JobFailed(code, f"run {run_dir} ended {status}")
-        return status
-
-    # A fresh count for each call, when called more than once in a process.
-    JOBS.update(code=0, pid=os.getpid(), started=False)
-    argv, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
-    sys.argv = ["netprobe train", *args, *distributed.hydra_overrides()]
-    # Hydra raises instead of printing and exiting 1, so that each error gets its exit code.
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    try:
-        app()
-    except JobFailed as exc:
-        print(f"netprobe: {exc}", file=sys.stderr)
-        JOBS["code"] = max(JOBS["code"], exc.code)
-    except HydraException as exc:
-        raise ConfigError(first_line(exc)) from None
-    except Exception as exc:
-        if not JOBS["started"]:  # Hydra refused the command line before running anything
-            raise ConfigError(first_line(exc)) from None
-        traceback.print_exc()  # a run that crashed here: its traceback, then exit 1
-        JOBS["code"] = max(JOBS["code"], 1)
-    finally:
-        sys.argv = argv
-        if full_error is None:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = full_error
-    return JOBS["code"]

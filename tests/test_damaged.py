@@ -3,11 +3,11 @@ warning that names them; everything else still loads, lists and plots."""
 
 from __future__ import annotations
 
+import io
 import shutil
 
 import pyarrow.parquet as pq
 import pytest
-from rich.console import Console
 
 import netprobe
 from netprobe.cli import main as cli
@@ -56,9 +56,9 @@ def test_damaged_run_json_is_listed_as_damaged(tiny_run, tmp_path):
     (broken / "run.json").write_text('{"status": "compl')  # cut off mid-write
     (odd / "run.json").write_text("[1, 2]")  # JSON, but not a run's manifest
 
-    console = Console(record=True, width=300)
-    list_runs([good.path.parent], console=console)
-    rows = console.export_text().splitlines()
+    out = io.StringIO()
+    list_runs([good.path.parent], columns=["status", "path"], out=out)
+    rows = out.getvalue().splitlines()
     status = {p: next(line.split()[1] for line in rows if f"{p} " in line)
               for p in (good.path, broken, odd)}  # fmt: skip
     assert status == {good.path: "completed", broken: "damaged", odd: "damaged"}

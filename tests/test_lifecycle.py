@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from rich.console import Console
 
 import netprobe
 from netprobe.errors import ConfigError
@@ -100,9 +100,9 @@ def test_kill_9_leaves_readable_parts_listed_as_crashed(tmp_path):
     assert run.info["status"] == "running" and run.status == "crashed"
     assert not run.scalars(probe="train", metric="loss").empty
 
-    console = Console(record=True, width=200)
-    list_runs([tmp_path], console=console)
-    assert "crashed" in console.export_text()
+    out = io.StringIO()
+    list_runs([tmp_path], out=out)
+    assert "crashed" in out.getvalue()
 
     written = plot([run_dir], out=tmp_path / "figs", only=["training_curves"])
     assert written and written[0].stat().st_size > 5000
@@ -149,7 +149,7 @@ time.sleep(120)
 
 def test_runs_that_pass_preflight_together_still_refuse(tmp_path, capsys):
     """Both started before either wrote run.json: the lock decides, the loser exits 2."""
-    from netprobe.train import hydra_main
+    from netprobe.app import hydra_main
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -1,47 +1,165 @@
-"""`netprobe ls`: the jobs of each sweep listed together, with what the sweep varied."""
+"""`netprobe ls`: sweeps listed together with mean ± std over seeds; sort, filter, columns, and
+CSV/JSON that give back each run's run.json and config."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import socket
+import statistics
 from pathlib import Path
 
+import pytest
 import yaml
-from rich.console import Console
 
-from netprobe.listing import list_runs, sweep_of
+from netprobe.cli import main as cli
+from netprobe.listing import flatten, list_runs, sweep_of, sweep_summary
 
 
-def fake_run(path: Path, seed: int, overrides: list[str], status: str = "completed") -> Path:
+def fake_run(
+    path: Path,
+    seed: int,
+    overrides: list[str],
+    status: str = "completed",
+    best: float | None = 0.5,
+    lr: float = 0.001,
+    **info: object,
+) -> Path:
     (path / ".hydra").mkdir(parents=True)
-    info = {"status": status, "model": "cnn", "data": "digits", "init": "default", "seed": seed,
-            "epochs_done": 2, "best_val_acc": 0.5}  # fmt: skip
-    (path / "run.json").write_text(json.dumps(info))
+    manifest = {"status": status, "model": "cnn", "data": "digits", "init": "default", "seed": seed,
+                "epochs_done": 2, "steps_done": 20, "best_val_acc": best, "probes": ["gradients"],
+                "started_at": "2026-01-01T12:00:00+00:00", "ended_at": "2026-01-01T12:01:05+00:00",
+                "final": {"loss": 1.0 - (best or 0), "val_acc": best}, **info}  # fmt: skip
+    (path / "run.json").write_text(json.dumps(manifest))
+    config = {"seed": seed, "model": {"name": "cnn"}, "optim": {"name": "sgd", "lr": lr},
+              "trainer": {"epochs": 2}, "name": "${model.name}-x"}  # fmt: skip
+    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     return path
 
 
-def test_ls_groups_runs_by_sweep(tmp_path: Path):
+@pytest.fixture
+def mixed(tmp_path: Path) -> Path:
+    """A sweep of three seeds and four single runs: failed, interrupted, crashed, damaged."""
     sweep = tmp_path / "multirun" / "2026-01-01" / "12-00-00-cnn"
     sweep.mkdir(parents=True)
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
-    for job, seed in enumerate((0, 42, 123)):
-        fake_run(sweep / str(job), seed, [f"seed={seed}", "model=cnn"], status="completed")
-    single = fake_run(tmp_path / "2026-01-01" / "run", 7, ["model=cnn"], status="failed")
-    assert sweep_of(sweep / "1") == sweep.resolve() and sweep_of(single) is None
+    for job, (seed, best) in enumerate([(0, 0.5), (42, 0.6), (123, 0.8)]):
+        fake_run(sweep / str(job), seed, [f"seed={seed}", "model=cnn"], best=best)
+    fake_run(tmp_path / "a-failed", 7, [], "failed", best=None, lr=0.05, error="ValueError: x")
+    fake_run(tmp_path / "b-interrupted", 8, [], "interrupted", best=0.3, error="interrupted")
+    # `running`, but its process (pid 2**22 + 1, above Linux's largest) is gone: crashed.
+    host = socket.gethostname()
+    fake_run(tmp_path / "c-crashed", 9, [], "running", best=0.2, pid=2**22 + 1, host=host)
+    damaged = tmp_path / "d-damaged"
+    damaged.mkdir()
+    (damaged / "run.json").write_text('{"status": "compl')
+    return tmp_path
 
-    console = Console(record=True, width=200)
-    tables = list_runs([tmp_path], console=console)
-    text = console.export_text()
-    assert [t.title for t in tables] == [f"sweep {sweep.resolve()} (3 runs)", "single runs"]
-    assert text.index("sweep ") < text.index("seed=42") < text.index("single runs")
+
+def ls(*args: str) -> str:
+    out = io.StringIO()
+    paths = [a for a in args if not a.startswith("--")]
+    kwargs = dict(a[2:].split("=", 1) for a in args if a.startswith("--"))
+    columns = kwargs.pop("columns", None)
+    list_runs(paths, columns=columns.split(",") if columns else None, out=out, **kwargs)
+    return out.getvalue()
+
+
+def test_ls_groups_runs_by_sweep_with_mean_and_std(mixed: Path):
+    sweep = mixed / "multirun" / "2026-01-01" / "12-00-00-cnn"
+    assert sweep_of(sweep / "1") == sweep.resolve() and sweep_of(mixed / "a-failed") is None
+    text = ls(str(mixed))
+    assert text.index(f"sweep {sweep.resolve()} (3 runs)") < text.index("seed=42")
+    assert text.index("seed=42") < text.index("single runs")
     assert "model=cnn" not in text  # the same in every job: not what the sweep varied
-    assert tables[0].row_count == 3 and tables[1].row_count == 1
-    assert "failed" in text and str(single) in text
+    best = [0.5, 0.6, 0.8]
+    expected = f"best_val_acc {statistics.mean(best):.4f} ± {statistics.stdev(best):.4f}"
+    assert f"mean ± std over 3 runs: {expected}" in text
+    text = ls(str(mixed), "--columns=status,reason,steps,duration,path")
+    lines = {line.split("│")[-2].strip(): line for line in text.splitlines() if "│" in line}
+    assert "ValueError: x" in lines[str(mixed / "a-failed")]
+    assert "crashed" in lines[str(mixed / "c-crashed")]
+    assert "damaged" in lines[str(mixed / "d-damaged")]
+    assert "1m05s" in lines["0"] and "20" in lines["0"]  # duration and steps
 
 
-def test_ls_of_plain_runs_is_one_table(tmp_path: Path):
-    fake_run(tmp_path / "a", 0, [])
-    fake_run(tmp_path / "b", 1, [])
-    console = Console(record=True, width=200)
-    tables = list_runs([tmp_path], console=console)
-    assert len(tables) == 1 and tables[0].title is None and tables[0].row_count == 2
+def test_json_gives_back_every_runs_status_and_config(mixed: Path):
+    listed = json.loads(ls(str(mixed), "--fmt=json"))
+    by_path = {Path(item["path"]): item for item in listed}
+    run_dirs = sorted(p.parent for p in mixed.rglob("run.json"))
+    assert sorted(by_path) == run_dirs
+    for run_dir, item in by_path.items():
+        try:
+            info = json.loads((run_dir / "run.json").read_text())
+        except ValueError:
+            assert item["status"] == "damaged" and item["info"] == {}
+            continue
+        assert item["info"] == info
+        expected = "crashed" if run_dir.name == "c-crashed" else info["status"]
+        assert item["status"] == expected
+        config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+        assert item["config"]["optim.lr"] == config["optim"]["lr"]
+        assert item["config"]["name"] == "cnn-x"  # interpolations resolved
+        assert set(item["config"]) == {"seed", "model.name", "optim.name", "optim.lr",
+                                       "trainer.epochs", "name"}  # fmt: skip
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1, 2],
+                                                                    "e": {}}  # fmt: skip
+
+
+def test_sort_and_filter_on_a_mixed_folder(mixed: Path):
+    rows = list(csv.DictReader(io.StringIO(ls(str(mixed), "--fmt=csv", "--sort=-best_val_acc"))))
+    # Sorted within each table: the sweep's jobs, then the single runs; no value comes last.
+    assert [r["best_val_acc"] for r in rows] == ["0.8", "0.6", "0.5", "0.3", "0.2", "", ""]
+    rows = list(csv.DictReader(io.StringIO(ls(str(mixed), "--fmt=csv", "--sort=seed"))))
+    assert [r["seed"] for r in rows] == ["0", "42", "123", "7", "8", "9", ""]
+
+    def paths(*filters: str) -> list[str]:
+        out = io.StringIO()
+        list_runs([mixed], filters=filters, fmt="csv", out=out)
+        return sorted(Path(r["run_dir"]).name for r in csv.DictReader(io.StringIO(out.getvalue())))
+
+    assert paths("status=failed,crashed") == ["a-failed", "c-crashed"]
+    assert paths("optim.lr=0.05") == ["a-failed"]  # a config key, compared as a number
+    assert paths("optim.lr=0.001", "status=completed") == ["0", "1", "2"]
+    assert paths("seed=42") == ["1"]
+    assert paths("status=damaged") == ["d-damaged"]
+
+
+def test_columns_choose_what_is_shown(mixed: Path):
+    header = ls(str(mixed / "a-failed"), "--fmt=csv", "--columns=status,optim.lr").splitlines()
+    assert header == ["status,optim.lr,sweep,swept", "failed,0.05,,"]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--sort", "nope"], ["'nope'", "best_val_acc"]),
+        (["--filter", "nope=1"], ["'nope'", "optim.lr"]),
+        (["--filter", "status"], ["'status'", "KEY=VALUE"]),
+        (["--format", "xml"], ["'xml'", "table, csv, json"]),
+        (["--columns", "status,nope"], ["'nope'", "steps"]),
+    ],
+)
+def test_bad_arguments_are_one_line_exit_2(mixed: Path, capsys, args, words):
+    code = cli(["ls", str(mixed), *args])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1
+    assert all(w in captured.err for w in words), captured.err
+
+
+def test_sweep_summary(mixed: Path):
+    sweep = mixed / "multirun" / "2026-01-01" / "12-00-00-cnn"
+    out = io.StringIO()
+    sweep_summary(sweep, out=out)
+    text = out.getvalue()
+    assert f"sweep {sweep}: 3 jobs, 3 completed" in text
+    for seed in (0, 42, 123):
+        assert f"seed={seed}" in text
+    assert text.count("mean ± std over 3 runs") == 1
+    assert text.strip().splitlines()[-1] == f"next: netprobe plot {sweep}"

@@ -73,6 +73,9 @@ def guard(monkeypatch):
     g = SyncGuard(monkeypatch)
     monkeypatch.setattr(train_module, "train_step", g.wrap(train_module.train_step, True))
     monkeypatch.setattr(TrainProgress, "advance", g.wrap(TrainProgress.advance, True))
+    # The one read the console makes: the mean loss, once per shown line (every half second on a
+    # terminal, every trainer.log_interval_s seconds off one), never per step.
+    monkeypatch.setattr(TrainProgress, "_read_loss", g.wrap(TrainProgress._read_loss, False))
     monkeypatch.setattr(Monitor, "flush", g.wrap(Monitor.flush, False))
     yield g
     g.remove()

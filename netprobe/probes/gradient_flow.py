@@ -21,6 +21,7 @@ the module produced.
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 from typing import Any
 
@@ -87,6 +88,7 @@ class GradientFlow(Probe):
         ]
         self._node_index: dict[tuple[torch.device, tuple[int, ...]], Any] = {}
         self._armed = False  # whether the coming forward is a capture step's
+        self._kept_out_of_graphs = False
         self._pass = 0  # forward passes of the whole model while armed
         self._stash: dict[str, tuple[int, torch.Tensor]] = {}  # module -> (pass, Σ‖∂L/∂y‖²)
         self._tensor_hooks: list[RemovableHandle] = []
@@ -104,11 +106,19 @@ class GradientFlow(Probe):
         if self._armed and torch.is_grad_enabled():
             self._watch(name, output)
 
-    @torch.compiler.disable
+    def _arm(self, armed: bool) -> None:
+        """Whether the coming forward is a capture step's. Once torch.compile is in use (it has
+        loaded torch._dynamo), the two helpers below run eagerly, outside compiled graphs; a run
+        without it never imports torch._dynamo (a second or more of start-up)."""
+        self._armed = armed
+        if armed and not self._kept_out_of_graphs and "torch._dynamo" in sys.modules:
+            self._count_pass = torch.compiler.disable(self._count_pass)
+            self._watch = torch.compiler.disable(self._watch)
+            self._kept_out_of_graphs = True
+
     def _count_pass(self) -> None:
         self._pass += 1
 
-    @torch.compiler.disable
     def _watch(self, name: str, output: Any) -> None:
         for tensor in _tensors(output):
             if tensor.requires_grad:
@@ -129,7 +139,7 @@ class GradientFlow(Probe):
     def on_start(self) -> None:
         for source, target in self.edges:
             self.ctx.record.matrix(self.name, "edge", source, target, torch.ones(1))
-        self._armed = self.due()
+        self._arm(self.due())
         super().on_start()
 
     def after_backward(self) -> None:
@@ -139,11 +149,11 @@ class GradientFlow(Probe):
         self._record_weight_grads()
 
     def after_step(self) -> None:
-        self._armed = self.due(self.ctx.progress.step + 1)
+        self._arm(self.due(self.ctx.progress.step + 1))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # A resumed run skips on_start: arm for its first step here.
-        self._armed = self.due()
+        self._arm(self.due())
 
     def close(self) -> None:
         for handle in self._module_hooks + self._tensor_hooks:

@@ -1,0 +1,141 @@
+"""The Hydra app behind `netprobe train`: runs each job, prints its closing summary, and closes a
+sweep (`-m`) with one table of its jobs. Light to import: `netprobe train --help` loads no torch."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from netprobe.errors import ConfigError
+
+EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 1, "interrupted": 130, "refused": 2}
+# Hydra's flags that print something and run no job.
+INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
+
+
+class JobFailed(Exception):
+    """A job that a launcher ran in another process ended with a non-zero exit code; Hydra
+    carries it back to the sweep's own process, which exits with that code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+
+# The jobs this process runs itself: the worst exit code, and whether any started. `pid` tells a
+# job whether it runs here or in a launcher's worker, whose globals nobody reads. `sweep` is the
+# directory of the sweep this process launched, if any (whatever launcher ran its jobs).
+JOBS: dict[str, Any] = {"code": 0, "pid": None, "started": False, "sweep": None}
+
+
+class SweepSummary(Callback):
+    """Remembers, in the process that launches a sweep, where its jobs go (conf/config.yaml
+    registers it), so that the sweep's summary can follow its last job."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        JOBS["sweep"] = Path(config.hydra.sweep.dir)
+
+
+def run_job(cfg: DictConfig) -> str:
+    """One job: train into Hydra's output directory, then print the closing summary."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from netprobe import distributed
+    from netprobe.progress import echo, summary
+    from netprobe.train import train
+
+    here = os.getpid() == JOBS["pid"]
+    JOBS["started"] = JOBS["started"] or here
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    started = time.perf_counter()
+    status = "failed"
+    try:
+        status = train(cfg, run_dir)
+    except ConfigError as exc:
+        status = "refused"
+        if not here:
+            raise  # Hydra hands it back to the sweep's own process, which exits 2
+        # Refused before writing (its folder in use, say): one line and exit 2, in sweeps too.
+        print(f"netprobe: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except Exception as exc:
+        if here:
+            raise
+        traceback.print_exc()  # into the worker's log
+        raise JobFailed(1, f"run {run_dir} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        shown = status != "refused" and distributed.launched().is_main
+        if shown and (run_dir / "run.json").exists():
+            # In a sweep the plot command comes once, after the sweep's table.
+            single = hydra_cfg.mode != RunMode.MULTIRUN
+            echo(summary(run_dir, time.perf_counter() - started, hint=single), run_dir)
+    code = EXIT_CODES.get(status, 1)
+    if here:
+        JOBS["code"] = max(JOBS["code"], code)
+    elif code:
+        raise JobFailed(code, f"run {run_dir} ended {status}")
+    return status
+
+
+def hydra_main(args: list[str]) -> int:
+    """Run the Hydra app on `args` (what follows `netprobe train`); returns the exit code.
+
+    Jobs run by a launcher in other processes (joblib, submitit) report a bad config or an
+    unsuccessful run by raising, which Hydra hands back here; jobs run here record theirs in JOBS.
+    """
+    import hydra
+    from hydra.errors import HydraException
+
+    from netprobe.config import CONFIG_NAME, conf_dir, first_line
+
+    app = hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")(
+        run_job
+    )
+    # A fresh count for each call, when called more than once in a process.
+    JOBS.update(code=0, pid=os.getpid(), started=False, sweep=None)
+    argv, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    extra: list[str] = []
+    if not INFO_FLAGS & set(args):
+        from netprobe import distributed
+
+        extra = distributed.hydra_overrides()
+    sys.argv = ["netprobe train", *args, *extra]
+    # Hydra raises instead of printing and exiting 1, so that each error gets its exit code.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        app()
+    except JobFailed as exc:
+        print(f"netprobe: {exc}", file=sys.stderr)
+        JOBS["code"] = max(JOBS["code"], exc.code)
+    except HydraException as exc:
+        raise ConfigError(first_line(exc)) from None
+    except Exception as exc:
+        if not JOBS["started"]:  # Hydra refused the command line before running anything
+            raise ConfigError(first_line(exc)) from None
+        traceback.print_exc()  # a run that crashed here: its traceback, then exit 1
+        JOBS["code"] = max(JOBS["code"], 1)
+    finally:
+        sys.argv = argv
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
+    if JOBS["sweep"] is not None and Path(JOBS["sweep"]).is_dir():
+        from netprobe.listing import sweep_summary
+
+        sweep_summary(JOBS["sweep"])
+    return JOBS["code"]
