@@ -73,8 +73,9 @@ class TrainProgress:
         else:
             self._log_path = None
         self._bar: Progress | None = None
-        self._t0 = self._shown_t = time.monotonic()
+        self._t0 = self._shown_t = self._step_t = time.monotonic()
         self._epoch_t = self._t0
+        self._shown_samples = 0  # at the last line: the rate shown is the rate since then
         self._steps = 0  # this session's, for the rate and ETA
         self._samples = self._epoch_samples = 0
         self._loss_sum: Any = None  # device tensor
@@ -147,11 +148,9 @@ class TrainProgress:
             self._loss_n += 1
         if self.quiet:
             return
-        now = time.monotonic()
+        now = self._step_t = time.monotonic()
         if self._bar is not None:
             if now - self._shown_t >= BAR_REFRESH_S:
-                self._shown_t = now
-                self._read_loss()
                 self._bar.update(
                     self._task,
                     completed=self.step,
@@ -160,8 +159,6 @@ class TrainProgress:
                     eta=self._eta(now),
                 )
         elif now - self._shown_t >= self.interval_s:
-            self._shown_t = now
-            self._read_loss()
             percent = 100 * self.step / self.total if self.total else 100.0
             self.print(
                 f"step {self.step}/{self.total} ({percent:.0f}%)  epoch {self.epoch + 1}/"
@@ -173,18 +170,18 @@ class TrainProgress:
         """The epoch's kept line: mean training loss, validation results, throughput."""
         self._read_loss()
         now = time.monotonic()
-        took = now - self._epoch_t
+        training = self._step_t - self._epoch_t  # the rate leaves the evaluation out
         parts = [f"epoch {epoch + 1}/{self.epochs}", f"step {self.step}"]
         if self._epoch_n:
             parts.append(f"loss {self._epoch_loss / self._epoch_n:.4f}")
         parts += [f"{k} {val[k]:.4f}" for k in ("val_loss", "val_acc") if k in val]
-        if self._epoch_samples and took > 0:
-            parts.append(f"{self._epoch_samples / took:,.0f} samples/s")
-        parts.append(duration(took))
+        if self._epoch_samples and training > 0:
+            parts.append(f"{self._epoch_samples / training:,.0f} samples/s")
+        parts.append(duration(now - self._epoch_t))
         self.print("  ".join(parts))
         if self._bar is not None:
             self._bar.update(self._task, completed=self.step)
-        self._shown_t = now
+        self._shown_t, self._shown_samples = now, self._samples
 
     # -- what the lines say
     def _read_loss(self) -> None:
@@ -199,12 +196,15 @@ class TrainProgress:
         self._loss_n = 0
 
     def _stats(self, now: float) -> str:
+        """Mean loss and samples/s since the last line shown; starts the next window."""
+        self._read_loss()
         parts = []
         if self._last_loss is not None:
             parts.append(f"loss {self._last_loss:.4f}")
-        elapsed = now - self._t0
-        if self._samples and elapsed > 0:
-            parts.append(f"{self._samples / elapsed:,.0f} samples/s")
+        window = now - self._shown_t
+        if self._samples > self._shown_samples and window > 0:
+            parts.append(f"{(self._samples - self._shown_samples) / window:,.0f} samples/s")
+        self._shown_t, self._shown_samples = now, self._samples
         return "  ".join(parts)
 
     def _eta(self, now: float) -> str:
@@ -261,7 +261,8 @@ def summary(run_dir: str | Path, wall_s: float | None = None, hint: bool = True)
     reason = info.get("stop_reason") or (info.get("error") if status != "completed" else None)
     if reason:
         lines.append(f"  stopped: {reason}")
-    done = f"  {info.get('epochs_done', 0)} epochs, {info.get('steps_done', 0)} steps"
+    epochs, steps = info.get("epochs_done", 0), info.get("steps_done", 0)
+    done = f"  {epochs} epoch{'s' * (epochs != 1)}, {steps} step{'s' * (steps != 1)}"
     if isinstance(info.get("best_val_acc"), (int, float)):
         done += f"; best val_acc {info['best_val_acc']:.4f}"
     lines.append(done)
@@ -276,7 +277,8 @@ def summary(run_dir: str | Path, wall_s: float | None = None, hint: bool = True)
         if seconds and sum(seconds.values()) > 0:
             name = max(seconds, key=seconds.get)
             line += f", most of it {name} ({seconds[name] / sum(seconds.values()):.0%} of theirs)"
-        lines.append(line + "; raise their `every` to train faster")
+            line += f"; probes.{name}.every (or .at) sets how often it runs"
+        lines.append(line)
     if hint:
         lines.append(f"next: netprobe plot {run_dir}")
     return "\n".join(lines)
