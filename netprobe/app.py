@@ -16,8 +16,9 @@ from omegaconf import DictConfig
 from netprobe.errors import ConfigError
 
 EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 1, "interrupted": 130, "refused": 2}
-# Hydra's flags that print something and run no job.
+# Hydra's flags that print something and run no job; and those that print the config instead.
 INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
+CONFIG_FLAGS = {"--cfg", "-c"}
 
 
 class JobFailed(Exception):
@@ -73,6 +74,7 @@ def run_job(cfg: DictConfig) -> str:
         status = "interrupted"
         raise
     except Exception as exc:
+        echo(traceback.format_exc().rstrip(), run_dir, show=False)  # printed on its way out
         if here:
             raise
         traceback.print_exc()  # into the worker's log
@@ -109,7 +111,7 @@ def hydra_main(args: list[str]) -> int:
     JOBS.update(code=0, pid=os.getpid(), started=False, sweep=None)
     argv, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     extra: list[str] = []
-    if not INFO_FLAGS & set(args):
+    if not (INFO_FLAGS | CONFIG_FLAGS) & set(args):
         from netprobe import distributed
 
         extra = distributed.hydra_overrides()

@@ -66,10 +66,12 @@ def _show_warning(
 
 
 def train_command(args: list[str]) -> int:
-    from netprobe.app import INFO_FLAGS, hydra_main
+    from netprobe.app import CONFIG_FLAGS, INFO_FLAGS, hydra_main
+    from netprobe.config import preflight
 
-    if not INFO_FLAGS & set(args):
-        from netprobe.config import preflight
+    if CONFIG_FLAGS & set(args):
+        preflight(args, check_data=False)  # the config is checked; nothing is built or trained
+    elif not INFO_FLAGS & set(args):
         from netprobe.distributed import launched
         from netprobe.resume import check_command_line
 

@@ -65,9 +65,6 @@ def preflight(args: Sequence[str], check_data: bool = True) -> None:
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from netprobe.checks import check_output_dir, check_probes
-    from netprobe.data import prepare_data
-
     overrides, skip = [], False
     for arg in args:
         if skip:
@@ -97,6 +94,10 @@ def preflight(args: Sequence[str], check_data: bool = True) -> None:
                 choices.append([f"{key}={v}" for v in values])
     # Hydra prints these and trains nothing, so they need no data on disk.
     only_prints = bool({"--cfg", "-c", "--resolve"} & set(args)) or not check_data
+    if not only_prints:  # torch and the data sets: `train --cfg job` starts without them
+        from netprobe.checks import check_output_dir, check_probes
+        from netprobe.data import prepare_data
+
     prepared = set()
     combos = itertools.islice(itertools.product(*choices), 1000)
     for combo_index, combo in enumerate(combos):

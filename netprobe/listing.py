@@ -215,13 +215,12 @@ def collect(paths: Sequence[str | os.PathLike]) -> dict[Path | None, list[Row]]:
 # ------------------------------------------------------------------------- choosing and ordering
 
 
-def _keys(rows: list[Row]) -> set[str]:
-    return {*COLUMNS, "swept", *(k for row in rows for k in (*row.config, *row.info))}
-
-
 def _check_keys(keys: Sequence[str], rows: list[Row], what: str) -> None:
-    known = _keys(rows)
-    for key in keys:
+    """Every key must be a column, or a config or run.json key of some run (configs are read
+    only when a key asks for them: plain `ls` reads run.json alone)."""
+    unknown = [k for k in keys if k not in COLUMNS and k != "swept"]
+    known = {k for row in rows for k in (*row.config, *row.info)} if unknown else set()
+    for key in unknown:
         if key not in known:
             raise ConfigError(
                 f"{what} {key!r} is neither a column ({', '.join(COLUMNS)}) nor a config or "

@@ -38,10 +38,12 @@ def count(n: int) -> str:
     return str(n)
 
 
-def echo(text: str, run_dir: str | Path | None = None) -> None:
-    """Print `text` to stderr and append it to the run's train.log."""
-    print(text, file=sys.stderr, flush=True)
-    if run_dir is not None and Path(run_dir).is_dir():
+def echo(text: str, run_dir: str | Path | None = None, show: bool = True) -> None:
+    """Print `text` to stderr (unless not `show`: printed elsewhere) and append it to the run's
+    train.log."""
+    if show:
+        print(text, file=sys.stderr, flush=True)
+    if run_dir is not None and (Path(run_dir) / "run.json").exists():
         with open(Path(run_dir) / LOG_FILE, "a") as log:
             log.write(text + "\n")
 

@@ -29,7 +29,14 @@ def netprobe_cmd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "args", [["--help"], ["ls", "{dir}"], ["plot", "--help"], ["train", "--help"]]
+    "args",
+    [
+        ["--help"],
+        ["ls", "{dir}"],
+        ["plot", "--help"],
+        ["train", "--help"],
+        ["train", "model=cnn", "--cfg", "job"],
+    ],
 )
 def test_light_commands_import_no_torch(tmp_path: Path, args: list[str]):
     (tmp_path / "run").mkdir()
