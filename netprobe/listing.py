@@ -140,7 +140,7 @@ COLUMNS: dict[str, Callable[[Row], Any]] = {
     "loss": _final("loss"),
     "best_val_acc": lambda row: row.info.get("best_val_acc"),
     "val_acc": _final("val_acc"),
-    "probes": lambda row: ",".join(row.info.get("probes") or []),
+    "probes": lambda row: row.info.get("probes"),
     "started": _started,
     "path": lambda row: row.shown_path,
 }
@@ -158,7 +158,9 @@ def show(key: str, value: Any) -> str:
         return duration(value)
     if isinstance(value, float):
         return f"{value:.4f}" if math.isfinite(value) else str(value)
-    if isinstance(value, (list, dict)):
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
         return json.dumps(value)
     return str(value)
 
@@ -229,7 +231,10 @@ def _check_keys(keys: Sequence[str], rows: list[Row], what: str) -> None:
 
 
 def _matches(value: Any, wanted: str) -> bool:
-    """Whether a value equals any of the comma-separated `wanted` (numbers as numbers)."""
+    """Whether a value equals any of the comma-separated `wanted` (numbers as numbers); a list
+    (the probes) matches when any of its items does."""
+    if isinstance(value, list):
+        return any(_matches(item, wanted) for item in value)
     for option in wanted.split(","):
         if str(value) == option or show("", value) == option:
             return True
@@ -356,7 +361,9 @@ def list_runs(
         writer.writerow([*keys, "sweep", "swept"])
         for row in chosen:
             values = [str(row.path) if k == "run_dir" else row.value(k) for k in keys]
-            writer.writerow([*("" if v is None else v for v in values), row.sweep or "", row.swept])
+            cells = [show(k, v) if isinstance(v, list) else "" if v is None else v
+                     for k, v in zip(keys, values)]  # fmt: skip
+            writer.writerow([*cells, row.sweep or "", row.swept])
     else:
         _print_tables(groups, columns, out)
     return len(chosen)

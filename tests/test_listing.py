@@ -48,7 +48,8 @@ def mixed(tmp_path: Path) -> Path:
     for job, (seed, best) in enumerate([(0, 0.5), (42, 0.6), (123, 0.8)]):
         fake_run(sweep / str(job), seed, [f"seed={seed}", "model=cnn"], best=best)
     fake_run(tmp_path / "a-failed", 7, [], "failed", best=None, lr=0.05, error="ValueError: x")
-    fake_run(tmp_path / "b-interrupted", 8, [], "interrupted", best=0.3, error="interrupted")
+    fake_run(tmp_path / "b-interrupted", 8, [], "interrupted", best=0.3, error="interrupted",
+             probes=["gradients", "rwc"])  # fmt: skip
     # `running`, but its process (pid 2**22 + 1, above Linux's largest) is gone: crashed.
     host = socket.gethostname()
     fake_run(tmp_path / "c-crashed", 9, [], "running", best=0.2, pid=2**22 + 1, host=host)
@@ -128,6 +129,7 @@ def test_sort_and_filter_on_a_mixed_folder(mixed: Path):
     assert paths("optim.lr=0.001", "status=completed") == ["0", "1", "2"]
     assert paths("seed=42") == ["1"]
     assert paths("status=damaged") == ["d-damaged"]
+    assert paths("probes=rwc") == ["b-interrupted"]  # one of the run's probes
 
 
 def test_columns_choose_what_is_shown(mixed: Path):
