@@ -58,12 +58,12 @@ class Row:
 
         try:
             cfg = OmegaConf.load(path)
-            try:
-                tree = OmegaConf.to_container(cfg, resolve=True)
-            except Exception:  # noqa: BLE001 - a resolver only Hydra knows: keep them as written
-                tree = OmegaConf.to_container(cfg, resolve=False)
-        except (OSError, ValueError, yaml.YAMLError):
+        except Exception:  # noqa: BLE001 - a damaged config: the run is listed without one
             return {}
+        try:
+            tree = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # noqa: BLE001 - a resolver only Hydra knows: keep them as written
+            tree = OmegaConf.to_container(cfg, resolve=False)
         return flatten(tree)
 
     def value(self, key: str) -> Any:
