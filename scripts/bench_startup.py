@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -19,19 +20,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def seconds(args: list[str], repeats: int) -> list[float]:
-    """Wall time of `python -m netprobe ARGS` in a fresh process, `repeats` times."""
+def seconds(args: list[str], repeats: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU (user + system) seconds of `python -m netprobe ARGS` in a fresh process,
+    `repeats` times. On a shared machine the CPU time is what idle cores would take."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-m", "netprobe", *args], env=env, capture_output=True, text=True
         )
-        times.append(time.perf_counter() - t0)
+        wall.append(time.perf_counter() - t0)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         if done.returncode != 0:
             raise SystemExit(f"netprobe {' '.join(args)} failed:\n{done.stderr}")
-    return times
+    return wall, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             "netprobe train --cfg job": ["train", "--cfg", "job"],
         }
         for name, command in cases.items():
-            times = seconds(command, args.repeats)
+            wall, cpu = seconds(command, args.repeats)
             print(
-                f"{name}: median {statistics.median(times):.2f} s, best {min(times):.2f} s "
-                f"({args.repeats} runs)"
+                f"{name}: wall median {statistics.median(wall):.2f} s (best {min(wall):.2f} s), "
+                f"CPU median {statistics.median(cpu):.2f} s; {args.repeats} runs, load average "
+                f"{os.getloadavg()[0]:.1f}"
             )
     print(f"# load average {os.getloadavg()[0]:.2f} at end")
     return 0
