@@ -278,7 +278,12 @@ def summary(run_dir: str | Path, wall_s: float | None = None, hint: bool = True)
         line = f"  probes took {share:.0%} of the wall time"
         if seconds and sum(seconds.values()) > 0:
             name = max(seconds, key=seconds.get)
-            line += f", most of it {name} ({seconds[name] / sum(seconds.values()):.0%} of theirs)"
+            if len(seconds) == 1:
+                line += f" ({name})"
+            else:
+                line += (
+                    f", most of it {name} ({seconds[name] / sum(seconds.values()):.0%} of theirs)"
+                )
             line += f"; probes.{name}.every (or .at) sets how often it runs"
         lines.append(line)
     if hint:
