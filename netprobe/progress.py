@@ -38,6 +38,11 @@ def count(n: int) -> str:
     return str(n)
 
 
+def plural(n: int, word: str) -> str:
+    """1 epoch, 3 epochs."""
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
 def echo(text: str, run_dir: str | Path | None = None, show: bool = True) -> None:
     """Print `text` to stderr (unless not `show`: printed elsewhere) and append it to the run's
     train.log."""
@@ -217,37 +222,32 @@ class TrainProgress:
 
 
 def banner(
+    cfg: Any,
     run_dir: str | Path,
     *,
     resumed_at: tuple[int, int] | None,
     device: str,
-    precision: str,
-    model: str,
     parameters: int,
-    init: str,
-    optim: str,
-    lr: float,
-    data: str,
-    train_samples: int,
-    val_samples: int,
-    batch_size: int,
-    steps_per_epoch: int,
-    epochs: int,
-    total_steps: int,
+    samples: tuple[int, int],
+    steps: tuple[int, int],
     probes: list[str],
 ) -> list[str]:
-    """The start lines: where the run is written, and what trains on what."""
+    """The start lines: where the run is written and what trains on what. `samples`: train and
+    validation; `steps`: per epoch and in all."""
     start = (
         "new run"
         if resumed_at is None
         else f"resuming at epoch {resumed_at[0] + 1}, step {resumed_at[1]}"
     )
+    model, data, t = cfg.model, cfg.data, cfg.trainer
     return [
         f"netprobe train: {start} in {run_dir}",
-        f"  model   {model} ({count(parameters)} parameters), init {init}, {optim} lr {lr:g}",
-        f"  data    {data}: {train_samples} train / {val_samples} val samples, batch {batch_size}, "
-        f"{steps_per_epoch} steps per epoch",
-        f"  device  {device}, precision {precision}; {epochs} epochs, {total_steps} steps",
+        f"  model   {model.name} ({count(parameters)} parameters), init {cfg.init.name}, "
+        f"{cfg.optim.name} lr {cfg.optim.lr:g}",
+        f"  data    {data.name}: {samples[0]} train / {samples[1]} val samples, batch "
+        f"{data.batch_size}, {steps[0]} steps per epoch",
+        f"  device  {device}, precision {t.precision}; {plural(t.epochs, 'epoch')}, "
+        f"{plural(steps[1], 'step')}",
         f"  probes  {', '.join(probes) if probes else 'none'}",
     ]
 
@@ -264,7 +264,7 @@ def summary(run_dir: str | Path, wall_s: float | None = None, hint: bool = True)
     if reason:
         lines.append(f"  stopped: {reason}")
     epochs, steps = info.get("epochs_done", 0), info.get("steps_done", 0)
-    done = f"  {epochs} epoch{'s' * (epochs != 1)}, {steps} step{'s' * (steps != 1)}"
+    done = f"  {plural(epochs, 'epoch')}, {plural(steps, 'step')}"
     if isinstance(info.get("best_val_acc"), (int, float)):
         done += f"; best val_acc {info['best_val_acc']:.4f}"
     lines.append(done)

@@ -232,26 +232,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         interval_s=t.log_interval_s,
         quiet=not place.is_main,
     )
-    start_lines = banner(
+    start = banner(
+        cfg,
         run_dir,
         resumed_at=(first_epoch, mon.progress.step) if state else None,
         device=str(device) + (f" × {place.world_size} processes" if place.enabled else ""),
-        precision=precision,
-        model=cfg.model.name,
         parameters=sum(p.numel() for p in model.parameters()),
-        init=cfg.init.name,
-        optim=cfg.optim.name,
-        lr=cfg.optim.lr,
-        data=cfg.data.name,
-        train_samples=data.x_train.shape[0],
-        val_samples=data.x_val.shape[0],
-        batch_size=cfg.data.batch_size,
-        steps_per_epoch=len(train_batches),
-        epochs=t.epochs,
-        total_steps=progress.total,
+        samples=(data.x_train.shape[0], data.x_val.shape[0]),
+        steps=(len(train_batches), progress.total),
         probes=[p.name for p in getattr(mon, "probes", [])],
     )
-    for line in start_lines:
+    for line in start:
         progress.print(line)
 
     def checkpoint(name: int | str, epoch: int) -> None:
