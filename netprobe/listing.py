@@ -251,6 +251,7 @@ def _matches(value: Any, wanted: str) -> bool:
 
 
 def parse_filters(filters: Sequence[str]) -> list[tuple[str, str]]:
+    """["status=failed", ...] → [("status", "failed"), ...]; refuses an item without `=`."""
     pairs = []
     for item in filters:
         key, sep, value = item.partition("=")
@@ -364,8 +365,10 @@ def list_runs(
             cells = [show(k, v) if isinstance(v, list) else "" if v is None else v
                      for k, v in zip(keys, values)]  # fmt: skip
             writer.writerow([*cells, row.sweep or "", row.swept])
-    else:
+    elif chosen:
         _print_tables(groups, columns, out)
+    else:
+        print(f"netprobe: no run matches {' '.join(filters)}", file=sys.stderr)
     return len(chosen)
 
 

@@ -130,6 +130,7 @@ def test_sort_and_filter_on_a_mixed_folder(mixed: Path):
     assert paths("seed=42") == ["1"]
     assert paths("status=damaged") == ["d-damaged"]
     assert paths("probes=rwc") == ["b-interrupted"]  # one of the run's probes
+    assert paths("seed=42", "status=failed") == []
 
 
 def test_columns_choose_what_is_shown(mixed: Path):
