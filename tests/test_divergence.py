@@ -104,7 +104,8 @@ def test_diverged_run_exits_1(tmp_path, capsys):
     code = cli(["train", *EXPLODING, "data=synthetic", "data.num_samples=128",
                 "data.image_size=8", "data.probe_size=32", f"hydra.run.dir={run_dir}"])  # fmt: skip
     assert code == 1
-    assert "status diverged" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "run diverged in" in err and "stopped: non-finite loss at step" in err
     assert netprobe.load(run_dir).info["status"] == "diverged"
 
 
