@@ -442,12 +442,10 @@ class Monitor:
             # Whatever ended the run, what was recorded is written.
             self.flush()
         except BaseException as exc:
-            if failure is None:
-                failure = exc
-                if status == "completed" or isinstance(exc, KeyboardInterrupt):
-                    status, error = ending(type(exc), exc)
-                else:  # the run ended badly already: keep its reason, add this one
-                    error = f"{error}; then {type(exc).__name__}: {exc}"
+            # A run that ended badly already keeps its reason; the writer adds the lost rows.
+            failure = failure or exc
+            if status == "completed":
+                status, error = ending(type(exc), exc)
         finally:
             close_probes(self.probes)
             final = {k: v for k, v in self.latest().items() if math.isfinite(v)}

@@ -243,6 +243,7 @@ class RunWriter:
                 before = read_info(self.path)
                 if "epochs_done" in info:
                     drop_rows_after(self.path, info["epochs_done"] - 1)
+                _remove_temp_files(self.path)
             else:
                 check_new_run_dir(self.path)
                 before = {}
@@ -334,6 +335,14 @@ class RunWriter:
         """The first step of the rows still held in memory after a failed write, if any."""
         steps = [pc.min(t["step"]).as_py() for t in self._unwritten.values()]
         return min(steps) if steps else None
+
+
+def _remove_temp_files(path: Path) -> None:
+    """The temporary files of writes that a killed process never finished (only the directory's
+    lock holder may call this: another writer's files would be in use)."""
+    for tmp in [*path.glob(".*.tmp-*"), *path.glob("*/.*.tmp-*")]:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def read_info(path: str | os.PathLike) -> dict[str, Any]:
