@@ -1,4 +1,5 @@
-"""Runs stopped by Ctrl-C, SIGTERM, SIGHUP or kill -9 keep what they wrote; one writer per folder."""
+"""Runs stopped by Ctrl-C, SIGTERM, SIGHUP or kill -9 keep what they wrote; one writer per run
+folder."""
 
 from __future__ import annotations
 
