@@ -434,6 +434,9 @@ class Monitor:
         failure: BaseException | None = None
         try:
             if status == "completed":
+                # The end captures get parts of their own, which a resumed run can drop.
+                self.flush()
+                self.writer.mark_end_captures()
                 self._end_captures()
         except BaseException as exc:  # Ctrl-C or an error in the end captures
             failure = exc

@@ -241,12 +241,13 @@ class RunWriter:
         try:
             if resume:
                 before = read_info(self.path)
+                end_parts = before.pop("end_parts", None)
                 if "epochs_done" in info:
-                    drop_rows_after(self.path, info["epochs_done"] - 1)
-                _remove_temp_files(self.path)
+                    drop_rows_after(self.path, info["epochs_done"] - 1, end_parts)
             else:
                 check_new_run_dir(self.path)
                 before = {}
+            _remove_temp_files(self.path)
         except BaseException:
             self.lock.release()
             raise
@@ -331,6 +332,11 @@ class RunWriter:
         if failure is not None:
             raise failure
 
+    def mark_end_captures(self) -> None:
+        """The parts written from now on hold the run's end captures (noted in run.json at
+        close): a resumed run drops them and takes its own at its end."""
+        self.info["end_parts"] = dict(self._parts)
+
     def first_unwritten_step(self) -> int | None:
         """The first step of the rows still held in memory after a failed write, if any."""
         steps = [pc.min(t["step"]).as_py() for t in self._unwritten.values()]
@@ -358,33 +364,43 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
         ) from None
 
 
-def drop_rows_after(path: str | os.PathLike, epoch: int) -> int:
+def drop_rows_after(
+    path: str | os.PathLike, epoch: int, end_parts: dict[str, int] | None = None
+) -> int:
     """Remove every stored row of an epoch after `epoch` (resuming from the checkpoint taken at
-    its end); part files are rewritten atomically, emptied ones removed. Returns rows removed.
+    its end), and the parts numbered from `end_parts[table]` on: the end captures of a run that
+    finished, which a resumed run takes again at its own end. Part files are rewritten
+    atomically, emptied ones removed. Returns the number of rows removed.
 
     Every part is read before any is changed: a damaged one is refused (ConfigError) with the
     directory untouched, since resuming past it would leave a hole in the stored steps."""
-    cuts: list[tuple[Path, pa.Table, pa.Table]] = []
+    cuts: list[tuple[Path, int, pa.Table | None]] = []  # part, rows removed, rows kept
     for name in TABLES:
+        end = (end_parts or {}).get(name)
         for part in sorted((Path(path) / name).glob("part-*.parquet")):
             try:
-                if pq.read_metadata(part).num_rows == 0:  # a zero-byte part fails here
+                rows = pq.read_metadata(part).num_rows  # a zero-byte part fails here
+                if end is not None and _part_number(part) >= end:
+                    cuts.append((part, rows, None))
+                    continue
+                if rows == 0:
                     continue
                 last = pc.max(pq.read_table(part, columns=["epoch"])["epoch"]).as_py()
                 if last > epoch:
                     table = pq.read_table(part)
-                    cuts.append((part, table, table.filter(pc.less_equal(table["epoch"], epoch))))
+                    kept = table.filter(pc.less_equal(table["epoch"], epoch))
+                    cuts.append((part, rows - kept.num_rows, kept))
             except (pa.ArrowException, OSError, ValueError) as exc:
                 raise ConfigError(
                     f"{part} is damaged ({_short(exc)}); resuming would leave its rows out: "
                     "move it out of the run to resume without them, or start a new run"
                 ) from None
     for part, _, kept in cuts:
-        if kept.num_rows == 0:
+        if kept is None or kept.num_rows == 0:
             part.unlink()
         else:
             atomic_write(part, lambda tmp, t=kept: pq.write_table(t, tmp))
-    return sum(table.num_rows - kept.num_rows for _, table, kept in cuts)
+    return sum(removed for _, removed, _ in cuts)
 
 
 def _write_options(table: pa.Table) -> dict[str, Any]:
@@ -403,7 +419,11 @@ def _write_options(table: pa.Table) -> dict[str, Any]:
 
 def _next_part(folder: Path) -> int:
     parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
-    return int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
+    return _part_number(parts[-1]) + 1 if parts else 0
+
+
+def _part_number(part: Path) -> int:
+    return int(part.stem.split("-")[1])
 
 
 def _version() -> str:

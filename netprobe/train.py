@@ -212,8 +212,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             on_nonfinite=t.get("on_nonfinite", "stop"),
             resume=state["monitor"] if state else None,
         )
-        # Only now, with the directory locked and checked, is the config written.
-        save_config(cfg, run_dir)
     else:
         mon = distributed.FollowerMonitor(on_nonfinite=t.get("on_nonfinite", "stop"))
         if state:
@@ -261,6 +259,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         return distributed.from_main(mon.nonfinite_step, place) if sync_point else None
 
     with StopSignals(), mon, progress:
+        if place.is_main:
+            # Only now, the directory locked and checked, is the config written (a failure to
+            # write it fails the run like any other write).
+            save_config(cfg, run_dir)
         if t.checkpoint_every and state is None:
             checkpoint("start", epoch=-1)
         model.train()

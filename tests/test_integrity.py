@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -157,6 +158,23 @@ def test_two_runs_started_into_one_folder_at_once(tmp_path):
             worker.wait(timeout=60)
 
 
+def test_a_stale_lock_replaced_meanwhile_by_a_live_one_is_put_back(tmp_path):
+    """Taking over a stale lock renames it away first; if what was moved turns out to be a live
+    lock that replaced the stale one after it was judged, it goes back in place."""
+    from netprobe.lifecycle import RunLock
+
+    live = {"pid": os.getpid(), "host": os.uname()[1], "since": 1.0}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(live))
+    RunLock(tmp_path)._take_over({"pid": 999_999_999, "host": os.uname()[1]})
+    assert json.loads((tmp_path / LOCK_FILE).read_text()) == live
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]
+    # The stale one itself is removed, whoever else tries the same.
+    stale = {"pid": 999_999_999, "host": os.uname()[1]}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(stale))
+    RunLock(tmp_path)._take_over(stale)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------- resuming is a contract
 
 RESUME_REFUSALS = {
@@ -200,6 +218,18 @@ def test_resume_accepts_more_epochs_logging_and_device(run_copy):
     assert run.scalars(probe="train", metric="loss")["step"].tolist() == list(range(12))
     assert run.config["trainer"]["epochs"] == 3  # the config says what the run now is
     assert no_temp_files(run_copy)
+
+
+def test_a_finished_run_trained_longer_equals_a_longer_run(tmp_path):
+    """Its end captures (here `channels`, taken at the end) give way to those of the new end."""
+    setup = [*TINY, "trainer.checkpoint_every=1", "probes=[gradients,channels]"]
+    train(compose([*setup, "trainer.epochs=1"]), tmp_path / "resumed")
+    assert netprobe.load(tmp_path / "resumed").scalars(probe="channels")["step"].unique() == [4]
+    train(compose([*setup, "trainer.epochs=2", "trainer.resume=true"]), tmp_path / "resumed")
+    train(compose([*setup, "trainer.epochs=2"]), tmp_path / "longer")
+    resumed = stored(tmp_path / "resumed")
+    assert resumed == stored(tmp_path / "longer")
+    assert netprobe.load(tmp_path / "resumed").scalars(probe="channels")["step"].unique() == [8]
 
 
 DAMAGE = {
@@ -398,3 +428,98 @@ def test_writes_are_fsynced_and_renamed(tmp_path, monkeypatch):
     assert synced[-2:] == [tmp, str(part.parent)]  # the data before the rename, then the folder
     writer.close("completed")
     assert synced[-2:] == [f"{tmp_path}/.run.json.tmp-{os.getpid()}", str(tmp_path)]
+
+
+# ---------------------------------------------------------------- kill -9 at random moments
+
+KILLED = [*TINY, "trainer.epochs=3", "trainer.checkpoint_every=1", "trainer.flush_every=1",
+          "probes=[gradients,weights,rwc]"]  # fmt: skip
+# One process runs the commands that are not killed (the unbroken twin, each resume) with the
+# same thread count as the killed ones, so that the values compare exactly.
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from netprobe.cli import main
+    for line in sys.stdin:
+        print(main(json.loads(line)), flush=True)
+    """
+)
+SINGLE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def stored(run_dir: Path) -> dict[str, list]:
+    """Every stored row but the wall-clock ones, sorted, as plain values."""
+    run = netprobe.load(run_dir)
+    scalars = run.scalars()
+    scalars = scalars[scalars["metric"] != "samples_per_s"]
+    hists = run.histograms()
+    hists = hists.assign(edges=hists["edges"].map(list), counts=hists["counts"].map(list))
+    matrices = run.matrices()
+    matrices = matrices.assign(values=matrices["values"].map(list))
+    tables = {"scalars": scalars, "histograms": hists, "matrices": matrices}
+    return {name: sorted(map(repr, table.to_dict("records"))) for name, table in tables.items()}
+
+
+def kill_and_resume(tmp_path: Path, tries: int, seed: int) -> None:
+    """`tries` runs killed with SIGKILL at random moments, each then resumed (or, killed before
+    its first checkpoint, refused and started again): each ends equal to an unbroken run."""
+    import random
+
+    rng = random.Random(seed)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True, env=SINGLE_THREAD,
+    )  # fmt: skip
+
+    def run(*args: str) -> int:
+        worker.stdin.write(json.dumps(["train", *KILLED, *args]) + "\n")
+        worker.stdin.flush()
+        return int(worker.stdout.readline())
+
+    try:
+        assert run(f"hydra.run.dir={tmp_path / 'twin'}") == 0
+        twin = stored(tmp_path / "twin")
+        for attempt in range(tries):
+            run_dir = tmp_path / f"run{attempt}"
+            victim = subprocess.Popen(
+                [sys.executable, "-m", "netprobe", "train", *KILLED, f"hydra.run.dir={run_dir}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=SINGLE_THREAD,
+            )  # fmt: skip
+            while not (run_dir / LOCK_FILE).exists() and victim.poll() is None:
+                time.sleep(0.002)  # the run is about to write: any moment from now may be its last
+            time_to_live = rng.uniform(0, 1.5)
+            try:
+                victim.wait(timeout=time_to_live)
+            except subprocess.TimeoutExpired:
+                victim.kill()
+                victim.wait()
+            for part in run_dir.glob("*/part-*.parquet"):
+                pq.read_table(part)  # every part written is whole
+            before = snapshot(run_dir)
+            if os.environ.get("KILL_REPORT"):
+                print("KILL", attempt, round(time_to_live, 2), victim.returncode, len(list(run_dir.glob("scalars/part-*"))), (run_dir / "checkpoints/last.pt").exists(), (run_dir / "run.json").exists(), flush=True)
+            code = run("trainer.resume=true", f"hydra.run.dir={run_dir}")
+            if code == 2:  # killed before its first checkpoint: refused, the folder untouched
+                assert not (run_dir / "checkpoints" / "last.pt").exists()
+                assert snapshot(run_dir) == before
+                shutil.rmtree(run_dir)
+                code = run(f"hydra.run.dir={run_dir}")
+            assert code == 0
+            info = netprobe.load(run_dir).info
+            assert info["status"] == "completed" and info["steps_done"] == 12
+            losses = netprobe.load(run_dir).scalars(probe="train", metric="loss")
+            assert losses["step"].tolist() == list(range(12))  # no hole, no duplicate
+            assert stored(run_dir) == twin, f"attempt {attempt}, killed after {time_to_live:.2f} s"
+            assert no_temp_files(run_dir) and not (run_dir / LOCK_FILE).exists()
+    finally:
+        worker.stdin.close()
+        worker.wait(timeout=60)
+
+
+def test_killed_at_random_moments_and_resumed_equals_an_unbroken_run(tmp_path):
+    kill_and_resume(tmp_path, tries=2, seed=11)
+
+
+@pytest.mark.slow
+def test_killed_at_random_moments_many_times(tmp_path):
+    kill_and_resume(tmp_path, tries=12, seed=12)
