@@ -1,5 +1,6 @@
-"""A run's life outside the happy path: one writer per run directory, clean stops on Ctrl-C and
-SIGTERM, and telling a crashed run (its process is gone) from one still running."""
+"""A run's life outside the happy path: what counts as a run directory, one writer per run
+directory, clean stops on Ctrl-C, SIGTERM and SIGHUP, and telling a crashed run (its process is
+gone) from one still running."""
 
 from __future__ import annotations
 
