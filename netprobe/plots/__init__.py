@@ -150,7 +150,9 @@ def plot(
             sections.append(Section(target.title, folders[t], target.runs, target.varying, entries))
         elif entries:
             runs_ = [r for g in target.groups for r in g.runs]
-            sections.insert(0, Section(f"Comparison: {target.title}", "compare", runs_, {}, entries))
+            sections.insert(
+                0, Section(f"Comparison: {target.title}", "compare", runs_, {}, entries)
+            )
     out.mkdir(parents=True, exist_ok=True)
     keep = {job.key for job in job_list}
     _write_json(out / MANIFEST, {k: v for k, v in manifest.items() if k in keep})
@@ -186,7 +188,9 @@ def _names(target: Any, only: Sequence[str] | None) -> list[str]:
 
 
 def _runs_of(target: Any) -> list[Run]:
-    return target.runs if isinstance(target, RunGroup) else [r for g in target.groups for r in g.runs]
+    return (
+        target.runs if isinstance(target, RunGroup) else [r for g in target.groups for r in g.runs]
+    )
 
 
 def _code_version() -> str:
@@ -293,14 +297,22 @@ def _draw(job: Job) -> tuple[str, list[dict]]:
             try:
                 fig.savefig(path, dpi=110)
             except Exception as exc:  # noqa: BLE001 - as above
-                warnings.warn(f"{what} could not be saved: {type(exc).__name__}: {exc}", stacklevel=2)
+                warnings.warn(
+                    f"{what} could not be saved: {type(exc).__name__}: {exc}", stacklevel=2
+                )
                 continue
             files.append(path.relative_to(_OUT).as_posix())
         plt.close(fig)
         if files:
             caption = spec.caption + (f" ({suffix.replace('_', ' ')})" if suffix else "")
             entries.append(
-                {"path": files[0], "name": stem, "family": family, "caption": caption, "files": files}
+                {
+                    "path": files[0],
+                    "name": stem,
+                    "family": family,
+                    "caption": caption,
+                    "files": files,
+                }
             )
     return job.key, entries
 

@@ -9,9 +9,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import MaxNLocator
 
-from netprobe.plots.common import RunGroup, band, mean_std, new_figure, short, smooth
+from netprobe.plots.common import (
+    RunGroup,
+    band,
+    compact_ticks,
+    log_worthy,
+    mean_std,
+    new_figure,
+    short,
+    smooth,
+    step_axis,
+)
 from netprobe.plots.curves import PANELS
 
 MAX_ROWS = 8  # layers shown in the distribution grids; evenly spread over the network
@@ -88,7 +97,9 @@ def _colors(n: int) -> list[Any]:
 
 @comparison(
     "compare_curves",
-    "Training curves per value of the swept key: mean ± std over seeds (n in the legend).",
+    "Training curves per value of the swept key, each averaged over its runs (mean ± std, n in "
+    "the legend); loss on a log axis when it spans more than two decades, a diverged run ending "
+    "in ×.",
 )
 def compare_curves(sweep: Sweep):
     frames = [g.scalars("train") for g in sweep.groups]
@@ -96,40 +107,46 @@ def compare_curves(sweep: Sweep):
         return None
     fig, axes = new_figure(2, 2, size=(5.6, 3.6))
     colors = _colors(len(sweep.groups))
+    styles = ["-", "--", ":", "-."]
     for ax, (metric, title, x) in zip(axes.flat, PANELS):
         ax.set_title(title)
-        ax.set_xlabel("epoch" if x == "epoch" else "optimizer step")
-        drawn = False
-        for df, group, label, color in zip(frames, sweep.groups, sweep.labels, colors):
-            part = df[df["metric"] == metric] if not df.empty else df
+        step_axis(ax, "epoch" if x == "epoch" else "optimizer step")
+        parts = [df[df["metric"] == metric] if not df.empty else df for df in frames]
+        values = np.concatenate([p["value"].to_numpy(float) for p in parts if not p.empty] or [[]])
+        if values.size == 0:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
+            continue
+        log = "loss" in metric and log_worthy(values)
+        if log:
+            ax.set_yscale("log")
+        for k, (part, group, label, color) in enumerate(
+            zip(parts, sweep.groups, sweep.labels, colors)
+        ):
             if part.empty:
                 continue
             if x == "epoch":
                 part = part.assign(epoch=part["epoch"] + 1)  # epochs counted from 1
-            stats = _mean_over_runs(part, x)
+            finite = part[np.isfinite(part["value"])]
+            if log:  # averaged as log values: a geometric mean and band
+                finite = finite[finite["value"] > 0].assign(value=lambda d: np.log10(d["value"]))
+            stats = _mean_over_runs(finite, x)
             y = stats["mean"].to_numpy()
             if x == "step":
                 y = smooth(y)
-            band(
-                ax,
-                stats[x].to_numpy(),
-                y,
-                stats["std"].to_numpy(),
-                group.n,
-                label=label,
-                color=color,
-                marker="o" if x == "epoch" and len(stats) < 30 else None,
-                markersize=3,
-            )
-            drawn = True
-        if not drawn:
-            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
-            continue
-        if x == "epoch":
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            style = styles[(k // 10) % len(styles)]  # colours repeat after ten: lines differ
+            band(ax, stats[x].to_numpy(), y, stats["std"].to_numpy(), group.n, label=label,
+                 color=color, ls=style, geometric=log,
+                 marker="o" if x == "epoch" and len(stats) < 30 else None,
+                 markersize=3)  # fmt: skip
+            if len(finite) < len(part) and len(stats):
+                # The run stopped being finite: its last finite value, marked.
+                last = 10 ** y[-1] if log else y[-1]
+                ax.plot(stats[x].iloc[-1], last, "x", color=color, ms=9, mew=2)
         if "acc" in metric:
             ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
+        if not log:
+            compact_ticks(ax, "y")
+        ax.grid(alpha=0.3, which="both" if log else "major")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if not handles:
         handles, labels = axes[1, 1].get_legend_handles_labels()
@@ -146,8 +163,8 @@ def _mean_over_runs(df: pd.DataFrame, x: str) -> pd.DataFrame:
 
 @comparison(
     "compare_final",
-    "Final validation accuracy and loss per value of the swept key: mean ± std over seeds, "
-    "each seed a dot.",
+    "Final validation accuracy (bars from 0) and loss (mean ± std as a point, log axis when it "
+    "spans more than two decades) per value of the swept key, each seed a dot.",
 )
 def compare_final(sweep: Sweep):
     rows = [
@@ -164,9 +181,19 @@ def compare_final(sweep: Sweep):
     x = np.arange(len(sweep.groups))
     for ax, (metric, title) in zip(axes[0], [("val_acc", "final validation accuracy"),
                                              ("val_loss", "final validation loss")]):  # fmt: skip
-        part = df[df["metric"] == metric]
+        part = df[(df["metric"] == metric) & np.isfinite(df["value"].astype(float))]
         stats = part.groupby("i")["value"].agg(["mean", "std"]).reindex(x)
-        ax.bar(x, stats["mean"], 0.7, yerr=stats["std"].fillna(0), color=colors, alpha=0.55)
+        if metric == "val_acc":
+            ax.bar(x, stats["mean"], 0.7, yerr=stats["std"].fillna(0), color=colors, alpha=0.55)
+        else:
+            # A loss has no natural baseline (and on a log axis none at all): no bars.
+            ax.errorbar(x, stats["mean"], yerr=stats["std"].fillna(0), fmt="none",
+                        ecolor="0.3", capsize=4, zorder=2)  # fmt: skip
+            ax.scatter(x, stats["mean"], s=160, marker="_", c=colors, linewidths=3, zorder=2)
+            if log_worthy(part["value"]):
+                ax.set_yscale("log")
+            else:
+                compact_ticks(ax, "y")
         # Seeds of one value side by side, so equal results stay visible as separate dots.
         rank = part.groupby("i").cumcount().to_numpy()
         size = part.groupby("i")["value"].transform("size").to_numpy()
@@ -217,6 +244,7 @@ def _before_after(
                     row_ = part[part["step"] == step].iloc[0]
                     _stairs(ax, row_, color, f"{name} (step {step})")
                 ax.tick_params(labelsize=7)
+                compact_ticks(ax)
                 if row == 0 and col == 0:
                     ax.legend(fontsize=7, loc="upper right")
             if col == 0:

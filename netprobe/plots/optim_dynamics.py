@@ -16,7 +16,9 @@ from netprobe.plots.common import (
     layer_colors,
     layer_legend,
     new_figure,
+    positive,
     short,
+    step_axis,
 )
 
 PROBE = "optim_dynamics"
@@ -68,12 +70,10 @@ def optim_dynamics_curves(group: RunGroup):
         if part.empty:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
             continue
-        layer_bands(ax, part, colors, group.n)
-        if log and (part["value"] > 0).all():
-            ax.set_yscale("log")
+        layer_bands(ax, part, colors, group.n, log=log and positive(part["value"]))
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    layer_legend(fig, axes.flat[0], group)
+        step_axis(ax, "epoch")
+    layer_legend(fig, axes.flat[0], group, log=True)
     fig.suptitle(f"Optimization dynamics — {group.title}")
     return fig
 
@@ -136,7 +136,7 @@ def _sign_legend(ax, zero: float, codes: np.ndarray) -> None:
     ]
     if np.isnan(codes).any():
         handles.append(Patch(facecolor=MISSING, label="not recorded / not finite"))
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.07, 1.0), fontsize=8,
               title="gradient g of the sampled weight", title_fontsize=8)  # fmt: skip
 
 
@@ -172,6 +172,7 @@ def _draw_codes(ax, codes: np.ndarray, steps: np.ndarray, epochs: np.ndarray, gr
     "grad_sign_map",
     "Gradient of K sampled weights per layer at evenly spaced steps of each epoch: small "
     "positive (green), small negative (red), exactly zero (black, dead units) and large (light).",
+    averages=False,
 )
 def grad_sign_map(group: RunGroup):
     data = _sign_data(group)
@@ -219,6 +220,7 @@ def zoom_window(codes: np.ndarray, widths: list[int], rows: int = ZOOM) -> tuple
     "grad_sign_map_zoom",
     "Zoom of the gradient sign map: the layer whose sampled gradients are most often small, over "
     "the window of at most 64 steps where they are, one cell per weight and step.",
+    averages=False,
 )
 def grad_sign_map_zoom(group: RunGroup):
     data = _sign_data(group)

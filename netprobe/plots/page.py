@@ -165,8 +165,8 @@ def _nav(sections: Sequence[Section], extra: bool) -> str:
     items.append("<li><a href='#runs'>Runs</a></li>")
     for k, section in enumerate(sections):
         families = "".join(
-            f"<li><a href='#{_anchor(k, fam)}'>{e(FAMILIES.get(fam, fam))}</a> ({len(entries)})</li>"
-            for fam, entries in _families(section)
+            f"<li><a href='#{_anchor(k, fam)}'>{e(FAMILIES.get(fam, fam))}</a> ({len(items)})</li>"
+            for fam, items in _families(section)
         )
         items.append(f"<li><a href='#{_anchor(k)}'>{e(section.title)}</a><ul>{families}</ul></li>")
     items.append("</ul></nav>")
@@ -210,7 +210,9 @@ def _runs_table(sections: Sequence[Section], out: Path) -> str:
         for run in section.runs:
             info, final = run.info, run.info.get("final") or {}
             reason = info.get("error") or info.get("stop_reason") or ""
-            status = e(run.status) + (f"<br><small>{e(str(reason)[:120])}</small>" if reason else "")
+            status = e(run.status) + (
+                f"<br><small>{e(str(reason)[:120])}</small>" if reason else ""
+            )
             link = e(Path(os.path.relpath(run.path, out)).as_posix())
             rows.append(
                 f"<tr><td>{e(section.title)}</td><td><a href='{link}'>{e(run.path.name)}</a></td>"
@@ -254,7 +256,9 @@ def _section(section: Section, k: int, open_: bool) -> str:
     if not section.entries:
         parts.append("<p>No figures: these runs stored nothing that a figure draws.</p>")
     for fam, entries in _families(section):
-        parts.append(f"<h3 id='{_anchor(k, fam)}'>{e(FAMILIES.get(fam, fam))}</h3><div class='grid'>")
+        parts.append(
+            f"<h3 id='{_anchor(k, fam)}'>{e(FAMILIES.get(fam, fam))}</h3><div class='grid'>"
+        )
         for j, entry in enumerate(entries):
             view = f"v{k}-{fam}-{j}"
             wide = " class='wide'" if fam in ("curves", "compare") else ""

@@ -264,7 +264,10 @@ class OptimDynamics(Probe):
         if not rows:
             return
         if len(rows) > n:
-            rows = [rows[i] for i in sorted({round(i * (len(rows) - 1) / (n - 1 or 1)) for i in range(n)})]
+            rows = [
+                rows[i]
+                for i in sorted({round(i * (len(rows) - 1) / (n - 1 or 1)) for i in range(n)})
+            ]
         steps = torch.tensor([step for step, _ in rows], dtype=torch.float32)
         codes = sign_codes(torch.stack([g for _, g in rows]), self.cfg["zero_threshold"])
         self.ctx.record.matrix(self.name, "sign_steps", "", "", steps)

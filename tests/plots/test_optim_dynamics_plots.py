@@ -69,7 +69,9 @@ def test_stored_sign_map_tells_the_four_codes_apart(tmp_path: Path) -> None:
     codes, steps, epochs, widths = sign_matrix(run.matrices("optim_dynamics"), ["0.weight"])
     assert list(steps) == [0, 1, 2] and list(epochs) == [0, 0, 0] and widths == [12]
     grad = sign[:, None] * x.sum(0)[None, :]
-    want = [0.0 if g == 0 else 2.0 if abs(g) > 1e-5 else float(np.sign(g)) for g in grad.numpy().ravel()]
+    want = [
+        0.0 if g == 0 else 2.0 if abs(g) > 1e-5 else float(np.sign(g)) for g in grad.numpy().ravel()
+    ]
     for row in codes:
         np.testing.assert_array_equal(row, want)
     assert set(want) == {-1.0, 0.0, 1.0, 2.0}

@@ -196,8 +196,12 @@ def test_zero_tail_spans_min_to_max_and_constant_outputs_get_a_range() -> None:
 
     x = torch.tensor([3.0, -1.0, 7.0, float("nan"), 2.0, float("inf")])
     np.testing.assert_allclose(central_edges(x, 4, 0.0).numpy(), np.linspace(-1, 7, 5))
-    np.testing.assert_allclose(central_edges(torch.full((9,), 2.5), 2, 0.001).numpy(), [1.5, 2.5, 3.5])
-    np.testing.assert_allclose(central_edges(torch.full((3,), torch.nan), 2, 0.0).numpy(), [-1, 0, 1])
+    np.testing.assert_allclose(
+        central_edges(torch.full((9,), 2.5), 2, 0.001).numpy(), [1.5, 2.5, 3.5]
+    )
+    np.testing.assert_allclose(
+        central_edges(torch.full((3,), torch.nan), 2, 0.0).numpy(), [-1, 0, 1]
+    )
     # A large tensor: quantiles of an evenly strided subset, close to the whole one's.
     big = torch.randn(50_000, generator=torch.Generator().manual_seed(0))
     edges = central_edges(big, 10, 0.01, sample=10_000).numpy()

@@ -273,7 +273,7 @@ def test_sign_map_keeps_evenly_spaced_steps_of_each_epoch() -> None:
     model = nn.Sequential(nn.Linear(4, 3))
     probe = make_probe(model, sign_samples=4, sign_rows=5)
     steps = []
-    for epoch in range(2):
+    for _epoch in range(2):
         for _ in range(23):
             for p in probe.tensors:
                 p.grad = torch.full_like(p, float(probe.ctx.progress.step))
