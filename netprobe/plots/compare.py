@@ -74,6 +74,11 @@ class ComparisonSpec:
     caption: str
     draw: Callable[[Sweep], Any]
 
+    def describe(self, sweep: Sweep) -> str:
+        """The caption with how many runs stand behind each swept value."""
+        counts = ", ".join(f"{label}: {g.n}" for label, g in zip(sweep.labels, sweep.groups))
+        return f"{self.caption} Runs per {sweep.key}: {counts}."
+
 
 COMPARISONS: dict[str, ComparisonSpec] = {}
 

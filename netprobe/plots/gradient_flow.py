@@ -169,16 +169,14 @@ def gradient_flow_graph(group: RunGroup):
             )
         ax.scatter(xs, ys, s=sizes, c=colors, edgecolors="black", linewidths=0.6, zorder=2)
         for n, x, y in zip(nodes, xs, ys):
-            # Neighbours in depth alternate above and below, so long names do not run together.
-            up = depth[n] % 2 == 0
             ax.annotate(
                 short(n, 22),
                 (x, y),
-                xytext=(0, (1 if up else -1) * (np.sqrt(area_of[n]) / 2 + 2)),
+                xytext=(0, np.sqrt(area_of[n]) / 2 + 2),
                 textcoords="offset points",
-                rotation=25 if up else -25,
+                rotation=25,
                 ha="left",
-                va="bottom" if up else "top",
+                va="bottom",
                 fontsize=6.5,
                 zorder=3,
                 bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 0.5},
@@ -190,10 +188,10 @@ def gradient_flow_graph(group: RunGroup):
                     ax.annotate(
                         f"{v:.2g}",
                         (x, y),
-                        xytext=(-np.sqrt(area_of[n]) / 2 - 2, 0),
+                        xytext=(0, -np.sqrt(area_of[n]) / 2 - 2),
                         textcoords="offset points",
-                        ha="right",
-                        va="center",
+                        ha="center",
+                        va="top",
                         fontsize=6.5,
                         color="0.25",
                     )
@@ -207,7 +205,7 @@ def gradient_flow_graph(group: RunGroup):
         fig.colorbar(
             matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap),
             ax=ax,
-            label="log10 RMS gradient per parameter, ‖∂L/∂W‖₂/√#params (node colour and size)",
+            label="log10 ‖∂L/∂W‖₂ / √#params (node colour, size)",
             shrink=0.8,
         )
         ax.legend(

@@ -70,24 +70,25 @@ nav a{color:#1a4d8f;text-decoration:none}nav a:hover{text-decoration:underline}
 nav ul{list-style:none;margin:2px 0 6px;padding-left:12px}nav>ul{padding-left:0}
 main{margin-left:250px;padding:12px 20px;max-width:1900px}
 h1{font-size:20px;margin:4px 0 10px}h2{font-size:17px;margin:18px 0 6px}
-h3{font-size:15px;margin:14px 0 6px;color:#333}
+h3{font-size:15px;margin:10px 0 5px;color:#333}
 table{border-collapse:collapse;font-size:12.5px;margin:4px 0 10px;background:#fff}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#eef1f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .status-completed{color:#1b7f2a}.status-failed,.status-diverged,.status-crashed{color:#b3261e}
 .status-running,.status-interrupted{color:#a05a00}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:12px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:10px}
 .grid figure.wide{grid-column:span 2}
-figure{margin:0;background:#fff;border:1px solid #ddd;padding:6px}
-figure img{width:100%;height:250px;object-fit:contain;display:block;cursor:zoom-in}
-figure.wide img{height:360px}
-figcaption{font-size:12px;color:#444;margin-top:4px}
+figure{margin:0;background:#fff;border:1px solid #ddd;padding:5px}
+figure img{width:100%;height:190px;object-fit:contain;display:block;cursor:zoom-in}
+figure.wide img{height:300px}
+figcaption{font-size:11.5px;color:#444;margin-top:3px;display:-webkit-box;
+ -webkit-line-clamp:3;-webkit-box-orient:vertical;overflow:hidden}
 figcaption b{color:#222}
 details>summary{cursor:pointer;font-size:17px;font-weight:600;margin:16px 0 6px}
 .view{display:none;position:fixed;inset:0;background:rgba(0,0,0,.85);z-index:10;
  padding:16px;text-align:center}
 .view:target{display:block}
-.view img{max-width:100%;max-height:calc(100vh - 70px);background:#fff}
+.view img{max-width:100%;max-height:calc(100vh - 90px);background:#fff}
 .view p{color:#eee;margin:6px}.view a{color:#9cf}
 #broken{display:none;background:#fde7e7;border:1px solid #b3261e;padding:6px 10px}
 """
@@ -265,11 +266,12 @@ def _section(section: Section, k: int, open_: bool) -> str:
             src = e(entry.path)
             parts.append(
                 f"<figure{wide}><a href='#{view}'><img class='thumb' src='{src}' "
-                f"alt='{e(entry.name)}'></a><figcaption><b>{e(entry.name)}</b>: "
-                f"{e(entry.caption)}</figcaption></figure>"
+                f"alt='{e(entry.name)}'></a><figcaption title='{e(entry.caption)}'>"
+                f"<b>{e(entry.name)}</b>: {e(entry.caption)}</figcaption></figure>"
                 f"<div class='view' id='{view}'><p><a href='#{_anchor(k, fam)}'>close ✕</a> · "
-                f"<a href='{src}'>open the file</a> · {e(entry.name)}</p>"
-                f"<img src='{src}' loading='lazy' alt='{e(entry.name)}'></div>"
+                f"<a href='{src}'>open the file</a> · <b>{e(entry.name)}</b>: "
+                f"{e(entry.caption)}</p><img src='{src}' loading='lazy' alt='{e(entry.name)}'>"
+                "</div>"
             )
         parts.append("</div>")
     parts.append("</details>")

@@ -345,7 +345,7 @@ STAT_PANELS = [
 
 @figure(
     "weights_stats",
-    "Per-tensor weight std, skew and relative distance from initialization over training .",
+    "Per-tensor weight std, skew and relative distance from initialization over training.",
 )
 def weights_stats(group: RunGroup):
     df = group.scalars(PROBE)
