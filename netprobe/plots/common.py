@@ -168,7 +168,7 @@ def step_axis(ax: Axes, label: str = "optimizer step") -> None:
 def compact_ticks(ax: Axes, axis: str = "both") -> None:
     """Tick labels that carry their own magnitude (`2e-05`, `0.03`, `1.2e+04`): no offset or
     ×10ⁿ text in a corner, where it collides with neighbouring panels."""
-    fmt = FuncFormatter(lambda v, _pos: f"{v:.3g}")
+    fmt = FuncFormatter(lambda v, _pos: f"{v:.3g}".replace("e+0", "e").replace("e-0", "e-"))
     for name in ("x", "y") if axis == "both" else (axis,):
         target = ax.xaxis if name == "x" else ax.yaxis
         if target.get_scale() == "linear":

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.patches import Patch
 
 from netprobe.plots.common import (
     RunGroup,
@@ -22,6 +23,7 @@ from netprobe.plots.common import (
     step_axis,
 )
 from netprobe.plots.curves import PANELS
+from netprobe.plots.weights import FIRST, LAST, draw_first_last
 
 MAX_ROWS = 8  # layers shown in the distribution grids; evenly spread over the network
 
@@ -151,7 +153,7 @@ def compare_curves(sweep: Sweep):
             ax.set_ylim(0, 1.02)
         if not log:
             compact_ticks(ax, "y")
-        ax.grid(alpha=0.3, which="both" if log else "major")
+        ax.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if not handles:
         handles, labels = axes[1, 1].get_legend_handles_labels()
@@ -231,6 +233,7 @@ def _before_after(
         picks = np.unique(np.linspace(0, len(layers) - 1, MAX_ROWS).round().astype(int))
         layers = [layers[i] for i in picks]
     ncols = len(sweep.groups)
+    steps: dict[int, tuple[int, int]] = {}
     # Wide enough for the title even with two or three columns.
     fig, axes = new_figure(len(layers), ncols, size=(max(2.6, 8.0 / ncols), 1.9))
     for col, (df, label) in enumerate(zip(hists, sweep.labels)):
@@ -244,35 +247,21 @@ def _before_after(
                 ax.set_xticks([]), ax.set_yticks([])
             else:
                 first, last = part["step"].min(), part["step"].max()
-                for step, name, color in ((first, "before", "tab:blue"),
-                                          (last, "after", "tab:orange")):  # fmt: skip
-                    row_ = part[part["step"] == step].iloc[0]
-                    _stairs(ax, row_, color, f"{name} (step {step})")
-                ax.tick_params(labelsize=7)
-                compact_ticks(ax)
-                if row == 0 and col == 0:
-                    ax.legend(fontsize=7, loc="upper right")
+                rows = [part[part["step"] == step].iloc[0] for step in (first, last)]
+                draw_first_last(ax, *rows)
+                steps[col] = (int(first), int(last))
             if col == 0:
                 ax.set_ylabel(short(layer, 22), fontsize=8)
         axes[-1, col].set_xlabel(unit, fontsize=8)
+    first, last = next(iter(steps.values()), (0, 0))
+    handles = [
+        Patch(facecolor=FIRST, alpha=0.5, label=f"before training (step {first})"),
+        Patch(facecolor="none", edgecolor=LAST, lw=1.4, label=f"after (step {last})"),
+        Patch(facecolor="none", edgecolor="0.3", hatch="///", label="outside the bins"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8)
     fig.suptitle(f"{what} before and after training, per {sweep.key}\n{sweep.title}, first seed")
     return fig
-
-
-def _stairs(ax: Any, row: pd.Series, color: str, label: str) -> None:
-    """One stored histogram as a density (the fraction outside its range said in the legend)."""
-    edges = np.asarray(row["edges"], dtype=float)
-    counts = np.asarray(row["counts"], dtype=float)
-    total = counts.sum() + row["below"] + row["above"]
-    widths = np.diff(edges)
-    if total <= 0 or len(edges) < 2:
-        return
-    density = counts / total / np.where(widths > 0, widths, 1)
-    outside = (row["below"] + row["above"]) / total
-    if outside >= 0.005:
-        label = f"{label}, {outside:.0%} outside"
-    ax.stairs(density, edges, color=color, fill=True, alpha=0.35, label=label)
-    ax.stairs(density, edges, color=color, lw=1)
 
 
 @comparison(

@@ -205,10 +205,14 @@ def _runs_table(sections: Sequence[Section], out: Path) -> str:
         "<th>duration</th><th>probe overhead</th><th>probes</th></tr>"
     )
     rows = [head]
+    paths = [r.path.resolve() for s in sections for r in s.runs]
+    # Runs named by their path below the folder that holds them all (`sweep/3`, not `3`).
+    base = Path(os.path.commonpath(paths)).parent if paths else Path()
     for section in sections:
         if section.folder == "compare":
             continue
         for run in section.runs:
+            name = Path(os.path.relpath(run.path.resolve(), base)).as_posix()
             info, final = run.info, run.info.get("final") or {}
             reason = info.get("error") or info.get("stop_reason") or ""
             status = e(run.status) + (
@@ -216,7 +220,7 @@ def _runs_table(sections: Sequence[Section], out: Path) -> str:
             )
             link = e(Path(os.path.relpath(run.path, out)).as_posix())
             rows.append(
-                f"<tr><td>{e(section.title)}</td><td><a href='{link}'>{e(run.path.name)}</a></td>"
+                f"<tr><td>{e(section.title)}</td><td><a href='{link}'>{e(name)}</a></td>"
                 f"<td class='status-{e(run.status)}'>{status}</td>"
                 f"<td class='num'>{_fmt(info.get('seed'))}</td>"
                 f"<td class='num'>{_fmt(info.get('epochs_done'))}</td>"
@@ -238,7 +242,7 @@ def _groups_table(groups: Sequence[Section]) -> str:
     rows = ["<table><tr><th>group (folder)</th><th>differing config keys</th><th>runs</th></tr>"]
     for section in groups:
         keys = ", ".join(f"{k}={v}" for k, v in section.differing.items()) or "—"
-        runs = ", ".join(r.path.name for r in section.runs)
+        runs = ", ".join(f"{r.path.parent.name}/{r.path.name}" for r in section.runs)
         rows.append(
             f"<tr><td>{e(section.folder or '.')}</td><td>{e(keys)}</td><td>{e(runs)}</td></tr>"
         )

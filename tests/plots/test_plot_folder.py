@@ -89,7 +89,7 @@ def test_any_folder_plots_with_readable_group_names(folder: Path, tmp_path: Path
     # The page lists every run (no "… and N more") with its status and the group mapping.
     page = (out / "index.html").read_text()
     for path in run_dirs(folder):
-        assert f">{path.name}</a>" in page
+        assert f"{path.parent.name}/{path.name}</a>" in page
     assert "more</p>" not in page and "status-crashed" in page
     assert (out / "compare" / "compare_curves.png").exists()
 
