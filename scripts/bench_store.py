@@ -148,6 +148,7 @@ def plot_seconds(sweep: Path, out: Path, jobs: int | None = None) -> float:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     more = ["--jobs", str(jobs)] if jobs else []
     t0 = time.perf_counter()
+    cpu0 = _children_cpu()
     done = subprocess.run(
         [sys.executable, "-m", "netprobe", "plot", str(sweep), "--out", str(out), *more],
         env=env,
@@ -157,7 +158,18 @@ def plot_seconds(sweep: Path, out: Path, jobs: int | None = None) -> float:
     took = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"netprobe plot failed:\n{done.stderr}")
+    # CPU time of the plot and its workers: on a machine shared with other work, CPU seconds
+    # over the cores used bound what the wall time would be on idle cores.
+    cpu, load = _children_cpu() - cpu0, os.getloadavg()[0]
+    print(f"    ({took:.1f} s wall, {cpu:.1f} s CPU, load average {load:.1f})")
     return took
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,8 +154,7 @@ def plot(
                 0, Section(f"Comparison: {target.title}", "compare", runs_, {}, entries)
             )
     out.mkdir(parents=True, exist_ok=True)
-    keep = {job.key for job in job_list}
-    _write_json(out / MANIFEST, {k: v for k, v in manifest.items() if k in keep})
+    _write_json(out / MANIFEST, manifest)  # other figures' records stay for a later full plot
     _write_json(out / GROUPS_FILE, mapping(groups))
     index = out / "index.html"
     index.write_text(page(sections, out, extra))

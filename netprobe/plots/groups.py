@@ -36,8 +36,11 @@ def differing(configs: list[dict[str, Any]]) -> list[str]:
     chosen = {k.removesuffix(".name") for k in keys if k.endswith(".name")}
     keys = [k for k in keys if k.endswith(".name") or k.split(".")[0] not in chosen]
     sections = {k.split(".")[0] for c in configs for k in set(c) - common if k.count(".") >= 2}
-    keys += sorted(s for s in sections if len({members(c, s) for c in configs}) > 1)
-    return keys
+    keys += [s for s in sections if len({members(c, s) for c in configs}) > 1]
+    # What a person names first: model, data, init, optimizer; then the rest in order.
+    first = ["model", "data", "init", "optim"]
+    top = lambda k: first.index(k.split(".")[0]) if k.split(".")[0] in first else len(first)  # noqa: E731
+    return sorted(keys, key=lambda k: (top(k), k))
 
 
 def members(config: dict[str, Any], section: str) -> str:
@@ -96,9 +99,19 @@ def _config(run: Run) -> dict[str, Any]:
     return {f"{k}.name": run.info[k] for k in ("model", "data", "init") if k in run.info}
 
 
-def _short_value(value: Any) -> str:
+def _short_value(value: Any, width: int = 24) -> str:
+    """A value short enough for a folder name: a long `a+b+c` list keeps its first names and
+    counts the rest (`activations+augmentation+7more`), anything else is cut."""
     text = str(value)
-    return text if len(text) <= 24 else text[:21] + "…"
+    if len(text) <= width:
+        return text
+    items = text.split("+")
+    if len(items) > 1:
+        kept = []
+        while items and len("+".join([*kept, items[0]])) <= width - 7:
+            kept.append(items.pop(0))
+        return "+".join(kept) + f"+{len(items)}more"
+    return text[: width - 1] + "…"
 
 
 def _unique_labels(groups: list[RunGroup], identities: list[str]) -> None:
