@@ -15,7 +15,7 @@ from netprobe.errors import ConfigError
 from netprobe.monitor import Recorder
 from netprobe.probes import PROBES
 from netprobe.probes.base import ProbeContext, Progress
-from netprobe.probes.optim_dynamics import FIRST_METRICS, METRICS, OptimDynamics
+from netprobe.probes.optim_dynamics import FIRST_METRICS, METRICS, OptimDynamics, sign_codes
 from netprobe.structure import layer_table
 
 ZERO, TINY = 1e-5, 1e-7
@@ -267,6 +267,13 @@ def test_sign_map_codes_of_the_sampled_entries() -> None:
     assert not np.array_equal(make_probe(model, seed=4, sign_samples=16).sign_index, index)
     small = make_probe(model, seed=3, sign_samples=64)
     assert small.sign_sizes == [64, 30]
+
+
+def test_sign_codes_at_the_threshold() -> None:
+    """Small means |g| ≤ threshold, the threshold itself included; non-finite gradients are NaN."""
+    t = 2.0**-16  # exact in float32 and float64
+    g = torch.tensor([t, -t, 2 * t, -2 * t, 0.0, -0.0, float("nan"), float("inf")])
+    np.testing.assert_array_equal(sign_codes(g, t).numpy(), [1, -1, 2, 2, 0, 0, np.nan, np.nan])
 
 
 def test_sign_map_keeps_evenly_spaced_steps_of_each_epoch() -> None:
