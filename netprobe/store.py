@@ -445,7 +445,7 @@ class Run:
         if not isinstance(info, dict):
             raise ValueError(f"{self.path / RUN_FILE} holds {type(info).__name__}, not an object")
         self.info: dict[str, Any] = info
-        self._cache: dict[str, tuple[tuple, pa.Table]] = {}
+        self._cache: dict[str, tuple[tuple, Any]] = {}
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.status!r})"
@@ -459,12 +459,16 @@ class Run:
 
     @property
     def config(self) -> dict[str, Any] | None:
-        path = self.path / ".hydra" / "config.yaml"
-        if not path.exists():
-            return None
-        from omegaconf import OmegaConf
+        """The composed config (`.hydra/config.yaml`), parsed once; None without one."""
+        if "config" not in self._cache:
+            path = self.path / ".hydra" / "config.yaml"
+            config = None
+            if path.exists():
+                from omegaconf import OmegaConf
 
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+                config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            self._cache["config"] = ((), config)
+        return self._cache["config"][1]
 
     def scalars(
         self, probe: str | None = None, metric: str | None = None, layer: str | None = None
@@ -480,10 +484,43 @@ class Run:
         return self._read("matrices", probe=probe, name=name)
 
     def layers(self) -> pd.DataFrame:
-        return _read_file(self.path / "layers.parquet", "layers")
+        return self._file("layers")
 
     def graph(self) -> pd.DataFrame:
-        return _read_file(self.path / "graph.parquet", "graph")
+        return self._file("graph")
+
+    def _file(self, table: str) -> pd.DataFrame:
+        """A single-file table, read once while the file stays the same."""
+        path = self.path / f"{table}.parquet"
+        key = (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else ()
+        cached = self._cache.get(table)
+        if cached is None or cached[0] != key:
+            cached = self._cache[table] = (key, _read_file(path, table))
+        return cached[1].copy()
+
+    def preload(self) -> None:
+        """Read every table now (once), so that later queries, in this process or in processes
+        forked from it, cost no disk reads."""
+        for table in TABLES:
+            self._table(table)
+        self._file("layers")
+        self._file("graph")
+        _ = self.config
+
+    def inputs(self) -> list[tuple[str, int, int]]:
+        """(path within the run, size, mtime_ns) of every file the stored data consist of: what a
+        figure drawn from this run depends on."""
+        files = [self.path / RUN_FILE, self.path / ".hydra" / "config.yaml"]
+        files += [self.path / f"{t}.parquet" for t in ("layers", "graph")]
+        files += [p for t in TABLES for p in sorted((self.path / t).glob("part-*.parquet"))]
+        out = []
+        for f in files:
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            out.append((f.relative_to(self.path).as_posix(), st.st_size, st.st_mtime_ns))
+        return out
 
     def _read(self, table: str, **equal: str | None) -> pd.DataFrame:
         data = self._table(table)

@@ -65,9 +65,9 @@ TRAIN_CASES = {
         ["probes=[weights]", "probes.weights.bins=0"],
         ["probes.weights.bins=0", "positive integer"],
     ),
-    "range_factor": (
-        ["probes=[activations]", "probes.activations.range_factor=-1"],
-        ["probes.activations.range_factor=-1", "> 0"],
+    "activations tail": (
+        ["probes=[activations]", "probes.activations.tail=0.2"],
+        ["probes.activations.tail=0.2", "[0, 0.005)"],
     ),
     "rwc mode": (["probes=[rwc]", "probes.rwc.mode=nope"], ["'nope'", "elementwise"]),
     # out of the domain of what takes them
