@@ -56,7 +56,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("row", _dict_str),
             ("col", _dict_str),
             ("shape", pa.list_(pa.int32())),
-            ("values", pa.list_(pa.float32())),
+            ("values", pa.list_(pa.float64())),
         ]
     ),
     "layers": pa.schema(
@@ -388,14 +388,15 @@ def _read_parts(parts: list[Path], table: str) -> pa.Table:
     if not parts:
         return SCHEMAS[table].empty_table()
     try:
-        # One multi-threaded scan of every part: twice as fast as a read per file.
-        return pq.read_table([str(p) for p in parts])
+        # One multi-threaded scan of every part: twice as fast as a read per file. The schema
+        # reads older parts as today's (whose matrices held list<float32> values).
+        return pq.read_table([str(p) for p in parts], schema=SCHEMAS[table])
     except (pa.ArrowException, OSError, ValueError):
         pass  # some part is damaged or differs: read them one by one, skipping the bad ones
     tables = []
     for part in parts:
         try:
-            tables.append(pq.read_table(part))
+            tables.append(pq.read_table(part, schema=SCHEMAS[table]))
         except (pa.ArrowException, OSError, ValueError) as exc:
             warnings.warn(f"skipping unreadable part file {part}: {_short(exc)}", stacklevel=4)
     if not tables:
