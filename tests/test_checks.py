@@ -75,10 +75,19 @@ TRAIN_CASES = {
     ),
     # probe settings only the model can judge
     "capture over budget": (
-        ["model=cnn", "probes=[correlation]", "probes.correlation.conv=flatten",
-         "probes.correlation.max_features=100000", "probes.memory_budget=20MB"],
-        ["probes.correlation needs about", "MB per capture", "probes.memory_budget (20MB",
-         "lower probes.correlation.max_features"],
+        [
+            "model=cnn",
+            "probes=[correlation]",
+            "probes.correlation.conv=flatten",
+            "probes.correlation.max_features=100000",
+            "probes.memory_budget=20MB",
+        ],
+        [
+            "probes.correlation needs about",
+            "MB per capture",
+            "probes.memory_budget (20MB",
+            "lower probes.correlation.max_features",
+        ],
     ),  # fmt: skip
     "layers": (
         ["model=cnn", "probes.gradients.layers=[nope\\..*]"],
