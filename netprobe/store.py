@@ -358,6 +358,30 @@ class Run:
     def matrices(self, probe: str | None = None, name: str | None = None) -> pd.DataFrame:
         return self._read("matrices", probe=probe, name=name)
 
+    def matrix(
+        self,
+        name: str,
+        epoch: int | None = None,
+        step: int | None = None,
+        *,
+        probe: str | None = None,
+        row: str | None = None,
+        col: str | None = None,
+    ) -> pd.DataFrame:
+        """One capture of matrix `name` as a labelled 2-D DataFrame (`netprobe.matrices`): at
+        `step`, else the last capture of `epoch`, else the last capture; `row`/`col` pick a pair."""
+        from netprobe.matrices import labelled, pick_capture
+
+        df = self.matrices(probe=probe, name=name)
+        for column, value in (("row", row), ("col", col)):
+            if value is not None:
+                df = df[df[column] == value]
+        if df.empty:
+            names = ", ".join(sorted(set(self.matrices(probe=probe)["name"]))) or "none"
+            raise KeyError(f"no matrix {name!r} (row={row!r}, col={col!r}) stored; names: {names}")
+        order = list(dict.fromkeys(self.layers()["module"]))
+        return labelled(pick_capture(df, epoch, step), name, order)
+
     def layers(self) -> pd.DataFrame:
         return _read_file(self.path / "layers.parquet", "layers")
 
