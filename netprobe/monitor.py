@@ -485,5 +485,9 @@ def attach(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     **kwargs: Any,
 ) -> Monitor:
-    """Attach probes to `model` and start a run in `out_dir`; use as a context manager."""
+    """Attach probes to `model` and start a run in `out_dir`; use as a context manager.
+
+    The defaults are `netprobe train`'s: the `gradients` probe on every conv and linear weight,
+    a part file every 200 steps (`flush_every`), `memory_budget="auto"`; the learning rate is
+    recorded each step when `optimizer=` is given (its first parameter group's)."""
     return Monitor(model, out_dir, probes, probe_batch, loss_fn, **kwargs)
