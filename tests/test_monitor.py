@@ -89,13 +89,14 @@ def test_attach_and_train_share_their_defaults():
     import inspect
 
     from netprobe.config import compose
+    from netprobe.probes.memory import split_budget
 
     cfg = compose([])
     params = inspect.signature(netprobe.Monitor).parameters
     assert params["flush_every"].default == cfg.trainer.flush_every
     assert params["on_nonfinite"].default == cfg.trainer.on_nonfinite
     assert params["memory_budget"].default == cfg.probes.memory_budget
-    assert list(params["probes"].default) == [k for k in cfg.probes if k != "memory_budget"]
+    assert list(params["probes"].default) == list(split_budget(cfg.probes)[0])
 
 
 def test_the_learning_rate_follows_the_optimizer_each_step(tmp_path):
