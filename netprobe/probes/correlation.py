@@ -10,12 +10,12 @@ Recorded, for modules i ≤ j in forward order: `corr_mean` (one value per pair)
 float64 value per pair: `cka` with the biased HSIC estimator, `cka_unbiased` with the debiased
 one, as `cka: biased|unbiased|both` says) and, at the captures in `save_full_at`, the full
 Pearson matrix `C` (d_i × d_j, row = i, col = j). `save_full_at: [end]` means the last capture:
-the one after the final epoch. Pearson and Gram matrices are built in blocks of `BLOCK` features.
+the one after the final epoch. C_ij and the Gram matrices are built from blocks of `BLOCK`
+features, so no capture holds a whole C_ij in float64.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from math import prod
 from typing import Any
 
@@ -58,35 +58,27 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return standardize(a).T @ standardize(b) / a.shape[0]
 
 
-def pearson_blocks(
-    a: torch.Tensor, b: torch.Tensor, block: int = BLOCK
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """`pearson(a, b)` block by block: (first row, first column, C block of at most
-    block × block), each column standardized in float64 only while its block is made."""
-    for r in range(0, a.shape[1], block):
-        za = standardize(a[:, r : r + block])
-        for c in range(0, b.shape[1], block):
-            yield r, c, za.T @ standardize(b[:, c : c + block]) / a.shape[0]
-
-
 def correlate(
-    a: torch.Tensor, b: torch.Tensor, same_layer: bool, keep: bool = False, block: int = BLOCK
+    za: torch.Tensor, zb: torch.Tensor, same_layer: bool, keep: bool = False, block: int = BLOCK
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`corr_mean` = mean(max(C_ij, 0)) of C = pearson(a, b), and C itself in float32 when `keep`.
+    """`corr_mean` = mean(max(C_ij, 0)) of C = za zbᵀ/B for z-scores za [B, d_a], zb [B, d_b]
+    (`standardize`), and C itself in float32 when `keep`; C is made block × block at a time.
 
     Within a layer (i = j) the diagonal, each feature with itself (trivially 1), is left out: the
-    mean runs over the d(d−1) distinct pairs (0 if d = 1). Computed in blocks (`pearson_blocks`).
+    mean runs over the d(d−1) distinct pairs (0 if d = 1).
     """
-    d_a, d_b = a.shape[1], b.shape[1]
-    total = torch.zeros((), dtype=torch.float64, device=a.device)
-    full = torch.empty(d_a, d_b, dtype=torch.float32, device=a.device) if keep else None
-    for r, c, part in pearson_blocks(a, b, block):
-        positive = part.clamp(min=0)
-        total += positive.sum()
-        if same_layer and r == c:
-            total -= positive.diagonal().sum()
-        if full is not None:
-            full[r : r + part.shape[0], c : c + part.shape[1]] = part
+    (n, d_a), d_b = za.shape, zb.shape[1]
+    total = torch.zeros((), dtype=torch.float64, device=za.device)
+    full = torch.empty(d_a, d_b, dtype=torch.float32, device=za.device) if keep else None
+    for r in range(0, d_a, block):
+        for c in range(0, d_b, block):
+            part = za[:, r : r + block].T @ zb[:, c : c + block] / n
+            positive = part.clamp(min=0)
+            total += positive.sum()
+            if same_layer and r == c:
+                total -= positive.diagonal().sum()
+            if full is not None:
+                full[r : r + part.shape[0], c : c + part.shape[1]] = part
     count = d_a * (d_a - 1) if same_layer else d_a * d_b
     return total / max(count, 1), full
 
@@ -191,10 +183,10 @@ class Correlation(Probe):
         self._full_saved_at: int | None = None
 
     def memory_estimate(self) -> tuple[int, str]:
-        """Features [B, d_i] (float32) of every layer, one Pearson block and its z-scores, the L
-        Gram matrices (B × B, float64, twice for the unbiased estimator) and, at captures in
-        `save_full_at`, every C_ij (float32) while it waits for the flush and is copied to the
-        host there (24 bytes a value in all)."""
+        """Features [B, d_i] of every layer (float32) and their z-scores (float64), one block of
+        C_ij and its clamp, the L Gram matrices (B × B, float64, twice for the unbiased
+        estimator) and, at captures in `save_full_at`, every C_ij (float32) while it waits for
+        the flush and is copied to the host there (24 bytes a value in all)."""
         if self.ctx.probe_batch is None or not self.modules:
             return 0, ""
         b, k = len(self.ctx.probe_batch[0]), self.cfg["max_features"]
@@ -202,7 +194,7 @@ class Correlation(Probe):
         dims = [min(feature_count(shapes[n], self.cfg["conv"]), k) for n, _ in self.modules]
         side = min(max(dims), BLOCK)
         parts = {
-            f"probes.{self.name}.max_features": 4 * b * sum(dims) + 16 * side * (b + side),
+            f"probes.{self.name}.max_features": 12 * b * sum(dims) + 16 * side * side,
             "data.probe_size": 8 * b * b * (len(dims) * (1 + len(self.estimators)) + 1)
             + 8 * b * side,
         }
@@ -276,9 +268,10 @@ class Correlation(Probe):
             return
         record = self.ctx.record
         pairs = [(i, j) for i in range(len(names)) for j in range(i, len(names))]
+        z = [standardize(f) for f in feats]
         means = []
         for i, j in pairs:
-            mean, c = correlate(feats[i], feats[j], same_layer=i == j, keep=full, block=BLOCK)
+            mean, c = correlate(z[i], z[j], same_layer=i == j, keep=full, block=BLOCK)
             means.append(mean)
             if c is not None:
                 record.matrix(self.name, "C", names[i], names[j], c)

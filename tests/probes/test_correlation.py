@@ -18,6 +18,7 @@ from netprobe.probes.correlation import (
     gram_matrices,
     linear_cka,
     pearson,
+    standardize,
 )
 from netprobe.structure import layer_table
 
@@ -114,7 +115,8 @@ def test_corr_mean_matches_a_loop() -> None:
         c = np.corrcoef(x, y, rowvar=False)[: x.shape[1], x.shape[1] :]
         pairs = [(i, j) for i in range(c.shape[0]) for j in range(c.shape[1]) if not same or i != j]
         want = sum(max(c[i, j], 0.0) for i, j in pairs) / len(pairs)
-        got, full = correlate(torch.from_numpy(x), torch.from_numpy(y), same_layer=same)
+        z = [standardize(torch.from_numpy(v)) for v in (x, y)]
+        got, full = correlate(*z, same_layer=same)
         assert full is None
         assert float(got) == pytest.approx(want, rel=1e-12)
 
@@ -126,8 +128,9 @@ def test_blocks_give_the_unchunked_values() -> None:
     b = torch.from_numpy(rng.normal(size=(25, 7))).float()
     b[:, 2] = 0.5  # a constant feature inside a block
     for x, y, same in ((a, b, False), (a, a, True)):
-        mean, full = correlate(x, y, same_layer=same, keep=True, block=3)
-        mean_one, full_one = correlate(x, y, same_layer=same, keep=True, block=1000)
+        z = standardize(x), standardize(y)
+        mean, full = correlate(*z, same_layer=same, keep=True, block=3)
+        mean_one, full_one = correlate(*z, same_layer=same, keep=True, block=1000)
         assert float(mean) == pytest.approx(float(mean_one), rel=1e-12)
         assert full.dtype == torch.float32
         torch.testing.assert_close(full, full_one, rtol=1e-6, atol=1e-7)
