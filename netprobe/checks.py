@@ -21,14 +21,17 @@ _checked_probes: set[str] = set()
 def check_probes(cfg: DictConfig) -> None:
     """Build the model and its probes once, on the CPU with a blank batch of the data's shape, so a
     bad probe setting (a `layers` pattern matching nothing, an unknown key, a negative threshold)
-    fails before any run directory exists. Configs already checked are skipped."""
+    or a capture larger than `probes.memory_budget` fails before any run directory exists.
+    Configs already checked are skipped."""
     from netprobe.models import build_model
     from netprobe.monitor import build_probes, probe_context
+    from netprobe.probes.memory import check_budget, parse_budget, split_budget
 
-    probes = OmegaConf.to_container(cfg.probes, resolve=True) or {}
+    probes, budget = split_budget(OmegaConf.to_container(cfg.probes, resolve=True))
+    parse_budget(budget)  # a bad value fails even where no probe needs memory
     data = cfg.data
-    key = repr((OmegaConf.to_container(cfg.model, resolve=True), probes,
-                data.channels, data.image_size, data.num_classes))  # fmt: skip
+    key = repr((OmegaConf.to_container(cfg.model, resolve=True), probes, budget,
+                data.channels, data.image_size, data.num_classes, data.probe_size))  # fmt: skip
     if key in _checked_probes or not probes:
         return
     # As many samples as the run's probe batches (settings may index into them), as a view of
@@ -49,8 +52,13 @@ def check_probes(cfg: DictConfig) -> None:
             f"model={cfg.model.name} fails on a batch of shape {list(x.shape)} "
             f"(data.channels, data.image_size): {_line(exc)}"
         ) from None
-    for probe in build_probes(ctx, probes):
-        probe.close()
+    built = build_probes(ctx, probes)
+    try:
+        # On the host: the training device's own free memory is checked again when the run starts.
+        check_budget(built, budget)
+    finally:
+        for probe in built:
+            probe.close()
     _checked_probes.add(key)
 
 

@@ -21,6 +21,7 @@ from netprobe.errors import ConfigError
 from netprobe.lifecycle import ending, signals_held
 from netprobe.probes import PROBES, Probe, ProbeContext, Progress
 from netprobe.probes.gradients import stat_dtype
+from netprobe.probes.memory import AUTO, check_budget
 from netprobe.store import RunWriter, rows_table, scalar_table
 from netprobe.structure import layer_table, module_graph
 
@@ -106,7 +107,8 @@ class Recorder:
             ]
             tables["histograms"] = rows_table("histograms", rows)
         if self._matrices:
-            values = _to_host([m[6] for m in self._matrices], torch.float32)
+            # float64 on disk: CKA needs it, and float32 matrices (C) are stored exactly.
+            values = _to_host([m[6] for m in self._matrices], torch.float64)
             rows = [
                 {
                     "step": step,
@@ -222,9 +224,10 @@ class Monitor:
         optimizer: torch.optim.Optimizer | None = None,
         info: Mapping[str, Any] | None = None,
         seed: int = 0,
-        flush_every: int = 100,
+        flush_every: int = 200,
         on_nonfinite: str = "stop",
         resume: Mapping[str, Any] | None = None,
+        memory_budget: int | str = AUTO,
     ) -> None:
         if on_nonfinite not in ON_NONFINITE:
             raise ConfigError(
@@ -254,6 +257,7 @@ class Monitor:
         self.best_val_acc: float | None = None
         self.closed = False
         try:
+            check_budget(self.probes, memory_budget, self._device)
             if resume is not None:
                 self.load_state_dict(resume)
             self.writer = self._writer(out_dir, info, seed, resume is not None)
@@ -500,5 +504,9 @@ def attach(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     **kwargs: Any,
 ) -> Monitor:
-    """Attach probes to `model` and start a run in `out_dir`; use as a context manager."""
+    """Attach probes to `model` and start a run in `out_dir`; use as a context manager.
+
+    The defaults are `netprobe train`'s: the `gradients` probe on every conv and linear weight,
+    a part file every 200 steps (`flush_every`), `memory_budget="auto"`; the learning rate is
+    recorded each step when `optimizer=` is given (its first parameter group's)."""
     return Monitor(model, out_dir, probes, probe_batch, loss_fn, **kwargs)

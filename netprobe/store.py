@@ -60,7 +60,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("row", _dict_str),
             ("col", _dict_str),
             ("shape", pa.list_(pa.int32())),
-            ("values", pa.list_(pa.float32())),
+            ("values", pa.list_(pa.float64())),
         ]
     ),
     "layers": pa.schema(
@@ -483,6 +483,30 @@ class Run:
     def matrices(self, probe: str | None = None, name: str | None = None) -> pd.DataFrame:
         return self._read("matrices", probe=probe, name=name)
 
+    def matrix(
+        self,
+        name: str,
+        epoch: int | None = None,
+        step: int | None = None,
+        *,
+        probe: str | None = None,
+        row: str | None = None,
+        col: str | None = None,
+    ) -> pd.DataFrame:
+        """One capture of matrix `name` as a labelled 2-D DataFrame (`netprobe.matrices`): at
+        `step`, else the last capture of `epoch`, else the last capture; `row`/`col` pick a pair."""
+        from netprobe.matrices import labelled, pick_capture
+
+        df = self.matrices(probe=probe, name=name)
+        for column, value in (("row", row), ("col", col)):
+            if value is not None:
+                df = df[df[column] == value]
+        if df.empty:
+            names = ", ".join(sorted(set(self.matrices(probe=probe)["name"]))) or "none"
+            raise KeyError(f"no matrix {name!r} (row={row!r}, col={col!r}) stored; names: {names}")
+        order = list(dict.fromkeys(self.layers()["module"]))
+        return labelled(pick_capture(df, epoch, step), name, order)
+
     def layers(self) -> pd.DataFrame:
         return self._file("layers")
 
@@ -546,14 +570,15 @@ def _read_parts(parts: list[Path], table: str) -> pa.Table:
     if not parts:
         return SCHEMAS[table].empty_table()
     try:
-        # One multi-threaded scan of every part: twice as fast as a read per file.
-        return pq.read_table([str(p) for p in parts])
+        # One multi-threaded scan of every part: twice as fast as a read per file. The schema
+        # reads older parts as today's (whose matrices held list<float32> values).
+        return pq.read_table([str(p) for p in parts], schema=SCHEMAS[table])
     except (pa.ArrowException, OSError, ValueError):
         pass  # some part is damaged or differs: read them one by one, skipping the bad ones
     tables = []
     for part in parts:
         try:
-            tables.append(pq.read_table(part))
+            tables.append(pq.read_table(part, schema=SCHEMAS[table]))
         except (pa.ArrowException, OSError, ValueError) as exc:
             warnings.warn(f"skipping unreadable part file {part}: {_short(exc)}", stacklevel=4)
     if not tables:

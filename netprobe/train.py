@@ -28,6 +28,7 @@ from netprobe.errors import ConfigError, StorageError
 from netprobe.init import initialize
 from netprobe.lifecycle import StopSignals
 from netprobe.models import build_model
+from netprobe.probes.memory import split_budget
 from netprobe.progress import TrainProgress
 from netprobe.store import atomic_write
 
@@ -195,7 +196,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         "optim": cfg.optim.name,
         "epochs": t.epochs,
     }
-    probes = OmegaConf.to_container(cfg.probes, resolve=True) or {}
+    probes, budget = split_budget(OmegaConf.to_container(cfg.probes, resolve=True))
     total_steps = t.epochs * len(train_batches)
     if place.is_main:
         mon = netprobe.attach(
@@ -209,6 +210,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             info={**info, "world_size": place.world_size},
             seed=cfg.seed,
             flush_every=t.flush_every,
+            memory_budget=budget,
             on_nonfinite=t.get("on_nonfinite", "stop"),
             resume=state["monitor"] if state else None,
         )

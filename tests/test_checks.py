@@ -90,7 +90,26 @@ TRAIN_CASES = {
         ["data.num_samples=100000000000"],
         ["data.num_samples=100000000000", "GiB", "memory"],
     ),
+    "memory budget": (
+        ["probes.memory_budget=lots"],
+        ["probes.memory_budget='lots'", "auto", "512MB"],
+    ),
     # probe settings only the model can judge
+    "capture over budget": (
+        [
+            "model=cnn",
+            "probes=[correlation]",
+            "probes.correlation.conv=flatten",
+            "probes.correlation.max_features=100000",
+            "probes.memory_budget=20MB",
+        ],
+        [
+            "probes.correlation needs about",
+            "MB per capture",
+            "probes.memory_budget (20MB",
+            "lower probes.correlation.max_features",
+        ],
+    ),  # fmt: skip
     "layers": (
         ["model=cnn", "probes.gradients.layers=[nope\\..*]"],
         ["probes.gradients.layers", "'nope\\\\..*'", "matches nothing", "features.0.weight"],
