@@ -13,7 +13,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from netprobe.errors import ConfigError
+from netprobe.errors import ConfigError, StorageError
 
 EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 1, "interrupted": 130, "refused": 2}
 # Hydra's flags that print something and run no job; and those that print the config instead.
@@ -73,6 +73,11 @@ def run_job(cfg: DictConfig) -> str:
     except KeyboardInterrupt:
         status = "interrupted"
         raise
+    except StorageError as exc:
+        # A full disk or a folder gone read-only: the run is failed, in one line, no traceback.
+        if not here:
+            raise JobFailed(1, f"run {run_dir} failed: {exc}") from None
+        print(f"netprobe: run {run_dir} failed: {exc}", file=sys.stderr)
     except Exception as exc:
         echo(traceback.format_exc().rstrip(), run_dir, show=False)  # printed on its way out
         if here:

@@ -19,7 +19,7 @@ import yaml
 
 from netprobe.errors import ConfigError
 from netprobe.lifecycle import effective_status
-from netprobe.store import RUN_FILE, find_runs, read_info
+from netprobe.store import RUN_FILE, find_runs, manifest
 
 STATUS_STYLE = {
     "completed": "green",
@@ -43,7 +43,7 @@ class Row:
     def __init__(self, path: Path, sweep: Path | None = None, swept: str = "") -> None:
         self.path, self.sweep, self.swept = path, sweep, swept
         try:
-            self.info: dict[str, Any] = read_info(path)
+            self.info: dict[str, Any] = manifest(path)
             self.status = effective_status(self.info)
         except (OSError, ValueError):
             self.info, self.status = {}, "damaged"
