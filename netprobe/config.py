@@ -291,6 +291,8 @@ def validate(cfg: DictConfig) -> None:
 
 def check_device(name: str) -> None:
     """Refuse a device this machine does not have (`cuda` without a GPU, `cuda:3` with two)."""
+    if name in ("auto", "cpu"):
+        return  # nothing to ask torch, whose import `train --cfg job` would otherwise wait for
     import torch
 
     if name.startswith("cuda"):
