@@ -316,9 +316,17 @@ class Monitor:
 
     # -- the training loop's calls
     def after_backward(
-        self, loss: torch.Tensor, acc: Number | None = None, batch_size: int | None = None
+        self,
+        loss: torch.Tensor,
+        acc: Number | None = None,
+        batch_size: int | None = None,
+        loss_scale: torch.Tensor | float | None = None,
     ) -> None:
-        """Record the step's loss (and accuracy); gradient probes read `.grad` now."""
+        """Record the step's loss (and accuracy); gradient probes read `.grad` now (unscaled).
+
+        With a GradScaler, `loss_scale` is the scale of the loss just backpropagated (its device
+        tensor, so nothing is read back): what hooks saw during backward is divided by it.
+        """
         rec = self.record
         loss = loss.detach()
         self.nonfinite.observe(loss, self.progress.step)
@@ -336,6 +344,7 @@ class Monitor:
             self.ctx.grad_l2_total = total  # the gradients probe records it too: one computation
         if self.optimizer is not None:
             rec.scalars("train", [""], ["lr"], float(self.optimizer.param_groups[0]["lr"]))
+        self.ctx.loss_scale = loss_scale
         self._samples += batch_size or 0
         self._run_probes("after_backward")
 
