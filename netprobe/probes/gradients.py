@@ -40,7 +40,9 @@ def gradient_stats(
     dtype = stat_dtype(grads)
     if scratch is None:
         scratch = segments.buffer(dtype, grads[0].device)
-    torch.cat([g.reshape(-1) for g in grads], out=scratch).abs_()
+    for g, part in zip(grads, scratch.split(segments.sizes)):
+        # |g| straight into the buffer: one read of g and one write, no copy first.
+        torch.abs(g.reshape(-1), out=part) if g.dtype == dtype else part.copy_(g.reshape(-1)).abs_()
     l1, l2, max_abs = segments.sum(scratch), segments.norm(scratch), segments.amax(scratch)
     # 1 where finite (NaN compares false), in place: the buffer is spent. Counted exactly.
     torch.le(scratch, torch.finfo(dtype).max, out=scratch)

@@ -105,9 +105,11 @@ def update_dynamics(
     wdiff_l2 = segments.norm(dw)
     if retained is None or flips is None or n_retained is None:
         return wdiff_l2[:, None]
-    curvature = torch.sign(dw, out=scratch).mul_(flips)  # sign of (W_t−W_{t−1})(g_t−g_{t−1})
-    local_min = segments.count(torch.gt(curvature, 0, out=flips))
-    local_max = segments.count(torch.lt(curvature, 0, out=flips))
+    # c = sign((W_t−W_{t−1})(g_t−g_{t−1})) on retained flips, else 0: with Σc and Σc² = #(c ≠ 0),
+    # local_min = #(c = 1) = (Σc² + Σc)/2 and local_max = (Σc² − Σc)/2, from two reads of c.
+    curvature = torch.sign(dw, out=scratch).mul_(flips)
+    moving, net = segments.count_squares(curvature), segments.sum(curvature)
+    local_min, local_max = (moving + net) / 2, (moving - net) / 2
     moved = segments.sum(dw.abs_().mul_(retained))
     mean_moved = moved / torch.clamp(n_retained, min=1)
     return torch.stack([wdiff_l2, mean_moved, local_min, local_max], dim=1)
