@@ -334,7 +334,7 @@ class Monitor:
         names, values = ["loss"], [loss.reshape(())]
         self._last["loss"] = loss
         if acc is not None:
-            acc = torch.as_tensor(acc).detach()
+            acc = torch.as_tensor(acc, device=loss.device).detach()  # stacked with the loss
             names.append("acc")
             values.append(acc.reshape(()))
             self._last["acc"] = acc
