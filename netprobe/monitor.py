@@ -406,8 +406,8 @@ class Monitor:
             torch.cuda.synchronize(self._device)
         t = time.perf_counter()
         with signals_held():
-            for name, table in self.record.drain().items():
-                self.writer.append(name, table)
+            # A table that cannot be written stays with the writer for the next flush.
+            self.writer.append_all(self.record.drain())
         self.nonfinite.settle()  # the drain has just synced: the exact answer costs nothing more
         self._settle_probe_time()
         self._flush_time += time.perf_counter() - t
@@ -427,15 +427,32 @@ class Monitor:
         if self.closed:
             return
         self.closed = True
+        # Not completed: the caller's own exception is on its way, and a failed flush only adds
+        # to its error.
+        ending_badly = status != "completed"
         first = self.nonfinite.settle()
         if status == "completed" and first is not None:
             last_loss = self.latest().get("loss", math.nan)
             if self.on_nonfinite == "stop" or not math.isfinite(last_loss):
                 status, error = "diverged", f"non-finite loss at step {first}"
+        failure: BaseException | None = None
         try:
             if status == "completed":
+                # The end captures get parts of their own, which a resumed run can drop.
+                self.flush()
+                self.writer.mark_end_captures()
                 self._end_captures()
+        except BaseException as exc:  # Ctrl-C or an error in the end captures
+            failure = exc
+            status, error = ending(type(exc), exc)
+        try:
+            # Whatever ended the run, what was recorded is written.
             self.flush()
+        except BaseException as exc:
+            # A run that ended badly already keeps its reason; the writer adds the lost rows.
+            failure = failure or exc
+            if status == "completed":
+                status, error = ending(type(exc), exc)
         finally:
             close_probes(self.probes)
             final = {k: v for k, v in self.latest().items() if math.isfinite(v)}
@@ -453,6 +470,8 @@ class Monitor:
                 first_nonfinite_step=first,
                 **info,
             )
+        if failure is not None and not ending_badly:
+            raise failure
 
     def _end_captures(self) -> None:
         """The `end` captures, stored under the epoch they follow (the last one trained), as an
