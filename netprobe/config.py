@@ -14,7 +14,7 @@ from netprobe.errors import ConfigError
 
 CONFIG_NAME = "config"
 PRECISIONS = ("32", "bf16", "16")
-GROUPS = ("model", "data", "init", "optim", "probes", "trainer", "experiment")
+GROUPS = ("model", "data", "init", "optim", "probes", "trainer", "doctor", "experiment")
 
 
 def conf_dir() -> Path:
@@ -231,3 +231,6 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not valid; expected {valid}")
     if cfg.model.get("_target_") in (None, "???"):
         raise ConfigError("model._target_ is not set; give model._target_=my.module.Net")
+    from netprobe.doctor import thresholds
+
+    thresholds(OmegaConf.to_container(cfg.doctor) if "doctor" in cfg else None)

@@ -454,3 +454,11 @@ def load_runs(path: str | os.PathLike) -> list[Run]:
         except (OSError, ValueError) as exc:
             warnings.warn(f"skipping run {p}: damaged {RUN_FILE} ({_short(exc)})", stacklevel=2)
     return runs
+
+
+def update_info(path: str | os.PathLike, **fields: Any) -> None:
+    """Add `fields` to a finished run's run.json (atomically, as every write of it)."""
+    run_file = Path(path) / RUN_FILE
+    with open(run_file) as f:
+        info = json.load(f)
+    write_json(run_file, {**info, **fields})

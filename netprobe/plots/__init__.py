@@ -12,6 +12,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
+from netprobe.doctor import findings_html
 from netprobe.errors import ConfigError
 from netprobe.plots import (  # noqa: F401 - importing registers their figures
     activations,
@@ -182,6 +183,13 @@ def _index_html(sections: list[tuple[str, list[Run], list[tuple[str, Path]]]], o
         "img{max-width:100%;border:1px solid #ddd}figcaption{font-size:0.9em;color:#333}</style>",
         "<h1>netprobe figures</h1>",
     ]
+    # The findings first, each linked to the figure of its run's group that shows the evidence.
+    links = [
+        (run, {p.stem: p.relative_to(out).as_posix() for _, p in entries})
+        for _, members, entries in sections
+        for run in members
+    ]
+    parts.append(findings_html(links))
     for title, members, entries in sections:
         runs = ", ".join(html.escape(str(r.path)) for r in members[:5])
         more = f" and {len(members) - 5} more" if len(members) > 5 else ""
