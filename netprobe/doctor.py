@@ -35,8 +35,8 @@ class Thresholds:
     vanishing_ratio: float = 1e-3  # a layer's RMS gradient ≤ this × the model's median layer
     exploding_ratio: float = 1e3  # … ≥ this × the median layer
     exploding_growth: float = 1e3  # model-wide gradient norm, last tenth ÷ first tenth of steps
-    dead_frac: float = 0.4  # share of units ≤ 0 on every train-probe sample, before a ReLU
-    zero_grad_frac: float = 0.5  # share of a layer's gradient entries with |g| ≤ 1e-7
+    dead_frac: float = 0.75  # share of units ≤ 0 on every train-probe sample, before a ReLU
+    zero_grad_frac: float = 0.9  # share of a layer's gradient entries with |g| ≤ 1e-7
     stall_ratio: float = 0.01  # a layer's weight change ≤ this × the model's median layer
     symmetric_cv: float = 1e-4  # weight std ≤ this × |mean| (or exactly 0) at the first capture
     plateau_improvement: float = 0.01  # last quarter of steps improves on the one before by less
@@ -677,7 +677,9 @@ def unstable_loss(t: _Tables, th: Thresholds) -> list[Finding]:
 
 
 def no_learning(t: _Tables, th: Thresholds) -> list[Finding]:
-    """Error: the best validation accuracy is ≤ `chance_margin` × 1/num_classes."""
+    """Error: the best validation accuracy is ≤ `chance_margin` × 1/num_classes and the
+    validation loss is not falling (its last value ≥ 0.99 × its first; one epoch: accuracy
+    alone). A slow start whose validation loss still falls is not reported."""
     val = t.curve("val_acc")
     classes = t.num_classes()
     if val.empty or classes is None:
@@ -686,6 +688,13 @@ def no_learning(t: _Tables, th: Thresholds) -> list[Finding]:
     chance = 1 / classes
     if not best <= th.chance_margin * chance:
         return []
+    val_loss = t.curve("val_loss")["value"].to_numpy()
+    evidence: dict[str, Any] = {}
+    if len(val_loss) >= 2:
+        first, last = val_loss[0], val_loss[-1]
+        if math.isfinite(last) and last < 0.99 * first:
+            return []
+        evidence = {"val_loss_first": _r(first), "val_loss_last": _r(last)}
     return [
         Finding(
             "no_learning",
@@ -696,6 +705,7 @@ def no_learning(t: _Tables, th: Thresholds) -> list[Finding]:
                 "best_val_acc": _r(best),
                 "chance": _r(chance),
                 "num_classes": classes,
+                **evidence,
                 "threshold": _r(th.chance_margin * chance),
             },
             advice="check labels and inputs, then the learning rate and initializer",
