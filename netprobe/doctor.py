@@ -24,6 +24,17 @@ from netprobe.errors import ConfigError
 from netprobe.store import Run, load, update_info
 
 SEVERITIES = ("info", "warning", "error")
+# Every probe whose scalars some rule reads.
+PROBES_READ = (
+    "train",
+    "gradients",
+    "gradient_flow",
+    "activations",
+    "optim_dynamics",
+    "rwc",
+    "weights",
+)
+_EMPTY = pd.DataFrame({"step": [], "epoch": [], "layer": [], "value": []})
 # Modules after which an output that is ≤ 0 for every sample is a unit that never fires.
 RECTIFIERS = {"ReLU", "ReLU6", "RReLU", "Threshold"}
 
@@ -96,36 +107,38 @@ class Finding:
 
 
 class _Tables:
-    """What the rules read, each probe's scalars fetched once and shared between rules."""
+    """What the rules read, each (probe, metric) fetched once and shared between rules."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        self._scalars: dict[str, pd.DataFrame] = {}
+        self.config = run.config or {}
+        self._groups: dict[tuple[str, str], pd.DataFrame] | None = None
         self._layers: pd.DataFrame | None = None
         self._names: dict[str, tuple[int, int]] | None = None
 
-    def scalars(self, probe: str) -> pd.DataFrame:
-        if probe not in self._scalars:
-            self._scalars[probe] = self.run.scalars(probe=probe)
-        return self._scalars[probe]
-
     def metric(self, probe: str, metric: str) -> pd.DataFrame:
-        data = self.scalars(probe)
-        return data[data["metric"] == metric]
+        if self._groups is None:
+            self._groups = self.run.scalar_groups(PROBES_READ)
+        found = self._groups.get((probe, metric))
+        return found if found is not None else _EMPTY
 
     def has(self, probe: str, metric: str) -> bool:
         return not self.metric(probe, metric).empty
 
     def curve(self, metric: str) -> pd.DataFrame:
         """A model-wide training curve (probe `train`), ordered by step."""
-        return self.metric("train", metric).sort_values("step")
+        return self.metric("train", metric).sort_values("step", kind="stable")
 
     def per_layer(self, probe: str, metric: str) -> pd.DataFrame:
-        """step × layer values of one metric, layers in forward order."""
+        """step × layer values of one metric (the last at each step), layers in forward order."""
         data = self.metric(probe, metric)
         data = data[data["layer"] != ""]
-        wide = data.pivot_table(index="step", columns="layer", values="value", aggfunc="last")
-        return wide[sorted(wide.columns, key=self.order)]
+        steps, at = np.unique(data["step"].to_numpy(), return_inverse=True)
+        names, of = np.unique(data["layer"].to_numpy().astype(str), return_inverse=True)
+        grid = np.full((len(steps), len(names)), np.nan)
+        grid[at, of] = data["value"].to_numpy()
+        wide = pd.DataFrame(grid, index=steps, columns=names)
+        return wide[sorted(names, key=self.order)]
 
     @property
     def layers(self) -> pd.DataFrame:
@@ -150,9 +163,8 @@ class _Tables:
         return self._index().get(name, (0, 0))[1]
 
     def num_classes(self) -> int | None:
-        config = self.run.config or {}
         for group in ("data", "model"):
-            value = (config.get(group) or {}).get("num_classes")
+            value = (self.config.get(group) or {}).get("num_classes")
             if isinstance(value, int) and value > 1:
                 return value
         return None
@@ -520,7 +532,7 @@ def symmetric_init(t: _Tables, th: Thresholds) -> list[Finding]:
     config saying init=ones or zeros is the evidence."""
     advice = "use a random initializer (init=kaiming_normal, xavier_uniform or default)"
     if not t.has("weights", "std"):
-        init = (t.run.config or {}).get("init", {}) or {}
+        init = t.config.get("init", {}) or {}
         name = init.get("name") if isinstance(init, dict) else None
         if name not in ("ones", "zeros"):
             return [_missing("symmetric_init", "weights", "weight std per layer")]
@@ -741,21 +753,18 @@ CODES = (
 )
 
 
-def diagnose(run: Run | str | os.PathLike, th: Thresholds | None = None) -> list[Finding]:
-    """Every finding about one stored run, worst first; `th` defaults to the run's own
-    `doctor` config (the defaults where it has none)."""
-    run = run if isinstance(run, Run) else load(run)
+def diagnose(
+    run: Run | str | os.PathLike,
+    th: Thresholds | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> list[Finding]:
+    """Every finding about one stored run, worst first. Thresholds: `th`, else the run's own
+    `doctor` config (the defaults where it has none) with `overrides` on top."""
+    tables = _Tables(run if isinstance(run, Run) else load(run))
     if th is None:
-        th = run_thresholds(run)
-    tables = _Tables(run)
+        th = thresholds(overrides, thresholds(tables.config.get("doctor")))
     found = [f for rule in RULES for f in rule(tables, th)]
     return sorted(found, key=lambda f: -SEVERITIES.index(f.severity))
-
-
-def run_thresholds(run: Run, overrides: Mapping[str, Any] | None = None) -> Thresholds:
-    """The run's own `doctor` config (as trained), then `overrides` on top."""
-    own = (run.config or {}).get("doctor") or {}
-    return thresholds(overrides, thresholds(own))
 
 
 def problems(found: Iterable[Finding]) -> list[Finding]:
@@ -867,18 +876,21 @@ def report(
     sweeps: dict[Path | None, list[Path]] = {}
     for run_dir in run_dirs:
         sweeps.setdefault(sweep_of(run_dir), []).append(run_dir)
-    results = []
+    order = []
     for sweep, members in sorted(sweeps.items(), key=lambda kv: (kv[0] is None, str(kv[0]))):
         swept = swept_overrides(members) if sweep is not None else {}
         for run_dir in sorted(members, key=lambda d: (swept.get(d, ""), str(d))):
-            try:
-                run = load(run_dir)
-                found = diagnose(run, run_thresholds(run, overrides))
-                status = run.status
-            except (OSError, ValueError) as exc:
-                status = "damaged"
-                found = [Finding("damaged", "error", f"run.json cannot be read: {exc}")]
-            results.append((sweep, run_dir, swept.get(run_dir, ""), status, found))
+            order.append((sweep, run_dir, swept.get(run_dir, "")))
+    dirs = [d for _, d, _ in order]
+    workers = min(os.cpu_count() or 1, len(dirs) // 50)  # a pool pays off from ~100 runs on
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            done = list(pool.map(_examine, dirs, [overrides] * len(dirs), chunksize=25))
+    else:
+        done = [_examine(d, overrides) for d in dirs]
+    results = [(s, d, w, status, found) for (s, d, w), (status, found) in zip(order, done)]
     if fmt == "json":
         import json
         import sys
@@ -899,6 +911,15 @@ def report(
     else:
         _print_tables(results)
     return sum(len(problems(f)) for *_, f in results)
+
+
+def _examine(run_dir: Path, overrides: Mapping[str, Any]) -> tuple[str, list[Finding]]:
+    """One run's status and findings; a run whose run.json cannot be read is one error."""
+    try:
+        run = load(run_dir)
+        return run.status, diagnose(run, overrides=overrides)
+    except (OSError, ValueError) as exc:
+        return "damaged", [Finding("damaged", "error", f"run.json cannot be read: {exc}")]
 
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}

@@ -71,6 +71,31 @@ def test_diverged_names_first_step_and_layers(gallery: dict[str, Path]) -> None:
     assert len(f.evidence["loss_before"]) == min(5, first)
 
 
+DOCTOR_PROBES = "probes=[gradients,weights,rwc,optim_dynamics,activations]"
+
+
+def test_healthy_short_run_has_no_warning(tmp_path: Path) -> None:
+    run = tmp_path / "mlp"
+    train(compose([*BASE, DOCTOR_PROBES, "trainer.epochs=3"]), run)
+    assert problems(diagnose(run)) == []
+    assert doctor.health(run) == "ok"
+
+
+@pytest.mark.slow
+def test_healthy_models_and_presets_have_no_warning(tmp_path: Path) -> None:
+    """Every built-in model and preset, short (scripts/doctor_false_positives.py, one seed)."""
+    from scripts.doctor_false_positives import configs
+
+    flagged = {}
+    for name, overrides in configs(epochs=3).items():
+        run = tmp_path / name.replace(" ", "_").replace("=", "-")
+        train(compose(overrides), run)
+        found = problems(diagnose(run))
+        if found:
+            flagged[name] = [(f.code, f.layers) for f in found]
+    assert flagged == {}
+
+
 # ---------------------------------------------------------------- rules on hand-made stores
 
 
