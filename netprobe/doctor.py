@@ -10,8 +10,10 @@ The rules and where their thresholds come from are written down in the README ("
 from __future__ import annotations
 
 import html
+import json
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -21,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from netprobe.errors import ConfigError
-from netprobe.store import Run, load, update_info
+from netprobe.store import Run, find_runs, load, update_info
 
 SEVERITIES = ("info", "warning", "error")
 # Every probe whose scalars some rule reads.
@@ -34,6 +36,24 @@ PROBES_READ = (
     "rwc",
     "weights",
 )
+# Every metric some rule reads (the tables hold many more).
+METRICS_READ = (
+    "loss",
+    "grad_l2_total",
+    "val_loss",
+    "val_acc",
+    "l1",
+    "l2",
+    "nonfinite",
+    "w_grad_l2",
+    "train/dead_frac",
+    "zero_frac_1e7",
+    "flip_frac_all",
+    "rwc",
+    "std",
+    "mean",
+    "dist_init",
+)
 _EMPTY = pd.DataFrame({"step": [], "epoch": [], "layer": [], "value": []})
 # Modules after which an output that is ≤ 0 for every sample is a unit that never fires.
 RECTIFIERS = {"ReLU", "ReLU6", "RReLU", "Threshold"}
@@ -45,7 +65,7 @@ class Thresholds:
 
     vanishing_ratio: float = 1e-3  # a layer's RMS gradient ≤ this × the model's median layer
     exploding_ratio: float = 1e3  # … ≥ this × the median layer
-    exploding_growth: float = 1e3  # model-wide gradient norm, last tenth ÷ first tenth of steps
+    exploding_growth: float = 1e3  # model-wide gradient norm, peak ÷ median of the first tenth
     dead_frac: float = 0.75  # share of units ≤ 0 on every train-probe sample, before a ReLU
     zero_grad_frac: float = 0.9  # share of a layer's gradient entries with |g| ≤ 1e-7
     stall_ratio: float = 0.01  # a layer's weight change ≤ this × the model's median layer
@@ -112,18 +132,26 @@ class _Tables:
     def __init__(self, run: Run) -> None:
         self.run = run
         self.config = run.config or {}
-        self._groups: dict[tuple[str, str], pd.DataFrame] | None = None
+        self._groups: dict[tuple[str, str], dict[str, np.ndarray]] | None = None
+        self._frames: dict[tuple[str, str], pd.DataFrame] = {}
         self._layers: pd.DataFrame | None = None
         self._names: dict[str, tuple[int, int]] | None = None
 
-    def metric(self, probe: str, metric: str) -> pd.DataFrame:
+    def arrays(self, probe: str, metric: str) -> dict[str, np.ndarray] | None:
+        """One stored metric as numpy columns (step, epoch, layer, value), or None."""
         if self._groups is None:
-            self._groups = self.run.scalar_groups(PROBES_READ)
-        found = self._groups.get((probe, metric))
-        return found if found is not None else _EMPTY
+            self._groups = self.run.scalar_groups(PROBES_READ, METRICS_READ)
+        return self._groups.get((probe, metric))
+
+    def metric(self, probe: str, metric: str) -> pd.DataFrame:
+        key = (probe, metric)
+        if key not in self._frames:
+            columns = self.arrays(probe, metric)
+            self._frames[key] = _EMPTY if columns is None else pd.DataFrame(columns)
+        return self._frames[key]
 
     def has(self, probe: str, metric: str) -> bool:
-        return not self.metric(probe, metric).empty
+        return self.arrays(probe, metric) is not None
 
     def curve(self, metric: str) -> pd.DataFrame:
         """A model-wide training curve (probe `train`), ordered by step."""
@@ -131,14 +159,16 @@ class _Tables:
 
     def per_layer(self, probe: str, metric: str) -> pd.DataFrame:
         """step × layer values of one metric (the last at each step), layers in forward order."""
-        data = self.metric(probe, metric)
-        data = data[data["layer"] != ""]
-        steps, at = np.unique(data["step"].to_numpy(), return_inverse=True)
-        names, of = np.unique(data["layer"].to_numpy().astype(str), return_inverse=True)
+        columns = self.arrays(probe, metric)
+        if columns is None:
+            return pd.DataFrame()
+        named = columns["layer"] != ""
+        steps, at = np.unique(columns["step"][named], return_inverse=True)
+        names, of = np.unique(columns["layer"][named].astype(str), return_inverse=True)
         grid = np.full((len(steps), len(names)), np.nan)
-        grid[at, of] = data["value"].to_numpy()
-        wide = pd.DataFrame(grid, index=steps, columns=names)
-        return wide[sorted(names, key=self.order)]
+        grid[at, of] = columns["value"][named]
+        ordered = sorted(range(len(names)), key=lambda i: self.order(names[i]))
+        return pd.DataFrame(grid[:, ordered], index=steps, columns=names[ordered])
 
     @property
     def layers(self) -> pd.DataFrame:
@@ -279,9 +309,10 @@ def diverged(t: _Tables, th: Thresholds) -> list[Finding]:
 
 def gradient_scale(t: _Tables, th: Thresholds) -> list[Finding]:
     """Warnings: a layer whose RMS gradient (‖g‖₂/√numel, median over steps) is ≤
-    `vanishing_ratio` or ≥ `exploding_ratio` × the median layer's; the model-wide gradient norm
-    growing `exploding_growth`-fold from the first to the last tenth of steps (or shrinking as
-    much while the loss stays above `plateau_loss_frac` of its start)."""
+    `vanishing_ratio` or ≥ `exploding_ratio` × the median layer's (exploding only when none
+    vanishes); the model-wide gradient norm peaking at `exploding_growth` × its median over the
+    first tenth of steps, or ending that much below it while the loss stays above
+    `plateau_loss_frac` of its start."""
     found: list[Finding] = []
     total = t.curve("grad_l2_total")
     total = total[np.isfinite(total["value"])]
@@ -418,7 +449,8 @@ def dead_units(t: _Tables, th: Thresholds) -> list[Finding]:
     if not t.has("activations", "train/dead_frac"):
         return [_missing("dead_units", "activations", "activations' dead_frac on train inputs")]
     wide = t.per_layer("activations", "train/dead_frac")
-    wide = wide[[c for c in wide.columns if c in _rectified(t)]]
+    rectified = _rectified(t)
+    wide = wide[[c for c in wide.columns if c in rectified]]
     if wide.empty:
         return []
     last = wide.iloc[-1]
@@ -862,8 +894,7 @@ def report(
 ) -> int:
     """`netprobe doctor`: diagnose every run under `paths`, print a table per sweep (or JSON);
     returns the number of warnings and errors."""
-    from netprobe.listing import sweep_of, swept_overrides
-    from netprobe.store import find_runs
+    from netprobe.listing import sweep_of, swept_overrides  # listing shows health(): import late
 
     thresholds(overrides)  # refuse a bad flag before reading anything
     run_dirs: list[Path] = []
@@ -892,9 +923,6 @@ def report(
         done = [_examine(d, overrides) for d in dirs]
     results = [(s, d, w, status, found) for (s, d, w), (status, found) in zip(order, done)]
     if fmt == "json":
-        import json
-        import sys
-
         out = [
             {
                 "run": str(d),
@@ -926,8 +954,6 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
 
 def _print_tables(results: list[tuple[Path | None, Path, str, str, list[Finding]]]) -> None:
-    import sys
-
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table

@@ -353,12 +353,18 @@ class Run:
     ) -> pd.DataFrame:
         return self._read("scalars", probe=probe, metric=metric, layer=layer)
 
-    def scalar_groups(self, probes: Iterable[str]) -> dict[tuple[str, str], pd.DataFrame]:
-        """The scalars of `probes` split by (probe, metric), each a DataFrame of step, epoch,
-        layer, value in stored order: one conversion for all of them, where a `scalars()` call
-        per metric would convert each anew (the doctor reads a thousand runs this way)."""
+    def scalar_groups(
+        self, probes: Iterable[str], metrics: Iterable[str] | None = None
+    ) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+        """The scalars of `probes` (and `metrics`) split by (probe, metric), each as numpy
+        columns step, epoch, layer, value in stored order: one pass over the table, where a
+        `scalars()` call per metric would filter and convert it anew each time (the doctor
+        reads a thousand runs this way)."""
         data = self._table("scalars")
-        data = data.filter(pc.is_in(data["probe"].cast(pa.string()), pa.array(list(probes))))
+        for column, wanted in (("probe", probes), ("metric", metrics)):
+            if wanted is not None:
+                keep = pc.is_in(data[column].cast(pa.string()), pa.array(list(wanted), pa.string()))
+                data = data.filter(keep)
         if data.num_rows == 0:
             return {}
         codes, names = {}, {}
@@ -369,20 +375,21 @@ class Run:
         key = codes["probe"].astype(np.int64) * len(names["metric"]) + codes["metric"]
         order = np.argsort(key, kind="stable")
         bounds = np.flatnonzero(np.diff(key[order])) + 1
-        step, epoch = data["step"].to_numpy(), data["epoch"].to_numpy()
-        value, layer = data["value"].to_numpy(), codes["layer"]
+        columns = {
+            "step": data["step"].to_numpy(),
+            "epoch": data["epoch"].to_numpy(),
+            "value": data["value"].to_numpy(),
+        }
         groups = {}
         for rows in np.split(order, bounds):
             first = rows[0]
             name = (names["probe"][codes["probe"][first]], names["metric"][codes["metric"][first]])
-            groups[name] = pd.DataFrame(
-                {
-                    "step": step[rows],
-                    "epoch": epoch[rows],
-                    "layer": names["layer"][layer[rows]],
-                    "value": value[rows],
-                }
-            )
+            groups[name] = {
+                "step": columns["step"][rows],
+                "epoch": columns["epoch"][rows],
+                "layer": names["layer"][codes["layer"][rows]],
+                "value": columns["value"][rows],
+            }
         return groups
 
     def histograms(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     times = []
     for _ in range(args.repeats):
         load = os.getloadavg()[0]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-m", "netprobe", "doctor", str(sweep), "--format", "json"],
@@ -47,14 +49,18 @@ def main(argv: list[str] | None = None) -> int:
             text=True,
         )
         took = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU seconds of the command and its workers: what it costs whatever else the cores do.
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         if done.returncode != 0:
             raise SystemExit(f"netprobe doctor failed:\n{done.stderr}")
         report = json.loads(done.stdout)
         assert len(report) == args.runs, len(report)
         times.append(took)
         print(
-            f"doctor: {took:.2f} s for {args.runs} runs × {args.run_steps} steps "
-            f"({size / 1e6:.2f} MB of Parquet each; {os.cpu_count()} cores, load {load:.1f})",
+            f"doctor: {took:.2f} s wall, {cpu:.2f} CPU s, for {args.runs} runs × "
+            f"{args.run_steps} steps ({size / 1e6:.2f} MB of Parquet each; "
+            f"{os.cpu_count()} cores, load {load:.1f} at start)",
             flush=True,
         )
     print(f"best {min(times):.2f} s, median {sorted(times)[len(times) // 2]:.2f} s")

@@ -91,7 +91,8 @@ def margins(run_dir: Path) -> dict[str, float]:
         out["grad_ratio_max"] = float(rms.max() / np.median(rms))
     if t.has("activations", "train/dead_frac"):
         wide = t.per_layer("activations", "train/dead_frac")
-        wide = wide[[c for c in wide.columns if c in _rectified(t)]]
+        rectified = _rectified(t)
+        wide = wide[[c for c in wide.columns if c in rectified]]
         if not wide.empty:
             out["dead_frac_max"] = float(wide.iloc[-1].max())
     if t.has("optim_dynamics", "zero_frac_1e7"):

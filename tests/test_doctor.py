@@ -13,6 +13,7 @@ import pytest
 
 import netprobe
 from netprobe import doctor
+from netprobe.cli import main
 from netprobe.config import compose
 from netprobe.doctor import Thresholds, diagnose, problems, thresholds
 from netprobe.errors import ConfigError
@@ -214,33 +215,39 @@ def test_doctor_config_group_is_validated() -> None:
 # ---------------------------------------------------------------- where findings show
 
 
-def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "netprobe", *args], capture_output=True, text=True, cwd=cwd
-    )
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "netprobe", *args], capture_output=True, text=True)
 
 
-def test_cli_json_strict_and_refusals(gallery: dict[str, Path]) -> None:
-    sick = gallery["no_learning"]
-    done = _cli("doctor", str(sick), "--format", "json")
-    assert done.returncode == 0, done.stderr
-    (entry,) = json.loads(done.stdout)
+def _main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """`netprobe ARGS` in this process (no interpreter start-up): exit code, stdout, stderr."""
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_json_strict_and_refusals(gallery: dict[str, Path], capsys) -> None:
+    sick = str(gallery["no_learning"])
+    code, out, err = _main(capsys, "doctor", sick, "--format", "json")
+    assert code == 0, err
+    (entry,) = json.loads(out)
     assert any(f["code"] == "no_learning" for f in entry["findings"])
-    assert _cli("doctor", str(sick), "--strict").returncode == 1
-    healthy = _cli("doctor", str(gallery["stalled_layer"]), "--strict", "--stall-ratio", "1e-9")
-    assert healthy.returncode == 0, healthy.stdout
-    bad = _cli("doctor", str(sick), "--dead-frac", "-1")
-    assert bad.returncode == 2 and "dead_frac" in bad.stderr and not bad.stdout
-    missing = _cli("doctor", str(sick / "nope"))
-    assert missing.returncode == 2 and "no such file" in missing.stderr
-    table = _cli("doctor", str(gallery["dead_units"]))
-    assert "dead_units" in table.stdout and "hidden" in table.stdout
+    assert entry["health"] == "1 error"
+    assert _main(capsys, "doctor", sick, "--strict")[0] == 1
+    stalled = str(gallery["stalled_layer"])
+    assert _main(capsys, "doctor", stalled, "--strict", "--stall-ratio", "1e-9")[0] == 0
+    code, out, err = _main(capsys, "doctor", sick, "--dead-frac", "-1")
+    assert code == 2 and "dead_frac" in err and not out
+    code, out, err = _main(capsys, "doctor", sick + "/nope")
+    assert code == 2 and "no such file" in err
+    code, out, _ = _main(capsys, "doctor", str(gallery["dead_units"]))
+    assert "dead_units" in out and "hidden" in out
 
 
-def test_ls_health_column(gallery: dict[str, Path]) -> None:
+def test_ls_health_column(gallery: dict[str, Path], capsys) -> None:
     assert doctor.health(gallery["stalled_layer"]) == "1 warning"
-    out = _cli("ls", str(gallery["no_learning"])).stdout
-    assert "health" in out and "1 error" in out
+    code, out, _ = _main(capsys, "ls", str(gallery["no_learning"]))
+    assert code == 0 and "health" in out and "1 error" in out
 
 
 def test_train_keeps_findings_in_run_json_and_prints_them(tmp_path: Path) -> None:
