@@ -558,6 +558,13 @@ def stalled_layer(t: _Tables, th: Thresholds) -> list[Finding]:
     ]
 
 
+def _weight_names(t: _Tables) -> set[str]:
+    """The conv and linear weights, the tensors an initializer sets."""
+    layers = t.layers
+    weights = layers[(layers["param"] == "weight") & layers["type"].str.match(r"(Linear|Conv)")]
+    return set(weights["module"] + ".weight")
+
+
 def symmetric_init(t: _Tables, th: Thresholds) -> list[Finding]:
     """Error: at the first capture a weight's std is 0 or ≤ `symmetric_cv` × |mean| (every unit
     the same: gradients cannot tell them apart). Without the weights probe, the run's own
@@ -568,19 +575,22 @@ def symmetric_init(t: _Tables, th: Thresholds) -> list[Finding]:
         name = init.get("name") if isinstance(init, dict) else None
         if name not in ("ones", "zeros"):
             return [_missing("symmetric_init", "weights", "weight std per layer")]
-        layers = t.layers
-        weights = layers[(layers["param"] == "weight") & layers["type"].str.match(r"(Linear|Conv)")]
         return [
             Finding(
                 "symmetric_init",
                 "error",
                 f"init={name} gives every unit of a layer the same weights",
-                layers=list(weights["module"] + ".weight"),
+                layers=sorted(_weight_names(t), key=t.order),
                 evidence={"init": name, "threshold": "constant initializer"},
                 advice=advice,
             )
         ]
+    # Conv and linear weights only: zero biases and unit norm-layer scales are meant to be equal.
+    weights = _weight_names(t)
     std = t.per_layer("weights", "std")
+    std = std[[c for c in std.columns if c in weights]]
+    if std.empty:
+        return []
     mean = t.per_layer("weights", "mean")
     first_std, first_mean = std.iloc[0], mean.iloc[0].reindex(std.columns)
     hit = (first_std == 0) | (first_std <= th.symmetric_cv * first_mean.abs())
