@@ -876,14 +876,13 @@ def findings_html(items: Iterable[tuple[Run, Mapping[str, str]]]) -> str:
                 f"<br><small>{evidence}</small></td><td>{html.escape(f.advice)}</td></tr>"
             )
     if not rows:
-        return "<section id='findings'><h2>Findings</h2><p>No warnings or errors.</p></section>"
+        return "<p id='findings'>netprobe doctor: no warnings or errors.</p>"
     return (
-        "<section id='findings'><h2>Findings</h2><style>#findings td{padding:2px 8px;"
-        "vertical-align:top}#findings .error td:nth-child(2){color:#b00}"
-        "#findings .warning td:nth-child(2){color:#a60}</style><table>"
+        "<style>#findings .error td:nth-child(2){color:#b3261e}"
+        "#findings .warning td:nth-child(2){color:#a05a00}</style><table id='findings'>"
         "<tr><th>run</th><th>severity</th><th>code</th><th>what</th><th>what helps</th></tr>"
         + "".join(rows)
-        + "</table></section>"
+        + "</table>"
     )
 
 

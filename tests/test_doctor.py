@@ -267,6 +267,6 @@ def test_report_page_opens_with_linked_findings(gallery: dict[str, Path], tmp_pa
     plot([gallery["dead_units"]], out=tmp_path / "fig", only=["activation_stats"])
     page = (tmp_path / "fig" / "index.html").read_text()
     start = page.index("id='findings'")
-    assert start < page.index("<figure>")
-    row = page[start:].split("dead_units")[0].rsplit("<a href='", 1)[1]
-    assert row.startswith("activation_stats")
+    assert start < page.index("<figure")
+    href = page[start:].split(">dead_units</a>")[0].rsplit("<a href='", 1)[1].split("'")[0]
+    assert Path(href).stem == "activation_stats" and (tmp_path / "fig" / href).exists()
