@@ -234,8 +234,10 @@ def test_cli_json_strict_and_refusals(gallery: dict[str, Path], capsys) -> None:
     assert any(f["code"] == "no_learning" for f in entry["findings"])
     assert entry["health"] == "1 error"
     assert _main(capsys, "doctor", sick, "--strict")[0] == 1
-    stalled = str(gallery["stalled_layer"])
-    assert _main(capsys, "doctor", stalled, "--strict", "--stall-ratio", "1e-9")[0] == 0
+    # Its only finding needs 3 rising epochs; asked for 100, --strict has nothing to refuse.
+    overfit = str(gallery["overfitting"])
+    assert _main(capsys, "doctor", overfit, "--strict")[0] == 1
+    assert _main(capsys, "doctor", overfit, "--strict", "--overfit-epochs", "100")[0] == 0
     code, out, err = _main(capsys, "doctor", sick, "--dead-frac", "-1")
     assert code == 2 and "dead_frac" in err and not out
     code, out, err = _main(capsys, "doctor", sick + "/nope")
