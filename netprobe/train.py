@@ -133,7 +133,8 @@ def train_step(
         pair = distributed.mean_over_ranks(pair, place)
         loss, acc = pair[0], None if acc is None else pair[1]
         batch_size *= place.world_size
-    mon.after_backward(loss, acc=acc, batch_size=batch_size)
+    scale = scaler._get_scale_async() if scaler.is_enabled() else None  # a tensor: no read back
+    mon.after_backward(loss, acc=acc, batch_size=batch_size, loss_scale=scale)
     scaler.step(optimizer)
     scaler.update()
     mon.after_step()
