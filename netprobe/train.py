@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import netprobe
-from netprobe import distributed, resume
+from netprobe import distributed, doctor, resume
 from netprobe.checkpoint import checkpoint_path, save_checkpoint
 from netprobe.config import first_line, validate
 from netprobe.data import Batches, build_data, fixed_batch, keep_on_device
@@ -412,6 +412,7 @@ def hydra_main(args: list[str]) -> int:
             if shown and (run_dir / "run.json").exists():
                 took = f"  ({time.perf_counter() - started:.1f} s)"
                 print(summary(run_dir) + took, file=sys.stderr)
+                print(doctor.close_run(run_dir), file=sys.stderr, end="")
         code = EXIT_CODES.get(status, 1)
         if here:
             JOBS["code"] = max(JOBS["code"], code)
