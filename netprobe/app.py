@@ -52,7 +52,7 @@ def run_job(cfg: DictConfig) -> str:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from netprobe import distributed
+    from netprobe import distributed, doctor
     from netprobe.progress import echo, summary
     from netprobe.train import train
 
@@ -87,9 +87,13 @@ def run_job(cfg: DictConfig) -> str:
     finally:
         shown = status != "refused" and distributed.launched().is_main
         if shown and (run_dir / "run.json").exists():
+            wall = time.perf_counter() - started
+            findings = doctor.close_run(run_dir).rstrip("\n")  # keeps them in run.json too
+            text = summary(run_dir, wall, hint=False) + (f"\n{findings}" if findings else "")
             # In a sweep the plot command comes once, after the sweep's table.
-            single = hydra_cfg.mode != RunMode.MULTIRUN
-            echo(summary(run_dir, time.perf_counter() - started, hint=single), run_dir)
+            if hydra_cfg.mode != RunMode.MULTIRUN:
+                text += f"\nnext: netprobe plot {run_dir}"
+            echo(text, run_dir)
     code = EXIT_CODES.get(status, 1)
     if here:
         JOBS["code"] = max(JOBS["code"], code)

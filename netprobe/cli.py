@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from netprobe.errors import ConfigError
 
 USAGE = """\
-usage: netprobe {train,plot,ls} ...
+usage: netprobe {train,plot,ls,doctor} ...
 
   netprobe train [OVERRIDES]     train with probes attached (Hydra app; `netprobe train --help`)
   netprobe train -m seed=0,1,2   sweep with Hydra multirun
@@ -19,8 +19,11 @@ usage: netprobe {train,plot,ls} ...
                                  render every figure the runs under PATH support
   netprobe ls PATH... [--sort KEY] [--filter KEY=VALUE] [--columns A,B] [--format table|csv|json]
                                  one row per run: status, steps, epochs, duration, val acc, ...
+  netprobe doctor PATH... [--format table,json] [--strict]
+                                 findings per run (code, severity, layers, evidence, advice)
 
-exit codes: 0 success, 1 run failed or diverged, 2 bad usage or input, 130 interrupted
+exit codes: 0 success, 1 run failed or diverged (or doctor --strict found a problem),
+            2 bad usage or input, 130 interrupted
 """
 
 
@@ -40,7 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"netprobe {__version__}")
         return 0
     command, rest = args[0], args[1:]
-    commands = {"train": train_command, "plot": plot_command, "ls": ls_command}
+    commands = {
+        "train": train_command,
+        "plot": plot_command,
+        "ls": ls_command,
+        "doctor": doctor_command,
+    }
     if command not in commands:
         return fail(f"unknown command {command!r}; valid commands: {', '.join(commands)}")
     try:
@@ -143,6 +151,30 @@ def ls_command(args: list[str]) -> int:
         fmt=ns.format,
     )
     return 0
+
+
+def doctor_command(args: list[str]) -> int:
+    from dataclasses import fields
+
+    from netprobe.doctor import Thresholds, report
+
+    parser = _Parser(
+        prog="netprobe doctor",
+        description="Findings per run from the stored tables: what looks wrong, where, the "
+        "evidence and what usually helps. Thresholds default to each run's own doctor config.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run, sweep or folder")
+    parser.add_argument("--format", default="table", choices=("table", "json"))
+    parser.add_argument("--strict", action="store_true", help="exit 1 on any warning or error")
+    for f in fields(Thresholds):
+        kind = int if f.type in (int, "int") else float
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, metavar="X")
+    ns = _parse(parser, args)
+    if isinstance(ns, int):
+        return ns
+    overrides = {f.name: getattr(ns, f.name) for f in fields(Thresholds)}
+    found = report(ns.paths, {k: v for k, v in overrides.items() if v is not None}, ns.format)
+    return 1 if ns.strict and found else 0
 
 
 class _Parser(argparse.ArgumentParser):

@@ -119,6 +119,15 @@ def _duration(row: Row) -> float | None:
     return max((end - start).total_seconds(), 0.0)
 
 
+def _health(row: Row) -> str:
+    """The doctor's verdict: the findings run.json keeps, or a fresh diagnosis of a live run."""
+    if row.status == "damaged":
+        return ""
+    from netprobe.doctor import health
+
+    return health(row.path)
+
+
 def _started(row: Row) -> str:
     try:
         return datetime.fromisoformat(row.info["started_at"]).strftime("%Y-%m-%d %H:%M")
@@ -141,6 +150,7 @@ COLUMNS: dict[str, Callable[[Row], Any]] = {
     "best_val_acc": lambda row: row.info.get("best_val_acc"),
     "val_acc": _final("val_acc"),
     "probes": lambda row: row.info.get("probes"),
+    "health": _health,
     "started": _started,
     "path": lambda row: row.shown_path,
 }

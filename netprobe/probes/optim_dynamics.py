@@ -115,8 +115,8 @@ def update_dynamics(
     return torch.stack([wdiff_l2, mean_moved, local_min, local_max], dim=1)
 
 
-# `sign_map` codes: exact zero, small positive, small negative, large; NaN for a non-finite g.
-SIGN_ZERO, SIGN_POSITIVE, SIGN_NEGATIVE, SIGN_LARGE = 0.0, 1.0, -1.0, 2.0
+# `sign_map` codes: 0 exact zero, ±1 small positive / negative, 2 large; NaN for a non-finite g.
+SIGN_LARGE = 2.0
 
 
 def sign_codes(g: torch.Tensor, zero_threshold: float = 1e-5) -> torch.Tensor:
