@@ -1,4 +1,4 @@
-"""The `netprobe` command: dispatch to train, plot and ls (SPEC §1)."""
+"""The `netprobe` command: dispatch to train, plot, ls, export and query (SPEC §1)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ from collections.abc import Sequence
 from netprobe.errors import ConfigError
 
 USAGE = """\
-usage: netprobe {train,plot,ls} ...
+usage: netprobe {train,plot,ls,export,query} ...
 
   netprobe train [OVERRIDES]     train with probes attached (Hydra app; `netprobe train --help`)
   netprobe train -m seed=0,1,2   sweep with Hydra multirun
   netprobe plot PATH... [--out DIR] [--format png,svg,pdf] [--only NAMES]
                                  render every figure the runs under PATH support
   netprobe ls PATH...            one row per run: status, model, data, init, seed, ...
+  netprobe export PATH --to tensorboard --out DIR
+                                 TensorBoard event files for the runs under PATH
+  netprobe query PATH "SQL" [--format table,csv,json,parquet] [--out FILE]
+                                 SQL over the runs under PATH: views runs, scalars,
+                                 histograms, matrices, layers (each with a `run` column)
 
 exit codes: 0 success, 1 run failed or diverged, 2 bad usage or input, 130 interrupted
 """
@@ -39,7 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"netprobe {__version__}")
         return 0
     command, rest = args[0], args[1:]
-    commands = {"train": train_command, "plot": plot_command, "ls": ls_command}
+    commands = {
+        "train": train_command,
+        "plot": plot_command,
+        "ls": ls_command,
+        "export": export_command,
+        "query": query_command,
+    }
     if command not in commands:
         return fail(f"unknown command {command!r}; valid commands: {', '.join(commands)}")
     try:
@@ -112,6 +123,52 @@ def ls_command(args: list[str]) -> int:
     from netprobe.listing import list_runs
 
     list_runs(ns.paths)
+    return 0
+
+
+EXPORT_TARGETS = ("tensorboard",)
+
+
+def export_command(args: list[str]) -> int:
+    parser = _Parser(
+        prog="netprobe export",
+        description="Write the stored runs under PATH in another tool's format.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run or sweep directories")
+    parser.add_argument("--to", required=True, help="format: " + ", ".join(EXPORT_TARGETS))
+    parser.add_argument("--out", required=True, help="output folder (tensorboard --logdir DIR)")
+    ns = _parse(parser, args)
+    if isinstance(ns, int):
+        return ns
+    if ns.to not in EXPORT_TARGETS:
+        return fail(f"--to {ns.to!r} is not valid; valid: {', '.join(EXPORT_TARGETS)}")
+    from netprobe.tensorboard import export
+
+    written = export(ns.paths, ns.out)
+    print(f"wrote {len(written)} TensorBoard runs to {ns.out}; view: tensorboard --logdir {ns.out}")
+    return 0
+
+
+def query_command(args: list[str]) -> int:
+    from netprobe.query import FORMATS
+
+    parser = _Parser(
+        prog="netprobe query",
+        description="SQL (DuckDB) over every run under PATH. Views: runs (run.json fields and "
+        "the flattened config, one row per run), scalars, histograms, matrices, layers; "
+        "each has a `run` column.",
+    )
+    parser.add_argument("path", metavar="PATH", help="run or sweep directory")
+    parser.add_argument("sql", metavar="SQL", help='e.g. "SELECT * FROM runs"')
+    parser.add_argument("--format", help=f"{', '.join(FORMATS)} (default: from --out, else table)")
+    parser.add_argument("--out", help="write the result to this file instead of printing it")
+    ns = _parse(parser, args)
+    if isinstance(ns, int):
+        return ns
+    from netprobe.query import output_format, query, write_result
+
+    fmt = output_format(ns.format, ns.out)
+    write_result(query([ns.path], ns.sql), fmt, ns.out)
     return 0
 
 

@@ -203,6 +203,7 @@ _CHECKS: dict[str, tuple[Check, str]] = {
     "trainer.flush_every": (_positive_int, "a positive integer"),
     "trainer.checkpoint_every": (_non_negative_int, "an integer ≥ 0"),
     "trainer.on_nonfinite": (lambda v: v in ("stop", "continue"), "stop or continue"),
+    "trainer.tensorboard": (lambda v: isinstance(v, bool), "true or false"),
     "optim.lr": (_positive, "a positive number"),
     "optim.weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number ≥ 0"),
     "data.batch_size": (_positive_int, "a positive integer"),

@@ -225,6 +225,7 @@ class Monitor:
         flush_every: int = 100,
         on_nonfinite: str = "stop",
         resume: Mapping[str, Any] | None = None,
+        sink: Any = None,
     ) -> None:
         if on_nonfinite not in ON_NONFINITE:
             raise ConfigError(
@@ -236,6 +237,9 @@ class Monitor:
         self.model = model
         self.optimizer = optimizer
         self.flush_every = flush_every
+        # Also given each flush's drained tables (`write(tables)`) and run.json at the end
+        # (`close(info)`): TensorBoard's live event files.
+        self.sink = sink
         self.ctx = ctx = probe_context(model, probe_batch, valid_batch, loss_fn, seed)
         self.progress, self.record = ctx.progress, ctx.record
         layers, edges = ctx.layers, ctx.edges
@@ -402,8 +406,11 @@ class Monitor:
             torch.cuda.synchronize(self._device)
         t = time.perf_counter()
         with signals_held():
-            for name, table in self.record.drain().items():
+            tables = self.record.drain()
+            for name, table in tables.items():
                 self.writer.append(name, table)
+        if self.sink is not None:
+            self.sink.write(tables)
         self.nonfinite.settle()  # the drain has just synced: the exact answer costs nothing more
         self._settle_probe_time()
         self._flush_time += time.perf_counter() - t
@@ -449,6 +456,8 @@ class Monitor:
                 first_nonfinite_step=first,
                 **info,
             )
+            if self.sink is not None:
+                self.sink.close(self.writer.info)
 
     def _end_captures(self) -> None:
         """The `end` captures, stored under the epoch they follow (the last one trained), as an

@@ -197,6 +197,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
     probes = OmegaConf.to_container(cfg.probes, resolve=True) or {}
     total_steps = t.epochs * len(train_batches)
     if place.is_main:
+        sink = None
+        if t.get("tensorboard"):
+            from netprobe.query import flatten
+            from netprobe.tensorboard import TB_DIR, EventWriter
+
+            hparams = flatten(OmegaConf.to_container(cfg, resolve=True))
+            sink = EventWriter(run_dir / TB_DIR, hparams=hparams)
         mon = netprobe.attach(
             model,
             run_dir,
@@ -210,6 +217,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             flush_every=t.flush_every,
             on_nonfinite=t.get("on_nonfinite", "stop"),
             resume=state["monitor"] if state else None,
+            sink=sink,
         )
         # Only now, with the probes built and the directory ours, is anything written.
         if not (run_dir / ".hydra" / "config.yaml").exists():
