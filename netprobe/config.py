@@ -232,3 +232,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not valid; expected {valid}")
     if cfg.model.get("_target_") in (None, "???"):
         raise ConfigError("model._target_ is not set; give model._target_=my.module.Net")
+    if cfg.trainer.get("tensorboard"):
+        from netprobe.tensorboard import require
+
+        require()  # before any run directory exists

@@ -276,7 +276,7 @@ class Runs(list):
 
     def varying(self) -> list[str]:
         """Config keys whose values differ between the runs (`seed`, `init.name`, ...)."""
-        return _varying(list(self.configs().values()))
+        return varying_keys(list(self.configs().values()))
 
     def _frame(self, table: str, config: Sequence[str] | None, **equal: str | None) -> pd.DataFrame:
         where = [(column, value) for column, value in equal.items() if value is not None]
@@ -298,7 +298,8 @@ class Runs(list):
         return frame
 
 
-def _varying(configs: list[dict[str, Any]]) -> list[str]:
+def varying_keys(configs: list[dict[str, Any]]) -> list[str]:
+    """The keys whose values differ between the (flattened) configs, in first-seen order."""
     keys = dict.fromkeys(k for c in configs for k in c)
     return [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
 

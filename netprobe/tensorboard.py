@@ -17,30 +17,42 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from netprobe.errors import ConfigError
+from netprobe.query import flatten, read_config, varying_keys
+from netprobe.store import Run, read_runs
 
 TB_DIR = "tb"  # inside a run directory
 FINAL = ("best_val_acc", "final.loss", "final.acc", "final.val_loss", "final.val_acc")
 
 
-def _modules() -> Any:
+def _tensorboard() -> SimpleNamespace:
+    """TensorBoard's protocol buffers and file writer, imported on first use (not with netprobe)."""
     try:
         from tensorboard.compat.proto import event_pb2, summary_pb2
         from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
     except ImportError:
         raise ConfigError("TensorBoard output needs tensorboard: pip install tensorboard") from None
-    return event_pb2, summary_pb2, api_pb2, plugin_data_pb2, EventFileWriter
+    return SimpleNamespace(
+        Event=event_pb2.Event,
+        Summary=summary_pb2.Summary,
+        HistogramProto=summary_pb2.HistogramProto,
+        SummaryMetadata=summary_pb2.SummaryMetadata,
+        api=api_pb2,
+        plugin=plugin_data_pb2,
+        FileWriter=EventFileWriter,
+    )
 
 
 def require() -> None:
     """Raise ConfigError (exit 2, one line) now if tensorboard is not installed."""
-    _modules()
+    _tensorboard()
 
 
 def scalar_tag(probe: str, metric: str, layer: str) -> str:
@@ -71,15 +83,15 @@ class EventWriter:
     """
 
     def __init__(self, logdir: str | os.PathLike, hparams: Mapping[str, Any] | None = None) -> None:
-        self._pb = _modules()
+        self.tb = _tensorboard()
         self.logdir = Path(logdir)
         self.hparams = dict(hparams or {})
         self._file: Any = None
 
     def _open(self, start: float) -> Any:
         if self._file is None:
-            event_pb2, summary_pb2, api_pb2, plugin_data_pb2, EventFileWriter = self._pb
-            self._file = EventFileWriter(str(self.logdir), flush_secs=10**9)
+            # Flushed by netprobe's flushes only, not by a timer thread of its own.
+            self._file = self.tb.FileWriter(str(self.logdir), flush_secs=10**9)
             if self.hparams:
                 self._hparams_start(start)
         return self._file
@@ -98,24 +110,19 @@ class EventWriter:
         hists = tables.get("histograms")
         if hists is not None and hists.num_rows:
             self._histogram_values(hists, events)
-        event_pb2, summary_pb2 = self._pb[:2]
         for step in sorted(events):
-            f.add_event(
-                event_pb2.Event(
-                    wall_time=when(step), step=step, summary=summary_pb2.Summary(value=events[step])
-                )
-            )
+            summary = self.tb.Summary(value=events[step])
+            f.add_event(self.tb.Event(wall_time=when(step), step=step, summary=summary))
         f.flush()
 
     def _scalar_values(self, table: pa.Table, events: dict[int, list[Any]]) -> None:
-        value = self._pb[1].Summary.Value
+        value = self.tb.Summary.Value
         names = ("step", "probe", "metric", "layer", "value")
         for step, probe, metric, layer, v in zip(*(table.column(c).to_pylist() for c in names)):
             tag = scalar_tag(probe, metric, layer)
             events.setdefault(step, []).append(value(tag=tag, simple_value=v))
 
     def _histogram_values(self, table: pa.Table, events: dict[int, list[Any]]) -> None:
-        summary_pb2 = self._pb[1]
         names = ("step", "probe", "source", "layer", "edges", "counts", "below", "above")
         columns = [table.column(c).to_pylist() for c in names]
         for step, probe, source, layer, edges, counts, below, above in zip(*columns):
@@ -124,7 +131,7 @@ class EventWriter:
             bounds = np.asarray([lowest, *limits])
             centers = (bounds[:-1] + bounds[1:]) / 2
             weights = np.asarray(bucket, np.float64)
-            histo = summary_pb2.HistogramProto(
+            histo = self.tb.HistogramProto(
                 min=lowest,
                 max=limits[-1],
                 num=float(weights.sum()),
@@ -134,47 +141,33 @@ class EventWriter:
                 bucket=bucket,
             )
             tag = scalar_tag(probe, source, layer)
-            events.setdefault(step, []).append(summary_pb2.Summary.Value(tag=tag, histo=histo))
+            events.setdefault(step, []).append(self.tb.Summary.Value(tag=tag, histo=histo))
 
     # -- hparams
     def _hparams_start(self, start: float) -> None:
-        _, _, api_pb2, plugin_data_pb2, _ = self._pb
+        api, plugin = self.tb.api, self.tb.plugin
         hparams = {k: _hparam_value(v) for k, v in self.hparams.items()}
         hparams = {k: v for k, v in hparams.items() if v is not None}
         types = {bool: "DATA_TYPE_BOOL", float: "DATA_TYPE_FLOAT64", str: "DATA_TYPE_STRING"}
-        experiment = api_pb2.Experiment(
-            hparam_infos=[
-                api_pb2.HParamInfo(name=k, type=types[type(v)]) for k, v in hparams.items()
-            ],
-            metric_infos=[
-                api_pb2.MetricInfo(name=api_pb2.MetricName(tag=f"final/{k.split('.')[-1]}"))
-                for k in FINAL
-            ],
+        experiment = api.Experiment(
+            hparam_infos=[api.HParamInfo(name=k, type=types[type(v)]) for k, v in hparams.items()],
+            metric_infos=[api.MetricInfo(name=api.MetricName(tag=_final_tag(k))) for k in FINAL],
         )
-        session = plugin_data_pb2.SessionStartInfo(start_time_secs=start)
+        session = plugin.SessionStartInfo(start_time_secs=start)
         for key, value in hparams.items():
-            target = session.hparams[key]
-            if isinstance(value, bool):
-                target.bool_value = value
-            elif isinstance(value, float):
-                target.number_value = value
-            else:
-                target.string_value = value
+            field = {bool: "bool_value", float: "number_value", str: "string_value"}[type(value)]
+            setattr(session.hparams[key], field, value)
         self._plugin_event("_hparams_/experiment", experiment=experiment)
         self._plugin_event("_hparams_/session_start_info", session_start_info=session)
 
     def _plugin_event(self, tag: str, **data: Any) -> None:
-        event_pb2, summary_pb2, _, plugin_data_pb2, _ = self._pb
-        content = plugin_data_pb2.HParamsPluginData(version=0, **data).SerializeToString()
-        metadata = summary_pb2.SummaryMetadata(
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(
-                plugin_name="hparams", content=content
-            )
+        content = self.tb.plugin.HParamsPluginData(version=0, **data).SerializeToString()
+        plugin_data = self.tb.SummaryMetadata.PluginData(plugin_name="hparams", content=content)
+        value = self.tb.Summary.Value(
+            tag=tag, metadata=self.tb.SummaryMetadata(plugin_data=plugin_data)
         )
-        value = summary_pb2.Summary.Value(tag=tag, metadata=metadata)
-        self._file.add_event(
-            event_pb2.Event(wall_time=time.time(), summary=summary_pb2.Summary(value=[value]))
-        )
+        summary = self.tb.Summary(value=[value])
+        self._file.add_event(self.tb.Event(wall_time=time.time(), summary=summary))
 
     def close(self, info: Mapping[str, Any] | None = None, wall_time: float | None = None) -> None:
         """Write the run's final results (`final/...` scalars, the hparams session's end) from
@@ -182,19 +175,16 @@ class EventWriter:
         info = info or {}
         when = wall_time or time.time()
         f = self._open(when)
-        summary_pb2 = self._pb[1]
-        final = _flat(info)
+        final = flatten(info)
         values = [
-            summary_pb2.Summary.Value(tag=f"final/{k.split('.')[-1]}", simple_value=final[k])
+            self.tb.Summary.Value(tag=_final_tag(k), simple_value=final[k])
             for k in FINAL
             if isinstance(final.get(k), (int, float)) and not isinstance(final.get(k), bool)
         ]
-        step = int(info.get("steps_done") or 0)
         if values:
-            event = self._pb[0].Event(
-                wall_time=when, step=step, summary=summary_pb2.Summary(value=values)
-            )
-            f.add_event(event)
+            step = int(info.get("steps_done") or 0)
+            summary = self.tb.Summary(value=values)
+            f.add_event(self.tb.Event(wall_time=when, step=step, summary=summary))
         if self.hparams:
             status = {
                 "completed": "STATUS_SUCCESS",
@@ -202,17 +192,16 @@ class EventWriter:
                 "diverged": "STATUS_FAILURE",
                 "running": "STATUS_RUNNING",
             }.get(str(info.get("status")), "STATUS_UNKNOWN")
-            end = self._pb[3].SessionEndInfo(status=status, end_time_secs=when)
+            end = self.tb.plugin.SessionEndInfo(status=status, end_time_secs=when)
             self._plugin_event("_hparams_/session_end_info", session_end_info=end)
         f.flush()
         f.close()
         self._file = None
 
 
-def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    from netprobe.query import flatten
-
-    return flatten(data, prefix)
+def _final_tag(key: str) -> str:
+    """`final.val_acc` (run.json's `final` field) → `final/val_acc`; `best_val_acc` likewise."""
+    return f"final/{key.split('.')[-1]}"
 
 
 def _hparam_value(value: Any) -> bool | float | str | None:
@@ -243,19 +232,16 @@ def run_names(run_dirs: Sequence[Path], root: Path) -> dict[Path, str]:
     them, their command-line overrides (`sweep/init=orthogonal,seed=1`) or else their config
     keys; other runs by their path."""
     from netprobe.listing import swept_overrides
-    from netprobe.query import _varying, read_config
-    from netprobe.store import Run
+
+    root = root.resolve()
 
     def relative(path: Path) -> str:
-        try:
-            rel = path.resolve().relative_to(root.resolve())
-        except ValueError:
-            rel = Path(path.name)
+        rel = path.resolve().relative_to(root)
         return rel.as_posix() if str(rel) != "." else path.resolve().name
 
     groups: dict[Path, list[Path]] = {}
     for run_dir in run_dirs:
-        groups.setdefault(run_dir.parent, []).append(run_dir)
+        groups.setdefault(run_dir.resolve().parent, []).append(run_dir)
     names: dict[Path, str] = {}
     for parent, members in groups.items():
         if len(members) == 1:
@@ -264,7 +250,7 @@ def run_names(run_dirs: Sequence[Path], root: Path) -> dict[Path, str]:
         labels = {d: ",".join(o.split()) for d, o in swept_overrides(members).items()}
         if not all(labels.values()):
             configs = {d: read_config(Run(d)) for d in members}
-            keys = _varying(list(configs.values()))
+            keys = varying_keys(list(configs.values()))
             labels = {d: ",".join(f"{k}={configs[d].get(k)}" for k in keys) for d in members}
         for d, label in labels.items():
             names[d] = f"{relative(parent)}/{label}" if label and parent != root else label
@@ -281,29 +267,26 @@ def run_names(run_dirs: Sequence[Path], root: Path) -> dict[Path, str]:
 def export(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[Path]:
     """Event files for every stored run under `paths`, one TensorBoard run per run in `out`;
     refuses (ConfigError, nothing written) when a target folder already holds event files."""
-    from netprobe.query import read_config
-    from netprobe.store import read_runs
-
     require()
     out = Path(out)
-    runs = []
+    runs: dict[Path, Run] = {}
     for path in paths:
         if not Path(path).exists():
             raise ConfigError(f"no such file or directory: {path}")
-        runs.extend((Path(path), r) for r in read_runs(path))
+        runs.update((r.path, r) for r in read_runs(path))
     if not runs:
         raise ConfigError(f"no runs (directories with run.json) under {', '.join(map(str, paths))}")
-    names: dict[Path, str] = {}
-    for root in dict.fromkeys(root for root, _ in runs):
-        names.update(run_names([r.path for rt, r in runs if rt == root], root))
-    targets = {r.path: out / names[r.path] for _, r in runs}
+    # Named from the folder all PATHs share, so that runs given one by one get their sweep's names.
+    root = Path(os.path.commonpath([Path(p).resolve() for p in paths]))
+    names = run_names(list(runs), root)
+    targets = {path: out / name for path, name in names.items()}
     for target in targets.values():
         if target.is_dir() and any(target.glob("events.out.tfevents.*")):
             raise ConfigError(
                 f"{target} already holds TensorBoard event files; choose another --out"
             )
     written = []
-    for _, run in runs:
+    for run in runs.values():
         wall_time = _wall_times(run.info)
         writer = EventWriter(targets[run.path], hparams=read_config(run))
         writer.write({t: run.table(t) for t in ("scalars", "histograms")}, wall_time=wall_time)

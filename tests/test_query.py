@@ -233,3 +233,12 @@ def test_bad_queries_are_one_line_exit_2(root, tmp_path, capsys, args, message):
 def test_query_of_no_runs_is_one_line_exit_2(tmp_path, capsys):
     assert cli(["query", str(tmp_path), "SELECT 1"]) == 2
     assert "no runs (directories with run.json)" in capsys.readouterr().err
+
+
+def test_without_duckdb_installed_it_is_one_line_exit_2(root, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "duckdb", None)  # `import duckdb` fails
+    assert cli(["query", str(root), "SELECT 1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["netprobe: netprobe query needs duckdb: pip install duckdb"]

@@ -189,3 +189,18 @@ def test_export_of_a_missing_path_is_one_line_exit_2(tmp_path, capsys):
     code = cli(["export", str(tmp_path / "nope"), "--to", "tensorboard", "--out", str(tmp_path)])
     assert code == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_without_tensorboard_installed_it_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    import sys
+
+    for name in [m for m in sys.modules if m == "tensorboard" or m.startswith("tensorboard.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` fails
+    args = ["export", str(tmp_path), "--to", "tensorboard", "--out", str(tmp_path / "tb")]
+    assert cli(args) == 2
+    run_dir = tmp_path / "run"
+    assert cli(["train", "trainer.tensorboard=true", f"hydra.run.dir={run_dir}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["netprobe: TensorBoard output needs tensorboard: pip install tensorboard"] * 2
+    assert list(tmp_path.iterdir()) == []
