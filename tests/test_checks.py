@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from netprobe.cli import main as cli
+from netprobe.errors import ConfigError
 
 TINY = ["data=synthetic", "data.num_samples=128", "data.image_size=8", "data.probe_size=32"]
 
@@ -186,3 +187,13 @@ def test_every_probe_passes_the_check_with_its_defaults(model):
     from netprobe.config import compose
 
     check_probes(compose([*TINY, f"model={model}", "probes=all"]))
+    # The same check does look at every probe of `all`: one bad setting among them is refused.
+    for probe in ("gradients", "correlation", "channels"):
+        bad = [
+            *TINY,
+            f"model={model}",
+            "probes=all",
+            f"probes.{probe}.layers=[nothing_is_called_so]",
+        ]
+        with pytest.raises(ConfigError, match="nothing_is_called_so"):
+            check_probes(compose(bad))

@@ -187,12 +187,21 @@ def test_params_all_adds_biases_and_norm_parameters() -> None:
 
 
 def check_against_reference_tables(probe, scalars, hists, snaps, initial) -> None:
-    for step, weights in zip(sorted(scalars["step"].unique()), snaps):
+    # Every capture, every tensor and every metric must be there: a loop over the rows that
+    # happen to exist would pass on a probe that records nothing.
+    steps = sorted(scalars["step"].unique())
+    assert len(steps) == len(snaps)
+    assert sorted(hists["step"].unique()) == steps
+    for step, weights in zip(steps, snaps):
         for name in probe.names:
-            h = hists[(hists["step"] == step) & (hists["layer"] == name)].iloc[0]
+            h = hists[(hists["step"] == step) & (hists["layer"] == name)]
+            assert len(h) == 1, (step, name)
+            h = h.iloc[0]
             ref = reference(weights[name], initial[name], np.asarray(h["edges"]))
             np.testing.assert_array_equal(h["counts"], ref["counts"])
+            assert (h["below"], h["above"]) == (ref["below"], ref["above"]), (step, name)
             rows = scalars[(scalars["step"] == step) & (scalars["layer"] == name)]
+            assert sorted(rows["metric"]) == sorted(ref.keys() - {"counts", "below", "above"})
             for metric, value in zip(rows["metric"], rows["value"]):
                 want = pytest.approx(ref[metric], rel=1e-5, abs=1e-12, nan_ok=True)
                 assert value == want, (name, metric)
@@ -209,6 +218,7 @@ def test_zero_initial_tensor_has_no_relative_distance() -> None:
     next_epoch(probe)
     scalars, hists = tables(probe)
     dist = scalars[scalars["metric"] == "dist_init"].sort_values("step")["value"].to_numpy()
+    assert len(dist) == 2  # recorded at the start and after the epoch, as NaN: 0/0 is undefined
     assert np.isnan(dist).all()
     # A tensor of zeros gets the bins ±1 rather than a range of width zero.
     np.testing.assert_array_equal(hists["edges"].iloc[0][[0, -1]], [-1.0, 1.0])
