@@ -3,7 +3,8 @@
 Four small runs are trained for real (mlp on digits, probes gradients, activations and weights,
 one initializer each); each is copied into a sweep folder of its initializer under as many seeds
 as needed (run.json, config and Hydra overrides say so), which costs the readers what as many
-trainings would. Then, each in a fresh process, timed from the outside (import included):
+trainings would. Then each of these runs in a fresh process, timed (wall and CPU seconds) after
+its imports, which are timed on their own (they are the same for every command and every size):
 
 - `netprobe ls ROOT`
 - `netprobe query ROOT SQL`, best validation accuracy per initializer over the seeds
@@ -12,7 +13,7 @@ trainings would. Then, each in a fresh process, timed from the outside (import i
 - `netprobe export RUN... --to tensorboard` of 20 runs
 
     python scripts/bench_runs.py                 # 100 and 1,000 runs
-    python scripts/bench_runs.py --sizes 20      # a smoke test
+    python scripts/bench_runs.py --sizes 20 --repeats 1   # a smoke test
 """
 
 from __future__ import annotations
@@ -37,11 +38,20 @@ SELECT r."init.name" AS init, count(*) AS runs, avg(s.best) AS mean_best, stddev
 FROM (SELECT run, max(value) AS best FROM scalars WHERE metric = 'val_acc' GROUP BY run) s
 JOIN runs r USING (run) GROUP BY ALL ORDER BY mean_best DESC
 """
-SCALARS = """
-import netprobe, sys, time
-t = time.perf_counter()
-df = netprobe.load_runs(sys.argv[1]).scalars(metric="val_acc")
-print(len(df), df["run"].nunique(), time.perf_counter() - t)
+# Times one command inside a fresh process, after the imports: what the command itself costs.
+RUNNER = """
+import contextlib, io, json, sys, time
+import netprobe, netprobe.cli, netprobe.query
+what, args = sys.argv[1], sys.argv[2:]
+t, c = time.perf_counter(), time.process_time()
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    if what == "scalars":
+        df = netprobe.load_runs(args[0]).scalars(metric="val_acc")
+        result = [len(df), int(df["run"].nunique())]
+    else:
+        result = netprobe.cli.main(args)
+took = {"wall": time.perf_counter() - t, "cpu": time.process_time() - c}
+print(json.dumps({**took, "result": result, "out": out.getvalue()}))
 """
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
@@ -85,47 +95,45 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed(cmd: list[str], repeats: int) -> tuple[tuple[float, float], str]:
-    """Median wall and CPU seconds (all threads) of `repeats` runs of `cmd`, and its stdout. On a
-    shared machine the CPU seconds say more: wall time grows with everyone else's load."""
-    walls, cpus, out = [], [], ""
+def import_seconds(repeats: int) -> tuple[float, float]:
+    """Median wall and CPU seconds of a process that only imports netprobe's command line."""
+    walls, cpus = [], []
     for _ in range(repeats):
         t, c = time.perf_counter(), _cpu()
-        done = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+        subprocess.run([sys.executable, "-c", "import netprobe.cli, netprobe.query"], env=ENV)
         walls.append(time.perf_counter() - t)
         cpus.append(_cpu() - c)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def timed(what: str, args: list[str], repeats: int) -> tuple[tuple[float, float], dict]:
+    """Median wall and CPU seconds (all threads) of `repeats` runs of one command, each in a
+    fresh process after its imports, and the last run's result. On a shared machine the CPU
+    seconds say more: wall time grows with everyone else's load."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        done = subprocess.run(
+            [sys.executable, "-c", RUNNER, what, *args], env=ENV, capture_output=True, text=True
+        )
         if done.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
-        out = done.stdout
-    return (statistics.median(walls), statistics.median(cpus)), out
+            raise SystemExit(f"{what} {' '.join(args)} failed:\n{done.stderr}")
+        result = json.loads(done.stdout.splitlines()[-1])
+        walls.append(result["wall"])
+        cpus.append(result["cpu"])
+    return (statistics.median(walls), statistics.median(cpus)), result
 
 
-def measure(root: Path, n: int, repeats: int, scratch: Path) -> dict[str, float]:
-    ls, _ = timed(netprobe("ls", str(root)), repeats)
-    query, table = timed(netprobe("query", str(root), QUERY, "--format", "csv"), repeats)
-    assert sum(int(line.split(",")[1]) for line in table.splitlines()[1:]) == n, table
-    scalars, out = timed([sys.executable, "-c", SCALARS, str(root)], repeats)
-    rows, runs, inside = out.split()
-    assert int(runs) == n, out
-    jobs = sorted(root.glob("sweep-*/*/run.json"))[:20]
-    out_dir = scratch / f"tb-{n}"
-    export, _ = timed(
-        netprobe(
-            "export", *(str(j.parent) for j in jobs), "--to", "tensorboard", "--out", str(out_dir)
-        ),
-        1,
-    )
-    import_only, _ = timed([sys.executable, "-c", "import netprobe.cli, netprobe.query"], repeats)
-    return {
-        "runs": n,
-        "import": import_only,
-        "ls": ls,
-        "query": query,
-        "scalars": scalars,
-        "scalars_inside_s": float(inside),
-        "scalar_rows": int(rows),
-        "export20": export,
-    }
+def measure(root: Path, n: int, repeats: int, scratch: Path) -> dict:
+    ls, _ = timed("cli", ["ls", str(root)], repeats)
+    query, result = timed("cli", ["query", str(root), QUERY, "--format", "csv"], repeats)
+    table = result["out"].splitlines()[1:]
+    assert sum(int(line.split(",")[1]) for line in table) == n, result
+    scalars, result = timed("scalars", [str(root)], repeats)
+    assert result["result"][1] == n, result
+    jobs = [str(j.parent) for j in sorted(root.glob("sweep-*/*/run.json"))[:20]]
+    out = scratch / f"tb-{n}"
+    export, _ = timed("cli", ["export", *jobs, "--to", "tensorboard", "--out", str(out)], 1)
+    return {"runs": n, "ls": ls, "query": query, "scalars": scalars, "export20": export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,16 +159,18 @@ def main(argv: list[str] | None = None) -> int:
             size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
             print(f"# {n} runs: {size / 1e6:.0f} MB in {time.perf_counter() - t:.1f} s")
             results.append(measure(root, n, args.repeats, scratch))
-    print("\nwall s (CPU s, all threads), each a fresh process, `import netprobe` included")
-    print("\n| runs | import only | `ls` | aggregate `query` | `load_runs().scalars()` |", end="")
-    print(" `export` 20 runs |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    cell = lambda t: f"{t[0]:.1f} ({t[1]:.1f})"  # noqa: E731
+    imports = import_seconds(args.repeats)
+    print("\nCPU s (wall s) of each command after its imports; medians of", args.repeats)
+    print("\n| runs | `ls` | aggregate `query` | `load_runs().scalars()` | `export` 20 runs |")
+    print("|---:|---:|---:|---:|---:|")
+    cell = lambda t: f"{t[1]:.2f} ({t[0]:.2f})"  # noqa: E731
     for r in results:
         print(
-            f"| {r['runs']:,} | {cell(r['import'])} | {cell(r['ls'])} | {cell(r['query'])} | "
-            f"{cell(r['scalars'])} | {cell(r['export20'])} |"
+            f"| {r['runs']:,} | {cell(r['ls'])} | {cell(r['query'])} | {cell(r['scalars'])} | "
+            f"{cell(r['export20'])} |"
         )
+    print(f"\nimporting netprobe's command line: {cell(imports)}")
+    results.append({"import": imports})
     print(f"# load average {os.getloadavg()[0]:.2f} at end")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
