@@ -16,6 +16,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from netprobe.errors import ConfigError, StorageError
+from netprobe.store import atomic_write
+
 FOLDER = "checkpoints"
 
 
@@ -52,7 +55,8 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     **extra: Any,
 ) -> Path:
-    """Write {model, optimizer, epoch, step, rng, **extra} to `path` atomically."""
+    """Write {model, optimizer, epoch, step, rng, **extra} to `path` atomically and durably
+    (netprobe.store.atomic_write); a failure leaves no temporary file and raises StorageError."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -61,13 +65,29 @@ def save_checkpoint(
         "rng": rng_states(),
         **extra,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(path.parent, exc) from None
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+
+    atomic_write(path, write)
     return path
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """A checkpoint as saved; `weights_only=False` because it holds numpy RNG state."""
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """A checkpoint as saved; `weights_only=False` because it holds numpy RNG state. A file that
+    cannot be read (truncated, empty, not a checkpoint) is a ConfigError naming it."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ConfigError(f"{path} is damaged and cannot be read ({reason})") from None
+    if not isinstance(state, dict) or not {"model", "epoch", "step"} <= state.keys():
+        raise ConfigError(f"{path} is not a netprobe checkpoint")
+    return state

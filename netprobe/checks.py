@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from netprobe.errors import ConfigError
-from netprobe.lifecycle import check_new_run_dir
+from netprobe.lifecycle import RUN_FILE, check_new_run_dir, check_not_a_stray
 
 _checked_probes: set[str] = set()
 
@@ -21,14 +21,17 @@ _checked_probes: set[str] = set()
 def check_probes(cfg: DictConfig) -> None:
     """Build the model and its probes once, on the CPU with a blank batch of the data's shape, so a
     bad probe setting (a `layers` pattern matching nothing, an unknown key, a negative threshold)
-    fails before any run directory exists. Configs already checked are skipped."""
+    or a capture larger than `probes.memory_budget` fails before any run directory exists.
+    Configs already checked are skipped."""
     from netprobe.models import build_model
     from netprobe.monitor import build_probes, probe_context
+    from netprobe.probes.memory import check_budget, parse_budget, split_budget
 
-    probes = OmegaConf.to_container(cfg.probes, resolve=True) or {}
+    probes, budget = split_budget(OmegaConf.to_container(cfg.probes, resolve=True))
+    parse_budget(budget)  # a bad value fails even where no probe needs memory
     data = cfg.data
-    key = repr((OmegaConf.to_container(cfg.model, resolve=True), probes,
-                data.channels, data.image_size, data.num_classes))  # fmt: skip
+    key = repr((OmegaConf.to_container(cfg.model, resolve=True), probes, budget,
+                data.channels, data.image_size, data.num_classes, data.probe_size))  # fmt: skip
     if key in _checked_probes or not probes:
         return
     # As many samples as the run's probe batches (settings may index into them), as a view of
@@ -49,8 +52,13 @@ def check_probes(cfg: DictConfig) -> None:
             f"model={cfg.model.name} fails on a batch of shape {list(x.shape)} "
             f"(data.channels, data.image_size): {_line(exc)}"
         ) from None
-    for probe in build_probes(ctx, probes):
-        probe.close()
+    built = build_probes(ctx, probes)
+    try:
+        # On the host: the training device's own free memory is checked again when the run starts.
+        check_budget(built, budget)
+    finally:
+        for probe in built:
+            probe.close()
     _checked_probes.add(key)
 
 
@@ -61,14 +69,20 @@ def _line(exc: BaseException) -> str:
 
 
 def check_output_dir(
-    args: Sequence[str], overrides: Sequence[str], resume: bool, jobs: int = 1
+    args: Sequence[str],
+    overrides: Sequence[str],
+    resume: bool,
+    jobs: int = 1,
+    cfg: DictConfig | None = None,
 ) -> None:
     """The folder Hydra would write (hydra.run.dir, or hydra.sweep.dir with -m) must be writable
     and, unless resuming, must not hold another run: Hydra would overwrite that run's .hydra/
-    config before the run itself refused the folder.
+    config before the run itself refused the folder. Resuming, the run must be one that the
+    command's config may continue (netprobe.resume.check).
 
-    `overrides` are the first job's own overrides; `args` the full command line; `jobs` how many
-    jobs a sweep has (their folders are `<sweep.dir>/<job number>` unless sweep.subdir is changed).
+    `overrides` are the first job's own overrides (`cfg` their config); `args` the full command
+    line; `jobs` how many jobs a sweep has (their folders are `<sweep.dir>/<job number>` unless
+    sweep.subdir is changed).
     Folders that cannot be resolved here (Hydra-only interpolations) are left to Hydra.
     """
     multirun = bool({"-m", "--multirun"} & set(args)) or "hydra.mode=MULTIRUN" in args
@@ -80,14 +94,28 @@ def check_output_dir(
     folder, subdir = resolved
     path = Path(folder).expanduser()
     check_writable(path, key)
-    if resume or not path.is_dir():
+    if not path.is_dir():
         return
     if not multirun:
-        check_new_run_dir(path)
+        check_run_dir(path, resume, cfg)
     elif subdir == "${hydra.job.num}":
         for num in range(jobs):
             if (path / str(num)).is_dir():
-                check_new_run_dir(path / str(num))
+                check_run_dir(path / str(num), resume)
+
+
+def check_run_dir(path: Path, resume: bool, cfg: DictConfig | None = None) -> None:
+    """A new run needs a folder holding no run; resuming, a run that `cfg` may continue (when
+    given), or a folder holding nothing that looks like one."""
+    from netprobe import resume as resuming
+
+    if not resume:
+        check_new_run_dir(path)
+    elif (path / RUN_FILE).exists():
+        if cfg is not None:
+            resuming.check(cfg, path)
+    else:
+        check_not_a_stray(path)
 
 
 def check_writable(path: Path, key: str = "output folder") -> None:

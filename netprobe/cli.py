@@ -15,7 +15,7 @@ usage: netprobe {train,plot,ls,export,query} ...
 
   netprobe train [OVERRIDES]     train with probes attached (Hydra app; `netprobe train --help`)
   netprobe train -m seed=0,1,2   sweep with Hydra multirun
-  netprobe plot PATH... [--out DIR] [--format png,svg,pdf] [--only NAMES]
+  netprobe plot PATH... [--out DIR] [--format png,svg,pdf] [--only NAMES] [--jobs N]
                                  render every figure the runs under PATH support
   netprobe ls PATH...            one row per run: status, model, data, init, seed, ...
   netprobe export PATH --to tensorboard --out DIR
@@ -99,19 +99,23 @@ def plot_command(args: list[str]) -> int:
     parser.add_argument("--out", help="output folder (default: PATH/figures for one PATH)")
     parser.add_argument("--format", default="png", help="comma-separated: png, svg, pdf")
     parser.add_argument("--only", help="comma-separated figure names (see the list below)")
+    parser.add_argument(
+        "--jobs", type=_positive, default=None, help="worker processes (default: the cores)"
+    )
     from netprobe.plots import COMPARISONS, FIGURES, plot
 
     parser.epilog = "figures: " + ", ".join([*FIGURES, *COMPARISONS])
     ns = _parse(parser, args)
     if isinstance(ns, int):
         return ns
-    written = plot(
+    plot(
         ns.paths,
         out=ns.out,
         formats=_split(ns.format),
         only=_split(ns.only) if ns.only else None,
+        jobs=ns.jobs,
     )
-    return 0 if written else 1
+    return 0
 
 
 def ls_command(args: list[str]) -> int:
@@ -185,6 +189,16 @@ def _parse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespa
         return parser.parse_args(args)
     except SystemExit as exc:
         return int(exc.code or 0)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def _split(text: str) -> list[str]:

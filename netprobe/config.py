@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from netprobe.errors import ConfigError
 
@@ -109,10 +111,11 @@ def preflight(args: Sequence[str], check_data: bool = True) -> None:
         if not only_prints:
             check_probes(cfg)
         if combo_index == 0:
-            first_combo, resume = combo, bool(cfg.trainer.get("resume"))
+            first_combo, first_cfg = combo, cfg
     if not only_prints:
         # After every job's own checks: the run folder, or the sweep's folder and its job folders.
-        check_output_dir(args, first_combo, resume=resume, jobs=combo_index + 1)
+        resume = bool(first_cfg.trainer.get("resume"))
+        check_output_dir(args, first_combo, resume=resume, jobs=combo_index + 1, cfg=first_cfg)
 
 
 def _sweeper_params(overrides: list[str], extra: list[str]) -> dict[str, str]:
@@ -170,24 +173,48 @@ def _explain(exc: Exception, overrides: list[str], hydra_compose: Callable) -> C
 Check = Callable[[Any], bool]
 
 
+_INT64 = 2**63 - 1  # steps and counts are stored as int64
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and -_INT64 - 1 <= v <= _INT64
+
+
 def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+    return _int(v) and v > 0
 
 
 def _optional(check: Check) -> Check:
     return lambda v: v is None or check(v)
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _positive(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+    return _number(v) and v > 0
 
 
 def _non_negative_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return _int(v) and v >= 0
 
+
+def _fraction(v: Any) -> bool:
+    """In [0, 1): a momentum, a beta, a dropout rate."""
+    return _number(v) and 0 <= v < 1
+
+
+def _sizes(v: Any) -> bool:
+    """A positive integer or a list of them (layer widths)."""
+    return _positive_int(v) or (isinstance(v, list) and bool(v) and all(map(_positive_int, v)))
+
+
+SCHEDULERS = ("cosine", "step")
 
 _CHECKS: dict[str, tuple[Check, str]] = {
-    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    # What torch.manual_seed takes: a signed or an unsigned 64-bit integer.
+    "seed": (lambda v: _int(v) or (_non_negative_int(v - 2**63)), "a 64-bit integer"),
     "trainer.epochs": (_positive_int, "a positive integer"),
     "trainer.max_steps": (_optional(_positive_int), "a positive integer or null"),
     "trainer.precision": (lambda v: str(v) in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
@@ -205,17 +232,36 @@ _CHECKS: dict[str, tuple[Check, str]] = {
     "trainer.on_nonfinite": (lambda v: v in ("stop", "continue"), "stop or continue"),
     "trainer.tensorboard": (lambda v: isinstance(v, bool), "true or false"),
     "optim.lr": (_positive, "a positive number"),
-    "optim.weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number ≥ 0"),
+    "optim.weight_decay": (lambda v: _number(v) and v >= 0, "a number ≥ 0"),
+    "optim.momentum": (_fraction, "a number in [0, 1)"),
+    "optim.nesterov": (lambda v: isinstance(v, bool), "true or false"),
+    "optim.betas": (
+        lambda v: isinstance(v, list) and len(v) == 2 and all(map(_fraction, v)),
+        "two numbers in [0, 1), e.g. [0.9,0.999]",
+    ),
+    "optim.eps": (_positive, "a positive number"),
+    "optim.scheduler": (lambda v: v is None or v in SCHEDULERS, "null, cosine or step"),
+    "optim.step_size": (_positive_int, "a positive integer (epochs)"),
+    "optim.gamma": (_positive, "a positive number"),
     "data.batch_size": (_positive_int, "a positive integer"),
     "data.probe_size": (_positive_int, "a positive integer"),
+    "data.image_size": (_positive_int, "a positive integer"),
+    "data.channels": (_positive_int, "a positive integer"),
+    "data.num_classes": (_positive_int, "a positive integer"),
+    "data.num_samples": (_positive_int, "a positive integer"),
+    "data.noise": (lambda v: _number(v) and v >= 0, "a number ≥ 0"),
     "data.val_fraction": (
-        _optional(lambda v: isinstance(v, (int, float)) and 0 < v < 1),
+        _optional(lambda v: _number(v) and 0 < v < 1),
         "a fraction in (0, 1), or null for the official test split",
     ),
     "data.num_workers": (_non_negative_int, "an integer ≥ 0"),
     "data.augment": (lambda v: isinstance(v, bool), "true or false"),
     "data.on_device": (_optional(lambda v: isinstance(v, bool)), "true, false or null (auto)"),
     "data.download": (lambda v: isinstance(v, bool), "true or false"),
+    "model.width": (_positive_int, "a positive integer"),
+    "model.hidden": (_sizes, "a positive integer or a list of them"),
+    "model.dropout": (_fraction, "a number in [0, 1)"),
+    "model.middle_blocks": (_non_negative_int, "an integer ≥ 0"),
 }
 
 
@@ -228,11 +274,55 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: {first_line(exc)}") from None
         if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
             continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
         if not check(value):
-            raise ConfigError(f"{key}={value!r} is not valid; expected {valid}")
+            shown = value if isinstance(value, list) else repr(value)
+            raise ConfigError(f"{key}={shown} is not valid; expected {valid}")
     if cfg.model.get("_target_") in (None, "???"):
         raise ConfigError("model._target_ is not set; give model._target_=my.module.Net")
+    optim = cfg.optim
+    if optim.get("nesterov") and not optim.get("momentum"):
+        raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
+    _check_memory(cfg.data)
+    check_device(cfg.trainer.device)
     if cfg.trainer.get("tensorboard"):
         from netprobe.tensorboard import require
 
         require()  # before any run directory exists
+
+
+def check_device(name: str) -> None:
+    """Refuse a device this machine does not have (`cuda` without a GPU, `cuda:3` with two)."""
+    import torch
+
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= count:
+            have = f"{count} CUDA devices (cuda:0..cuda:{count - 1})" if count else "no CUDA device"
+            raise ConfigError(
+                f"trainer.device={name} does not exist: this machine has {have}; "
+                "valid: auto, cpu" + (", cuda, cuda:N" if count else "")
+            )
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.device=mps does not exist on this machine; valid: auto, cpu")
+
+
+def _check_memory(data: DictConfig) -> None:
+    """Refuse a synthetic data set larger than this machine's memory (a typo such as
+    data.num_samples=10000000000 would otherwise be found by the kernel's OOM killer)."""
+    if data.get("num_samples") is None:
+        return
+    need = data.num_samples * data.channels * data.image_size**2 * 4  # float32 pixels
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        gib = 2**30
+        raise ConfigError(
+            f"data.num_samples={data.num_samples} images of {data.channels}×{data.image_size}²"
+            f" need {need / gib:.0f} GiB, more than this machine's {have / gib:.0f} GiB of memory;"
+            " choose fewer samples or a smaller data.image_size"
+        )

@@ -1,5 +1,29 @@
-"""Errors the command line turns into one line on stderr and exit code 2."""
+"""Errors the command line turns into one line on stderr: exit code 2 for bad input, 1 for a run
+that could not write its files."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
 
 
 class ConfigError(ValueError):
     """Bad input: an unknown option, key or value. The message names it and the valid choices."""
+
+
+class StorageError(OSError):
+    """A run's file could not be written (a full disk, a read-only folder): the run ends `failed`
+    with this one line, which names the file and the error number."""
+
+    def __init__(self, path: str | os.PathLike, cause: OSError) -> None:
+        code = cause.errno
+        if code is None:  # pyarrow puts the number in its message only
+            match = re.search(r"errno (\d+)", str(cause), re.IGNORECASE)
+            code = int(match.group(1)) if match else None
+        reason = os.strerror(code) if code is not None else (cause.strerror or str(cause))
+        super().__init__(code, reason, str(path))
+
+    def __str__(self) -> str:
+        name = f" ({errno.errorcode[self.errno]})" if self.errno in errno.errorcode else ""
+        return f"cannot write {self.filename}: {self.strerror}{name}"

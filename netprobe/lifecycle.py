@@ -1,5 +1,6 @@
-"""A run's life outside the happy path: one writer per run directory, clean stops on Ctrl-C and
-SIGTERM, and telling a crashed run (its process is gone) from one still running."""
+"""A run's life outside the happy path: what counts as a run directory, one writer per run
+directory, clean stops on Ctrl-C, SIGTERM and SIGHUP, and telling a crashed run (its process is
+gone) from one still running."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ from netprobe.errors import ConfigError
 
 LOCK_FILE = ".netprobe.lock"
 RUN_FILE = "run.json"
+# What a run leaves in its directory besides run.json: found without run.json, they belong to
+# something that is not (or no longer) a run, which netprobe must neither extend nor overwrite.
+RUN_FILES = (
+    "scalars", "histograms", "matrices", "layers.parquet", "graph.parquet", "checkpoints", ".hydra"
+)  # fmt: skip
 INTERRUPTED_EXIT = 130
 
 
@@ -83,6 +89,20 @@ def effective_status(info: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- one writer per run directory
 
 
+def check_not_a_stray(path: str | os.PathLike) -> None:
+    """Refuse a folder holding run files but no run.json: a run is a directory with its run.json
+    (SPEC §1), and anything else that looks like one is never written into."""
+    path = Path(path)
+    if (path / RUN_FILE).exists():
+        return
+    found = [name for name in RUN_FILES if (path / name).exists()]
+    if found:
+        raise ConfigError(
+            f"{path} holds run files ({', '.join(found)}) but no {RUN_FILE}: it is not a run, "
+            f"and netprobe will not write into it; choose another folder (hydra.run.dir=...)"
+        )
+
+
 def check_new_run_dir(path: str | os.PathLike) -> None:
     """Refuse a run directory that already holds a run, so two runs never mix their data.
 
@@ -92,6 +112,7 @@ def check_new_run_dir(path: str | os.PathLike) -> None:
     holder = _lock_holder(path / LOCK_FILE)
     if holder is not None and holder.get("pid") != os.getpid() and _holder_alive(holder):
         raise ConfigError(_busy_message(path, holder))
+    check_not_a_stray(path)
     if not (path / RUN_FILE).exists():
         return
     info: Any = None
@@ -128,12 +149,25 @@ class RunLock:
             holder = _lock_holder(self.path)
             if holder is None or _holder_alive(holder):
                 raise ConfigError(_busy_message(self.path.parent, holder))
-            # The holder is gone: its lock is stale. Remove it and try again.
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
+            self._take_over(holder)
         raise ConfigError(_busy_message(self.path.parent, _lock_holder(self.path)))
+
+    def _take_over(self, stale: dict[str, Any]) -> None:
+        """Remove a stale lock, atomically: it is renamed to a private name (one process wins
+        that), and put back if what was moved is not the lock found stale but a live one that
+        replaced it meanwhile."""
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another process removed it first
+        try:
+            moved = _lock_holder(aside)
+            if moved != stale and moved is not None and _holder_alive(moved):
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, self.path)
+        finally:
+            aside.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.held:
@@ -204,7 +238,7 @@ def _busy_message(path: Path, holder: dict[str, Any] | None) -> str:
     )
 
 
-# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+# ---------------------------------------------------------------- Ctrl-C, SIGTERM and SIGHUP
 
 
 def ending(
@@ -221,9 +255,9 @@ def ending(
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block ends: what it drains from memory reaches the disk
+    """The stop signals wait until the block ends: what it drains from memory reaches the disk
     before an interrupt can cut in (a flush is short; the signal is acted on right after)."""
-    stops = {signal.SIGINT, signal.SIGTERM}
+    stops = set(StopSignals.SIGNALS)
     held = hasattr(signal, "pthread_sigmask")
     if held:
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
@@ -235,13 +269,14 @@ def signals_held() -> Iterator[None]:
 
 
 class StopSignals:
-    """While active, Ctrl-C or SIGTERM raise KeyboardInterrupt in the training loop, so the run
-    flushes what it recorded and is marked `interrupted`; a second signal exits at once (130).
+    """While active, Ctrl-C, SIGTERM or SIGHUP (the terminal closed, the ssh connection dropped)
+    raise KeyboardInterrupt in the training loop, so the run flushes what it recorded and is
+    marked `interrupted`; a second signal exits at once (130).
 
     Only the main thread can receive signals: elsewhere this does nothing.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -265,12 +300,14 @@ class StopSignals:
     def handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
-            print(f"\nnetprobe: {name} again: exiting now", file=sys.stderr, flush=True)
+            _say(f"\nnetprobe: {name} again: exiting now")
             os._exit(INTERRUPTED_EXIT)
         self.received = signum
-        print(
-            f"\nnetprobe: {name}: saving what was recorded (press Ctrl-C again to quit at once)",
-            file=sys.stderr,
-            flush=True,
-        )
+        _say(f"\nnetprobe: {name}: saving what was recorded (press Ctrl-C again to quit at once)")
         raise KeyboardInterrupt(name)
+
+
+def _say(line: str) -> None:
+    """Print to stderr, which may be gone: after SIGHUP the terminal often is."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)

@@ -21,6 +21,7 @@ from netprobe.errors import ConfigError
 from netprobe.lifecycle import ending, signals_held
 from netprobe.probes import PROBES, Probe, ProbeContext, Progress
 from netprobe.probes.gradients import stat_dtype
+from netprobe.probes.memory import AUTO, check_budget
 from netprobe.store import RunWriter, rows_table, scalar_table
 from netprobe.structure import layer_table, module_graph
 
@@ -106,7 +107,8 @@ class Recorder:
             ]
             tables["histograms"] = rows_table("histograms", rows)
         if self._matrices:
-            values = _to_host([m[6] for m in self._matrices], torch.float32)
+            # float64 on disk: CKA needs it, and float32 matrices (C) are stored exactly.
+            values = _to_host([m[6] for m in self._matrices], torch.float64)
             rows = [
                 {
                     "step": step,
@@ -222,9 +224,10 @@ class Monitor:
         optimizer: torch.optim.Optimizer | None = None,
         info: Mapping[str, Any] | None = None,
         seed: int = 0,
-        flush_every: int = 100,
+        flush_every: int = 200,
         on_nonfinite: str = "stop",
         resume: Mapping[str, Any] | None = None,
+        memory_budget: int | str = AUTO,
         sink: Any = None,
     ) -> None:
         if on_nonfinite not in ON_NONFINITE:
@@ -258,6 +261,7 @@ class Monitor:
         self.best_val_acc: float | None = None
         self.closed = False
         try:
+            check_budget(self.probes, memory_budget, self._device)
             if resume is not None:
                 self.load_state_dict(resume)
             self.writer = self._writer(out_dir, info, seed, resume is not None)
@@ -406,9 +410,9 @@ class Monitor:
             torch.cuda.synchronize(self._device)
         t = time.perf_counter()
         with signals_held():
+            # A table that cannot be written stays with the writer for the next flush.
             tables = self.record.drain()
-            for name, table in tables.items():
-                self.writer.append(name, table)
+            self.writer.append_all(tables)
         if self.sink is not None:
             self.sink.write(tables)
         self.nonfinite.settle()  # the drain has just synced: the exact answer costs nothing more
@@ -430,15 +434,32 @@ class Monitor:
         if self.closed:
             return
         self.closed = True
+        # Not completed: the caller's own exception is on its way, and a failed flush only adds
+        # to its error.
+        ending_badly = status != "completed"
         first = self.nonfinite.settle()
         if status == "completed" and first is not None:
             last_loss = self.latest().get("loss", math.nan)
             if self.on_nonfinite == "stop" or not math.isfinite(last_loss):
                 status, error = "diverged", f"non-finite loss at step {first}"
+        failure: BaseException | None = None
         try:
             if status == "completed":
+                # The end captures get parts of their own, which a resumed run can drop.
+                self.flush()
+                self.writer.mark_end_captures()
                 self._end_captures()
+        except BaseException as exc:  # Ctrl-C or an error in the end captures
+            failure = exc
+            status, error = ending(type(exc), exc)
+        try:
+            # Whatever ended the run, what was recorded is written.
             self.flush()
+        except BaseException as exc:
+            # A run that ended badly already keeps its reason; the writer adds the lost rows.
+            failure = failure or exc
+            if status == "completed":
+                status, error = ending(type(exc), exc)
         finally:
             close_probes(self.probes)
             final = {k: v for k, v in self.latest().items() if math.isfinite(v)}
@@ -458,6 +479,8 @@ class Monitor:
             )
             if self.sink is not None:
                 self.sink.close(self.writer.info)
+        if failure is not None and not ending_badly:
+            raise failure
 
     def _end_captures(self) -> None:
         """The `end` captures, stored under the epoch they follow (the last one trained), as an
@@ -490,5 +513,9 @@ def attach(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     **kwargs: Any,
 ) -> Monitor:
-    """Attach probes to `model` and start a run in `out_dir`; use as a context manager."""
+    """Attach probes to `model` and start a run in `out_dir`; use as a context manager.
+
+    The defaults are `netprobe train`'s: the `gradients` probe on every conv and linear weight,
+    a part file every 200 steps (`flush_every`), `memory_budget="auto"`; the learning rate is
+    recorded each step when `optimizer=` is given (its first parameter group's)."""
     return Monitor(model, out_dir, probes, probe_batch, loss_fn, **kwargs)

@@ -2,9 +2,9 @@
 
 Everything about resuming is decided here: whether a command asks for it, which checkpoint a run
 continues from (`checkpoints/last.pt`, written at every epoch end when `trainer.checkpoint_every`
-> 0), and cutting the stored tables back to that checkpoint, so that the finished run holds
-every step exactly once. Code that refuses to write into a directory already holding a run asks
-`resuming(cfg)` first.
+> 0), and whether the command's config may continue the run (`check`). The run's writer then cuts
+the stored tables back to that checkpoint, so that the finished run holds every step exactly
+once. Code that refuses to write into a directory already holding a run asks `resuming(cfg)`.
 
 `trainer.resume=true` means "continue the run in this directory if there is one": a directory
 holding no run yet starts from the beginning, so a sweep given it from the outset can be sent
@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from netprobe.checkpoint import checkpoint_path, load_checkpoint, set_rng_states
+from netprobe.config import first_line
 from netprobe.errors import ConfigError
-from netprobe.lifecycle import RunLock
-from netprobe.store import RUN_FILE, drop_rows_after
+from netprobe.lifecycle import check_not_a_stray
+from netprobe.store import RUN_FILE, read_info
 
 _RESUME = re.compile(r"^\+*trainer\.resume=(true|True|1)$")
 
@@ -48,15 +49,21 @@ def check_command_line(args: Sequence[str]) -> None:
 
 
 def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str, Any] | None:
-    """The checkpoint `run_dir` continues from, or None when not resuming. With `writes` (the
-    process that writes the run) the stored rows of later epochs are removed."""
+    """The checkpoint `run_dir` continues from, or None when not resuming (or nothing to resume).
+
+    Only reads: the run must be a run, its config must agree with `cfg` (`check`), and its
+    `last.pt` must be whole. The rows of later epochs are dropped once the run's writer holds the
+    directory (netprobe.store.RunWriter). `writes`: whether this process writes the run (it says
+    when there is nothing to resume)."""
     if not resuming(cfg):
         return None
     run_dir = Path(run_dir)
+    check_not_a_stray(run_dir)
     if not (run_dir / RUN_FILE).exists():
         if writes:
             print(f"netprobe: no run in {run_dir} to resume; starting it", file=sys.stderr)
         return None
+    check(cfg, run_dir)
     path = checkpoint_path(run_dir, "last")
     if not path.exists():
         raise ConfigError(
@@ -66,11 +73,74 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
     state = load_checkpoint(path)
     if "monitor" not in state or "data" not in state:
         raise ConfigError(f"{path} lacks the probe and data state needed to resume")
-    if writes:
-        # Under the run's lock: a run still going in another process is refused, not cut back.
-        with RunLock(run_dir):
-            drop_rows_after(run_dir, state["epoch"])
     return state
+
+
+# Keys a resumed run may change (SPEC §1): when it stops, how it logs and checkpoints, where and
+# how fast it runs, and its label. Every other key defines what the stored rows mean.
+MAY_CHANGE = (
+    "trainer.epochs", "trainer.max_steps", "trainer.resume", "trainer.target_val_acc",
+    "trainer.log_every", "trainer.flush_every", "trainer.checkpoint_every", "trainer.tensorboard",
+    "trainer.on_nonfinite", "trainer.device", "trainer.compile", "trainer.deterministic",
+    "data.num_workers", "data.on_device", "data.root", "data.download", "name", "out_root",
+)  # fmt: skip
+CONFIG = Path(".hydra") / "config.yaml"
+
+
+def check(cfg: DictConfig, run_dir: str | Path) -> None:
+    """Refuse to resume the run in `run_dir` with `cfg` unless every key that defines its stored
+    rows is as the run's own config has it: one line naming each differing key, both values."""
+    run_dir = Path(run_dir)
+    read_info(run_dir)
+    path = run_dir / CONFIG
+    if not path.exists():
+        raise ConfigError(
+            f"{run_dir} holds no {CONFIG} to check trainer.resume=true against; "
+            "it cannot be resumed"
+        )
+    try:
+        stored = OmegaConf.load(path)
+    except Exception as exc:  # noqa: BLE001 - a damaged YAML file, whatever the parser says
+        raise ConfigError(f"{path} is damaged ({first_line(exc)}); it cannot be resumed") from None
+    before, now = _flat(stored), _flat(cfg)
+    missing = "(absent)"
+    differ = [
+        f"{key}={_show(before.get(key, missing))} (the run's) vs {_show(now.get(key, missing))}"
+        for key in sorted(before.keys() | now.keys())
+        if key not in MAY_CHANGE and before.get(key, missing) != now.get(key, missing)
+    ]
+    epochs = before.get("trainer.epochs")
+    if isinstance(epochs, int) and now["trainer.epochs"] < epochs:
+        differ.append(f"trainer.epochs={now['trainer.epochs']} is fewer than the run's {epochs}")
+    if differ:
+        raise ConfigError(
+            f"trainer.resume=true refused: the run in {run_dir} differs in {'; '.join(differ)}. "
+            "A resumed run keeps its model, data, init, optim, seed, probes and precision; only "
+            "trainer.epochs (larger), max_steps, logging, device and launcher may change"
+        )
+
+
+def _flat(cfg: DictConfig) -> dict[str, Any]:
+    """Every leaf of `cfg` by its dotted key, interpolations resolved where they can be."""
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - an interpolation only Hydra could resolve
+        tree = OmegaConf.to_container(cfg, resolve=False)
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(tree, "")
+    return flat
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else str(value)
 
 
 def restore(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import socket
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +19,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from netprobe.errors import ConfigError, StorageError
 
 RUN_FILE = "run.json"
 CONFIG_FILE = ".hydra/config.yaml"  # the composed config, as Hydra writes it
@@ -57,7 +61,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("row", _dict_str),
             ("col", _dict_str),
             ("shape", pa.list_(pa.int32())),
-            ("values", pa.list_(pa.float32())),
+            ("values", pa.list_(pa.float64())),
         ]
     ),
     "layers": pa.schema(
@@ -78,35 +82,50 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write via `write(tmp_path)` to a temporary name beside `path`, then rename it into place."""
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write `path` whole or not at all (SPEC §3): `write(tmp)` fills a temporary name beside it,
+    which is fsynced and renamed into place, and the directory fsynced, so that neither a crash
+    nor a power loss leaves a half-written or empty file. A failure leaves no temporary file
+    behind and raises StorageError naming `path`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise StorageError(path, exc) from exc
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some filesystems cannot sync a directory; that is no reason to fail a run.
+        if not (path.is_dir() and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _atomic_write_bytes(path, write)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
 
 
 def write_text(path: Path, text: str) -> None:
     """A text file (an exported query result) written atomically."""
-    _atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_parquet(path: Path, table: pa.Table) -> None:
     """A Parquet file outside any run (an exported query result) written atomically."""
-    _atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _dict_array(codes: np.ndarray, names: list[str]) -> pa.DictionaryArray:
@@ -211,7 +230,12 @@ def rows_table(table: str, rows: list[dict[str, Any]]) -> pa.Table:
 
 
 class RunWriter:
-    """Owns one run directory: run.json's lifecycle and the numbered Parquet part files."""
+    """Owns one run directory: run.json's lifecycle and the numbered Parquet part files.
+
+    Nothing is written before the directory's lock is held and the directory checked: a new run
+    needs a folder holding no run, a resumed one (`resume`) its own run. Resuming from the end of
+    epoch `info["epochs_done"] - 1` drops the stored rows of later epochs first.
+    """
 
     def __init__(
         self, path: str | os.PathLike, info: dict[str, Any], *, resume: bool = False
@@ -219,18 +243,29 @@ class RunWriter:
         from netprobe.lifecycle import RunLock, check_new_run_dir
 
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(self.path, exc) from None
         # One writer per directory; a new run never writes into an old one (resuming does).
         self.lock = RunLock(self.path).acquire()
         try:
-            if not resume:
+            if resume:
+                before = read_info(self.path)
+                end_parts = before.pop("end_parts", None)
+                if "epochs_done" in info:
+                    drop_rows_after(self.path, info["epochs_done"] - 1, end_parts)
+            else:
                 check_new_run_dir(self.path)
+                before = {}
+            _remove_temp_files(self.path)
         except BaseException:
             self.lock.release()
             raise
         self._parts = {t: _next_part(self.path / t) for t in TABLES}
+        # Rows a failed write left in memory, per table, written first at the next try.
+        self._unwritten: dict[str, pa.Table] = {}
         # Resuming keeps what run.json said (when it started, ...) and notes when it went on.
-        before = Run(self.path).info if resume else {}
         before.pop("stop_reason", None)
         resumed = [*before.get("resumed_at", []), now_iso()] if resume else []
         self.info = {
@@ -245,15 +280,25 @@ class RunWriter:
             **({"resumed_at": resumed} if resumed else {}),
             **info,
         }
-        self._write_info()
+        try:
+            self._write_info()
+        except BaseException:
+            self.lock.release()
+            raise
 
     def update(self, **fields: Any) -> None:
         self.info.update(fields)
         self._write_info()
 
     def close(self, status: str, error: str | None = None, **fields: Any) -> None:
+        """Record the final status; a run whose rows could not all be written is `failed`."""
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; valid: {', '.join(STATUSES)}")
+        first = self.first_unwritten_step()
+        if first is not None:
+            lost = f"the rows from step {first} on could not be written"
+            error = f"{error}; {lost}" if error else lost
+            status = "failed" if status == "completed" else status
         try:
             self.update(status=status, error=error, ended_at=now_iso(), **fields)
         finally:
@@ -264,37 +309,109 @@ class RunWriter:
 
     def write_table(self, name: str, table: pa.Table) -> None:
         """Write a whole single-file table (layers.parquet, graph.parquet)."""
-        _atomic_write_bytes(self.path / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
+        atomic_write(self.path / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
 
     def append(self, name: str, table: pa.Table) -> Path | None:
         """Write `table` as the next part file of `name`; each part is complete on its own."""
         if table.num_rows == 0:
             return None
         folder = self.path / name
-        folder.mkdir(exist_ok=True)
         part = folder / f"part-{self._parts[name]:06d}.parquet"
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StorageError(folder, exc) from None
+        atomic_write(part, lambda tmp: pq.write_table(table, tmp, **_write_options(table)))
         self._parts[name] += 1
-        _atomic_write_bytes(part, lambda tmp: pq.write_table(table, tmp, **_write_options(table)))
         return part
 
-
-def drop_rows_after(path: str | os.PathLike, epoch: int) -> int:
-    """Remove every stored row of an epoch after `epoch` (resuming from the checkpoint taken at
-    its end); part files are rewritten atomically, emptied ones removed. Returns rows removed."""
-    removed = 0
-    for name in TABLES:
-        for part in sorted((Path(path) / name).glob("part-*.parquet")):
-            table = pq.read_table(part)
-            keep = pc.less_equal(table["epoch"], epoch)
-            kept = table.filter(keep)
-            if kept.num_rows == table.num_rows:
+    def append_all(self, tables: dict[str, pa.Table]) -> None:
+        """Append each table. One that cannot be written stays in memory, ahead of the next
+        call's rows of that table, while the others are written all the same; the first failure
+        is raised once every table has had its try."""
+        failure: StorageError | None = None
+        for name in dict.fromkeys([*self._unwritten, *tables]):
+            pieces = [t for t in (self._unwritten.pop(name, None), tables.get(name)) if t]
+            if not pieces:
                 continue
-            removed += table.num_rows - kept.num_rows
-            if kept.num_rows == 0:
-                part.unlink()
-            else:
-                _atomic_write_bytes(part, lambda tmp, t=kept: pq.write_table(t, tmp))
-    return removed
+            table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+            try:
+                self.append(name, table)
+            except StorageError as exc:
+                self._unwritten[name] = table
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def mark_end_captures(self) -> None:
+        """The parts written from now on hold the run's end captures (noted in run.json at
+        close): a resumed run drops them and takes its own at its end."""
+        self.info["end_parts"] = dict(self._parts)
+
+    def first_unwritten_step(self) -> int | None:
+        """The first step of the rows still held in memory after a failed write, if any."""
+        steps = [pc.min(t["step"]).as_py() for t in self._unwritten.values()]
+        return min(steps) if steps else None
+
+
+def _remove_temp_files(path: Path) -> None:
+    """The temporary files of writes that a killed process never finished (only the directory's
+    lock holder may call this: another writer's files would be in use)."""
+    for tmp in [*path.glob(".*.tmp-*"), *path.glob("*/.*.tmp-*")]:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def read_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The run.json of the run at `path`; ConfigError (one line) when it is missing or damaged."""
+    path = Path(path)
+    if not (path / RUN_FILE).exists():
+        raise ConfigError(f"no run in {path} to resume: it holds no {RUN_FILE}")
+    try:
+        return Run(path).info
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{path / RUN_FILE} is damaged ({_short(exc)}); the run cannot be resumed"
+        ) from None
+
+
+def drop_rows_after(
+    path: str | os.PathLike, epoch: int, end_parts: dict[str, int] | None = None
+) -> int:
+    """Remove every stored row of an epoch after `epoch` (resuming from the checkpoint taken at
+    its end), and the parts numbered from `end_parts[table]` on: the end captures of a run that
+    finished, which a resumed run takes again at its own end. Part files are rewritten
+    atomically, emptied ones removed. Returns the number of rows removed.
+
+    Every part is read before any is changed: a damaged one is refused (ConfigError) with the
+    directory untouched, since resuming past it would leave a hole in the stored steps."""
+    cuts: list[tuple[Path, int, pa.Table | None]] = []  # part, rows removed, rows kept
+    for name in TABLES:
+        end = (end_parts or {}).get(name)
+        for part in sorted((Path(path) / name).glob("part-*.parquet")):
+            try:
+                rows = pq.read_metadata(part).num_rows  # a zero-byte part fails here
+                if end is not None and _part_number(part) >= end:
+                    cuts.append((part, rows, None))
+                    continue
+                if rows == 0:
+                    continue
+                last = pc.max(pq.read_table(part, columns=["epoch"])["epoch"]).as_py()
+                if last > epoch:
+                    table = pq.read_table(part)
+                    kept = table.filter(pc.less_equal(table["epoch"], epoch))
+                    cuts.append((part, rows - kept.num_rows, kept))
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"{part} is damaged ({_short(exc)}); resuming would leave its rows out: "
+                    "move it out of the run to resume without them, or start a new run"
+                ) from None
+    for part, _, kept in cuts:
+        if kept is None or kept.num_rows == 0:
+            part.unlink()
+        else:
+            atomic_write(part, lambda tmp, t=kept: pq.write_table(t, tmp))
+    return sum(removed for _, removed, _ in cuts)
 
 
 def _write_options(table: pa.Table) -> dict[str, Any]:
@@ -313,7 +430,11 @@ def _write_options(table: pa.Table) -> dict[str, Any]:
 
 def _next_part(folder: Path) -> int:
     parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
-    return int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
+    return _part_number(parts[-1]) + 1 if parts else 0
+
+
+def _part_number(part: Path) -> int:
+    return int(part.stem.split("-")[1])
 
 
 def _version() -> str:
@@ -335,7 +456,7 @@ class Run:
         if not isinstance(info, dict):
             raise ValueError(f"{self.path / RUN_FILE} holds {type(info).__name__}, not an object")
         self.info: dict[str, Any] = info
-        self._cache: dict[str, tuple[tuple, pa.Table]] = {}
+        self._cache: dict[str, tuple[tuple, Any]] = {}
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.status!r})"
@@ -349,12 +470,16 @@ class Run:
 
     @property
     def config(self) -> dict[str, Any] | None:
-        path = self.path / CONFIG_FILE
-        if not path.exists():
-            return None
-        from omegaconf import OmegaConf
+        """The composed config (`.hydra/config.yaml`), parsed once; None without one."""
+        if "config" not in self._cache:
+            path = self.path / CONFIG_FILE
+            config = None
+            if path.exists():
+                from omegaconf import OmegaConf
 
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+                config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            self._cache["config"] = ((), config)
+        return self._cache["config"][1]
 
     def scalars(
         self, probe: str | None = None, metric: str | None = None, layer: str | None = None
@@ -369,11 +494,68 @@ class Run:
     def matrices(self, probe: str | None = None, name: str | None = None) -> pd.DataFrame:
         return self._read("matrices", probe=probe, name=name)
 
+    def matrix(
+        self,
+        name: str,
+        epoch: int | None = None,
+        step: int | None = None,
+        *,
+        probe: str | None = None,
+        row: str | None = None,
+        col: str | None = None,
+    ) -> pd.DataFrame:
+        """One capture of matrix `name` as a labelled 2-D DataFrame (`netprobe.matrices`): at
+        `step`, else the last capture of `epoch`, else the last capture; `row`/`col` pick a pair."""
+        from netprobe.matrices import labelled, pick_capture
+
+        df = self.matrices(probe=probe, name=name)
+        for column, value in (("row", row), ("col", col)):
+            if value is not None:
+                df = df[df[column] == value]
+        if df.empty:
+            names = ", ".join(sorted(set(self.matrices(probe=probe)["name"]))) or "none"
+            raise KeyError(f"no matrix {name!r} (row={row!r}, col={col!r}) stored; names: {names}")
+        order = list(dict.fromkeys(self.layers()["module"]))
+        return labelled(pick_capture(df, epoch, step), name, order)
+
     def layers(self) -> pd.DataFrame:
-        return _read_file(self.path / "layers.parquet", "layers")
+        return self._file("layers")
 
     def graph(self) -> pd.DataFrame:
-        return _read_file(self.path / "graph.parquet", "graph")
+        return self._file("graph")
+
+    def _file(self, table: str) -> pd.DataFrame:
+        """A single-file table, read once while the file stays the same."""
+        path = self.path / f"{table}.parquet"
+        key = (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else ()
+        cached = self._cache.get(table)
+        if cached is None or cached[0] != key:
+            cached = self._cache[table] = (key, _read_file(path, table))
+        return cached[1].copy()
+
+    def preload(self) -> None:
+        """Read every table now (once), so that later queries, in this process or in processes
+        forked from it, cost no disk reads."""
+        for table in TABLES:
+            self._table(table)
+        self._file("layers")
+        self._file("graph")
+        _ = self.config
+
+    def inputs(self) -> list[tuple[str, int, int]]:
+        """(path within the run, size, mtime_ns) of every file the stored data consist of: what a
+        figure drawn from this run depends on."""
+        files = [self.path / RUN_FILE, self.path / CONFIG_FILE]
+        files += [self.path / f"{t}.parquet" for t in ("layers", "graph")]
+        files += [p for t in TABLES for p in sorted((self.path / t).glob("part-*.parquet"))]
+        out = []
+        for f in files:
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            out.append((f.relative_to(self.path).as_posix(), st.st_size, st.st_mtime_ns))
+        return out
 
     def table(self, table: str) -> pa.Table:
         """All rows of `scalars`, `histograms` or `matrices` as one Arrow table."""
@@ -403,22 +585,25 @@ def _read_parts(parts: list[Path], table: str) -> pa.Table:
     if not parts:
         return SCHEMAS[table].empty_table()
     try:
-        # One multi-threaded scan of every part: twice as fast as a read per file.
-        return pq.read_table([str(p) for p in parts])
+        # One multi-threaded scan of every part: twice as fast as a read per file. The schema
+        # reads older parts as today's (whose matrices held list<float32> values).
+        return pq.read_table([str(p) for p in parts], schema=SCHEMAS[table])
     except (pa.ArrowException, OSError, ValueError):
         pass  # some part is damaged or differs: read them one by one, skipping the bad ones
-    tables = [t for _, t in _each_readable(parts, stacklevel=5)]
+    tables = [t for _, t in _each_readable(parts, stacklevel=5, schema=SCHEMAS[table])]
     if not tables:
         return SCHEMAS[table].empty_table()
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def _each_readable(parts: list[Path], stacklevel: int) -> Iterator[tuple[Path, pa.Table]]:
+def _each_readable(
+    parts: list[Path], stacklevel: int, schema: pa.Schema | None = None
+) -> Iterator[tuple[Path, pa.Table]]:
     """Each part file that reads whole, with its table; each one that does not is skipped with a
     warning that names it."""
     for part in parts:
         try:
-            yield part, pq.read_table(part)
+            yield part, pq.read_table(part, schema=schema)
         except (pa.ArrowException, OSError, ValueError) as exc:
             warnings.warn(
                 f"skipping unreadable part file {part}: {_short(exc)}", stacklevel=stacklevel

@@ -24,11 +24,13 @@ from netprobe import distributed, resume
 from netprobe.checkpoint import checkpoint_path, save_checkpoint
 from netprobe.config import first_line, validate
 from netprobe.data import Batches, build_data, fixed_batch, keep_on_device
-from netprobe.errors import ConfigError
+from netprobe.errors import ConfigError, StorageError
 from netprobe.init import initialize
 from netprobe.lifecycle import StopSignals
 from netprobe.models import build_model
+from netprobe.probes.memory import split_budget
 from netprobe.progress import TrainProgress
+from netprobe.store import atomic_write
 
 EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 1, "interrupted": 130, "refused": 2}
 
@@ -194,7 +196,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         "optim": cfg.optim.name,
         "epochs": t.epochs,
     }
-    probes = OmegaConf.to_container(cfg.probes, resolve=True) or {}
+    probes, budget = split_budget(OmegaConf.to_container(cfg.probes, resolve=True))
     total_steps = t.epochs * len(train_batches)
     if place.is_main:
         sink = None
@@ -215,14 +217,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             info={**info, "world_size": place.world_size},
             seed=cfg.seed,
             flush_every=t.flush_every,
+            memory_budget=budget,
             on_nonfinite=t.get("on_nonfinite", "stop"),
             resume=state["monitor"] if state else None,
             sink=sink,
         )
-        # Only now, with the probes built and the directory ours, is anything written.
-        if not (run_dir / ".hydra" / "config.yaml").exists():
-            (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     else:
         mon = distributed.FollowerMonitor(on_nonfinite=t.get("on_nonfinite", "stop"))
         if state:
@@ -270,6 +269,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         return distributed.from_main(mon.nonfinite_step, place) if sync_point else None
 
     with StopSignals(), mon, progress:
+        if place.is_main:
+            # Only now, the directory locked and checked, is the config written (a failure to
+            # write it fails the run like any other write).
+            save_config(cfg, run_dir)
         if t.checkpoint_every and state is None:
             checkpoint("start", epoch=-1)
         model.train()
@@ -311,6 +314,26 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         if stop_reason:
             mon.writer.update(stop_reason=stop_reason)
     return mon.writer.info["status"]
+
+
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """`.hydra/config.yaml` and, under Hydra, `hydra.yaml` and `overrides.yaml`: what Hydra writes
+    itself before a job starts, written here once the run holds its directory (Hydra is told not
+    to, in conf/config.yaml), so that a refused start leaves the folder as it was."""
+    from hydra.core.hydra_config import HydraConfig
+
+    files = {"config.yaml": cfg}
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        files["hydra.yaml"] = OmegaConf.create({"hydra": hydra_cfg})
+        files["overrides.yaml"] = OmegaConf.create(list(hydra_cfg.overrides.task))
+    folder = run_dir / ".hydra"
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise StorageError(folder, exc) from None
+    for name, content in files.items():
+        atomic_write(folder / name, lambda tmp, c=content: OmegaConf.save(c, tmp))
 
 
 def summary(run_dir: Path) -> str:
@@ -381,6 +404,11 @@ def hydra_main(args: list[str]) -> int:
         except KeyboardInterrupt:
             status = "interrupted"
             raise
+        except StorageError as exc:
+            # A full disk or a folder gone read-only: the run is failed, in one line, no traceback.
+            if not here:
+                raise JobFailed(1, f"run {run_dir} failed: {exc}") from None
+            print(f"netprobe: run {run_dir} failed: {exc}", file=sys.stderr)
         except Exception as exc:
             if here:
                 raise

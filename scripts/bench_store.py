@@ -1,4 +1,4 @@
-"""How fast the store takes scalars in, and how long `netprobe plot` takes on a 20-run sweep.
+"""How fast the store takes scalars in, and how long `netprobe plot` takes.
 
 1. Scalar rows per second through the real path: `Recorder.scalars` with device tensors every
    step, `Recorder.drain` (one host copy, Arrow tables) and `RunWriter.append` (a Parquet part)
@@ -9,7 +9,11 @@
    real (`netprobe.train.train` on tiny 8×8 synthetic images: the model's layers are real, every
    probe runs at its default schedule, 20 epochs of 100 steps); the other 19 are copies of its
    tables under other seeds (their run.json and config say so), which costs the plotter what 19
-   more trainings would. Then `python -m netprobe plot SWEEP` runs in a fresh process, timed.
+   more trainings would. Then `python -m netprobe plot SWEEP` runs in a fresh process, timed,
+   and once more on the unchanged folder (which draws nothing: the inputs are in its manifest).
+3. `netprobe plot` of one `probes=all` cnn run of 3 epochs on the default synthetic data, drawn
+   and then re-plotted unchanged. Targets on 2 idle cores: ≤ 10 s, ≤ 20 s for the sweep, ≤ 2 s for
+   a second plot.
 
     python scripts/bench_store.py            # both
     python scripts/bench_store.py --quick    # a smoke test (200-step runs, 3 of them)
@@ -130,11 +134,23 @@ def make_sweep(root: Path, runs: int, steps: int, model: str) -> Path:
     return root
 
 
-def plot_seconds(sweep: Path, out: Path) -> float:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+def single_run(root: Path) -> Path:
+    """One `probes=all` cnn run of 3 epochs on the default synthetic data, trained for real."""
+    overrides = ["model=cnn", "data=synthetic", "probes=all", "trainer.epochs=3"]
     t0 = time.perf_counter()
+    train(compose([*overrides, "trainer.device=cpu", "seed=0"]), root / "single")
+    print(f"  trained the probes=all cnn run (3 epochs) in {time.perf_counter() - t0:.1f} s")
+    return root / "single"
+
+
+def plot_seconds(sweep: Path, out: Path, jobs: int | None = None) -> float:
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    more = ["--jobs", str(jobs)] if jobs else []
+    t0 = time.perf_counter()
+    cpu0 = _children_cpu()
     done = subprocess.run(
-        [sys.executable, "-m", "netprobe", "plot", str(sweep), "--out", str(out)],
+        [sys.executable, "-m", "netprobe", "plot", str(sweep), "--out", str(out), *more],
         env=env,
         capture_output=True,
         text=True,
@@ -142,7 +158,18 @@ def plot_seconds(sweep: Path, out: Path) -> float:
     took = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"netprobe plot failed:\n{done.stderr}")
+    # CPU time of the plot and its workers: on a machine shared with other work, CPU seconds
+    # over the cores used bound what the wall time would be on idle cores.
+    cpu, load = _children_cpu() - cpu0, os.getloadavg()[0]
+    print(f"    ({took:.1f} s wall, {cpu:.1f} s CPU, load average {load:.1f})")
     return took
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="cnn", help="model of the plotted runs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-plot", action="store_true")
+    parser.add_argument("--skip-store", action="store_true", help="skip the rows/s measurement")
+    parser.add_argument("--jobs", type=int, default=None, help="`netprobe plot --jobs`")
     parser.add_argument("--keep", default=None, help="keep the sweep in this folder")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results to this file")
@@ -165,32 +194,49 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     print(f"# {os.cpu_count()} cores; load average {load:.2f} at start")
     results: dict = {"load_start": load}
-    store = [
-        scalar_rows_per_second(args.steps, args.flush_every, device) for _ in range(args.repeats)
-    ]
-    best = max(store, key=lambda r: r["rows_per_s"])
-    median = statistics.median(r["rows_per_s"] for r in store)
-    results["store"] = store
-    print(
-        f"store: {median:,.0f} scalar rows/s (median of {len(store)}; "
-        f"best {best['rows_per_s']:,.0f})"
-        f" over {best['rows']:,} rows, flush every {args.flush_every} steps; "
-        f"of the best: record {best['record_s']:.2f} s, drain {best['drain_s']:.2f} s, "
-        f"write {best['write_s']:.2f} s"
-    )
+    if not args.skip_store:
+        store = [
+            scalar_rows_per_second(args.steps, args.flush_every, device)
+            for _ in range(args.repeats)
+        ]
+        best = max(store, key=lambda r: r["rows_per_s"])
+        median = statistics.median(r["rows_per_s"] for r in store)
+        results["store"] = store
+        print(
+            f"store: {median:,.0f} scalar rows/s (median of {len(store)}; "
+            f"best {best['rows_per_s']:,.0f})"
+            f" over {best['rows']:,} rows, flush every {args.flush_every} steps; "
+            f"of the best: record {best['record_s']:.2f} s, drain {best['drain_s']:.2f} s, "
+            f"write {best['write_s']:.2f} s"
+        )
     if not args.skip_plot:
         keep = Path(args.keep) if args.keep else None
         with tempfile.TemporaryDirectory(prefix="netprobe-sweep-") as tmp:
             root = keep or Path(tmp)
+            single = single_run(root)
+            first = plot_seconds(single, root / "single-figures", args.jobs)
+            again = plot_seconds(single, root / "single-figures", args.jobs)
+            results["plot_single"] = {"seconds": first, "again_seconds": again}
+            print(
+                f"plot: {first:.1f} s for `netprobe plot` on one probes=all cnn run of 3 epochs; "
+                f"{again:.1f} s to plot it again unchanged"
+            )
             sweep = make_sweep(root / "sweep", args.runs, args.run_steps, args.model)
-            seconds = plot_seconds(sweep, root / "figures")
+            seconds = plot_seconds(sweep, root / "figures", args.jobs)
+            again = plot_seconds(sweep, root / "figures", args.jobs)
             files = sum(1 for _ in (root / "figures").rglob("*.png"))
             size = sum(p.stat().st_size for p in (sweep / "0").rglob("*.parquet"))
-        results["plot"] = {"runs": args.runs, "steps": args.run_steps, "seconds": seconds}
+        results["plot"] = {
+            "runs": args.runs,
+            "steps": args.run_steps,
+            "seconds": seconds,
+            "again_seconds": again,
+        }
         print(
             f"plot: {seconds:.1f} s for `netprobe plot` on {args.runs} runs × "
             f"{args.run_steps} steps"
-            f" ({args.model}, probes=all; {size / 1e6:.1f} MB of Parquet per run; {files} PNGs)"
+            f" ({args.model}, probes=all; {size / 1e6:.1f} MB of Parquet per run; {files} PNGs);"
+            f" {again:.1f} s to plot it again unchanged"
         )
     results["load_end"] = os.getloadavg()[0]
     print(f"# load average {results['load_end']:.2f} at end")

@@ -65,12 +65,51 @@ TRAIN_CASES = {
         ["probes=[weights]", "probes.weights.bins=0"],
         ["probes.weights.bins=0", "positive integer"],
     ),
-    "range_factor": (
-        ["probes=[activations]", "probes.activations.range_factor=-1"],
-        ["probes.activations.range_factor=-1", "> 0"],
+    "activations tail": (
+        ["probes=[activations]", "probes.activations.tail=0.2"],
+        ["probes.activations.tail=0.2", "[0, 0.005)"],
     ),
     "rwc mode": (["probes=[rwc]", "probes.rwc.mode=nope"], ["'nope'", "elementwise"]),
+    # out of the domain of what takes them
+    "device": (["trainer.device=cuda:99"], ["trainer.device=cuda:99", "does not exist", "cpu"]),
+    "betas": (["optim.betas=[2,3]"], ["optim.betas=[2, 3]", "two numbers in [0, 1)"]),
+    "momentum": (["optim=sgd", "optim.momentum=-1"], ["optim.momentum=-1", "[0, 1)"]),
+    "nesterov": (
+        ["optim=sgd", "optim.nesterov=true", "optim.momentum=0"],
+        ["optim.nesterov=true", "optim.momentum > 0"],
+    ),
+    "scheduler": (["optim.scheduler=bogus"], ["optim.scheduler='bogus'", "cosine or step"]),
+    "step_size": (["optim.scheduler=step", "optim.step_size=0"], ["optim.step_size=0"]),
+    "lr inf": (["optim.lr=inf"], ["optim.lr=inf", "positive number"]),
+    "image_size 0": (["data.image_size=0"], ["data.image_size=0", "positive integer"]),
+    "channels 0": (["data.channels=0"], ["data.channels=0", "positive integer"]),
+    "width <0": (["model=cnn", "model.width=-4"], ["model.width=-4", "positive integer"]),
+    "seed range": (["seed=18446744073709551616"], ["seed=18446744073709551616", "64-bit"]),
+    "max_steps range": (["trainer.max_steps=9223372036854775808"], ["trainer.max_steps"]),
+    "absurd data": (
+        ["data.num_samples=100000000000"],
+        ["data.num_samples=100000000000", "GiB", "memory"],
+    ),
+    "memory budget": (
+        ["probes.memory_budget=lots"],
+        ["probes.memory_budget='lots'", "auto", "512MB"],
+    ),
     # probe settings only the model can judge
+    "capture over budget": (
+        [
+            "model=cnn",
+            "probes=[correlation]",
+            "probes.correlation.conv=flatten",
+            "probes.correlation.max_features=100000",
+            "probes.memory_budget=20MB",
+        ],
+        [
+            "probes.correlation needs about",
+            "MB per capture",
+            "probes.memory_budget (20MB",
+            "lower probes.correlation.max_features",
+        ],
+    ),  # fmt: skip
     "layers": (
         ["model=cnn", "probes.gradients.layers=[nope\\..*]"],
         ["probes.gradients.layers", "'nope\\\\..*'", "matches nothing", "features.0.weight"],
@@ -97,6 +136,14 @@ def test_bad_train_input_is_one_line_and_writes_nothing(case, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     code, err = run_cli(["train", *TINY, *overrides], capsys)
     assert_one_line(code, err, words)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["train", *TINY, "trainer.device=cuda"], capsys)
+    assert_one_line(code, err, ["trainer.device=cuda", "no CUDA device", "auto, cpu"])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,4 +1,5 @@
-"""Runs stopped by Ctrl-C, SIGTERM or kill -9 keep what they wrote; one writer per run folder."""
+"""Runs stopped by Ctrl-C, SIGTERM, SIGHUP or kill -9 keep what they wrote; one writer per run
+folder."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_flushes_and_marks_interrupted(tmp_path, sig):
     run_dir = tmp_path / "run"
     proc = start_run(run_dir)

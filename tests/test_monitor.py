@@ -82,3 +82,36 @@ def test_python_numbers_are_stored_in_float64(tmp_path):
     train = netprobe.load(tmp_path / "run").scalars(probe="train")
     value = dict(zip(train["metric"], train["value"]))
     assert value["lr"] == 1e-3 and value["val_acc"] == 0.94
+
+
+def test_attach_and_train_share_their_defaults():
+    """What `attach` does unless told is what `netprobe train` does with its default config."""
+    import inspect
+
+    from netprobe.config import compose
+    from netprobe.probes.memory import split_budget
+
+    cfg = compose([])
+    params = inspect.signature(netprobe.Monitor).parameters
+    assert params["flush_every"].default == cfg.trainer.flush_every
+    assert params["on_nonfinite"].default == cfg.trainer.on_nonfinite
+    assert params["memory_budget"].default == cfg.probes.memory_budget
+    assert list(params["probes"].default) == list(split_budget(cfg.probes)[0])
+
+
+def test_the_learning_rate_follows_the_optimizer_each_step(tmp_path):
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    with netprobe.attach(model, tmp_path / "run", probes=[], optimizer=opt) as mon:
+        for _ in range(5):
+            loss = F.cross_entropy(model(torch.randn(4, 4)), torch.tensor([0, 1, 0, 1]))
+            opt.zero_grad()
+            loss.backward()
+            mon.after_backward(loss)
+            opt.step()
+            mon.after_step()
+            schedule.step()
+    lr = netprobe.load(tmp_path / "run").scalars(probe="train", metric="lr")
+    assert lr["step"].tolist() == [0, 1, 2, 3, 4]
+    assert lr["value"].tolist() == [0.1, 0.1, 0.05, 0.05, 0.025]

@@ -17,7 +17,7 @@ SPEC_COLUMNS = {
                    "source": STR, "edges": pa.list_(pa.float64()), "counts": pa.list_(pa.int64()),
                    "below": pa.int64(), "above": pa.int64()},
     "matrices": {"step": pa.int64(), "epoch": pa.int32(), "probe": STR, "name": STR, "row": STR,
-                 "col": STR, "shape": pa.list_(pa.int32()), "values": pa.list_(pa.float32())},
+                 "col": STR, "shape": pa.list_(pa.int32()), "values": pa.list_(pa.float64())},
     "layers": {"order": pa.int32(), "module": STR, "param": STR, "type": STR,
                "shape": pa.list_(pa.int32()), "numel": pa.int64()},
     "graph": {"source": STR, "target": STR},

@@ -1,12 +1,18 @@
-"""`netprobe plot`: find runs, group them by everything but the seed, draw every figure family."""
+"""`netprobe plot`: find runs, group them by everything but the seed, draw every figure family in
+parallel worker processes, skip figures whose stored inputs did not change, write index.html."""
 
 from __future__ import annotations
 
-import html
+import hashlib
+import json
+import multiprocessing
 import os
 import sys
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,47 +34,43 @@ from netprobe.plots import (  # noqa: F401 - importing registers their figures
 )
 from netprobe.plots.common import FIGURES, RunGroup
 from netprobe.plots.compare import COMPARISONS, swept
+from netprobe.plots.groups import group_runs, mapping
+from netprobe.plots.page import Entry, Extra, Section, page
 from netprobe.store import Run, find_runs
 
 FORMATS = ("png", "svg", "pdf")
-# Keys that differ between runs without making them different experiments.
-IGNORED_KEYS = {"seed", "name", "out_root", "trainer.resume"}
+MANIFEST = ".netprobe-plot.json"  # what each figure was drawn from, to skip unchanged ones
+GROUPS_FILE = "groups.json"  # group → folder, differing keys, runs
+# Figures that take several times longer than the rest go to the workers first.
+SLOW = {
+    "activation_distributions": 6,
+    "activation_evolution": 6,
+    "weights_histograms": 4,
+    "weights_evolution": 4,
+    "gradient_flow_graph": 4,
+    "corr_grid": 3,
+    "augmentation_correlations": 2,
+    "grad_sign_map": 2,
+}
 
 
-def flat(config: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
-    """A nested config as {dotted.key: value}."""
-    out: dict[str, Any] = {}
-    for key, value in (config or {}).items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flat(value, f"{path}."))
-        else:
-            out[path] = repr(value) if isinstance(value, list) else value
-    return out
+@dataclass(frozen=True)
+class Job:
+    """One registered figure of one target (a group, or the sweep comparison)."""
+
+    target: int
+    name: str
+    folder: str  # relative to the output folder; "" for its top
+
+    @property
+    def key(self) -> str:
+        return f"{self.folder}/{self.name}"
 
 
-def group_runs(runs: list[Run]) -> list[RunGroup]:
-    """Runs whose configs agree on everything but the seed form one group."""
-    configs = [{k: v for k, v in flat(r.config).items() if k not in IGNORED_KEYS} for r in runs]
-    keys: dict[tuple, list[int]] = {}
-    for i, cfg in enumerate(configs):
-        keys.setdefault(tuple(sorted((k, str(v)) for k, v in cfg.items())), []).append(i)
-    if len(keys) == 1:
-        return [RunGroup([runs[i] for i in next(iter(keys.values()))])]
-    all_keys = set().union(*configs)
-    varying = sorted(k for k in all_keys if len({str(c.get(k)) for c in configs}) > 1)
-    # A group option that differs (model=cnn vs mlp) names the group; the keys it brings along
-    # (model.width, data.image_size...) differ because of it and would only lengthen the label.
-    chosen = {k.removesuffix(".name") for k in varying if k.endswith(".name")}
-    named = [k for k in varying if k.endswith(".name") or k.split(".")[0] not in chosen]
-    groups = []
-    for members in keys.values():
-        values = {k: configs[members[0]].get(k) for k in varying}
-        parts = {k.removesuffix(".name"): f"{k.removesuffix('.name')}={values[k]}" for k in named}
-        detail = ", ".join(p for k, p in parts.items() if k not in ("model", "data", "init"))
-        group = RunGroup([runs[i] for i in members], ",".join(parts.values()), values, detail)
-        groups.append(group)
-    return sorted(groups, key=lambda g: g.label)
+# The groups and sweep being drawn: set before the workers fork, so they inherit the loaded tables.
+_TARGETS: list[Any] = []
+_OUT = Path()
+_FORMATS: tuple[str, ...] = ()
 
 
 def plot(
@@ -76,123 +78,246 @@ def plot(
     out: str | os.PathLike | None = None,
     formats: Sequence[str] = ("png",),
     only: Sequence[str] | None = None,
+    jobs: int | None = None,
+    extra: Sequence[Extra] = (),
 ) -> list[Path]:
-    """Draw every figure the runs under `paths` support into `out`, with an index.html."""
+    """Draw every figure the runs under `paths` support into `out`, with an index.html and the
+    group mapping; returns every figure file the page shows (drawn now or unchanged since)."""
+    global _OUT, _FORMATS
+    formats = tuple(formats)
     for fmt in formats:
         if fmt not in FORMATS:
             raise ConfigError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    if not formats:
+        raise ConfigError(f"no format given; valid formats: {', '.join(FORMATS)}")
     for name in only or ():
         if name not in FIGURES and name not in COMPARISONS:
             valid = ", ".join([*FIGURES, *COMPARISONS])
             raise ConfigError(f"unknown figure {name!r}; valid figures: {valid}")
-    run_dirs = [d for p in paths for d in _existing(p)]
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"--jobs {jobs} must be a positive number of worker processes")
+    for p in paths:
+        if not Path(p).exists():
+            raise ConfigError(f"no such file or directory: {p}")
+    if out is None:
+        out = Path(os.path.commonpath([Path(p).resolve() for p in paths])) / "figures"
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the figures and index.html")
+    runs = _load([d for p in paths for d in find_runs(p)])
+    if not runs:
+        raise ConfigError(f"no runs (directories with run.json) under {', '.join(map(str, paths))}")
+
+    groups = group_runs(runs)
+    targets: list[Any] = list(groups)
+    folders = [g.label for g in groups]
+    sweep = swept(groups)
+    if sweep is not None:
+        targets.append(sweep)
+        folders.append("compare")
+    job_list = [
+        Job(t, name, folders[t])
+        for t, target in enumerate(targets)
+        for name in _names(target, only)
+    ]
+    code = _code_version()
+    inputs = [_fingerprint(target, formats, code) for target in targets]
+    manifest = _read_manifest(out)
+    done = {
+        job.key: manifest[job.key]["entries"]
+        for job in job_list
+        if _up_to_date(manifest.get(job.key), inputs[job.target], out)
+    }
+    stale = [job for job in job_list if job.key not in done]
+    _TARGETS[:], _OUT, _FORMATS = targets, out, formats
+    drawn = _draw_all(stale, jobs, {job.target for job in stale})
+    for job in stale:
+        old = manifest.get(job.key, {}).get("entries", [])
+        new = drawn.get(job.key, [])
+        _remove_left_over(out, old, new)
+        manifest[job.key] = {"inputs": inputs[job.target], "entries": new}
+        done[job.key] = new
+
+    sections = []
+    for t, target in enumerate(targets):
+        entries = [
+            Entry(e["path"], e["name"], e["family"], e["caption"])
+            for job in job_list
+            if job.target == t
+            for e in done[job.key]
+        ]
+        if isinstance(target, RunGroup):
+            sections.append(Section(target.title, folders[t], target.runs, target.varying, entries))
+        elif entries:
+            runs_ = [r for g in target.groups for r in g.runs]
+            sections.insert(
+                0, Section(f"Comparison: {target.title}", "compare", runs_, {}, entries)
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / MANIFEST, manifest)  # other figures' records stay for a later full plot
+    _write_json(out / GROUPS_FILE, mapping(groups))
+    index = out / "index.html"
+    index.write_text(page(sections, out, extra))
+    files = [out / f for job in job_list for e in done[job.key] for f in e["files"]]
+    for path in files:
+        print(path)
+    print(index)
+    print(
+        f"{len(files)} figure files for {len(runs)} run(s) in {len(groups)} group(s): "
+        f"{sum(len(drawn.get(j.key, [])) for j in stale)} figures drawn, "
+        f"{sum(len(done[j.key]) for j in job_list if j not in stale)} unchanged",
+        file=sys.stderr,
+    )
+    return files
+
+
+def _load(run_dirs: list[Path]) -> list[Run]:
     runs = []
     for d in run_dirs:
         try:
             runs.append(Run(d))
         except (OSError, ValueError) as exc:
-            warnings.warn(f"skipping run {d}: damaged run.json ({exc})", stacklevel=2)
-    if not runs:
-        raise ConfigError(f"no runs (directories with run.json) under {', '.join(map(str, paths))}")
-    if out is None:
-        out = Path(os.path.commonpath([Path(p).resolve() for p in paths])) / "figures"
-    out = Path(out)
-    specs = [FIGURES[n] for n in (only or FIGURES) if n in FIGURES]
-    groups = group_runs(runs)
-    sections: list[tuple[str, list[Run], list[tuple[str, Path]]]] = []
-    written: list[Path] = []
-    for group in groups:
-        folder = out / _safe(group.label) if group.label else out
-        entries = []
-        for spec in specs:
-            what = f"figure {spec.name} for {group.label or 'runs'}"
-            entries += _render(what, spec, group, folder, formats, written)
-        sections.append((group.title, group.runs, entries))
-    # A sweep over more than the seed: its values side by side, in compare/.
-    sweep = swept(groups)
-    if sweep is not None:
-        entries = []
-        for spec in [COMPARISONS[n] for n in (only or COMPARISONS) if n in COMPARISONS]:
-            what = f"comparison {spec.name}"
-            entries += _render(what, spec, sweep, out / "compare", formats, written)
-        if entries:
-            sections.insert(0, (f"Comparison: {sweep.title}", runs, entries))
-    index = out / "index.html"
-    out.mkdir(parents=True, exist_ok=True)
-    index.write_text(_index_html(sections, out))
-    for path in written:
-        print(path)
-    print(index)
-    print(
-        f"{len(written)} figure files for {len(runs)} run(s) in {len(groups)} group(s)",
-        file=sys.stderr,
+            warnings.warn(f"skipping run {d}: damaged run.json ({exc})", stacklevel=3)
+    return runs
+
+
+def _names(target: Any, only: Sequence[str] | None) -> list[str]:
+    registry = FIGURES if isinstance(target, RunGroup) else COMPARISONS
+    return [n for n in (only or registry) if n in registry]
+
+
+def _runs_of(target: Any) -> list[Run]:
+    return (
+        target.runs if isinstance(target, RunGroup) else [r for g in target.groups for r in g.runs]
     )
-    return written
 
 
-def _render(
-    what: str,
-    spec: Any,
-    target: Any,
-    folder: Path,
-    formats: Sequence[str],
-    written: list[Path],
-) -> list[tuple[str, Path]]:
-    """Draw one registered figure of `target` (a group or a sweep), save it in every format;
-    returns its (caption, path) index entries."""
+def _code_version() -> str:
+    """Changes whenever a figure module does, so that new code redraws every figure (the page
+    and the grouping are rebuilt at every call anyway)."""
+    here = Path(__file__).parent
+    figures = [p for p in sorted(here.glob("*.py")) if p.stem not in ("page", "groups")]
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in figures]
+    return hashlib.sha1(repr(stats).encode()).hexdigest()
+
+
+def _fingerprint(target: Any, formats: Sequence[str], code: str) -> str:
+    """What a target's figures are drawn from: its runs' stored files, the formats, the code."""
+    what = [code, list(formats), getattr(target, "label", "compare")]
+    what += [[str(r.path), r.inputs()] for r in _runs_of(target)]
+    return hashlib.sha1(json.dumps(what).encode()).hexdigest()
+
+
+def _read_manifest(out: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _up_to_date(record: Any, inputs: str, out: Path) -> bool:
+    if not isinstance(record, dict) or record.get("inputs") != inputs:
+        return False
+    entries = record.get("entries")
+    return isinstance(entries, list) and all(
+        (out / f).exists() for e in entries for f in e.get("files", [])
+    )
+
+
+def _remove_left_over(out: Path, old: list[dict], new: list[dict]) -> None:
+    """Files a figure wrote last time but not now (an epoch no longer drawn, say)."""
+    kept = {f for e in new for f in e["files"]}
+    for f in {f for e in old for f in e.get("files", [])} - kept:
+        (out / f).unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _draw_all(stale: list[Job], jobs: int | None, targets: set[int]) -> dict[str, list[dict]]:
+    """Draw the stale jobs, in `jobs` forked worker processes when there is more than one."""
+    if not stale:
+        return {}
+    for t in targets:
+        for run in _runs_of(_TARGETS[t]):
+            run.preload()  # once, here: forked workers share what was read
+    order = sorted(stale, key=lambda job: -SLOW.get(job.name, 1))
+    workers = min(jobs or _cores(), len(order))
+    results: dict[str, list[dict]] = {}
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("fork")
+        try:
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                for key, entries in pool.map(_draw, order):
+                    results[key] = entries
+        except BrokenProcessPool:
+            warnings.warn("a figure worker process died; drawing the rest here", stacklevel=2)
+    for job in order:
+        if job.key not in results:
+            key, entries = _draw(job)
+            results[key] = entries
+    return results
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _draw(job: Job) -> tuple[str, list[dict]]:
+    """Draw one registered figure of its target and save it in every format; returns its page
+    entries (files relative to the output folder). A broken figure warns, never stops the rest."""
+    target = _TARGETS[job.target]
+    spec = (FIGURES if isinstance(target, RunGroup) else COMPARISONS)[job.name]
+    what = f"figure {job.name} for {job.folder or 'runs'}"
     try:
         rendered = spec.draw(target)
     except Exception as exc:  # noqa: BLE001 - one broken figure must not stop the rest
-        warnings.warn(f"{what} failed: {exc}", stacklevel=3)
-        plt.close("all")  # whatever it had opened
-        return []
+        warnings.warn(f"{what} failed: {type(exc).__name__}: {exc}", stacklevel=2)
+        plt.close("all")
+        return job.key, []
     if rendered is None:
         plt.close("all")
-        return []
+        return job.key, []
+    family = spec.draw.__module__.rsplit(".", 1)[-1]
+    folder = _OUT / job.folder
     entries = []
     items = rendered.items() if isinstance(rendered, dict) else [("", rendered)]
     for suffix, fig in items:
-        stem = f"{spec.name}_{suffix}" if suffix else spec.name
+        stem = f"{job.name}_{suffix}" if suffix else job.name
         folder.mkdir(parents=True, exist_ok=True)
-        for fmt in formats:
+        files = []
+        for fmt in _FORMATS:
             path = folder / f"{stem}.{fmt}"
-            fig.savefig(path, dpi=110)
-            written.append(path)
+            try:
+                # zlib level 3: a few percent larger files, written in half the time of 6.
+                extra = {"pil_kwargs": {"compress_level": 3}} if fmt == "png" else {}
+                fig.savefig(path, dpi=110, **extra)
+            except Exception as exc:  # noqa: BLE001 - as above
+                warnings.warn(
+                    f"{what} could not be saved: {type(exc).__name__}: {exc}", stacklevel=2
+                )
+                continue
+            files.append(path.relative_to(_OUT).as_posix())
         plt.close(fig)
-        caption = spec.caption + (f" ({suffix})" if suffix else "")
-        entries.append((caption, folder / f"{stem}.{formats[0]}"))
-    return entries
-
-
-def _existing(path: str | os.PathLike) -> list[Path]:
-    if not Path(path).exists():
-        raise ConfigError(f"no such file or directory: {path}")
-    return list(find_runs(path))
-
-
-def _safe(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "=-_.," else "_" for c in label)
-
-
-def _index_html(sections: list[tuple[str, list[Run], list[tuple[str, Path]]]], out: Path) -> str:
-    parts = [
-        "<!doctype html><meta charset='utf-8'><title>netprobe figures</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
-        "figure{display:inline-block;margin:1em;vertical-align:top;max-width:640px}"
-        "img{max-width:100%;border:1px solid #ddd}figcaption{font-size:0.9em;color:#333}</style>",
-        "<h1>netprobe figures</h1>",
-    ]
-    for title, members, entries in sections:
-        runs = ", ".join(html.escape(str(r.path)) for r in members[:5])
-        more = f" and {len(members) - 5} more" if len(members) > 5 else ""
-        parts.append(f"<h2>{html.escape(title)}</h2><p>{len(members)} run(s): {runs}{more}</p>")
-        for caption, path in entries:
-            rel = html.escape(path.relative_to(out).as_posix())
-            parts.append(
-                f"<figure><a href='{rel}'><img src='{rel}' alt='{html.escape(caption)}'></a>"
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        if files:
+            caption = spec.describe(target)
+            entries.append(
+                {
+                    "path": files[0],
+                    "name": stem,
+                    "family": family,
+                    "caption": caption,
+                    "files": files,
+                }
             )
-    return "\n".join(parts) + "\n"
+    return job.key, entries
 
 
-__all__ = ["FIGURES", "group_runs", "plot"]
+__all__ = ["FIGURES", "Extra", "group_runs", "plot"]

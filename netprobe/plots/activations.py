@@ -13,6 +13,7 @@ from netprobe.plots.common import (
     layer_colors,
     layer_legend,
     new_figure,
+    positive,
     short,
 )
 from netprobe.plots.weights import evolution_grid, first_run, histogram_grid, trained_epochs
@@ -62,7 +63,9 @@ def _per_source(group: RunGroup, grid, what: str) -> dict | None:
 @figure(
     "activation_distributions",
     "Output distribution of each tracked module (forward order) on one input source, at the "
-    "first capture (filled) and the last (outline), in fixed bins; eval mode.",
+    "first capture (filled) and the last (outline), each in bins spanning its own range (the "
+    "0.1 % tails beyond, hatched); eval mode.",
+    averages=False,
 )
 def activation_distributions(group: RunGroup):
     return _per_source(group, histogram_grid, "Feature distributions")
@@ -72,6 +75,7 @@ def activation_distributions(group: RunGroup):
     "activation_evolution",
     "How each module's output histogram moves over training on one input source: epochs trained "
     "× output value, colour the fraction of values per bin (log), mean ± std in cyan.",
+    averages=False,
 )
 def activation_evolution(group: RunGroup):
     return _per_source(group, evolution_grid, "Feature histogram over training")
@@ -87,7 +91,7 @@ PANELS = [
 @figure(
     "activation_stats",
     "Output std, share of inactive outputs (≤ 0) and of dead units per module over training, "
-    "one row per input source (mean ± std over seeds).",
+    "one row per input source.",
 )
 def activation_stats(group: RunGroup):
     df = group.scalars(PROBE)
@@ -102,9 +106,7 @@ def activation_stats(group: RunGroup):
         for c, (metric, title, log) in enumerate(PANELS):
             ax = axes[r, c]
             part = df[(df["source"] == source) & (df["metric"] == metric)]
-            layer_bands(ax, part, colors, group.n)
-            if log and (part["value"] > 0).all():
-                ax.set_yscale("log")
+            layer_bands(ax, part, colors, group.n, log=log and positive(part["value"]))
             if metric.endswith("_frac"):
                 ax.yaxis.set_major_formatter(PercentFormatter(1.0))
             ax.set_title(f"{title} — {source}", fontsize=9)
@@ -112,6 +114,6 @@ def activation_stats(group: RunGroup):
             ax.grid(alpha=0.3)
             if r == len(sources) - 1:
                 ax.set_xlabel("epochs trained")
-    layer_legend(fig, axes[0, 0], group, "module")
+    layer_legend(fig, axes[0, 0], group, "module", log=True)
     fig.suptitle(f"Feature statistics — {group.title}")
     return fig

@@ -39,7 +39,8 @@ def _block(df: pd.DataFrame, name: str, row: str) -> np.ndarray | None:
     "Pearson correlations under random affine augmentation of one validation sample, for the "
     "first and the last tracked layer: between features across augmentations (left) and between "
     "augmentations across features (right); invariance = feature variance across augmentations "
-    "/ across the probe batch.",
+    "/ across the probe batch. Each panel's colour scale spans its own off-diagonal values.",
+    averages=False,
 )
 def augmentation_correlations(group: RunGroup):
     found = _last_capture(group)
@@ -53,8 +54,7 @@ def augmentation_correlations(group: RunGroup):
     scalars = run.scalars(PROBE, "invariance")
     scalars = scalars[scalars["step"] == df["step"].iloc[0]]
     inv = dict(zip(scalars["layer"], scalars["value"]))
-    fig, axes = new_figure(len(layers), 2, size=(4.6, 4.2))
-    image = None
+    fig, axes = new_figure(len(layers), 2, size=(5.0, 4.2))
     for i, layer in enumerate(layers):
         kind = "first" if i == 0 else "last"
         score = f", invariance {inv[layer]:.3f}" if layer in inv else ""
@@ -69,21 +69,36 @@ def augmentation_correlations(group: RunGroup):
             if block is None:
                 ax.axis("off")
                 continue
-            image = ax.imshow(
-                block, cmap=CORR_CMAP, vmin=-1, vmax=1, interpolation="nearest", aspect="equal"
-            )
             off = block[~np.eye(*block.shape, dtype=bool)] if block.shape[0] > 1 else block
-            mean = f", mean off-diagonal r = {np.mean(off):.2f}"
+            cmap, vmin, vmax = data_scale(off)
+            image = ax.imshow(
+                block, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="equal"
+            )
+            fig.colorbar(image, ax=ax, shrink=0.8, label="Pearson r")
+            mean = f", mean off-diagonal r = {np.nanmean(off):.3f}"
             ax.set_title(f"{kind} layer {short(layer, 24)}{score}\n{what}{mean}", fontsize=9)
             ax.set_xlabel(f"{unit} ({block.shape[1]})", fontsize=8)
             ax.set_ylabel(f"{unit} ({block.shape[0]})", fontsize=8)
             ax.tick_params(labelsize=7)
-    if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.7, label="Pearson correlation")
     n = _config(group).get("samples")
     count = f"{n} augmentations" if n else "augmentations"
     fig.suptitle(f"Features under augmentation ({count}) — {group.title}\n{phrase}", fontsize=10)
     return fig
+
+
+def data_scale(values: np.ndarray) -> tuple[str, float, float]:
+    """A colour scale for correlations spanning the 1st to 99th percentile of `values`: diverging
+    around 0 when they take both signs, sequential when (as under augmentation) all are alike."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return CORR_CMAP, -1.0, 1.0
+    lo, hi = (float(q) for q in np.percentile(finite, [1, 99]))
+    if lo < 0 < hi:
+        peak = max(-lo, hi)
+        return CORR_CMAP, -peak, peak
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.01, hi + 0.01
+    return "viridis", lo, hi
 
 
 def to_images(stack: np.ndarray, low: float, high: float) -> list[np.ndarray]:
@@ -99,6 +114,7 @@ def to_images(stack: np.ndarray, low: float, high: float) -> list[np.ndarray]:
     "augmentation_inputs",
     "The validation sample (top left, framed) and the first stored random affine augmentations "
     "of it that the augmentation probe fed to the network.",
+    averages=False,
 )
 def augmentation_inputs(group: RunGroup):
     found = _last_capture(group)

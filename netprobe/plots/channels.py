@@ -23,7 +23,8 @@ def _values(df: pd.DataFrame, name: str, layer: str, x: int) -> np.ndarray:
     "channel_boxplots",
     "Per-channel gradient absorption Ab_c2 = Σ_c1 ‖LG^{c1→c2}‖ (above) and emission "
     "Em_c1 = Σ_c2 ‖LG^{c1→c2}‖ (below) for each conv layer in forward order; one box per "
-    "layer over its channels (pooled over seeds), first and last capture when there are two.",
+    "layer over its channels (pooled over the group's runs), first and last capture when there "
+    "are two.",
 )
 def channel_boxplots(group: RunGroup):
     df = group.matrices(PROBE)

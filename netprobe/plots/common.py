@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from netprobe.store import Run  # noqa: E402
 
@@ -85,16 +86,29 @@ class FigureSpec:
     name: str
     caption: str
     draw: Callable[[RunGroup], Rendered]
+    # True: curves average the group's runs; False: the figure draws one run (the first seed).
+    averages: bool = True
+
+    def describe(self, group: RunGroup) -> str:
+        """The caption with what the figure stands on: how many runs, averaged or one of them."""
+        if group.n == 1:
+            return f"{self.caption} One run (seed {group.runs[0].info.get('seed')})."
+        if self.averages:
+            return f"{self.caption} Averaged over n = {group.n} runs (seeds)."
+        return f"{self.caption} Drawn from one run: {group.seed_note}."
 
 
 FIGURES: dict[str, FigureSpec] = {}
 
 
-def figure(name: str, caption: str) -> Callable[[Callable[[RunGroup], Rendered]], Callable]:
-    """Register a figure: `draw(group)` returns a Figure, {suffix: Figure}, or None (no data)."""
+def figure(
+    name: str, caption: str, averages: bool = True
+) -> Callable[[Callable[[RunGroup], Rendered]], Callable]:
+    """Register a figure: `draw(group)` returns a Figure, {suffix: Figure}, or None (no data);
+    `averages` False for figures drawn from the group's first run alone."""
 
     def register(draw: Callable[[RunGroup], Rendered]) -> Callable[[RunGroup], Rendered]:
-        FIGURES[name] = FigureSpec(name, caption, draw)
+        FIGURES[name] = FigureSpec(name, caption, draw, averages)
         return draw
 
     return register
@@ -115,13 +129,50 @@ def band(
     n: int,
     label: str | None = None,
     color: Any = None,
+    geometric: bool = False,
     **kwargs: Any,
 ) -> None:
-    """A mean line with a ±1 std band; the legend says how many runs it averages."""
+    """A mean line with a ±1 std band; the legend says how many runs it averages. `geometric`:
+    `mean` and `std` are of log10 values, drawn as the geometric mean ×/÷ the geometric std (a
+    band on a log axis that never dips to zero)."""
     label = f"{label} (n={n})" if label is not None and n > 1 else label
+    low, high = mean - std, mean + std
+    if geometric:
+        mean, low, high = 10.0**mean, 10.0**low, 10.0**high
     (line,) = ax.plot(x, mean, label=label, color=color, **kwargs)
     if n > 1:
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+        ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, lw=0)
+
+
+def log_worthy(values: Any, decades: float = 2.0) -> bool:
+    """True when the finite values are all positive and span more than `decades` decades: a
+    linear axis would flatten all but the largest."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return bool(v.size) and bool((v > 0).all()) and v.max() > v.min() * 10**decades
+
+
+def positive(values: Any) -> bool:
+    """True when every finite value is > 0 (and there is one): a log axis can show them all."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return bool(v.size) and bool((v > 0).all())
+
+
+def step_axis(ax: Axes, label: str = "optimizer step") -> None:
+    """An x axis of optimizer steps or epochs: whole-number ticks only."""
+    ax.set_xlabel(label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def compact_ticks(ax: Axes, axis: str = "both") -> None:
+    """Tick labels that carry their own magnitude (`2e-05`, `0.03`, `1.2e+04`): no offset or
+    ×10ⁿ text in a corner, where it collides with neighbouring panels."""
+    fmt = FuncFormatter(lambda v, _pos: f"{v:.3g}".replace("e+0", "e").replace("e-0", "e-"))
+    for name in ("x", "y") if axis == "both" else (axis,):
+        target = ax.xaxis if name == "x" else ax.yaxis
+        if target.get_scale() == "linear":
+            target.set_major_formatter(fmt)
 
 
 def mean_band(
@@ -132,9 +183,12 @@ def mean_band(
     label: str | None = None,
     color: Any = None,
     markers_upto: int = 20,
+    geometric: bool = False,
 ) -> None:
     """`band` of `rows["value"]` averaged over runs at each `x`, with dots while there are at most
-    `markers_upto` points (0: never)."""
+    `markers_upto` points (0: never); `geometric`: averaged as log10 values, for a log axis."""
+    if geometric:
+        rows = rows[rows["value"] > 0].assign(value=lambda d: np.log10(d["value"]))
     stats = rows.groupby(x)["value"].agg(["mean", "std"]).fillna(0.0)
     band(
         ax,
@@ -144,6 +198,7 @@ def mean_band(
         n,
         label=label,
         color=color,
+        geometric=geometric,
         marker="o" if len(stats) <= markers_upto else None,
         markersize=3,
     )
@@ -164,21 +219,31 @@ def layer_bands(
     x: str = "x",
     labels: bool = True,
     markers_upto: int = 20,
+    log: bool = False,
 ) -> None:
     """A `mean_band` per layer of `df` (columns `layer`, `x`, `value`, `run`), for each layer of
-    `colors` in its order; layers without rows are skipped."""
+    `colors` in its order; layers without rows are skipped. `log`: a log y axis, with geometric
+    means and bands."""
+    if log:
+        ax.set_yscale("log")
+    parts = dict(tuple(df.groupby("layer", sort=False))) if not df.empty else {}
     for layer, color in colors.items():
-        rows = df[df["layer"] == layer]
-        if not rows.empty:
+        if layer in parts:
             label = short(layer) if labels else None
-            mean_band(ax, rows, x, n, label, color, markers_upto)
+            mean_band(ax, parts[layer], x, n, label, color, markers_upto, geometric=log and n > 1)
+    if not log:
+        compact_ticks(ax, "y")
 
 
-def layer_legend(fig: Figure, ax: Axes, group: RunGroup, what: str = "layer") -> None:
+def layer_legend(
+    fig: Figure, ax: Axes, group: RunGroup, what: str = "layer", log: bool = False
+) -> None:
     """`ax`'s curves listed once, outside the panels on the right, in forward order; the title
-    says how many seeds the bands average."""
+    says how many seeds the bands average (geometrically on log axes)."""
     handles, labels = ax.get_legend_handles_labels()
     seeds = f"\nmean ± std over {group.n} seeds" if group.n > 1 else ""
+    if log and group.n > 1:
+        seeds += "\n(log axes: geometric mean ×/÷ std)"
     fig.legend(
         handles,
         labels,

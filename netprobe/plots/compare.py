@@ -9,10 +9,21 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import MaxNLocator
+from matplotlib.patches import Patch
 
-from netprobe.plots.common import RunGroup, band, mean_std, new_figure, short, smooth
+from netprobe.plots.common import (
+    RunGroup,
+    band,
+    compact_ticks,
+    log_worthy,
+    mean_std,
+    new_figure,
+    short,
+    smooth,
+    step_axis,
+)
 from netprobe.plots.curves import PANELS
+from netprobe.plots.weights import FIRST, LAST, draw_first_last
 
 MAX_ROWS = 8  # layers shown in the distribution grids; evenly spread over the network
 
@@ -65,6 +76,11 @@ class ComparisonSpec:
     caption: str
     draw: Callable[[Sweep], Any]
 
+    def describe(self, sweep: Sweep) -> str:
+        """The caption with how many runs stand behind each swept value."""
+        counts = ", ".join(f"{label}: {g.n}" for label, g in zip(sweep.labels, sweep.groups))
+        return f"{self.caption} Runs per {sweep.key}: {counts}."
+
 
 COMPARISONS: dict[str, ComparisonSpec] = {}
 
@@ -88,7 +104,9 @@ def _colors(n: int) -> list[Any]:
 
 @comparison(
     "compare_curves",
-    "Training curves per value of the swept key: mean ± std over seeds (n in the legend).",
+    "Training curves per value of the swept key, each averaged over its runs (mean ± std, n in "
+    "the legend); loss on a log axis when it spans more than two decades, a diverged run ending "
+    "in ×.",
 )
 def compare_curves(sweep: Sweep):
     frames = [g.scalars("train") for g in sweep.groups]
@@ -96,39 +114,45 @@ def compare_curves(sweep: Sweep):
         return None
     fig, axes = new_figure(2, 2, size=(5.6, 3.6))
     colors = _colors(len(sweep.groups))
+    styles = ["-", "--", ":", "-."]
     for ax, (metric, title, x) in zip(axes.flat, PANELS):
         ax.set_title(title)
-        ax.set_xlabel("epoch" if x == "epoch" else "optimizer step")
-        drawn = False
-        for df, group, label, color in zip(frames, sweep.groups, sweep.labels, colors):
-            part = df[df["metric"] == metric] if not df.empty else df
+        step_axis(ax, "epoch" if x == "epoch" else "optimizer step")
+        parts = [df[df["metric"] == metric] if not df.empty else df for df in frames]
+        values = np.concatenate([p["value"].to_numpy(float) for p in parts if not p.empty] or [[]])
+        if values.size == 0:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
+            continue
+        log = "loss" in metric and log_worthy(values)
+        if log:
+            ax.set_yscale("log")
+        for k, (part, group, label, color) in enumerate(
+            zip(parts, sweep.groups, sweep.labels, colors)
+        ):
             if part.empty:
                 continue
             if x == "epoch":
                 part = part.assign(epoch=part["epoch"] + 1)  # epochs counted from 1
-            stats = _mean_over_runs(part, x)
+            finite = part[np.isfinite(part["value"])]
+            if log:  # averaged as log values: a geometric mean and band
+                finite = finite[finite["value"] > 0].assign(value=lambda d: np.log10(d["value"]))
+            stats = _mean_over_runs(finite, x)
             y = stats["mean"].to_numpy()
             if x == "step":
                 y = smooth(y)
-            band(
-                ax,
-                stats[x].to_numpy(),
-                y,
-                stats["std"].to_numpy(),
-                group.n,
-                label=label,
-                color=color,
-                marker="o" if x == "epoch" and len(stats) < 30 else None,
-                markersize=3,
-            )
-            drawn = True
-        if not drawn:
-            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
-            continue
-        if x == "epoch":
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            style = styles[(k // 10) % len(styles)]  # colours repeat after ten: lines differ
+            band(ax, stats[x].to_numpy(), y, stats["std"].to_numpy(), group.n, label=label,
+                 color=color, ls=style, geometric=log,
+                 marker="o" if x == "epoch" and len(stats) < 30 else None,
+                 markersize=3)  # fmt: skip
+            if len(finite) < len(part) and len(stats):
+                # The run stopped being finite: its last finite value, marked.
+                last = 10 ** y[-1] if log else y[-1]
+                ax.plot(stats[x].iloc[-1], last, "x", color=color, ms=9, mew=2)
         if "acc" in metric:
             ax.set_ylim(0, 1.02)
+        if not log:
+            compact_ticks(ax, "y")
         ax.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if not handles:
@@ -146,8 +170,8 @@ def _mean_over_runs(df: pd.DataFrame, x: str) -> pd.DataFrame:
 
 @comparison(
     "compare_final",
-    "Final validation accuracy and loss per value of the swept key: mean ± std over seeds, "
-    "each seed a dot.",
+    "Final validation accuracy (bars from 0) and loss (mean ± std as a point, log axis when it "
+    "spans more than two decades) per value of the swept key, each seed a dot.",
 )
 def compare_final(sweep: Sweep):
     rows = [
@@ -164,9 +188,19 @@ def compare_final(sweep: Sweep):
     x = np.arange(len(sweep.groups))
     for ax, (metric, title) in zip(axes[0], [("val_acc", "final validation accuracy"),
                                              ("val_loss", "final validation loss")]):  # fmt: skip
-        part = df[df["metric"] == metric]
+        part = df[(df["metric"] == metric) & np.isfinite(df["value"].astype(float))]
         stats = part.groupby("i")["value"].agg(["mean", "std"]).reindex(x)
-        ax.bar(x, stats["mean"], 0.7, yerr=stats["std"].fillna(0), color=colors, alpha=0.55)
+        if metric == "val_acc":
+            ax.bar(x, stats["mean"], 0.7, yerr=stats["std"].fillna(0), color=colors, alpha=0.55)
+        else:
+            # A loss has no natural baseline (and on a log axis none at all): no bars.
+            ax.errorbar(x, stats["mean"], yerr=stats["std"].fillna(0), fmt="none",
+                        ecolor="0.3", capsize=4, zorder=2)  # fmt: skip
+            ax.scatter(x, stats["mean"], s=160, marker="_", c=colors, linewidths=3, zorder=2)
+            if log_worthy(part["value"]):
+                ax.set_yscale("log")
+            else:
+                compact_ticks(ax, "y")
         # Seeds of one value side by side, so equal results stay visible as separate dots.
         rank = part.groupby("i").cumcount().to_numpy()
         size = part.groupby("i")["value"].transform("size").to_numpy()
@@ -199,6 +233,7 @@ def _before_after(
         picks = np.unique(np.linspace(0, len(layers) - 1, MAX_ROWS).round().astype(int))
         layers = [layers[i] for i in picks]
     ncols = len(sweep.groups)
+    steps: dict[int, tuple[int, int]] = {}
     # Wide enough for the title even with two or three columns.
     fig, axes = new_figure(len(layers), ncols, size=(max(2.6, 8.0 / ncols), 1.9))
     for col, (df, label) in enumerate(zip(hists, sweep.labels)):
@@ -212,34 +247,21 @@ def _before_after(
                 ax.set_xticks([]), ax.set_yticks([])
             else:
                 first, last = part["step"].min(), part["step"].max()
-                for step, name, color in ((first, "before", "tab:blue"),
-                                          (last, "after", "tab:orange")):  # fmt: skip
-                    row_ = part[part["step"] == step].iloc[0]
-                    _stairs(ax, row_, color, f"{name} (step {step})")
-                ax.tick_params(labelsize=7)
-                if row == 0 and col == 0:
-                    ax.legend(fontsize=7, loc="upper right")
+                rows = [part[part["step"] == step].iloc[0] for step in (first, last)]
+                draw_first_last(ax, *rows)
+                steps[col] = (int(first), int(last))
             if col == 0:
                 ax.set_ylabel(short(layer, 22), fontsize=8)
         axes[-1, col].set_xlabel(unit, fontsize=8)
+    first, last = next(iter(steps.values()), (0, 0))
+    handles = [
+        Patch(facecolor=FIRST, alpha=0.5, label=f"before training (step {first})"),
+        Patch(facecolor="none", edgecolor=LAST, lw=1.4, label=f"after (step {last})"),
+        Patch(facecolor="none", edgecolor="0.3", hatch="///", label="outside the bins"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8)
     fig.suptitle(f"{what} before and after training, per {sweep.key}\n{sweep.title}, first seed")
     return fig
-
-
-def _stairs(ax: Any, row: pd.Series, color: str, label: str) -> None:
-    """One stored histogram as a density (the fraction outside its range said in the legend)."""
-    edges = np.asarray(row["edges"], dtype=float)
-    counts = np.asarray(row["counts"], dtype=float)
-    total = counts.sum() + row["below"] + row["above"]
-    widths = np.diff(edges)
-    if total <= 0 or len(edges) < 2:
-        return
-    density = counts / total / np.where(widths > 0, widths, 1)
-    outside = (row["below"] + row["above"]) / total
-    if outside >= 0.005:
-        label = f"{label}, {outside:.0%} outside"
-    ax.stairs(density, edges, color=color, fill=True, alpha=0.35, label=label)
-    ax.stairs(density, edges, color=color, lw=1)
 
 
 @comparison(

@@ -117,11 +117,28 @@ def corr_mean_heatmap(group: RunGroup):
 
 @figure(
     "cka_heatmap",
-    "Linear CKA between the representations of every pair of layers on the probe batch; "
-    "first and last capture.",
+    "Linear CKA between the representations of every pair of layers on the probe batch, with the "
+    "biased HSIC estimator (reads high when features outnumber samples); first and last capture.",
 )
 def cka_heatmap(group: RunGroup):
-    return _pair_heatmaps(group, "cka", "Linear CKA between layers", "linear CKA", 1.0)
+    return _pair_heatmaps(
+        group, "cka", "Linear CKA between layers, biased HSIC", "linear CKA (biased)", 1.0
+    )
+
+
+@figure(
+    "cka_unbiased_heatmap",
+    "Linear CKA between every pair of layers with the unbiased HSIC estimator (Song et al. 2012; "
+    "about 0 for unrelated layers, may dip below it); first and last capture.",
+)
+def cka_unbiased_heatmap(group: RunGroup):
+    return _pair_heatmaps(
+        group,
+        "cka_unbiased",
+        "Linear CKA between layers, unbiased HSIC",
+        "linear CKA (unbiased)",
+        1.0,
+    )
 
 
 @figure(

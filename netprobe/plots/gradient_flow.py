@@ -49,9 +49,21 @@ def pick_epochs(epochs: Sequence[int], limit: int = MAX_EPOCHS) -> list[int]:
     return [epochs[i] for i in picks]
 
 
-def _threshold(group: RunGroup) -> float:
-    cfg = ((group.runs[0].config or {}).get("probes") or {}).get(PROBE) or {}
-    return float(cfg.get("threshold", 0.01))
+RELATIVE = 0.1  # an edge is weak below this fraction of the run's median edge gradient
+
+
+def relative_threshold(values: Sequence[float]) -> float:
+    """RELATIVE × the median of the finite, positive edge gradients stored for the run(s): weak
+    is judged against the network's own scale, not a fixed number that suits one model."""
+    v = np.asarray([x for x in values if np.isfinite(x) and x > 0], dtype=float)
+    return float(RELATIVE * np.median(v)) if v.size else 0.0
+
+
+def parameter_counts(group: RunGroup) -> dict[str, int]:
+    """Parameters per module (all of its parameters), from layers.parquet."""
+    layers = group.runs[0].layers()
+    params = layers[layers["param"] != ""]
+    return {m: int(n) for m, n in params.groupby("module")["numel"].sum().items()}
 
 
 def _layout(nodes: list[str], depth: dict[str, int]) -> dict[str, tuple[float, float]]:
@@ -69,8 +81,10 @@ def _layout(nodes: list[str], depth: dict[str, int]) -> dict[str, tuple[float, f
 @figure(
     "gradient_flow_graph",
     "Gradient flow between tracked modules (left → right by depth), mean over the epoch's "
-    "captures: node size and colour ∝ log10 ‖∂L/∂W‖₂, edge width ∝ ‖∂L/∂y‖₂ at the edge's source, "
-    "green above the threshold, red at or below.",
+    "captures: node size and colour ∝ log10 of the RMS gradient per parameter ‖∂L/∂W‖₂/√#params "
+    "(normalised by parameter count, so small BatchNorm layers compare with large convs), edge "
+    "width ∝ ‖∂L/∂y‖₂ at the edge's source, red at or below the threshold: 0.1 × the run's median "
+    "edge value unless the run's config sets one.",
 )
 def gradient_flow_graph(group: RunGroup):
     df = group.scalars(PROBE)
@@ -87,15 +101,22 @@ def gradient_flow_graph(group: RunGroup):
     ]
     depth = longest_path_depth(nodes, edges)
     pos = _layout(nodes, depth)
-    threshold = _threshold(group)
 
     def values(metric: str) -> dict[tuple[str, int], float]:
         part = table[metric] if metric in table.index.get_level_values(0) else None
         return {} if part is None else {k: float(v) for k, v in part.items()}
 
     w_norm, out_norm = values("w_grad_l2"), values("out_grad_l2")
-    # A tracked module without parameters is sized by its output gradient instead.
-    node_norm = {**out_norm, **w_norm}
+    counts = parameter_counts(group)
+    # Per parameter: ‖g‖₂/√n is the root-mean-square gradient of one of the module's weights.
+    w_norm = {k: v / np.sqrt(counts[k[0]]) for k, v in w_norm.items() if counts.get(k[0])}
+    chosen = (((group.runs[0].config or {}).get("probes") or {}).get(PROBE) or {}).get("threshold")
+    if chosen is None:
+        threshold = relative_threshold(df.loc[df["metric"] == "out_grad_l2", "value"].tolist())
+        rule = f"threshold {RELATIVE:g} × the run's median edge"
+    else:
+        threshold, rule = float(chosen), "threshold set in the run's config"
+    node_norm = w_norm
     logs = np.log10(np.clip([v for v in node_norm.values()], 1e-30, None))
     lo, hi = (float(logs.min()), float(logs.max())) if len(logs) else (0.0, 1.0)
     hi = hi if hi > lo else lo + 1.0
@@ -149,18 +170,19 @@ def gradient_flow_graph(group: RunGroup):
         ax.scatter(xs, ys, s=sizes, c=colors, edgecolors="black", linewidths=0.6, zorder=2)
         for n, x, y in zip(nodes, xs, ys):
             ax.annotate(
-                short(n, 24),
+                short(n, 22),
                 (x, y),
                 xytext=(0, np.sqrt(area_of[n]) / 2 + 2),
                 textcoords="offset points",
-                rotation=40,
+                rotation=25,
                 ha="left",
                 va="bottom",
-                fontsize=7,
+                fontsize=6.5,
                 zorder=3,
+                bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 0.5},
             )
         if len(nodes) <= 16:
-            # Few enough nodes to print each one's norm under it.
+            # Few enough nodes to print each one's value beside it.
             for n, x, y, v in zip(nodes, xs, ys, norms):
                 if np.isfinite(v):
                     ax.annotate(
@@ -170,7 +192,7 @@ def gradient_flow_graph(group: RunGroup):
                         textcoords="offset points",
                         ha="center",
                         va="top",
-                        fontsize=7,
+                        fontsize=6.5,
                         color="0.25",
                     )
         ax.set_xlim(-0.6, n_cols - 0.4)
@@ -183,22 +205,22 @@ def gradient_flow_graph(group: RunGroup):
         fig.colorbar(
             matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap),
             ax=ax,
-            label="log10 ‖∂L/∂W‖₂ (node colour and size)",
+            label="log10 ‖∂L/∂W‖₂ / √#params (node colour, size)",
             shrink=0.8,
         )
         ax.legend(
             handles=[
-                Line2D([], [], color=GREEN, lw=3, label=f"‖∂L/∂y‖₂ > {threshold:g}"),
-                Line2D([], [], color=RED, lw=3, label=f"‖∂L/∂y‖₂ ≤ {threshold:g}"),
+                Line2D([], [], color=GREEN, lw=3, label=f"‖∂L/∂y‖₂ > {threshold:.2g}"),
+                Line2D([], [], color=RED, lw=3, label=f"‖∂L/∂y‖₂ ≤ {threshold:.2g}"),
                 Line2D([], [], color="black", lw=6, label=f"width ∝ value; widest {edge_max:.3g}"),
             ],
             loc="lower left",
             fontsize=8,
-            title="edge: gradient at its source",
+            title=f"edge: gradient at its source\n{rule}",
             title_fontsize=8,
             frameon=True,
         )
         seeds = f", mean of {group.n} seeds" if group.n > 1 else ""
         ax.set_title(f"Gradient flow, epoch {epoch + 1}{seeds} — {group.title}", fontsize=10)
-        figures[f"epoch{epoch:03d}"] = fig
+        figures[f"epoch{epoch + 1:03d}"] = fig  # epochs counted from 1, as in the title
     return figures

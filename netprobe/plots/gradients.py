@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from netprobe.plots.common import RunGroup, band, figure, layer_colors, new_figure, short, smooth
+from netprobe.plots.common import (
+    RunGroup,
+    band,
+    figure,
+    layer_colors,
+    new_figure,
+    short,
+    smooth,
+    step_axis,
+)
 
 
 def _stats(group: RunGroup, metric: str):
@@ -14,7 +23,8 @@ def _stats(group: RunGroup, metric: str):
 
 @figure(
     "grad_flow_bars",
-    "Gradient flow per layer (forward order): max over steps of max|g|, mean of mean|g|.",
+    "Gradient flow per layer (forward order): max over steps of max|g| (▲) and mean over steps "
+    "of mean|g| (●), joined by a line (log axis: points, not bars; error bars ± std over runs).",
 )
 def grad_flow_bars(group: RunGroup):
     max_abs, mean_abs = _stats(group, "max_abs"), _stats(group, "mean_abs")
@@ -29,19 +39,14 @@ def grad_flow_bars(group: RunGroup):
     fig, axes = new_figure(size=(max(6.4, 0.45 * len(layers) + 2), 4.6))
     ax = axes[0, 0]
     err = group.n > 1
-    ax.bar(
-        x,
-        peak["mean"],
-        0.8,
-        color="tab:cyan",
-        alpha=0.6,
-        label="max |g|",
-        yerr=peak["std"] if err else None,
-    )
-    ax.bar(
-        x, avg["mean"], 0.8, color="tab:blue", label="mean |g|", yerr=avg["std"] if err else None
-    )
     ax.set_yscale("log")
+    ax.vlines(x, avg["mean"], peak["mean"], color="0.6", lw=2, zorder=1)
+    for stats, marker, color, label in (
+        (peak, "^", "tab:cyan", "max |g|"),
+        (avg, "o", "tab:blue", "mean |g|"),
+    ):
+        ax.errorbar(x, stats["mean"], yerr=stats["std"] if err else None, fmt=marker,
+                    color=color, ms=7, capsize=3, label=label, zorder=2)  # fmt: skip
     ax.set_xticks(x, [short(n) for n in layers], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("gradient magnitude")
     ax.set_xlabel("layer (forward order)")
@@ -51,7 +56,11 @@ def grad_flow_bars(group: RunGroup):
     return fig
 
 
-@figure("grad_norms", "L1 and L2 norm of each layer's gradient over training steps (log scale).")
+@figure(
+    "grad_norms",
+    "L1 and L2 norm of each layer's gradient over training steps (log scale; several runs: "
+    "geometric mean ×/÷ std).",
+)
 def grad_norms(group: RunGroup):
     l1, l2 = _stats(group, "l1"), _stats(group, "l2")
     if l1.empty:
@@ -61,19 +70,20 @@ def grad_norms(group: RunGroup):
     colors = layer_colors(layers)
     for ax, df, title in ((axes[0, 0], l1, "L1 norm"), (axes[0, 1], l2, "L2 norm")):
         for layer, color in colors.items():
-            part = df[df["layer"] == layer]
-            stats = part.groupby("step")["value"].agg(["mean", "std"]).fillna(0)
+            part = df[(df["layer"] == layer) & (df["value"] > 0)]
+            logs = np.log10(part["value"]).groupby(part["step"]).agg(["mean", "std"]).fillna(0)
             band(
                 ax,
-                stats.index.to_numpy(),
-                smooth(stats["mean"].to_numpy()),
-                smooth(stats["std"].to_numpy()),
+                logs.index.to_numpy(),
+                smooth(logs["mean"].to_numpy()),
+                smooth(logs["std"].to_numpy()),
                 group.n,
                 label=short(layer),
                 color=color,
+                geometric=True,
             )
         ax.set_yscale("log")
-        ax.set_xlabel("optimizer step")
+        step_axis(ax)
         ax.set_title(f"gradient {title}")
         ax.grid(alpha=0.3)
     axes[0, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
@@ -81,7 +91,7 @@ def grad_norms(group: RunGroup):
     return fig
 
 
-@figure("grad_heatmap", "log10 of each layer's gradient L2 norm, layer × step (mean over seeds).")
+@figure("grad_heatmap", "log10 of each layer's gradient L2 norm, layer × step.")
 def grad_heatmap(group: RunGroup):
     l2 = _stats(group, "l2")
     if l2.empty:
@@ -101,7 +111,7 @@ def grad_heatmap(group: RunGroup):
         extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5),
     )
     ax.set_yticks(range(len(layers)), [short(n, 36) for n in layers], fontsize=8)
-    ax.set_xlabel("optimizer step")
+    step_axis(ax)
     ax.set_title(f"log10 ‖g‖₂ per layer — {group.title}")
     fig.colorbar(mesh, ax=ax, label="log10 L2 norm")
     return fig

@@ -13,7 +13,9 @@ from netprobe.plots.common import (
     layer_colors,
     layer_legend,
     new_figure,
+    positive,
     short,
+    step_axis,
 )
 
 PROBE = "rwc"
@@ -37,7 +39,7 @@ def _finite(df):
 @figure(
     "rwc_curves",
     "Relative weight change of each layer per epoch, one line per layer in forward order "
-    "(mean ± std over seeds; log scale).",
+    "(log scale).",
 )
 def rwc_curves(group: RunGroup):
     df = _finite(group.scalars(PROBE, "rwc"))
@@ -48,9 +50,8 @@ def rwc_curves(group: RunGroup):
     panels = 2 if not steps.empty else 1
     fig, axes = new_figure(1, panels, size=(6.4, 4.4))
     ax = axes[0, 0]
-    layer_bands(ax, df.assign(x=df["epoch"] + 1), colors, group.n, markers_upto=30)
-    if (df["value"] > 0).all():
-        ax.set_yscale("log")
+    log = positive(df["value"])
+    layer_bands(ax, df.assign(x=df["epoch"] + 1), colors, group.n, markers_upto=30, log=log)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"RWC  {_formula(_mode(group))}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -60,20 +61,19 @@ def rwc_curves(group: RunGroup):
         k = ((group.runs[0].config or {}).get("probes") or {}).get(PROBE, {}).get("every_steps")
         ax2 = axes[0, 1]
         x = steps["step"] + 1
-        layer_bands(ax2, steps.assign(x=x), colors, group.n, labels=False, markers_upto=0)
-        if (steps["value"] > 0).all():
-            ax2.set_yscale("log")
-        ax2.set_xlabel("optimizer steps done")
+        log2 = positive(steps["value"])
+        layer_bands(ax2, steps.assign(x=x), colors, group.n, labels=False, markers_upto=0, log=log2)
+        step_axis(ax2, "optimizer steps done")
         ax2.set_title(f"every {k} steps, against the weights {k} steps before")
         ax2.grid(alpha=0.3, which="both")
-    layer_legend(fig, ax, group)
+    layer_legend(fig, ax, group, log=log)
     fig.suptitle(f"Relative weight change — {group.title}")
     return fig
 
 
 @figure(
     "rwc_heatmap",
-    "Relative weight change, layer (forward order) × epoch, mean over seeds (log colour scale).",
+    "Relative weight change, layer (forward order) × epoch (log colour scale).",
 )
 def rwc_heatmap(group: RunGroup):
     df = _finite(group.scalars(PROBE, "rwc"))

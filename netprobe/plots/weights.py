@@ -13,12 +13,14 @@ from matplotlib.ticker import MaxNLocator
 
 from netprobe.plots.common import (
     RunGroup,
+    compact_ticks,
     figure,
     layer_bands,
     layer_colors,
     layer_legend,
     new_figure,
     panel_grid,
+    positive,
     short,
 )
 
@@ -47,42 +49,61 @@ def first_run(group: RunGroup) -> tuple[int, str]:
 
 
 def draw_first_last(ax: Axes, first: pd.Series, last: pd.Series) -> None:
-    """Two histograms in the same fixed bins, as fractions of the tensor, first filled, last
-    outlined. What fell outside the bins is drawn as a hatched bar just beyond each end."""
-    edges = np.asarray(first["edges"])
-    width = edges[1] - edges[0]
+    """Two histograms, each in its own bins, as densities (fraction of values per unit of value,
+    so bins of different widths compare), first filled, last outlined. What fell outside a
+    histogram's bins is a hatched bar just beyond its end, of the same area (its share). When one
+    range is far narrower than the other (features that grew), an inset shows its shape."""
+    spans = [max(r["edges"][-1] - r["edges"][0], 1e-300) for r in (first, last)]
+    _first_last(ax, [(first, FIRST, True), (last, LAST, False)])
+    if max(spans) > 4 * min(spans):
+        narrow = 0 if spans[0] < spans[1] else 1
+        row, color, filled = [(first, FIRST, True), (last, LAST, False)][narrow]
+        inset = ax.inset_axes((0.03, 0.5, 0.34, 0.42) if narrow == 0 else (0.63, 0.5, 0.34, 0.42))
+        _first_last(inset, [(row, color, filled)])
+        inset.set_yticks([])
+        inset.set_title("zoom", fontsize=6, pad=1)
+        inset.tick_params(labelsize=5.5, length=2, pad=1)
+        inset.xaxis.set_major_locator(MaxNLocator(3))
+
+
+def _first_last(ax: Axes, rows: list[tuple[pd.Series, str, bool]]) -> None:
+    lo = min(r["edges"][0] for r, _, _ in rows)
+    hi = max(r["edges"][-1] for r, _, _ in rows)
+    pad = 0.05 * ((hi - lo) or 1.0)
     outside = False
-    for row, color, filled in ((first, FIRST, True), (last, LAST, False)):
+    for row, color, filled in rows:
+        edges = np.asarray(row["edges"], dtype=float)
         counts = np.asarray(row["counts"], dtype=float)
         total = max(counts.sum() + row["below"] + row["above"], 1)
+        widths = np.diff(edges)
+        density = counts / total / np.where(widths > 0, widths, 1.0)
         # Steps as a line (and a filled area) rather than `stairs` patches: far cheaper to draw.
-        frac = np.append(counts / total, counts[-1] / total)
+        y = np.append(density, density[-1])
         if filled:
-            ax.fill_between(edges, frac, step="post", color=color, alpha=0.35, lw=0)
-        ax.plot(edges, frac, drawstyle="steps-post", color=color, lw=0.8 if filled else 1.4)
-        for count, x in (
-            (row["below"], edges[0] - 1.5 * width),
-            (row["above"], edges[-1] + 1.5 * width),
-        ):
+            ax.fill_between(edges, y, step="post", color=color, alpha=0.35, lw=0)
+        ax.plot(edges, y, drawstyle="steps-post", color=color, lw=0.8 if filled else 1.4)
+        for count, x in ((row["below"], lo - pad), (row["above"], hi + pad)):
             if count:
                 outside = True
-                ax.bar(x, count / total, width, color="none", edgecolor=color, hatch="///", lw=1)
+                ax.bar(x, count / total / (0.8 * pad), 0.8 * pad, color="none",
+                       edgecolor=color, hatch="///", lw=1)  # fmt: skip
     if outside:
-        ax.axvline(edges[0], color="0.4", lw=0.6, ls=":")
-        ax.axvline(edges[-1], color="0.4", lw=0.6, ls=":")
-        ax.set_xlim(edges[0] - 2.5 * width, edges[-1] + 2.5 * width)
+        ax.axvline(lo, color="0.4", lw=0.6, ls=":")
+        ax.axvline(hi, color="0.4", lw=0.6, ls=":")
+        ax.set_xlim(lo - 1.6 * pad, hi + 1.6 * pad)
     else:
-        ax.set_xlim(edges[0], edges[-1])
+        ax.set_xlim(lo, hi)
     ax.set_ylim(bottom=0)
     few_ticks(ax)
     ax.grid(alpha=0.25)
 
 
 def few_ticks(ax: Axes) -> None:
-    """At most about four small tick labels per axis: grids of dozens of panels stay legible and
-    quick to draw (every tick label is measured at each draw)."""
+    """At most about four small tick labels per axis, each with its own magnitude: grids of dozens
+    of panels stay legible and quick to draw (every tick label is measured at each draw)."""
     ax.xaxis.set_major_locator(MaxNLocator(4))
     ax.yaxis.set_major_locator(MaxNLocator(4))
+    compact_ticks(ax)
     ax.tick_params(labelsize=7, length=2.5, pad=2)
 
 
@@ -156,7 +177,7 @@ def histogram_grid(
     for ax in axes[-1]:
         ax.set_xlabel(xlabel, fontsize=8)
     for ax in axes[:, 0]:
-        ax.set_ylabel("fraction per bin", fontsize=8)
+        ax.set_ylabel("density (fraction per unit)", fontsize=8)
     handles = [
         Patch(facecolor=FIRST, alpha=0.5, label=capture_label(first_step, epoch_of[first_step])),
         Patch(
@@ -168,7 +189,12 @@ def histogram_grid(
     ]
     if (hists["below"] + hists["above"]).any():
         handles.append(
-            Patch(facecolor="none", edgecolor="0.3", hatch="///", label="outside the fixed bins")
+            Patch(
+                facecolor="none",
+                edgecolor="0.3",
+                hatch="///",
+                label="outside the bins (area: share)",
+            )
         )
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9)
     suptitle(fig, title)
@@ -189,9 +215,34 @@ def _first_run_grid(group: RunGroup, grid, what: str):
     "weights_histograms",
     "Weight histogram of each tracked tensor before training (filled) and at the last capture "
     "(outline), in the run's fixed bins; titles give mean, std and skew first → last.",
+    averages=False,
 )
 def weights_histograms(group: RunGroup):
     return _first_run_grid(group, histogram_grid, "Weight distributions")
+
+
+def _totals(rows: pd.DataFrame) -> np.ndarray:
+    counts = np.array([np.sum(c) for c in rows["counts"]], dtype=float)
+    return counts + rows["below"].to_numpy(float) + rows["above"].to_numpy(float)
+
+
+def shared_bins(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's captures (sorted by step) on one grid of bins: their own when all share them
+    (weights), else evenly spaced bins over the union of their ranges, each capture's counts
+    spread by its cumulative distribution (uniform within its own bins). Returns the edges and
+    the fraction of each capture's values per bin [captures, bins]."""
+    edges = [np.asarray(e, dtype=float) for e in rows["edges"]]
+    counts = [np.asarray(c, dtype=float) for c in rows["counts"]]
+    totals = np.maximum(_totals(rows), 1)[:, None]
+    if all(len(e) == len(edges[0]) and np.array_equal(e, edges[0]) for e in edges):
+        return edges[0], np.stack(counts) / totals
+    grid = np.linspace(min(e[0] for e in edges), max(e[-1] for e in edges),
+                       max(len(e) for e in edges) + 30)  # fmt: skip
+    spread = []
+    for e, c in zip(edges, counts):
+        cdf = np.concatenate([[0.0], np.cumsum(c)])
+        spread.append(np.diff(np.interp(grid, e, cdf, left=0.0, right=cdf[-1])))
+    return grid, np.stack(spread) / totals
 
 
 def evolution_grid(
@@ -202,8 +253,9 @@ def evolution_grid(
     ylabel: str,
     labels: dict[str, str] | None = None,
 ):
-    """One heatmap per layer: capture × bin, colour the fraction of values in the bin (log);
-    values outside the fixed bins in a band beyond each end, past a dotted line."""
+    """One heatmap per layer: capture × bin, colour the fraction of values in the bin (log, its
+    range from the data); values outside the bins in a band beyond each end, past a dotted line.
+    Captures in bins of their own are spread onto one grid (`shared_bins`)."""
     labels = labels or {}
     layers = group.ordered(hists["layer"])
     rows, cols = grid_shape(len(layers))
@@ -211,20 +263,22 @@ def evolution_grid(
     fig, axes = panel_grid(
         rows, cols, panel=(3.0, 2.2), gap=(0.5, 0.55), margins=(0.75, 1.2, 0.8, 0.95)
     )
-    norm = LogNorm(vmin=1e-4, vmax=1.0)
     mesh = None
     per_layer = {layer: rows.sort_values("step") for layer, rows in hists.groupby("layer")}
     values = by_layer(stats)
+    shared = {layer: shared_bins(per_layer[layer]) for layer in layers}
+    fracs = np.concatenate([f[1][f[1] > 0] for f in shared.values()] or [np.ones(1)])
+    # The colour scale spans the fractions drawn (at most six decades).
+    top = float(fracs.max()) if fracs.size else 1.0
+    norm = LogNorm(vmin=max(float(fracs.min()) if fracs.size else 1e-4, top * 1e-6), vmax=top)
     for ax, layer in zip(axes.flat, layers):
         mine = per_layer[layer]
-        edges = np.asarray(mine["edges"].iloc[0])
-        counts = np.stack([np.asarray(c, dtype=float) for c in mine["counts"]])
+        edges, frac = shared[layer]
         below, above = mine["below"].to_numpy(float), mine["above"].to_numpy(float)
-        frac = counts / np.maximum(counts.sum(1) + below + above, 1)[:, None]
         outside = bool(below.any() or above.any())
         if outside:
-            # What fell outside the fixed bins, as one cell two bins tall beyond each end.
-            total = np.maximum(counts.sum(1) + below + above, 1)
+            # What fell outside the bins, as one cell two bins tall beyond each end.
+            total = np.maximum(_totals(mine), 1)
             frac = np.column_stack([below / total, frac, above / total])
             step = edges[1] - edges[0]
             edges = np.concatenate([[edges[0] - 2 * step], edges, [edges[-1] + 2 * step]])
@@ -276,6 +330,7 @@ def evolution_grid(
     "weights_evolution",
     "How each tensor's weight histogram moves over training: epochs trained × weight value, "
     "colour the fraction of weights per bin (log), mean ± std in cyan.",
+    averages=False,
 )
 def weights_evolution(group: RunGroup):
     return _first_run_grid(group, evolution_grid, "Weight histogram over training")
@@ -290,8 +345,7 @@ STAT_PANELS = [
 
 @figure(
     "weights_stats",
-    "Per-tensor weight std, skew and relative distance from initialization over training "
-    "(mean ± std over seeds).",
+    "Per-tensor weight std, skew and relative distance from initialization over training.",
 )
 def weights_stats(group: RunGroup):
     df = group.scalars(PROBE)
@@ -302,13 +356,12 @@ def weights_stats(group: RunGroup):
     fig, axes = new_figure(1, 3, size=(4.4, 3.6))
     for ax, (metric, title, log) in zip(axes.flat, STAT_PANELS):
         part = df[df["metric"] == metric]
-        layer_bands(ax, part[np.isfinite(part["value"])], colors, group.n)
-        if log and (part["value"] > 0).all():
-            ax.set_yscale("log")
+        part = part[np.isfinite(part["value"])]
+        layer_bands(ax, part, colors, group.n, log=log and positive(part["value"]))
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epochs trained")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    layer_legend(fig, axes.flat[0], group, "tensor")
+    layer_legend(fig, axes.flat[0], group, "tensor", log=True)
     fig.suptitle(f"Weight statistics — {group.title}")
     return fig

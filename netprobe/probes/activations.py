@@ -6,8 +6,9 @@ inputs of the same shape, the same at every capture, drawn from the run seed). F
 tracked modules exist only during the capture; each output is reduced on the device as it is
 produced, so no module's output outlives its hook call.
 
-Per module and source: a histogram in bins fixed at the first capture (0…f·max y when every value
-is ≥ 0 there, else ±f·max|y|, f = `range_factor`, 2 as for weights), and scalars `mean`, `std`,
+Per module and source: a histogram whose edges follow each capture's own range (from its `tail`
+to its 1 − `tail` quantile, so that well under 1 % of the values fall outside, counted in `below`
+and `above`: trained features that grow keep their shape), and scalars `mean`, `std`,
 `skew`, `zero_frac` = #(y ≤ 0)/numel (the share a ReLU would zero; exactly the zeros of a ReLU
 output) and `dead_frac` = the share of units that are ≤ 0 for every sample, a unit being one
 position of the output flattened per sample (a feature, or a channel at one location). The
@@ -24,12 +25,13 @@ import torch.nn as nn
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
-from netprobe.probes.distributions import distributions, symmetric_edges
+from netprobe.probes.distributions import central_edges, distributions
 from netprobe.structure import eval_mode
 
 SOURCES = ("train", "valid", "random")
 STATS = ["mean", "std", "skew", "zero_frac", "dead_frac"]
 RANDOM_SALT = 0xAC71
+MAX_TAIL = 0.005
 
 
 def activation_stats(y: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +61,7 @@ class Activations(Probe):
 
     name = "activations"
     default_at = ("start", "epoch")
-    options = {"sources": list(SOURCES), "bins": 50, "range_factor": 2.0}
+    options = {"sources": list(SOURCES), "bins": 50, "tail": 0.001}
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
@@ -77,17 +79,18 @@ class Activations(Probe):
                 )
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
             raise ConfigError(f"probes.{self.name}.bins={bins!r} must be a positive integer")
-        factor = self.cfg["range_factor"]
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
-            raise ConfigError(f"probes.{self.name}.range_factor={factor!r} must be a number > 0")
-        self.bins, self.factor = bins, float(factor)
+        tail = self.cfg["tail"]
+        if isinstance(tail, bool) or not isinstance(tail, (int, float)) or not 0 <= tail < MAX_TAIL:
+            raise ConfigError(
+                f"probes.{self.name}.tail={tail!r} must be a number in [0, {MAX_TAIL}): the share "
+                "of each capture's values left outside each end of its bins (under 1 % in all)"
+            )
+        self.bins, self.tail = bins, float(tail)
         self.sources = [s for s in SOURCES if s in sources]
         self.modules = self.select_modules()
         self.names = [n for n, _ in self.modules]
         if self.names and ctx.probe_batch is None and ctx.valid_batch is None:
             raise ConfigError(f"probes.{self.name} needs input: pass probe_batch=(x, y) to attach")
-        # Bins fixed at the first capture, per source and module.
-        self.edges: dict[str, dict[str, torch.Tensor]] = {s: {} for s in self.sources}
 
     def _inputs(self) -> list[tuple[str, torch.Tensor]]:
         ctx = self.ctx
@@ -110,21 +113,15 @@ class Activations(Probe):
         if not self.names:
             return
         model = self.ctx.model
-        results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        source = ""
+        results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
         def hook_for(name: str):
             def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
                 y = _first_tensor(output)
                 if y is None or name in results or y.ndim == 0:
                     return  # a module called again within the forward: its first call counts
-                edges = self.edges[source].get(name)
-                if edges is None:
-                    edges = symmetric_edges(
-                        [y.reshape(-1)], self.bins, nonnegative=True, factor=self.factor
-                    )[0]
-                    self.edges[source][name] = edges
-                results[name] = activation_stats(y, edges)
+                edges = central_edges(y, self.bins, self.tail)
+                results[name] = (*activation_stats(y, edges), edges)
 
             return hook
 
@@ -140,7 +137,9 @@ class Activations(Probe):
             for h in handles:
                 h.remove()
 
-    def _record(self, source: str, results: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _record(
+        self, source: str, results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> None:
         names = [n for n in self.names if n in results]
         if not names:
             return
@@ -148,21 +147,5 @@ class Activations(Probe):
         stats = torch.stack([results[n][0] for n in names])
         record.scalars(self.name, names, [f"{source}/{s}" for s in STATS], stats)
         for name in names:
-            counts = results[name][1]
-            edges = self.edges[source][name]
+            _, counts, edges = results[name]
             record.histogram(self.name, name, source, edges, counts[1:-1], counts[0], counts[-1])
-
-    # -- resuming
-    def state_dict(self) -> dict[str, Any]:
-        return {"edges": {s: dict(e) for s, e in self.edges.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        batch = self.ctx.probe_batch if self.ctx.probe_batch is not None else self.ctx.valid_batch
-        device = batch[0].device if batch is not None else torch.device("cpu")
-        for source, edges in state.get("edges", {}).items():
-            if source in self.edges:
-                self.edges[source] = {
-                    n: e.to(device=device, dtype=torch.float64).clone()
-                    for n, e in edges.items()
-                    if n in self.names
-                }

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
-from netprobe.probes.correlation import CONV_CHOICES, pearson
+from netprobe.probes.correlation import CONV_CHOICES, feature_count, pearson
 from netprobe.probes.module_outputs import (
     flatten_features,
     module_outputs,
@@ -120,6 +120,22 @@ class Augmentation(Probe):
         self.modules = tracked[:1] + tracked[-1:] if len(tracked) > 1 else tracked
         self._subsets: dict[str, torch.Tensor | None] = {}
 
+    def memory_estimate(self) -> tuple[int, str]:
+        """Per measured module: its features over the N augmentations and the probe batch
+        (float32), `feature_corr` (d × d) and `sample_corr` (N × N) held for the flush and copied
+        to the host there (24 bytes a value), and the float64 work of the larger Pearson."""
+        batch = self.ctx.valid_batch if self.ctx.valid_batch is not None else self.ctx.probe_batch
+        if batch is None or not self.modules:
+            return 0, ""
+        n, b, k = self.cfg["samples"], len(batch[0]), self.cfg["max_features"]
+        shapes = self.module_shapes()
+        dims = [min(feature_count(shapes[m], self.cfg["conv"]), k) for m, _ in self.modules]
+        features = sum(4 * (n + b) * d + 24 * d * d + 16 * n * d for d in dims)
+        samples = sum(24 * n * n for _ in dims)
+        work = 12 * max(max(dims) ** 2, n * n)
+        lower = "max_features" if max(dims) ** 2 >= n * n else "samples"
+        return features + samples + work, f"probes.{self.name}.{lower}"
+
     def _check(self) -> None:
         c, name = self.cfg, self.name
         for key, low in (("samples", 2), ("chunk", 1), ("max_features", 2), ("show", 0)):
@@ -192,10 +208,13 @@ class Augmentation(Probe):
         parts: dict[str, list[torch.Tensor]] = {}
         for chunk in images:
             outs = module_outputs(
-                self.ctx.model, self.modules, chunk, reduce=lambda y: flatten_features(y, conv)
+                self.ctx.model,
+                self.modules,
+                chunk,
+                reduce=lambda name, y: self._subset(name, flatten_features(y, conv)),
             )
             for name, value in outs.values.items():
-                parts.setdefault(name, []).append(self._subset(name, value))
+                parts.setdefault(name, []).append(value)
         return {name: torch.cat(values) for name, values in parts.items()}
 
     def _subset(self, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,16 @@ class Probe:
     def close(self) -> None:
         """Release what the probe holds on the model (hooks); called however the run ends."""
 
+    def memory_estimate(self) -> tuple[int, str]:
+        """Peak bytes one capture holds beyond training itself, from the model's shapes and the
+        settings, and the setting that lowers it (`probes.memory_budget` is checked against it).
+        Per-step probes hold a few numbers per tensor: 0."""
+        return 0, ""
+
+    def module_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each module's output shape per sample (from the traced forward pass; () if unknown)."""
+        return {r.module: r.shape for r in self.ctx.layers if not r.param}
+
     # -- resuming: what a probe carries from one step to the next (previous weights, fixed bins)
     def state_dict(self) -> dict[str, Any]:
         return {}

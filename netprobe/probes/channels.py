@@ -176,6 +176,28 @@ class Channels(Probe):
                 f"those are: {', '.join(convs) or 'none in this model'}"
             )
 
+    def memory_estimate(self) -> tuple[int, str]:
+        """The probe batch's forward graph (every module output, float32), ∂L/∂y of each
+        tracked conv, and the largest block of `chunk` output channels: chunk × min(C_in, k²) ×
+        B × H_in × W_in values, in float32 and float64 (H_in ≈ H_out × stride)."""
+        if self.ctx.probe_batch is None or not self.modules:
+            return 0, ""
+        b = len(self.ctx.probe_batch[0])
+        shapes = self.module_shapes()
+        graph = 4 * b * sum(r.numel for r in self.ctx.layers if not r.param)
+        grads, block = 0, 0
+        for name, conv in self.modules:
+            shape = shapes.get(name, ())
+            if len(shape) != 3:
+                continue
+            c_out, h, w = shape
+            grads += 4 * b * c_out * h * w
+            taps = min(conv.in_channels, conv.kernel_size[0] * conv.kernel_size[1])
+            size = h * conv.stride[0] * w * conv.stride[1]
+            block = max(block, 12 * min(self.cfg["chunk"], c_out) * taps * b * size)
+        lower = f"probes.{self.name}.chunk" if block >= graph + grads else "data.probe_size"
+        return graph + grads + block, lower
+
     def output_gradients(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Size]]:
         """g = ∂L/∂y of each tracked conv on the probe batch, and the shape of its input."""
         x, y = self.ctx.probe_batch

@@ -6,13 +6,17 @@ tracked module's output becomes [B, d]: outputs with spatial dimensions are aver
 features keeps a seeded random subset of them, drawn once per run, so memory stays bounded and
 every capture looks at the same features.
 
-Recorded, for modules i ≤ j in forward order: `corr_mean` (one value per pair), `cka` (one value
-per pair) and, at the captures in `save_full_at`, the full Pearson matrix `C` (d_i × d_j, row = i,
-col = j). `save_full_at: [end]` means the last capture: the one after the final epoch.
+Recorded, for modules i ≤ j in forward order: `corr_mean` (one value per pair), linear CKA (one
+float64 value per pair: `cka` with the biased HSIC estimator, `cka_unbiased` with the debiased
+one, as `cka: biased|unbiased|both` says) and, at the captures in `save_full_at`, the full
+Pearson matrix `C` (d_i × d_j, row = i, col = j). `save_full_at: [end]` means the last capture:
+the one after the final epoch. C_ij and the Gram matrices are built from blocks of `BLOCK`
+features, so no capture holds a whole C_ij in float64.
 """
 
 from __future__ import annotations
 
+from math import prod
 from typing import Any
 
 import torch
@@ -28,6 +32,12 @@ from netprobe.probes.module_outputs import (
 from netprobe.structure import WEIGHT_TYPES
 
 CONV_CHOICES = ("pool", "flatten")
+CKA_CHOICES = ("biased", "unbiased", "both")
+# The matrix each CKA estimator is stored as.
+CKA_NAMES = {"biased": "cka", "unbiased": "cka_unbiased"}
+# Feature columns per block: a Pearson block is at most BLOCK × BLOCK float64 values (32 MB), so
+# no capture ever makes a whole d_i × d_j matrix in float64.
+BLOCK = 2048
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:
@@ -48,33 +58,85 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return standardize(a).T @ standardize(b) / a.shape[0]
 
 
-def mean_positive(c: torch.Tensor, same_layer: bool) -> torch.Tensor:
-    """`corr_mean` = mean(max(C_ij, 0)). Within a layer (i = j) the diagonal, each feature with
-    itself (trivially 1), is left out: the mean runs over the d(d−1) distinct pairs (0 if d = 1)."""
-    positive = c.clamp(min=0)
-    if not same_layer:
-        return positive.mean()
-    d = c.shape[0]
-    off_diagonal = positive.sum() - positive.diagonal().sum()
-    return off_diagonal / max(d * (d - 1), 1)
+def correlate(
+    za: torch.Tensor, zb: torch.Tensor, same_layer: bool, keep: bool = False, block: int = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`corr_mean` = mean(max(C_ij, 0)) of C = za zbᵀ/B for z-scores za [B, d_a], zb [B, d_b]
+    (`standardize`), and C itself in float32 when `keep`; C is made block × block at a time.
 
-
-def linear_cka(features: list[torch.Tensor]) -> torch.Tensor:
-    """Linear CKA between every pair of layers, [L, L] in float64.
-
-    CKA(X, Y) = ‖Ycᵀ Xc‖²_F / (‖Xcᵀ Xc‖_F ‖Ycᵀ Yc‖_F) with Xc, Yc centred over the batch, computed
-    through the B × B Gram matrices K = Xc Xcᵀ, as ⟨K_X, K_Y⟩ / (‖K_X‖ ‖K_Y‖). A layer whose
-    features are all constant has K = 0; its CKA with everything is 0.
+    Within a layer (i = j) the diagonal, each feature with itself (trivially 1), is left out: the
+    mean runs over the d(d−1) distinct pairs (0 if d = 1).
     """
+    (n, d_a), d_b = za.shape, zb.shape[1]
+    total = torch.zeros((), dtype=torch.float64, device=za.device)
+    full = torch.empty(d_a, d_b, dtype=torch.float32, device=za.device) if keep else None
+    for r in range(0, d_a, block):
+        for c in range(0, d_b, block):
+            part = za[:, r : r + block].T @ zb[:, c : c + block] / n
+            positive = part.clamp(min=0)
+            total += positive.sum()
+            if same_layer and r == c:
+                total -= positive.diagonal().sum()
+            if full is not None:
+                full[r : r + part.shape[0], c : c + part.shape[1]] = part
+    count = d_a * (d_a - 1) if same_layer else d_a * d_b
+    return total / max(count, 1), full
+
+
+def gram_matrices(features: list[torch.Tensor], block: int = BLOCK) -> torch.Tensor:
+    """K = Xc Xcᵀ [L, B, B] (float64) of each layer's features X [B, d] centred over the batch,
+    summed over blocks of columns so no layer is copied to float64 whole."""
     grams = []
     for x in features:
-        xc = to_float64(x)
-        xc = xc - xc.mean(dim=0)
-        grams.append((xc @ xc.T).reshape(-1))
-    k = torch.stack(grams)
-    norms = torch.linalg.vector_norm(k, dim=1)
-    k = k / torch.where(norms > 0, norms, 1.0)[:, None]
-    return k @ k.T
+        k = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
+        for c in range(0, x.shape[1], block):
+            xc = to_float64(x[:, c : c + block])
+            xc = xc - xc.mean(dim=0)
+            k += xc @ xc.T
+        grams.append(k)
+    return torch.stack(grams)
+
+
+def hsic_biased(grams: torch.Tensor) -> torch.Tensor:
+    """HSIC_0(K_i, K_j) = tr(K_i H K_j H)/(n−1)² for every pair [L, L], from Gram matrices of
+    centred features (H K H = K then), as ⟨K_i, K_j⟩_F/(n−1)²."""
+    n = grams.shape[-1]
+    flat = grams.reshape(len(grams), -1)
+    return flat @ flat.T / (n - 1) ** 2
+
+
+def hsic_unbiased(grams: torch.Tensor) -> torch.Tensor:
+    """The unbiased HSIC_1 of Song et al. (2012) for every pair [L, L] (n ≥ 4 samples): with K̃
+    the Gram matrix with its diagonal set to 0,
+    HSIC_1(K, L) = [tr(K̃L̃) + 1ᵀK̃1 · 1ᵀL̃1 / ((n−1)(n−2)) − 2/(n−2) · 1ᵀK̃L̃1] / (n(n−3))."""
+    n = grams.shape[-1]
+    k = grams.clone()
+    k.diagonal(dim1=1, dim2=2).zero_()
+    flat = k.reshape(len(k), -1)
+    sums = k.sum(dim=2)  # K̃1 per layer; 1ᵀK̃L̃1 = (K̃1)ᵀ(L̃1) as K̃ is symmetric
+    totals = sums.sum(dim=1)
+    hsic = flat @ flat.T + totals[:, None] * totals[None, :] / ((n - 1) * (n - 2))
+    return (hsic - 2 / (n - 2) * (sums @ sums.T)) / (n * (n - 3))
+
+
+def linear_cka(features: list[torch.Tensor], unbiased: bool = False) -> torch.Tensor:
+    """Linear CKA between every pair of layers, [L, L] in float64:
+    CKA(X, Y) = HSIC(K_X, K_Y) / √(HSIC(K_X, K_X) HSIC(K_Y, K_Y)) with K = X Xᵀ.
+
+    `unbiased=False` uses HSIC_0 (`hsic_biased`), for which CKA = ‖Ycᵀ Xc‖²_F / (‖Xcᵀ Xc‖_F
+    ‖Ycᵀ Yc‖_F); `unbiased=True` the debiased HSIC_1 (`hsic_unbiased`; Nguyen et al. 2021).
+    A layer whose own HSIC is not positive (constant features) has CKA 0 with everything.
+    """
+    return cka_from_grams(gram_matrices(features), unbiased)
+
+
+def cka_from_grams(grams: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
+    """`linear_cka` from the layers' Gram matrices [L, B, B] (`gram_matrices`)."""
+    hsic = hsic_unbiased(grams) if unbiased else hsic_biased(grams)
+    self_hsic = hsic.diagonal()
+    scale = torch.where(self_hsic > 0, self_hsic, 1.0).sqrt()
+    valid = (self_hsic > 0)[:, None] & (self_hsic > 0)[None, :]
+    return torch.where(valid, hsic / (scale[:, None] * scale[None, :]), 0.0)
 
 
 class Correlation(Probe):
@@ -82,14 +144,20 @@ class Correlation(Probe):
 
     name = "correlation"
     default_at = ("start", "epoch")
-    options = {"conv": "pool", "max_features": 256, "save_full_at": ["start", "end"]}
+    options = {
+        "conv": "pool",
+        "max_features": 256,
+        "save_full_at": ["start", "end"],
+        "cka": "biased",
+    }
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        if self.cfg["conv"] not in CONV_CHOICES:
-            raise ConfigError(
-                f"probes.{self.name}.conv={self.cfg['conv']!r}; valid: {', '.join(CONV_CHOICES)}"
-            )
+        for key, choices in (("conv", CONV_CHOICES), ("cka", CKA_CHOICES)):
+            if self.cfg[key] not in choices:
+                raise ConfigError(
+                    f"probes.{self.name}.{key}={self.cfg[key]!r}; valid: {', '.join(choices)}"
+                )
         k = self.cfg["max_features"]
         if isinstance(k, bool) or not isinstance(k, int) or k < 2:
             raise ConfigError(f"probes.{self.name}.max_features={k!r} must be an integer ≥ 2")
@@ -99,12 +167,41 @@ class Correlation(Probe):
                 raise ConfigError(
                     f"probes.{self.name}.save_full_at has {point!r}; valid: {', '.join(AT_CHOICES)}"
                 )
+        cka = self.cfg["cka"]
+        self.estimators = ["biased", "unbiased"] if cka == "both" else [cka]
+        batch = ctx.probe_batch
+        if "unbiased" in self.estimators and batch is not None and len(batch[0]) < 4:
+            raise ConfigError(
+                f"probes.{self.name}.cka={cka!r}: the unbiased estimator needs a probe batch of "
+                f"at least 4 samples, not {len(batch[0])} (data.probe_size); or use cka=biased"
+            )
         model = ctx.model
         self.modules = self.select_modules(
             lambda r: isinstance(model.get_submodule(r.module), WEIGHT_TYPES)
         )
         self._subsets: dict[str, torch.Tensor | None] = {}
         self._full_saved_at: int | None = None
+
+    def memory_estimate(self) -> tuple[int, str]:
+        """Features [B, d_i] of every layer (float32) and their z-scores (float64), one block of
+        C_ij and its clamp, the L Gram matrices (B × B, float64, twice for the unbiased
+        estimator) and, at captures in `save_full_at`, every C_ij (float32) while it waits for
+        the flush and is copied to the host there (24 bytes a value in all)."""
+        if self.ctx.probe_batch is None or not self.modules:
+            return 0, ""
+        b, k = len(self.ctx.probe_batch[0]), self.cfg["max_features"]
+        shapes = self.module_shapes()
+        dims = [min(feature_count(shapes[n], self.cfg["conv"]), k) for n, _ in self.modules]
+        side = min(max(dims), BLOCK)
+        parts = {
+            f"probes.{self.name}.max_features": 12 * b * sum(dims) + 16 * side * side,
+            "data.probe_size": 8 * b * b * (len(dims) * (1 + len(self.estimators)) + 1)
+            + 8 * b * side,
+        }
+        if self.save_full_at:
+            full = 24 * sum(d * e for i, d in enumerate(dims) for e in dims[i:])
+            parts[f"probes.{self.name}.max_features or probes.{self.name}.save_full_at=[]"] = full
+        return sum(parts.values()), max(parts, key=parts.get)
 
     # -- schedule: `save_full_at` decides which captures also keep the full matrices
     def on_start(self) -> None:
@@ -141,7 +238,8 @@ class Correlation(Probe):
 
     # -- measuring
     def features(self) -> tuple[list[str], list[torch.Tensor]]:
-        """[B, d] features of each tracked module on the probe batch, forward order."""
+        """[B, d] features of each tracked module on the probe batch, forward order; the subset
+        is taken inside the forward hook, so a whole flattened output is never kept."""
         if self.ctx.probe_batch is None or not self.modules:
             return [], []
         conv = self.cfg["conv"]
@@ -149,10 +247,10 @@ class Correlation(Probe):
             self.ctx.model,
             self.modules,
             self.ctx.probe_batch[0],
-            reduce=lambda y: flatten_features(y, conv),
+            reduce=lambda name, y: self._subset(name, flatten_features(y, conv)),
         )
         names = [n for n, _ in self.modules if n in outs.values]
-        return names, [self._subset(n, outs.values[n]) for n in names]
+        return names, [outs.values[n] for n in names]
 
     def _subset(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """At most `max_features` columns: a random subset drawn once from the run's seed."""
@@ -169,22 +267,29 @@ class Correlation(Probe):
         if not names:
             return
         record = self.ctx.record
-        if summary:
-            cka = linear_cka(feats)
+        pairs = [(i, j) for i in range(len(names)) for j in range(i, len(names))]
         z = [standardize(f) for f in feats]
-        batch = feats[0].shape[0]
         means = []
-        for i in range(len(names)):
-            for j in range(i, len(names)):
-                c = z[i].T @ z[j] / batch
-                if summary:
-                    means.append(mean_positive(c, same_layer=i == j))
-                if full:
-                    record.matrix(self.name, "C", names[i], names[j], c.to(torch.float32))
-        if summary:
-            rows, cols = torch.triu_indices(len(names), len(names), device=cka.device)
-            values = torch.stack([torch.stack(means), cka[rows, cols]], dim=1)
-            pairs = [(i, j) for i in range(len(names)) for j in range(i, len(names))]
-            for (i, j), row in zip(pairs, values):
-                record.matrix(self.name, "corr_mean", names[i], names[j], row[0:1])
-                record.matrix(self.name, "cka", names[i], names[j], row[1:2])
+        for i, j in pairs:
+            mean, c = correlate(z[i], z[j], same_layer=i == j, keep=full, block=BLOCK)
+            means.append(mean)
+            if c is not None:
+                record.matrix(self.name, "C", names[i], names[j], c)
+        if not summary:
+            return
+        grams = gram_matrices(feats, BLOCK)
+        rows, cols = torch.triu_indices(len(names), len(names), device=grams.device)
+        values = {"corr_mean": torch.stack(means)}
+        for estimator in self.estimators:
+            cka = cka_from_grams(grams, unbiased=estimator == "unbiased")
+            values[CKA_NAMES[estimator]] = cka[rows, cols]
+        for p, (i, j) in enumerate(pairs):
+            for name, v in values.items():
+                record.matrix(self.name, name, names[i], names[j], v[p : p + 1])
+
+
+def feature_count(shape: tuple[int, ...], conv: str) -> int:
+    """How many features `flatten_features` makes of an output of this shape per sample."""
+    if len(shape) > 1 and conv == "pool":
+        return shape[0]
+    return prod(shape) if shape else 0

@@ -38,6 +38,29 @@ def symmetric_edges(
     return edges
 
 
+@torch.no_grad()
+def central_edges(x: torch.Tensor, bins: int, tail: float, sample: int = 1 << 22) -> torch.Tensor:
+    """Edges [bins + 1] in float64 from the `tail` to the 1 − `tail` quantile of x's finite values
+    (linear interpolation, as numpy.quantile; an evenly strided subset of at most `sample` values
+    of a larger x), so that about 2·tail of the mass falls outside. A range of one value (a
+    constant output, or one almost all zeros) gets ±1 around it. Stays on the device, no sync."""
+    f64 = torch.float64
+    flat = x.detach().reshape(-1)
+    flat = flat[:: -(-flat.numel() // sample)].to(f64)
+    ordered = torch.where(torch.isfinite(flat), flat, torch.nan).sort().values  # NaN sort last
+    last = torch.isfinite(ordered).sum().to(f64) - 1
+    where = torch.stack([tail * last, (1 - tail) * last]).clamp(min=0)
+    below, frac = where.floor().long(), where - where.floor()
+    above = torch.minimum(below + 1, torch.clamp(last.long(), min=0))
+    lo, hi = (ordered[below] + (ordered[above] - ordered[below]) * frac).unbind()
+    ok = torch.isfinite(lo) & torch.isfinite(hi) & (hi > lo)
+    centre = torch.nan_to_num(lo, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = torch.where(ok, lo, centre - 1), torch.where(ok, hi, centre + 1)
+    edges = lo + (hi - lo) * torch.linspace(0.0, 1.0, bins + 1, dtype=f64, device=flat.device)
+    edges[-1] = hi  # exact upper end, whatever the rounding of the sum
+    return edges
+
+
 def bin_counts(x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """Counts [bins + 2] of float64 `x` in `edges` [bins + 1]: index 0 counts x < e_0, index
     bins + 1 counts x > e_bins, index 1 + i counts e_i ≤ x < e_{i+1} (the last bin closed, as

@@ -62,8 +62,9 @@ class GradientFlow(Probe):
 
     name = "gradient_flow"
     default_every = 10
-    # The figure draws edges green above `threshold`; it reads the value from the run's config.
-    options = {"threshold": 0.01}
+    # The figure draws edges green above `threshold` (None: 0.1 × the run's median edge value);
+    # it reads the value from the run's config.
+    options = {"threshold": None}
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
@@ -73,7 +74,9 @@ class GradientFlow(Probe):
                 "training step's own backward pass, which the start/epoch/end points lack"
             )
         threshold = self.cfg["threshold"]
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0
+        ):
             raise ConfigError(f"probes.{self.name}.threshold={threshold!r} must be a number ≥ 0")
         self.modules = self.select_modules()
         self.names = [n for n, _ in self.modules]

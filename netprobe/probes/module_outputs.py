@@ -32,12 +32,12 @@ def module_outputs(
     model: nn.Module,
     modules: list[tuple[str, nn.Module]],
     x: torch.Tensor,
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduce: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     grad: bool = False,
 ) -> ModuleOutputs:
-    """Run `model(x)` once in eval mode and keep `reduce(output)` of every module in `modules`.
+    """Run `model(x)` once in eval mode and keep `reduce(name, output)` of every module in
+    `modules`; it runs inside the hook, so only the reduced value outlives the hook call.
 
-    `reduce` runs inside the hook, so only the reduced value is held through the rest of the pass.
     With `grad`, autograd stays on and the kept outputs are nodes of the graph (for
     `torch.autograd.grad(loss, ...)`); without, nothing is recorded for backward.
     """
@@ -50,7 +50,7 @@ def module_outputs(
                 return None
             if inputs and isinstance(inputs[0], torch.Tensor):
                 shapes[name] = inputs[0].shape
-            values[name] = reduce(output) if reduce is not None else output
+            values[name] = reduce(name, output) if reduce is not None else output
             # Downstream computes on a copy: in-place ops there leave the kept value intact.
             return output.clone()
 

@@ -133,10 +133,15 @@ def update_dynamics(
     return torch.stack([wdiff_l2, mean_moved, local_min, local_max], dim=1)
 
 
+# `sign_map` codes: exact zero, small positive, small negative, large; NaN for a non-finite g.
+SIGN_ZERO, SIGN_POSITIVE, SIGN_NEGATIVE, SIGN_LARGE = 0.0, 1.0, -1.0, 2.0
+
+
 def sign_codes(g: torch.Tensor, zero_threshold: float = 1e-5) -> torch.Tensor:
-    """+1 where 0 < g ≤ 1e-5, −1 where −1e-5 ≤ g < 0, 0 otherwise (`sign_map`)."""
-    small = g.abs() <= zero_threshold
-    return torch.where(small, g.sign(), 0).to(torch.float32)
+    """0 where g = 0, +1 where 0 < g ≤ 1e-5, −1 where −1e-5 ≤ g < 0, 2 where |g| > 1e-5 (NaN
+    where g is not finite), as float32 (`sign_map`)."""
+    codes = torch.where(g.abs() > zero_threshold, SIGN_LARGE, g.sign())
+    return torch.where(torch.isfinite(g), codes, torch.nan).to(torch.float32)
 
 
 class OptimDynamics(Probe):
@@ -145,7 +150,7 @@ class OptimDynamics(Probe):
     name = "optim_dynamics"
     default_every = 1
     default_at = ("epoch",)
-    options = {"zero_threshold": 1e-5, "tiny_threshold": 1e-7, "sign_samples": 64}
+    options = {"zero_threshold": 1e-5, "tiny_threshold": 1e-7, "sign_samples": 64, "sign_rows": 32}
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
@@ -158,9 +163,11 @@ class OptimDynamics(Probe):
             value = self.cfg[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"probes.{self.name}.{key}={value!r} must be a number ≥ 0")
+        for key in ("sign_samples", "sign_rows"):
+            k = self.cfg[key]
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ConfigError(f"probes.{self.name}.{key}={k!r} must be a positive integer")
         k = self.cfg["sign_samples"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ConfigError(f"probes.{self.name}.sign_samples={k!r} must be a positive integer")
         self.params = self.select_params()
         self.names = [n for n, _ in self.params]
         self.tensors = [p for _, p in self.params]
@@ -172,7 +179,10 @@ class OptimDynamics(Probe):
         self._w_views: list[torch.Tensor] = []  # views of _w_prev shaped like the parameters
         self._w_step: int | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
-        self._sign_sample: torch.Tensor | None = None
+        # The epoch's sampled gradients (step, [Σ K]) for the sign map: every `_sign_stride`-th
+        # step, thinned to every other one whenever they reach 4 · sign_rows.
+        self._sign_rows: list[tuple[int, torch.Tensor]] = []
+        self._sign_seen, self._sign_stride = 0, 1
 
     def _draw_sign_indices(self, k: int) -> tuple[torch.Tensor, list[int]]:
         """K flat positions per tensor (all of a smaller one), drawn once from the run's seed."""
@@ -200,7 +210,11 @@ class OptimDynamics(Probe):
         g = self._flat_grads()
         if self.sign_index.device != g.device:
             self.sign_index = self.sign_index.to(g.device)
-        self._sign_sample = g.index_select(0, self.sign_index)
+        if self._sign_seen % self._sign_stride == 0:
+            self._sign_rows.append((step, g.index_select(0, self.sign_index)))
+            if len(self._sign_rows) >= 4 * self.cfg["sign_rows"]:
+                self._sign_rows, self._sign_stride = self._sign_rows[::2], 2 * self._sign_stride
+        self._sign_seen += 1
         if due:
             g_prev = self._g_prev if self._g_step == step - 1 else None
             self._pending = gradient_dynamics(
@@ -233,20 +247,29 @@ class OptimDynamics(Probe):
         self.ctx.record.scalars(self.name, self.names, metrics, values)
 
     def state_dict(self) -> dict[str, Any]:
-        """g_{t−1} (so the first step after resuming compares with the step before) and the sign
-        sample of the latest step; W_{t−1} is refilled at every due step, so it is not kept."""
-        return {"g_prev": self._g_prev, "g_step": self._g_step, "sign_sample": self._sign_sample}
+        """g_{t−1} (so the first step after resuming compares with the step before); W_{t−1} is
+        refilled at every due step, and the sign rows are written at each epoch's end."""
+        return {"g_prev": self._g_prev, "g_step": self._g_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.tensors[0].device if self.tensors else torch.device("cpu")
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         self._g_prev, self._g_step = move(state["g_prev"]), state["g_step"]
-        self._sign_sample = move(state["sign_sample"])
 
     def capture(self) -> None:
-        """The sign codes of the K sampled gradients of the latest step, one row per tensor."""
-        if self._sign_sample is None:
+        """The sign codes of the K sampled gradients at up to `sign_rows` evenly spaced steps of
+        the epoch: per tensor a [steps, K] matrix `sign_map`, and the steps in `sign_steps`."""
+        rows, n = self._sign_rows, self.cfg["sign_rows"]
+        self._sign_rows, self._sign_seen, self._sign_stride = [], 0, 1
+        if not rows:
             return
-        codes = sign_codes(self._sign_sample, self.cfg["zero_threshold"])
-        for name, row in zip(self.names, codes.split(self.sign_sizes)):
-            self.ctx.record.matrix(self.name, "sign_map", name, "", row)
+        if len(rows) > n:
+            rows = [
+                rows[i]
+                for i in sorted({round(i * (len(rows) - 1) / (n - 1 or 1)) for i in range(n)})
+            ]
+        steps = torch.tensor([step for step, _ in rows], dtype=torch.float32)
+        codes = sign_codes(torch.stack([g for _, g in rows]), self.cfg["zero_threshold"])
+        self.ctx.record.matrix(self.name, "sign_steps", "", "", steps)
+        for name, block in zip(self.names, codes.split(self.sign_sizes, dim=1)):
+            self.ctx.record.matrix(self.name, "sign_map", name, "", block)

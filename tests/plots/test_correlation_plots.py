@@ -72,3 +72,15 @@ def test_no_figures_without_the_probe(tmp_path: Path) -> None:
         pass
     group = RunGroup([netprobe.load(tmp_path / "run")])
     assert all(FIGURES[name].draw(group) is None for name in NAMES)
+
+
+def test_each_cka_estimator_draws_its_stored_matrix(tiny_run) -> None:
+    run = tiny_run("model=cnn", "probes=[correlation]", "probes.correlation.cka=both")
+    group = RunGroup([run])
+    for name, word in (("cka", "biased"), ("cka_unbiased", "unbiased")):
+        figure = FIGURES[f"{name}_heatmap"]
+        assert f"{word} HSIC estimator" in figure.caption
+        fig = figure.draw(group)
+        assert f", {word} HSIC" in fig._suptitle.get_text()
+        last = fig.axes[1].images[0].get_array()
+        np.testing.assert_allclose(last, run.matrix(name).to_numpy(), rtol=1e-12)

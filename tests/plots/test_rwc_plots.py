@@ -39,7 +39,9 @@ def test_curves_one_line_per_layer_in_forward_order_averaged_over_seeds(two_seed
     ax = fig.axes[0]
     assert ax.get_yscale() == "log"
     for line, layer in zip(ax.get_lines(), layers):
-        want = df[df["layer"] == layer].groupby("epoch")["value"].mean()
+        # A log axis: the geometric mean over seeds.
+        logs = np.log10(df.loc[df["layer"] == layer, "value"])
+        want = 10 ** logs.groupby(df["epoch"]).mean()
         np.testing.assert_array_equal(line.get_xdata(), [1, 2, 3])
         np.testing.assert_allclose(line.get_ydata(), want.to_numpy())
     # Bands: one filled area per layer for the spread over seeds.

@@ -111,7 +111,7 @@ def perturb(model: nn.Module, seed: int) -> None:
 
 def test_registered_with_its_keys() -> None:
     assert PROBES["activations"] is Activations
-    assert set(Activations.options) == {"sources", "bins", "range_factor"}
+    assert set(Activations.options) == {"sources", "bins", "tail"}
     assert Activations.default_at == ("start", "epoch")
 
 
@@ -140,19 +140,19 @@ def test_every_metric_matches_the_reference_over_captures() -> None:
     assert set(hists["source"]) == set(inputs)
     for source in inputs:
         for name in probe.names:
-            first = outputs[0][source][name]
-            peak = np.abs(first).max()
-            # Bins fixed at the first capture: 0…2·max y if all y ≥ 0, else ±2·max|y|; 50 of them.
-            lo = 0.0 if first.min() >= 0 else -2 * peak
-            want_edges = np.linspace(lo, 2 * peak, 51)
             for step, out in zip(steps, outputs):
+                y = out[source][name].ravel()
+                # Each capture's own 50 bins: from its 0.1 % to its 99.9 % quantile.
+                want_edges = np.linspace(*np.quantile(y, [0.001, 0.999]), 51)
                 h = hists[(hists["step"] == step) & (hists["layer"] == name)]
                 h = h[h["source"] == source].iloc[0]
                 edges = np.asarray(h["edges"])
-                np.testing.assert_allclose(edges, want_edges, rtol=1e-6, atol=1e-9 * peak)
+                np.testing.assert_allclose(edges, want_edges, rtol=1e-9, atol=1e-12)
                 ref = reference_stats(out[source][name], edges)
                 np.testing.assert_array_equal(h["counts"], ref["counts"])
                 assert (h["below"], h["above"]) == (ref["below"], ref["above"])
+                # What falls outside is the two 0.1 % tails: under 1 % of the values.
+                assert h["below"] + h["above"] <= np.ceil(0.002 * y.size) + 1
                 rows = scalars[(scalars["step"] == step) & (scalars["layer"] == name)]
                 got = {
                     m.split("/")[1]: v
@@ -170,8 +170,10 @@ def test_every_metric_matches_the_reference_over_captures() -> None:
     # The conv's dead channel is seen: 4 of its 12 units are ≤ 0 for every sample.
     dead = scalars[(scalars["layer"] == "0") & (scalars["metric"] == "train/dead_frac")]
     assert dead.sort_values("step")["value"].iloc[0] == pytest.approx(4 / 12)
-    # The perturbed weights push the later outputs past the fixed range.
-    assert hists["above"].sum() + hists["below"].sum() > 0
+    # The perturbed weights grow the later outputs: their bins grow with them.
+    widths = hists.assign(width=[e[-1] - e[0] for e in hists["edges"]])
+    conv = widths[(widths["layer"] == "0") & (widths["source"] == "train")]
+    assert conv.sort_values("step")["width"].is_monotonic_increasing
 
 
 def test_eval_mode_leaves_batchnorm_statistics_alone() -> None:
@@ -187,6 +189,23 @@ def test_eval_mode_leaves_batchnorm_statistics_alone() -> None:
     probe.ctx.progress.step += 1
     probe.on_epoch_end()
     assert not model.training
+
+
+def test_zero_tail_spans_min_to_max_and_constant_outputs_get_a_range() -> None:
+    from netprobe.probes.distributions import central_edges
+
+    x = torch.tensor([3.0, -1.0, 7.0, float("nan"), 2.0, float("inf")])
+    np.testing.assert_allclose(central_edges(x, 4, 0.0).numpy(), np.linspace(-1, 7, 5))
+    np.testing.assert_allclose(
+        central_edges(torch.full((9,), 2.5), 2, 0.001).numpy(), [1.5, 2.5, 3.5]
+    )
+    np.testing.assert_allclose(
+        central_edges(torch.full((3,), torch.nan), 2, 0.0).numpy(), [-1, 0, 1]
+    )
+    # A large tensor: quantiles of an evenly strided subset, close to the whole one's.
+    big = torch.randn(50_000, generator=torch.Generator().manual_seed(0))
+    edges = central_edges(big, 10, 0.01, sample=10_000).numpy()
+    np.testing.assert_allclose(edges[[0, -1]], np.quantile(big.numpy(), [0.01, 0.99]), atol=0.1)
 
 
 def test_layer_regexes_select_modules_without_parameters_too() -> None:
@@ -212,7 +231,8 @@ def test_hooks_go_even_when_the_forward_fails() -> None:
     assert all(not m._forward_hooks for m in model.modules())
 
 
-def test_resumed_probe_keeps_its_bins() -> None:
+def test_bins_depend_on_the_capture_alone() -> None:
+    """A resumed probe (a fresh one) records the same histograms: there is no state to carry."""
     model = small_model()
     probe = make_probe(model)
     probe.on_start()
@@ -261,7 +281,7 @@ def test_needs_an_input_batch() -> None:
 
 @pytest.mark.parametrize(
     "key, value",
-    [("sources", ["test"]), ("bins", 0), ("every", 5), ("at", ["later"]), ("range_factor", 0)],
+    [("sources", ["test"]), ("bins", 0), ("every", 5), ("at", ["later"]), ("tail", 0.01)],
 )
 def test_bad_options_are_config_errors(key: str, value) -> None:
     with pytest.raises(ConfigError, match=key):

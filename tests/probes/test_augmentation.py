@@ -118,7 +118,7 @@ def test_probe_records_against_numpy() -> None:
 
     original = stored("original")
     np.testing.assert_array_equal(original, probe.ctx.valid_batch[0][3].numpy())
-    inputs = torch.from_numpy(stored("inputs").copy())
+    inputs = torch.from_numpy(stored("inputs").copy()).float()  # stored as float64, exactly
     assert inputs.shape == (24, 3, 8, 8)
     assert not torch.allclose(inputs[0], inputs[1])
     for name in ("0", "5"):

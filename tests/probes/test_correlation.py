@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 import torch.nn as nn
@@ -11,7 +12,14 @@ import torch.nn as nn
 from netprobe.errors import ConfigError
 from netprobe.monitor import probe_context
 from netprobe.probes import PROBES
-from netprobe.probes.correlation import Correlation, linear_cka, mean_positive, pearson
+from netprobe.probes.correlation import (
+    Correlation,
+    correlate,
+    gram_matrices,
+    linear_cka,
+    pearson,
+    standardize,
+)
 from netprobe.structure import layer_table
 
 REL = 1e-5
@@ -99,14 +107,36 @@ def test_constant_features_correlate_zero_not_nan() -> None:
     assert torch.isfinite(linear_cka([x, torch.zeros(20, 3)])).all()
 
 
-def test_mean_positive_matches_a_loop() -> None:
+def test_corr_mean_matches_a_loop() -> None:
     rng = np.random.default_rng(1)
-    c = rng.uniform(-1, 1, size=(6, 6))
-    between = sum(max(v, 0.0) for v in c.flat) / c.size
-    within = sum(max(c[i, j], 0.0) for i in range(6) for j in range(6) if i != j) / 30
-    t = torch.from_numpy(c)
-    assert float(mean_positive(t, same_layer=False)) == pytest.approx(between, rel=REL)
-    assert float(mean_positive(t, same_layer=True)) == pytest.approx(within, rel=REL)
+    a = rng.normal(size=(30, 6))
+    b = a[:, :4] + rng.normal(size=(30, 4))
+    for x, y, same in ((a, b, False), (a, a, True)):
+        c = np.corrcoef(x, y, rowvar=False)[: x.shape[1], x.shape[1] :]
+        pairs = [(i, j) for i in range(c.shape[0]) for j in range(c.shape[1]) if not same or i != j]
+        want = sum(max(c[i, j], 0.0) for i, j in pairs) / len(pairs)
+        z = [standardize(torch.from_numpy(v)) for v in (x, y)]
+        got, full = correlate(*z, same_layer=same)
+        assert full is None
+        assert float(got) == pytest.approx(want, rel=1e-12)
+
+
+def test_blocks_give_the_unchunked_values() -> None:
+    """Blocks of 3 features (uneven: 10 = 3 + 3 + 3 + 1) give what one block of all gives."""
+    rng = np.random.default_rng(4)
+    a = torch.from_numpy(rng.normal(size=(25, 10))).float()
+    b = torch.from_numpy(rng.normal(size=(25, 7))).float()
+    b[:, 2] = 0.5  # a constant feature inside a block
+    for x, y, same in ((a, b, False), (a, a, True)):
+        z = standardize(x), standardize(y)
+        mean, full = correlate(*z, same_layer=same, keep=True, block=3)
+        mean_one, full_one = correlate(*z, same_layer=same, keep=True, block=1000)
+        assert float(mean) == pytest.approx(float(mean_one), rel=1e-12)
+        assert full.dtype == torch.float32
+        torch.testing.assert_close(full, full_one, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(full, pearson(x, y).float(), rtol=1e-6, atol=1e-7)
+    grams = [gram_matrices([a, b], block=k) for k in (3, 1000)]
+    torch.testing.assert_close(grams[0], grams[1], rtol=1e-12, atol=1e-12)
 
 
 def test_linear_cka_matches_formula_and_invariances() -> None:
@@ -234,6 +264,7 @@ def test_layer_table_restores_each_modules_mode() -> None:
         ({"save_full_at": ["middle"]}, "'middle'"),
         ({"at": ["sometimes"]}, "'sometimes'"),
         ({"bins": 3}, "unknown key 'bins'"),
+        ({"cka": "debiased"}, "cka='debiased'; valid: biased, unbiased, both"),
     ],
 )
 def test_bad_settings_fail_with_one_line(cfg: dict, message: str) -> None:
@@ -246,3 +277,100 @@ def test_layers_select_by_regex() -> None:
     x, y = batch()
     probe = make_probe(small_cnn(), x, y, layers=[r"[0-4]"], exclude=["1", "2", "4"])
     assert [n for n, _ in probe.modules] == ["0", "3"]
+
+
+# ckatorch's functions, written out from their formulas: a linear kernel K = X Xᵀ on the raw
+# features (no centring), HSIC_0 with the centring matrix H, HSIC_1 on zero-diagonal Grams.
+def ckatorch_hsic0(k: np.ndarray, l_: np.ndarray) -> float:
+    n = len(k)
+    h = np.eye(n) - np.ones((n, n)) / n
+    return float(np.trace(k @ h @ l_ @ h)) / (n - 1) ** 2
+
+
+def ckatorch_hsic1(k: np.ndarray, l_: np.ndarray) -> float:
+    n = len(k)
+    k, l_ = k - np.diag(np.diag(k)), l_ - np.diag(np.diag(l_))
+    ones = np.ones(n)
+    trace = np.trace(k @ l_)
+    middle = (ones @ k @ ones) * (ones @ l_ @ ones) / ((n - 1) * (n - 2))
+    last = 2 / (n - 2) * (ones @ k @ l_ @ ones)
+    return float(trace + middle - last) / (n * (n - 3))
+
+
+def ckatorch_cka(x: np.ndarray, y: np.ndarray, hsic) -> float:
+    k, l_ = x @ x.T, y @ y.T
+    return hsic(k, l_) / np.sqrt(hsic(k, k) * hsic(l_, l_))
+
+
+def cka_features(seed: int = 5) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(24, 9)) + 3.0  # off-centre: the estimators must centre (or not need to)
+    y = np.tanh(x @ rng.normal(size=(9, 6))) + 0.4 * rng.normal(size=(24, 6))
+    z = rng.normal(size=(24, 40))  # unrelated and wider than the batch: where the biased one errs
+    return [x, y, z]
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_cka_matches_ckatorch_formulas_in_float64(unbiased: bool) -> None:
+    feats = cka_features()
+    got = linear_cka([torch.from_numpy(f) for f in feats], unbiased=unbiased)
+    assert got.dtype == torch.float64
+    hsic = ckatorch_hsic1 if unbiased else ckatorch_hsic0
+    for i, a in enumerate(feats):
+        for j, b in enumerate(feats):
+            assert float(got[i, j]) == pytest.approx(ckatorch_cka(a, b, hsic), rel=1e-10)
+    if not unbiased:  # the float64 reference of the feature-space form, too
+        assert float(got[0, 1]) == pytest.approx(cka_by_formula(feats[0], feats[1]), rel=1e-12)
+
+
+def test_unbiased_estimator_removes_the_bias_of_unrelated_features() -> None:
+    """Independent features: the biased estimate sits well above 0, the unbiased one near it."""
+    rng = np.random.default_rng(6)
+    biased, unbiased = [], []
+    for _ in range(20):
+        x, z = rng.normal(size=(30, 50)), rng.normal(size=(30, 50))
+        feats = [torch.from_numpy(x), torch.from_numpy(z)]
+        biased.append(float(linear_cka(feats)[0, 1]))
+        unbiased.append(float(linear_cka(feats, unbiased=True)[0, 1]))
+    assert np.mean(biased) > 0.5
+    assert abs(np.mean(unbiased)) < 0.05
+
+
+@pytest.mark.parametrize("which", ["biased", "unbiased", "both"])
+def test_probe_stores_the_chosen_estimators_in_float64(which: str) -> None:
+    model = small_cnn()
+    x, y = batch()
+    probe = make_probe(model, x, y, conv="flatten", max_features=50, cka=which, save_full_at=[])
+    probe.on_start()
+    table = probe.ctx.record.drain()["matrices"]
+    assert table.schema.field("values").type == pa.list_(pa.float64())
+    df = table.to_pandas().astype({"name": str, "row": str, "col": str})
+    names = {"biased": {"cka"}, "unbiased": {"cka_unbiased"}, "both": {"cka", "cka_unbiased"}}
+    assert set(df["name"]) == {"corr_mean"} | names[which]
+    feats = {n: f.double().numpy() for n, f in zip(*probe.features())}
+    for name, hsic in (("cka", ckatorch_hsic0), ("cka_unbiased", ckatorch_hsic1)):
+        for _, row in df[df["name"] == name].iterrows():
+            want = ckatorch_cka(feats[row["row"]], feats[row["col"]], hsic)
+            assert row["values"][0] == pytest.approx(want, rel=1e-9)
+
+
+def test_chunked_capture_equals_the_unchunked_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from netprobe.probes import correlation
+
+    x, y = batch()
+    stored = []
+    for block in (7, 10_000):  # 7: every layer's features and Gram sums go in several blocks
+        monkeypatch.setattr(correlation, "BLOCK", block)
+        probe = make_probe(small_cnn(), x, y, conv="flatten", max_features=64, cka="both")
+        probe.on_start()
+        stored.append(matrices(probe))
+    chunked, whole = stored
+    assert len(chunked) == len(whole) and (chunked["name"] == whole["name"]).all()
+    for a, b in zip(chunked["values"], whole["values"]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_unbiased_needs_four_samples() -> None:
+    x, y = batch(shape=(3, 3, 8, 8))
+    with pytest.raises(ConfigError, match="at least 4 samples"):
+        make_probe(small_cnn(), x, y, cka="unbiased")

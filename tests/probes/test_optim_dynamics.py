@@ -15,7 +15,7 @@ from netprobe.errors import ConfigError
 from netprobe.monitor import Recorder
 from netprobe.probes import PROBES
 from netprobe.probes.base import ProbeContext, Progress
-from netprobe.probes.optim_dynamics import FIRST_METRICS, METRICS, OptimDynamics
+from netprobe.probes.optim_dynamics import FIRST_METRICS, METRICS, OptimDynamics, sign_codes
 from netprobe.structure import layer_table
 
 ZERO, TINY = 1e-5, 1e-7
@@ -149,7 +149,12 @@ def recorded(probe: OptimDynamics) -> pd.DataFrame:
 
 def test_registered_with_its_config_keys() -> None:
     assert PROBES["optim_dynamics"] is OptimDynamics
-    assert set(OptimDynamics.options) == {"zero_threshold", "tiny_threshold", "sign_samples"}
+    assert set(OptimDynamics.options) == {
+        "zero_threshold",
+        "tiny_threshold",
+        "sign_samples",
+        "sign_rows",
+    }
 
 
 def test_every_metric_matches_the_naive_reference() -> None:
@@ -234,9 +239,12 @@ def test_sign_map_codes_of_the_sampled_entries() -> None:
     probe.after_step()
     probe.ctx.progress.step += 1
     probe.on_epoch_end()
-    df = probe.ctx.record.drain()["matrices"].to_pandas()
-    assert list(df["name"].astype(str).unique()) == ["sign_map"]
-    assert list(df["row"].astype(str)) == probe.names
+    df = probe.ctx.record.drain()["matrices"].to_pandas().astype({"name": str, "row": str})
+    assert list(df["name"].unique()) == ["sign_steps", "sign_map"]
+    np.testing.assert_array_equal(df.loc[df["name"] == "sign_steps", "values"].iloc[0], [0])
+    df = df[df["name"] == "sign_map"]
+    assert list(df["row"]) == probe.names
+    assert all(list(shape) == [1, 16] for shape in df["shape"])
     flat = torch.cat([g.reshape(-1) for g in grads]).double().numpy()
     index = probe.sign_index.numpy()
     # 16 of the 200 entries, 16 of the 30 (fewer entries than K would keep them all); distinct.
@@ -248,13 +256,48 @@ def test_sign_map_codes_of_the_sampled_entries() -> None:
         assert len(set(picks)) == 16 and (picks >= offset).all() and (picks < offset + size).all()
         want = []
         for g in flat[picks]:
-            want.append(1.0 if 0 < g <= ZERO else -1.0 if -ZERO <= g < 0 else 0.0)
+            small = -ZERO <= g <= ZERO
+            want.append(2.0 if not small else 1.0 if g > 0 else -1.0 if g < 0 else 0.0)
         np.testing.assert_array_equal(layer_values, want)
+    # Every code occurs among these values: exact zeros, small ±, large.
+    codes = np.concatenate(df["values"].to_list())
+    assert set(np.unique(codes)) == {-1.0, 0.0, 1.0, 2.0}
     # Drawn once from the run seed: the same seed draws the same entries, another seed others.
     np.testing.assert_array_equal(make_probe(model, seed=3, sign_samples=16).sign_index, index)
     assert not np.array_equal(make_probe(model, seed=4, sign_samples=16).sign_index, index)
     small = make_probe(model, seed=3, sign_samples=64)
     assert small.sign_sizes == [64, 30]
+
+
+def test_sign_codes_at_the_threshold() -> None:
+    """Small means |g| ≤ threshold, the threshold itself included; non-finite gradients are NaN."""
+    t = 2.0**-16  # exact in float32 and float64
+    g = torch.tensor([t, -t, 2 * t, -2 * t, 0.0, -0.0, float("nan"), float("inf")])
+    np.testing.assert_array_equal(sign_codes(g, t).numpy(), [1, -1, 2, 2, 0, 0, np.nan, np.nan])
+
+
+def test_sign_map_keeps_evenly_spaced_steps_of_each_epoch() -> None:
+    model = nn.Sequential(nn.Linear(4, 3))
+    probe = make_probe(model, sign_samples=4, sign_rows=5)
+    steps = []
+    for _epoch in range(2):
+        for _ in range(23):
+            for p in probe.tensors:
+                p.grad = torch.full_like(p, float(probe.ctx.progress.step))
+            probe.after_backward()
+            probe.after_step()
+            probe.ctx.progress.step += 1
+        probe.on_epoch_end()
+        df = probe.ctx.record.drain()["matrices"].to_pandas().astype({"name": str})
+        got = df.loc[df["name"] == "sign_steps", "values"].iloc[0]
+        sign = df[df["name"] == "sign_map"]
+        assert list(sign["shape"].iloc[0]) == [len(got), 4]
+        steps.append(got)
+    # At most 5 rows per epoch, spread over the whole epoch, first and last step included.
+    first = np.asarray(steps[0])
+    assert len(first) == 5 and first[0] == 0 and first[-1] >= 20
+    assert np.asarray(steps[1])[0] == 23 and len(steps[1]) == 5
+    assert np.all(np.diff(first) > 0)
 
 
 def test_sign_map_waits_for_a_gradient() -> None:
@@ -293,6 +336,7 @@ def test_per_step_path_never_reads_device_values(monkeypatch: pytest.MonkeyPatch
         ("zero_threshold", -1.0),
         ("tiny_threshold", "small"),
         ("sign_samples", 0),
+        ("sign_rows", 0),
         ("every", "epoch"),
     ],
 )

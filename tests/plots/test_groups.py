@@ -1,0 +1,76 @@
+"""Group names: only keys that differ and that every run has, short, stable (plots/groups.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from netprobe.plots.groups import MAX_NAME, group_runs, mapping
+
+
+@dataclass
+class FakeRun:
+    """What grouping reads of a run: its config, run.json, status and path."""
+
+    config: dict[str, Any] | None
+    path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+    status: str = "completed"
+
+
+def run(name: str, seed: int = 0, **config: Any) -> FakeRun:
+    base = {"model": {"name": "cnn", "width": 32}, "data": {"name": "synthetic"}, "seed": seed}
+    return FakeRun({**base, **config}, Path("/runs") / name, {"seed": seed})
+
+
+def probes(*names: str) -> dict[str, Any]:
+    return {"probes": {n: {"every": 1, "layers": None, "exclude": []} for n in names}}
+
+
+def test_seeds_share_a_group_and_absent_probes_do_not_name_it() -> None:
+    runs = [
+        run("a0", 0, **probes("gradients")),
+        run("a1", 1, **probes("gradients")),
+        run("b", 0, **probes("gradients", "rwc")),
+    ]
+    groups = group_runs(runs)
+    assert [g.label for g in groups] == ["probes=gradients", "probes=gradients+rwc"]
+    assert [len(g.runs) for g in groups] == [2, 1]
+    # probes.rwc.* exists in one run only: the section names the difference, not its keys.
+    assert all(set(g.varying) == {"probes"} for g in groups)
+    rows = mapping(groups)
+    assert sorted(r["path"] for g in rows for r in g["runs"]) == ["/runs/a0", "/runs/a1", "/runs/b"]
+
+
+def test_long_names_are_cut_with_a_stable_hash() -> None:
+    def make() -> list[FakeRun]:
+        return [
+            run(
+                f"r{i}",
+                optim={"name": "sgd", "lr": lr, "momentum": m, "weight_decay": wd},
+                trainer={"epochs": 3 + i, "schedule_description": f"cosine-with-warmup-{i}" * 3},
+            )
+            for i, (lr, m, wd) in enumerate([(0.1, 0.9, 1e-4), (0.01, 0.8, 5e-4)])
+        ]
+
+    labels = [g.label for g in group_runs(make())]
+    assert all(len(label) <= MAX_NAME for label in labels)
+    assert len(set(labels)) == 2
+    assert labels == [g.label for g in group_runs(make())]  # the same folders every time
+    assert all(label.startswith("optim.lr=") for label in labels)
+
+
+def test_names_that_would_collide_get_told_apart() -> None:
+    # Two configs that differ only in a section present in one of them but with equal members.
+    a = run("a", **probes("gradients"))
+    b = run("b", **probes("gradients"))
+    b.config["probes"]["gradients"]["extra"] = 1  # a key only b has
+    labels = [g.label for g in group_runs([a, b])]
+    assert len(set(labels)) == 2 and all(0 < len(label) <= MAX_NAME for label in labels)
+
+
+def test_a_run_without_config_is_grouped_by_its_run_json() -> None:
+    plain = FakeRun(None, Path("/runs/lib"), {"model": "mlp", "data": "digits", "seed": 0})
+    labels = {g.label for g in group_runs([run("cli"), plain])}
+    assert labels == {"model=cnn,data=synthetic", "model=mlp,data=digits"}
