@@ -11,20 +11,23 @@ from collections.abc import Sequence
 from netprobe.errors import ConfigError
 
 USAGE = """\
-usage: netprobe {train,plot,ls,export,query} ...
+usage: netprobe {train,plot,ls,doctor,export,query} ...
 
   netprobe train [OVERRIDES]     train with probes attached (Hydra app; `netprobe train --help`)
   netprobe train -m seed=0,1,2   sweep with Hydra multirun
   netprobe plot PATH... [--out DIR] [--format png,svg,pdf] [--only NAMES] [--jobs N]
                                  render every figure the runs under PATH support
   netprobe ls PATH...            one row per run: status, model, data, init, seed, ...
+  netprobe doctor PATH... [--format table,json] [--strict]
+                                 findings per run (code, severity, layers, evidence, advice)
   netprobe export PATH --to tensorboard --out DIR
                                  TensorBoard event files for the runs under PATH
   netprobe query PATH "SQL" [--format table,csv,json,parquet] [--out FILE]
                                  SQL over the runs under PATH: views runs, scalars,
                                  histograms, matrices, layers (each with a `run` column)
 
-exit codes: 0 success, 1 run failed or diverged, 2 bad usage or input, 130 interrupted
+exit codes: 0 success, 1 run failed or diverged (or doctor --strict found a problem),
+            2 bad usage or input, 130 interrupted
 """
 
 
@@ -48,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": train_command,
         "plot": plot_command,
         "ls": ls_command,
+        "doctor": doctor_command,
         "export": export_command,
         "query": query_command,
     }
@@ -128,6 +132,30 @@ def ls_command(args: list[str]) -> int:
 
     list_runs(ns.paths)
     return 0
+
+
+def doctor_command(args: list[str]) -> int:
+    from dataclasses import fields
+
+    from netprobe.doctor import Thresholds, report
+
+    parser = _Parser(
+        prog="netprobe doctor",
+        description="Findings per run from the stored tables: what looks wrong, where, the "
+        "evidence and what usually helps. Thresholds default to each run's own doctor config.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run, sweep or folder")
+    parser.add_argument("--format", default="table", choices=("table", "json"))
+    parser.add_argument("--strict", action="store_true", help="exit 1 on any warning or error")
+    for f in fields(Thresholds):
+        kind = int if f.type in (int, "int") else float
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, metavar="X")
+    ns = _parse(parser, args)
+    if isinstance(ns, int):
+        return ns
+    overrides = {f.name: getattr(ns, f.name) for f in fields(Thresholds)}
+    found = report(ns.paths, {k: v for k, v in overrides.items() if v is not None}, ns.format)
+    return 1 if ns.strict and found else 0
 
 
 EXPORT_TARGETS = ("tensorboard",)

@@ -16,7 +16,7 @@ from netprobe.errors import ConfigError
 
 CONFIG_NAME = "config"
 PRECISIONS = ("32", "bf16", "16")
-GROUPS = ("model", "data", "init", "optim", "probes", "trainer", "experiment")
+GROUPS = ("model", "data", "init", "optim", "probes", "trainer", "doctor", "experiment")
 
 
 def conf_dir() -> Path:
@@ -286,6 +286,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
     _check_memory(cfg.data)
     check_device(cfg.trainer.device)
+    from netprobe.doctor import thresholds
+
+    thresholds(OmegaConf.to_container(cfg.doctor) if "doctor" in cfg else None)
     if cfg.trainer.get("tensorboard"):
         from netprobe.tensorboard import require
 

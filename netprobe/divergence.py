@@ -30,8 +30,9 @@ class NonfiniteWatch:
         if self._first is None:
             self._first = torch.full((), -1, dtype=torch.int64, device=loss.device)
             self.polled = loss.device.type == "cuda"
-        bad = ~torch.isfinite(loss).all()
-        self._first = torch.where(bad & (self._first < 0), step, self._first)
+        # Kept where this loss is finite or an earlier step was already found: four tiny kernels.
+        finite = torch.isfinite(loss) if loss.dim() == 0 else torch.isfinite(loss).all()
+        self._first = torch.where(finite | (self._first >= 0), self._first, step)
         if self.polled:
             self._poll()
 

@@ -11,6 +11,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from netprobe.doctor import health
 from netprobe.errors import ConfigError
 from netprobe.store import Run, find_runs
 
@@ -25,7 +26,7 @@ STATUS_STYLE = {
 }
 
 
-COLUMNS = ("status", "model", "data", "init", "seed", "epochs", "best val acc")
+COLUMNS = ("status", "model", "data", "init", "seed", "epochs", "best val acc", "health")
 # Hydra writes multirun.yaml into a sweep's directory; its jobs' run directories lie beneath.
 SWEEP_FILE = "multirun.yaml"
 
@@ -98,7 +99,7 @@ def _table(
         try:
             run = Run(run_dir)
         except (OSError, ValueError):
-            table.add_row("[red]damaged[/]", "", "", "", "", "", "", *extra, str(shown))
+            table.add_row("[red]damaged[/]", "", "", "", "", "", "", "", *extra, str(shown))
             continue
         info, status = run.info, run.status
         acc = info.get("best_val_acc")
@@ -110,6 +111,7 @@ def _table(
             str(info.get("seed", "")),
             str(info.get("epochs_done", "")),
             f"{acc:.4f}" if isinstance(acc, (int, float)) else "",
+            health(run),
             *extra,
             str(shown),
         )

@@ -258,6 +258,7 @@ class Monitor:
         self._samples = 0
         self._flush_t = time.perf_counter()
         self._last: dict[str, torch.Tensor | float] = {}
+        self._lr: tuple[float, torch.Tensor] | None = None
         self.best_val_acc: float | None = None
         self.closed = False
         try:
@@ -324,28 +325,47 @@ class Monitor:
 
     # -- the training loop's calls
     def after_backward(
-        self, loss: torch.Tensor, acc: Number | None = None, batch_size: int | None = None
+        self,
+        loss: torch.Tensor,
+        acc: Number | None = None,
+        batch_size: int | None = None,
+        loss_scale: torch.Tensor | float | None = None,
     ) -> None:
-        """Record the step's loss (and accuracy); gradient probes read `.grad` now."""
-        rec = self.record
+        """Record the step's loss (and accuracy); gradient probes read `.grad` now (unscaled).
+
+        With a GradScaler, `loss_scale` is the scale of the loss just backpropagated (its device
+        tensor, so nothing is read back): what hooks saw during backward is divided by it.
+        """
         loss = loss.detach()
         self.nonfinite.observe(loss, self.progress.step)
-        rec.scalars("train", [""], ["loss"], loss.reshape(1, 1))
+        # The step's curve values in one record: one tensor per step rather than one per metric.
+        names, values = ["loss"], [loss.reshape(())]
         self._last["loss"] = loss
         if acc is not None:
-            acc = torch.as_tensor(acc).detach()
-            rec.scalars("train", [""], ["acc"], acc.reshape(1, 1))
+            acc = torch.as_tensor(acc, device=loss.device).detach()  # stacked with the loss
+            names.append("acc")
+            values.append(acc.reshape(()))
             self._last["acc"] = acc
         grads = [p.grad for p in self._params if p.grad is not None]
         if grads:
             norms = torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))
             total = torch.linalg.vector_norm(torch.stack(norms))
-            rec.scalars("train", [""], ["grad_l2_total"], total.reshape(1, 1))
+            names.append("grad_l2_total")
+            values.append(total)
             self.ctx.grad_l2_total = total  # the gradients probe records it too: one computation
+        self.record.scalars("train", [""], names, torch.stack(values)[None])
         if self.optimizer is not None:
-            rec.scalars("train", [""], ["lr"], float(self.optimizer.param_groups[0]["lr"]))
+            self.record.scalars("train", [""], ["lr"], self._lr_tensor())
+        self.ctx.loss_scale = loss_scale
         self._samples += batch_size or 0
         self._run_probes("after_backward")
+
+    def _lr_tensor(self) -> torch.Tensor:
+        """The learning rate as a host float64 [1, 1] tensor, made again only when it changes."""
+        lr = float(self.optimizer.param_groups[0]["lr"])  # type: ignore[union-attr]
+        if self._lr is None or self._lr[0] != lr:
+            self._lr = (lr, torch.tensor([[lr]], dtype=torch.float64))  # float64: lr 1e-3 stays
+        return self._lr[1]
 
     def after_step(self) -> None:
         """Update probes read the new weights now; the step counter advances."""

@@ -82,7 +82,8 @@ MAY_CHANGE = (
     "trainer.epochs", "trainer.max_steps", "trainer.resume", "trainer.target_val_acc",
     "trainer.log_every", "trainer.flush_every", "trainer.checkpoint_every", "trainer.tensorboard",
     "trainer.on_nonfinite", "trainer.device", "trainer.compile", "trainer.deterministic",
-    "data.num_workers", "data.on_device", "data.root", "data.download", "name", "out_root",
+    "data.num_workers", "data.on_device", "data.root", "data.download", "probes.memory_budget",
+    "name", "out_root",
 )  # fmt: skip
 CONFIG = Path(".hydra") / "config.yaml"
 

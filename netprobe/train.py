@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import netprobe
-from netprobe import distributed, resume
+from netprobe import distributed, doctor, resume
 from netprobe.checkpoint import checkpoint_path, save_checkpoint
 from netprobe.config import first_line, validate
 from netprobe.data import Batches, build_data, fixed_batch, keep_on_device
@@ -133,7 +133,8 @@ def train_step(
         pair = distributed.mean_over_ranks(pair, place)
         loss, acc = pair[0], None if acc is None else pair[1]
         batch_size *= place.world_size
-    mon.after_backward(loss, acc=acc, batch_size=batch_size)
+    scale = scaler._get_scale_async() if scaler.is_enabled() else None  # a tensor: no read back
+    mon.after_backward(loss, acc=acc, batch_size=batch_size, loss_scale=scale)
     scaler.step(optimizer)
     scaler.update()
     mon.after_step()
@@ -419,6 +420,7 @@ def hydra_main(args: list[str]) -> int:
             if shown and (run_dir / "run.json").exists():
                 took = f"  ({time.perf_counter() - started:.1f} s)"
                 print(summary(run_dir) + took, file=sys.stderr)
+                print(doctor.close_run(run_dir), file=sys.stderr, end="")
         code = EXIT_CODES.get(status, 1)
         if here:
             JOBS["code"] = max(JOBS["code"], code)

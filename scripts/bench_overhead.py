@@ -1,19 +1,24 @@
-"""What probes cost per training step: four variants timed side by side in one process.
+"""What probes cost per training step: variants timed side by side in one process.
 
 (a) a plain hand-written loop (forward, loss, zero_grad, backward, step);
 (b) netprobe's own training step (`netprobe.train.train_step`) with probes=none;
+(g) the `gradients` probe alone, every step;
 (c) the per-step probes: gradients and optim_dynamics, every step;
-(d) probes=all at default schedules (whatever conf/probes/all.yaml lists).
+(d) probes=all at default schedules (whatever conf/probes/all.yaml lists);
+and a reference, "one pass": reading every tracked gradient and weight once
+(`torch._foreach_norm` over them, the tensors (c) tracks), timed in the same rounds.
 
 Each variant has its own model (same initial weights) and optimizer and sees the same batches,
 held on the device. After a warm-up the variants take turns, a block of `--block` steps each in a
 rotating order, so that the drifting load of a shared machine hits all variants alike. The step
-ratio is the median over rounds of a variant's block time / (a)'s block time in the same round.
-Flushes (every `--flush-every` steps, trainer.flush_every's default) and epoch-end captures
-(`at: epoch`, then one flush) are timed apart and amortized: flush / flush_every and
+ratio is the median over rounds of a variant's block time / (a)'s block time in the same round;
+"passes" is the median of (variant − (a)) / the median pass: the added time in reads of the tracked
+tensors. Flushes (every `--flush-every` steps, trainer.flush_every's default) and epoch-end
+captures (`at: epoch`, then one flush) are timed apart and amortized: flush / flush_every and
 captures / `--epoch-steps`, added to the step ratio in the last column, the overhead a run sees.
 
-    python scripts/bench_overhead.py                 # cnn and mlp on CPU; resnet18 too with a GPU
+    python scripts/bench_overhead.py        # cnn and the mlp cases on CPU; resnet18 with a GPU
+    python scripts/bench_overhead.py --cases cnn --epoch-steps 26 --variants a,b,d
     python scripts/bench_overhead.py --device cuda --cases resnet18 --precision bf16
     python scripts/bench_overhead.py --quick         # smoke test: a few seconds
 """
@@ -44,10 +49,14 @@ from netprobe.config import compose
 from netprobe.data import build_data
 from netprobe.init import initialize
 from netprobe.models import build_model
+from netprobe.monitor import probe_context
+from netprobe.probes import PROBES
 from netprobe.train import build_optimizer, resolve_device, train_step
 
-# Case: config overrides, and the epoch length (steps) its epoch captures are amortized over.
-CASES: dict[str, tuple[list[str], int]] = {
+# Case: config overrides, the epoch length (steps) its epoch captures are amortized over, and
+# (rounds, steps per block) by default: fewer for the slow cases.
+DIGITS_EPOCH = 23  # digits: 1,437 training images at batch 64
+CASES: dict[str, tuple[list[str], int, tuple[int, int]]] = {
     "cnn": (
         [
             "model=cnn",
@@ -58,8 +67,23 @@ CASES: dict[str, tuple[list[str], int]] = {
             "data.num_samples=2560",
         ],
         391,  # CIFAR-10's 50,000 images at batch 128
+        (12, 3),
     ),
-    "mlp": (["model=mlp", "data=digits"], 23),  # digits: 1,437 training images at batch 64
+    "mlp": (["model=mlp", "data=digits"], DIGITS_EPOCH, (40, 10)),
+    # Deep and wide MLPs on digits: depth × width hidden layers.
+    **{
+        f"mlp{depth}x{width}": (
+            ["model=mlp", "data=digits", f"model.hidden=[{','.join([str(width)] * depth)}]"],
+            DIGITS_EPOCH,
+            rounds,
+        )
+        for depth, width, rounds in (
+            (16, 64, (30, 10)),
+            (64, 64, (20, 5)),
+            (16, 256, (20, 5)),
+            (16, 1024, (8, 2)),
+        )
+    },
     "resnet18": (
         [
             "model=resnet18",
@@ -70,14 +94,18 @@ CASES: dict[str, tuple[list[str], int]] = {
             "data.num_samples=5120",
         ],
         196,  # CIFAR-10 at batch 256
+        (40, 10),
     ),
 }
 VARIANTS = {
     "a": "plain loop",
     "b": "probes=none",
+    "g": "gradients",
     "c": "gradients+optim_dynamics",
     "d": "probes=all",
 }
+PASS = "one pass"
+READS = 10  # passes per step of the one-pass reference
 
 
 @dataclass
@@ -88,15 +116,21 @@ class Variant:
     blocks: list[float] = field(default_factory=list)  # seconds per step, one per round
     flushes: list[float] = field(default_factory=list)  # seconds per flush
     epoch_capture: list[float] = field(default_factory=list)  # seconds per end_epoch
+    tracked: tuple[int, int] | None = None  # the one-pass reference: tensors, elements
 
 
 def probe_specs() -> dict[str, dict[str, Any]]:
     """Each variant's probes, composed from the config groups as `netprobe train` would."""
     specs = {}
-    for key, override in (("b", "probes=none"), ("c", "probes=[gradients,optim_dynamics]")):
+    for key, override in (
+        ("b", "probes=none"),
+        ("g", "probes=[gradients]"),
+        ("c", "probes=[gradients,optim_dynamics]"),
+        ("d", "probes=all"),
+    ):
         specs[key] = OmegaConf.to_container(compose([override]).probes, resolve=True) or {}
-    specs["c"] = {name: {**cfg, "every": 1} for name, cfg in specs["c"].items()}
-    specs["d"] = OmegaConf.to_container(compose(["probes=all"]).probes, resolve=True) or {}
+    for key in ("g", "c"):
+        specs[key] = {name: {**cfg, "every": 1} for name, cfg in specs[key].items()}
     return specs
 
 
@@ -106,9 +140,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def build_variants(
-    case: str, device: torch.device, precision: str, out: Path, flush_every: int
+    case: str, device: torch.device, precision: str, out: Path, flush_every: int, keys: list[str]
 ) -> tuple[list[Variant], list[tuple[torch.Tensor, torch.Tensor]], Any]:
-    overrides, _ = CASES[case]
+    overrides, _, _ = CASES[case]
     cfg = compose([*overrides, "seed=0"])
     torch.manual_seed(0)
     data = build_data(cfg.data)
@@ -136,7 +170,7 @@ def build_variants(
     )
     specs = probe_specs()
     variants = []
-    for key in VARIANTS:
+    for key in keys:
         model = copy.deepcopy(base)
         model.train()
         optimizer, _ = build_optimizer(model, cfg.optim, epochs=1)
@@ -150,6 +184,8 @@ def build_variants(
                 optimizer.step()
 
             variants.append(Variant(key, plain))
+            read, tracked = one_pass(model)
+            variants.append(Variant(PASS, read, tracked=tracked))
             continue
         mon = netprobe.attach(
             model,
@@ -168,6 +204,68 @@ def build_variants(
 
         variants.append(Variant(key, step, mon))
     return variants, batches, cfg
+
+
+def one_pass(model: torch.nn.Module) -> tuple[Callable[..., None], tuple[int, int]]:
+    """One read of every gradient and weight (c) tracks, on the plain loop's model: the unit of
+    the "passes" column. Its gradients are those of the plain loop's latest step."""
+    gradients = PROBES["gradients"](probe_context(model, None), **probe_specs()["c"]["gradients"])
+    tensors = [p for _, p in gradients.params]
+
+    def read(_x: torch.Tensor, _y: torch.Tensor) -> None:
+        grads = [p.grad for p in tensors if p.grad is not None]
+        for _ in range(READS):  # a pass is short: several per step, so the timer resolves it
+            torch._foreach_norm(grads + [p.detach() for p in tensors])
+
+    return read, (len(tensors), sum(p.numel() for p in tensors))
+
+
+def capture_costs(case: str, device: torch.device, repeats: int) -> str:
+    """Each capture of probes=all (its `capture()` alone, on the probe batch) in units of one
+    forward pass of the probe batch in eval mode, timed alternately in the same process."""
+    with tempfile.TemporaryDirectory(prefix="netprobe-bench-") as tmp:
+        return _capture_costs(case, device, repeats, Path(tmp))
+
+
+def _capture_costs(case: str, device: torch.device, repeats: int, out: Path) -> str:
+    variants, _, _ = build_variants(case, device, "32", out, 200, ["d"])
+    mon = variants[0].monitor
+    model, (x, _) = mon.model, mon.ctx.probe_batch
+
+    def forward() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        model.train()
+        synchronize(device)
+
+    lines = [
+        f"{case}: epoch and end captures, probe batch {len(x)}, median of {repeats}",
+        "",
+        "| probe | at | ms | forwards of the probe batch |",
+        "|---|---|---:|---:|",
+    ]
+    forward()
+    for probe in mon.probes:
+        if not probe.at:
+            continue
+        times, units = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            forward()
+            t1 = time.perf_counter()
+            probe.capture()
+            synchronize(device)
+            t2 = time.perf_counter()
+            mon.record.drain()
+            times.append(t2 - t1)
+            units.append((t2 - t1) / (t1 - t0))
+        lines.append(
+            f"| {probe.name} | {', '.join(probe.at)} | {1e3 * statistics.median(times):.1f} "
+            f"| {statistics.median(units):.1f} |"
+        )
+    mon.close()
+    return "\n".join(lines)
 
 
 def timed_flushes(v: Variant, device: torch.device) -> None:
@@ -193,9 +291,12 @@ def run_case(
     flush_every: int,
     warmup_rounds: int,
     epoch_steps: int | None,
+    keys: list[str],
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="netprobe-bench-") as tmp:
-        variants, batches, cfg = build_variants(case, device, precision, Path(tmp), flush_every)
+        variants, batches, cfg = build_variants(
+            case, device, precision, Path(tmp), flush_every, keys
+        )
         for v in variants:
             if v.monitor is not None:
                 timed_flushes(v, device)
@@ -219,7 +320,8 @@ def run_case(
             v.flushes.clear()
         for r in range(rounds):
             # A rotating order: no variant always runs right after the same other one.
-            for v in variants[r % 4 :] + variants[: r % 4]:
+            k = r % len(variants)
+            for v in variants[k:] + variants[:k]:
                 v.blocks.append(block(v, (warmup_rounds + r) * block_steps))
         for v in variants:
             if v.monitor is None:
@@ -235,10 +337,15 @@ def run_case(
             v.monitor.close()
         plain = variants[0].blocks
         plain_s = statistics.median(plain)
+        reference = next(v for v in variants if v.key == PASS)
+        pass_s = statistics.median(reference.blocks) / READS
         epoch_steps = epoch_steps or CASES[case][1]
         rows = []
         for v in variants:
+            if v.key == PASS:
+                continue
             step_ratio = statistics.median(t / a for t, a in zip(v.blocks, plain))
+            added = statistics.median(t - a for t, a in zip(v.blocks, plain)) / pass_s
             flush = statistics.median(v.flushes) if v.flushes else 0.0
             capture = statistics.median(v.epoch_capture) if v.epoch_capture else 0.0
             rows.append(
@@ -248,6 +355,7 @@ def run_case(
                     "ms_per_step": 1e3 * statistics.median(v.blocks),
                     "ms_per_step_min": 1e3 * min(v.blocks),
                     "step_ratio": step_ratio,
+                    "passes": added,
                     "flush_ms": 1e3 * flush,
                     "flushes_timed": len(v.flushes),
                     "epoch_capture_ms": 1e3 * capture,
@@ -268,6 +376,8 @@ def run_case(
         "block_steps": block_steps,
         "flush_every": flush_every,
         "epoch_steps": epoch_steps,
+        "tracked": reference.tracked,
+        "pass_ms": 1e3 * pass_s,
         "variants": rows,
     }
 
@@ -277,29 +387,37 @@ def table(result: dict[str, Any]) -> str:
         f"{result['case']} on {result['device']}, precision {result['precision']}, batch "
         f"{result['batch_size']}, {result['optim']}: {result['rounds']} rounds of "
         f"{result['block_steps']} steps per variant; a flush every {result['flush_every']} steps, "
-        f"an epoch = {result['epoch_steps']} steps"
+        f"an epoch = {result['epoch_steps']} steps; one pass (reading {result['tracked'][0]} "
+        f"tracked tensors, {result['tracked'][1]:,} elements, gradients and weights) = "
+        f"{result['pass_ms']:.3f} ms"
     )
     lines = [
         head,
         "",
-        "| variant | ms/step | step ratio | flush, ms | epoch captures, ms | **ratio to (a)** |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | ms/step | step ratio | added, passes | flush, ms | epoch captures, ms "
+        "| **ratio to (a)** |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["variants"]:
+        added = "" if r["variant"] == "a" else f"{r['passes']:.1f}"
         lines.append(
             f"| ({r['variant']}) {r['what']} | {r['ms_per_step']:.2f} | {r['step_ratio']:.3f} "
-            f"| {r['flush_ms']:.1f} | {r['epoch_capture_ms']:.1f} | **{r['ratio']:.3f}** |"
+            f"| {added} | {r['flush_ms']:.1f} | {r['epoch_capture_ms']:.1f} "
+            f"| **{r['ratio']:.3f}** |"
         )
-    probes = result["variants"][-1]["probes"]
-    lines.append("")
-    lines.append(f"(d) ran: {', '.join(probes) or 'none'}")
+    for r in result["variants"]:
+        if r["variant"] == "d":
+            lines += ["", f"(d) ran: {', '.join(r['probes']) or 'none'}"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
-    parser.add_argument("--cases", default=None, help="comma-separated: cnn, mlp, resnet18")
+    parser.add_argument("--cases", default=None, help=f"comma-separated: {', '.join(CASES)}")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated; (a) always runs"
+    )
     parser.add_argument("--precision", default="32", choices=["32", "bf16", "16"])
     parser.add_argument("--rounds", type=int, default=None, help="timed blocks per variant")
     parser.add_argument("--block", type=int, default=None, help="steps per timed block")
@@ -308,18 +426,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="a smoke test: tiny blocks")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--captures", type=int, default=0, help="only time each capture of probes=all, N times"
+    )
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = args.cases.split(",") if args.cases else ["cnn", "mlp"]
+    cases = args.cases.split(",") if args.cases else [c for c in CASES if c != "resnet18"]
     if not args.cases and device.type == "cuda":
         cases = ["resnet18", "cnn", "mlp"]
     for case in cases:
         if case not in CASES:
             parser.error(f"unknown case {case!r}; valid cases: {', '.join(CASES)}")
-    rounds = args.rounds or (3 if args.quick else 40)
-    block_steps = args.block or (4 if args.quick else 10)
+    keys = ["a", *(k for k in args.variants.split(",") if k != "a")]
+    for key in keys:
+        if key not in VARIANTS:
+            parser.error(f"unknown variant {key!r}; valid variants: {', '.join(VARIANTS)}")
     flush_every = 5 if args.quick else args.flush_every
     warmup = 1 if args.quick else 3
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -330,10 +453,26 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} torch threads"
     )
     print(f"# {machine}; torch {torch.__version__}; load average {load:.2f} at start")
+    if args.captures:
+        for case in cases:
+            print(capture_costs(case, device, args.captures), flush=True)
+            print()
+        return 0
     results = []
     for case in cases:
+        rounds, block_steps = CASES[case][2]
+        rounds = args.rounds or (3 if args.quick else rounds)
+        block_steps = args.block or (4 if args.quick else block_steps)
         result = run_case(
-            case, device, args.precision, rounds, block_steps, flush_every, warmup, args.epoch_steps
+            case,
+            device,
+            args.precision,
+            rounds,
+            block_steps,
+            flush_every,
+            warmup,
+            args.epoch_steps,
+            keys,
         )
         results.append(result)
         print(table(result), flush=True)

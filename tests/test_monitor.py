@@ -2,32 +2,48 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import netprobe
+import netprobe.monitor as monitor_module
 from netprobe.probes.gradients import Gradients
+from netprobe.store import RunWriter
 
 
-def test_probe_and_flush_overhead_are_the_time_spent_in_them(tmp_path, monkeypatch):
-    original = Gradients.after_backward
-    spent = []
+class FakeClock:
+    """A perf_counter that moves only when told: overhead shares without wall-clock time."""
 
-    def slow(self):
-        t = time.perf_counter()
-        time.sleep(0.02)
-        original(self)
-        spent.append(time.perf_counter() - t)
+    def __init__(self) -> None:
+        self.now = 100.0
 
-    monkeypatch.setattr(Gradients, "after_backward", slow)
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_probe_and_flush_overhead_are_the_shares_of_time_spent_in_them(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(monitor_module, "time", clock)
+    original_probe, original_append = Gradients.after_backward, RunWriter.append
+
+    def probe(self):
+        clock.now += 0.02
+        original_probe(self)
+
+    appends = []
+
+    def append(self, *args, **kwargs):
+        clock.now += 0.005
+        appends.append(args[0])
+        original_append(self, *args, **kwargs)
+
+    monkeypatch.setattr(Gradients, "after_backward", probe)
+    monkeypatch.setattr(RunWriter, "append", append)
     model = nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
-    started = time.perf_counter()
     with netprobe.attach(model, tmp_path, probes=["gradients"], flush_every=5) as mon:
         for _ in range(10):
             loss = F.cross_entropy(model(x), y)
@@ -36,13 +52,13 @@ def test_probe_and_flush_overhead_are_the_time_spent_in_them(tmp_path, monkeypat
             mon.after_backward(loss)
             opt.step()
             mon.after_step()
-            time.sleep(0.02)  # as much time outside the probes
-    wall = time.perf_counter() - started
+            clock.now += 0.03  # the rest of the step, outside the monitor
     info = netprobe.load(tmp_path).info
-    # 10 × 20 ms of 10 × 40 ms (plus setup): about half the wall time went into the probe.
-    assert info["probe_overhead"] == pytest.approx(sum(spent) / wall, rel=0.1)
-    assert 0.3 < info["probe_overhead"] < 0.6
-    assert 0 < info["flush_overhead"] < 0.5
+    # 10 probe calls of 20 ms; the flushes at steps 5 and 10 write a scalars part each, 5 ms.
+    assert appends == ["scalars", "scalars"]
+    wall = 10 * (0.02 + 0.03) + 2 * 0.005
+    assert info["probe_overhead"] == pytest.approx(10 * 0.02 / wall, rel=1e-9)
+    assert info["flush_overhead"] == pytest.approx(2 * 0.005 / wall, rel=1e-9)
 
 
 def small_net() -> nn.Module:

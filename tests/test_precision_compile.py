@@ -91,3 +91,79 @@ def test_statistics_of_a_bf16_model_are_taken_in_float32(tmp_path):
     w = flow.set_index("layer")["value"]
     want = (grads["1.weight"].square().sum() + grads["1.bias"].square().sum()).sqrt()
     assert w["1"] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_precision_16_records_the_unscaled_gradients(tmp_path):
+    """Under float16 autocast with a GradScaler (scale 2¹⁶), through netprobe's own training step:
+    every gradient-reading probe and the training curve's norm match a float32 autograd pass of
+    the same model and batch, and optim_dynamics matches the unscaled `.grad` it was given."""
+    import copy
+
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    import netprobe
+    from netprobe.train import train_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)
+    )
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    # The float32 reference: ∂L/∂W and ∂L/∂y of each module with parameters, by autograd.
+    ref = copy.deepcopy(model)
+    outputs = {}
+    for name in ("0", "3"):
+        ref.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, name=name: outputs.__setitem__(name, out)
+        )
+    loss = F.cross_entropy(ref(x), y)
+    params = dict(ref.named_parameters())
+    found = torch.autograd.grad(loss, [outputs["0"], outputs["3"], *params.values()])
+    out_grad = {"0": found[0].norm(), "3": found[1].norm()}
+    grad = dict(zip(params, found[2:]))
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes = {"gradients": {}, "gradient_flow": {"every": 1}, "optim_dynamics": {}}
+    seen = {}
+    with netprobe.attach(model, tmp_path, probes=probes, probe_batch=(x, y)) as mon:
+
+        def autocast():
+            return torch.autocast("cpu", dtype=torch.float16)
+
+        original = mon.after_backward
+
+        def after_backward(*args, **kwargs):
+            seen.update({n: p.grad.clone() for n, p in model.named_parameters()})
+            original(*args, **kwargs)
+
+        mon.after_backward = after_backward
+        train_step(model, x, y, optimizer, scaler, autocast, mon)
+    run = netprobe.load(tmp_path)
+
+    def stored(probe, metric):
+        df = run.scalars(probe=probe, metric=metric).query("step == 0")
+        return df.set_index("layer")["value"]
+
+    flow = stored("gradient_flow", "out_grad_l2")
+    for name, want in out_grad.items():
+        assert flow[name] == pytest.approx(float(want), rel=2e-2), name
+    w_flow = stored("gradient_flow", "w_grad_l2")
+    for name in ("0", "3"):
+        want = (grad[f"{name}.weight"].square().sum() + grad[f"{name}.bias"].square().sum()).sqrt()
+        assert w_flow[name] == pytest.approx(float(want), rel=2e-2), name
+    for name in ("0.weight", "3.weight"):
+        for metric, want in (
+            ("l1", grad[name].abs().sum()),
+            ("l2", grad[name].norm()),
+            ("max_abs", grad[name].abs().max()),
+        ):
+            assert stored("gradients", metric)[name] == pytest.approx(float(want), rel=2e-2)
+        g = seen[name].double()
+        assert stored("optim_dynamics", "zero_frac")[name] == pytest.approx(
+            float((g.abs() <= 1e-5).double().mean()), abs=0.0
+        )
+    total = torch.stack([g.square().sum() for g in grad.values()]).sum().sqrt()
+    assert stored("train", "grad_l2_total")[""] == pytest.approx(float(total), rel=2e-2)

@@ -18,6 +18,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
+from netprobe.doctor import findings_html
 from netprobe.errors import ConfigError
 from netprobe.plots import (  # noqa: F401 - importing registers their figures
     activations,
@@ -157,6 +158,9 @@ def plot(
     _write_json(out / MANIFEST, manifest)  # other figures' records stay for a later full plot
     _write_json(out / GROUPS_FILE, mapping(groups))
     index = out / "index.html"
+    # The doctor's findings open the page, each linked to the figure that shows its evidence.
+    links = [(r, {e.name: e.path for e in s.entries}) for s in sections for r in s.runs]
+    extra = [Extra("Findings", findings_html(links)), *extra]
     index.write_text(page(sections, out, extra))
     files = [out / f for job in job_list for e in done[job.key] for f in e["files"]]
     for path in files:

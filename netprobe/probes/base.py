@@ -42,6 +42,9 @@ class ProbeContext:
     seed: int = 0
     # ‖∂L/∂θ‖₂ over every parameter at the current step, once the monitor has it (after backward).
     grad_l2_total: torch.Tensor | None = None
+    # The GradScaler's scale of the current step's loss (None without one): tensor hooks see
+    # gradients of the scaled loss, which `.grad` no longer holds once unscaled.
+    loss_scale: torch.Tensor | float | None = None
 
     def generator(self, salt: int, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded from the run seed and `salt`, independent of the training RNG."""

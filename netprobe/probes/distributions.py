@@ -39,14 +39,16 @@ def symmetric_edges(
 
 
 @torch.no_grad()
-def central_edges(x: torch.Tensor, bins: int, tail: float, sample: int = 1 << 22) -> torch.Tensor:
+def central_edges(x: torch.Tensor, bins: int, tail: float, sample: int = 1 << 18) -> torch.Tensor:
     """Edges [bins + 1] in float64 from the `tail` to the 1 − `tail` quantile of x's finite values
     (linear interpolation, as numpy.quantile; an evenly strided subset of at most `sample` values
     of a larger x), so that about 2·tail of the mass falls outside. A range of one value (a
     constant output, or one almost all zeros) gets ±1 around it. Stays on the device, no sync."""
     f64 = torch.float64
     flat = x.detach().reshape(-1)
-    flat = flat[:: -(-flat.numel() // sample)].to(f64)
+    stride = -(-flat.numel() // sample)
+    # An odd stride: a power-of-two one would visit the same columns of every [H, W] map.
+    flat = flat[:: stride + (stride > 1 and stride % 2 == 0)].to(f64)
     ordered = torch.where(torch.isfinite(flat), flat, torch.nan).sort().values  # NaN sort last
     last = torch.isfinite(ordered).sum().to(f64) - 1
     where = torch.stack([tail * last, (1 - tail) * last]).clamp(min=0)
@@ -61,15 +63,18 @@ def central_edges(x: torch.Tensor, bins: int, tail: float, sample: int = 1 << 22
     return edges
 
 
-def bin_counts(x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+def bin_counts(x: torch.Tensor, edges: torch.Tensor, spread: bool | None = None) -> torch.Tensor:
     """Counts [bins + 2] of float64 `x` in `edges` [bins + 1]: index 0 counts x < e_0, index
     bins + 1 counts x > e_bins, index 1 + i counts e_i ≤ x < e_{i+1} (the last bin closed, as
-    numpy.histogram). NaN counts nowhere."""
+    numpy.histogram). NaN counts nowhere. `spread` (default: off a CPU) counts into REPLICAS copies
+    of the bins, so that GPU atomics do not queue on a few hot addresses."""
     bins = len(edges) - 1
     # Right-closed search: i with e_{i-1} ≤ x < e_i, so 0 below the range and bins + 1 from e_bins.
     local = torch.bucketize(x, edges, right=True)
     local = torch.where(x == edges[-1], bins, local)
     local = torch.where(torch.isnan(x), bins + 2, local)  # a spare slot, dropped below
+    if not (x.device.type != "cpu" if spread is None else spread):
+        return torch.bincount(local, minlength=bins + 3)[: bins + 2]
     spread = local * REPLICAS + (torch.arange(len(x), device=x.device) & (REPLICAS - 1))
     one = torch.ones(1, dtype=torch.int64, device=x.device).expand(len(x))
     counts = torch.zeros((bins + 3) * REPLICAS, dtype=torch.int64, device=x.device)

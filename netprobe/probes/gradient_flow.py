@@ -166,6 +166,8 @@ class GradientFlow(Probe):
         latest = max(pass_id for pass_id, _ in stash.values())
         names = [n for n in self.names if n in stash and stash[n][0] == latest]
         values = torch.stack([stash[n][1] for n in names]).sqrt()
+        if self.ctx.loss_scale is not None:  # the hooks saw ∂(s·L)/∂y; SPEC: after unscaling
+            values = values / self.ctx.loss_scale
         self.ctx.record.scalars(self.name, names, ["out_grad_l2"], values[:, None])
 
     def _record_weight_grads(self) -> None:

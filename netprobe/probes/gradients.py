@@ -7,6 +7,7 @@ import functools
 import torch
 
 from netprobe.probes.base import Probe
+from netprobe.probes.segments import Segments
 
 METRICS = ["l1", "l2", "mean_abs", "max_abs", "nonfinite"]
 
@@ -25,23 +26,30 @@ def device_sizes(
     return torch.tensor(sizes, dtype=dtype, device=device)
 
 
-def gradient_stats(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def gradient_stats(
+    grads: list[torch.Tensor], segments: Segments | None = None, scratch: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per tensor [l1 = Σ|g|, l2 = √Σg², mean_abs = l1/numel, max_abs = max|g|,
     nonfinite = #(g is NaN or ±inf)], and ‖g‖₂ overall.
 
-    Fused multi-tensor kernels for the norms; nothing leaves the device. Half-precision gradients
-    are summed in float32 (a bf16 sum over a large tensor keeps ~3 significant digits).
+    |g| is written once into a flat buffer (`scratch`, reused across steps) and every statistic is
+    a segment reduction of it; nothing leaves the device. Half-precision gradients are summed in
+    float32 (a bf16 sum over a large tensor keeps ~3 significant digits).
     """
+    segments = segments or Segments([g.numel() for g in grads])
     dtype = stat_dtype(grads)
-    l1 = torch.stack(torch._foreach_norm(grads, 1, dtype=dtype))
-    l2 = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype))
-    max_abs = torch.stack(torch._foreach_norm(grads, float("inf"), dtype=dtype))
-    sizes = device_sizes(tuple(g.numel() for g in grads), l1.device)
-    # Counted in int64, so a few bad entries in a huge tensor are not lost to float rounding.
-    nonfinite = sizes - torch.stack([torch.isfinite(g).sum() for g in grads])
-    return (
-        torch.stack([l1, l2, l1 / sizes.to(l1.dtype), max_abs, nonfinite.to(l1.dtype)], dim=1),
-        torch.linalg.vector_norm(l2),
+    if scratch is None:
+        scratch = segments.buffer(dtype, grads[0].device)
+    for g, part in zip(grads, scratch.split(segments.sizes)):
+        # |g| straight into the buffer: one read of g and one write, no copy first.
+        torch.abs(g.reshape(-1), out=part) if g.dtype == dtype else part.copy_(g.reshape(-1)).abs_()
+    l1, l2, max_abs = segments.sum(scratch), segments.norm(scratch), segments.amax(scratch)
+    # 1 where finite (NaN compares false), in place: the buffer is spent. Counted exactly.
+    torch.le(scratch, torch.finfo(dtype).max, out=scratch)
+    sizes = device_sizes(tuple(segments.sizes), l1.device, dtype)
+    nonfinite = sizes - segments.count(scratch).to(dtype)
+    return torch.stack([l1, l2, l1 / sizes, max_abs, nonfinite], dim=1), torch.linalg.vector_norm(
+        l2
     )
 
 
@@ -53,15 +61,23 @@ class Gradients(Probe):
         super().__init__(ctx, **cfg)
         self.params = self.select_params()
         self.names = [n for n, _ in self.params]
+        # Per set of tensors with a gradient (all of them, nearly always): names, layout, buffer.
+        self._layouts: dict[tuple[int, ...], tuple[list[str], Segments, torch.Tensor]] = {}
 
     def after_backward(self) -> None:
         if not self.due():
             return
-        with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
-        if not with_grad:
+        grads = [p.grad for _, p in self.params]
+        present = tuple(i for i, g in enumerate(grads) if g is not None)
+        if not present:
             return
-        names = self.names if len(with_grad) == len(self.params) else [n for n, _ in with_grad]
-        per_tensor, _ = gradient_stats([g for _, g in with_grad])
+        if present not in self._layouts:
+            with_grad = [grads[i] for i in present]
+            segments = Segments([g.numel() for g in with_grad])
+            buffer = segments.buffer(stat_dtype(with_grad), with_grad[0].device)
+            self._layouts[present] = ([self.names[i] for i in present], segments, buffer)
+        names, segments, buffer = self._layouts[present]
+        per_tensor, _ = gradient_stats([grads[i] for i in present], segments, buffer)
         self.ctx.record.scalars(self.name, names, METRICS, per_tensor)
         # Model-wide, biases and norm layers included: the monitor's norm for the training curve.
         total = self.ctx.grad_l2_total

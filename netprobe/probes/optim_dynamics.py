@@ -1,13 +1,12 @@
 """Zero gradients, sign flips and update sizes between consecutive steps (SPEC §5 `optim_dynamics`).
 
 Time indexing: g_t is the gradient read in `after_backward` of step t. W_{t−1} is snapshotted in the
-same `after_backward` (the weights step t starts from; in a plain loop that is the weight after
-step t−1) and W_t is read in `after_step`, so W_t − W_{t−1} is exactly the update made by the step
-whose gradient is g_t, even if something else touched the weights between steps.
+same `after_backward` (the weights step t starts from) and W_t is read in `after_step`, so
+W_t − W_{t−1} is exactly the update made by the step whose gradient is g_t.
 
-Memory: one flat copy of g_{t−1} and one of W_{t−1} on the device, nothing more. What the update
-metrics need from the gradient side (retained, flipped, sign of g_t − g_{t−1}) crosses from
-`after_backward` to `after_step` as one int8 code per element, dropped after the step.
+What a step keeps of g_{t−1} is what the formulas read: sign(g_{t−1}) and z_{t−1}, as 0/±1 float
+buffers. Every statistic is a few element-wise kernels over flat buffers (allocated once) and
+segment reductions: no per-tensor loop, no allocation per step.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import torch
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
 from netprobe.probes.gradients import device_sizes, stat_dtype
+from netprobe.probes.segments import Segments
 
 GRAD_METRICS = [
     "zero_frac_1e7",
@@ -33,60 +33,44 @@ METRICS = GRAD_METRICS + UPDATE_METRICS
 # Without a previous gradient only these are defined (the first step, or after a gap).
 FIRST_METRICS = ["zero_frac_1e7", "zero_frac", "wdiff_l2"]
 
-# Codes carried from after_backward to after_step, one per element.
-NOT_RETAINED, RETAINED, FLIP_UP, FLIP_DOWN = 0, 1, 2, -2
-
-
-def segment_sums(flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Σ over each consecutive segment of a non-negative flat tensor, as a [len(sizes)] tensor.
-
-    For non-negative values Σx = ‖x‖₁, so one fused multi-tensor norm reduces every segment at once.
-    """
-    return torch.stack(torch._foreach_norm(list(flat.split(sizes)), 1))
-
-
-def segment_counts(masks: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
-    """#True in each consecutive segment of each flat bool mask, as [len(sizes), len(masks)] int64.
-
-    The masks are stacked and each segment summed across all of them at once: a few kernels for
-    every count of a step instead of a cast and a reduction per mask, and exact integer counts.
-    """
-    stacked = torch.stack(masks)
-    return torch.stack([part.sum(dim=1, dtype=torch.int64) for part in stacked.split(sizes, dim=1)])
-
 
 def gradient_dynamics(
     g: torch.Tensor,
-    g_prev: torch.Tensor | None,
-    sizes: list[int],
+    z: torch.Tensor,
+    prev: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    retained: torch.Tensor,
+    segments: Segments,
     zero_threshold: float = 1e-5,
     tiny_threshold: float = 1e-7,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Gradient-side metrics per segment of the flat gradients g = g_t and g_prev = g_{t−1}.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradient-side metrics per segment of the flat gradient g = g_t, given prev = (sign g_{t−1},
+    z_{t−1}, #z_{t−1} per segment).
 
     With z_t = |g_t| ≤ 1e-5: `zero_frac_1e7` = #(|g_t| ≤ 1e-7)/numel; `zero_frac` = #z_t/numel;
     `released_frac` = #(z_{t−1} ∧ ¬z_t)/max(#z_{t−1}, 1); `retained_frac` = #(z_{t−1} ∧ z_t)/
     max(#z_{t−1}, 1); `flip_frac` = #(retained ∧ g_{t−1}g_t < 0)/max(#retained, 1);
     `flip_frac_all` = #(g_{t−1}g_t < 0)/numel.
 
-    Returns the [L, 6] metrics (only the first two columns without g_prev), #retained per segment,
-    and the int8 code per element for `update_dynamics`: 0 not retained, 1 retained, ±2 retained
-    and flipped with the sign of g_t − g_{t−1} (which, across a flip, is the sign of g_t).
+    In place, every buffer flat and 0/±1 valued: g becomes sign(g_t) (0 for NaN), z receives z_t,
+    `retained` receives z_{t−1} ∧ z_t, and prev's buffers are spent: the first becomes scratch, the
+    second ±1 on retained flips with the sign of g_t (which, across a flip, is the sign of
+    g_t − g_{t−1}). Returns the [L, 6] metrics (only the first two columns without prev),
+    #z_t and #retained per segment.
     """
-    dtype = stat_dtype([g])  # not half precision: counts would be wrong beyond a few thousand
-    numel = device_sizes(tuple(sizes), g.device, dtype)
-    a = g.abs()
-    tiny, z = a <= tiny_threshold, a <= zero_threshold
-    if g_prev is None:
-        counts = segment_counts([tiny, z], sizes).to(dtype)
-        return counts / numel[:, None], None, None
-    z_prev = g_prev.abs() <= zero_threshold
-    # Signs, not the product g_{t−1}·g_t, so that two tiny opposite gradients cannot underflow to 0.
-    flipped = (g * g_prev.sign()) < 0
-    retained = z_prev & z
-    flipped_retained = retained & flipped
-    counts = segment_counts([tiny, z, z_prev, retained, flipped_retained, flipped], sizes)
-    n_tiny, n_zero, n_prev, n_retained, n_flip_retained, n_flip = counts.to(dtype).unbind(1)
+    dtype = g.dtype
+    numel = device_sizes(tuple(segments.sizes), g.device, dtype)
+    torch.abs(g, out=z)
+    n_tiny = segments.count(torch.le(z, tiny_threshold, out=retained))
+    n_zero = segments.count(torch.le(z, zero_threshold, out=z))
+    g.sign_()  # signs, not products g_{t−1}·g_t: two tiny opposite gradients cannot underflow to 0
+    if prev is None:
+        return torch.stack([n_tiny / numel, n_zero / numel], dim=1), n_zero, None
+    s_prev, z_prev, n_prev = prev
+    n_retained = segments.count(torch.mul(z_prev, z, out=retained))
+    flipped = torch.lt(s_prev.mul_(g), 0, out=z_prev)
+    n_flip = segments.count(flipped)
+    n_flip_retained = segments.count(flipped.mul_(retained))
+    flipped.mul_(g)
     one = torch.ones((), dtype=dtype, device=g.device)
     metrics = torch.stack(
         [
@@ -99,42 +83,40 @@ def gradient_dynamics(
         ],
         dim=1,
     )
-    # RETAINED where retained, then FLIP_UP·sign(g) where also flipped: 1 + (2·sign − 1) = ±2.
-    # Sums of masks rather than torch.where, which is several times slower on CPUs.
-    up, down = (
-        (flipped_retained & (g > 0)).to(torch.int8),
-        (flipped_retained & (g < 0)).to(torch.int8),
-    )
-    code = retained.to(torch.int8) * RETAINED + up - 3 * down
-    return metrics, n_retained, code
+    return metrics, n_zero, n_retained
 
 
 def update_dynamics(
-    dw: torch.Tensor, code: torch.Tensor | None, n_retained: torch.Tensor | None, sizes: list[int]
+    dw: torch.Tensor,
+    scratch: torch.Tensor,
+    retained: torch.Tensor | None,
+    flips: torch.Tensor | None,
+    n_retained: torch.Tensor | None,
+    segments: Segments,
 ) -> torch.Tensor:
-    """Update-side metrics per segment of dw = W_t − W_{t−1}, with `code` from gradient_dynamics.
+    """Update-side metrics per segment of dw = W_t − W_{t−1}, with `retained` and `flips` (±1 on
+    retained flips, the sign of g_t − g_{t−1}) from gradient_dynamics.
 
     `wdiff_l2` = ‖W_t − W_{t−1}‖₂; `wdiff_retained` = mean |W_t − W_{t−1}| over retained (0 when
     none, like the SPEC's max(#, 1) fractions); `local_min` / `local_max` = #(flipped ∧ retained ∧
-    (W_t−W_{t−1})(g_t−g_{t−1}) > 0 / < 0). Returns [L, 4], or [L, 1] (`wdiff_l2`) without `code`.
+    (W_t−W_{t−1})(g_t−g_{t−1}) > 0 / < 0). Returns [L, 4], or [L, 1] (`wdiff_l2`) without
+    `flips`. Spends every buffer it is given.
     """
-    dtype = stat_dtype([dw])
-    dw = dw.to(dtype)
-    wdiff_l2 = torch.stack(torch._foreach_norm(list(dw.split(sizes)), 2))
-    if code is None or n_retained is None:
+    wdiff_l2 = segments.norm(dw)
+    if retained is None or flips is None or n_retained is None:
         return wdiff_l2[:, None]
-    moved = segment_sums(dw.abs() * (code != NOT_RETAINED), sizes)
-    # On flipped elements code = ±2 carries the sign of g_t − g_{t−1}: the product is positive
-    # where dw has that sign. Bool masks, not arithmetic on the int8 codes (slow on CPUs).
-    up, down, rises, falls = code == FLIP_UP, code == FLIP_DOWN, dw > 0, dw < 0
-    counts = segment_counts([(up & rises) | (down & falls), (up & falls) | (down & rises)], sizes)
-    local_min, local_max = counts.to(dtype).unbind(1)
-    mean_moved = moved / torch.clamp(n_retained.to(dtype), min=1)
+    # c = sign((W_t−W_{t−1})(g_t−g_{t−1})) on retained flips, else 0: with Σc and Σc² = #(c ≠ 0),
+    # local_min = #(c = 1) = (Σc² + Σc)/2 and local_max = (Σc² − Σc)/2, from two reads of c.
+    curvature = torch.sign(dw, out=scratch).mul_(flips)
+    moving, net = segments.count_squares(curvature), segments.sum(curvature)
+    local_min, local_max = (moving + net) / 2, (moving - net) / 2
+    moved = segments.sum(dw.abs_().mul_(retained))
+    mean_moved = moved / torch.clamp(n_retained, min=1)
     return torch.stack([wdiff_l2, mean_moved, local_min, local_max], dim=1)
 
 
-# `sign_map` codes: exact zero, small positive, small negative, large; NaN for a non-finite g.
-SIGN_ZERO, SIGN_POSITIVE, SIGN_NEGATIVE, SIGN_LARGE = 0.0, 1.0, -1.0, 2.0
+# `sign_map` codes: 0 exact zero, ±1 small positive / negative, 2 large; NaN for a non-finite g.
+SIGN_LARGE = 2.0
 
 
 def sign_codes(g: torch.Tensor, zero_threshold: float = 1e-5) -> torch.Tensor:
@@ -173,12 +155,14 @@ class OptimDynamics(Probe):
         self.tensors = [p for _, p in self.params]
         self.sizes = [p.numel() for p in self.tensors]
         self.sign_index, self.sign_sizes = self._draw_sign_indices(k)
-        self._g_prev: torch.Tensor | None = None  # flat g_{t−1}
-        self._g_step: int | None = None
-        self._w_prev: torch.Tensor | None = None  # flat W_{t−1}, allocated once
-        self._w_views: list[torch.Tensor] = []  # views of _w_prev shaped like the parameters
+        self.segments = Segments(self.sizes)
+        # Flat buffers, allocated at the first due step: g_t (then sign g_t) and z_t of this step
+        # and the step before (they swap roles each step), z_{t−1} ∧ z_t, and W_{t−1}.
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._n_prev: torch.Tensor | None = None  # #z_{t−1} per tensor
+        self._g_step: int | None = None  # the step whose sign and z are kept as the previous ones
         self._w_step: int | None = None
-        self._pending: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None
         # The epoch's sampled gradients (step, [Σ K]) for the sign map: every `_sign_stride`-th
         # step, thinned to every other one whenever they reach 4 · sign_rows.
         self._sign_rows: list[tuple[int, torch.Tensor]] = []
@@ -195,10 +179,18 @@ class OptimDynamics(Probe):
             offset += n
         return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.long), sizes
 
+    def _buffer(self, name: str) -> torch.Tensor:
+        if name not in self._buffers:
+            first = self.tensors[0]
+            dtype = stat_dtype(self.tensors)
+            for key in ("g", "z", "s_prev", "z_prev", "retained", "w_prev"):
+                self._buffers[key] = self.segments.buffer(dtype, first.device)
+        return self._buffers[name]
+
     def _flat_grads(self) -> torch.Tensor:
         # A parameter without a gradient this step (unused in the forward) counts as all zeros.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.tensors]
-        return torch.cat([g.reshape(-1) for g in grads])
+        return torch.cat([g.reshape(-1) for g in grads], out=self._buffer("g"))
 
     def after_backward(self) -> None:
         if not self.params:
@@ -215,46 +207,71 @@ class OptimDynamics(Probe):
             if len(self._sign_rows) >= 4 * self.cfg["sign_rows"]:
                 self._sign_rows, self._sign_stride = self._sign_rows[::2], 2 * self._sign_stride
         self._sign_seen += 1
+        b = self._buffers
+        compare = due and self._g_step == step - 1 and self._n_prev is not None
+        prev = (b["s_prev"], b["z_prev"], self._n_prev) if compare else None
+        metrics, n_zero, n_retained = gradient_dynamics(
+            g, b["z"], prev, b["retained"], self.segments, *self._thresholds()
+        )
         if due:
-            g_prev = self._g_prev if self._g_step == step - 1 else None
-            self._pending = gradient_dynamics(
-                g, g_prev, self.sizes, self.cfg["zero_threshold"], self.cfg["tiny_threshold"]
-            )
-            if self._w_prev is None:
-                first = self.tensors[0]
-                self._w_prev = torch.empty(sum(self.sizes), dtype=first.dtype, device=first.device)
-                self._w_views = [
-                    v.view_as(p) for v, p in zip(self._w_prev.split(self.sizes), self.tensors)
-                ]
+            self._pending = (metrics, n_retained, compare)
             with torch.no_grad():
-                torch._foreach_copy_(self._w_views, self.tensors)
+                torch.cat([p.reshape(-1) for p in self.tensors], out=b["w_prev"])
             self._w_step = step
-        # The old g_{t−1} is released here; g_t is kept only if the next step will need it.
-        self._g_prev, self._g_step = (g, step) if keep else (None, None)
+        # This step's sign and z become the previous ones, kept only if the next step needs them;
+        # the spent buffers of the step before serve this step's update and the next gradient.
+        b["g"], b["s_prev"], b["z"], b["z_prev"] = b["s_prev"], g, b["z_prev"], b["z"]
+        self._n_prev, self._g_step = (n_zero, step) if keep else (None, None)
+
+    def _thresholds(self) -> tuple[float, float]:
+        return self.cfg["zero_threshold"], self.cfg["tiny_threshold"]
 
     def after_step(self) -> None:
         if self._w_step != self.ctx.progress.step or self._pending is None:
             return
-        grad_metrics, n_retained, code = self._pending
+        grad_metrics, n_retained, compared = self._pending
         self._pending, self._w_step = None, None
+        b = self._buffers
+        # After the swap in after_backward: "g" holds spent scratch, "z" the retained flips.
         with torch.no_grad():
-            # In place: the buffer becomes W_{t−1} − W_t, then W_t − W_{t−1}; refilled next step.
-            torch._foreach_sub_(self._w_views, self.tensors)
-            dw = self._w_prev.neg_()
-        update = update_dynamics(dw, code, n_retained, self.sizes).to(grad_metrics.dtype)
-        values = torch.cat([grad_metrics, update], dim=1)
-        metrics = FIRST_METRICS if code is None else METRICS
-        self.ctx.record.scalars(self.name, self.names, metrics, values)
+            dw = torch.cat([p.reshape(-1) for p in self.tensors], out=b["g"]).sub_(b["w_prev"])
+        update = update_dynamics(
+            dw,
+            b["w_prev"],
+            b["retained"] if compared else None,
+            b["z"] if compared else None,
+            n_retained,
+            self.segments,
+        )
+        values = torch.cat([grad_metrics, update.to(grad_metrics.dtype)], dim=1)
+        self.ctx.record.scalars(
+            self.name, self.names, METRICS if compared else FIRST_METRICS, values
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        """g_{t−1} (so the first step after resuming compares with the step before); W_{t−1} is
-        refilled at every due step, and the sign rows are written at each epoch's end."""
-        return {"g_prev": self._g_prev, "g_step": self._g_step}
+        """sign(g_{t−1}) and z_{t−1} as int8, so that the first step after resuming compares with
+        the step before; W_{t−1} is refilled at every due step, and the sign rows are written at
+        each epoch's end."""
+        kept = self._g_step is not None
+        return {
+            "s_prev": self._buffers["s_prev"].to(torch.int8) if kept else None,
+            "z_prev": self._buffers["z_prev"].to(torch.int8) if kept else None,
+            "g_step": self._g_step,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.tensors[0].device if self.tensors else torch.device("cpu")
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        self._g_prev, self._g_step = move(state["g_prev"]), state["g_step"]
+        self._g_step, self._n_prev = None, None
+        if state.get("g_prev") is not None:  # saved by an earlier version: the gradient itself
+            g_prev = state["g_prev"].to(device)
+            zero = g_prev.abs() <= self.cfg["zero_threshold"]
+            state = {**state, "s_prev": g_prev.sign(), "z_prev": zero}
+        if state.get("s_prev") is None or not self.tensors:
+            return
+        self._buffer("s_prev").copy_(state["s_prev"])
+        self._buffer("z_prev").copy_(state["z_prev"])
+        self._n_prev = self.segments.count(self._buffers["z_prev"])
+        self._g_step = state["g_step"]
 
     def capture(self) -> None:
         """The sign codes of the K sampled gradients at up to `sign_rows` evenly spaced steps of

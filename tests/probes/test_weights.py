@@ -337,3 +337,17 @@ def test_capture_leaves_float64_weights_untouched() -> None:
     before = w.clone()
     distributions([w], reference=[torch.ones_like(w)])
     assert torch.equal(w, before)
+
+
+@pytest.mark.parametrize("spread", [False, True])
+def test_bin_counts_match_numpy_on_edges_outside_and_nan(spread: bool) -> None:
+    from netprobe.probes.distributions import bin_counts
+
+    edges = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=torch.float64)
+    x = torch.tensor([-2.0, -1.0, -0.5, -0.1, 0.0, 0.5, 0.99, 1.0, 1.5, float("nan")] * 3)
+    x = x.to(torch.float64)
+    counts = bin_counts(x, edges, spread=spread).numpy()
+    finite = x[~torch.isnan(x)].numpy()
+    inside, _ = np.histogram(finite, edges.numpy())
+    np.testing.assert_array_equal(counts[1:-1], inside)
+    assert (counts[0], counts[-1]) == ((finite < -1).sum(), (finite > 1).sum())
