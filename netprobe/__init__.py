@@ -19,7 +19,7 @@ _HOMES = {
     "attach": "netprobe.monitor",
     "Run": "netprobe.store",
     "load": "netprobe.store",
-    "load_runs": "netprobe.store",
+    "load_runs": "netprobe.query",
 }
 
 

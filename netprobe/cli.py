@@ -1,4 +1,4 @@
-"""The `netprobe` command: dispatch to train, plot and ls (SPEC §1)."""
+"""The `netprobe` command: dispatch to train, plot, ls, export and query (SPEC §1)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from netprobe.errors import ConfigError
 
 USAGE = """\
-usage: netprobe {train,plot,ls,doctor} ...
+usage: netprobe {train,plot,ls,doctor,export,query} ...
 
   netprobe train [OVERRIDES]     train with probes attached (Hydra app; `netprobe train --help`)
   netprobe train -m seed=0,1,2   sweep with Hydra multirun
@@ -21,6 +21,11 @@ usage: netprobe {train,plot,ls,doctor} ...
                                  one row per run: status, steps, epochs, duration, val acc, ...
   netprobe doctor PATH... [--format table,json] [--strict]
                                  findings per run (code, severity, layers, evidence, advice)
+  netprobe export PATH --to tensorboard --out DIR
+                                 TensorBoard event files for the runs under PATH
+  netprobe query PATH "SQL" [--format table,csv,json,parquet] [--out FILE]
+                                 SQL over the runs under PATH: views runs, scalars,
+                                 histograms, matrices, layers (each with a `run` column)
 
 exit codes: 0 success, 1 run failed or diverged (or doctor --strict found a problem),
             2 bad usage or input, 130 interrupted
@@ -48,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plot": plot_command,
         "ls": ls_command,
         "doctor": doctor_command,
+        "export": export_command,
+        "query": query_command,
     }
     if command not in commands:
         return fail(f"unknown command {command!r}; valid commands: {', '.join(commands)}")
@@ -175,6 +182,52 @@ def doctor_command(args: list[str]) -> int:
     overrides = {f.name: getattr(ns, f.name) for f in fields(Thresholds)}
     found = report(ns.paths, {k: v for k, v in overrides.items() if v is not None}, ns.format)
     return 1 if ns.strict and found else 0
+
+
+EXPORT_TARGETS = ("tensorboard",)
+
+
+def export_command(args: list[str]) -> int:
+    parser = _Parser(
+        prog="netprobe export",
+        description="Write the stored runs under PATH in another tool's format.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run or sweep directories")
+    parser.add_argument("--to", required=True, help="format: " + ", ".join(EXPORT_TARGETS))
+    parser.add_argument("--out", required=True, help="output folder (tensorboard --logdir DIR)")
+    ns = _parse(parser, args)
+    if isinstance(ns, int):
+        return ns
+    if ns.to not in EXPORT_TARGETS:
+        return fail(f"--to {ns.to!r} is not valid; valid: {', '.join(EXPORT_TARGETS)}")
+    from netprobe.tensorboard import export
+
+    written = export(ns.paths, ns.out)
+    print(f"wrote {len(written)} TensorBoard runs to {ns.out}; view: tensorboard --logdir {ns.out}")
+    return 0
+
+
+def query_command(args: list[str]) -> int:
+    from netprobe.query import FORMATS
+
+    parser = _Parser(
+        prog="netprobe query",
+        description="SQL (DuckDB) over every run under PATH. Views: runs (run.json fields and "
+        "the flattened config, one row per run), scalars, histograms, matrices, layers; "
+        "each has a `run` column.",
+    )
+    parser.add_argument("path", metavar="PATH", help="run or sweep directory")
+    parser.add_argument("sql", metavar="SQL", help='e.g. "SELECT * FROM runs"')
+    parser.add_argument("--format", help=f"{', '.join(FORMATS)} (default: from --out, else table)")
+    parser.add_argument("--out", help="write the result to this file instead of printing it")
+    ns = _parse(parser, args)
+    if isinstance(ns, int):
+        return ns
+    from netprobe.query import output_format, query, write_result
+
+    fmt = output_format(ns.format, ns.out)
+    write_result(query([ns.path], ns.sql), fmt, ns.out)
+    return 0
 
 
 class _Parser(argparse.ArgumentParser):

@@ -232,6 +232,7 @@ _CHECKS: dict[str, tuple[Check, str]] = {
     "trainer.log_interval_s": (_positive, "a positive number of seconds"),
     "trainer.checkpoint_every": (_non_negative_int, "an integer ≥ 0"),
     "trainer.on_nonfinite": (lambda v: v in ("stop", "continue"), "stop or continue"),
+    "trainer.tensorboard": (lambda v: isinstance(v, bool), "true or false"),
     "optim.lr": (_positive, "a positive number"),
     "optim.weight_decay": (lambda v: _number(v) and v >= 0, "a number ≥ 0"),
     "optim.momentum": (_fraction, "a number in [0, 1)"),
@@ -290,6 +291,10 @@ def validate(cfg: DictConfig) -> None:
     from netprobe.doctor import thresholds
 
     thresholds(OmegaConf.to_container(cfg.doctor) if "doctor" in cfg else None)
+    if cfg.trainer.get("tensorboard"):
+        from netprobe.tensorboard import require
+
+        require()  # before any run directory exists
 
 
 def check_device(name: str) -> None:

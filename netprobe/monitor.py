@@ -228,6 +228,7 @@ class Monitor:
         on_nonfinite: str = "stop",
         resume: Mapping[str, Any] | None = None,
         memory_budget: int | str = AUTO,
+        sink: Any = None,
     ) -> None:
         if on_nonfinite not in ON_NONFINITE:
             raise ConfigError(
@@ -239,6 +240,9 @@ class Monitor:
         self.model = model
         self.optimizer = optimizer
         self.flush_every = flush_every
+        # Also given each flush's drained tables (`write(tables)`) and run.json at the end
+        # (`close(info)`): TensorBoard's live event files.
+        self.sink = sink
         self.ctx = ctx = probe_context(model, probe_batch, valid_batch, loss_fn, seed)
         self.progress, self.record = ctx.progress, ctx.record
         layers, edges = ctx.layers, ctx.edges
@@ -433,7 +437,10 @@ class Monitor:
         t = time.perf_counter()
         with signals_held():
             # A table that cannot be written stays with the writer for the next flush.
-            self.writer.append_all(self.record.drain())
+            tables = self.record.drain()
+            self.writer.append_all(tables)
+        if self.sink is not None:
+            self.sink.write(tables)
         self.nonfinite.settle()  # the drain has just synced: the exact answer costs nothing more
         self._settle_probe_time()
         self._flush_time += time.perf_counter() - t
@@ -497,6 +504,8 @@ class Monitor:
                 first_nonfinite_step=first,
                 **info,
             )
+            if self.sink is not None:
+                self.sink.close(self.writer.info)
         if failure is not None and not ending_badly:
             raise failure
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import pandas as pd  # Arrow's to_pandas imports it when a table is read: `ls` never does
 
 RUN_FILE = "run.json"
+CONFIG_FILE = ".hydra/config.yaml"  # the composed config, as Hydra writes it
 STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
 TABLES = ("scalars", "histograms", "matrices")
 
@@ -117,6 +118,16 @@ def _fsync(path: Path) -> None:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
+
+
+def write_text(path: Path, text: str) -> None:
+    """A text file (an exported query result) written atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    """A Parquet file outside any run (an exported query result) written atomically."""
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _dict_array(codes: np.ndarray, names: list[str]) -> pa.DictionaryArray:
@@ -468,7 +479,7 @@ class Run:
     def config(self) -> dict[str, Any] | None:
         """The composed config (`.hydra/config.yaml`), parsed once; None without one."""
         if "config" not in self._cache:
-            path = self.path / ".hydra" / "config.yaml"
+            path = self.path / CONFIG_FILE
             config = None
             if path.exists():
                 import yaml
@@ -583,7 +594,7 @@ class Run:
     def inputs(self) -> list[tuple[str, int, int]]:
         """(path within the run, size, mtime_ns) of every file the stored data consist of: what a
         figure drawn from this run depends on."""
-        files = [self.path / RUN_FILE, self.path / ".hydra" / "config.yaml"]
+        files = [self.path / RUN_FILE, self.path / CONFIG_FILE]
         files += [self.path / f"{t}.parquet" for t in ("layers", "graph")]
         files += [p for t in TABLES for p in sorted((self.path / t).glob("part-*.parquet"))]
         out = []
@@ -595,17 +606,21 @@ class Run:
             out.append((f.relative_to(self.path).as_posix(), st.st_size, st.st_mtime_ns))
         return out
 
+    def table(self, table: str) -> pa.Table:
+        """All rows of `scalars`, `histograms` or `matrices` as one Arrow table."""
+        return self._table(table)
+
     def _read(self, table: str, **equal: str | None) -> pd.DataFrame:
         data = self._table(table)
         for column, value in equal.items():
             if value is not None:
                 data = data.filter(pc.equal(data[column], value))
-        return _plain(data)
+        return plain(data)
 
     def _table(self, table: str) -> pa.Table:
         """All part files of `table` as one Arrow table, read once while the parts stay the same
         (figures query one table many times; a run still training gets new parts)."""
-        parts = sorted((self.path / table).glob("part-*.parquet"))
+        parts = part_files(self.path, table)
         key = tuple((p.name, p.stat().st_size) for p in parts)
         cached = self._cache.get(table)
         if cached is not None and cached[0] == key:
@@ -624,25 +639,45 @@ def _read_parts(parts: list[Path], table: str) -> pa.Table:
         return pq.read_table([str(p) for p in parts], schema=SCHEMAS[table])
     except (pa.ArrowException, OSError, ValueError):
         pass  # some part is damaged or differs: read them one by one, skipping the bad ones
-    tables = []
-    for part in parts:
-        try:
-            tables.append(pq.read_table(part, schema=SCHEMAS[table]))
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            warnings.warn(f"skipping unreadable part file {part}: {_short(exc)}", stacklevel=4)
+    tables = [t for _, t in _each_readable(parts, stacklevel=5, schema=SCHEMAS[table])]
     if not tables:
         return SCHEMAS[table].empty_table()
     return pa.concat_tables(tables, promote_options="permissive")
 
 
+def _each_readable(
+    parts: list[Path], stacklevel: int, schema: pa.Schema | None = None
+) -> Iterator[tuple[Path, pa.Table]]:
+    """Each part file that reads whole, with its table; each one that does not is skipped with a
+    warning that names it."""
+    for part in parts:
+        try:
+            yield part, pq.read_table(part, schema=schema)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            warnings.warn(
+                f"skipping unreadable part file {part}: {_short(exc)}", stacklevel=stacklevel
+            )
+
+
+def part_files(run_dir: str | os.PathLike, table: str) -> list[Path]:
+    """The part files of one of a run's tables (`scalars`, `histograms`, `matrices`), in order."""
+    folder = Path(run_dir) / table
+    return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+
+
+def readable_parts(parts: list[Path]) -> list[Path]:
+    """The part files that read whole; the others are skipped with the warning `load` gives."""
+    return [part for part, _ in _each_readable(parts, stacklevel=4)]
+
+
 def _read_file(path: Path, table: str) -> pd.DataFrame:
     if not path.exists():
-        return _plain(SCHEMAS[table].empty_table())
+        return plain(SCHEMAS[table].empty_table())
     try:
-        return _plain(pq.read_table(path))
+        return plain(pq.read_table(path))
     except (pa.ArrowException, OSError, ValueError) as exc:
         warnings.warn(f"skipping unreadable file {path}: {_short(exc)}", stacklevel=3)
-        return _plain(SCHEMAS[table].empty_table())
+        return plain(SCHEMAS[table].empty_table())
 
 
 def _short(exc: BaseException) -> str:
@@ -650,7 +685,7 @@ def _short(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _plain(table: pa.Table) -> pd.DataFrame:
+def plain(table: pa.Table) -> pd.DataFrame:
     """To pandas with dictionary columns as plain strings, so users never meet categoricals."""
     fields = [
         pa.field(f.name, pa.string()) if pa.types.is_dictionary(f.type) else f for f in table.schema
@@ -672,11 +707,28 @@ def find_runs(path: str | os.PathLike) -> Iterator[Path]:
     if (path / RUN_FILE).exists():
         yield path
         return
-    for run_file in sorted(path.rglob(RUN_FILE)):
-        yield run_file.parent
+    yield from sorted(_runs_beneath(path))
 
 
-def load_runs(path: str | os.PathLike) -> list[Run]:
+# What a run directory holds besides run.json: never searched for runs (a sweep of thousands of
+# runs holds hundreds of thousands of part files, and listing them is most of the search's cost).
+_RUN_CONTENTS = {*TABLES, "checkpoints", "figures", "tb", ".hydra"}
+
+
+def _runs_beneath(path: Path) -> Iterator[Path]:
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return
+    is_run = any(e.name == RUN_FILE for e in entries)
+    if is_run:
+        yield path
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False) and not (is_run and entry.name in _RUN_CONTENTS):
+            yield from _runs_beneath(Path(entry.path))
+
+
+def read_runs(path: str | os.PathLike) -> list[Run]:
     """Every run at or beneath `path`; a run whose run.json cannot be read is skipped, with a
     warning."""
     runs = []

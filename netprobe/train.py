@@ -196,6 +196,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
     probes, budget = split_budget(OmegaConf.to_container(cfg.probes, resolve=True))
     total_steps = t.epochs * len(train_batches)
     if place.is_main:
+        sink = None
+        if t.get("tensorboard"):
+            from netprobe.query import flatten
+            from netprobe.tensorboard import TB_DIR, EventWriter
+
+            hparams = flatten(OmegaConf.to_container(cfg, resolve=True))
+            sink = EventWriter(run_dir / TB_DIR, hparams=hparams)
         mon = netprobe.attach(
             model,
             run_dir,
@@ -210,6 +217,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             memory_budget=budget,
             on_nonfinite=t.get("on_nonfinite", "stop"),
             resume=state["monitor"] if state else None,
+            sink=sink,
         )
     else:
         mon = distributed.FollowerMonitor(on_nonfinite=t.get("on_nonfinite", "stop"))

@@ -89,6 +89,13 @@ def test_training_steps_never_read_a_tensor_back(guard, tiny_run, model):
     assert not run.scalars(probe="optim_dynamics").empty
 
 
+def test_live_tensorboard_reads_nothing_back_between_flushes(guard, tiny_run):
+    run = tiny_run("model=mlp", "probes=all", "trainer.flush_every=7", "trainer.tensorboard=true")
+    assert guard.violations == []
+    assert run.info["status"] == "completed"
+    assert list((run.path / "tb").glob("events.out.tfevents.*"))
+
+
 def test_the_guard_catches_a_probe_that_reads_back(guard, tiny_run, monkeypatch):
     from netprobe.probes.gradients import Gradients
 

@@ -1,0 +1,206 @@
+"""TensorBoard event files, live (`trainer.tensorboard=true`) and exported, read back with
+TensorBoard's own reader and compared value for value with the stored Parquet rows."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+import netprobe
+from netprobe.cli import main as cli
+from netprobe.tensorboard import EventWriter
+
+PROBES = "probes=[gradients,weights,activations]"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, train_tiny) -> Path:
+    """Two tiny runs that differ only by seed, each with live TensorBoard output."""
+    root = tmp_path_factory.mktemp("tb") / "sweep"
+    for seed in (0, 1):
+        train_tiny(root / f"job{seed}", PROBES, "trainer.tensorboard=true", f"seed={seed}")
+    return root
+
+
+def read_events(logdir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def tb_scalars(acc: EventAccumulator) -> list[tuple[str, int, float]]:
+    tags = [t for t in acc.Tags()["scalars"] if not t.startswith("final/")]
+    return sorted((t, e.step, e.value) for t in tags for e in acc.Scalars(t))
+
+
+def parquet_scalars(run: netprobe.Run) -> list[tuple[str, int, float]]:
+    df = run.scalars()
+    tags = [
+        f"{p}/{m}/{lay}" if lay else f"{p}/{m}"
+        for p, m, lay in zip(df["probe"], df["metric"], df["layer"])
+    ]
+    # TensorBoard keeps scalars as float32.
+    return sorted(zip(tags, df["step"].tolist(), np.float32(df["value"]).tolist()))
+
+
+def tb_histograms(acc: EventAccumulator) -> dict[tuple[str, int], tuple[list, list]]:
+    return {
+        (t, e.step): (list(e.histogram_value.bucket_limit), list(e.histogram_value.bucket))
+        for t in acc.Tags()["histograms"]
+        for e in acc.Histograms(t)
+    }
+
+
+def parquet_histograms(run: netprobe.Run) -> dict[tuple[str, int], tuple[list, list]]:
+    """Right bin edges and counts; out-of-range counts as one more bin-wide bin at that end."""
+    expected = {}
+    for h in run.histograms().itertuples():
+        edges, counts = list(h.edges), [int(c) for c in h.counts]
+        width = (edges[-1] - edges[0]) / len(counts)
+        limits = edges[1:]
+        if h.below:
+            limits, counts = [edges[0], *limits], [h.below, *counts]
+        if h.above:
+            limits, counts = [*limits, edges[-1] + width], [*counts, h.above]
+        expected[(f"{h.probe}/{h.source}/{h.layer}", h.step)] = (limits, counts)
+    return expected
+
+
+def assert_events_match(logdir: Path, run: netprobe.Run) -> EventAccumulator:
+    acc = read_events(logdir)
+    assert tb_scalars(acc) == parquet_scalars(run)
+    hists = parquet_histograms(run)
+    assert len(hists) == len(run.histograms()) > 0
+    got = tb_histograms(acc)
+    assert got.keys() == hists.keys()
+    for key, (limits, counts) in hists.items():
+        assert got[key][1] == counts, key
+        np.testing.assert_allclose(got[key][0], limits, rtol=1e-12)
+    return acc
+
+
+def test_live_event_files_hold_every_stored_scalar_and_histogram(sweep):
+    for job in sorted(sweep.iterdir()):
+        run = netprobe.load(job)
+        acc = assert_events_match(job / "tb", run)
+        assert {"train/loss", "train/val_acc", "gradients/l2/net.1.weight"} <= set(
+            acc.Tags()["scalars"]
+        )
+        assert "weights/weight/net.1.weight" in acc.Tags()["histograms"]
+        assert "activations/train/net.1" in acc.Tags()["histograms"]
+        final = acc.Scalars("final/best_val_acc")
+        assert [e.value for e in final] == [np.float32(run.info["best_val_acc"])]
+        assert final[0].step == run.info["steps_done"]
+
+
+def test_live_hparams_hold_the_flattened_config(sweep):
+    run = netprobe.load(sweep / "job1")
+    content = read_events(run.path / "tb").PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]
+    ).session_start_info
+    config = run.config
+    assert start.hparams["seed"].number_value == config["seed"] == 1
+    assert start.hparams["optim.lr"].number_value == config["optim"]["lr"]
+    assert start.hparams["model.name"].string_value == config["model"]["name"]
+    assert start.hparams["data.augment"].bool_value is config["data"]["augment"]
+    # Interpolations resolved: the model's input size is the data's.
+    assert start.hparams["model.image_size"].number_value == config["data"]["image_size"]
+    end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"])
+    assert end.session_end_info.status == 1  # STATUS_SUCCESS
+
+
+def test_events_are_on_disk_at_each_flush(tmp_path):
+    """A run that crashes after a flush leaves readable events for everything flushed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))
+    sink = EventWriter(tmp_path / "tb")
+    mon = netprobe.attach(model, tmp_path, probes=["gradients"], probe_batch=(x, y), sink=sink)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert not (tmp_path / "tb").exists()  # nothing before the first flush
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        mon.after_backward(loss)
+        opt.step()
+        mon.after_step()
+    mon.flush()
+    live = read_events(tmp_path / "tb")
+    assert tb_scalars(live) == parquet_scalars(netprobe.load(tmp_path))
+    assert {step for _, step, _ in tb_scalars(live)} == {0, 1, 2}
+    mon.close()
+
+
+def test_export_names_jobs_by_what_differs_and_matches_the_store(sweep, tmp_path, capsys):
+    out = tmp_path / "tb"
+    assert cli(["export", str(sweep), "--to", "tensorboard", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["seed=0", "seed=1"]
+    for seed in (0, 1):
+        assert_events_match(out / f"seed={seed}", netprobe.load(sweep / f"job{seed}"))
+    before = sorted(out.rglob("*"))
+    # A second export into the same folder would mix two copies: refused, nothing written.
+    capsys.readouterr()
+    assert cli(["export", str(sweep), "--to", "tensorboard", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds TensorBoard event files" in err[0]
+    assert sorted(out.rglob("*")) == before
+
+
+def test_export_of_one_run_and_of_damaged_parts(sweep, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(sweep / "job0", run, ignore=shutil.ignore_patterns("tb"))
+    part = sorted((run / "scalars").glob("part-*.parquet"))[1]
+    part.write_bytes(part.read_bytes()[:100])
+    capsys.readouterr()
+    assert cli(["export", str(run), "--to", "tensorboard", "--out", str(tmp_path / "tb")]) == 0
+    err = capsys.readouterr().err
+    assert f"netprobe: warning: skipping unreadable part file {part}" in err
+    with pytest.warns(UserWarning):
+        stored = netprobe.load(run)
+        assert_events_match(tmp_path / "tb" / "run", stored)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--to", "wandb", "--out", "x"], "--to 'wandb' is not valid; valid: tensorboard"),
+        (["--to", "tensorboard"], "the following arguments are required: --out"),
+    ],
+)
+def test_bad_export_arguments_are_one_line_exit_2(sweep, tmp_path, capsys, args, message):
+    capsys.readouterr()
+    args = [str(tmp_path / "x") if a == "x" else a for a in args]
+    assert cli(["export", str(sweep), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_of_a_missing_path_is_one_line_exit_2(tmp_path, capsys):
+    code = cli(["export", str(tmp_path / "nope"), "--to", "tensorboard", "--out", str(tmp_path)])
+    assert code == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_without_tensorboard_installed_it_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    import sys
+
+    for name in [m for m in sys.modules if m == "tensorboard" or m.startswith("tensorboard.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` fails
+    args = ["export", str(tmp_path), "--to", "tensorboard", "--out", str(tmp_path / "tb")]
+    assert cli(args) == 2
+    run_dir = tmp_path / "run"
+    assert cli(["train", "trainer.tensorboard=true", f"hydra.run.dir={run_dir}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["netprobe: TensorBoard output needs tensorboard: pip install tensorboard"] * 2
+    assert list(tmp_path.iterdir()) == []
