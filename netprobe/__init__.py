@@ -10,7 +10,8 @@ __all__ = ["Monitor", "Run", "attach", "load", "load_runs", "__version__"]
 
 if TYPE_CHECKING:
     from netprobe.monitor import Monitor, attach
-    from netprobe.store import Run, load, load_runs
+    from netprobe.query import load_runs
+    from netprobe.store import Run, load
 
 # Where each public name lives: imported on first use, so that `netprobe --help` and `netprobe ls`
 # start without torch (seconds on a small machine).
