@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from netprobe.errors import ConfigError
-from netprobe.store import Run, find_runs, load, update_info
+from netprobe.store import Run, load, update_info
 
 SEVERITIES = ("info", "warning", "error")
 # Every probe whose scalars some rule reads.
@@ -903,24 +903,14 @@ def report(
 ) -> int:
     """`netprobe doctor`: diagnose every run under `paths`, print a table per sweep (or JSON);
     returns the number of warnings and errors."""
-    from netprobe.listing import sweep_of, swept_overrides  # listing shows health(): import late
+    from netprobe.listing import runs_by_sweep  # listing shows health(): import late
 
     thresholds(overrides)  # refuse a bad flag before reading anything
-    run_dirs: list[Path] = []
-    for path in paths:
-        if not Path(path).exists():
-            raise ConfigError(f"no such file or directory: {path}")
-        run_dirs.extend(d for d in find_runs(path) if d not in run_dirs)
-    if not run_dirs:
-        raise ConfigError(f"no runs (directories with run.json) under {', '.join(map(str, paths))}")
-    sweeps: dict[Path | None, list[Path]] = {}
-    for run_dir in run_dirs:
-        sweeps.setdefault(sweep_of(run_dir), []).append(run_dir)
-    order = []
-    for sweep, members in sorted(sweeps.items(), key=lambda kv: (kv[0] is None, str(kv[0]))):
-        swept = swept_overrides(members) if sweep is not None else {}
-        for run_dir in sorted(members, key=lambda d: (swept.get(d, ""), str(d))):
-            order.append((sweep, run_dir, swept.get(run_dir, "")))
+    order = [
+        (sweep, run_dir, members[run_dir])
+        for sweep, members in runs_by_sweep(paths).items()
+        for run_dir in sorted(members, key=lambda d: (members[d], str(d)))
+    ]
     dirs = [d for _, d, _ in order]
     workers = min(os.cpu_count() or 1, len(dirs) // 50)  # a pool pays off from ~100 runs on
     if workers > 1:

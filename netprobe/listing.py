@@ -9,7 +9,7 @@ import math
 import os
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -204,8 +204,10 @@ def swept_overrides(run_dirs: list[Path]) -> dict[Path, str]:
     return {d: " ".join(f"{k}={job.get(k, '')}" for k in varying) for d, job in jobs.items()}
 
 
-def collect(paths: Sequence[str | os.PathLike]) -> dict[Path | None, list[Row]]:
-    """The runs under `paths`, grouped by sweep (None: runs of no sweep), sweeps first."""
+def runs_by_sweep(paths: Iterable[str | os.PathLike]) -> dict[Path | None, dict[Path, str]]:
+    """The run folders under `paths`, grouped by sweep (None: runs of no sweep), sweeps first,
+    each with its swept overrides ("" outside a sweep); one line and exit 2 when there are none."""
+    paths = list(paths)
     run_dirs: list[Path] = []
     for path in paths:
         if not Path(path).exists():
@@ -216,12 +218,20 @@ def collect(paths: Sequence[str | os.PathLike]) -> dict[Path | None, list[Row]]:
     by_sweep: dict[Path | None, list[Path]] = {}
     for run_dir in run_dirs:
         by_sweep.setdefault(sweep_of(run_dir), []).append(run_dir)
-    groups: dict[Path | None, list[Row]] = {}
+    groups: dict[Path | None, dict[Path, str]] = {}
     for sweep in sorted(by_sweep, key=lambda s: (s is None, str(s))):
         members = by_sweep[sweep]
         swept = swept_overrides(members) if sweep is not None else {}
-        groups[sweep] = [Row(d, sweep, swept.get(d, "")) for d in members]
+        groups[sweep] = {d: swept.get(d, "") for d in members}
     return groups
+
+
+def collect(paths: Sequence[str | os.PathLike]) -> dict[Path | None, list[Row]]:
+    """The runs under `paths` as table rows, grouped by sweep (None: runs of no sweep)."""
+    return {
+        sweep: [Row(d, sweep, swept) for d, swept in members.items()]
+        for sweep, members in runs_by_sweep(paths).items()
+    }
 
 
 # ------------------------------------------------------------------------- choosing and ordering
