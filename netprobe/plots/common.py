@@ -47,7 +47,10 @@ class RunGroup:
     def title(self) -> str:
         info = self.runs[0].info
         head = f"{info.get('model', '?')} on {info.get('data', '?')}, init {info.get('init', '?')}"
-        return f"{head} ({self.detail})" if self.detail else head
+        # Cut so that a title fits above the narrowest figure; groups.json and the report page
+        # name every differing key in full.
+        detail = self.detail if len(self.detail) <= 60 else self.detail[:59] + "…"
+        return f"{head} ({detail})" if detail else head
 
     def scalars(self, probe: str, metric: str | None = None) -> pd.DataFrame:
         """Scalars of every run in the group, with a `run` column (0..n-1)."""
