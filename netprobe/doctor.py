@@ -617,7 +617,13 @@ def symmetric_init(t: _Tables, th: Thresholds) -> list[Finding]:
 
 def loss_plateau(t: _Tables, th: Thresholds) -> list[Finding]:
     """Warning: the median loss over the last quarter of steps improves on the quarter before by
-    less than `plateau_improvement`, while still ≥ `plateau_loss_frac` × its first tenth."""
+    less than `plateau_improvement`, while still ≥ `plateau_loss_frac` × its first tenth, and the
+    last epoch's validation loss (when recorded) improves on the epoch before by less than that
+    too: a run whose validation loss still falls is learning, however slowly its loss moves."""
+    val = t.curve("val_loss")["value"].to_numpy()
+    val = val[np.isfinite(val)]
+    if len(val) >= 2 and val[-2] > 0 and 1 - val[-1] / val[-2] >= th.plateau_improvement:
+        return []
     loss = t.curve("loss")
     loss = loss[np.isfinite(loss["value"])]
     n = len(loss)

@@ -144,6 +144,14 @@ def test_loss_plateau_and_threshold_override(tmp_path: Path) -> None:
     assert f.evidence["improvement"] == pytest.approx(1 - last / before, rel=1e-3)
     lenient = thresholds({"plateau_improvement": 0.001})
     assert not [f for f in diagnose(run, lenient) if f.code == "loss_plateau"]
+    # The same loss with the validation loss still falling 2.6 % in the last epoch is learning
+    # (AlexNet's first epochs); with it falling 0.5 %, not.
+    for last_val, reported in ((2.2375, False), (2.285, True)):
+        val = [(29 + 10 * e, e, "train", "", "val_loss", v) for e, v in enumerate([2.30, 2.2966])]
+        val.append((99, 9, "train", "", "val_loss", last_val))
+        run = _store(tmp_path / f"val{last_val}", _loss(values) + val)
+        found = [f for f in diagnose(run) if f.code == "loss_plateau"]
+        assert bool(found) == reported, last_val
 
 
 def test_overfitting_needs_k_rising_epochs(tmp_path: Path) -> None:
