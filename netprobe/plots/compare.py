@@ -157,7 +157,9 @@ def compare_curves(sweep: Sweep):
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if not handles:
         handles, labels = axes[1, 1].get_legend_handles_labels()
-    fig.legend(handles, labels, title=sweep.key, loc="outside right upper", fontsize=8)
+    # Below the panels: beside them, long labels (a mixed folder's groups) ran into the title.
+    ncol = min(len(labels), 4 if max(map(len, labels), default=0) <= 24 else 1)
+    fig.legend(handles, labels, title=sweep.key, loc="outside lower center", ncol=ncol, fontsize=8)
     fig.suptitle(sweep.title)
     return fig
 
