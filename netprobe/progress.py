@@ -252,6 +252,20 @@ def banner(
     ]
 
 
+def _schedule_key(run_dir: str | Path, probe: str) -> str:
+    """`every` for a probe run every N steps, `at` for one captured at start/epoch/end."""
+    import yaml
+
+    from netprobe.store import CONFIG_FILE
+
+    try:
+        with open(Path(run_dir) / CONFIG_FILE) as f:
+            settings = ((yaml.safe_load(f) or {}).get("probes") or {}).get(probe) or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        settings = {}
+    return "every" if "every" in settings else "at"
+
+
 def summary(run_dir: str | Path, wall_s: float | None = None, hint: bool = True) -> str:
     """The closing lines: status and why it stopped, best and final metrics, wall time, the
     probes' share of it when large, and the command that plots the run."""
@@ -284,7 +298,7 @@ def summary(run_dir: str | Path, wall_s: float | None = None, hint: bool = True)
                 line += (
                     f", most of it {name} ({seconds[name] / sum(seconds.values()):.0%} of theirs)"
                 )
-            line += f"; probes.{name}.every (or .at) sets how often it runs"
+            line += f"; probes.{name}.{_schedule_key(run_dir, name)} sets how often it runs"
         lines.append(line)
     if hint:
         lines.append(f"next: netprobe plot {run_dir}")

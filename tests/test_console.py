@@ -164,3 +164,18 @@ def test_summary_says_why_a_run_stopped(tmp_path: Path):
     assert lines[1] == "  stopped: interrupted" and lines[2].startswith("  0 epochs, 24 steps")
     failed = write_info(tmp_path / "b", status="failed", error="ValueError: bad")
     assert "  stopped: ValueError: bad" in summary(failed)
+
+
+@pytest.mark.parametrize(("costliest", "key"), [("activations", "at"), ("gradients", "every")])
+def test_summary_names_the_schedule_key_the_costliest_probe_takes(tmp_path, costliest, key):
+    import json
+
+    seconds = {"activations": 1.0, "gradients": 1.0, costliest: 3.0}
+    info = {"status": "completed", "probe_overhead": 0.5, "probe_seconds": seconds}
+    (tmp_path / "run.json").write_text(json.dumps(info))
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(
+        "probes:\n  activations:\n    at: [start, epoch]\n  gradients:\n    every: 1\n"
+    )
+    text = summary(tmp_path, hint=False)
+    assert f"most of it {costliest} (75% of theirs); probes.{costliest}.{key} sets" in text
