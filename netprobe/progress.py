@@ -253,7 +253,7 @@ def banner(
 
 
 def _schedule_key(run_dir: str | Path, probe: str) -> str:
-    """`every` for a probe run every N steps, `at` for one captured at start/epoch/end."""
+    """`every` or `at`, whichever the run's config gives the probe ("" without a config)."""
     import yaml
 
     from netprobe.store import CONFIG_FILE
@@ -263,7 +263,7 @@ def _schedule_key(run_dir: str | Path, probe: str) -> str:
             settings = ((yaml.safe_load(f) or {}).get("probes") or {}).get(probe) or {}
     except (OSError, yaml.YAMLError, AttributeError):
         settings = {}
-    return "every" if "every" in settings else "at"
+    return next((key for key in ("every", "at") if key in settings), "")
 
 
 def summary(run_dir: str | Path, wall_s: float | None = None, hint: bool = True) -> str:
@@ -298,7 +298,9 @@ def summary(run_dir: str | Path, wall_s: float | None = None, hint: bool = True)
                 line += (
                     f", most of it {name} ({seconds[name] / sum(seconds.values()):.0%} of theirs)"
                 )
-            line += f"; probes.{name}.{_schedule_key(run_dir, name)} sets how often it runs"
+            key = _schedule_key(run_dir, name)
+            if key:
+                line += f"; probes.{name}.{key} sets how often it runs"
         lines.append(line)
     if hint:
         lines.append(f"next: netprobe plot {run_dir}")

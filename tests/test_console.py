@@ -151,6 +151,9 @@ def test_summary_names_the_costliest_probe_when_probes_cost_much(tmp_path: Path)
     assert "best val_acc 0.9000" in text and "val_acc 0.8750" in text and "loss 0.2500" in text
     assert "probes took 59% of the wall time, most of it activations (75% of theirs)" in text
     alone = write_info(tmp_path / "c", probe_overhead=0.2, probe_seconds={"rwc": 2.0})
+    assert summary(alone).splitlines()[-2] == "  probes took 20% of the wall time (rwc)"
+    (alone / ".hydra").mkdir()
+    (alone / ".hydra" / "config.yaml").write_text("probes:\n  rwc:\n    every: epoch\n")
     assert "probes took 20% of the wall time (rwc); probes.rwc.every" in summary(alone)
     cheap = write_info(tmp_path / "b", probe_overhead=0.05, probe_seconds=seconds)
     assert "probes took" not in summary(cheap)
