@@ -19,7 +19,7 @@ import yaml
 
 from netprobe.errors import ConfigError
 from netprobe.lifecycle import effective_status
-from netprobe.store import RUN_FILE, find_runs, manifest
+from netprobe.store import RUN_FILE, find_runs, flatten, manifest
 
 STATUS_STYLE = {
     "completed": "green",
@@ -77,20 +77,6 @@ class Row:
     @property
     def shown_path(self) -> str:
         return str(self.path.resolve().relative_to(self.sweep) if self.sweep else self.path)
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{'optim': {'lr': 0.1}} → {'optim.lr': 0.1}; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix: tree} if prefix else {}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _final(metric: str) -> Callable[[Row], Any]:

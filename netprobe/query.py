@@ -24,6 +24,7 @@ from netprobe.store import (
     SCHEMAS,
     TABLES,
     Run,
+    flatten,
     part_files,
     plain,
     read_runs,
@@ -46,18 +47,6 @@ def duckdb() -> Any:
 
 
 # ---------------------------------------------------------------- run.json + config, flattened
-
-
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one level of dotted keys: {"optim": {"lr": 0.1}} → {"optim.lr": 0.1}."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 _REFERENCE = re.compile(r"\$\{([\w.]+)\}")

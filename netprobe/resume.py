@@ -26,7 +26,7 @@ from netprobe.checkpoint import checkpoint_path, load_checkpoint, set_rng_states
 from netprobe.config import first_line
 from netprobe.errors import ConfigError
 from netprobe.lifecycle import check_not_a_stray
-from netprobe.store import RUN_FILE, read_info
+from netprobe.store import RUN_FILE, flatten, read_info
 
 _RESUME = re.compile(r"^\+*trainer\.resume=(true|True|1)$")
 
@@ -127,17 +127,7 @@ def _flat(cfg: DictConfig) -> dict[str, Any]:
         tree = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # noqa: BLE001 - an interpolation only Hydra could resolve
         tree = OmegaConf.to_container(cfg, resolve=False)
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    walk(tree, "")
-    return flat
+    return flatten(tree)
 
 
 def _show(value: Any) -> str:

@@ -8,7 +8,7 @@ import json
 import os
 import socket
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -446,6 +446,21 @@ def _version() -> str:
 
 
 # ---------------------------------------------------------------- reading
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys: {"optim": {"lr": 0.1}} → {"optim.lr": 0.1};
+    lists and empty mappings stay values; anything but a mapping gives {}."""
+    flat: dict[str, Any] = {}
+    if not isinstance(tree, Mapping):
+        return flat
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def manifest(path: str | os.PathLike) -> dict[str, Any]:

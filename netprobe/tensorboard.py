@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 
 from netprobe.errors import ConfigError
-from netprobe.query import flatten, read_config, varying_keys
-from netprobe.store import Run, read_runs
+from netprobe.query import read_config, varying_keys
+from netprobe.store import Run, flatten, read_runs
 
 TB_DIR = "tb"  # inside a run directory
 FINAL = ("best_val_acc", "final.loss", "final.acc", "final.val_loss", "final.val_acc")

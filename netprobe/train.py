@@ -198,7 +198,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
     if place.is_main:
         sink = None
         if t.get("tensorboard"):
-            from netprobe.query import flatten
+            from netprobe.store import flatten
             from netprobe.tensorboard import TB_DIR, EventWriter
 
             hparams = flatten(OmegaConf.to_container(cfg, resolve=True))
