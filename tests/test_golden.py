@@ -1,0 +1,76 @@
+"""Fixed small runs compared with stored golden copies of their tables, to the last bit.
+
+A refactor must not change a stored number. When a change is meant to (a fixed formula), rewrite
+the copies with `NETPROBE_WRITE_GOLDEN=1 pytest tests/test_golden.py` and say why in the commit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import netprobe
+from netprobe.store import TABLES, write_parquet
+
+GOLDEN = Path(__file__).parent / "golden"
+# Every probe at its default schedule; the synthetic data and the seed fix every number.
+# Small widths and feature counts keep the copies to a few hundred kB.
+SMALL = ("probes.correlation.max_features=16", "probes.augmentation.samples=40")
+RUNS = {
+    "cnn_all": ("model=cnn", "model.width=8", "model.hidden=16", "probes=all", *SMALL),
+    "mlp_all": ("model=mlp", "model.hidden=[32,16]", "probes=all", "optim=adam", *SMALL),
+}
+# Measured, not computed: throughput depends on the machine.
+TIMED = ("samples_per_s",)
+
+
+def _tables(run: netprobe.Run) -> dict[str, pa.Table]:
+    tables = {name: run.table(name) for name in TABLES}
+    scalars = tables["scalars"]
+    tables["scalars"] = scalars.filter(pc.invert(pc.is_in(scalars["metric"], pa.array(TIMED))))
+    tables["layers"] = pa.Table.from_pandas(run.layers(), preserve_index=False)
+    tables["graph"] = pa.Table.from_pandas(run.graph(), preserve_index=False)
+    return tables
+
+
+def _first_difference(name: str, got: pa.Table, want: pa.Table) -> str:
+    if got.schema != want.schema:
+        return f"{name}: schema {got.schema} != golden {want.schema}"
+    if got.num_rows != want.num_rows:
+        return f"{name}: {got.num_rows} rows != golden {want.num_rows}"
+    for column in want.column_names:
+        a, b = got[column].to_pylist(), want[column].to_pylist()
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y and not (x != x and y != y):  # NaN equals NaN here
+                row = {
+                    c: want[c][i].as_py()
+                    for c in ("step", "probe", "layer", "metric")
+                    if c in want.column_names
+                }
+                return f"{name}.{column} row {i} {row}: {x!r} != golden {y!r}"
+    return ""
+
+
+@pytest.mark.parametrize("case", sorted(RUNS))
+def test_tables_match_the_golden_copy(case: str, tmp_path: Path, train_tiny) -> None:
+    torch.set_num_threads(1)  # one reduction order, whatever the machine
+    run = netprobe.load(train_tiny(tmp_path / case, *RUNS[case]))
+    tables = _tables(run)
+    folder = GOLDEN / case
+    if os.environ.get("NETPROBE_WRITE_GOLDEN"):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, table in tables.items():
+            write_parquet(folder / f"{name}.parquet", table)
+    assert sorted(p.stem for p in folder.glob("*.parquet")) == sorted(tables)
+    differences = [
+        _first_difference(name, table, pq.read_table(folder / f"{name}.parquet"))
+        for name, table in tables.items()
+    ]
+    assert not any(differences), "\n".join(d for d in differences if d)
+    assert tables["histograms"].num_rows and tables["matrices"].num_rows
