@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from netprobe.errors import ConfigError
+from netprobe.errors import ConfigError, first_line
 
 CONFIG_NAME = "config"
 PRECISIONS = ("32", "bf16", "16")
@@ -136,11 +136,6 @@ def _sweeper_params(overrides: list[str], extra: list[str]) -> dict[str, str]:
         GlobalHydra.instance().clear()
     params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
     return {str(k): str(v) for k, v in params.items()}
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's message cut to its first line, as a one-line error wants it."""
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _explain(exc: Exception, overrides: list[str], hydra_compose: Callable) -> ConfigError:

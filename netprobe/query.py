@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from netprobe.errors import ConfigError
+from netprobe.errors import ConfigError, first_line
 from netprobe.store import (
     CONFIG_FILE,
     SCHEMAS,
@@ -185,7 +185,7 @@ class Catalog:
                 isinstance(exc, (db.BinderException, db.CatalogException))
                 and ".parquet" not in str(exc)
             ):
-                raise ConfigError(f"bad query: {_first_line(exc)}") from None
+                raise ConfigError(f"bad query: {first_line(exc)}") from None
         try:
             self._define(sql, union=True)
             return self._fetch(sql, params)
@@ -196,12 +196,12 @@ class Catalog:
         for view in named:
             self._parts[view] = readable_parts(self._parts[view])
         if before == sum(len(self._parts[v]) for v in named):
-            raise ConfigError(f"query failed: {_first_line(error)}") from None
+            raise ConfigError(f"query failed: {first_line(error)}") from None
         try:
             self._define(sql, union=True)
             return self._fetch(sql, params)
         except db.Error as exc:
-            raise ConfigError(f"query failed: {_first_line(exc)}") from None
+            raise ConfigError(f"query failed: {first_line(exc)}") from None
 
     def _fetch(self, sql: str, params: Sequence[Any]) -> pa.Table:
         relation = self.con.sql(sql, params=list(params) or None)
@@ -210,11 +210,6 @@ class Catalog:
         # duckdb 1.4 renamed arrow() to to_arrow_table().
         fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
         return fetch()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------- Python access

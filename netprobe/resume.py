@@ -23,8 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from netprobe.checkpoint import checkpoint_path, load_checkpoint, set_rng_states
-from netprobe.config import first_line
-from netprobe.errors import ConfigError
+from netprobe.errors import ConfigError, first_line
 from netprobe.lifecycle import check_not_a_stray
 from netprobe.store import RUN_FILE, flatten, read_info
 

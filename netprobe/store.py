@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from netprobe.errors import ConfigError, StorageError
+from netprobe.errors import ConfigError, StorageError, first_line
 
 if TYPE_CHECKING:
     import pandas as pd  # Arrow's to_pandas imports it when a table is read: `ls` never does
@@ -373,7 +373,7 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
         return Run(path).info
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            f"{path / RUN_FILE} is damaged ({_short(exc)}); the run cannot be resumed"
+            f"{path / RUN_FILE} is damaged ({first_line(exc)}); the run cannot be resumed"
         ) from None
 
 
@@ -405,7 +405,7 @@ def drop_rows_after(
                     cuts.append((part, rows - kept.num_rows, kept))
             except (pa.ArrowException, OSError, ValueError) as exc:
                 raise ConfigError(
-                    f"{part} is damaged ({_short(exc)}); resuming would leave its rows out: "
+                    f"{part} is damaged ({first_line(exc)}); resuming would leave its rows out: "
                     "move it out of the run to resume without them, or start a new run"
                 ) from None
     for part, _, kept in cuts:
@@ -670,7 +670,7 @@ def _each_readable(
             yield part, pq.read_table(part, schema=schema)
         except (pa.ArrowException, OSError, ValueError) as exc:
             warnings.warn(
-                f"skipping unreadable part file {part}: {_short(exc)}", stacklevel=stacklevel
+                f"skipping unreadable part file {part}: {first_line(exc)}", stacklevel=stacklevel
             )
 
 
@@ -691,13 +691,8 @@ def _read_file(path: Path, table: str) -> pd.DataFrame:
     try:
         return plain(pq.read_table(path))
     except (pa.ArrowException, OSError, ValueError) as exc:
-        warnings.warn(f"skipping unreadable file {path}: {_short(exc)}", stacklevel=3)
+        warnings.warn(f"skipping unreadable file {path}: {first_line(exc)}", stacklevel=3)
         return plain(SCHEMAS[table].empty_table())
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def plain(table: pa.Table) -> pd.DataFrame:
@@ -751,7 +746,7 @@ def read_runs(path: str | os.PathLike) -> list[Run]:
         try:
             runs.append(Run(p))
         except (OSError, ValueError) as exc:
-            warnings.warn(f"skipping run {p}: damaged {RUN_FILE} ({_short(exc)})", stacklevel=2)
+            warnings.warn(f"skipping run {p}: damaged {RUN_FILE} ({first_line(exc)})", stacklevel=2)
     return runs
 
 
