@@ -20,8 +20,8 @@ from netprobe.divergence import ON_NONFINITE, NonfiniteWatch
 from netprobe.errors import ConfigError
 from netprobe.lifecycle import ending, signals_held
 from netprobe.probes import PROBES, Probe, ProbeContext, Progress
-from netprobe.probes.gradients import stat_dtype
 from netprobe.probes.memory import AUTO, check_budget
+from netprobe.probes.reductions import stat_dtype
 from netprobe.store import RunWriter, rows_table, scalar_table
 from netprobe.structure import layer_table, module_graph
 

@@ -27,8 +27,8 @@ from netprobe.probes.module_outputs import (
     flatten_features,
     module_outputs,
     seeded_subset,
-    to_float64,
 )
+from netprobe.probes.reductions import to_float64
 from netprobe.structure import WEIGHT_TYPES
 
 CONV_CHOICES = ("pool", "flatten")

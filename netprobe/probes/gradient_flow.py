@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
-from netprobe.probes.gradients import stat_dtype
+from netprobe.probes.reductions import stat_dtype
 from netprobe.structure import module_graph
 
 
@@ -44,8 +44,7 @@ def node_gradient_norms(grads: list[torch.Tensor], node_of_grad: torch.Tensor, n
 
 def output_gradient_norm(grad: torch.Tensor) -> torch.Tensor:
     """‖∂L/∂y‖₂² of one output gradient, at least in float32 (summed over calls, then √)."""
-    dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(grad, dtype=dtype).square()
+    return torch.linalg.vector_norm(grad, dtype=stat_dtype([grad])).square()
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:

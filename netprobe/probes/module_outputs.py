@@ -79,10 +79,3 @@ def seeded_subset(d: int, k: int, generator: torch.Generator) -> torch.Tensor | 
     if d <= k:
         return None
     return torch.randperm(d, generator=generator)[:k].sort().values
-
-
-def to_float64(x: torch.Tensor) -> torch.Tensor:
-    """x in float64; on the CPU for a device without float64 (Apple's MPS), else where it is."""
-    if x.device.type == "mps":
-        x = x.cpu()
-    return x.to(torch.float64)

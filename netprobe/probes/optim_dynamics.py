@@ -17,7 +17,7 @@ import torch
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
-from netprobe.probes.gradients import device_sizes, stat_dtype
+from netprobe.probes.reductions import device_sizes, stat_dtype
 from netprobe.probes.segments import Segments
 
 GRAD_METRICS = [
