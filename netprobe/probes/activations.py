@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.capture import output_tensor
 from netprobe.probes.distributions import central_edges, distributions
 from netprobe.structure import eval_mode
 
@@ -43,17 +44,6 @@ def activation_stats(y: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor
     zero_frac = inactive.sum(dtype=torch.float64) / flat.numel()
     dead_frac = inactive.all(dim=0).sum(dtype=torch.float64) / flat.shape[1]
     return torch.cat([moments[0, :3], torch.stack([zero_frac, dead_frac])]), counts[0]
-
-
-def _first_tensor(output: Any) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
 
 
 class Activations(Probe):
@@ -117,7 +107,7 @@ class Activations(Probe):
 
         def hook_for(name: str):
             def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-                y = _first_tensor(output)
+                y = output_tensor(output)
                 if y is None or name in results or y.ndim == 0:
                     return  # a module called again within the forward: its first call counts
                 edges = central_edges(y, self.bins, self.tail)

@@ -26,12 +26,8 @@ import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
-from netprobe.probes.correlation import CONV_CHOICES, feature_count, pearson
-from netprobe.probes.module_outputs import (
-    flatten_features,
-    module_outputs,
-    seeded_subset,
-)
+from netprobe.probes.capture import CONV_CHOICES, Features
+from netprobe.probes.correlation import pearson
 from netprobe.probes.reductions import to_float64
 from netprobe.structure import WEIGHT_TYPES
 
@@ -118,7 +114,9 @@ class Augmentation(Probe):
         )
         # The first and the last tracked module (one, if only one is tracked).
         self.modules = tracked[:1] + tracked[-1:] if len(tracked) > 1 else tracked
-        self._subsets: dict[str, torch.Tensor | None] = {}
+        self.extract = Features(
+            self.modules, self.cfg["conv"], self.cfg["max_features"], ctx.generator, salt=0xA07
+        )
 
     def memory_estimate(self) -> tuple[int, str]:
         """Per measured module: its features over the N augmentations and the probe batch
@@ -127,9 +125,8 @@ class Augmentation(Probe):
         batch = self.ctx.valid_batch if self.ctx.valid_batch is not None else self.ctx.probe_batch
         if batch is None or not self.modules:
             return 0, ""
-        n, b, k = self.cfg["samples"], len(batch[0]), self.cfg["max_features"]
-        shapes = self.module_shapes()
-        dims = [min(feature_count(shapes[m], self.cfg["conv"]), k) for m, _ in self.modules]
+        n, b = self.cfg["samples"], len(batch[0])
+        dims = self.extract.dims(self.module_shapes())
         features = sum(4 * (n + b) * d + 24 * d * d + 16 * n * d for d in dims)
         samples = sum(24 * n * n for _ in dims)
         work = 12 * max(max(dims) ** 2, n * n)
@@ -204,26 +201,11 @@ class Augmentation(Probe):
 
     def features(self, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """[n, d] features of each module over the chunks of images, concatenated."""
-        conv = self.cfg["conv"]
         parts: dict[str, list[torch.Tensor]] = {}
         for chunk in images:
-            outs = module_outputs(
-                self.ctx.model,
-                self.modules,
-                chunk,
-                reduce=lambda name, y: self._subset(name, flatten_features(y, conv)),
-            )
-            for name, value in outs.values.items():
+            for name, value in self.extract(self.ctx.model, chunk).items():
                 parts.setdefault(name, []).append(value)
         return {name: torch.cat(values) for name, values in parts.items()}
-
-    def _subset(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if name not in self._subsets:
-            salt = 0xA07 + [n for n, _ in self.modules].index(name)
-            pick = seeded_subset(x.shape[1], self.cfg["max_features"], self.ctx.generator(salt))
-            self._subsets[name] = None if pick is None else pick.to(x.device)
-        pick = self._subsets[name]
-        return x if pick is None else x.index_select(1, pick)
 
     def capture(self) -> None:
         x = self.sample()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
-from netprobe.probes.module_outputs import module_outputs
+from netprobe.probes.capture import module_outputs
 from netprobe.probes.reductions import to_float64
 
 METRICS = ["em_mean", "em_std", "ab_mean", "ab_std"]

@@ -16,22 +16,16 @@ features, so no capture holds a whole C_ij in float64.
 
 from __future__ import annotations
 
-from math import prod
 from typing import Any
 
 import torch
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import AT_CHOICES, Probe, ProbeContext, _as_list
-from netprobe.probes.module_outputs import (
-    flatten_features,
-    module_outputs,
-    seeded_subset,
-)
+from netprobe.probes.capture import CONV_CHOICES, Features
 from netprobe.probes.reductions import to_float64
 from netprobe.structure import WEIGHT_TYPES
 
-CONV_CHOICES = ("pool", "flatten")
 CKA_CHOICES = ("biased", "unbiased", "both")
 # The matrix each CKA estimator is stored as.
 CKA_NAMES = {"biased": "cka", "unbiased": "cka_unbiased"}
@@ -179,7 +173,9 @@ class Correlation(Probe):
         self.modules = self.select_modules(
             lambda r: isinstance(model.get_submodule(r.module), WEIGHT_TYPES)
         )
-        self._subsets: dict[str, torch.Tensor | None] = {}
+        self.extract = Features(
+            self.modules, self.cfg["conv"], self.cfg["max_features"], ctx.generator, salt=0xC022
+        )
         self._full_saved_at: int | None = None
 
     def memory_estimate(self) -> tuple[int, str]:
@@ -189,9 +185,8 @@ class Correlation(Probe):
         the flush and is copied to the host there (24 bytes a value in all)."""
         if self.ctx.probe_batch is None or not self.modules:
             return 0, ""
-        b, k = len(self.ctx.probe_batch[0]), self.cfg["max_features"]
-        shapes = self.module_shapes()
-        dims = [min(feature_count(shapes[n], self.cfg["conv"]), k) for n, _ in self.modules]
+        b = len(self.ctx.probe_batch[0])
+        dims = self.extract.dims(self.module_shapes())
         side = min(max(dims), BLOCK)
         parts = {
             f"probes.{self.name}.max_features": 12 * b * sum(dims) + 16 * side * side,
@@ -238,29 +233,11 @@ class Correlation(Probe):
 
     # -- measuring
     def features(self) -> tuple[list[str], list[torch.Tensor]]:
-        """[B, d] features of each tracked module on the probe batch, forward order; the subset
-        is taken inside the forward hook, so a whole flattened output is never kept."""
+        """[B, d] features of each tracked module on the probe batch, forward order."""
         if self.ctx.probe_batch is None or not self.modules:
             return [], []
-        conv = self.cfg["conv"]
-        outs = module_outputs(
-            self.ctx.model,
-            self.modules,
-            self.ctx.probe_batch[0],
-            reduce=lambda name, y: self._subset(name, flatten_features(y, conv)),
-        )
-        names = [n for n, _ in self.modules if n in outs.values]
-        return names, [outs.values[n] for n in names]
-
-    def _subset(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """At most `max_features` columns: a random subset drawn once from the run's seed."""
-        k, d = self.cfg["max_features"], x.shape[1]
-        if name not in self._subsets:
-            salt = 0xC022 + [n for n, _ in self.modules].index(name)
-            pick = seeded_subset(d, k, self.ctx.generator(salt))
-            self._subsets[name] = None if pick is None else pick.to(x.device)
-        pick = self._subsets[name]
-        return x if pick is None else x.index_select(1, pick)
+        values = self.extract(self.ctx.model, self.ctx.probe_batch[0])
+        return list(values), list(values.values())
 
     def record_correlations(self, summary: bool = True, full: bool = False) -> None:
         names, feats = self.features()
@@ -286,10 +263,3 @@ class Correlation(Probe):
         for p, (i, j) in enumerate(pairs):
             for name, v in values.items():
                 record.matrix(self.name, name, names[i], names[j], v[p : p + 1])
-
-
-def feature_count(shape: tuple[int, ...], conv: str) -> int:
-    """How many features `flatten_features` makes of an output of this shape per sample."""
-    if len(shape) > 1 and conv == "pool":
-        return shape[0]
-    return prod(shape) if shape else 0

@@ -31,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.capture import output_tensor
 from netprobe.probes.reductions import stat_dtype
 from netprobe.structure import module_graph
 
@@ -45,16 +46,6 @@ def node_gradient_norms(grads: list[torch.Tensor], node_of_grad: torch.Tensor, n
 def output_gradient_norm(grad: torch.Tensor) -> torch.Tensor:
     """‖∂L/∂y‖₂² of one output gradient, at least in float32 (summed over calls, then √)."""
     return torch.linalg.vector_norm(grad, dtype=stat_dtype([grad])).square()
-
-
-def _tensors(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _tensors(item)]
-    if isinstance(output, dict):
-        return [t for item in output.values() for t in _tensors(item)]
-    return []
 
 
 class GradientFlow(Probe):
@@ -122,15 +113,15 @@ class GradientFlow(Probe):
         self._pass += 1
 
     def _watch(self, name: str, output: Any) -> None:
-        for tensor in _tensors(output):
-            if tensor.requires_grad:
-                hook = partial(self._on_output_grad, name, self._pass)
-                self._tensor_hooks.append(tensor.register_hook(hook))
+        tensor = output_tensor(output)
+        if tensor is not None and tensor.requires_grad:
+            hook = partial(self._on_output_grad, name, self._pass)
+            self._tensor_hooks.append(tensor.register_hook(hook))
 
     def _on_output_grad(self, name: str, pass_id: int, grad: torch.Tensor) -> None:
         square = output_gradient_norm(grad)
         previous = self._stash.get(name)
-        # A module called several times in one pass (or with several outputs) adds up its parts.
+        # A module called several times in one pass adds up its calls.
         if previous is not None and previous[0] == pass_id:
             square = previous[1] + square
         elif previous is not None and previous[0] > pass_id:
