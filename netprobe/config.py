@@ -172,33 +172,35 @@ Check = Callable[[Any], bool]
 _INT64 = 2**63 - 1  # steps and counts are stored as int64
 
 
-def _int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An integer that fits in int64 (not a bool)."""
     return isinstance(v, int) and not isinstance(v, bool) and -_INT64 - 1 <= v <= _INT64
 
 
 def _positive_int(v: Any) -> bool:
-    return _int(v) and v > 0
+    return is_int(v) and v > 0
 
 
 def _optional(check: Check) -> Check:
     return lambda v: v is None or check(v)
 
 
-def _number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A finite int or float (not a bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _positive(v: Any) -> bool:
-    return _number(v) and v > 0
+    return is_number(v) and v > 0
 
 
 def _non_negative_int(v: Any) -> bool:
-    return _int(v) and v >= 0
+    return is_int(v) and v >= 0
 
 
 def _fraction(v: Any) -> bool:
     """In [0, 1): a momentum, a beta, a dropout rate."""
-    return _number(v) and 0 <= v < 1
+    return is_number(v) and 0 <= v < 1
 
 
 def _sizes(v: Any) -> bool:
@@ -210,7 +212,7 @@ SCHEDULERS = ("cosine", "step")
 
 _CHECKS: dict[str, tuple[Check, str]] = {
     # What torch.manual_seed takes: a signed or an unsigned 64-bit integer.
-    "seed": (lambda v: _int(v) or (_non_negative_int(v - 2**63)), "a 64-bit integer"),
+    "seed": (lambda v: is_int(v) or (_non_negative_int(v - 2**63)), "a 64-bit integer"),
     "trainer.epochs": (_positive_int, "a positive integer"),
     "trainer.max_steps": (_optional(_positive_int), "a positive integer or null"),
     "trainer.precision": (lambda v: str(v) in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
@@ -229,7 +231,7 @@ _CHECKS: dict[str, tuple[Check, str]] = {
     "trainer.on_nonfinite": (lambda v: v in ("stop", "continue"), "stop or continue"),
     "trainer.tensorboard": (lambda v: isinstance(v, bool), "true or false"),
     "optim.lr": (_positive, "a positive number"),
-    "optim.weight_decay": (lambda v: _number(v) and v >= 0, "a number ≥ 0"),
+    "optim.weight_decay": (lambda v: is_number(v) and v >= 0, "a number ≥ 0"),
     "optim.momentum": (_fraction, "a number in [0, 1)"),
     "optim.nesterov": (lambda v: isinstance(v, bool), "true or false"),
     "optim.betas": (
@@ -246,9 +248,9 @@ _CHECKS: dict[str, tuple[Check, str]] = {
     "data.channels": (_positive_int, "a positive integer"),
     "data.num_classes": (_positive_int, "a positive integer"),
     "data.num_samples": (_positive_int, "a positive integer"),
-    "data.noise": (lambda v: _number(v) and v >= 0, "a number ≥ 0"),
+    "data.noise": (lambda v: is_number(v) and v >= 0, "a number ≥ 0"),
     "data.val_fraction": (
-        _optional(lambda v: _number(v) and 0 < v < 1),
+        _optional(lambda v: is_number(v) and 0 < v < 1),
         "a fraction in (0, 1), or null for the official test split",
     ),
     "data.num_workers": (_non_negative_int, "an integer ≥ 0"),

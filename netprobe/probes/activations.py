@@ -27,6 +27,7 @@ from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
 from netprobe.probes.capture import output_tensor
 from netprobe.probes.distributions import central_edges, distributions
+from netprobe.probes.options import Option
 from netprobe.structure import eval_mode
 
 SOURCES = ("train", "valid", "random")
@@ -51,7 +52,20 @@ class Activations(Probe):
 
     name = "activations"
     default_at = ("start", "epoch")
-    options = {"sources": list(SOURCES), "bins": 50, "tail": 0.001}
+    options = (
+        Option("sources", list, list(SOURCES), choices=SOURCES),
+        Option("bins", int, 50, low=1),
+        Option(
+            "tail",
+            float,
+            0.001,
+            low=0,
+            high=MAX_TAIL,
+            open=True,
+            note="the share of each capture's values left outside each end of its bins "
+            "(under 1 % in all)",
+        ),
+    )
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
@@ -60,23 +74,8 @@ class Activations(Probe):
                 f"probes.{self.name}.every={self.every!r}: activations are captured at the `at` "
                 "points; valid: at: [start, epoch, end] (any of them)"
             )
-        sources, bins = self.cfg["sources"], self.cfg["bins"]
-        sources = [sources] if isinstance(sources, str) else list(sources)
-        for source in sources:
-            if source not in SOURCES:
-                raise ConfigError(
-                    f"probes.{self.name}.sources has {source!r}; valid: {', '.join(SOURCES)}"
-                )
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-            raise ConfigError(f"probes.{self.name}.bins={bins!r} must be a positive integer")
-        tail = self.cfg["tail"]
-        if isinstance(tail, bool) or not isinstance(tail, (int, float)) or not 0 <= tail < MAX_TAIL:
-            raise ConfigError(
-                f"probes.{self.name}.tail={tail!r} must be a number in [0, {MAX_TAIL}): the share "
-                "of each capture's values left outside each end of its bins (under 1 % in all)"
-            )
-        self.bins, self.tail = bins, float(tail)
-        self.sources = [s for s in SOURCES if s in sources]
+        self.bins, self.tail = self.cfg["bins"], float(self.cfg["tail"])
+        self.sources = [s for s in SOURCES if s in self.cfg["sources"]]
         self.modules = self.select_modules()
         self.names = [n for n, _ in self.modules]
         if self.names and ctx.probe_batch is None and ctx.valid_batch is None:

@@ -24,10 +24,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from netprobe.config import is_number
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
 from netprobe.probes.capture import CONV_CHOICES, Features
 from netprobe.probes.correlation import pearson
+from netprobe.probes.options import Option
 from netprobe.probes.reductions import to_float64
 from netprobe.structure import WEIGHT_TYPES
 
@@ -83,8 +85,14 @@ def invariance(augmented: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     return torch.where(var_batch > 0, var_aug / torch.where(var_batch > 0, var_batch, 1.0), 0.0)
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _scale_range(value: Any) -> bool:
+    """[low, high] with 0 < low ≤ high."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(is_number(s) and s > 0 for s in value)
+        and value[0] <= value[1]
+    )
 
 
 class Augmentation(Probe):
@@ -92,22 +100,28 @@ class Augmentation(Probe):
 
     name = "augmentation"
     default_at = ("end",)
-    options = {
-        "samples": 300,
-        "sample_index": 0,
-        "rotation": 15.0,
-        "translate": 0.1,
-        "scale": [0.9, 1.1],
-        "padding": "border",
-        "conv": "pool",
-        "max_features": 256,
-        "chunk": 100,
-        "show": 16,
-    }
+    options = (
+        Option("samples", int, 300, low=2),
+        Option("sample_index", int, 0, low=0),
+        Option("rotation", float, 15.0, low=0, high=180, note="degrees"),
+        Option("translate", float, 0.1, low=0, high=1, open=True, note="a share of the size"),
+        Option(
+            "scale",
+            list,
+            [0.9, 1.1],
+            check=_scale_range,
+            expected="[low, high] with 0 < low ≤ high",
+        ),
+        Option("padding", str, "border", choices=PADDING_CHOICES),
+        Option("conv", str, "pool", choices=CONV_CHOICES),
+        Option("max_features", int, 256, low=2),
+        Option("chunk", int, 100, low=1),
+        Option("show", int, 16, low=0),
+    )
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        self._check()
+        self._check_sample_index()
         model = ctx.model
         tracked = self.select_modules(
             lambda r: isinstance(model.get_submodule(r.module), WEIGHT_TYPES)
@@ -133,48 +147,13 @@ class Augmentation(Probe):
         lower = "max_features" if max(dims) ** 2 >= n * n else "samples"
         return features + samples + work, f"probes.{self.name}.{lower}"
 
-    def _check(self) -> None:
-        c, name = self.cfg, self.name
-        for key, low in (("samples", 2), ("chunk", 1), ("max_features", 2), ("show", 0)):
-            v = c[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"probes.{name}.{key}={v!r} must be an integer ≥ {low}")
-        if not _number(c["rotation"]) or not 0 <= c["rotation"] <= 180:
-            raise ConfigError(
-                f"probes.{name}.rotation={c['rotation']!r} must be degrees in [0, 180]"
-            )
-        if not _number(c["translate"]) or not 0 <= c["translate"] < 1:
-            raise ConfigError(
-                f"probes.{name}.translate={c['translate']!r} must be a fraction in [0, 1)"
-            )
-        scale = c["scale"]
-        if (
-            not isinstance(scale, (list, tuple))
-            or len(scale) != 2
-            or not all(_number(s) and s > 0 for s in scale)
-            or scale[0] > scale[1]
-        ):
-            raise ConfigError(
-                f"probes.{name}.scale={scale!r} must be [low, high] with 0 < low ≤ high"
-            )
-        if c["padding"] not in PADDING_CHOICES:
-            raise ConfigError(
-                f"probes.{name}.padding={c['padding']!r}; valid: {', '.join(PADDING_CHOICES)}"
-            )
-        if c["conv"] not in CONV_CHOICES:
-            raise ConfigError(f"probes.{name}.conv={c['conv']!r}; valid: {', '.join(CONV_CHOICES)}")
+    def _check_sample_index(self) -> None:
         source = self.ctx.valid_batch if self.ctx.valid_batch is not None else self.ctx.probe_batch
-        index = c["sample_index"]
-        size = len(source[0]) if source is not None else None
-        if (
-            isinstance(index, bool)
-            or not isinstance(index, int)
-            or index < 0
-            or (size is not None and index >= size)
-        ):
+        index = self.cfg["sample_index"]
+        if source is not None and index >= len(source[0]):
             raise ConfigError(
-                f"probes.{name}.sample_index={index!r} must be an index into the validation "
-                f"batch (0 to {size - 1 if size else 0})"
+                f"probes.{self.name}.sample_index={index!r} must be an index into the validation "
+                f"batch (0 to {len(source[0]) - 1})"
             )
 
     # -- measuring

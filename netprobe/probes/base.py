@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 
 from netprobe.errors import ConfigError
+from netprobe.probes.options import Option
+from netprobe.probes.options import as_list as _as_list
 from netprobe.structure import LayerInfo, is_weight_layer
 
 if TYPE_CHECKING:
@@ -65,19 +67,20 @@ class Probe:
     name: ClassVar[str]
     default_every: ClassVar[int | None] = None
     default_at: ClassVar[tuple[str, ...]] = ()
-    # Keys a probe accepts besides the common ones; values are defaults.
-    options: ClassVar[dict[str, Any]] = {}
+    # Settings a probe takes besides the common ones; `self.cfg` holds their checked values.
+    options: ClassVar[tuple[Option, ...]] = ()
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         self.ctx = ctx
         common = {"layers", "exclude", "every", "at", "enabled"}
-        unknown = set(cfg) - common - set(self.options)
+        keys = {option.name for option in self.options}
+        unknown = set(cfg) - common - keys
         if unknown:
-            valid = ", ".join(sorted(common | set(self.options)))
+            valid = ", ".join(sorted(common | keys))
             raise ConfigError(
                 f"unknown key {sorted(unknown)[0]!r} for probe {self.name}; valid keys: {valid}"
             )
-        self.cfg = {**self.options, **{k: v for k, v in cfg.items() if k in self.options}}
+        self.cfg = {o.name: o.read(self.name, cfg.get(o.name, o.default)) for o in self.options}
         self.patterns = self._regexes("layers", cfg.get("layers"))
         self.exclude = self._regexes("exclude", cfg.get("exclude"))
         every = cfg.get("every", self.default_every)
@@ -228,11 +231,3 @@ class Probe:
         has_params = {r.module for r in self.ctx.layers if r.param}
         default = default or (lambda r: r.module in has_params)
         return [(r.module, model.get_submodule(r.module)) for r in self.select(rows, default)]
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    return list(value)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
 from netprobe.probes.capture import module_outputs
+from netprobe.probes.options import Option
 from netprobe.probes.reductions import to_float64
 
 METRICS = ["em_mean", "em_std", "ab_mean", "ab_std"]
@@ -160,13 +161,10 @@ class Channels(Probe):
 
     name = "channels"
     default_at = ("end",)
-    options = {"chunk": 16}
+    options = (Option("chunk", int, 16, low=1),)
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        chunk = self.cfg["chunk"]
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ConfigError(f"probes.{self.name}.chunk={chunk!r} must be a positive integer")
         model = ctx.model
         chosen = self.select_modules(lambda r: is_tracked_conv(model.get_submodule(r.module)))
         self.modules = [(n, m) for n, m in chosen if is_tracked_conv(m)]

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from netprobe.errors import ConfigError
-from netprobe.probes.base import AT_CHOICES, Probe, ProbeContext, _as_list
+from netprobe.probes.base import AT_CHOICES, Probe, ProbeContext
 from netprobe.probes.capture import CONV_CHOICES, Features
+from netprobe.probes.options import Option
 from netprobe.probes.reductions import to_float64
 from netprobe.structure import WEIGHT_TYPES
 
@@ -138,29 +139,16 @@ class Correlation(Probe):
 
     name = "correlation"
     default_at = ("start", "epoch")
-    options = {
-        "conv": "pool",
-        "max_features": 256,
-        "save_full_at": ["start", "end"],
-        "cka": "biased",
-    }
+    options = (
+        Option("conv", str, "pool", choices=CONV_CHOICES),
+        Option("max_features", int, 256, low=2),
+        Option("save_full_at", list, ["start", "end"], choices=AT_CHOICES),
+        Option("cka", str, "biased", choices=CKA_CHOICES),
+    )
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        for key, choices in (("conv", CONV_CHOICES), ("cka", CKA_CHOICES)):
-            if self.cfg[key] not in choices:
-                raise ConfigError(
-                    f"probes.{self.name}.{key}={self.cfg[key]!r}; valid: {', '.join(choices)}"
-                )
-        k = self.cfg["max_features"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-            raise ConfigError(f"probes.{self.name}.max_features={k!r} must be an integer ≥ 2")
-        self.save_full_at = tuple(_as_list(self.cfg["save_full_at"]))
-        for point in self.save_full_at:
-            if point not in AT_CHOICES:
-                raise ConfigError(
-                    f"probes.{self.name}.save_full_at has {point!r}; valid: {', '.join(AT_CHOICES)}"
-                )
+        self.save_full_at = tuple(self.cfg["save_full_at"])
         cka = self.cfg["cka"]
         self.estimators = ["biased", "unbiased"] if cka == "both" else [cka]
         batch = ctx.probe_batch

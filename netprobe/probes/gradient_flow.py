@@ -32,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
 from netprobe.probes.capture import output_tensor
+from netprobe.probes.options import Option
 from netprobe.probes.reductions import stat_dtype
 from netprobe.structure import module_graph
 
@@ -55,7 +56,7 @@ class GradientFlow(Probe):
     default_every = 10
     # The figure draws edges green above `threshold` (None: 0.1 × the run's median edge value);
     # it reads the value from the run's config.
-    options = {"threshold": None}
+    options = (Option("threshold", float, None, low=0, nullable=True),)
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
@@ -64,11 +65,6 @@ class GradientFlow(Probe):
                 f"probes.{self.name}.every must be a number of steps: the probe reads the "
                 "training step's own backward pass, which the start/epoch/end points lack"
             )
-        threshold = self.cfg["threshold"]
-        if threshold is not None and (
-            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0
-        ):
-            raise ConfigError(f"probes.{self.name}.threshold={threshold!r} must be a number ≥ 0")
         self.modules = self.select_modules()
         self.names = [n for n, _ in self.modules]
         self.edges = module_graph(ctx.model, self.names) if self.names else []

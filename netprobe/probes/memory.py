@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from netprobe.config import is_number
 from netprobe.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def parse_budget(value: Any) -> int | None:
     `auto`. Anything else raises ConfigError."""
     if value is None or value == AUTO:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+    if is_number(value) and value > 0:
         return int(value)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if match and match.group(2).lower() in _UNITS and float(match.group(1)) > 0:

@@ -17,6 +17,7 @@ import torch
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.options import Option
 from netprobe.probes.reductions import device_sizes, stat_dtype
 from netprobe.probes.segments import Segments
 
@@ -132,7 +133,12 @@ class OptimDynamics(Probe):
     name = "optim_dynamics"
     default_every = 1
     default_at = ("epoch",)
-    options = {"zero_threshold": 1e-5, "tiny_threshold": 1e-7, "sign_samples": 64, "sign_rows": 32}
+    options = (
+        Option("zero_threshold", float, 1e-5, low=0),
+        Option("tiny_threshold", float, 1e-7, low=0),
+        Option("sign_samples", int, 64, low=1),
+        Option("sign_rows", int, 32, low=1),
+    )
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
@@ -141,14 +147,6 @@ class OptimDynamics(Probe):
                 f"probes.{self.name}.every must be a number of steps: each record compares a "
                 "step's gradient with the step before"
             )
-        for key in ("zero_threshold", "tiny_threshold"):
-            value = self.cfg[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"probes.{self.name}.{key}={value!r} must be a number ≥ 0")
-        for key in ("sign_samples", "sign_rows"):
-            k = self.cfg[key]
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ConfigError(f"probes.{self.name}.{key}={k!r} must be a positive integer")
         k = self.cfg["sign_samples"]
         self.params = self.select_params()
         self.names = [n for n, _ in self.params]

@@ -14,6 +14,7 @@ import torch
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.options import Option
 
 MODES = ("l1", "elementwise")
 
@@ -42,7 +43,10 @@ class RelativeWeightChange(Probe):
 
     name = "rwc"
     default_at = ("epoch",)
-    options = {"mode": "l1", "every_steps": None}
+    options = (
+        Option("mode", str, "l1", choices=MODES),
+        Option("every_steps", int, None, low=1, nullable=True, note="a number of steps"),
+    )
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
@@ -51,14 +55,7 @@ class RelativeWeightChange(Probe):
                 f"probes.{self.name}.every={self.every!r}: rwc compares epochs, valid: "
                 f"every=epoch; for a record every N steps set probes.{self.name}.every_steps=N"
             )
-        mode, k = self.cfg["mode"], self.cfg["every_steps"]
-        if mode not in MODES:
-            raise ConfigError(f"probes.{self.name}.mode={mode!r}; valid: {', '.join(MODES)}")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ConfigError(
-                f"probes.{self.name}.every_steps={k!r} must be a positive number of steps or null"
-            )
-        self.mode, self.every_steps = mode, k
+        self.mode, self.every_steps = self.cfg["mode"], self.cfg["every_steps"]
         # Default: every parameter of ndim > 1 (conv kernels, linear matrices, embeddings).
         self.params = self.select_params(lambda r: len(r.shape) > 1)
         self.names = [n for n, _ in self.params]

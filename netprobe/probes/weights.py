@@ -15,6 +15,7 @@ import torch
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
 from netprobe.probes.distributions import MOMENTS, distributions, symmetric_edges
+from netprobe.probes.options import Option
 
 METRICS = [*MOMENTS, "dist_init"]
 PARAMS = ("weights", "all")
@@ -31,7 +32,7 @@ class Weights(Probe):
 
     name = "weights"
     default_at = ("start", "epoch")
-    options = {"params": "weights", "bins": 50}
+    options = (Option("params", str, "weights", choices=PARAMS), Option("bins", int, 50, low=1))
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
@@ -40,12 +41,7 @@ class Weights(Probe):
                 f"probes.{self.name}.every={self.every!r}: weights are captured at the `at` "
                 "points; valid: at: [start, epoch, end] (any of them)"
             )
-        params, bins = self.cfg["params"], self.cfg["bins"]
-        if params not in PARAMS:
-            raise ConfigError(f"probes.{self.name}.params={params!r}; valid: {', '.join(PARAMS)}")
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-            raise ConfigError(f"probes.{self.name}.bins={bins!r} must be a positive integer")
-        self.bins = bins
+        params, self.bins = self.cfg["params"], self.cfg["bins"]
         # `all`: every parameter, biases and norm-layer scales and shifts included.
         self.params = self.select_params((lambda r: True) if params == "all" else None)
         self.names = [n for n, _ in self.params]

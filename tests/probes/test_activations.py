@@ -111,7 +111,7 @@ def perturb(model: nn.Module, seed: int) -> None:
 
 def test_registered_with_its_keys() -> None:
     assert PROBES["activations"] is Activations
-    assert set(Activations.options) == {"sources", "bins", "tail"}
+    assert {o.name for o in Activations.options} == {"sources", "bins", "tail"}
     assert Activations.default_at == ("start", "epoch")
 
 

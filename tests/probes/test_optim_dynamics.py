@@ -149,7 +149,7 @@ def recorded(probe: OptimDynamics) -> pd.DataFrame:
 
 def test_registered_with_its_config_keys() -> None:
     assert PROBES["optim_dynamics"] is OptimDynamics
-    assert set(OptimDynamics.options) == {
+    assert {o.name for o in OptimDynamics.options} == {
         "zero_threshold",
         "tiny_threshold",
         "sign_samples",

@@ -88,7 +88,7 @@ def recorded(probe: RelativeWeightChange) -> pd.DataFrame:
 
 def test_registered_with_its_keys() -> None:
     assert PROBES["rwc"] is RelativeWeightChange
-    assert set(RelativeWeightChange.options) == {"mode", "every_steps"}
+    assert {o.name for o in RelativeWeightChange.options} == {"mode", "every_steps"}
 
 
 @pytest.mark.parametrize("mode", ["l1", "elementwise"])

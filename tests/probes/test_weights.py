@@ -116,7 +116,7 @@ def snapshot(probe: Weights) -> dict[str, np.ndarray]:
 
 def test_registered_with_its_keys() -> None:
     assert PROBES["weights"] is Weights
-    assert set(Weights.options) == {"params", "bins"}
+    assert {o.name for o in Weights.options} == {"params", "bins"}
     assert Weights.default_at == ("start", "epoch")
 
 
