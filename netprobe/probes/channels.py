@@ -48,24 +48,35 @@ def transpose_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return tuple(conv.padding)
 
 
-def _transpose_extra(
+def _transpose(
     g: torch.Tensor,
-    kernel_size: tuple[int, int],
+    kernels: torch.Tensor,
     input_size: tuple[int, int],
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
-) -> tuple[int, int]:
-    """output_padding that makes conv_transpose2d reach the conv's input size.
+) -> torch.Tensor:
+    """conv_transpose2d of each channel of g [B, n, H_out, W_out] with its own kernels [n, m, k, k]
+    (groups = n), at the conv's input size [B, n·m, H_in, W_in].
 
-    It restores the rows a strided conv never reached; for an asymmetric `same` padding the
-    transpose comes out larger instead, and the caller crops it to the input size.
+    output_padding restores the rows a strided conv never reached; for an asymmetric `same`
+    padding the transpose comes out larger instead, and is cropped to the input size.
     """
     full = [
         (o - 1) * s - 2 * p + d * (k - 1) + 1
-        for o, s, p, d, k in zip(g.shape[2:], stride, padding, dilation, kernel_size)
+        for o, s, p, d, k in zip(g.shape[2:], stride, padding, dilation, kernels.shape[2:])
     ]
-    return tuple(max(0, size - f) for size, f in zip(input_size, full))
+    extra = tuple(max(0, size - f) for size, f in zip(input_size, full))
+    h, w = input_size
+    return F.conv_transpose2d(
+        g,
+        kernels,
+        stride=stride,
+        padding=padding,
+        output_padding=extra,
+        groups=g.shape[1],
+        dilation=dilation,
+    )[:, :, :h, :w]
 
 
 def spread_gradients(
@@ -86,18 +97,8 @@ def spread_gradients(
     kh, kw = kernel_size
     taps = kh * kw
     eye = torch.eye(taps, dtype=g.dtype, device=g.device).view(1, taps, kh, kw)
-    h, w = input_size
-    extra = _transpose_extra(g, kernel_size, input_size, stride, padding, dilation)
-    u = F.conv_transpose2d(
-        g,
-        eye.expand(c, taps, kh, kw),
-        stride=stride,
-        padding=padding,
-        output_padding=extra,
-        groups=c,
-        dilation=dilation,
-    )[:, :, :h, :w]
-    return u.reshape(b, c, taps, h, w)
+    u = _transpose(g, eye.expand(c, taps, kh, kw), input_size, stride, padding, dilation)
+    return u.reshape(b, c, taps, *input_size)
 
 
 def channel_pair_norms(
@@ -120,21 +121,12 @@ def channel_pair_norms(
     """
     c_out, c_in, kh, kw = weight.shape
     taps = kh * kw
-    h, w = input_size
     squares = []
     if c_in <= taps:
-        extra = _transpose_extra(g, (kh, kw), input_size, stride, padding, dilation)
         for a in range(0, c_out, chunk):
             n = min(chunk, c_out - a)
-            lg = F.conv_transpose2d(
-                g[:, a : a + n],
-                weight[a : a + n],
-                stride=stride,
-                padding=padding,
-                output_padding=extra,
-                groups=n,
-                dilation=dilation,
-            )[:, :, :h, :w]
+            blocks = g[:, a : a + n], weight[a : a + n]
+            lg = _transpose(*blocks, input_size, stride, padding, dilation)
             squares.append(to_float64(lg).square().sum(dim=(0, 2, 3)).view(n, c_in))
     else:
         flat_w = to_float64(weight.reshape(c_out, c_in, taps))
