@@ -1,21 +1,6 @@
-"""How stable the first and last layers' features are under augmentation (SPEC §5 `augmentation`).
-
-One fixed validation sample is transformed `samples` (N = 300) times by random affine maps
-(rotation ±`rotation`°, translation ±`translate` of the width and height, scale in `scale`),
-drawn from the run's seed and applied on the device with `affine_grid` / `grid_sample`. The
-augmented images go through the model in eval mode, in chunks of `chunk`. For the first and the
-last tracked module (default: conv and linear layers), whose outputs become [N, d] as in
-`correlation` (`conv`, `max_features`):
-
-- `feature_corr`: Pearson correlation between features across the N augmentations, d × d;
-- `sample_corr`: Pearson correlation between augmentations across the features, N × N;
-- `invariance` (a scalar): the mean per-feature variance across augmentations divided by the mean
-  per-feature variance across the probe batch (0: the features ignore the transformation, 1: it
-  moves them as much as changing the image does).
-
-`original` (the untouched sample) and `inputs` (the first `show` augmented images) are stored too,
-so the figure of augmented inputs reads only the store.
-"""
+"""How stable the first and last tracked layers' features are under random affine augmentation
+of one fixed validation sample (SPEC §5 `augmentation`): `feature_corr`, `sample_corr` and
+`invariance`."""
 
 from __future__ import annotations
 
@@ -163,7 +148,9 @@ class Augmentation(Probe):
         return None if source is None else source[0][self.cfg["sample_index"]]
 
     def transforms(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """The N random affine matrices, the same at every capture of the run."""
+        """The N = `samples` random affine matrices, the same at every capture of the run, drawn
+        from the run's seed: rotation in ±`rotation`°, translation in ±`translate` of the width and
+        height, scale in [low, high] = `scale`."""
         c, n = self.cfg, self.cfg["samples"]
         gen = self.ctx.generator(salt=0xA06, device=device)
         u = torch.rand(n, 4, generator=gen, device=device)
@@ -187,6 +174,12 @@ class Augmentation(Probe):
         return {name: torch.cat(values) for name, values in parts.items()}
 
     def capture(self) -> None:
+        """The N augmented images go through the model in eval mode, `chunk` at a time; for the
+        first and last tracked module, whose outputs become [N, d] features (`conv`,
+        `max_features`): `feature_corr`, the Pearson correlation between features across the
+        augmentations (d × d), `sample_corr`, between augmentations across the features (N × N),
+        and `invariance`. `original` and the first `show` augmented `inputs` are stored too, so
+        that their figure reads only the store."""
         x = self.sample()
         if x is None or not self.modules or x.ndim != 3:
             return

@@ -1,21 +1,5 @@
-"""How much gradient each conv channel sends back and receives (SPEC §5 `channels`).
-
-For a tracked Conv2d (groups = 1) with weight W [C_out, C_in, k, k] and g = ∂L/∂y at its output on
-the probe batch (one forward and backward in eval mode; `.grad` of the parameters is not touched),
-the gradient that output channel c1 sends to input channel c2 is
-
-    LG^{c1→c2} = conv_transpose2d(g[:, c1], W[c1, c2])   (the conv's stride, padding, dilation),
-
-and Σ_{c1} LG^{c1→c2} is ∂L/∂x[:, c2]. Per channel: emission Em_{c1} = Σ_{c2} ‖LG^{c1→c2}‖_F and
-absorption Ab_{c2} = Σ_{c1} ‖LG^{c1→c2}‖_F, norms over batch and space. Recorded as matrices
-`emission` [C_out] and `absorption` [C_in] (row = the conv), and scalars `em_mean`, `em_std`,
-`ab_mean`, `ab_std` (population std over channels).
-
-Wide layers need no map per pair: LG^{c1→c2} is linear in the kernel W[c1, c2], so its squared
-norm is a quadratic form in those k² weights with one k² × k² Gram matrix per output channel c1
-(`channel_pair_norms`). Output channels go `chunk` at a time, so memory stays near
-chunk × min(C_in, k²) × B × H_in × W_in values whatever the layer's width.
-"""
+"""How much gradient each conv channel sends back and receives (SPEC §5 `channels`): emission
+and absorption per channel of each tracked Conv2d, from one extra backward on the probe batch."""
 
 from __future__ import annotations
 
@@ -110,7 +94,10 @@ def channel_pair_norms(
     dilation: tuple[int, int],
     chunk: int = 16,
 ) -> torch.Tensor:
-    """‖LG^{c1→c2}‖_F for every pair, [C_out, C_in] (float64), with g [B, C_out, H_out, W_out].
+    """‖LG^{c1→c2}‖_F for every pair, [C_out, C_in] (float64), with g = ∂L/∂y [B, C_out, H_out,
+    W_out] and LG^{c1→c2} = conv_transpose2d(g[:, c1], W[c1, c2]) (the conv's stride, padding and
+    dilation): the gradient output channel c1 sends to input channel c2, as Σ_{c1} LG^{c1→c2} is
+    ∂L/∂x[:, c2].
 
     Output channels go `chunk` at a time. With few input channels (C_in ≤ k²) each block's maps
     LG^{c1→c2} are made outright, by one conv_transpose2d with groups = the block's channels.
@@ -190,7 +177,8 @@ class Channels(Probe):
         return graph + grads + block, lower
 
     def output_gradients(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Size]]:
-        """g = ∂L/∂y of each tracked conv on the probe batch, and the shape of its input."""
+        """g = ∂L/∂y of each tracked conv on the probe batch (one forward and backward in eval
+        mode; `.grad` of the parameters is not touched), and the shape of its input."""
         x, y = self.ctx.probe_batch
         outs = module_outputs(self.ctx.model, self.modules, x, grad=True)
         names = [n for n, _ in self.modules if n in outs.values and outs.values[n].requires_grad]
@@ -202,6 +190,8 @@ class Channels(Probe):
         return found, outs.input_shapes
 
     def capture(self) -> None:
+        """Per conv, the matrices `emission` [C_out] and `absorption` [C_in] (row = the conv), and
+        scalars `em_mean`, `em_std`, `ab_mean`, `ab_std` (population std over channels)."""
         if self.ctx.probe_batch is None or not self.modules:
             return
         grads, shapes = self.output_gradients()

@@ -1,18 +1,6 @@
-"""How the features of layers correlate with each other on the probe batch (SPEC §5 `correlation`).
-
-At each capture the fixed train probe batch goes through the model once in eval mode. Each
-tracked module's output becomes [B, d]: outputs with spatial dimensions are averaged per channel
-(`conv: pool`) or flattened whole (`conv: flatten`); a module with more than `max_features`
-features keeps a seeded random subset of them, drawn once per run, so memory stays bounded and
-every capture looks at the same features.
-
-Recorded, for modules i ≤ j in forward order: `corr_mean` (one value per pair), linear CKA (one
-float64 value per pair: `cka` with the biased HSIC estimator, `cka_unbiased` with the debiased
-one, as `cka: biased|unbiased|both` says) and, at the captures in `save_full_at`, the full
-Pearson matrix `C` (d_i × d_j, row = i, col = j). `save_full_at: [end]` means the last capture:
-the one after the final epoch. C_ij and the Gram matrices are built from blocks of `BLOCK`
-features, so no capture holds a whole C_ij in float64.
-"""
+"""How the features of tracked layers correlate on the probe batch (SPEC §5 `correlation`):
+`corr_mean` and linear CKA per pair of layers, and the full Pearson matrices `C` at the captures
+in `save_full_at`."""
 
 from __future__ import annotations
 
@@ -142,6 +130,7 @@ class Correlation(Probe):
     options = (
         Option("conv", str, "pool", choices=CONV_CHOICES),
         Option("max_features", int, 256, low=2),
+        # Captures that also keep every C_ij; `end` is the last one, the one after the final epoch.
         Option("save_full_at", list, ["start", "end"], choices=AT_CHOICES),
         Option("cka", str, "biased", choices=CKA_CHOICES),
     )
@@ -228,6 +217,9 @@ class Correlation(Probe):
         return list(values), list(values.values())
 
     def record_correlations(self, summary: bool = True, full: bool = False) -> None:
+        """For every pair of tracked modules i ≤ j in forward order (row = i, col = j): `corr_mean`
+        and CKA (`cka`, `cka_unbiased` as `cka` says) with `summary`, the matrix `C` with `full`.
+        C_ij and the Gram matrices are built BLOCK features at a time."""
         names, feats = self.features()
         if not names:
             return

@@ -1,23 +1,5 @@
-"""Gradient norms at each tracked module and the data flow between them (SPEC §5 `gradient_flow`).
-
-Nodes are the tracked modules (default: every module with parameters). Their edges come from
-`module_graph` over the tracked modules themselves: the fx trace follows each value through
-untracked modules and functions call by call, which contracting the all-module graph in
-graph.parquet cannot do when an untracked module is called twice (torchvision's ResNet reuses
-one ReLU per block). The probe records them once, as matrices named `edge` (row = source,
-col = target).
-
-∂L/∂y is read with tensor hooks on the module outputs. A permanent forward hook on each tracked
-module adds them only during the forward of a capture step (the probe arms itself in `on_start`
-and `after_step` for the step to come), and they are removed once the step's backward is read, so
-between capture steps no tensor hook exists. Under torch.compile the hooks read only that one
-bool, so the compiled graph has two variants (armed, unarmed) instead of a recompile per step,
-and adding the tensor hooks runs eagerly (a graph break on capture steps only).
-
-A hook on the output tensor itself, unlike a module backward hook, keeps working when an in-place
-activation overwrites that output afterwards: it reports the gradient with respect to the value
-the module produced.
-"""
+"""Gradient norms at each tracked module and the data flow between them (SPEC §5 `gradient_flow`):
+‖∂L/∂W‖₂ and ‖∂L/∂y‖₂ per module every `every` steps, and the edges between modules once."""
 
 from __future__ import annotations
 
@@ -50,7 +32,18 @@ def output_gradient_norm(grad: torch.Tensor) -> torch.Tensor:
 
 
 class GradientFlow(Probe):
-    """Every `every` steps: ‖∂L/∂W‖₂ and ‖∂L/∂y‖₂ per tracked module; the edges once at start."""
+    """Every `every` steps: ‖∂L/∂W‖₂ and ‖∂L/∂y‖₂ per tracked module; the edges once at start.
+
+    ∂L/∂y is read with tensor hooks on the module outputs. A permanent forward hook on each tracked
+    module adds them only during the forward of a capture step (the probe arms itself in `on_start`
+    and `after_step` for the step to come), and they are removed once the step's backward is read,
+    so between capture steps no tensor hook exists. Under torch.compile the hooks read only that
+    one bool, so the compiled graph has two variants (armed, unarmed) instead of a recompile per
+    step, and adding the tensor hooks runs eagerly (a graph break on capture steps only). A hook
+    on the output tensor itself, unlike a module backward hook, keeps working when an in-place
+    activation overwrites that output afterwards: it reports the gradient with respect to the
+    value the module produced.
+    """
 
     name = "gradient_flow"
     default_every = 10
@@ -67,6 +60,10 @@ class GradientFlow(Probe):
             )
         self.modules = self.select_modules()
         self.names = [n for n, _ in self.modules]
+        # Edges from the fx trace over the tracked modules themselves: it follows each value
+        # through untracked modules and functions call by call, which contracting the all-module
+        # graph cannot do when an untracked module is called twice (torchvision's ResNet reuses one
+        # ReLU per block). Recorded once, as matrices `edge` (row = source, col = target).
         self.edges = module_graph(ctx.model, self.names) if self.names else []
         # Each node's own parameters (not its children's: those are nodes of their own).
         self.params = [

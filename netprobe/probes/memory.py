@@ -1,9 +1,5 @@
-"""How much memory a capture may take: `probes.memory_budget`, checked before anything is written.
-
-Each probe estimates, from the model's shapes and its own settings, the peak memory one capture
-holds beyond training itself (`Probe.memory_estimate`). A probe over the budget is refused with
-one line naming it, its estimate and the setting that lowers it.
-"""
+"""How much memory a capture may take: `probes.memory_budget`, checked against each probe's own
+estimate (`Probe.memory_estimate`) before anything is written."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""Relative Weight Change per layer and epoch (SPEC §5 `rwc`; arXiv 2011.06735, Eq. 1).
-
-The probe holds exactly one copy of the tracked weights: W_{e−1}, taken before the first step
-(W₀) and refreshed in place after each epoch's record. `every_steps: k` adds a finer record,
-`rwc_step` every k optimizer steps against the weights k steps earlier, which needs a second copy
-of its own. Both copies travel in the state_dict, so a resumed run continues identically.
-"""
+"""Relative weight change per layer and epoch (SPEC §5 `rwc`; arXiv 2011.06735, Eq. 1), and every
+`every_steps` steps if set; the weights each record compares with travel in the state_dict."""
 
 from __future__ import annotations
 
@@ -60,8 +55,10 @@ class RelativeWeightChange(Probe):
         self.params = self.select_params(lambda r: len(r.shape) > 1)
         self.names = [n for n, _ in self.params]
         self.tensors = [p for _, p in self.params]
-        self.previous: list[torch.Tensor] | None = None  # W_{e−1}
-        self.previous_step: list[torch.Tensor] | None = None  # W_{t−k}, only with every_steps
+        # One copy of the tracked weights, W_{e−1}: W₀ before the first step, refreshed in place
+        # after each epoch's record; `rwc_step` needs a second one, W_{t−k}.
+        self.previous: list[torch.Tensor] | None = None
+        self.previous_step: list[torch.Tensor] | None = None
 
     def _copy(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.tensors]

@@ -1,10 +1,5 @@
-"""Weight distributions at start and after each epoch (SPEC §5 `weights`).
-
-Per tracked tensor: a histogram in bins fixed at the first capture for the whole run (±2·max|W|,
-values outside counted in `below` / `above`), and the scalars `mean`, `std`, `skew`, `min`, `max`,
-`l2` and `dist_init` = ‖W − W₀‖₂ / ‖W₀‖₂, with W₀ the weights before the first step. The
-probe keeps one copy of W₀ and the bin edges; both travel in its state_dict for resuming.
-"""
+"""Weight distributions at start and after each epoch (SPEC §5 `weights`): per tracked tensor a
+histogram in bins fixed at the first capture, its moments and `dist_init`."""
 
 from __future__ import annotations
 
@@ -49,7 +44,9 @@ class Weights(Probe):
         self.sources = ["bias" if n.rsplit(".", 1)[-1] == "bias" else "weight" for n in self.names]
         self.initial: list[torch.Tensor] | None = None  # W₀, one copy
         self.initial_norm: torch.Tensor | None = None  # ‖W₀‖₂ per tensor, float64
-        self.edges: torch.Tensor | None = None  # [L, bins + 1], fixed at the first capture
+        # [L, bins + 1] at ±2·max|W| of the first capture, for the whole run; values outside are
+        # counted in `below` / `above`. W₀ and the edges travel in the state_dict for resuming.
+        self.edges: torch.Tensor | None = None
 
     def _snapshot_initial(self) -> None:
         self.initial = [p.detach().clone() for p in self.tensors]
