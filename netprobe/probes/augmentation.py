@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from netprobe.config import is_number
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext
-from netprobe.probes.capture import CONV_CHOICES, Features
+from netprobe.probes.capture import FEATURE_OPTIONS, Features
 from netprobe.probes.correlation import pearson
 from netprobe.probes.options import Option
 from netprobe.probes.reductions import to_float64
@@ -64,7 +64,8 @@ def augment(x: torch.Tensor, theta: torch.Tensor, padding: str = "border") -> to
 
 def invariance(augmented: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """mean_k Var_aug(f_k) / mean_k Var_batch(f_k) for features [N, d] and [B, d] (population
-    variances, float64); 0 when the features do not vary across the probe batch either."""
+    variances, float64): 0 when the features ignore the transformation, 1 when it moves them as
+    much as changing the image does; 0 when they do not vary across the probe batch either."""
     var_aug = to_float64(augmented).var(dim=0, correction=0).mean()
     var_batch = to_float64(batch).var(dim=0, correction=0).mean()
     return torch.where(var_batch > 0, var_aug / torch.where(var_batch > 0, var_batch, 1.0), 0.0)
@@ -98,8 +99,7 @@ class Augmentation(Probe):
             expected="[low, high] with 0 < low ≤ high",
         ),
         Option("padding", str, "border", choices=PADDING_CHOICES),
-        Option("conv", str, "pool", choices=CONV_CHOICES),
-        Option("max_features", int, 256, low=2),
+        *FEATURE_OPTIONS,
         Option("chunk", int, 100, low=1),
         Option("show", int, 16, low=0),
     )

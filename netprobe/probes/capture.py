@@ -11,9 +11,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from netprobe.probes.options import Option
 from netprobe.structure import eval_mode
 
 CONV_CHOICES = ("pool", "flatten")
+# The settings of `Features`, in every probe that compares features.
+FEATURE_OPTIONS = (
+    Option("conv", str, "pool", choices=CONV_CHOICES),
+    Option("max_features", int, 256, low=2),
+)
 
 
 def output_tensor(output: Any) -> torch.Tensor | None:

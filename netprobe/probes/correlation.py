@@ -10,7 +10,7 @@ import torch
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import AT_CHOICES, Probe, ProbeContext
-from netprobe.probes.capture import CONV_CHOICES, Features
+from netprobe.probes.capture import FEATURE_OPTIONS, Features
 from netprobe.probes.options import Option
 from netprobe.probes.reductions import to_float64
 from netprobe.structure import WEIGHT_TYPES
@@ -128,8 +128,7 @@ class Correlation(Probe):
     name = "correlation"
     default_at = ("start", "epoch")
     options = (
-        Option("conv", str, "pool", choices=CONV_CHOICES),
-        Option("max_features", int, 256, low=2),
+        *FEATURE_OPTIONS,
         # Captures that also keep every C_ij; `end` is the last one, the one after the final epoch.
         Option("save_full_at", list, ["start", "end"], choices=AT_CHOICES),
         Option("cka", str, "biased", choices=CKA_CHOICES),
