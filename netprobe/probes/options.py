@@ -76,11 +76,15 @@ class Option:
             text = f"a list of any of {', '.join(self.choices)}"
         else:
             kind = "an integer" if self.type is int else "a number"
+            end = ")" if self.open else "]"
             if self.type is int and self.low == 1 and self.high is None:
                 text = "a positive integer"
-            elif self.high is not None:
-                end = ")" if self.open else "]"
+            elif self.low is not None and self.high is not None:
                 text = f"{kind} in [{self.low:g}, {self.high:g}{end}"
+            elif self.low is not None:
+                text = f"{kind} ≥ {self.low:g}"
+            elif self.high is not None:
+                text = f"{kind} {'<' if self.open else '≤'} {self.high:g}"
             else:
-                text = kind if self.low is None else f"{kind} ≥ {self.low:g}"
+                text = kind
         return f"{text} or null" if self.nullable else text

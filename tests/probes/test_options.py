@@ -93,6 +93,8 @@ def test_range_and_choices_are_described_as_the_refusal_says() -> None:
     assert Option("k", int, 3, low=2).describe() == "an integer ≥ 2"
     assert Option("t", float, 0.0, low=0, high=0.5, open=True).describe() == "a number in [0, 0.5)"
     assert Option("t", float, None, low=0, nullable=True).describe() == "a number ≥ 0 or null"
+    assert Option("t", float, 0.0, high=1, open=True).describe() == "a number < 1"
+    assert Option("t", float, 0.0).describe() == "a number"
     assert Option("s", list, [], choices=("a", "b")).read("p", "a") == ["a"]
     with pytest.raises(ConfigError, match=r"^probes\.p\.s has 'c'; valid: a, b$"):
         Option("s", list, [], choices=("a", "b")).read("p", ["a", "c"])
