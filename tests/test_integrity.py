@@ -27,7 +27,7 @@ from netprobe.cli import main as cli
 from netprobe.config import compose
 from netprobe.errors import ConfigError, StorageError
 from netprobe.lifecycle import LOCK_FILE
-from netprobe.probes import PROBES, Probe
+from netprobe.probes import PROBES, Option, Probe
 from netprobe.train import train
 
 # 103 training samples in batches of 32: 4 steps an epoch.
@@ -260,7 +260,7 @@ class EndTrouble(Probe):
 
     name = "end_trouble"
     default_at = ("end",)
-    options = {"raise": "interrupt"}
+    options = (Option("raise", str, "interrupt", choices=("interrupt", "error")),)
 
     def capture(self) -> None:
         self.ctx.record.scalars(self.name, [""], ["at_end"], 1.0)

@@ -13,7 +13,7 @@ import netprobe
 from netprobe.cli import main as cli
 from netprobe.config import compose
 from netprobe.errors import ConfigError
-from netprobe.probes import PROBES, Probe
+from netprobe.probes import PROBES, Option, Probe
 from netprobe.train import train
 
 TINY = ["data=synthetic", "data.num_samples=128", "data.image_size=8", "data.batch_size=32",
@@ -30,7 +30,7 @@ class Interrupt(Probe):
     """Presses Ctrl-C at a given step, once: the run's second epoch is cut short."""
 
     name = "interrupt"
-    options = {"at_step": None}
+    options = (Option("at_step", int, None, nullable=True),)
     armed = False
 
     def after_backward(self) -> None:

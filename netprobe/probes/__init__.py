@@ -10,6 +10,7 @@ from netprobe.probes.correlation import Correlation
 from netprobe.probes.gradient_flow import GradientFlow
 from netprobe.probes.gradients import Gradients
 from netprobe.probes.optim_dynamics import OptimDynamics
+from netprobe.probes.options import Option
 from netprobe.probes.rwc import RelativeWeightChange
 from netprobe.probes.weights import Weights
 
@@ -28,4 +29,4 @@ PROBES: dict[str, type[Probe]] = {
     ]
 }
 
-__all__ = ["PROBES", "Probe", "ProbeContext", "Progress"]
+__all__ = ["PROBES", "Option", "Probe", "ProbeContext", "Progress"]
