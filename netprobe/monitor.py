@@ -531,6 +531,15 @@ class Monitor:
         status, error = ending(exc_type, exc)
         self.close(status, error=error)
 
+    def stop(self, reason: str) -> None:
+        """Record why training stopped before its last epoch (run.json's `stop_reason`)."""
+        self.writer.update(stop_reason=reason)
+
+    @property
+    def status(self) -> str:
+        """The run's status: `running` until closed, then how it ended (`completed`, ...)."""
+        return self.writer.info["status"]
+
 
 def attach(
     model: nn.Module,

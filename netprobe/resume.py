@@ -84,6 +84,7 @@ MAY_CHANGE = (
     "trainer.on_nonfinite", "trainer.device", "trainer.compile", "trainer.deterministic",
     "data.num_workers", "data.on_device", "data.root", "data.download", "probes.memory_budget",
     "name", "out_root",
+    "optim.lr_schedulers.cosine.T_max",  # trainer.epochs; the checkpoint's own T_max is restored
 )  # fmt: skip
 CONFIG = Path(".hydra") / "config.yaml"
 
