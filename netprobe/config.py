@@ -99,6 +99,7 @@ def preflight(args: Sequence[str], check_data: bool = True) -> None:
     if not only_prints:  # torch and the data sets: `train --cfg job` starts without them
         from netprobe.checks import check_output_dir, check_probes
         from netprobe.data import prepare_data
+        from netprobe.setup import check_optimizer
 
     prepared = set()
     combos = itertools.islice(itertools.product(*choices), 1000)
@@ -111,6 +112,7 @@ def preflight(args: Sequence[str], check_data: bool = True) -> None:
             prepared.add(key)
         if not only_prints:
             check_probes(cfg)
+            check_optimizer(cfg.optim)
         if combo_index == 0:
             first_combo, first_cfg = combo, cfg
     if not only_prints:

@@ -5,10 +5,12 @@ run.json fields, `.hydra/config.yaml`)."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import random
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -109,13 +111,24 @@ def build_optimizer(
 
 def _build(key: str, recipe: Any, first: Any) -> Any:
     """`hydra.utils.instantiate` of a `_partial_` recipe, called with `first`; a bad target, key
-    or value is one line naming `key`."""
+    or value is one line naming `key` and what the target accepts."""
     from hydra.utils import instantiate
 
     try:
         return instantiate(recipe, _convert_="all")(first)
     except Exception as exc:  # noqa: BLE001 - whatever the target's import or signature raised
-        raise ConfigError(f"{key} cannot be built: {first_line(exc)}") from None
+        message = f"{key} cannot be built: {first_line(exc).split(', set env var HYDRA')[0]}"
+        module, _, name = str(recipe["_target_"]).rpartition(".")
+        with contextlib.suppress(Exception):  # a target that does not exist: the message says so
+            accepted = list(inspect.signature(getattr(import_module(module), name)).parameters)
+            message += f"; {recipe['_target_']} takes {', '.join(accepted[1:])}"
+        raise ConfigError(message) from None
+
+
+def check_optimizer(optim: DictConfig) -> None:
+    """Build the optimizer and scheduler `optim` names over a stand-in parameter, so that a bad
+    target or key is refused before any run directory exists."""
+    build_optimizer(nn.Linear(1, 1), optim)
 
 
 def build_batches(

@@ -25,6 +25,13 @@ TRAIN_CASES = {
     "experiment": (["experiment=nope"], ["'nope'", "rwc"]),
     # unknown config key
     "trainer key": (["trainer.bogus=1"], ["trainer.bogus", "epochs", "on_nonfinite"]),
+    # optimizer recipes (conf/optim): what hydra.utils.instantiate would refuse, refused before
+    "added optim key": (["+optim.bogus=1"], ["optim cannot be built", "'bogus'", "lr, betas"]),
+    "optim target": (["optim._target_=torch.optim.Nope"], ["optim", "'torch.optim.Nope'"]),
+    "optim target keys": (
+        ["optim=adam", "optim._target_=torch.optim.SGD"],
+        ["'betas'", "torch.optim.SGD takes", "momentum"],
+    ),
     "top key": (["bogus=1"], ["'bogus'", "seed"]),
     "probe key": (["probes.gradients.bogus=1"], ["probes.gradients.bogus", "every", "layers"]),
     "added probe key": (["+probes.gradients.bogus=1"], ["'bogus'", "gradients", "layers"]),
