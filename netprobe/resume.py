@@ -105,6 +105,11 @@ def check(cfg: DictConfig, run_dir: str | Path) -> None:
     except Exception as exc:  # noqa: BLE001 - a damaged YAML file, whatever the parser says
         raise ConfigError(f"{path} is damaged ({first_line(exc)}); it cannot be resumed") from None
     before, now = _flat(stored), _flat(cfg)
+    # A run from before optimizers were `_target_` recipes lacks these keys; its optimizer and
+    # scheduler were the ones `optim.name` and `optim.scheduler` name, as now.
+    for key in now.keys() - before.keys():
+        if key.startswith(("optim._", "optim.lr_schedulers.")):
+            before[key] = now[key]
     missing = "(absent)"
     differ = [
         f"{key}={_show(before.get(key, missing))} (the run's) vs {_show(now.get(key, missing))}"

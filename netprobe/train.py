@@ -1,4 +1,4 @@
-"""The training run, read top to bottom: build (netprobe.setup) → attach the monitor → fit: epochs
+"""The training setup, read top to bottom: build (netprobe.setup) → attach the monitor → fit: epochs
 of steps, then validation, checkpoints and the stop rules → close. `netprobe train` runs it."""
 
 from __future__ import annotations
@@ -33,39 +33,39 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
     With `trainer.resume`, training continues from the run's last checkpoint (netprobe.resume).
     """
     validate(cfg)
-    run = build(cfg, run_dir)
-    mon = attach(run)
-    first_epoch = restore(run) if run.resume_state else 0
-    progress = start_progress(run, mon, first_epoch)
+    setup = build(cfg, run_dir)
+    mon = attach(setup)
+    first_epoch = restore(setup) if setup.resume_state else 0
+    progress = start_progress(setup, mon, first_epoch)
     with StopSignals(), mon, progress:
-        if run.ddp.is_main:
+        if setup.ddp.is_main:
             # Only now, the directory locked and checked, is the config written (a failure to
             # write it fails the run like any other write).
-            save_config(cfg, run.run_dir)
-        if cfg.trainer.checkpoint_every and run.resume_state is None:
-            checkpoint(run, mon, "start", epoch=-1)
-        reason = fit(run, mon, progress, first_epoch)
+            save_config(cfg, setup.run_dir)
+        if cfg.trainer.checkpoint_every and setup.resume_state is None:
+            checkpoint(setup, mon, "start", epoch=-1)
+        reason = fit(setup, mon, progress, first_epoch)
         if reason:
             mon.stop(reason)
     return mon.status
 
 
-def fit(run: Setup, mon: AnyMonitor, progress: TrainProgress, first_epoch: int) -> str | None:
+def fit(setup: Setup, mon: AnyMonitor, progress: TrainProgress, first_epoch: int) -> str | None:
     """Epochs of training steps, each followed by validation and checkpoints, until the last epoch
     or a stop rule; returns why training stopped early (None when it did not)."""
-    t = run.cfg.trainer
-    run.model.train()
+    t = setup.cfg.trainer
+    setup.model.train()
     for epoch in range(first_epoch, t.epochs):
-        if reached_max_steps(run, mon):  # a resumed run already there
+        if reached_max_steps(setup, mon):  # a resumed run already there
             return f"reached trainer.max_steps={t.max_steps}"
         steps_at_start = mon.progress.step
         progress.start_epoch(epoch)
-        reason = train_epoch(run, mon, progress)
-        if nonfinite_step(run, mon, sync_point=True) is not None:
+        reason = train_epoch(setup, mon, progress)
+        if nonfinite_step(setup, mon, sync_point=True) is not None:
             return reason  # the weights are no longer numbers: nothing to evaluate or save
-        val_acc = end_epoch(run, mon, progress, epoch)
-        whole = mon.progress.step - steps_at_start == len(run.train_batches)
-        save_epoch_checkpoints(run, mon, epoch, whole)
+        val_acc = end_epoch(setup, mon, progress, epoch)
+        whole = mon.progress.step - steps_at_start == len(setup.train_batches)
+        save_epoch_checkpoints(setup, mon, epoch, whole)
         if reason:
             return reason
         if t.target_val_acc is not None and val_acc >= t.target_val_acc:
@@ -73,18 +73,26 @@ def fit(run: Setup, mon: AnyMonitor, progress: TrainProgress, first_epoch: int) 
     return None
 
 
-def train_epoch(run: Setup, mon: AnyMonitor, progress: TrainProgress) -> str | None:
+def train_epoch(setup: Setup, mon: AnyMonitor, progress: TrainProgress) -> str | None:
     """One pass over the training batches; returns why it stopped before the last, if it did."""
-    t = run.cfg.trainer
-    for x, y in run.train_batches:
+    t = setup.cfg.trainer
+    for x, y in setup.train_batches:
         loss = train_step(
-            run.forward, x, y, run.optimizer, run.scaler, run.autocast, mon, t.log_every, run.ddp
+            setup.forward,
+            x,
+            y,
+            setup.optimizer,
+            setup.scaler,
+            setup.autocast,
+            mon,
+            t.log_every,
+            setup.ddp,
         )
-        progress.advance(loss, len(y) * run.ddp.world_size)
-        bad = nonfinite_step(run, mon, sync_point=mon.progress.step % t.flush_every == 0)
+        progress.advance(loss, len(y) * setup.ddp.world_size)
+        bad = nonfinite_step(setup, mon, sync_point=mon.progress.step % t.flush_every == 0)
         if bad is not None:
             return f"non-finite loss at step {bad}"
-        if reached_max_steps(run, mon):
+        if reached_max_steps(setup, mon):
             return f"reached trainer.max_steps={t.max_steps}"
     return None
 
@@ -125,13 +133,13 @@ def train_step(
     return loss
 
 
-def end_epoch(run: Setup, mon: AnyMonitor, progress: TrainProgress, epoch: int) -> float:
+def end_epoch(setup: Setup, mon: AnyMonitor, progress: TrainProgress, epoch: int) -> float:
     """Step the lr schedule, validate, and record the epoch; returns the validation accuracy."""
-    if run.scheduler is not None:
-        run.scheduler.step()
+    if setup.scheduler is not None:
+        setup.scheduler.step()
     # Every rank evaluates the same weights; rank 0's numbers decide, so all stop alike.
     val_loss, val_acc = distributed.from_main(
-        evaluate(run.model, run.val_batches, run.autocast), run.ddp
+        evaluate(setup.model, setup.val_batches, setup.autocast), setup.ddp
     )
     mon.end_epoch(val_loss=val_loss, val_acc=val_acc)
     progress.epoch_done(epoch, mon.latest())
@@ -160,75 +168,75 @@ def evaluate(
 # ---------------------------------------------------------------- stop rules
 
 
-def reached_max_steps(run: Setup, mon: AnyMonitor) -> bool:
-    max_steps = run.cfg.trainer.max_steps
+def reached_max_steps(setup: Setup, mon: AnyMonitor) -> bool:
+    max_steps = setup.cfg.trainer.max_steps
     return bool(max_steps) and mon.progress.step >= max_steps
 
 
-def nonfinite_step(run: Setup, mon: AnyMonitor, sync_point: bool) -> int | None:
+def nonfinite_step(setup: Setup, mon: AnyMonitor, sync_point: bool) -> int | None:
     """The first step with a non-finite loss, when training should stop for it. Under DDP every
     rank must stop at the same step: rank 0's answer is shared, at the points where it syncs
     with the device anyway (flushes, epoch ends)."""
     if mon.on_nonfinite != "stop":
         return None
-    if not run.ddp.enabled:
+    if not setup.ddp.enabled:
         return mon.nonfinite_step
-    return distributed.from_main(mon.nonfinite_step, run.ddp) if sync_point else None
+    return distributed.from_main(mon.nonfinite_step, setup.ddp) if sync_point else None
 
 
 # ---------------------------------------------------------------- checkpoints
 
 
-def save_epoch_checkpoints(run: Setup, mon: AnyMonitor, epoch: int, whole: bool) -> None:
+def save_epoch_checkpoints(setup: Setup, mon: AnyMonitor, epoch: int, whole: bool) -> None:
     """`epoch-NNNN.pt` every `trainer.checkpoint_every` epochs; `last.pt` after each whole one."""
-    every = run.cfg.trainer.checkpoint_every
+    every = setup.cfg.trainer.checkpoint_every
     if not every:
         return
     if (epoch + 1) % every == 0:
-        checkpoint(run, mon, epoch, epoch)
+        checkpoint(setup, mon, epoch, epoch)
     # Resuming starts at an epoch boundary: an epoch cut short by max_steps leaves last.pt at
     # the epoch before, so a resumed run redoes it whole.
     if whole:
-        checkpoint(run, mon, "last", epoch)
+        checkpoint(setup, mon, "last", epoch)
 
 
-def checkpoint(run: Setup, mon: AnyMonitor, name: int | str, epoch: int) -> None:
-    if not run.ddp.is_main:
+def checkpoint(setup: Setup, mon: AnyMonitor, name: int | str, epoch: int) -> None:
+    if not setup.ddp.is_main:
         return
     save_checkpoint(
-        checkpoint_path(run.run_dir, name),
-        run.model,
+        checkpoint_path(setup.run_dir, name),
+        setup.model,
         epoch=epoch,
         step=mon.progress.step,
-        optimizer=run.optimizer,
-        scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
-        scaler=run.scaler.state_dict(),
+        optimizer=setup.optimizer,
+        scheduler=setup.scheduler.state_dict() if setup.scheduler is not None else None,
+        scaler=setup.scaler.state_dict(),
         # What resuming needs besides: probe state and where the data order is.
         monitor=mon.state_dict(),
-        data=run.train_batches.state_dict(),
+        data=setup.train_batches.state_dict(),
     )
 
 
-def restore(run: Setup) -> int:
+def restore(setup: Setup) -> int:
     """Put a resumed run's training state back; returns the epoch to run next."""
     return resume.restore(
-        run.resume_state,
-        model=run.model,
-        optimizer=run.optimizer,
-        scheduler=run.scheduler,
-        scaler=run.scaler,
-        batches=run.train_batches,
+        setup.resume_state,
+        model=setup.model,
+        optimizer=setup.optimizer,
+        scheduler=setup.scheduler,
+        scaler=setup.scaler,
+        batches=setup.train_batches,
     )
 
 
 # ---------------------------------------------------------------- monitor and console
 
 
-def attach(run: Setup) -> AnyMonitor:
+def attach(setup: Setup) -> AnyMonitor:
     """The probes on rank 0, writing the run; a counting stand-in on every other rank."""
-    cfg, t = run.cfg, run.cfg.trainer
-    state = run.resume_state["monitor"] if run.resume_state else None
-    if not run.ddp.is_main:
+    cfg, t = setup.cfg, setup.cfg.trainer
+    state = setup.resume_state["monitor"] if setup.resume_state else None
+    if not setup.ddp.is_main:
         mon = distributed.FollowerMonitor(on_nonfinite=t.get("on_nonfinite", "stop"))
         if state:
             mon.load_state_dict(state)
@@ -239,17 +247,17 @@ def attach(run: Setup) -> AnyMonitor:
         from netprobe.tensorboard import TB_DIR, EventWriter
 
         hparams = flatten(OmegaConf.to_container(cfg, resolve=True))
-        sink = EventWriter(run.run_dir / TB_DIR, hparams=hparams)
+        sink = EventWriter(setup.run_dir / TB_DIR, hparams=hparams)
     probes, budget = split_budget(OmegaConf.to_container(cfg.probes, resolve=True))
     return netprobe.attach(
-        run.model,
-        run.run_dir,
+        setup.model,
+        setup.run_dir,
         probes=probes,
-        probe_batch=run.probe_batch,
+        probe_batch=setup.probe_batch,
         loss_fn=F.cross_entropy,
-        valid_batch=run.valid_batch,
-        optimizer=run.optimizer,
-        info=run.info,
+        valid_batch=setup.valid_batch,
+        optimizer=setup.optimizer,
+        info=setup.info,
         seed=cfg.seed,
         flush_every=t.flush_every,
         memory_budget=budget,
@@ -259,26 +267,26 @@ def attach(run: Setup) -> AnyMonitor:
     )
 
 
-def start_progress(run: Setup, mon: AnyMonitor, first_epoch: int) -> TrainProgress:
+def start_progress(setup: Setup, mon: AnyMonitor, first_epoch: int) -> TrainProgress:
     """The console's progress bar (rank 0's), after printing what trains on what."""
-    cfg, t = run.cfg, run.cfg.trainer
-    total_steps = t.epochs * len(run.train_batches)
+    cfg, t, ddp = setup.cfg, setup.cfg.trainer, setup.ddp
+    total_steps = t.epochs * len(setup.train_batches)
     progress = TrainProgress(
-        run.run_dir,
+        setup.run_dir,
         total=min(t.max_steps or total_steps, total_steps),
         epochs=t.epochs,
         first_step=mon.progress.step,
         interval_s=t.log_interval_s,
-        quiet=not run.ddp.is_main,
+        quiet=not setup.ddp.is_main,
     )
     lines = banner(
         cfg,
-        run.run_dir,
-        resumed_at=(first_epoch, mon.progress.step) if run.resume_state else None,
-        device=str(run.device) + (f" × {run.ddp.world_size} processes" if run.ddp.enabled else ""),
-        parameters=sum(p.numel() for p in run.model.parameters()),
-        samples=(run.data.x_train.shape[0], run.data.x_val.shape[0]),
-        steps=(len(run.train_batches), progress.total),
+        setup.run_dir,
+        resumed_at=(first_epoch, mon.progress.step) if setup.resume_state else None,
+        device=str(setup.device) + (f" × {ddp.world_size} processes" if ddp.enabled else ""),
+        parameters=sum(p.numel() for p in setup.model.parameters()),
+        samples=(setup.data.x_train.shape[0], setup.data.x_val.shape[0]),
+        steps=(len(setup.train_batches), progress.total),
         probes=[p.name for p in mon.probes],
     )
     for line in lines:
