@@ -75,10 +75,24 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Setup:
     forward = distributed.wrap(model, ddp, device)
     forward = torch.compile(forward) if t.compile else forward
     return Setup(
-        cfg, run_dir, ddp, device, data, model, forward, optimizer, scheduler, autocast, scaler,
-        train_batches, val_batches, probe_batch, valid_batch,
-        run_info(cfg, device, ddp), state,
-    )  # fmt: skip
+        cfg=cfg,
+        run_dir=run_dir,
+        ddp=ddp,
+        device=device,
+        data=data,
+        model=model,
+        forward=forward,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        autocast=autocast,
+        scaler=scaler,
+        train_batches=train_batches,
+        val_batches=val_batches,
+        probe_batch=probe_batch,
+        valid_batch=valid_batch,
+        info=run_info(cfg, device, ddp),
+        resume_state=state,
+    )
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
