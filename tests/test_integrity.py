@@ -310,7 +310,7 @@ def fail_writes(monkeypatch: pytest.MonkeyPatch, where: str, after: int = 0) -> 
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real(table, path, *args, **kwargs)
 
-    monkeypatch.setattr(store.pq, "write_table", write_table)
+    monkeypatch.setattr(pq, "write_table", write_table)
     return calls
 
 
