@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from netprobe.divergence import ON_NONFINITE, NonfiniteWatch
 from netprobe.errors import ConfigError
-from netprobe.lifecycle import ending, signals_held
+from netprobe.lifecycle import claim_run_dir, signals_held, status_for
 from netprobe.probes import PROBES, Probe, ProbeContext, Progress
 from netprobe.probes.gradients import stat_dtype
 from netprobe.probes.memory import AUTO, check_budget
@@ -171,7 +171,9 @@ class Monitor:
             "first_nonfinite_step": None,
             **dict(info or {}),
         }
-        return RunWriter(out_dir, initial, resume=resume)
+        # One writer per directory; a new run never writes into an old one (resuming does).
+        lock = claim_run_dir(out_dir, resume=resume)
+        return RunWriter(out_dir, initial, lock=lock, resume=resume)
 
     # -- resuming: where training is, and what each probe carries between steps
     def state_dict(self) -> dict[str, Any]:
@@ -351,7 +353,7 @@ class Monitor:
                 self._end_captures()
         except BaseException as exc:  # Ctrl-C or an error in the end captures
             failure = exc
-            status, error = ending(type(exc), exc)
+            status, error = status_for(type(exc), exc)
         try:
             # Whatever ended the run, what was recorded is written.
             self.flush()
@@ -359,7 +361,7 @@ class Monitor:
             # A run that ended badly already keeps its reason; the writer adds the lost rows.
             failure = failure or exc
             if status == "completed":
-                status, error = ending(type(exc), exc)
+                status, error = status_for(type(exc), exc)
         finally:
             close_probes(self.probes)
             final = {k: v for k, v in self.latest().items() if math.isfinite(v)}
@@ -402,7 +404,7 @@ class Monitor:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        status, error = ending(exc_type, exc)
+        status, error = status_for(exc_type, exc)
         self.close(status, error=error)
 
 

@@ -7,7 +7,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,61 +29,43 @@ from netprobe.store.files import (
 )
 from netprobe.store.schema import TABLES
 
+if TYPE_CHECKING:
+    from netprobe.lifecycle import RunLock
+
 STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
 
 
 class RunWriter:
     """Owns one run directory: run.json's lifecycle and the numbered Parquet part files.
 
-    Nothing is written before the directory's lock is held and the directory checked: a new run
-    needs a folder holding no run, a resumed one (`resume`) its own run. Resuming from the end of
-    epoch `info["epochs_done"] - 1` drops the stored rows of later epochs first.
+    It is given the directory's lock, held and checked (`lifecycle.claim_run_dir`): a new run's
+    folder holds no run, a resumed one (`resume`) its own run. The writer releases the lock at
+    `close`, or at once when it cannot start. Resuming from the end of epoch
+    `info["epochs_done"] - 1` drops the stored rows of later epochs first.
     """
 
     def __init__(
-        self, path: str | os.PathLike, info: dict[str, Any], *, resume: bool = False
+        self,
+        path: str | os.PathLike,
+        info: dict[str, Any],
+        *,
+        lock: RunLock,
+        resume: bool = False,
     ) -> None:
-        from netprobe.lifecycle import RunLock, check_new_run_dir
-
         self.path = Path(path)
+        if not (lock.held and lock.path.parent == self.path):
+            raise ValueError(f"a writer of {self.path} needs that directory's lock, held")
+        self.lock = lock
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(self.path, exc) from None
-        # One writer per directory; a new run never writes into an old one (resuming does).
-        self.lock = RunLock(self.path).acquire()
-        try:
-            if resume:
-                before = read_info(self.path)
-                end_parts = before.pop("end_parts", None)
-                if "epochs_done" in info:
-                    drop_rows_after(self.path, info["epochs_done"] - 1, end_parts)
-            else:
-                check_new_run_dir(self.path)
-                before = {}
+            before = read_info(self.path) if resume else {}
+            end_parts = before.pop("end_parts", None)
+            if resume and "epochs_done" in info:
+                drop_rows_after(self.path, info["epochs_done"] - 1, end_parts)
             remove_temp_files(self.path)
-        except BaseException:
-            self.lock.release()
-            raise
-        self._parts = {t: next_part(self.path / t) for t in TABLES}
-        # Rows a failed write left in memory, per table, written first at the next try.
-        self._unwritten: dict[str, pa.Table] = {}
-        # Resuming keeps what run.json said (when it started, ...) and notes when it went on.
-        before.pop("stop_reason", None)
-        resumed = [*before.get("resumed_at", []), now_iso()] if resume else []
-        self.info = {
-            **before,
-            "netprobe_version": __version__,
-            "status": "running",
-            "started_at": before.get("started_at", now_iso()),
-            "ended_at": None,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "error": None,
-            **({"resumed_at": resumed} if resumed else {}),
-            **info,
-        }
-        try:
+            self._parts = {t: next_part(self.path / t) for t in TABLES}
+            # Rows a failed write left in memory, per table, written first at the next try.
+            self._unwritten: dict[str, pa.Table] = {}
+            self.info = _start_info(before, info, resume)
             self._write_info()
         except BaseException:
             self.lock.release()
@@ -155,6 +137,25 @@ class RunWriter:
         """The first step of the rows still held in memory after a failed write, if any."""
         steps = [pc.min(t["step"]).as_py() for t in self._unwritten.values()]
         return min(steps) if steps else None
+
+
+def _start_info(before: dict[str, Any], info: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """run.json as a run starts: a resumed run keeps what it said (when it started, ...) and
+    notes when it went on."""
+    before.pop("stop_reason", None)
+    resumed = [*before.get("resumed_at", []), now_iso()] if resume else []
+    return {
+        **before,
+        "netprobe_version": __version__,
+        "status": "running",
+        "started_at": before.get("started_at", now_iso()),
+        "ended_at": None,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "error": None,
+        **({"resumed_at": resumed} if resumed else {}),
+        **info,
+    }
 
 
 def read_info(path: str | os.PathLike) -> dict[str, Any]:
