@@ -88,8 +88,8 @@ def test_layers_table_lists_every_parameter(tiny_run):
 def test_histogram_and_matrix_tables_match_spec(tmp_path):
     import torch
 
-    from netprobe.recorder import Recorder
     from netprobe.probes import Progress
+    from netprobe.recorder import Recorder
 
     rec = Recorder(Progress(step=3, epoch=1))
     rec.histogram(
@@ -134,8 +134,8 @@ def test_recorded_scalars_keep_their_order_and_values(tmp_path):
     import numpy as np
     import torch
 
-    from netprobe.recorder import Recorder
     from netprobe.probes import Progress
+    from netprobe.recorder import Recorder
 
     progress = Progress()
     rec = Recorder(progress)

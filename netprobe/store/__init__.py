@@ -10,13 +10,12 @@ from netprobe.store.files import (
     manifest,
     now_iso,
     part_files,
-    plain,
     readable_parts,
     write_json,
     write_parquet,
     write_text,
 )
-from netprobe.store.reader import Run
+from netprobe.store.reader import Run, plain
 from netprobe.store.runs import find_runs, flatten, load, read_runs
 from netprobe.store.schema import (
     SCHEMAS,

@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,14 +19,12 @@ import pyarrow.parquet as pq
 from netprobe.errors import StorageError
 from netprobe.store.schema import SCHEMAS
 
-if TYPE_CHECKING:
-    import pandas as pd  # Arrow's to_pandas imports it when a table is read: `ls` never does
-
 RUN_FILE = "run.json"
 CONFIG_FILE = ".hydra/config.yaml"  # the composed config, as Hydra writes it
 
 
 def now_iso() -> str:
+    """Now, in UTC, to the second, as run.json holds times."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -85,6 +83,28 @@ def manifest(path: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line, as a warning or one-line error wants it."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def part_files(run_dir: str | os.PathLike, table: str) -> list[Path]:
+    """The part files of one of a run's tables (`scalars`, `histograms`, `matrices`), in order."""
+    folder = Path(run_dir) / table
+    return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+
+
+def next_part(folder: Path) -> int:
+    """The number the next part file in `folder` takes."""
+    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    return part_number(parts[-1]) + 1 if parts else 0
+
+
+def part_number(part: Path) -> int:
+    return int(part.stem.split("-")[1])
+
+
 def write_part(part: Path, table: pa.Table) -> None:
     """One part file of a run's table, written atomically."""
     atomic_write(part, lambda tmp: pq.write_table(table, tmp, **_write_options(table)))
@@ -104,15 +124,6 @@ def _write_options(table: pa.Table) -> dict[str, Any]:
     return {"use_dictionary": names, "write_statistics": keys}
 
 
-def next_part(folder: Path) -> int:
-    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
-    return part_number(parts[-1]) + 1 if parts else 0
-
-
-def part_number(part: Path) -> int:
-    return int(part.stem.split("-")[1])
-
-
 def remove_temp_files(path: Path) -> None:
     """The temporary files of writes that a killed process never finished (only the directory's
     lock holder may call this: another writer's files would be in use)."""
@@ -122,6 +133,7 @@ def remove_temp_files(path: Path) -> None:
 
 
 def read_parts(parts: list[Path], table: str) -> pa.Table:
+    """The rows of every part that reads, as one table of `table`'s schema."""
     if not parts:
         return SCHEMAS[table].empty_table()
     try:
@@ -134,6 +146,11 @@ def read_parts(parts: list[Path], table: str) -> pa.Table:
     if not tables:
         return SCHEMAS[table].empty_table()
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def readable_parts(parts: list[Path]) -> list[Path]:
+    """The part files that read whole; the others are skipped with the warning `load` gives."""
+    return [part for part, _ in _each_readable(parts, stacklevel=4)]
 
 
 def _each_readable(
@@ -150,35 +167,12 @@ def _each_readable(
             )
 
 
-def part_files(run_dir: str | os.PathLike, table: str) -> list[Path]:
-    """The part files of one of a run's tables (`scalars`, `histograms`, `matrices`), in order."""
-    folder = Path(run_dir) / table
-    return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
-
-
-def readable_parts(parts: list[Path]) -> list[Path]:
-    """The part files that read whole; the others are skipped with the warning `load` gives."""
-    return [part for part, _ in _each_readable(parts, stacklevel=4)]
-
-
-def read_file(path: Path, table: str) -> pd.DataFrame:
+def read_file(path: Path, table: str) -> pa.Table:
+    """A single-file table (layers, graph): empty when missing, and with a warning when damaged."""
     if not path.exists():
-        return plain(SCHEMAS[table].empty_table())
+        return SCHEMAS[table].empty_table()
     try:
-        return plain(pq.read_table(path))
+        return pq.read_table(path)
     except (pa.ArrowException, OSError, ValueError) as exc:
         warnings.warn(f"skipping unreadable file {path}: {first_line(exc)}", stacklevel=3)
-        return plain(SCHEMAS[table].empty_table())
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def plain(table: pa.Table) -> pd.DataFrame:
-    """To pandas with dictionary columns as plain strings, so users never meet categoricals."""
-    fields = [
-        pa.field(f.name, pa.string()) if pa.types.is_dictionary(f.type) else f for f in table.schema
-    ]
-    return table.cast(pa.schema(fields)).to_pandas()
+        return SCHEMAS[table].empty_table()

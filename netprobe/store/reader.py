@@ -18,7 +18,6 @@ from netprobe.store.files import (
     RUN_FILE,
     manifest,
     part_files,
-    plain,
     read_file,
     read_parts,
 )
@@ -148,7 +147,7 @@ class Run:
         key = (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else ()
         cached = self._cache.get(table)
         if cached is None or cached[0] != key:
-            cached = self._cache[table] = (key, read_file(path, table))
+            cached = self._cache[table] = (key, plain(read_file(path, table)))
         return cached[1].copy()
 
     def preload(self) -> None:
@@ -197,3 +196,11 @@ class Run:
         data = read_parts(parts, table)
         self._cache[table] = (key, data)
         return data
+
+
+def plain(table: pa.Table) -> pd.DataFrame:
+    """To pandas with dictionary columns as plain strings, so users never meet categoricals."""
+    fields = [
+        pa.field(f.name, pa.string()) if pa.types.is_dictionary(f.type) else f for f in table.schema
+    ]
+    return table.cast(pa.schema(fields)).to_pandas()

@@ -3,7 +3,6 @@ cut of a resumed run's stored rows back to its checkpoint."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
@@ -22,6 +21,7 @@ from netprobe.store.files import (
     manifest,
     next_part,
     now_iso,
+    part_files,
     part_number,
     remove_temp_files,
     write_json,
@@ -184,7 +184,7 @@ def drop_rows_after(
     cuts: list[tuple[Path, int, pa.Table | None]] = []  # part, rows removed, rows kept
     for name in TABLES:
         end = (end_parts or {}).get(name)
-        for part in sorted((Path(path) / name).glob("part-*.parquet")):
+        for part in part_files(path, name):
             try:
                 rows = pq.read_metadata(part).num_rows  # a zero-byte part fails here
                 if end is not None and part_number(part) >= end:
@@ -206,13 +206,10 @@ def drop_rows_after(
         if kept is None or kept.num_rows == 0:
             part.unlink()
         else:
-            atomic_write(part, lambda tmp, t=kept: pq.write_table(t, tmp))
+            write_part(part, kept)
     return sum(removed for _, removed, _ in cuts)
 
 
 def update_info(path: str | os.PathLike, **fields: Any) -> None:
     """Add `fields` to a finished run's run.json (atomically, as every write of it)."""
-    run_file = Path(path) / RUN_FILE
-    with open(run_file) as f:
-        info = json.load(f)
-    write_json(run_file, {**info, **fields})
+    write_json(Path(path) / RUN_FILE, {**manifest(path), **fields})
