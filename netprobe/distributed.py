@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from netprobe.errors import ConfigError
-from netprobe.lifecycle import ending
+from netprobe.lifecycle import status_for
 from netprobe.probes.base import Progress
 
 
@@ -175,4 +175,4 @@ class FollowerMonitor:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close(*ending(exc_type, exc))
+        self.close(*status_for(exc_type, exc))

@@ -52,9 +52,10 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
     """The checkpoint `run_dir` continues from, or None when not resuming (or nothing to resume).
 
     Only reads: the run must be a run, its config must agree with `cfg` (`check`), and its
-    `last.pt` must be whole. The rows of later epochs are dropped once the run's writer holds the
-    directory (netprobe.store.RunWriter). `writes`: whether this process writes the run (it says
-    when there is nothing to resume)."""
+    `last.pt` must be whole. The rows of later epochs are dropped once the monitor holds the
+    directory's lock (lifecycle.claim_run_dir) and hands it to the run's writer
+    (netprobe.store.RunWriter). `writes`: whether this process writes the run (it says when there
+    is nothing to resume)."""
     if not resuming(cfg):
         return None
     run_dir = Path(run_dir)
