@@ -29,17 +29,17 @@ def mutations():
 def test_every_mutation_changes_one_line_of_the_current_code(mutations) -> None:
     ids = [mu.id for mu in mutations.MUTATIONS]
     assert len(ids) == len(set(ids))
-    probes = {p.stem for p in (ROOT / "netprobe" / "probes").glob("*.py")}
-    # Every probe's module has mutations of its own (a new probe needs some).
-    probe_modules = {cls.__module__.rsplit(".", 1)[-1] for cls in PROBES.values()}
-    assert probe_modules <= {mu.module for mu in mutations.MUTATIONS}
+    modules = set()
     for mu in mutations.MUTATIONS:
-        assert mu.module in probes, mu.id
-        source = (ROOT / "netprobe" / "probes" / f"{mu.module}.py").read_text()
-        mutant = mutations.mutate(source, mu)  # the line is there exactly once
+        path = mutations.locate(ROOT, mu)  # the line is there exactly once
+        modules.add(path.stem)
+        source = path.read_text()
+        mutant = mutations.mutate(source, mu)
         changed = [a for a, b in zip(source.splitlines(), mutant.splitlines()) if a != b]
         assert len(changed) == 1 and len(mutant.splitlines()) == len(source.splitlines()), mu.id
         assert all((ROOT / test).exists() for test in mu.tests), mu.id
+    # Every probe's module has mutations of its own (a new probe needs some).
+    assert {cls.__module__.rsplit(".", 1)[-1] for cls in PROBES.values()} <= modules
     with pytest.raises(ValueError, match="0 lines"):
         mutations.mutate("x = 1\n", mutations.MUTATIONS[0])
 
