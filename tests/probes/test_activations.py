@@ -216,6 +216,14 @@ def test_layer_regexes_select_modules_without_parameters_too() -> None:
     assert set(hists["source"]) == {"train"}
     relu = hists[hists["layer"] == "2"].iloc[0]
     assert relu["edges"][0] == 0.0  # a ReLU output is ≥ 0: its bins start at 0
+    # Its exact zeros are what zero_frac and dead_frac count (y ≤ 0, not y < 0).
+    model = small_model()
+    y = np.maximum(reference_outputs(model, batches()[0][0])["1"], 0.0)
+    want = reference_stats(y, np.asarray(relu["edges"]))
+    got = scalars[scalars["layer"] == "2"].set_index("metric")["value"]
+    assert want["zero_frac"] > 0.25 and want["dead_frac"] >= 1 / 3  # channel 0 is dead
+    for metric in ("zero_frac", "dead_frac", "mean", "std"):
+        assert got[f"train/{metric}"] == pytest.approx(want[metric], rel=1e-6), metric
     with pytest.raises(ConfigError, match="matches nothing"):
         make_probe(small_model(), layers=[r"features\..*"])
 
