@@ -51,6 +51,7 @@ from netprobe.init import initialize
 from netprobe.models import build_model
 from netprobe.monitor import probe_context
 from netprobe.probes import PROBES
+from netprobe.probes.memory import split_budget
 from netprobe.train import build_optimizer, resolve_device, train_step
 
 # Case: config overrides, the epoch length (steps) its epoch captures are amortized over, and
@@ -128,7 +129,10 @@ def probe_specs() -> dict[str, dict[str, Any]]:
         ("c", "probes=[gradients,optim_dynamics]"),
         ("d", "probes=all"),
     ):
-        specs[key] = OmegaConf.to_container(compose([override]).probes, resolve=True) or {}
+        # Without memory_budget: the probe groups, as `netprobe train` passes them to attach.
+        specs[key], _ = split_budget(
+            OmegaConf.to_container(compose([override]).probes, resolve=True)
+        )
     for key in ("g", "c"):
         specs[key] = {name: {**cfg, "every": 1} for name, cfg in specs[key].items()}
     return specs
