@@ -69,18 +69,12 @@ def gradient_dynamics(
     n_flip = segments.count(flipped)
     n_flip_retained = segments.count(flipped.mul_(retained))
     flipped.mul_(g)
-    one = torch.ones((), dtype=dtype, device=g.device)
-    metrics = torch.stack(
-        [
-            n_tiny / numel,
-            n_zero / numel,
-            (n_prev - n_retained) / torch.maximum(n_prev, one),
-            n_retained / torch.maximum(n_prev, one),
-            n_flip_retained / torch.maximum(n_retained, one),
-            n_flip / numel,
-        ],
-        dim=1,
+    # Counts over their denominators in one division: a small model's step pays per kernel.
+    counts = torch.stack(
+        [n_tiny, n_zero, n_prev - n_retained, n_retained, n_flip_retained, n_flip], 1
     )
+    some_prev, some_retained = n_prev.clamp(min=1), n_retained.clamp(min=1)
+    metrics = counts / torch.stack([numel, numel, some_prev, some_prev, some_retained, numel], 1)
     return metrics, n_zero, n_retained
 
 
@@ -91,16 +85,18 @@ def flat_sign_abs(
     `sign` and `size`, straight from the tensors: no flat copy of the values is made first.
     Signs, not products g_{t−1}·g_t, are compared later: two tiny opposite gradients cannot
     underflow to 0."""
-    for t, s, m in zip(tensors, sign.split(segments.sizes), size.split(segments.sizes)):
+    for t, s, m in zip(tensors, segments.parts(sign), segments.parts(size)):
         if t is None:
             s.zero_()
             m.zero_()
-        elif t.dtype == sign.dtype:
-            torch.sign(t.reshape(-1), out=s)
-            torch.abs(t.reshape(-1), out=m)
+            continue
+        t = t.reshape(-1)
+        if t.dtype == sign.dtype:
+            torch.sign(t, out=s)
+            torch.abs(t, out=m)
         else:  # low precision: converted first, the statistics being in float32
-            s.copy_(t.reshape(-1)).sign_()
-            m.copy_(t.reshape(-1)).abs_()
+            s.copy_(t).sign_()
+            m.copy_(t).abs_()
 
 
 def update_dynamics(
@@ -252,7 +248,8 @@ class OptimDynamics(Probe):
         # W_t − W_{t−1} tensor by tensor into the spent buffer: one pass, no flat copy of W_t.
         dw = b["g"]
         with torch.no_grad():
-            for p, d, w in zip(self.tensors, dw.split(self.sizes), b["w_prev"].split(self.sizes)):
+            parts = self.segments.parts
+            for p, d, w in zip(self.tensors, parts(dw), parts(b["w_prev"])):
                 torch.sub(p.reshape(-1), w, out=d)
         update = update_dynamics(
             dw,
