@@ -27,21 +27,21 @@ class Segments:
             else:
                 self.runs.append((start, 1, size))
             start += size
-        # The 2-D run views and per-segment views of each buffer made by `buffer`, by identity
-        # (the views hold their buffer, so no other tensor takes its id): made once, as a small
-        # model's step pays a few microseconds for every view it makes.
-        self._views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        # Each buffer made by `buffer`, by identity (held here, so no other tensor takes its id),
+        # with its 2-D run views and per-segment views: made once, as a small model's step pays
+        # a few microseconds for every view it makes.
+        self._views: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def buffer(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A flat buffer of `total` elements whose views are made once, here."""
         flat = torch.empty(self.total, dtype=dtype, device=device)
-        self._views[id(flat)] = (self._run_views(flat), list(flat.split(self.sizes)))
+        self._views[id(flat)] = (flat, self._run_views(flat), list(flat.split(self.sizes)))
         return flat
 
     def parts(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """One 1-D view of `flat` per segment."""
         held = self._views.get(id(flat))
-        return held[1] if held is not None else list(flat.split(self.sizes))
+        return held[2] if held is not None else list(flat.split(self.sizes))
 
     def _run_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [
@@ -52,7 +52,7 @@ class Segments:
         self, flat: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], empty: float = 0.0
     ) -> torch.Tensor:
         held = self._views.get(id(flat))
-        views = held[0] if held is not None else self._run_views(flat)
+        views = held[1] if held is not None else self._run_views(flat)
         parts = [
             fn(view) if size else flat.new_full((count,), empty)
             for view, (_, count, size) in zip(views, self.runs)
