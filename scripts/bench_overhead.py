@@ -21,6 +21,7 @@ captures / `--epoch-steps`, added to the step ratio in the last column, the over
     python scripts/bench_overhead.py --cases cnn --epoch-steps 26 --variants a,b,d
     python scripts/bench_overhead.py --device cuda --cases resnet18 --precision bf16
     python scripts/bench_overhead.py --quick         # smoke test: a few seconds
+    python scripts/bench_overhead.py --threads 1 --clock cpu   # a shared machine: CPU time
 """
 
 from __future__ import annotations
