@@ -99,6 +99,7 @@ def preflight(args: Sequence[str], check_data: bool = True) -> None:
     if not only_prints:  # torch and the data sets: `train --cfg job` starts without them
         from netprobe.checks import check_output_dir, check_probes
         from netprobe.data import prepare_data
+        from netprobe.setup import check_optimizer
 
     prepared = set()
     combos = itertools.islice(itertools.product(*choices), 1000)
@@ -111,6 +112,7 @@ def preflight(args: Sequence[str], check_data: bool = True) -> None:
             prepared.add(key)
         if not only_prints:
             check_probes(cfg)
+            check_optimizer(cfg.optim)
         if combo_index == 0:
             first_combo, first_cfg = combo, cfg
     if not only_prints:
@@ -211,8 +213,6 @@ def _sizes(v: Any) -> bool:
     return _positive_int(v) or (isinstance(v, list) and bool(v) and all(map(_positive_int, v)))
 
 
-SCHEDULERS = ("cosine", "step")
-
 _CHECKS: dict[str, tuple[Check, str]] = {
     # What torch.manual_seed takes: a signed or an unsigned 64-bit integer.
     "seed": (lambda v: _int(v) or (_non_negative_int(v - 2**63)), "a 64-bit integer"),
@@ -242,7 +242,6 @@ _CHECKS: dict[str, tuple[Check, str]] = {
         "two numbers in [0, 1), e.g. [0.9,0.999]",
     ),
     "optim.eps": (_positive, "a positive number"),
-    "optim.scheduler": (lambda v: v is None or v in SCHEDULERS, "null, cosine or step"),
     "optim.step_size": (_positive_int, "a positive integer (epochs)"),
     "optim.gamma": (_positive, "a positive number"),
     "data.batch_size": (_positive_int, "a positive integer"),
@@ -286,6 +285,7 @@ def validate(cfg: DictConfig) -> None:
     optim = cfg.optim
     if optim.get("nesterov") and not optim.get("momentum"):
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
+    _check_scheduler(optim)
     _check_memory(cfg.data)
     check_device(cfg.trainer.device)
     from netprobe.doctor import thresholds
@@ -295,6 +295,17 @@ def validate(cfg: DictConfig) -> None:
         from netprobe.tensorboard import require
 
         require()  # before any run directory exists
+
+
+def _check_scheduler(optim: DictConfig) -> None:
+    """`optim.scheduler` is null or names one of `optim.lr_schedulers` (conf/config.yaml)."""
+    choices = ["null", *optim.get("lr_schedulers", {})]
+    value = optim.get("scheduler")
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    if value is not None and (not isinstance(value, str) or value not in choices[1:]):
+        valid = f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else "null"
+        raise ConfigError(f"optim.scheduler={value!r} is not valid; expected {valid}")
 
 
 def check_device(name: str) -> None:

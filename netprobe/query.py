@@ -1,10 +1,5 @@
 """Every run under a folder as one set of tables: long DataFrames with a `run` column and config
-columns (`load_runs(path).scalars(...)`), and SQL over them (`netprobe query`, DuckDB).
-
-DuckDB reads the part files where they lie, only the columns and row groups a query needs, so a
-query over thousands of runs reads little more than it returns. store.py lists the runs and their
-part files; a part that does not read is skipped with the warning `netprobe.load` gives.
-"""
+columns (`load_runs(path).scalars(...)`), and SQL over them (`netprobe query`, DuckDB)."""
 
 from __future__ import annotations
 
@@ -122,7 +117,10 @@ def _sql_list(paths: Iterable[Path]) -> str:
 class Catalog:
     """A DuckDB connection whose views `runs`, `scalars`, `histograms`, `matrices` and `layers`
     cover the given runs, each with a `run` column (the run's directory). A query defines only
-    the views it names: `runs` reads every run's config, the others list every part file."""
+    the views it names: `runs` reads every run's config, the others list every part file.
+    DuckDB reads the part files where they lie, only the columns and row groups a query needs,
+    so a query over thousands of runs reads little more than it returns; a part that does not
+    read is skipped with the warning `netprobe.load` gives."""
 
     def __init__(self, runs: Sequence[Run], configs: Mapping[Path, dict] | None = None) -> None:
         self.runs = list(runs)

@@ -53,7 +53,8 @@ from netprobe.models import build_model
 from netprobe.monitor import probe_context
 from netprobe.probes import PROBES
 from netprobe.probes.memory import split_budget
-from netprobe.train import build_optimizer, resolve_device, train_step
+from netprobe.setup import build_optimizer, resolve_device
+from netprobe.train import train_step
 
 # Case: config overrides, the epoch length (steps) its epoch captures are amortized over, and
 # (rounds, steps per block) by default: fewer for the slow cases.
@@ -182,7 +183,7 @@ def build_variants(
     for key in keys:
         model = copy.deepcopy(base)
         model.train()
-        optimizer, _ = build_optimizer(model, cfg.optim, epochs=1)
+        optimizer, _ = build_optimizer(model, cfg.optim)
         if key == "a":
 
             def plain(x, y, model=model, optimizer=optimizer):
