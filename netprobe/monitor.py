@@ -24,6 +24,12 @@ from netprobe.store import RunWriter, graph_table, layers_table
 from netprobe.structure import layer_table, module_graph
 
 Number = float | int | torch.Tensor
+# The per-step curve record's metrics, by (accuracy given, gradients present).
+CURVE_NAMES = {
+    (acc, grads): ["loss", *(["acc"] if acc else []), *(["grad_l2_total"] if grads else [])]
+    for acc in (False, True)
+    for grads in (False, True)
+}
 
 
 ProbeSpec = Sequence[str] | Mapping[str, Mapping[str, Any] | None] | None
@@ -216,20 +222,21 @@ class Monitor:
         loss = loss.detach()
         self.nonfinite.observe(loss, self.progress.step)
         # The step's curve values in one record: one tensor per step rather than one per metric.
-        names, values = ["loss"], [loss.reshape(())]
+        # A few microseconds count here (a small model's step is ~2 ms): no reshape of what is
+        # already a scalar, and the name lists are constants.
+        values = [loss if loss.dim() == 0 else loss.reshape(())]
         self._last["loss"] = loss
         if acc is not None:
             acc = torch.as_tensor(acc, device=loss.device).detach()  # stacked with the loss
-            names.append("acc")
-            values.append(acc.reshape(()))
+            values.append(acc if acc.dim() == 0 else acc.reshape(()))
             self._last["acc"] = acc
         grads = [p.grad for p in self._params if p.grad is not None]
         if grads:
             norms = torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))
             total = torch.linalg.vector_norm(torch.stack(norms))
-            names.append("grad_l2_total")
             values.append(total)
             self.ctx.grad_l2_total = total  # the gradients probe records it too: one computation
+        names = CURVE_NAMES[acc is not None, bool(grads)]
         self.record.scalars("train", [""], names, torch.stack(values)[None])
         if self.optimizer is not None:
             self.record.scalars("train", [""], ["lr"], self._lr_tensor())

@@ -42,8 +42,9 @@ def activation_stats(y: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor
     flat = y.detach().reshape(y.shape[0], -1)
     moments, counts, _ = distributions([flat], edges[None])
     inactive = flat <= 0
-    zero_frac = inactive.sum(dtype=torch.float64) / flat.numel()
-    dead_frac = inactive.all(dim=0).sum(dtype=torch.float64) / flat.shape[1]
+    # Counted as integers, then divided in float64: a float64 sum of booleans converts each one.
+    zero_frac = torch.count_nonzero(inactive).to(torch.float64) / flat.numel()
+    dead_frac = torch.count_nonzero(inactive.all(dim=0)).to(torch.float64) / flat.shape[1]
     return torch.cat([moments[0, :3], torch.stack([zero_frac, dead_frac])]), counts[0]
 
 

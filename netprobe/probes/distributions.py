@@ -3,6 +3,8 @@ deterministic reductions, nothing read on the host, so a capture never syncs."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 MOMENTS = ["mean", "std", "skew", "min", "max", "l2"]
@@ -63,17 +65,22 @@ def bin_counts(x: torch.Tensor, edges: torch.Tensor, spread: bool | None = None)
     `spread` (default: off a CPU) counts with one integer `index_add_` into REPLICAS copies of the
     bins, so that GPU atomics do not queue on a few hot addresses."""
     bins = len(edges) - 1
-    # Right-closed search: i with e_{i-1} ≤ x < e_i, so 0 below the range and bins + 1 from e_bins.
-    local = torch.bucketize(x, edges, right=True)
-    local = torch.where(x == edges[-1], bins, local)
-    local = torch.where(torch.isnan(x), bins + 2, local)  # a spare slot, dropped below
+    # Right-closed search: i with e_{i-1} ≤ x < e_i, so 0 below the range and bins + 1 above it.
+    # The last edge one ulp up closes the last bin (no float64 lies between e_bins and it), and
+    # NaN, which the search puts last, is taken out of `above` after counting: two passes fewer
+    # over x than patching the indices with `where`.
+    closed = torch.cat([edges[:-1], torch.nextafter(edges[-1:], edges.new_full((1,), math.inf))])
+    local = torch.bucketize(x, closed, right=True)
     if not (x.device.type != "cpu" if spread is None else spread):
-        return torch.bincount(local, minlength=bins + 3)[: bins + 2]
-    spread = local * REPLICAS + (torch.arange(len(x), device=x.device) & (REPLICAS - 1))
-    one = torch.ones(1, dtype=torch.int64, device=x.device).expand(len(x))
-    counts = torch.zeros((bins + 3) * REPLICAS, dtype=torch.int64, device=x.device)
-    counts.index_add_(0, spread, one)
-    return counts.view(bins + 3, REPLICAS).sum(1)[:-1]
+        counts = torch.bincount(local, minlength=bins + 2)
+    else:
+        spread = local * REPLICAS + (torch.arange(len(x), device=x.device) & (REPLICAS - 1))
+        one = torch.ones(1, dtype=torch.int64, device=x.device).expand(len(x))
+        counts = torch.zeros((bins + 2) * REPLICAS, dtype=torch.int64, device=x.device)
+        counts.index_add_(0, spread, one)
+        counts = counts.view(bins + 2, REPLICAS).sum(1)
+    counts[-1] -= torch.count_nonzero(torch.isnan(x))
+    return counts
 
 
 def _pieces(t: torch.Tensor) -> list[torch.Tensor]:

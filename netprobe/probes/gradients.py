@@ -25,7 +25,7 @@ def gradient_stats(
     dtype = stat_dtype(grads)
     if scratch is None:
         scratch = segments.buffer(dtype, grads[0].device)
-    for g, part in zip(grads, scratch.split(segments.sizes)):
+    for g, part in zip(grads, segments.parts(scratch)):
         # |g| straight into the buffer: one read of g and one write, no copy first.
         torch.abs(g.reshape(-1), out=part) if g.dtype == dtype else part.copy_(g.reshape(-1)).abs_()
     l1, l2, max_abs = segments.sum(scratch), segments.norm(scratch), segments.amax(scratch)
