@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from types import TracebackType
 from typing import Any
@@ -19,11 +19,18 @@ import torch.nn.functional as F
 from netprobe.divergence import ON_NONFINITE, NonfiniteWatch
 from netprobe.errors import ConfigError
 from netprobe.lifecycle import ending, signals_held
-from netprobe.probes import PROBES, Probe, ProbeContext, Progress
+from netprobe.probes import (
+    Probe,
+    ProbeRunner,
+    ProbeSpec,
+    StepState,
+    build_probes,
+    close_probes,
+    probe_context,
+)
 from netprobe.probes.gradients import stat_dtype
 from netprobe.probes.memory import AUTO, check_budget
 from netprobe.store import RunWriter, rows_table, scalar_table
-from netprobe.structure import layer_table, module_graph
 
 Number = float | int | torch.Tensor
 
@@ -31,7 +38,7 @@ Number = float | int | torch.Tensor
 class Recorder:
     """Holds probe output as device tensors and moves it to the host in one copy per table."""
 
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, progress: StepState) -> None:
         self.progress = progress
         self._scalars: list[tuple[int, int, str, list[str], list[str], torch.Tensor]] = []
         self._hists: list[tuple[int, int, str, str, str, torch.Tensor, torch.Tensor]] = []
@@ -150,65 +157,6 @@ def _to_host(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[np.ndarray
     return out
 
 
-ProbeSpec = Sequence[str] | Mapping[str, Mapping[str, Any] | None] | None
-
-
-def _probe_configs(probes: ProbeSpec) -> dict[str, dict[str, Any]]:
-    if probes is None:
-        return {}
-    if isinstance(probes, str):
-        probes = [probes]
-    items = probes.items() if isinstance(probes, Mapping) else ((n, None) for n in probes)
-    configs = {}
-    for name, cfg in items:
-        if name not in PROBES:
-            raise ConfigError(f"unknown probe {name!r}; valid probes: {', '.join(PROBES)}")
-        configs[name] = dict(cfg or {})
-    return configs
-
-
-def probe_context(
-    model: nn.Module,
-    probe_batch: tuple[torch.Tensor, torch.Tensor] | None,
-    valid_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-    seed: int = 0,
-) -> ProbeContext:
-    """What probes are built on: the model's layers in forward order (traced on the probe batch),
-    the data-flow edges between its modules, and a fresh recorder at step 0."""
-    progress = Progress()
-    layers = layer_table(model, probe_batch[0] if probe_batch is not None else None)
-    return ProbeContext(
-        model=model,
-        layers=layers,
-        edges=module_graph(model, [r.module for r in layers if not r.param]),
-        record=Recorder(progress),
-        progress=progress,
-        loss_fn=loss_fn,
-        probe_batch=probe_batch,
-        valid_batch=valid_batch,
-        seed=seed,
-    )
-
-
-def build_probes(ctx: ProbeContext, probes: ProbeSpec) -> list[Probe]:
-    """The enabled probes, built on `ctx`; bad settings raise ConfigError before anything exists."""
-    built: list[Probe] = []
-    try:
-        for name, cfg in _probe_configs(probes).items():
-            if cfg.get("enabled", True):
-                built.append(PROBES[name](ctx, **cfg))
-    except BaseException:
-        close_probes(built)  # their hooks must not stay on the user's model
-        raise
-    return built
-
-
-def close_probes(probes: list[Probe]) -> None:
-    for probe in probes:
-        probe.close()
-
-
 class Monitor:
     """Drives the probes from the training loop's four calls and writes what they record."""
 
@@ -243,21 +191,17 @@ class Monitor:
         # Also given each flush's drained tables (`write(tables)`) and run.json at the end
         # (`close(info)`): TensorBoard's live event files.
         self.sink = sink
-        self.ctx = ctx = probe_context(model, probe_batch, valid_batch, loss_fn, seed)
-        self.progress, self.record = ctx.progress, ctx.record
-        layers, edges = ctx.layers, ctx.edges
+        # Where training is and the step's facts: one state, updated here, handed to the hooks.
+        self.state = StepState()
+        self.ctx = ctx = probe_context(model, probe_batch, valid_batch, loss_fn, seed, self.state)
+        self.record = ctx.record
         # Probes are built before anything is written, so bad probe settings leave no trace.
         self.probes: list[Probe] = build_probes(ctx, probes)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._device = self._params[0].device if self._params else torch.device("cpu")
-        # Time inside probes: host time, and on a GPU the time between CUDA events around them
-        # (kernels run after the host has moved on), read back at flushes, which sync anyway.
-        self._probe_time = 0.0
-        self._probe_seconds = dict.fromkeys((p.name for p in self.probes), 0.0)
-        self._probe_events: list[tuple[torch.cuda.Event, torch.cuda.Event, float]] = []
-        self._flush_time = 0.0
-        self._samples = 0
-        self._flush_t = time.perf_counter()
+        # Calls the probes' hooks when their schedules say, and times them.
+        self.runner = ProbeRunner(self.probes, self.state, self._device)
+        self._flush_time, self._samples, self._flush_t = 0.0, 0, time.perf_counter()
         self._last: dict[str, torch.Tensor | float] = {}
         self._lr: tuple[float, torch.Tensor] | None = None
         self.best_val_acc: float | None = None
@@ -272,12 +216,11 @@ class Monitor:
             raise
         self.path = self.writer.path
         try:
-            self.writer.write_table("layers", rows_table("layers", [asdict(r) for r in layers]))
-            self.writer.write_table(
-                "graph", rows_table("graph", [{"source": s, "target": t} for s, t in edges])
-            )
-            if resume is None:  # a resumed run had its start captures the first time
-                self._run_probes("on_start")
+            self.writer.write_table("layers", rows_table("layers", [asdict(r) for r in ctx.layers]))
+            graph = [{"source": s, "target": t} for s, t in ctx.edges]
+            self.writer.write_table("graph", rows_table("graph", graph))
+            # A resumed run had its start captures the first time.
+            self.runner.start() if resume is None else self.runner.resume()
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -288,8 +231,8 @@ class Monitor:
         initial = {
             "seed": seed,
             "probes": [p.name for p in self.probes],
-            "epochs_done": self.progress.epoch,
-            "steps_done": self.progress.step,
+            "epochs_done": self.state.epoch,
+            "steps_done": self.state.step,
             "best_val_acc": self.best_val_acc,
             "final": {},
             "probe_overhead": None,
@@ -304,25 +247,15 @@ class Monitor:
         """Counters, best and latest results, and each probe's state; taken at an epoch end,
         when nothing is buffered."""
         return {
-            "step": self.progress.step,
-            "epoch": self.progress.epoch,
+            **self.runner.state_dict(),
             "best_val_acc": self.best_val_acc,
             "last": self.latest(),
-            "probes": {
-                p.name: {"state": p.state_dict(), "last_capture": p._last_capture}
-                for p in self.probes
-            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.progress.step, self.progress.epoch = state["step"], state["epoch"]
+        self.runner.load_state_dict(state)
         self.best_val_acc = state["best_val_acc"]
         self._last = dict(state["last"])
-        saved = state["probes"]
-        for probe in self.probes:
-            if probe.name in saved:
-                probe.load_state_dict(saved[probe.name]["state"])
-                probe._last_capture = saved[probe.name]["last_capture"]
 
     # -- the training loop's calls
     def after_backward(
@@ -338,7 +271,7 @@ class Monitor:
         tensor, so nothing is read back): what hooks saw during backward is divided by it.
         """
         loss = loss.detach()
-        self.nonfinite.observe(loss, self.progress.step)
+        self.nonfinite.observe(loss, self.state.step)
         # The step's curve values in one record: one tensor per step rather than one per metric.
         names, values = ["loss"], [loss.reshape(())]
         self._last["loss"] = loss
@@ -348,18 +281,17 @@ class Monitor:
             values.append(acc.reshape(()))
             self._last["acc"] = acc
         grads = [p.grad for p in self._params if p.grad is not None]
+        total = None
         if grads:
             norms = torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))
             total = torch.linalg.vector_norm(torch.stack(norms))
             names.append("grad_l2_total")
-            values.append(total)
-            self.ctx.grad_l2_total = total  # the gradients probe records it too: one computation
+            values.append(total)  # the gradients probe records it too: one computation
         self.record.scalars("train", [""], names, torch.stack(values)[None])
         if self.optimizer is not None:
             self.record.scalars("train", [""], ["lr"], self._lr_tensor())
-        self.ctx.loss_scale = loss_scale
         self._samples += batch_size or 0
-        self._run_probes("after_backward")
+        self.runner.after_backward(loss, total, loss_scale)
 
     def _lr_tensor(self) -> torch.Tensor:
         """The learning rate as a host float64 [1, 1] tensor, made again only when it changes."""
@@ -370,9 +302,8 @@ class Monitor:
 
     def after_step(self) -> None:
         """Update probes read the new weights now; the step counter advances."""
-        self._run_probes("after_step")
-        self.progress.step += 1
-        if self.progress.step % self.flush_every == 0:
+        self.runner.after_step()
+        if self.state.step % self.flush_every == 0:
             self.flush()
 
     def end_epoch(self, val_loss: Number | None = None, val_acc: Number | None = None) -> None:
@@ -385,45 +316,15 @@ class Monitor:
             self._last["val_acc"] = float(val_acc)
             rec.scalars("train", [""], ["val_acc"], self._last["val_acc"])
             self.best_val_acc = max(self.best_val_acc or 0.0, self._last["val_acc"])
-        self._run_probes("on_epoch_end")
-        self.progress.epoch += 1
+        self.runner.end_epoch()
         self.flush()
         self.writer.update(
-            epochs_done=self.progress.epoch,
-            steps_done=self.progress.step,
+            epochs_done=self.state.epoch,
+            steps_done=self.state.step,
             best_val_acc=self.best_val_acc,
         )
 
     # -- bookkeeping
-    def _run_probes(self, hook: str) -> None:
-        if not self.probes:
-            return
-        cuda = self._device.type == "cuda"
-        if cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-        t = start_t = time.perf_counter()
-        for probe in self.probes:
-            getattr(probe, hook)()
-            # Host time per probe names the costliest one in the closing summary; the total
-            # below also counts, on a GPU, the kernels the probes queued.
-            now = time.perf_counter()
-            self._probe_seconds[probe.name] += now - t
-            t = now
-        host = t - start_t
-        if cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._probe_events.append((start, end, host))
-        else:
-            self._probe_time += host
-
-    def _settle_probe_time(self) -> None:
-        for start, end, host in self._probe_events:
-            end.synchronize()
-            self._probe_time += max(host, start.elapsed_time(end) / 1e3)
-        self._probe_events = []
-
     def flush(self) -> None:
         """Move everything buffered to the host and write one part file per table."""
         now = time.perf_counter()
@@ -442,7 +343,7 @@ class Monitor:
         if self.sink is not None:
             self.sink.write(tables)
         self.nonfinite.settle()  # the drain has just synced: the exact answer costs nothing more
-        self._settle_probe_time()
+        self.runner.timer.settle()
         self._flush_time += time.perf_counter() - t
 
     @property
@@ -474,7 +375,7 @@ class Monitor:
                 # The end captures get parts of their own, which a resumed run can drop.
                 self.flush()
                 self.writer.mark_end_captures()
-                self._end_captures()
+                self.runner.end()
         except BaseException as exc:  # Ctrl-C or an error in the end captures
             failure = exc
             status, error = ending(type(exc), exc)
@@ -493,14 +394,14 @@ class Monitor:
             self.writer.close(
                 status,
                 error=error,
-                epochs_done=self.progress.epoch,
-                steps_done=self.progress.step,
+                epochs_done=self.state.epoch,
+                steps_done=self.state.step,
                 best_val_acc=self.best_val_acc,
                 final=final,
                 # Fractions of wall time: inside probes, and writing what they recorded.
-                probe_overhead=self._probe_time / wall if wall > 0 else None,
+                probe_overhead=self.runner.timer.total / wall if wall > 0 else None,
                 flush_overhead=self._flush_time / wall if wall > 0 else None,
-                probe_seconds={k: round(v, 3) for k, v in self._probe_seconds.items()},
+                probe_seconds={k: round(v, 3) for k, v in self.runner.timer.seconds.items()},
                 first_nonfinite_step=first,
                 **info,
             )
@@ -508,16 +409,6 @@ class Monitor:
                 self.sink.close(self.writer.info)
         if failure is not None and not ending_badly:
             raise failure
-
-    def _end_captures(self) -> None:
-        """The `end` captures, stored under the epoch they follow (the last one trained), as an
-        epoch-end capture at the same step is: every capture's epoch is the epoch behind it."""
-        done = self.progress.epoch
-        self.progress.epoch = max(done - 1, 0)
-        try:
-            self._run_probes("on_end")
-        finally:
-            self.progress.epoch = done
 
     def __enter__(self) -> Monitor:
         return self

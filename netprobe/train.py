@@ -120,7 +120,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    acc = (logits.argmax(1) == y).float().mean() if mon.progress.step % log_every == 0 else None
+    acc = (logits.argmax(1) == y).float().mean() if mon.state.step % log_every == 0 else None
     batch_size = len(y)
     if place is not None and place.enabled:
         # The whole global batch's loss and accuracy, as one process would record them.
@@ -237,14 +237,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
         run_dir,
         total=min(t.max_steps or total_steps, total_steps),
         epochs=t.epochs,
-        first_step=mon.progress.step,
+        first_step=mon.state.step,
         interval_s=t.log_interval_s,
         quiet=not place.is_main,
     )
     start = banner(
         cfg,
         run_dir,
-        resumed_at=(first_epoch, mon.progress.step) if state else None,
+        resumed_at=(first_epoch, mon.state.step) if state else None,
         device=str(device) + (f" × {place.world_size} processes" if place.enabled else ""),
         parameters=sum(p.numel() for p in model.parameters()),
         samples=(data.x_train.shape[0], data.x_val.shape[0]),
@@ -261,7 +261,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             checkpoint_path(run_dir, name),
             model,
             epoch=epoch,
-            step=mon.progress.step,
+            step=mon.state.step,
             optimizer=optimizer,
             scheduler=scheduler.state_dict() if scheduler is not None else None,
             scaler=scaler.state_dict(),
@@ -292,21 +292,21 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
             checkpoint("start", epoch=-1)
         model.train()
         for epoch in range(first_epoch, t.epochs):
-            if t.max_steps and mon.progress.step >= t.max_steps:  # a resumed run already there
+            if t.max_steps and mon.state.step >= t.max_steps:  # a resumed run already there
                 stop_reason = f"reached trainer.max_steps={t.max_steps}"
                 break
-            steps_at_start = mon.progress.step
+            steps_at_start = mon.state.step
             progress.start_epoch(epoch)
             for x, y in train_batches:
                 loss = train_step(
                     forward, x, y, optimizer, scaler, autocast, mon, t.log_every, place
                 )
                 progress.advance(loss, len(y) * place.world_size)
-                bad = nonfinite_step(mon.progress.step % t.flush_every == 0)
+                bad = nonfinite_step(mon.state.step % t.flush_every == 0)
                 if bad is not None:
                     stop_reason = f"non-finite loss at step {bad}"
                     break
-                if t.max_steps and mon.progress.step >= t.max_steps:
+                if t.max_steps and mon.state.step >= t.max_steps:
                     stop_reason = f"reached trainer.max_steps={t.max_steps}"
                     break
             if nonfinite_step(sync_point=True) is not None:
@@ -322,7 +322,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
                     checkpoint(epoch, epoch)
                 # Resuming starts at an epoch boundary: an epoch cut short by max_steps leaves
                 # last.pt at the epoch before, so a resumed run redoes it whole.
-                if mon.progress.step - steps_at_start == len(train_batches):
+                if mon.state.step - steps_at_start == len(train_batches):
                     checkpoint("last", epoch)
             if stop_reason:
                 break

@@ -49,8 +49,7 @@ from netprobe.config import compose
 from netprobe.data import build_data
 from netprobe.init import initialize
 from netprobe.models import build_model
-from netprobe.monitor import probe_context
-from netprobe.probes import PROBES
+from netprobe.probes import PROBES, probe_context
 from netprobe.train import build_optimizer, resolve_device, train_step
 
 # Case: config overrides, the epoch length (steps) its epoch captures are amortized over, and
@@ -247,21 +246,22 @@ def _capture_costs(case: str, device: torch.device, repeats: int, out: Path) -> 
     ]
     forward()
     for probe in mon.probes:
-        if not probe.at:
+        if not probe.schedule.at:
             continue
         times, units = [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
             forward()
             t1 = time.perf_counter()
-            probe.capture()
+            probe.capture(mon.state)
             synchronize(device)
             t2 = time.perf_counter()
             mon.record.drain()
             times.append(t2 - t1)
             units.append((t2 - t1) / (t1 - t0))
         lines.append(
-            f"| {probe.name} | {', '.join(probe.at)} | {1e3 * statistics.median(times):.1f} "
+            f"| {probe.name} | {', '.join(probe.schedule.at)} "
+            f"| {1e3 * statistics.median(times):.1f} "
             f"| {statistics.median(units):.1f} |"
         )
     mon.close()

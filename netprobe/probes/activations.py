@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 
 from netprobe.errors import ConfigError
-from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.distributions import central_edges, distributions
+from netprobe.probes.schedule import Schedule
 from netprobe.structure import eval_mode
 
 SOURCES = ("train", "valid", "random")
@@ -60,16 +61,12 @@ class Activations(Probe):
     """At `at` points: histogram and statistics of each tracked module's output, per source."""
 
     name = "activations"
-    default_at = ("start", "epoch")
+    measures = "histogram, mean, std, skew, zero_frac, dead_frac per module output and source"
+    default_schedule = Schedule(at=("start", "epoch"))
     options = {"sources": list(SOURCES), "bins": 50, "tail": 0.001}
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        if self.every is not None:
-            raise ConfigError(
-                f"probes.{self.name}.every={self.every!r}: activations are captured at the `at` "
-                "points; valid: at: [start, epoch, end] (any of them)"
-            )
         sources, bins = self.cfg["sources"], self.cfg["bins"]
         sources = [sources] if isinstance(sources, str) else list(sources)
         for source in sources:
@@ -109,7 +106,7 @@ class Activations(Probe):
                 out.append((source, batches[source][0]))
         return out
 
-    def capture(self) -> None:
+    def capture(self, state: StepState) -> None:
         if not self.names:
             return
         model = self.ctx.model

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
-from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.correlation import CONV_CHOICES, feature_count, pearson
 from netprobe.probes.module_outputs import (
     flatten_features,
@@ -33,6 +33,7 @@ from netprobe.probes.module_outputs import (
     seeded_subset,
     to_float64,
 )
+from netprobe.probes.schedule import Schedule
 from netprobe.structure import WEIGHT_TYPES
 
 PADDING_CHOICES = ("border", "zeros", "reflection")
@@ -95,7 +96,8 @@ class Augmentation(Probe):
     """At the end: correlations and invariance of features under random affine augmentation."""
 
     name = "augmentation"
-    default_at = ("end",)
+    measures = "feature and sample correlations and invariance under random affine transforms"
+    default_schedule = Schedule(at=("end",))
     options = {
         "samples": 300,
         "sample_index": 0,
@@ -225,7 +227,7 @@ class Augmentation(Probe):
         pick = self._subsets[name]
         return x if pick is None else x.index_select(1, pick)
 
-    def capture(self) -> None:
+    def capture(self, state: StepState) -> None:
         x = self.sample()
         if x is None or not self.modules or x.ndim != 3:
             return

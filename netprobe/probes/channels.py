@@ -26,8 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
-from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.module_outputs import module_outputs, to_float64
+from netprobe.probes.schedule import Schedule
 
 METRICS = ["em_mean", "em_std", "ab_mean", "ab_std"]
 
@@ -158,7 +159,8 @@ class Channels(Probe):
     """At the end (or each epoch): per-channel gradient emission and absorption of each conv."""
 
     name = "channels"
-    default_at = ("end",)
+    measures = "per-channel gradient emission and absorption of each conv (its own backward)"
+    default_schedule = Schedule(at=("end",))
     options = {"chunk": 16}
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
@@ -210,7 +212,7 @@ class Channels(Probe):
         found = {n: g for n, g in zip(names, grads) if g is not None}
         return found, outs.input_shapes
 
-    def capture(self) -> None:
+    def capture(self, state: StepState) -> None:
         if self.ctx.probe_batch is None or not self.modules:
             return
         grads, shapes = self.output_gradients()

@@ -16,19 +16,21 @@ features, so no capture holds a whole C_ij in float64.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from math import prod
 from typing import Any
 
 import torch
 
 from netprobe.errors import ConfigError
-from netprobe.probes.base import AT_CHOICES, Probe, ProbeContext, _as_list
+from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.module_outputs import (
     flatten_features,
     module_outputs,
     seeded_subset,
     to_float64,
 )
+from netprobe.probes.schedule import AT_CHOICES, Schedule, as_list
 from netprobe.structure import WEIGHT_TYPES
 
 CONV_CHOICES = ("pool", "flatten")
@@ -143,7 +145,8 @@ class Correlation(Probe):
     """At start and each epoch: Pearson correlations and linear CKA between tracked layers."""
 
     name = "correlation"
-    default_at = ("start", "epoch")
+    measures = "corr_mean and linear CKA per pair of layers (and full C matrices)"
+    default_schedule = Schedule(at=("start", "epoch"))
     options = {
         "conv": "pool",
         "max_features": 256,
@@ -161,12 +164,19 @@ class Correlation(Probe):
         k = self.cfg["max_features"]
         if isinstance(k, bool) or not isinstance(k, int) or k < 2:
             raise ConfigError(f"probes.{self.name}.max_features={k!r} must be an integer ≥ 2")
-        self.save_full_at = tuple(_as_list(self.cfg["save_full_at"]))
+        self.save_full_at = tuple(as_list(self.cfg["save_full_at"]))
         for point in self.save_full_at:
             if point not in AT_CHOICES:
                 raise ConfigError(
                     f"probes.{self.name}.save_full_at has {point!r}; valid: {', '.join(AT_CHOICES)}"
                 )
+        # `save_full_at: [end]` adds the full matrices to the run's last capture: called at end.
+        self.summary_at = self.schedule.at
+        if "end" in self.save_full_at and "end" not in self.summary_at:
+            self.schedule = replace(self.schedule, at=(*self.summary_at, "end"))
+        full = ", ".join(self.save_full_at).replace("end", "end (the last capture)")
+        at = ", ".join(self.summary_at)
+        self.measures = f"corr_mean and CKA per pair of layers at {at}; full C at {full or 'none'}"
         cka = self.cfg["cka"]
         self.estimators = ["biased", "unbiased"] if cka == "both" else [cka]
         batch = ctx.probe_batch
@@ -180,7 +190,6 @@ class Correlation(Probe):
             lambda r: isinstance(model.get_submodule(r.module), WEIGHT_TYPES)
         )
         self._subsets: dict[str, torch.Tensor | None] = {}
-        self._full_saved_at: int | None = None
 
     def memory_estimate(self) -> tuple[int, str]:
         """Features [B, d_i] of every layer (float32) and their z-scores (float64), one block of
@@ -203,37 +212,20 @@ class Correlation(Probe):
             parts[f"probes.{self.name}.max_features or probes.{self.name}.save_full_at=[]"] = full
         return sum(parts.values()), max(parts, key=parts.get)
 
-    # -- schedule: `save_full_at` decides which captures also keep the full matrices
-    def on_start(self) -> None:
-        if "start" in self.at:
-            self._capture_at("start")
+    def at_point(self, state: StepState) -> None:
+        """The correlations at the `at` points, once per step, and the full matrices at the
+        `save_full_at` points, `end` meaning the run's last capture, whichever point took it."""
+        last, point = self.last_capture, state.point
+        again = last is not None and last[0] == state.step
+        summary = point in self.summary_at and not again
+        # At a step already captured: the full matrices unless that capture stored them.
+        stored = again and last[1] in self.save_full_at
+        full = point in self.save_full_at and (summary or (again and not stored))
+        if summary or full:
+            self.last_capture = (state.step, point)
+            self.record_correlations(summary=summary, full=full)
 
-    def on_epoch_end(self) -> None:
-        if "epoch" in self.at:
-            self._capture_at("epoch")
-
-    def on_end(self) -> None:
-        step = self.ctx.progress.step
-        if "end" in self.at:
-            self._capture_at("end")
-        elif "end" in self.save_full_at and self._last_capture == step:
-            # The last epoch's capture is the run's last: add its full matrices.
-            self._capture_at("end", summary=False)
-
-    def _capture_at(self, point: str, summary: bool = True) -> None:
-        step = self.ctx.progress.step
-        full = point in self.save_full_at and self._full_saved_at != step
-        if summary and self._last_capture == step:
-            summary = False
-        if not (summary or full):
-            return
-        if summary:
-            self._last_capture = step
-        if full:
-            self._full_saved_at = step
-        self.record_correlations(summary=summary, full=full)
-
-    def capture(self) -> None:
+    def capture(self, state: StepState) -> None:
         self.record_correlations(summary=True, full=False)
 
     # -- measuring

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from netprobe.errors import ConfigError
-from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.distributions import MOMENTS, distributions, symmetric_edges
+from netprobe.probes.schedule import Schedule
 
 METRICS = [*MOMENTS, "dist_init"]
 PARAMS = ("weights", "all")
@@ -30,16 +31,12 @@ class Weights(Probe):
     """At `at` points: fixed-bin histogram and moments of each tracked parameter."""
 
     name = "weights"
-    default_at = ("start", "epoch")
+    measures = "histogram, mean, std, skew, min, max, l2, dist_init per tensor"
+    default_schedule = Schedule(at=("start", "epoch"))
     options = {"params": "weights", "bins": 50}
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        if self.every is not None:
-            raise ConfigError(
-                f"probes.{self.name}.every={self.every!r}: weights are captured at the `at` "
-                "points; valid: at: [start, epoch, end] (any of them)"
-            )
         params, bins = self.cfg["params"], self.cfg["bins"]
         if params not in PARAMS:
             raise ConfigError(f"probes.{self.name}.params={params!r}; valid: {', '.join(PARAMS)}")
@@ -59,12 +56,11 @@ class Weights(Probe):
         self.initial = [p.detach().clone() for p in self.tensors]
         self.initial_norm = torch.stack(torch._foreach_norm(self.initial, 2, dtype=torch.float64))
 
-    def on_start(self) -> None:
+    def start(self, state: StepState) -> None:
         if self.tensors:
             self._snapshot_initial()
-        super().on_start()
 
-    def capture(self) -> None:
+    def capture(self, state: StepState) -> None:
         if not self.tensors:
             return
         if self.initial is None:  # driven without on_start: the first capture is W₀
@@ -82,7 +78,7 @@ class Weights(Probe):
 
     # -- resuming
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"names": list(self.names)}
+        state: dict[str, Any] = {**super().state_dict(), "names": list(self.names)}
         if self.initial is not None:
             state["initial"] = dict(zip(self.names, self.initial))
         if self.edges is not None:
@@ -90,6 +86,7 @@ class Weights(Probe):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         restored = self.load_tracked(state, "initial")
         if "initial" in restored:
             self.initial = restored["initial"]
