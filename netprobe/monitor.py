@@ -182,15 +182,10 @@ class Monitor:
             raise ConfigError(
                 f"on_nonfinite={on_nonfinite!r} is not valid; expected {' or '.join(ON_NONFINITE)}"
             )
-        self.on_nonfinite = on_nonfinite
-        self.nonfinite = NonfiniteWatch()
+        self.on_nonfinite, self.nonfinite = on_nonfinite, NonfiniteWatch()
         self._t0 = time.perf_counter()
-        self.model = model
-        self.optimizer = optimizer
-        self.flush_every = flush_every
-        # Also given each flush's drained tables (`write(tables)`) and run.json at the end
-        # (`close(info)`): TensorBoard's live event files.
-        self.sink = sink
+        self.model, self.optimizer, self.flush_every = model, optimizer, flush_every
+        self.sink = sink  # `write(tables)` each flush, `close(info)` at the end: TensorBoard
         # Where training is and the step's facts: one state, updated here, handed to the hooks.
         self.state = StepState()
         self.ctx = ctx = probe_context(model, probe_batch, valid_batch, loss_fn, seed, self.state)
@@ -219,8 +214,7 @@ class Monitor:
             self.writer.write_table("layers", rows_table("layers", [asdict(r) for r in ctx.layers]))
             graph = [{"source": s, "target": t} for s, t in ctx.edges]
             self.writer.write_table("graph", rows_table("graph", graph))
-            # A resumed run had its start captures the first time.
-            self.runner.start() if resume is None else self.runner.resume()
+            self.runner.start() if resume is None else self.runner.resume()  # started before
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -246,11 +240,8 @@ class Monitor:
     def state_dict(self) -> dict[str, Any]:
         """Counters, best and latest results, and each probe's state; taken at an epoch end,
         when nothing is buffered."""
-        return {
-            **self.runner.state_dict(),
-            "best_val_acc": self.best_val_acc,
-            "last": self.latest(),
-        }
+        results = {"best_val_acc": self.best_val_acc, "last": self.latest()}
+        return {**self.runner.state_dict(), **results}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.runner.load_state_dict(state)
@@ -273,21 +264,16 @@ class Monitor:
         loss = loss.detach()
         self.nonfinite.observe(loss, self.state.step)
         # The step's curve values in one record: one tensor per step rather than one per metric.
-        names, values = ["loss"], [loss.reshape(())]
-        self._last["loss"] = loss
-        if acc is not None:
-            acc = torch.as_tensor(acc, device=loss.device).detach()  # stacked with the loss
-            names.append("acc")
-            values.append(acc.reshape(()))
-            self._last["acc"] = acc
+        curve = {"loss": loss.reshape(())}
+        if acc is not None:  # on the loss's device, stacked with it
+            curve["acc"] = torch.as_tensor(acc, device=loss.device).detach().reshape(())
+        self._last.update(curve)
         grads = [p.grad for p in self._params if p.grad is not None]
         total = None
-        if grads:
+        if grads:  # the gradients probe records it too, from the state: one computation
             norms = torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))
-            total = torch.linalg.vector_norm(torch.stack(norms))
-            names.append("grad_l2_total")
-            values.append(total)  # the gradients probe records it too: one computation
-        self.record.scalars("train", [""], names, torch.stack(values)[None])
+            curve["grad_l2_total"] = total = torch.linalg.vector_norm(torch.stack(norms))
+        self.record.scalars("train", [""], list(curve), torch.stack(list(curve.values()))[None])
         if self.optimizer is not None:
             self.record.scalars("train", [""], ["lr"], self._lr_tensor())
         self._samples += batch_size or 0
@@ -308,13 +294,11 @@ class Monitor:
 
     def end_epoch(self, val_loss: Number | None = None, val_acc: Number | None = None) -> None:
         """Record validation results, run the epoch captures, and flush."""
-        rec = self.record
-        if val_loss is not None:
-            self._last["val_loss"] = float(val_loss)
-            rec.scalars("train", [""], ["val_loss"], self._last["val_loss"])
+        for key, value in (("val_loss", val_loss), ("val_acc", val_acc)):
+            if value is not None:
+                self._last[key] = float(value)
+                self.record.scalars("train", [""], [key], self._last[key])
         if val_acc is not None:
-            self._last["val_acc"] = float(val_acc)
-            rec.scalars("train", [""], ["val_acc"], self._last["val_acc"])
             self.best_val_acc = max(self.best_val_acc or 0.0, self._last["val_acc"])
         self.runner.end_epoch()
         self.flush()
@@ -399,9 +383,8 @@ class Monitor:
                 best_val_acc=self.best_val_acc,
                 final=final,
                 # Fractions of wall time: inside probes, and writing what they recorded.
-                probe_overhead=self.runner.timer.total / wall if wall > 0 else None,
+                **self.runner.timer.report(wall),
                 flush_overhead=self._flush_time / wall if wall > 0 else None,
-                probe_seconds={k: round(v, 3) for k, v in self.runner.timer.seconds.items()},
                 first_nonfinite_step=first,
                 **info,
             )

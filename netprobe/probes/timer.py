@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -49,3 +50,11 @@ class ProbeTimer:
             end.synchronize()
             self.total += max(host, start.elapsed_time(end) / 1e3)
         self._events = []
+
+    def report(self, wall: float) -> dict[str, Any]:
+        """run.json's fields: `probe_overhead`, the share of `wall` seconds spent in probes, and
+        `probe_seconds`, each probe's host seconds."""
+        return {
+            "probe_overhead": self.total / wall if wall > 0 else None,
+            "probe_seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
