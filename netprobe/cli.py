@@ -103,7 +103,8 @@ def probes_command(args: list[str]) -> int:
     """One line per enabled probe of the config that `netprobe train OVERRIDES` would compose:
     its name, when it runs, and what it records (the probes are built on the model, not run)."""
     if {"-h", "--help"} & set(args):
-        print("usage: netprobe probes [OVERRIDES]\n\n" + (probes_command.__doc__ or ""))
+        print("usage: netprobe probes [OVERRIDES]\n\nWhen each probe the config enables runs, and "
+              "what it records (the overrides of `netprobe train`, e.g. probes=all).")  # fmt: skip
         return 0
     from omegaconf import OmegaConf
 

@@ -22,8 +22,9 @@ AT_CHOICES = ("start", "epoch", "end")
 class Schedule:
     """Steps t with t % every == phase (none without `every`) get `after_backward` and
     `after_step`; the `at` points (`start` before the first step, `epoch` after each epoch, `end`
-    after training) get `capture`. With `arm`, the step before each recorded one gets `arm` too
-    (a hook to set for the coming forward pass, or a previous step's state to keep)."""
+    after training) get `capture`. With `arm`, each recorded step is announced by `arm`: during
+    the step before (after its backward), or before it when it is the first of a process (a hook
+    to set for the coming forward pass, or the previous step's gradient to keep)."""
 
     every: int | None = None
     at: tuple[str, ...] = ()
@@ -65,7 +66,7 @@ class Schedule:
         return self.every is not None and step % self.every == self.phase
 
     def describe(self) -> str:
-        """In words, e.g. 'every 10 steps (arms the step before); at start, epoch'."""
+        """In words, e.g. 'every 10 steps, armed the step before; at start, epoch'."""
         parts = []
         if self.every is not None:
             steps = "every step" if self.every == 1 else f"every {self.every} steps"
