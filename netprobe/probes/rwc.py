@@ -85,7 +85,7 @@ class RelativeWeightChange(Probe):
     def capture(self, state: StepState) -> None:
         if not self.tensors:
             return
-        if self.previous is None:  # driven without on_start: this capture becomes W₀
+        if self.previous is None:  # driven without `start`: this capture becomes W₀
             self.previous = self._copy()
             return
         self._record("rwc", self.previous)

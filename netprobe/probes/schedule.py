@@ -196,8 +196,13 @@ class ProbeRunner:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.state.step, self.state.epoch = state["step"], state["epoch"]
         for probe in self.probes:
-            if probe.name in state["probes"]:
-                probe.load_state_dict(state["probes"][probe.name])
+            saved = state["probes"].get(probe.name)
+            if saved is not None and saved.keys() == {"state", "last_capture"}:
+                # An earlier version's checkpoint: the last capture's step beside the state.
+                last = saved["last_capture"]
+                saved = {**saved["state"], "last_capture": None if last is None else (last, None)}
+            if saved is not None:
+                probe.load_state_dict(saved)
 
 
 def listing(probes: Sequence[Probe]) -> list[str]:

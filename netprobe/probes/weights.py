@@ -63,7 +63,7 @@ class Weights(Probe):
     def capture(self, state: StepState) -> None:
         if not self.tensors:
             return
-        if self.initial is None:  # driven without on_start: the first capture is W₀
+        if self.initial is None:  # driven without `start`: the first capture is W₀
             self._snapshot_initial()
         if self.edges is None:
             self.edges = symmetric_edges(self.tensors, self.bins)

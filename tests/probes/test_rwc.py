@@ -66,7 +66,7 @@ def train_steps(model: nn.Module, steps: int, seed: int) -> None:
 
 
 def run_epochs(probe: RelativeWeightChange, epochs: int, steps: int = 4) -> list[dict]:
-    """on_start, then `epochs` epochs of `steps` steps each; the weights at start and each epoch."""
+    """start, then `epochs` epochs of `steps` steps each; the weights at start and each epoch."""
     model = probe.ctx.model
     progress = probe.runner.state
     probe.runner.start()

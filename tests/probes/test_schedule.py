@@ -139,6 +139,16 @@ def test_one_capture_per_step_even_across_a_resume() -> None:
     assert [(h, s, e, p) for h, s, e, p in fresh.calls] == [("capture", 2, 0, "end")]
 
 
+def test_an_earlier_versions_checkpoint_still_resumes() -> None:
+    """Its monitor state held each probe's state and last capture step side by side."""
+    probe, runner = make(at=["epoch", "end"])
+    runner.load_state_dict(
+        {"step": 8, "epoch": 2, "probes": {"log": {"state": {}, "last_capture": 8}}}
+    )
+    runner.end()
+    assert probe.last_capture == (8, None) and probe.calls == []
+
+
 def test_cli_lists_each_enabled_probe_with_its_schedule(capsys) -> None:
     code = cli(["probes", "probes=[gradients,gradient_flow,rwc]", "probes.gradient_flow.every=3",
                 "probes.rwc.every_steps=5", "model=mlp"])  # fmt: skip
