@@ -111,7 +111,8 @@ def hydra_main(args: list[str]) -> int:
     import hydra
     from hydra.errors import HydraException
 
-    from netprobe.config import CONFIG_NAME, conf_dir, first_line
+    from netprobe.config import CONFIG_NAME, conf_dir
+    from netprobe.errors import first_line
 
     app = hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")(
         run_job

@@ -129,8 +129,12 @@ def plot_command(args: list[str]) -> int:
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run or sweep directories")
     parser.add_argument("--out", help="output folder (default: PATH/figures for one PATH)")
-    parser.add_argument("--format", default="png", help="comma-separated: png, svg, pdf")
-    parser.add_argument("--only", help="comma-separated figure names (see the list below)")
+    parser.add_argument(
+        "--format", type=_split, default="png", help="comma-separated: png, svg, pdf"
+    )
+    parser.add_argument(
+        "--only", type=_names, help="comma-separated figure names (see the list below)"
+    )
     parser.add_argument(
         "--jobs", type=_positive, default=None, help="worker processes (default: the cores)"
     )
@@ -140,13 +144,7 @@ def plot_command(args: list[str]) -> int:
     ns = _parse(parser, args)
     if isinstance(ns, int):
         return ns
-    plot(
-        ns.paths,
-        out=ns.out,
-        formats=_split(ns.format),
-        only=_split(ns.only) if ns.only else None,
-        jobs=ns.jobs,
-    )
+    plot(ns.paths, out=ns.out, formats=ns.format, only=ns.only, jobs=ns.jobs)
     return 0
 
 
@@ -168,20 +166,14 @@ def ls_command(args: list[str]) -> int:
         metavar="KEY=VALUE",
         help="keep runs whose KEY is VALUE (or one of VALUE,VALUE); repeat to narrow",
     )
-    parser.add_argument("--columns", help="comma-separated columns to show")
+    parser.add_argument("--columns", type=_names, help="comma-separated columns to show")
     parser.add_argument("--format", default="table", help=f"one of {', '.join(FORMATS)}")
     ns = _parse(parser, args)
     if isinstance(ns, int):
         return ns
     from netprobe.listing import list_runs
 
-    list_runs(
-        ns.paths,
-        sort=ns.sort,
-        filters=ns.filter,
-        columns=_split(ns.columns) if ns.columns else None,
-        fmt=ns.format,
-    )
+    list_runs(ns.paths, sort=ns.sort, filters=ns.filter, columns=ns.columns, fmt=ns.format)
     return 0
 
 
@@ -282,6 +274,11 @@ def _positive(text: str) -> int:
 
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _names(text: str) -> list[str] | None:
+    """A comma-separated option where an empty value means the default (all of them)."""
+    return _split(text) if text else None
 
 
 if __name__ == "__main__":

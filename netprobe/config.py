@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from netprobe.errors import ConfigError
+from netprobe.errors import ConfigError, first_line
 
 CONFIG_NAME = "config"
 PRECISIONS = ("32", "bf16", "16")
@@ -99,6 +99,7 @@ def preflight(args: Sequence[str], check_data: bool = True) -> None:
     if not only_prints:  # torch and the data sets: `train --cfg job` starts without them
         from netprobe.checks import check_output_dir, check_probes
         from netprobe.data import prepare_data
+        from netprobe.setup import check_optimizer
 
     prepared = set()
     combos = itertools.islice(itertools.product(*choices), 1000)
@@ -111,6 +112,7 @@ def preflight(args: Sequence[str], check_data: bool = True) -> None:
             prepared.add(key)
         if not only_prints:
             check_probes(cfg)
+            check_optimizer(cfg.optim)
         if combo_index == 0:
             first_combo, first_cfg = combo, cfg
     if not only_prints:
@@ -136,11 +138,6 @@ def _sweeper_params(overrides: list[str], extra: list[str]) -> dict[str, str]:
         GlobalHydra.instance().clear()
     params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
     return {str(k): str(v) for k, v in params.items()}
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's message cut to its first line, as a one-line error wants it."""
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _explain(exc: Exception, overrides: list[str], hydra_compose: Callable) -> ConfigError:
@@ -177,33 +174,35 @@ Check = Callable[[Any], bool]
 _INT64 = 2**63 - 1  # steps and counts are stored as int64
 
 
-def _int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An integer that fits in int64 (not a bool)."""
     return isinstance(v, int) and not isinstance(v, bool) and -_INT64 - 1 <= v <= _INT64
 
 
 def _positive_int(v: Any) -> bool:
-    return _int(v) and v > 0
+    return is_int(v) and v > 0
 
 
 def _optional(check: Check) -> Check:
     return lambda v: v is None or check(v)
 
 
-def _number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A finite int or float (not a bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _positive(v: Any) -> bool:
-    return _number(v) and v > 0
+    return is_number(v) and v > 0
 
 
 def _non_negative_int(v: Any) -> bool:
-    return _int(v) and v >= 0
+    return is_int(v) and v >= 0
 
 
 def _fraction(v: Any) -> bool:
     """In [0, 1): a momentum, a beta, a dropout rate."""
-    return _number(v) and 0 <= v < 1
+    return is_number(v) and 0 <= v < 1
 
 
 def _sizes(v: Any) -> bool:
@@ -211,11 +210,9 @@ def _sizes(v: Any) -> bool:
     return _positive_int(v) or (isinstance(v, list) and bool(v) and all(map(_positive_int, v)))
 
 
-SCHEDULERS = ("cosine", "step")
-
 _CHECKS: dict[str, tuple[Check, str]] = {
     # What torch.manual_seed takes: a signed or an unsigned 64-bit integer.
-    "seed": (lambda v: _int(v) or (_non_negative_int(v - 2**63)), "a 64-bit integer"),
+    "seed": (lambda v: is_int(v) or (_non_negative_int(v - 2**63)), "a 64-bit integer"),
     "trainer.epochs": (_positive_int, "a positive integer"),
     "trainer.max_steps": (_optional(_positive_int), "a positive integer or null"),
     "trainer.precision": (lambda v: str(v) in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
@@ -234,7 +231,7 @@ _CHECKS: dict[str, tuple[Check, str]] = {
     "trainer.on_nonfinite": (lambda v: v in ("stop", "continue"), "stop or continue"),
     "trainer.tensorboard": (lambda v: isinstance(v, bool), "true or false"),
     "optim.lr": (_positive, "a positive number"),
-    "optim.weight_decay": (lambda v: _number(v) and v >= 0, "a number ≥ 0"),
+    "optim.weight_decay": (lambda v: is_number(v) and v >= 0, "a number ≥ 0"),
     "optim.momentum": (_fraction, "a number in [0, 1)"),
     "optim.nesterov": (lambda v: isinstance(v, bool), "true or false"),
     "optim.betas": (
@@ -242,7 +239,6 @@ _CHECKS: dict[str, tuple[Check, str]] = {
         "two numbers in [0, 1), e.g. [0.9,0.999]",
     ),
     "optim.eps": (_positive, "a positive number"),
-    "optim.scheduler": (lambda v: v is None or v in SCHEDULERS, "null, cosine or step"),
     "optim.step_size": (_positive_int, "a positive integer (epochs)"),
     "optim.gamma": (_positive, "a positive number"),
     "data.batch_size": (_positive_int, "a positive integer"),
@@ -251,9 +247,9 @@ _CHECKS: dict[str, tuple[Check, str]] = {
     "data.channels": (_positive_int, "a positive integer"),
     "data.num_classes": (_positive_int, "a positive integer"),
     "data.num_samples": (_positive_int, "a positive integer"),
-    "data.noise": (lambda v: _number(v) and v >= 0, "a number ≥ 0"),
+    "data.noise": (lambda v: is_number(v) and v >= 0, "a number ≥ 0"),
     "data.val_fraction": (
-        _optional(lambda v: _number(v) and 0 < v < 1),
+        _optional(lambda v: is_number(v) and 0 < v < 1),
         "a fraction in (0, 1), or null for the official test split",
     ),
     "data.num_workers": (_non_negative_int, "an integer ≥ 0"),
@@ -286,6 +282,7 @@ def validate(cfg: DictConfig) -> None:
     optim = cfg.optim
     if optim.get("nesterov") and not optim.get("momentum"):
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
+    _check_scheduler(optim)
     _check_memory(cfg.data)
     check_device(cfg.trainer.device)
     from netprobe.doctor import thresholds
@@ -295,6 +292,17 @@ def validate(cfg: DictConfig) -> None:
         from netprobe.tensorboard import require
 
         require()  # before any run directory exists
+
+
+def _check_scheduler(optim: DictConfig) -> None:
+    """`optim.scheduler` is null or names one of `optim.lr_schedulers` (conf/config.yaml)."""
+    choices = ["null", *optim.get("lr_schedulers", {})]
+    value = optim.get("scheduler")
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    if value is not None and (not isinstance(value, str) or value not in choices[1:]):
+        valid = f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else "null"
+        raise ConfigError(f"optim.scheduler={value!r} is not valid; expected {valid}")
 
 
 def check_device(name: str) -> None:

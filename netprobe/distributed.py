@@ -1,11 +1,6 @@
-"""Multi-process training with torch.distributed (DDP), as started by `torchrun`.
-
-`torchrun --nproc_per_node=N -m netprobe train ...` starts N copies of `netprobe train`; each reads
-its place (RANK, WORLD_SIZE, LOCAL_RANK) from the environment torchrun sets. They train one model
-together: every rank takes an equal share of each global batch (`data.batch_size`), DDP
-averages the gradients during backward, so probes reading `.grad` after backward read the
-all-reduced gradient. Only rank 0 writes the run; the others attach a `FollowerMonitor`.
-"""
+"""Training in several processes with DDP, as `torchrun` starts them: one model, an equal share of
+each global batch per rank, gradients all-reduced during backward. Only rank 0 writes the run; the
+others attach a `FollowerMonitor`."""
 
 from __future__ import annotations
 
@@ -22,13 +17,14 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from netprobe.errors import ConfigError
-from netprobe.lifecycle import ending
+from netprobe.lifecycle import status_for
 from netprobe.probes.base import StepState
 
 
 @dataclass(frozen=True)
-class Distributed:
-    """This process's place among the training processes; `world_size` 1 without torchrun."""
+class DDPContext:
+    """Which rank this process is, of how many (torchrun's RANK, WORLD_SIZE, LOCAL_RANK);
+    `enabled` only under torchrun, else rank 0 of 1."""
 
     rank: int = 0
     world_size: int = 1
@@ -40,7 +36,7 @@ class Distributed:
         return self.rank == 0
 
 
-def launched() -> Distributed:
+def launched() -> DDPContext:
     """What torchrun's environment says about this process (no process group is started).
 
     A job of a submitit launcher (SLURM, local) with several tasks counts too: submitit's own
@@ -50,8 +46,8 @@ def launched() -> Distributed:
     if "RANK" not in env and env.get("SUBMITIT_EXECUTOR"):
         _from_submitit()
     if "RANK" not in env or "WORLD_SIZE" not in env:
-        return Distributed()
-    return Distributed(
+        return DDPContext()
+    return DDPContext(
         rank=int(env["RANK"]),
         world_size=int(env["WORLD_SIZE"]),
         local_rank=int(env.get("LOCAL_RANK", 0)),
@@ -68,26 +64,26 @@ def _from_submitit() -> None:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def setup(device: torch.device) -> tuple[Distributed, torch.device]:
+def setup(device: torch.device) -> tuple[DDPContext, torch.device]:
     """Join the process group when started by torchrun (once per process): NCCL on GPUs, gloo
     on the CPU. Each rank gets its own GPU, `cuda:LOCAL_RANK`."""
-    place = launched()
-    if not place.enabled:
-        return place, device
+    ddp = launched()
+    if not ddp.enabled:
+        return ddp, device
     if device.type == "cuda":
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", place.local_rank + 1))
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ddp.local_rank + 1))
         if per_node > torch.cuda.device_count():
             raise ConfigError(
                 f"{per_node} processes per node but {torch.cuda.device_count()} GPU(s) visible: "
                 "start at most one process per GPU, or train on the CPU with trainer.device=cpu"
             )
-        device = torch.device("cuda", place.local_rank)
+        device = torch.device("cuda", ddp.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=place.rank, world_size=place.world_size)
+        dist.init_process_group(backend, rank=ddp.rank, world_size=ddp.world_size)
         atexit.register(_leave)
-    return place, device
+    return ddp, device
 
 
 def _leave() -> None:
@@ -95,11 +91,11 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, place: Distributed, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, ddp: DDPContext, device: torch.device) -> nn.Module:
     """The module the training step calls: DDP around `model` under torchrun, else `model`.
     Probes keep `model` itself, so their names carry no `module.` prefix and their own forward
     passes (on rank 0 only) never wait for the other ranks."""
-    if not place.enabled:
+    if not ddp.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -107,44 +103,33 @@ def wrap(model: nn.Module, place: Distributed, device: torch.device) -> nn.Modul
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def from_main(value: Any, place: Distributed) -> Any:
+def from_main(value: Any, ddp: DDPContext) -> Any:
     """Rank 0's `value`, on every rank (the run directory, the validation results)."""
-    if not place.enabled:
+    if not ddp.enabled:
         return value
-    box = [value if place.is_main else None]
+    box = [value if ddp.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def mean_over_ranks(values: torch.Tensor, place: Distributed) -> torch.Tensor:
+def mean_over_ranks(values: torch.Tensor, ddp: DDPContext) -> torch.Tensor:
     """The mean of a tensor over all ranks (the loss and accuracy of the whole global batch)."""
-    if not place.enabled:
+    if not ddp.enabled:
         return values
     total = values.detach().clone()
     dist.all_reduce(total)
-    return total / place.world_size
+    return total / ddp.world_size
 
 
 def hydra_overrides() -> list[str]:
     """Hydra overrides for ranks other than 0: their Hydra output goes to a throwaway folder, so
     one run directory is made per run, not one per rank (the timestamps may differ)."""
-    place = launched()
-    if not place.enabled or place.is_main:
+    ddp = launched()
+    if not ddp.enabled or ddp.is_main:
         return []
-    scratch = tempfile.mkdtemp(prefix=f"netprobe-rank{place.rank}-")
+    scratch = tempfile.mkdtemp(prefix=f"netprobe-rank{ddp.rank}-")
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     return [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}", "hydra.output_subdir=null"]
-
-
-class _Status:
-    def __init__(self) -> None:
-        self.info: dict[str, Any] = {"status": "running"}
-
-    def update(self, **fields: Any) -> None:
-        self.info.update(fields)
-
-    def close(self, status: str, error: str | None = None, **fields: Any) -> None:
-        self.update(status=status, error=error, **fields)
 
 
 class FollowerMonitor:
@@ -153,10 +138,11 @@ class FollowerMonitor:
 
     def __init__(self, on_nonfinite: str = "stop") -> None:
         self.state = StepState()
-        self.writer = _Status()
+        self.probes: list[Any] = []
         self.best_val_acc: float | None = None
         self.on_nonfinite = on_nonfinite
         self.nonfinite_step: int | None = None  # rank 0 watches the (all-reduced) loss
+        self.status = "running"
 
     def after_backward(self, loss: torch.Tensor, **_: Any) -> None: ...
 
@@ -175,8 +161,10 @@ class FollowerMonitor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state.step, self.state.epoch = state["step"], state["epoch"]
 
+    def stop(self, reason: str) -> None: ...
+
     def close(self, status: str = "completed", error: str | None = None, **_: Any) -> None:
-        self.writer.close(status, error)
+        self.status = status
 
     def __enter__(self) -> FollowerMonitor:
         return self
@@ -187,4 +175,4 @@ class FollowerMonitor:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close(*ending(exc_type, exc))
+        self.close(*status_for(exc_type, exc))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 ON_NONFINITE = ("stop", "continue")
+NONE = torch.iinfo(torch.int64).max  # no non-finite loss yet
 
 
 class NonfiniteWatch:
@@ -18,7 +19,7 @@ class NonfiniteWatch:
     """
 
     def __init__(self) -> None:
-        self._first: torch.Tensor | None = None  # device int64 scalar: the step, or -1
+        self._first: torch.Tensor | None = None  # device int64 scalar: the step, or NONE
         self._host: torch.Tensor | None = None
         self._event: torch.cuda.Event | None = None
         self._known: int | None = None
@@ -28,11 +29,12 @@ class NonfiniteWatch:
         """Fold in the loss of optimizer step `step`."""
         loss = loss.detach()
         if self._first is None:
-            self._first = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            self._first = torch.full((), NONE, dtype=torch.int64, device=loss.device)
             self.polled = loss.device.type == "cuda"
-        # Kept where this loss is finite or an earlier step was already found: four tiny kernels.
+        # The running minimum of the steps with a non-finite loss (NONE for a finite one) keeps
+        # the first: three tiny kernels.
         finite = torch.isfinite(loss) if loss.dim() == 0 else torch.isfinite(loss).all()
-        self._first = torch.where(finite | (self._first >= 0), self._first, step)
+        self._first = torch.minimum(self._first, torch.where(finite, NONE, step))
         if self.polled:
             self._poll()
 
@@ -50,7 +52,7 @@ class NonfiniteWatch:
         self._event.record()
 
     def _read(self, value: int) -> None:
-        if value >= 0 and self._known is None:
+        if value != NONE and self._known is None:
             self._known = value
 
     @property

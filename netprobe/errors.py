@@ -12,6 +12,12 @@ class ConfigError(ValueError):
     """Bad input: an unknown option, key or value. The message names it and the valid choices."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line, as a one-line error wants it."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class StorageError(OSError):
     """A run's file could not be written (a full disk, a read-only folder): the run ends `failed`
     with this one line, which names the file and the error number."""

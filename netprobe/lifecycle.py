@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from netprobe.errors import ConfigError
+from netprobe.errors import ConfigError, StorageError
 
 LOCK_FILE = ".netprobe.lock"
 RUN_FILE = "run.json"
@@ -127,6 +127,25 @@ def check_new_run_dir(path: str | os.PathLike) -> None:
         f"run directory {path} already holds a run (status {status}); choose a new folder "
         f"(hydra.run.dir=...) or continue it with trainer.resume=true"
     )
+
+
+def claim_run_dir(path: str | os.PathLike, *, resume: bool = False) -> RunLock:
+    """Make the run directory `path` and take its lock, for the run's writer to hold
+    (netprobe.store.RunWriter releases it). A new run is refused a folder that holds a run or
+    run files (`check_new_run_dir`); resuming (`resume`) continues the run there."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(path, exc) from None
+    lock = RunLock(path).acquire()
+    try:
+        if not resume:
+            check_new_run_dir(path)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 class RunLock:
@@ -241,7 +260,7 @@ def _busy_message(path: Path, holder: dict[str, Any] | None) -> str:
 # ---------------------------------------------------------------- Ctrl-C, SIGTERM and SIGHUP
 
 
-def ending(
+def status_for(
     exc_type: type[BaseException] | None, exc: BaseException | None
 ) -> tuple[str, str | None]:
     """A run's final status and error for how its `with` block ended (SPEC §4): `completed`,

@@ -6,19 +6,15 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
-from types import TracebackType
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from netprobe.divergence import ON_NONFINITE, NonfiniteWatch
 from netprobe.errors import ConfigError
-from netprobe.lifecycle import ending, signals_held
+from netprobe.lifecycle import claim_run_dir, signals_held, status_for
 from netprobe.probes import (
     Probe,
     ProbeRunner,
@@ -28,133 +24,17 @@ from netprobe.probes import (
     close_probes,
     probe_context,
 )
-from netprobe.probes.gradients import stat_dtype
 from netprobe.probes.memory import AUTO, check_budget
-from netprobe.store import RunWriter, rows_table, scalar_table
+from netprobe.probes.reductions import stat_dtype
+from netprobe.store import RunWriter, graph_table, layers_table
 
 Number = float | int | torch.Tensor
-
-
-class Recorder:
-    """Holds probe output as device tensors and moves it to the host in one copy per table."""
-
-    def __init__(self, progress: StepState) -> None:
-        self.progress = progress
-        self._scalars: list[tuple[int, int, str, list[str], list[str], torch.Tensor]] = []
-        self._hists: list[tuple[int, int, str, str, str, torch.Tensor, torch.Tensor]] = []
-        self._matrices: list[tuple[int, int, str, str, str, str, torch.Tensor]] = []
-
-    def scalars(
-        self, probe: str, layers: list[str], metrics: list[str], values: torch.Tensor | Number
-    ) -> None:
-        """Values [len(layers), len(metrics)] for the current step."""
-        if not isinstance(values, torch.Tensor):
-            values = torch.as_tensor(values, dtype=torch.float64)  # not float32: lr 1e-3 stays
-        elif values.requires_grad:
-            values = values.detach()
-        self._scalars.append(
-            (self.progress.step, self.progress.epoch, probe, layers, metrics, values)
-        )
-
-    def histogram(
-        self,
-        probe: str,
-        layer: str,
-        source: str,
-        edges: torch.Tensor,
-        counts: torch.Tensor,
-        below: torch.Tensor | int = 0,
-        above: torch.Tensor | int = 0,
-    ) -> None:
-        """Counts per bin for `edges` (len(edges) = len(counts) + 1), plus out-of-range counts."""
-        tail = torch.stack([torch.as_tensor(below), torch.as_tensor(above)]).to(counts.device)
-        self._hists.append(
-            (
-                self.progress.step,
-                self.progress.epoch,
-                probe,
-                layer,
-                source,
-                edges.detach(),
-                torch.cat([counts.detach().reshape(-1), tail.reshape(-1)]),
-            )
-        )
-
-    def matrix(self, probe: str, name: str, row: str, col: str, values: torch.Tensor) -> None:
-        """A matrix (or vector) named `name` for the pair (`row`, `col`) of layers."""
-        self._matrices.append(
-            (self.progress.step, self.progress.epoch, probe, name, row, col, values.detach())
-        )
-
-    def __len__(self) -> int:
-        return len(self._scalars) + len(self._hists) + len(self._matrices)
-
-    def drain(self) -> dict[str, pa.Table]:
-        """Everything buffered so far, on the host, as Arrow tables; the buffers are emptied."""
-        tables: dict[str, pa.Table] = {}
-        if self._scalars:
-            values = _to_host_flat([v for *_, v in self._scalars], torch.float64)
-            tables["scalars"] = scalar_table(self._scalars, values)
-        if self._hists:
-            edges = _to_host([h[5] for h in self._hists], torch.float64)
-            counts = _to_host([h[6] for h in self._hists], torch.int64)
-            rows = [
-                {
-                    "step": step,
-                    "epoch": epoch,
-                    "probe": probe,
-                    "layer": layer,
-                    "source": source,
-                    "edges": e,
-                    "counts": c[:-2],
-                    "below": int(c[-2]),
-                    "above": int(c[-1]),
-                }
-                for (step, epoch, probe, layer, source, *_), e, c in zip(self._hists, edges, counts)
-            ]
-            tables["histograms"] = rows_table("histograms", rows)
-        if self._matrices:
-            # float64 on disk: CKA needs it, and float32 matrices (C) are stored exactly.
-            values = _to_host([m[6] for m in self._matrices], torch.float64)
-            rows = [
-                {
-                    "step": step,
-                    "epoch": epoch,
-                    "probe": probe,
-                    "name": name,
-                    "row": row,
-                    "col": col,
-                    "shape": list(t.shape),
-                    "values": v,
-                }
-                for (step, epoch, probe, name, row, col, t), v in zip(self._matrices, values)
-            ]
-            tables["matrices"] = rows_table("matrices", rows)
-        self._scalars, self._hists, self._matrices = [], [], []
-        return tables
-
-
-def _to_host_flat(tensors: list[torch.Tensor], dtype: torch.dtype) -> np.ndarray:
-    """The tensors flattened and concatenated, in order, on the host: one copy per device."""
-    devices = {t.device for t in tensors}
-    if len(devices) == 1:
-        # cat promotes mixed dtypes itself: one conversion for all, not one per tensor.
-        return torch.cat([t.reshape(-1) for t in tensors]).to(dtype).cpu().numpy()
-    return np.concatenate(_to_host(tensors, dtype))
-
-
-def _to_host(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[np.ndarray]:
-    """One device-to-host copy per device for a list of tensors; returns flat numpy pieces."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    out: list[np.ndarray] = [np.empty(0)] * len(tensors)
-    for indices in by_device.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).to(dtype).cpu().numpy()
-        ends = np.cumsum([tensors[i].numel() for i in indices]).tolist()
-        for i, start, end in zip(indices, [0, *ends], ends):
-            out[i] = flat[start:end]
-    return out
+# The per-step curve record's metrics, by (accuracy given, gradients present).
+CURVE_NAMES = {
+    (acc, grads): ["loss", *(["acc"] if acc else []), *(["grad_l2_total"] if grads else [])]
+    for acc in (False, True)
+    for grads in (False, True)
+}
 
 
 class Monitor:
@@ -211,9 +91,8 @@ class Monitor:
             raise
         self.path = self.writer.path
         try:
-            self.writer.write_table("layers", rows_table("layers", [asdict(r) for r in ctx.layers]))
-            graph = [{"source": s, "target": t} for s, t in ctx.edges]
-            self.writer.write_table("graph", rows_table("graph", graph))
+            self.writer.write_table("layers", layers_table(ctx.layers))
+            self.writer.write_table("graph", graph_table(ctx.edges))
             self.runner.start() if resume is None else self.runner.resume()  # started before
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
@@ -234,7 +113,9 @@ class Monitor:
             "first_nonfinite_step": None,
             **dict(info or {}),
         }
-        return RunWriter(out_dir, initial, resume=resume)
+        # One writer per directory; a new run never writes into an old one (resuming does).
+        lock = claim_run_dir(out_dir, resume=resume)
+        return RunWriter(out_dir, initial, lock=lock, resume=resume)
 
     # -- resuming: where training is, and what each probe carries between steps
     def state_dict(self) -> dict[str, Any]:
@@ -264,16 +145,22 @@ class Monitor:
         loss = loss.detach()
         self.nonfinite.observe(loss, self.state.step)
         # The step's curve values in one record: one tensor per step rather than one per metric.
-        curve = {"loss": loss.reshape(())}
-        if acc is not None:  # on the loss's device, stacked with it
-            curve["acc"] = torch.as_tensor(acc, device=loss.device).detach().reshape(())
-        self._last.update(curve)
+        # A few microseconds count here (a small model's step is ~2 ms): no reshape of what is
+        # already a scalar, and the name lists are constants.
+        values = [loss if loss.dim() == 0 else loss.reshape(())]
+        self._last["loss"] = loss
+        if acc is not None:
+            acc = torch.as_tensor(acc, device=loss.device).detach()  # stacked with the loss
+            values.append(acc if acc.dim() == 0 else acc.reshape(()))
+            self._last["acc"] = acc
         grads = [p.grad for p in self._params if p.grad is not None]
         total = None
         if grads:  # the gradients probe records it too, from the state: one computation
             norms = torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))
-            curve["grad_l2_total"] = total = torch.linalg.vector_norm(torch.stack(norms))
-        self.record.scalars("train", [""], list(curve), torch.stack(list(curve.values()))[None])
+            total = torch.linalg.vector_norm(torch.stack(norms))
+            values.append(total)
+        names = CURVE_NAMES[acc is not None, bool(grads)]
+        self.record.scalars("train", [""], names, torch.stack(values)[None])
         if self.optimizer is not None:
             self.record.scalars("train", [""], ["lr"], self._lr_tensor())
         self._samples += batch_size or 0
@@ -362,7 +249,7 @@ class Monitor:
                 self.runner.end()
         except BaseException as exc:  # Ctrl-C or an error in the end captures
             failure = exc
-            status, error = ending(type(exc), exc)
+            status, error = status_for(type(exc), exc)
         try:
             # Whatever ended the run, what was recorded is written.
             self.flush()
@@ -370,7 +257,7 @@ class Monitor:
             # A run that ended badly already keeps its reason; the writer adds the lost rows.
             failure = failure or exc
             if status == "completed":
-                status, error = ending(type(exc), exc)
+                status, error = status_for(type(exc), exc)
         finally:
             close_probes(self.probes)
             final = {k: v for k, v in self.latest().items() if math.isfinite(v)}
@@ -396,14 +283,17 @@ class Monitor:
     def __enter__(self) -> Monitor:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        status, error = ending(exc_type, exc)
-        self.close(status, error=error)
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, _tb: Any):
+        self.close(*status_for(exc_type, exc))
+
+    def stop(self, reason: str) -> None:
+        """Record why training stopped before its last epoch (run.json's `stop_reason`)."""
+        self.writer.update(stop_reason=reason)
+
+    @property
+    def status(self) -> str:
+        """The run's status: `running` until closed, then how it ended (`completed`, ...)."""
+        return self.writer.info["status"]
 
 
 def attach(

@@ -1,10 +1,5 @@
 """Every run under a folder as one set of tables: long DataFrames with a `run` column and config
-columns (`load_runs(path).scalars(...)`), and SQL over them (`netprobe query`, DuckDB).
-
-DuckDB reads the part files where they lie, only the columns and row groups a query needs, so a
-query over thousands of runs reads little more than it returns. store.py lists the runs and their
-part files; a part that does not read is skipped with the warning `netprobe.load` gives.
-"""
+columns (`load_runs(path).scalars(...)`), and SQL over them (`netprobe query`, DuckDB)."""
 
 from __future__ import annotations
 
@@ -18,7 +13,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from netprobe.errors import ConfigError
+from netprobe.errors import ConfigError, first_line
 from netprobe.store import (
     CONFIG_FILE,
     SCHEMAS,
@@ -122,7 +117,10 @@ def _sql_list(paths: Iterable[Path]) -> str:
 class Catalog:
     """A DuckDB connection whose views `runs`, `scalars`, `histograms`, `matrices` and `layers`
     cover the given runs, each with a `run` column (the run's directory). A query defines only
-    the views it names: `runs` reads every run's config, the others list every part file."""
+    the views it names: `runs` reads every run's config, the others list every part file.
+    DuckDB reads the part files where they lie, only the columns and row groups a query needs,
+    so a query over thousands of runs reads little more than it returns; a part that does not
+    read is skipped with the warning `netprobe.load` gives."""
 
     def __init__(self, runs: Sequence[Run], configs: Mapping[Path, dict] | None = None) -> None:
         self.runs = list(runs)
@@ -185,7 +183,7 @@ class Catalog:
                 isinstance(exc, (db.BinderException, db.CatalogException))
                 and ".parquet" not in str(exc)
             ):
-                raise ConfigError(f"bad query: {_first_line(exc)}") from None
+                raise ConfigError(f"bad query: {first_line(exc)}") from None
         try:
             self._define(sql, union=True)
             return self._fetch(sql, params)
@@ -196,12 +194,12 @@ class Catalog:
         for view in named:
             self._parts[view] = readable_parts(self._parts[view])
         if before == sum(len(self._parts[v]) for v in named):
-            raise ConfigError(f"query failed: {_first_line(error)}") from None
+            raise ConfigError(f"query failed: {first_line(error)}") from None
         try:
             self._define(sql, union=True)
             return self._fetch(sql, params)
         except db.Error as exc:
-            raise ConfigError(f"query failed: {_first_line(exc)}") from None
+            raise ConfigError(f"query failed: {first_line(exc)}") from None
 
     def _fetch(self, sql: str, params: Sequence[Any]) -> pa.Table:
         relation = self.con.sql(sql, params=list(params) or None)
@@ -210,11 +208,6 @@ class Catalog:
         # duckdb 1.4 renamed arrow() to to_arrow_table().
         fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
         return fetch()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------- Python access

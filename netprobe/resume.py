@@ -23,8 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from netprobe.checkpoint import checkpoint_path, load_checkpoint, set_rng_states
-from netprobe.config import first_line
-from netprobe.errors import ConfigError
+from netprobe.errors import ConfigError, first_line
 from netprobe.lifecycle import check_not_a_stray
 from netprobe.store import RUN_FILE, flatten, read_info
 
@@ -52,9 +51,10 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
     """The checkpoint `run_dir` continues from, or None when not resuming (or nothing to resume).
 
     Only reads: the run must be a run, its config must agree with `cfg` (`check`), and its
-    `last.pt` must be whole. The rows of later epochs are dropped once the run's writer holds the
-    directory (netprobe.store.RunWriter). `writes`: whether this process writes the run (it says
-    when there is nothing to resume)."""
+    `last.pt` must be whole. The rows of later epochs are dropped once the monitor holds the
+    directory's lock (lifecycle.claim_run_dir) and hands it to the run's writer
+    (netprobe.store.RunWriter). `writes`: whether this process writes the run (it says when there
+    is nothing to resume)."""
     if not resuming(cfg):
         return None
     run_dir = Path(run_dir)
@@ -84,6 +84,7 @@ MAY_CHANGE = (
     "trainer.on_nonfinite", "trainer.device", "trainer.compile", "trainer.deterministic",
     "data.num_workers", "data.on_device", "data.root", "data.download", "probes.memory_budget",
     "name", "out_root",
+    "optim.lr_schedulers.cosine.T_max",  # trainer.epochs; the checkpoint's own T_max is restored
 )  # fmt: skip
 CONFIG = Path(".hydra") / "config.yaml"
 
@@ -104,6 +105,11 @@ def check(cfg: DictConfig, run_dir: str | Path) -> None:
     except Exception as exc:  # noqa: BLE001 - a damaged YAML file, whatever the parser says
         raise ConfigError(f"{path} is damaged ({first_line(exc)}); it cannot be resumed") from None
     before, now = _flat(stored), _flat(cfg)
+    # A run from before optimizers were `_target_` recipes lacks these keys; its optimizer and
+    # scheduler were the ones `optim.name` and `optim.scheduler` name, as now.
+    for key in now.keys() - before.keys():
+        if key.startswith(("optim._", "optim.lr_schedulers.")):
+            before[key] = now[key]
     missing = "(absent)"
     differ = [
         f"{key}={_show(before.get(key, missing))} (the run's) vs {_show(now.get(key, missing))}"

@@ -61,12 +61,15 @@ def layer_table(model: nn.Module, example: torch.Tensor | None = None) -> list[L
     order: dict[str, int] = {}
     out_shape: dict[str, tuple[int, ...]] = {}
     if example is not None:
+        # Here, not at the top: the probes package imports this module.
+        from netprobe.probes.capture import output_tensor
 
         def record(name: str):
             def hook(_m: nn.Module, _inp: object, out: object) -> None:
                 order.setdefault(name, len(order))
-                if isinstance(out, torch.Tensor):
-                    out_shape.setdefault(name, tuple(out.shape[1:]))
+                y = output_tensor(out)
+                if y is not None:
+                    out_shape.setdefault(name, tuple(y.shape[1:]))
 
             return hook
 

@@ -1,12 +1,6 @@
 """TensorBoard event files from netprobe's tables: live (`trainer.tensorboard=true` writes RUN/tb/
-at each flush) and after the fact (`netprobe export PATH --to tensorboard --out DIR`).
-
-Scalars are tagged `probe/metric/layer` (`train/loss`, `gradients/l2/net.1.weight`), histograms
-`probe/source/layer`; hparams hold the flattened config, with the run's final results as
-`final/...` scalars. TensorBoard's own writer is used, not torch's SummaryWriter: it needs no torch
-(export runs where torch would take seconds to import), takes the stored bin edges and counts as
-they are, and keeps hparams in the run's own event file (torch's add_hparams makes a new run).
-"""
+at each flush) and after the fact (`netprobe export PATH --to tensorboard --out DIR`); tags are
+`probe/metric/layer`, hparams the flattened config with the final results as `final/...`."""
 
 from __future__ import annotations
 
@@ -32,7 +26,10 @@ FINAL = ("best_val_acc", "final.loss", "final.acc", "final.val_loss", "final.val
 
 
 def _tensorboard() -> SimpleNamespace:
-    """TensorBoard's protocol buffers and file writer, imported on first use (not with netprobe)."""
+    """TensorBoard's protocol buffers and file writer, imported on first use (not with netprobe).
+    Not torch's SummaryWriter: this needs no torch (export runs where torch would take seconds to
+    import), takes the stored bin edges and counts as they are, and keeps hparams in the run's
+    own event file (torch's add_hparams makes a new run)."""
     try:
         from tensorboard.compat.proto import event_pb2, summary_pb2
         from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2

@@ -21,6 +21,7 @@ captures / `--epoch-steps`, added to the step ratio in the last column, the over
     python scripts/bench_overhead.py --cases cnn --epoch-steps 26 --variants a,b,d
     python scripts/bench_overhead.py --device cuda --cases resnet18 --precision bf16
     python scripts/bench_overhead.py --quick         # smoke test: a few seconds
+    python scripts/bench_overhead.py --threads 1 --clock cpu   # a shared machine: CPU time
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ from netprobe.data import build_data
 from netprobe.init import initialize
 from netprobe.models import build_model
 from netprobe.probes import PROBES, probe_context
-from netprobe.train import build_optimizer, resolve_device, train_step
+from netprobe.probes.memory import split_budget
+from netprobe.setup import build_optimizer, resolve_device
+from netprobe.train import train_step
 
 # Case: config overrides, the epoch length (steps) its epoch captures are amortized over, and
 # (rounds, steps per block) by default: fewer for the slow cases.
@@ -104,6 +107,10 @@ VARIANTS = {
     "d": "probes=all",
 }
 PASS = "one pass"
+# What a block is timed with: wall time, or with --clock cpu the process's CPU time, which a
+# shared machine's other work does not inflate (one torch thread, CPU only: it counts every
+# thread's time and none of a GPU's).
+clock = time.perf_counter
 READS = 10  # passes per step of the one-pass reference
 
 
@@ -127,7 +134,10 @@ def probe_specs() -> dict[str, dict[str, Any]]:
         ("c", "probes=[gradients,optim_dynamics]"),
         ("d", "probes=all"),
     ):
-        specs[key] = OmegaConf.to_container(compose([override]).probes, resolve=True) or {}
+        # Without memory_budget: the probe groups, as `netprobe train` passes them to attach.
+        specs[key], _ = split_budget(
+            OmegaConf.to_container(compose([override]).probes, resolve=True)
+        )
     for key in ("g", "c"):
         specs[key] = {name: {**cfg, "every": 1} for name, cfg in specs[key].items()}
     return specs
@@ -172,7 +182,7 @@ def build_variants(
     for key in keys:
         model = copy.deepcopy(base)
         model.train()
-        optimizer, _ = build_optimizer(model, cfg.optim, epochs=1)
+        optimizer, _ = build_optimizer(model, cfg.optim)
         if key == "a":
 
             def plain(x, y, model=model, optimizer=optimizer):
@@ -250,12 +260,12 @@ def _capture_costs(case: str, device: torch.device, repeats: int, out: Path) -> 
             continue
         times, units = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = clock()
             forward()
-            t1 = time.perf_counter()
+            t1 = clock()
             probe.capture(mon.state)
             synchronize(device)
-            t2 = time.perf_counter()
+            t2 = clock()
             mon.record.drain()
             times.append(t2 - t1)
             units.append((t2 - t1) / (t1 - t0))
@@ -275,9 +285,9 @@ def timed_flushes(v: Variant, device: torch.device) -> None:
 
     def timed() -> None:
         synchronize(device)  # the queued training work is not the flush's cost
-        t0 = time.perf_counter()
+        t0 = clock()
         flush()
-        v.flushes.append(time.perf_counter() - t0)
+        v.flushes.append(clock() - t0)
 
     mon.flush = timed
 
@@ -304,13 +314,13 @@ def run_case(
         def block(v: Variant, start: int) -> float:
             flushed = sum(v.flushes)
             synchronize(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             for i in range(start, start + block_steps):
                 x, y = batches[i % len(batches)]
                 v.step(x, y)
             synchronize(device)
             # Flushes are counted apart, amortized over flush_every steps.
-            return (time.perf_counter() - t0 - (sum(v.flushes) - flushed)) / block_steps
+            return (clock() - t0 - (sum(v.flushes) - flushed)) / block_steps
 
         # Every variant sees the same batches in the same order.
         for r in range(warmup_rounds):
@@ -330,10 +340,10 @@ def run_case(
                 # A step first: a probe captures at most once per step.
                 v.step(*batches[i % len(batches)])
                 synchronize(device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 v.monitor.end_epoch()  # epoch captures, then a flush (timed apart)
                 synchronize(device)
-                v.epoch_capture.append(time.perf_counter() - t0 - v.flushes.pop())
+                v.epoch_capture.append(clock() - t0 - v.flushes.pop())
             v.monitor.close()
         plain = variants[0].blocks
         plain_s = statistics.median(plain)
@@ -424,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flush-every", type=int, default=200, help="trainer.flush_every")
     parser.add_argument("--epoch-steps", type=int, default=None, help="steps per epoch")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (CPU only)"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke test: tiny blocks")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument(
@@ -433,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if device.type != "cpu":
+            parser.error(f"--clock cpu times the host only; use --clock wall on {device}")
+        global clock
+        clock = time.process_time
     cases = args.cases.split(",") if args.cases else [c for c in CASES if c != "resnet18"]
     if not args.cases and device.type == "cuda":
         cases = ["resnet18", "cnn", "mlp"]
@@ -452,7 +470,10 @@ def main(argv: list[str] | None = None) -> int:
         else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads"
     )
-    print(f"# {machine}; torch {torch.__version__}; load average {load:.2f} at start")
+    print(
+        f"# {machine}; torch {torch.__version__}; {args.clock} clock; "
+        f"load average {load:.2f} at start"
+    )
     if args.captures:
         for case in cases:
             print(capture_costs(case, device, args.captures), flush=True)

@@ -37,8 +37,9 @@ from omegaconf import OmegaConf
 
 import netprobe
 from netprobe.config import compose
-from netprobe.monitor import Recorder
+from netprobe.lifecycle import claim_run_dir
 from netprobe.probes import StepState
+from netprobe.recorder import Recorder
 from netprobe.store import RunWriter, write_json
 from netprobe.train import train
 
@@ -56,7 +57,7 @@ def scalar_rows_per_second(steps: int, flush_every: int, device: torch.device) -
     pool = [(rand(n, 4), rand(1, 1), rand(n, 10), rand(n, 1), rand(n, 1)) for _ in range(16)]
     scalar = rand(1, 1)
     with tempfile.TemporaryDirectory(prefix="netprobe-store-") as tmp:
-        writer = RunWriter(tmp, {})
+        writer = RunWriter(tmp, {}, lock=claim_run_dir(tmp))
         t_record = t_drain = t_write = 0.0
         rows = 0
         for step in range(steps):

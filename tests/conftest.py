@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable
+import sys
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import netprobe
 from netprobe.config import compose
@@ -91,6 +95,99 @@ def held_bytes() -> Callable[[object, nn.Module], list[int]]:
     """`held_bytes(probe, model)`: sorted bytes of every distinct storage the probe's attributes
     reference (through lists, tuples and dicts), besides the model's parameters and gradients."""
     return _held_bytes
+
+
+READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+aten = torch.ops.aten
+# Ops whose output size, or Python value, comes from the data: on a GPU each waits for the device.
+# torch flags them only on CUDA (torch.cuda.set_sync_debug_mode); a dispatch mode sees them on CPU.
+SYNCING = {
+    aten._local_scalar_dense.default,  # .item(), float(t), int(t), bool(t), `if t:`
+    aten.is_nonzero.default,
+    aten.equal.default,
+    aten.nonzero.default,  # torch.where(mask), mask.nonzero(), argwhere
+    aten.masked_select.default,
+    aten.bincount.default,  # sized by the largest value
+    aten.repeat_interleave.Tensor,
+    aten._unique.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+}
+# Indexing syncs when an index is a boolean mask (`x[x != 0]`): it becomes nonzero's positions.
+INDEXING = {
+    aten.index.Tensor,
+    aten.index_put.default,
+    aten.index_put_.default,
+    aten._index_put_impl_.default,
+}
+
+
+def _called_from(name: str, depth: int = 5) -> bool:
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class HostReads(TorchDispatchMode):
+    """While entered, calls `flag(what)` on each host read of a tensor: a read method of
+    torch.Tensor (patched through `monkeypatch`) or an aten op in SYNCING, or a boolean-mask index.
+    The histogram counter's bincount on a CPU tensor passes: other devices count with index_add_."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, flag: Callable[[str], None]) -> None:
+        super().__init__()
+        self.flag = flag
+        for name in READS:
+            monkeypatch.setattr(torch.Tensor, name, self._read(name, getattr(torch.Tensor, name)))
+
+    def _read(self, name: str, original: Callable) -> Callable:
+        def method(tensor, *args, **kwargs):
+            self.flag(f"Tensor.{name}()")
+            return original(tensor, *args, **kwargs)
+
+        return method
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in SYNCING or (
+            func in INDEXING
+            and any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                for i in args[1]
+            )
+        ):
+            cpu_count = func is aten.bincount.default and args[0].device.type == "cpu"
+            if not (cpu_count and _called_from("bin_counts")):
+                self.flag(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="session")
+def host_reads() -> type[HostReads]:
+    """The HostReads class, for tests that decide themselves when a read is an error."""
+    return HostReads
+
+
+@pytest.fixture
+def no_host_sync(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """`with no_host_sync(): ...` fails on the first host read of a tensor inside the block."""
+
+    def fail(what: str) -> None:
+        where = "".join(traceback.format_stack(limit=6)[:-2])
+        raise AssertionError(f"{what} reads a tensor's value on the host:\n{where}")
+
+    @contextlib.contextmanager
+    def block() -> Iterator[None]:
+        with monkeypatch.context() as patch, HostReads(patch, fail):
+            yield
+
+    return block
 
 
 @pytest.fixture(autouse=True)

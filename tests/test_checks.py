@@ -11,6 +11,7 @@ import pytest
 
 from netprobe.cli import main as cli
 from netprobe.errors import ConfigError
+from netprobe.probes import PROBES
 
 TINY = ["data=synthetic", "data.num_samples=128", "data.image_size=8", "data.probe_size=32"]
 
@@ -25,6 +26,13 @@ TRAIN_CASES = {
     "experiment": (["experiment=nope"], ["'nope'", "rwc"]),
     # unknown config key
     "trainer key": (["trainer.bogus=1"], ["trainer.bogus", "epochs", "on_nonfinite"]),
+    # optimizer recipes (conf/optim): what hydra.utils.instantiate would refuse, refused before
+    "added optim key": (["+optim.bogus=1"], ["optim cannot be built", "'bogus'", "lr, betas"]),
+    "optim target": (["optim._target_=torch.optim.Nope"], ["optim", "'torch.optim.Nope'"]),
+    "optim target keys": (
+        ["optim=adam", "optim._target_=torch.optim.SGD"],
+        ["'betas'", "torch.optim.SGD takes", "momentum"],
+    ),
     "top key": (["bogus=1"], ["'bogus'", "seed"]),
     "probe key": (["probes.gradients.bogus=1"], ["probes.gradients.bogus", "every", "layers"]),
     "added probe key": (["+probes.gradients.bogus=1"], ["'bogus'", "gradients", "layers"]),
@@ -234,8 +242,9 @@ def test_every_probe_passes_the_check_with_its_defaults(model):
     from netprobe.config import compose
 
     check_probes(compose([*TINY, f"model={model}", "probes=all"]))
-    # The same check does look at every probe of `all`: one bad setting among them is refused.
-    for probe in ("gradients", "correlation", "channels"):
+    # The same check does look at every probe of `all`: one bad setting in any of them is refused.
+    assert set(compose(["probes=all"]).probes) - {"memory_budget"} == set(PROBES)
+    for probe in PROBES:
         bad = [
             *TINY,
             f"model={model}",

@@ -93,3 +93,49 @@ def test_submitit_job_with_two_tasks_trains_with_ddp(tmp_path: Path):
     ddp = netprobe.load(sweep / "0")
     assert ddp.info["status"] == "completed" and ddp.info["world_size"] == 2
     assert_same_records(ddp, netprobe.load(single_dir))
+
+
+def test_the_loop_talks_to_either_monitor_through_the_same_public_names(tmp_path: Path):
+    """Every `mon.NAME` train.py uses is public and exists on both `Monitor` (rank 0) and
+    `FollowerMonitor` (the other ranks), which has no writer to fake."""
+    import ast
+
+    import torch.nn as nn
+
+    from netprobe import train as train_module
+    from netprobe.distributed import FollowerMonitor
+
+    tree = ast.parse(Path(train_module.__file__).read_text())
+    used = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "mon"
+    }
+    assert {"stop", "status", "after_backward", "end_epoch"} <= used
+    assert not any(name.startswith("_") for name in used)
+    follower = FollowerMonitor()
+    with netprobe.attach(nn.Linear(2, 2), tmp_path, probes=[]) as mon:
+        for name in used:
+            assert hasattr(mon, name) and hasattr(follower, name), name
+    assert not hasattr(follower, "writer")
+
+
+def test_stop_and_status(tmp_path: Path):
+    import torch.nn as nn
+
+    from netprobe.distributed import FollowerMonitor
+
+    with netprobe.attach(nn.Linear(2, 2), tmp_path, probes=[]) as mon:
+        assert mon.status == "running"
+        mon.stop("enough")
+    assert mon.status == "completed"
+    info = netprobe.load(tmp_path).info
+    assert (info["status"], info["stop_reason"]) == ("completed", "enough")
+    follower = FollowerMonitor()
+    with pytest.raises(KeyboardInterrupt), follower:
+        follower.stop("enough")
+        assert follower.status == "running"
+        raise KeyboardInterrupt
+    assert follower.status == "interrupted"

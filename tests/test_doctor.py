@@ -17,6 +17,7 @@ from netprobe.cli import main
 from netprobe.config import compose
 from netprobe.doctor import Thresholds, diagnose, problems, thresholds
 from netprobe.errors import ConfigError
+from netprobe.lifecycle import claim_run_dir
 from netprobe.store import RunWriter, rows_table, scalar_table
 from netprobe.train import train
 
@@ -103,7 +104,7 @@ def test_healthy_models_and_presets_have_no_warning(tmp_path: Path) -> None:
 def _store(path: Path, scalars: list[tuple], layers: list[tuple[str, str, str, int]] = ()) -> Path:
     """A run directory holding exactly the given scalars (step, epoch, probe, layer, metric,
     value) and layers (module, param, type, numel), in that forward order."""
-    writer = RunWriter(path, {"model": "hand", "data": "hand"})
+    writer = RunWriter(path, {"model": "hand", "data": "hand"}, lock=claim_run_dir(path))
     blocks = [(s, e, p, [layer], [m], np.array([[v]])) for s, e, p, layer, m, v in scalars]
     writer.append("scalars", scalar_table(blocks))
     rows = [

@@ -26,8 +26,8 @@ from netprobe import checkpoint, store
 from netprobe.cli import main as cli
 from netprobe.config import compose
 from netprobe.errors import ConfigError, StorageError
-from netprobe.lifecycle import LOCK_FILE
-from netprobe.probes import PROBES, Probe, Schedule, StepState
+from netprobe.lifecycle import LOCK_FILE, claim_run_dir
+from netprobe.probes import PROBES, Option, Probe, Schedule, StepState
 from netprobe.train import train
 
 # 103 training samples in batches of 32: 4 steps an epoch.
@@ -260,7 +260,7 @@ class EndTrouble(Probe):
 
     name = "end_trouble"
     default_schedule = Schedule(at=("end",))
-    options = {"raise": "interrupt"}
+    options = (Option("raise", str, "interrupt", choices=("interrupt", "error")),)
 
     def capture(self, state: StepState) -> None:
         self.ctx.record.scalars(self.name, [""], ["at_end"], 1.0)
@@ -310,12 +310,13 @@ def fail_writes(monkeypatch: pytest.MonkeyPatch, where: str, after: int = 0) -> 
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real(table, path, *args, **kwargs)
 
-    monkeypatch.setattr(store.pq, "write_table", write_table)
+    monkeypatch.setattr(pq, "write_table", write_table)
     return calls
 
 
 def test_a_table_that_fails_keeps_its_rows_and_the_others_are_written(tmp_path, monkeypatch):
-    writer = store.RunWriter(tmp_path / "run", {"seed": 0})
+    lock = claim_run_dir(tmp_path / "run")
+    writer = store.RunWriter(tmp_path / "run", {"seed": 0}, lock=lock)
     scalars = store.scalar_table([(0, 0, "train", [""], ["loss"], [1.5])])
     hists = store.rows_table(
         "histograms",
@@ -422,7 +423,7 @@ def test_writes_are_fsynced_and_renamed(tmp_path, monkeypatch):
         real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    writer = store.RunWriter(tmp_path, {"seed": 0})
+    writer = store.RunWriter(tmp_path, {"seed": 0}, lock=claim_run_dir(tmp_path))
     part = writer.append("scalars", store.scalar_table([(0, 0, "train", [""], ["loss"], [1.0])]))
     tmp = f"{part.parent}/.{part.name}.tmp-{os.getpid()}"
     assert synced[-2:] == [tmp, str(part.parent)]  # the data before the rename, then the folder

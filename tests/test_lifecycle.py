@@ -22,8 +22,10 @@ from netprobe.lifecycle import (
     RunLock,
     StopSignals,
     check_new_run_dir,
+    claim_run_dir,
     effective_status,
     process_alive,
+    status_for,
 )
 from netprobe.listing import list_runs
 from netprobe.plots import plot
@@ -141,8 +143,9 @@ def test_second_run_into_the_same_folder_is_refused(tmp_path):
 
 HOLD_RUN_DIR = """
 import sys, time
+from netprobe.lifecycle import claim_run_dir
 from netprobe.store import RunWriter
-writer = RunWriter(sys.argv[1], {"seed": 0})
+writer = RunWriter(sys.argv[1], {"seed": 0}, lock=claim_run_dir(sys.argv[1]))
 print("ready", flush=True)
 time.sleep(120)
 """
@@ -163,16 +166,33 @@ def test_runs_that_pass_preflight_together_still_refuse(tmp_path, capsys):
 
 
 def test_lock_refuses_a_second_writer_in_process(tmp_path):
-    writer = RunWriter(tmp_path, {"seed": 0})
+    writer = RunWriter(tmp_path, {"seed": 0}, lock=claim_run_dir(tmp_path))
     with pytest.raises(ConfigError, match=f"in use by another netprobe run \\(pid {os.getpid()}"):
-        RunWriter(tmp_path, {"seed": 1})
+        claim_run_dir(tmp_path)
+    with pytest.raises(ConfigError, match="in use"):
+        claim_run_dir(tmp_path, resume=True)
     assert json.loads((tmp_path / "run.json").read_text())["seed"] == 0
     writer.close("completed")
     assert not (tmp_path / LOCK_FILE).exists()
     with pytest.raises(ConfigError, match="already holds a run \\(status completed\\)"):
-        RunWriter(tmp_path, {"seed": 1})
+        claim_run_dir(tmp_path)
+    assert not (tmp_path / LOCK_FILE).exists()  # a refused claim lets the lock go
     # Resuming is the one way back into a finished run's folder.
-    RunWriter(tmp_path, {"seed": 0}, resume=True).close("completed")
+    lock = claim_run_dir(tmp_path, resume=True)
+    RunWriter(tmp_path, {"seed": 0}, lock=lock, resume=True).close("completed")
+    assert not lock.held and not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_writer_needs_its_folders_lock_held(tmp_path):
+    """The lock is taken before the writer exists (the monitor claims the folder), and handed to
+    it: a lock not held, or another folder's, is no lock at all."""
+    with pytest.raises(ValueError, match="needs that directory's lock"):
+        RunWriter(tmp_path, {}, lock=RunLock(tmp_path))
+    other = claim_run_dir(tmp_path / "other")
+    with pytest.raises(ValueError, match="needs that directory's lock"):
+        RunWriter(tmp_path, {}, lock=other)
+    assert other.held and list(tmp_path.iterdir()) == [tmp_path / "other"]
+    other.release()
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
@@ -227,3 +247,13 @@ def test_second_signal_exits_at_once(monkeypatch):
             stop.handle(signal.SIGINT, None)  # while the first is still being handled
         assert exits == [130]
     assert signal.getsignal(signal.SIGTERM) != stop.handle
+
+
+def test_status_for_how_a_run_ended():
+    assert status_for(None, None) == ("completed", None)
+    assert status_for(KeyboardInterrupt, KeyboardInterrupt("SIGTERM")) == (
+        "interrupted",
+        "interrupted",
+    )
+    error = ValueError("bad batch")
+    assert status_for(ValueError, error) == ("failed", "ValueError: bad batch")

@@ -1,38 +1,51 @@
 """No host synchronization on the per-step path: between flushes nothing reads a tensor back.
 
 Reading a value from a GPU tensor (`.item()`, `.tolist()`, `.cpu()`, `float(t)`, `if t:`) waits
-for every queued kernel, so one such call per step or per tensor stalls training. The reads are
-forbidden while a training step runs (forward, backward, the monitor's calls, probes, the
-progress bar); only the optimizer's own step and the monitor's flush may read. A CPU run finds
-the calls as well as a GPU run would, since the guard looks at the calls, not at their cost.
+for every queued kernel, so one such call per step or per tensor stalls training. So does an op
+whose output size comes from the data (mask indexing `x[x != 0]`, `nonzero`, `unique`): the host
+waits to learn the size. These are forbidden while a training step runs (forward, backward, the
+monitor's calls, probes, the progress bar) and anywhere in probe code (an epoch's capture syncs as
+much as a step's); only the optimizer's own step and the monitor's flush may read. A CPU run finds
+them as well as a GPU run would, since the guard (conftest's HostReads) looks at the calls, not
+at their cost.
 """
 
 from __future__ import annotations
 
+import sys
 import traceback
+from pathlib import Path
 
 import pytest
-import torch
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
 )
 
+import netprobe.probes
 import netprobe.train as train_module
 from netprobe.monitor import Monitor
 from netprobe.progress import TrainProgress
 
-READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+PROBE_CODE = str(Path(netprobe.probes.__file__).parent)
+
+
+def _in_probe_code() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(PROBE_CODE):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class SyncGuard:
-    """Patches the reading methods of torch.Tensor to fail while `forbidden` is set."""
+    """Fails on a host read while `forbidden` is set or from probe code."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, host_reads) -> None:
         self.forbidden = False
         self.violations: list[str] = []
-        for name in READS:
-            monkeypatch.setattr(torch.Tensor, name, self._guard(name, getattr(torch.Tensor, name)))
+        self.reads = host_reads(monkeypatch, self._flag)
         self._handles = [
             register_optimizer_step_pre_hook(lambda *_: self._set(False)),
             register_optimizer_step_post_hook(lambda *_: self._set(True)),
@@ -41,15 +54,11 @@ class SyncGuard:
     def _set(self, value: bool) -> None:
         self.forbidden = value
 
-    def _guard(self, name, original):
-        def method(tensor, *args, **kwargs):
-            if self.forbidden:
-                where = "".join(traceback.format_stack(limit=6)[:-1])
-                self.violations.append(f"Tensor.{name}() between flushes:\n{where}")
-                raise AssertionError(self.violations[-1])
-            return original(tensor, *args, **kwargs)
-
-        return method
+    def _flag(self, what: str) -> None:
+        if self.forbidden or _in_probe_code():
+            where = "".join(traceback.format_stack(limit=8)[:-2])
+            self.violations.append(f"{what} between flushes:\n{where}")
+            raise AssertionError(self.violations[-1])
 
     def wrap(self, function, forbidden: bool):
         """`function` run with reads forbidden (or allowed), restoring the state after."""
@@ -69,15 +78,16 @@ class SyncGuard:
 
 
 @pytest.fixture
-def guard(monkeypatch):
-    g = SyncGuard(monkeypatch)
+def guard(monkeypatch, host_reads):
+    g = SyncGuard(monkeypatch, host_reads)
     monkeypatch.setattr(train_module, "train_step", g.wrap(train_module.train_step, True))
     monkeypatch.setattr(TrainProgress, "advance", g.wrap(TrainProgress.advance, True))
     # The one read the console makes: the mean loss, once per shown line (every half second on a
     # terminal, every trainer.log_interval_s seconds off one), never per step.
     monkeypatch.setattr(TrainProgress, "_read_loss", g.wrap(TrainProgress._read_loss, False))
     monkeypatch.setattr(Monitor, "flush", g.wrap(Monitor.flush, False))
-    yield g
+    with g.reads:
+        yield g
     g.remove()
 
 
@@ -107,3 +117,36 @@ def test_the_guard_catches_a_probe_that_reads_back(guard, tiny_run, monkeypatch)
     with pytest.raises(AssertionError, match=r"Tensor\.item\(\) between flushes"):
         tiny_run("model=cnn", "probes=[gradients]")
     assert guard.violations
+
+
+def test_probe_options_off_their_defaults_read_nothing_back(guard, tiny_run):
+    # The paths the defaults leave out: rwc's elementwise mode and step records, every parameter
+    # in weights, both CKA estimators and flattened conv outputs.
+    run = tiny_run(
+        "model=cnn",
+        "probes=all",
+        "probes.rwc.mode=elementwise",
+        "probes.rwc.every_steps=3",
+        "probes.weights.params=all",
+        "probes.correlation.cka=both",
+        "probes.correlation.conv=flatten",
+        "probes.augmentation.conv=flatten",
+        "probes.augmentation.samples=12",
+    )
+    assert guard.violations == []
+    assert set(run.scalars(probe="rwc")["metric"]) == {"rwc", "rwc_step"}
+
+
+def test_the_guard_catches_mask_indexing_in_a_probe(guard, tiny_run, monkeypatch):
+    from netprobe.probes import rwc
+
+    def masked(current, previous, mode="l1"):
+        prev = previous[0]
+        prev[prev != 0].abs().sum()  # its size is the number of nonzeros: the host must wait
+        return relative_weight_change(current, previous, mode)
+
+    relative_weight_change = rwc.relative_weight_change
+    monkeypatch.setattr(rwc, "relative_weight_change", masked)
+    # Called from the epoch's capture, outside the step: probe code may not sync there either.
+    with pytest.raises(AssertionError, match=r"aten\.index\.Tensor between flushes"):
+        tiny_run("model=mlp", "probes=[rwc]")

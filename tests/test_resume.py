@@ -13,7 +13,7 @@ import netprobe
 from netprobe.cli import main as cli
 from netprobe.config import compose
 from netprobe.errors import ConfigError
-from netprobe.probes import PROBES, Probe, Schedule, StepState
+from netprobe.probes import PROBES, Option, Probe, Schedule, StepState
 from netprobe.train import train
 
 TINY = ["data=synthetic", "data.num_samples=128", "data.image_size=8", "data.batch_size=32",
@@ -31,7 +31,7 @@ class Interrupt(Probe):
 
     name = "interrupt"
     default_schedule = Schedule(every=1)
-    options = {"at_step": None}
+    options = (Option("at_step", int, None, nullable=True),)
     armed = False
 
     def after_backward(self, state: StepState) -> None:
@@ -133,3 +133,26 @@ def test_resume_starts_an_empty_directory_and_needs_a_checkpoint(tmp_path, capsy
     assert "hydra.run.dir" in capsys.readouterr().err
     assert cli(["train", "-m", "seed=0,1", "trainer.resume=true"]) == 2
     assert "hydra.sweep.dir" in capsys.readouterr().err
+
+
+def test_a_run_from_before_optimizer_recipes_resumes_and_a_changed_recipe_does_not(tmp_path):
+    """Runs written before conf/optim held `_target_` recipes lack those keys: their optimizer
+    was the one `optim.name` names, so they may resume; a run whose recipe differs may not."""
+    from omegaconf import OmegaConf
+
+    from netprobe import resume
+
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "model=cnn", "model.width=4", "model.hidden=16", "probes=none"]
+    train(compose([*overrides, "trainer.epochs=1", "trainer.checkpoint_every=1"]), run_dir)
+    path = run_dir / ".hydra" / "config.yaml"
+    stored = OmegaConf.load(path)
+    for key in ("_target_", "_partial_", "lr_schedulers"):
+        stored.optim.pop(key)
+    OmegaConf.save(stored, path)
+    later = compose([*overrides, "trainer.epochs=2", "trainer.resume=true"])
+    resume.check(later, run_dir)
+    stored.optim._target_ = "torch.optim.AdamW"
+    OmegaConf.save(stored, path)
+    with pytest.raises(ConfigError, match=r"optim._target_=torch.optim.AdamW \(the run's\)"):
+        resume.check(later, run_dir)

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import netprobe
+from netprobe.lifecycle import claim_run_dir
 from netprobe.store import RunWriter, ScalarBlock, scalar_table
 
 STR = "str"
@@ -87,15 +88,15 @@ def test_layers_table_lists_every_parameter(tiny_run):
 def test_histogram_and_matrix_tables_match_spec(tmp_path):
     import torch
 
-    from netprobe.monitor import Recorder
     from netprobe.probes import StepState
+    from netprobe.recorder import Recorder
 
     rec = Recorder(StepState(step=3, epoch=1))
     rec.histogram(
         "p", "a.weight", "weight", torch.linspace(-1, 1, 5), torch.tensor([1, 2, 3, 4]), 5, 6
     )
     rec.matrix("p", "m", "a", "b", torch.ones(2, 3))
-    writer = RunWriter(tmp_path, {})
+    writer = RunWriter(tmp_path, {}, lock=claim_run_dir(tmp_path))
     for name, table in rec.drain().items():
         writer.append(name, table)
     writer.close("completed")
@@ -110,7 +111,8 @@ def test_histogram_and_matrix_tables_match_spec(tmp_path):
 
 def test_parts_are_numbered_and_load_runs_finds_runs(tmp_path):
     for name in ("a", "b"):
-        writer = RunWriter(tmp_path / "sweep" / name, {"seed": 0})
+        path = tmp_path / "sweep" / name
+        writer = RunWriter(path, {"seed": 0}, lock=claim_run_dir(path))
         for step in range(3):
             block = ScalarBlock(step, 0, "train", [""], ["loss"], [[float(step)]])
             writer.append("scalars", scalar_table([block]))
@@ -132,8 +134,8 @@ def test_recorded_scalars_keep_their_order_and_values(tmp_path):
     import numpy as np
     import torch
 
-    from netprobe.monitor import Recorder
     from netprobe.probes import StepState
+    from netprobe.recorder import Recorder
 
     progress = StepState()
     rec = Recorder(progress)
@@ -150,7 +152,7 @@ def test_recorded_scalars_keep_their_order_and_values(tmp_path):
             expected.append((step, "gradients", layer, metric, value))
         expected.append((step, "train", "", "lr", 0.5 * step))
         expected += [(step, "gradients", layer, m, 1.0) for layer in "ac" for m in ("l1", "l2")]
-    writer = RunWriter(tmp_path, {})
+    writer = RunWriter(tmp_path, {}, lock=claim_run_dir(tmp_path))
     writer.append("scalars", rec.drain()["scalars"])
     df = netprobe.load(tmp_path).scalars()
     got = list(zip(df["step"], df["probe"], df["layer"], df["metric"], df["value"]))
@@ -161,7 +163,7 @@ def test_recorded_scalars_keep_their_order_and_values(tmp_path):
 
 
 def test_reading_sees_new_parts_and_skips_damaged_ones(tmp_path):
-    writer = RunWriter(tmp_path, {})
+    writer = RunWriter(tmp_path, {}, lock=claim_run_dir(tmp_path))
     for step in range(2):
         block = ScalarBlock(step, 0, "train", [""], ["loss"], [[float(step)]])
         writer.append("scalars", scalar_table([block]))

@@ -84,8 +84,45 @@ def plot(
 ) -> list[Path]:
     """Draw every figure the runs under `paths` support into `out`, with an index.html and the
     group mapping; returns every figure file the page shows (drawn now or unchanged since)."""
-    global _OUT, _FORMATS
     formats = tuple(formats)
+    _check(paths, formats, only, jobs)
+    out = _out_folder(paths, out)
+    runs = _load([d for p in paths for d in find_runs(p)])
+    if not runs:
+        raise ConfigError(f"no runs (directories with run.json) under {', '.join(map(str, paths))}")
+    groups = group_runs(runs)
+    targets, folders = _targets(groups)
+    job_list = [
+        Job(t, name, folders[t])
+        for t, target in enumerate(targets)
+        for name in _names(target, only)
+    ]
+    manifest = _read_manifest(out)
+    done, drawn = _update(job_list, targets, formats, out, jobs, manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / MANIFEST, manifest)  # other figures' records stay for a later full plot
+    _write_json(out / GROUPS_FILE, mapping(groups))
+    index = _write_index(out, _sections(targets, folders, job_list, done), extra)
+    files = [out / f for job in job_list for e in done[job.key] for f in e["files"]]
+    for path in files:
+        print(path)
+    print(index)
+    print(
+        f"{len(files)} figure files for {len(runs)} run(s) in {len(groups)} group(s): "
+        f"{sum(len(entries) for entries in drawn.values())} figures drawn, "
+        f"{sum(len(done[j.key]) for j in job_list if j.key not in drawn)} unchanged",
+        file=sys.stderr,
+    )
+    return files
+
+
+def _check(
+    paths: Sequence[str | os.PathLike],
+    formats: tuple[str, ...],
+    only: Sequence[str] | None,
+    jobs: int | None,
+) -> None:
+    """Refuse a bad option or a missing path before anything is read."""
     for fmt in formats:
         if fmt not in FORMATS:
             raise ConfigError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
@@ -100,30 +137,43 @@ def plot(
     for p in paths:
         if not Path(p).exists():
             raise ConfigError(f"no such file or directory: {p}")
+
+
+def _out_folder(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None) -> Path:
+    """`out`, by default `figures` in the folder the paths share; refused when it is a file."""
     if out is None:
         out = Path(os.path.commonpath([Path(p).resolve() for p in paths])) / "figures"
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the figures and index.html")
-    runs = _load([d for p in paths for d in find_runs(p)])
-    if not runs:
-        raise ConfigError(f"no runs (directories with run.json) under {', '.join(map(str, paths))}")
+    return out
 
-    groups = group_runs(runs)
+
+def _targets(groups: list[RunGroup]) -> tuple[list[Any], list[str]]:
+    """What gets figures: each group, then the sweep comparison when the groups form one; and
+    the folder of each."""
     targets: list[Any] = list(groups)
     folders = [g.label for g in groups]
     sweep = swept(groups)
     if sweep is not None:
         targets.append(sweep)
         folders.append("compare")
-    job_list = [
-        Job(t, name, folders[t])
-        for t, target in enumerate(targets)
-        for name in _names(target, only)
-    ]
+    return targets, folders
+
+
+def _update(
+    job_list: list[Job],
+    targets: list[Any],
+    formats: tuple[str, ...],
+    out: Path,
+    jobs: int | None,
+    manifest: dict[str, Any],
+) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """Draw the jobs whose inputs changed since `manifest` (updated in place) and drop the files
+    they no longer write; returns every job's page entries and those of the jobs drawn now."""
+    global _OUT, _FORMATS
     code = _code_version()
     inputs = [_fingerprint(target, formats, code) for target in targets]
-    manifest = _read_manifest(out)
     done = {
         job.key: manifest[job.key]["entries"]
         for job in job_list
@@ -138,7 +188,13 @@ def plot(
         _remove_left_over(out, old, new)
         manifest[job.key] = {"inputs": inputs[job.target], "entries": new}
         done[job.key] = new
+    return done, {job.key: done[job.key] for job in stale}
 
+
+def _sections(
+    targets: list[Any], folders: list[str], job_list: list[Job], done: dict[str, list[dict]]
+) -> list[Section]:
+    """The page's sections: the comparison first, then one per group."""
     sections = []
     for t, target in enumerate(targets):
         entries = [
@@ -150,29 +206,18 @@ def plot(
         if isinstance(target, RunGroup):
             sections.append(Section(target.title, folders[t], target.runs, target.varying, entries))
         elif entries:
-            runs_ = [r for g in target.groups for r in g.runs]
-            sections.insert(
-                0, Section(f"Comparison: {target.title}", "compare", runs_, {}, entries)
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / MANIFEST, manifest)  # other figures' records stay for a later full plot
-    _write_json(out / GROUPS_FILE, mapping(groups))
+            title = f"Comparison: {target.title}"
+            sections.insert(0, Section(title, "compare", _runs_of(target), {}, entries))
+    return sections
+
+
+def _write_index(out: Path, sections: list[Section], extra: Sequence[Extra]) -> Path:
+    """index.html, opened by the doctor's findings, each linked to the figure that shows its
+    evidence."""
     index = out / "index.html"
-    # The doctor's findings open the page, each linked to the figure that shows its evidence.
     links = [(r, {e.name: e.path for e in s.entries}) for s in sections for r in s.runs]
-    extra = [Extra("Findings", findings_html(links)), *extra]
-    index.write_text(page(sections, out, extra))
-    files = [out / f for job in job_list for e in done[job.key] for f in e["files"]]
-    for path in files:
-        print(path)
-    print(index)
-    print(
-        f"{len(files)} figure files for {len(runs)} run(s) in {len(groups)} group(s): "
-        f"{sum(len(drawn.get(j.key, [])) for j in stale)} figures drawn, "
-        f"{sum(len(done[j.key]) for j in job_list if j not in stale)} unchanged",
-        file=sys.stderr,
-    )
-    return files
+    index.write_text(page(sections, out, [Extra("Findings", findings_html(links)), *extra]))
+    return index
 
 
 def _load(run_dirs: list[Path]) -> list[Run]:
@@ -296,19 +341,7 @@ def _draw(job: Job) -> tuple[str, list[dict]]:
     for suffix, fig in items:
         stem = f"{job.name}_{suffix}" if suffix else job.name
         folder.mkdir(parents=True, exist_ok=True)
-        files = []
-        for fmt in _FORMATS:
-            path = folder / f"{stem}.{fmt}"
-            try:
-                # zlib level 3: a few percent larger files, written in half the time of 6.
-                extra = {"pil_kwargs": {"compress_level": 3}} if fmt == "png" else {}
-                fig.savefig(path, dpi=110, **extra)
-            except Exception as exc:  # noqa: BLE001 - as above
-                warnings.warn(
-                    f"{what} could not be saved: {type(exc).__name__}: {exc}", stacklevel=2
-                )
-                continue
-            files.append(path.relative_to(_OUT).as_posix())
+        files = _save(fig, folder / stem, what)
         plt.close(fig)
         if files:
             caption = spec.describe(target)
@@ -322,6 +355,23 @@ def _draw(job: Job) -> tuple[str, list[dict]]:
                 }
             )
     return job.key, entries
+
+
+def _save(fig: Any, stem: Path, what: str) -> list[str]:
+    """`fig` as `stem`.FORMAT in every format; returns the files written, relative to the
+    output folder. A format that fails warns and the others are still written."""
+    files = []
+    for fmt in _FORMATS:
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        try:
+            # zlib level 3: a few percent larger files, written in half the time of 6.
+            extra = {"pil_kwargs": {"compress_level": 3}} if fmt == "png" else {}
+            fig.savefig(path, dpi=110, **extra)
+        except Exception as exc:  # noqa: BLE001 - one broken figure must not stop the rest
+            warnings.warn(f"{what} could not be saved: {type(exc).__name__}: {exc}", stacklevel=3)
+            continue
+        files.append(path.relative_to(_OUT).as_posix())
+    return files
 
 
 __all__ = ["FIGURES", "Extra", "group_runs", "plot"]

@@ -4,17 +4,15 @@ the share of inactive and dead units over training."""
 from __future__ import annotations
 
 import pandas as pd
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.ticker import PercentFormatter
 
 from netprobe.plots.common import (
     RunGroup,
     figure,
-    layer_bands,
-    layer_colors,
+    layer_figure,
     layer_legend,
-    new_figure,
-    positive,
     short,
+    stats_panel,
 )
 from netprobe.plots.weights import evolution_grid, first_run, histogram_grid, trained_epochs
 
@@ -100,18 +98,14 @@ def activation_stats(group: RunGroup):
     df = _split(df)
     df = df.assign(x=trained_epochs(df))
     sources = [s for s in SOURCES if s in set(df["source"])]
-    colors = layer_colors(group.ordered(df["layer"]))
-    fig, axes = new_figure(len(sources), len(PANELS), size=(4.2, 3.0))
+    fig, axes, colors = layer_figure(group, df, len(sources), len(PANELS), (4.2, 3.0))
     for r, source in enumerate(sources):
         for c, (metric, title, log) in enumerate(PANELS):
             ax = axes[r, c]
             part = df[(df["source"] == source) & (df["metric"] == metric)]
-            layer_bands(ax, part, colors, group.n, log=log and positive(part["value"]))
+            stats_panel(ax, part, colors, group.n, f"{title} — {source}", log)
             if metric.endswith("_frac"):
                 ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-            ax.set_title(f"{title} — {source}", fontsize=9)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
             if r == len(sources) - 1:
                 ax.set_xlabel("epochs trained")
     layer_legend(fig, axes[0, 0], group, "module", log=True)

@@ -23,10 +23,6 @@ def _latest_capture(group: RunGroup, name: str | None = None):
     return df, run, f"{when(x)}, {group.seed_note}"
 
 
-def _config(group: RunGroup) -> dict:
-    return ((group.runs[0].config or {}).get("probes") or {}).get(PROBE) or {}
-
-
 def _block(df: pd.DataFrame, name: str, row: str) -> np.ndarray | None:
     hit = df[(df["name"] == name) & (df["row"] == row)]
     if hit.empty:
@@ -80,7 +76,7 @@ def augmentation_correlations(group: RunGroup):
             ax.set_xlabel(f"{unit} ({block.shape[1]})", fontsize=8)
             ax.set_ylabel(f"{unit} ({block.shape[0]})", fontsize=8)
             ax.tick_params(labelsize=7)
-    n = _config(group).get("samples")
+    n = group.probe_config(PROBE).get("samples")
     count = f"{n} augmentations" if n else "augmentations"
     fig.suptitle(f"Features under augmentation ({count}) — {group.title}\n{phrase}", fontsize=10)
     return fig
@@ -130,7 +126,7 @@ def augmentation_inputs(group: RunGroup):
     cols = int(np.ceil(np.sqrt(len(images))))
     rows = int(np.ceil(len(images) / cols))
     fig, axes = new_figure(rows, cols, size=(1.6, 1.7))
-    cfg = _config(group)
+    cfg = group.probe_config(PROBE)
     for k, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])

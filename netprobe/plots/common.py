@@ -52,6 +52,10 @@ class RunGroup:
         detail = self.detail if len(self.detail) <= 60 else self.detail[:59] + "…"
         return f"{head} ({detail})" if detail else head
 
+    def probe_config(self, probe: str) -> dict[str, Any]:
+        """The first run's config of `probe` (its options as composed), {} without one."""
+        return ((self.runs[0].config or {}).get("probes") or {}).get(probe) or {}
+
     def scalars(self, probe: str, metric: str | None = None) -> pd.DataFrame:
         """Scalars of every run in the group, with a `run` column (0..n-1)."""
         frames = [
@@ -236,6 +240,26 @@ def layer_bands(
             mean_band(ax, parts[layer], x, n, label, color, markers_upto, geometric=log and n > 1)
     if not log:
         compact_ticks(ax, "y")
+
+
+def layer_figure(
+    group: RunGroup, df: pd.DataFrame, nrows: int, ncols: int, size: tuple[float, float]
+) -> tuple[Figure, np.ndarray, dict[str, Any]]:
+    """A `new_figure` for curves of `df`'s layers, and a colour per layer in forward order."""
+    colors = layer_colors(group.ordered(df["layer"]))
+    fig, axes = new_figure(nrows, ncols, size=size)
+    return fig, axes, colors
+
+
+def stats_panel(
+    ax: Axes, rows: pd.DataFrame, colors: dict[str, Any], n: int, title: str, log: bool
+) -> None:
+    """A panel of `layer_bands` with a small title, a grid and whole-number x ticks; a log y
+    axis when `log` and every value is positive."""
+    layer_bands(ax, rows, colors, n, log=log and positive(rows["value"]))
+    ax.set_title(title, fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
 
 
 def layer_legend(

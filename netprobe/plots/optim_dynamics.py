@@ -12,13 +12,11 @@ from matplotlib.patches import Patch
 from netprobe.plots.common import (
     RunGroup,
     figure,
-    layer_bands,
-    layer_colors,
+    layer_figure,
     layer_legend,
     new_figure,
-    positive,
     short,
-    step_axis,
+    stats_panel,
 )
 
 PROBE = "optim_dynamics"
@@ -44,7 +42,7 @@ ZOOM = 64  # rows and columns at most in the zoomed view
 
 
 def _thresholds(group: RunGroup) -> dict[str, Any]:
-    cfg = ((group.runs[0].config or {}).get("probes") or {}).get(PROBE) or {}
+    cfg = group.probe_config(PROBE)
     return {"zero": cfg.get("zero_threshold", 1e-5), "tiny": cfg.get("tiny_threshold", 1e-7)}
 
 
@@ -57,22 +55,19 @@ def optim_dynamics_curves(group: RunGroup):
     df = group.scalars(PROBE)
     if df.empty:
         return None
-    colors = layer_colors(group.ordered(df["layer"]))
     # Per run first (mean over the epoch's steps), then mean and std over runs.
     per_run = df.groupby(["metric", "layer", "epoch", "run"])["value"].mean().reset_index()
     per_run["x"] = per_run["epoch"] + 1
     thresholds = _thresholds(group)
-    fig, axes = new_figure(2, 5, size=(3.5, 3.1))
+    fig, axes, colors = layer_figure(group, df, 2, 5, (3.5, 3.1))
     for ax, (metric, title, log) in zip(axes.flat, PANELS):
-        ax.set_title(title.format(**thresholds), fontsize=9)
         ax.set_xlabel("epoch")
         part = per_run[per_run["metric"] == metric]
         if part.empty:
+            ax.set_title(title.format(**thresholds), fontsize=9)
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
             continue
-        layer_bands(ax, part, colors, group.n, log=log and positive(part["value"]))
-        ax.grid(alpha=0.3)
-        step_axis(ax, "epoch")
+        stats_panel(ax, part, colors, group.n, title.format(**thresholds), log)
     layer_legend(fig, axes.flat[0], group, log=True)
     fig.suptitle(f"Optimization dynamics — {group.title}")
     return fig

@@ -1,8 +1,5 @@
-"""index.html: a static report page beside the figures (no server, no network, opens from disk).
-
-The run or sweep summary comes first, then one section per group of runs with a table of contents
-by probe family, training curves first, figures in a responsive grid and a full-size view on click.
-"""
+"""index.html: a static report page beside the figures (no server, no network, opens from disk):
+the run or sweep summary, then a section per group of runs, its figures grouped by probe family."""
 
 from __future__ import annotations
 

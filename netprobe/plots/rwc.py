@@ -22,8 +22,7 @@ PROBE = "rwc"
 
 
 def _mode(group: RunGroup) -> str:
-    cfg = ((group.runs[0].config or {}).get("probes") or {}).get(PROBE) or {}
-    return cfg.get("mode", "l1")
+    return group.probe_config(PROBE).get("mode", "l1")
 
 
 def _formula(mode: str) -> str:
@@ -58,7 +57,7 @@ def rwc_curves(group: RunGroup):
     ax.grid(alpha=0.3, which="both")
     ax.set_title("per epoch, against the weights one epoch before")
     if not steps.empty:
-        k = ((group.runs[0].config or {}).get("probes") or {}).get(PROBE, {}).get("every_steps")
+        k = group.probe_config(PROBE).get("every_steps")
         ax2 = axes[0, 1]
         x = steps["step"] + 1
         log2 = positive(steps["value"])

@@ -15,13 +15,11 @@ from netprobe.plots.common import (
     RunGroup,
     compact_ticks,
     figure,
-    layer_bands,
-    layer_colors,
+    layer_figure,
     layer_legend,
-    new_figure,
     panel_grid,
-    positive,
     short,
+    stats_panel,
 )
 
 PROBE = "weights"
@@ -172,12 +170,7 @@ def histogram_grid(
         # y given: the title is not re-placed at each draw (no ticks on top to dodge).
         text = moments_title(name, values.get(layer, {}), first_step, last_step)
         ax.set_title(text, fontsize=8, y=1.0)
-    for ax in axes.flat[len(layers) :]:
-        ax.set_axis_off()
-    for ax in axes[-1]:
-        ax.set_xlabel(xlabel, fontsize=8)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("density (fraction per unit)", fontsize=8)
+    label_grid(axes, len(layers), xlabel, "density (fraction per unit)")
     handles = [
         Patch(facecolor=FIRST, alpha=0.5, label=capture_label(first_step, epoch_of[first_step])),
         Patch(
@@ -267,63 +260,90 @@ def evolution_grid(
     per_layer = {layer: rows.sort_values("step") for layer, rows in hists.groupby("layer")}
     values = by_layer(stats)
     shared = {layer: shared_bins(per_layer[layer]) for layer in layers}
-    fracs = np.concatenate([f[1][f[1] > 0] for f in shared.values()] or [np.ones(1)])
-    # The colour scale spans the fractions drawn (at most six decades).
-    top = float(fracs.max()) if fracs.size else 1.0
-    norm = LogNorm(vmin=max(float(fracs.min()) if fracs.size else 1e-4, top * 1e-6), vmax=top)
+    norm = _fraction_scale([frac for _, frac in shared.values()])
     for ax, layer in zip(axes.flat, layers):
-        mine = per_layer[layer]
-        edges, frac = shared[layer]
-        below, above = mine["below"].to_numpy(float), mine["above"].to_numpy(float)
-        outside = bool(below.any() or above.any())
-        if outside:
-            # What fell outside the bins, as one cell two bins tall beyond each end.
-            total = np.maximum(_totals(mine), 1)
-            frac = np.column_stack([below / total, frac, above / total])
-            step = edges[1] - edges[0]
-            edges = np.concatenate([[edges[0] - 2 * step], edges, [edges[-1] + 2 * step]])
-        x = trained_epochs(mine)
-        # Cell edges between consecutive captures, so uneven gaps keep their width.
-        mids = (x[1:] + x[:-1]) / 2 if len(x) > 1 else np.array([])
-        xe = np.concatenate([[x[0] - 0.5], mids, [x[-1] + 0.5]])
-        mesh = ax.pcolormesh(
-            xe, edges, np.ma.masked_less_equal(frac.T, 0), cmap="magma", norm=norm, shading="flat"
-        )
-        mine_values = values.get(layer, {})
-        steps = [int(s) for s in mine["step"]]
-        if all(("mean", s) in mine_values and ("std", s) in mine_values for s in steps):
-            m = np.array([mine_values[("mean", s)] for s in steps])
-            s = np.array([mine_values[("std", s)] for s in steps])
-            ax.plot(x, m, color="cyan", lw=1, label="mean")
-            ax.plot(x, m + s, color="cyan", lw=0.7, ls="--", label="mean ± std")
-            ax.plot(x, m - s, color="cyan", lw=0.7, ls="--")
-        if outside:
-            for y in (edges[1], edges[-2]):
-                ax.axhline(y, color="white", lw=0.6, ls=":")
-        ax.set_ylim(edges[0], edges[-1])
-        ax.set_facecolor("black")
+        mesh = _evolution(ax, per_layer[layer], *shared[layer], norm, values.get(layer, {}))
         ax.set_title(labels.get(layer, short(layer, 34)), fontsize=8, y=1.0)
         few_ticks(ax)
         ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
-    for ax in axes.flat[len(layers) :]:
-        ax.set_axis_off()
-    for ax in axes[-1]:
-        ax.set_xlabel("epochs trained", fontsize=8)
-    for ax in axes[:, 0]:
-        ax.set_ylabel(ylabel, fontsize=8)
+    label_grid(axes, len(layers), "epochs trained", ylabel)
     if mesh is not None:
-        width, height = fig.get_size_inches()
-        tall = min(height - 0.8 - 0.95, 5.0)  # the bar: as tall as the grid, at most 5 in
-        bar = fig.add_axes(
-            (1 - 0.95 / width, (0.95 + (height - 0.8 - 0.95 - tall) / 2) / height,
-             0.15 / width, tall / height)
-        )  # fmt: skip
-        fig.colorbar(mesh, cax=bar, label="fraction of values in bin")
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
+        _colour_bar(fig, mesh, axes.flat[0])
     suptitle(fig, title)
     return fig
+
+
+def label_grid(axes: np.ndarray, panels: int, xlabel: str, ylabel: str) -> None:
+    """A `panel_grid` with `panels` panels drawn: the unused ones blank, the x label along the
+    bottom row, the y label down the first column."""
+    for ax in axes.flat[panels:]:
+        ax.set_axis_off()
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel, fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel, fontsize=8)
+
+
+def _fraction_scale(fractions: list[np.ndarray]) -> LogNorm:
+    """A log colour scale spanning the nonzero fractions drawn (at most six decades)."""
+    fracs = np.concatenate([f[f > 0] for f in fractions] or [np.ones(1)])
+    top = float(fracs.max()) if fracs.size else 1.0
+    return LogNorm(vmin=max(float(fracs.min()) if fracs.size else 1e-4, top * 1e-6), vmax=top)
+
+
+def _evolution(
+    ax: Axes,
+    mine: pd.DataFrame,
+    edges: np.ndarray,
+    frac: np.ndarray,
+    norm: LogNorm,
+    values: dict[tuple[str, int], float],
+):
+    """One layer's heatmap (its captures `mine` on the bins `edges`, `frac` per capture and bin)
+    with mean ± std in cyan when recorded at every capture; returns the mesh."""
+    below, above = mine["below"].to_numpy(float), mine["above"].to_numpy(float)
+    outside = bool(below.any() or above.any())
+    if outside:
+        # What fell outside the bins, as one cell two bins tall beyond each end.
+        total = np.maximum(_totals(mine), 1)
+        frac = np.column_stack([below / total, frac, above / total])
+        step = edges[1] - edges[0]
+        edges = np.concatenate([[edges[0] - 2 * step], edges, [edges[-1] + 2 * step]])
+    x = trained_epochs(mine)
+    # Cell edges between consecutive captures, so uneven gaps keep their width.
+    mids = (x[1:] + x[:-1]) / 2 if len(x) > 1 else np.array([])
+    xe = np.concatenate([[x[0] - 0.5], mids, [x[-1] + 0.5]])
+    mesh = ax.pcolormesh(
+        xe, edges, np.ma.masked_less_equal(frac.T, 0), cmap="magma", norm=norm, shading="flat"
+    )
+    steps = [int(s) for s in mine["step"]]
+    if all(("mean", s) in values and ("std", s) in values for s in steps):
+        m = np.array([values[("mean", s)] for s in steps])
+        s = np.array([values[("std", s)] for s in steps])
+        ax.plot(x, m, color="cyan", lw=1, label="mean")
+        ax.plot(x, m + s, color="cyan", lw=0.7, ls="--", label="mean ± std")
+        ax.plot(x, m - s, color="cyan", lw=0.7, ls="--")
+    if outside:
+        for y in (edges[1], edges[-2]):
+            ax.axhline(y, color="white", lw=0.6, ls=":")
+    ax.set_ylim(edges[0], edges[-1])
+    ax.set_facecolor("black")
+    return mesh
+
+
+def _colour_bar(fig, mesh, first: Axes) -> None:
+    """The colour bar right of an `evolution_grid`, as tall as the grid (at most 5 in), and the
+    legend of `first`'s lines below it."""
+    width, height = fig.get_size_inches()
+    tall = min(height - 0.8 - 0.95, 5.0)
+    bar = fig.add_axes(
+        (1 - 0.95 / width, (0.95 + (height - 0.8 - 0.95 - tall) / 2) / height,
+         0.15 / width, tall / height)
+    )  # fmt: skip
+    fig.colorbar(mesh, cax=bar, label="fraction of values in bin")
+    handles, labels = first.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
 
 
 @figure(
@@ -352,16 +372,11 @@ def weights_stats(group: RunGroup):
     if df.empty:
         return None
     df = df.assign(x=trained_epochs(df))
-    colors = layer_colors(group.ordered(df["layer"]))
-    fig, axes = new_figure(1, 3, size=(4.4, 3.6))
+    fig, axes, colors = layer_figure(group, df, 1, 3, (4.4, 3.6))
     for ax, (metric, title, log) in zip(axes.flat, STAT_PANELS):
         part = df[df["metric"] == metric]
-        part = part[np.isfinite(part["value"])]
-        layer_bands(ax, part, colors, group.n, log=log and positive(part["value"]))
-        ax.set_title(title, fontsize=9)
+        stats_panel(ax, part[np.isfinite(part["value"])], colors, group.n, title, log)
         ax.set_xlabel("epochs trained")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
     layer_legend(fig, axes.flat[0], group, "tensor", log=True)
     fig.suptitle(f"Weight statistics — {group.title}")
     return fig

@@ -19,9 +19,11 @@ from netprobe.probes.correlation import Correlation
 from netprobe.probes.gradient_flow import GradientFlow
 from netprobe.probes.gradients import Gradients
 from netprobe.probes.optim_dynamics import OptimDynamics
+from netprobe.probes.options import Option
 from netprobe.probes.rwc import RelativeWeightChange
 from netprobe.probes.schedule import ProbeRunner, Schedule
 from netprobe.probes.weights import Weights
+from netprobe.recorder import Recorder
 from netprobe.structure import layer_table, module_graph
 
 PROBES: dict[str, type[Probe]] = {
@@ -68,8 +70,6 @@ def probe_context(
     """What probes are built on: the model's layers in forward order (traced on the probe batch),
     the data-flow edges between its modules, and a recorder tagging records with `state`'s step
     and epoch (a fresh state at step 0 if None)."""
-    from netprobe.monitor import Recorder  # the monitor imports this module
-
     layers = layer_table(model, probe_batch[0] if probe_batch is not None else None)
     return ProbeContext(
         model=model,
@@ -104,6 +104,7 @@ def close_probes(probes: list[Probe]) -> None:
 
 __all__ = [
     "PROBES",
+    "Option",
     "Probe",
     "ProbeContext",
     "ProbeRunner",

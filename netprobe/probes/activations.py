@@ -25,7 +25,9 @@ import torch.nn as nn
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext, StepState
+from netprobe.probes.capture import output_tensor
 from netprobe.probes.distributions import central_edges, distributions
+from netprobe.probes.options import Option
 from netprobe.probes.schedule import Schedule
 from netprobe.structure import eval_mode
 
@@ -41,20 +43,10 @@ def activation_stats(y: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor
     flat = y.detach().reshape(y.shape[0], -1)
     moments, counts, _ = distributions([flat], edges[None])
     inactive = flat <= 0
-    zero_frac = inactive.sum(dtype=torch.float64) / flat.numel()
-    dead_frac = inactive.all(dim=0).sum(dtype=torch.float64) / flat.shape[1]
+    # Counted as integers, then divided in float64: a float64 sum of booleans converts each one.
+    zero_frac = torch.count_nonzero(inactive).to(torch.float64) / flat.numel()
+    dead_frac = torch.count_nonzero(inactive.all(dim=0)).to(torch.float64) / flat.shape[1]
     return torch.cat([moments[0, :3], torch.stack([zero_frac, dead_frac])]), counts[0]
-
-
-def _first_tensor(output: Any) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
 
 
 class Activations(Probe):
@@ -63,27 +55,25 @@ class Activations(Probe):
     name = "activations"
     measures = "histogram, mean, std, skew, zero_frac, dead_frac per module output and source"
     default_schedule = Schedule(at=("start", "epoch"))
-    options = {"sources": list(SOURCES), "bins": 50, "tail": 0.001}
+    options = (
+        Option("sources", list, list(SOURCES), choices=SOURCES),
+        Option("bins", int, 50, low=1),
+        Option(
+            "tail",
+            float,
+            0.001,
+            low=0,
+            high=MAX_TAIL,
+            open=True,
+            note="the share of each capture's values left outside each end of its bins "
+            "(under 1 % in all)",
+        ),
+    )
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        sources, bins = self.cfg["sources"], self.cfg["bins"]
-        sources = [sources] if isinstance(sources, str) else list(sources)
-        for source in sources:
-            if source not in SOURCES:
-                raise ConfigError(
-                    f"probes.{self.name}.sources has {source!r}; valid: {', '.join(SOURCES)}"
-                )
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-            raise ConfigError(f"probes.{self.name}.bins={bins!r} must be a positive integer")
-        tail = self.cfg["tail"]
-        if isinstance(tail, bool) or not isinstance(tail, (int, float)) or not 0 <= tail < MAX_TAIL:
-            raise ConfigError(
-                f"probes.{self.name}.tail={tail!r} must be a number in [0, {MAX_TAIL}): the share "
-                "of each capture's values left outside each end of its bins (under 1 % in all)"
-            )
-        self.bins, self.tail = bins, float(tail)
-        self.sources = [s for s in SOURCES if s in sources]
+        self.bins, self.tail = self.cfg["bins"], float(self.cfg["tail"])
+        self.sources = [s for s in SOURCES if s in self.cfg["sources"]]
         self.modules = self.select_modules()
         self.names = [n for n, _ in self.modules]
         if self.names and ctx.probe_batch is None and ctx.valid_batch is None:
@@ -114,7 +104,7 @@ class Activations(Probe):
 
         def hook_for(name: str):
             def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-                y = _first_tensor(output)
+                y = output_tensor(output)
                 if y is None or name in results or y.ndim == 0:
                     return  # a module called again within the forward: its first call counts
                 edges = central_edges(y, self.bins, self.tail)

@@ -1,21 +1,6 @@
-"""How stable the first and last layers' features are under augmentation (SPEC §5 `augmentation`).
-
-One fixed validation sample is transformed `samples` (N = 300) times by random affine maps
-(rotation ±`rotation`°, translation ±`translate` of the width and height, scale in `scale`),
-drawn from the run's seed and applied on the device with `affine_grid` / `grid_sample`. The
-augmented images go through the model in eval mode, in chunks of `chunk`. For the first and the
-last tracked module (default: conv and linear layers), whose outputs become [N, d] as in
-`correlation` (`conv`, `max_features`):
-
-- `feature_corr`: Pearson correlation between features across the N augmentations, d × d;
-- `sample_corr`: Pearson correlation between augmentations across the features, N × N;
-- `invariance` (a scalar): the mean per-feature variance across augmentations divided by the mean
-  per-feature variance across the probe batch (0: the features ignore the transformation, 1: it
-  moves them as much as changing the image does).
-
-`original` (the untouched sample) and `inputs` (the first `show` augmented images) are stored too,
-so the figure of augmented inputs reads only the store.
-"""
+"""How stable the first and last tracked layers' features are under random affine augmentation
+of one fixed validation sample (SPEC §5 `augmentation`): `feature_corr`, `sample_corr` and
+`invariance`."""
 
 from __future__ import annotations
 
@@ -24,15 +9,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from netprobe.config import is_number
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext, StepState
-from netprobe.probes.correlation import CONV_CHOICES, feature_count, pearson
-from netprobe.probes.module_outputs import (
-    flatten_features,
-    module_outputs,
-    seeded_subset,
-    to_float64,
-)
+from netprobe.probes.capture import FEATURE_OPTIONS, Features
+from netprobe.probes.correlation import pearson
+from netprobe.probes.options import Option
+from netprobe.probes.reductions import to_float64
 from netprobe.probes.schedule import Schedule
 from netprobe.structure import WEIGHT_TYPES
 
@@ -82,14 +65,21 @@ def augment(x: torch.Tensor, theta: torch.Tensor, padding: str = "border") -> to
 
 def invariance(augmented: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """mean_k Var_aug(f_k) / mean_k Var_batch(f_k) for features [N, d] and [B, d] (population
-    variances, float64); 0 when the features do not vary across the probe batch either."""
+    variances, float64): 0 when the features ignore the transformation, 1 when it moves them as
+    much as changing the image does; 0 when they do not vary across the probe batch either."""
     var_aug = to_float64(augmented).var(dim=0, correction=0).mean()
     var_batch = to_float64(batch).var(dim=0, correction=0).mean()
     return torch.where(var_batch > 0, var_aug / torch.where(var_batch > 0, var_batch, 1.0), 0.0)
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _scale_range(value: Any) -> bool:
+    """[low, high] with 0 < low ≤ high."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(is_number(s) and s > 0 for s in value)
+        and value[0] <= value[1]
+    )
 
 
 class Augmentation(Probe):
@@ -98,29 +88,36 @@ class Augmentation(Probe):
     name = "augmentation"
     measures = "feature and sample correlations and invariance under random affine transforms"
     default_schedule = Schedule(at=("end",))
-    options = {
-        "samples": 300,
-        "sample_index": 0,
-        "rotation": 15.0,
-        "translate": 0.1,
-        "scale": [0.9, 1.1],
-        "padding": "border",
-        "conv": "pool",
-        "max_features": 256,
-        "chunk": 100,
-        "show": 16,
-    }
+    options = (
+        Option("samples", int, 300, low=2),
+        Option("sample_index", int, 0, low=0),
+        Option("rotation", float, 15.0, low=0, high=180, note="degrees"),
+        Option("translate", float, 0.1, low=0, high=1, open=True, note="a share of the size"),
+        Option(
+            "scale",
+            list,
+            [0.9, 1.1],
+            check=_scale_range,
+            expected="[low, high] with 0 < low ≤ high",
+        ),
+        Option("padding", str, "border", choices=PADDING_CHOICES),
+        *FEATURE_OPTIONS,
+        Option("chunk", int, 100, low=1),
+        Option("show", int, 16, low=0),
+    )
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        self._check()
+        self._check_sample_index()
         model = ctx.model
         tracked = self.select_modules(
             lambda r: isinstance(model.get_submodule(r.module), WEIGHT_TYPES)
         )
         # The first and the last tracked module (one, if only one is tracked).
         self.modules = tracked[:1] + tracked[-1:] if len(tracked) > 1 else tracked
-        self._subsets: dict[str, torch.Tensor | None] = {}
+        self.extract = Features(
+            self.modules, self.cfg["conv"], self.cfg["max_features"], ctx.generator, salt=0xA07
+        )
 
     def memory_estimate(self) -> tuple[int, str]:
         """Per measured module: its features over the N augmentations and the probe batch
@@ -129,57 +126,21 @@ class Augmentation(Probe):
         batch = self.ctx.valid_batch if self.ctx.valid_batch is not None else self.ctx.probe_batch
         if batch is None or not self.modules:
             return 0, ""
-        n, b, k = self.cfg["samples"], len(batch[0]), self.cfg["max_features"]
-        shapes = self.module_shapes()
-        dims = [min(feature_count(shapes[m], self.cfg["conv"]), k) for m, _ in self.modules]
+        n, b = self.cfg["samples"], len(batch[0])
+        dims = self.extract.dims(self.module_shapes())
         features = sum(4 * (n + b) * d + 24 * d * d + 16 * n * d for d in dims)
         samples = sum(24 * n * n for _ in dims)
         work = 12 * max(max(dims) ** 2, n * n)
         lower = "max_features" if max(dims) ** 2 >= n * n else "samples"
         return features + samples + work, f"probes.{self.name}.{lower}"
 
-    def _check(self) -> None:
-        c, name = self.cfg, self.name
-        for key, low in (("samples", 2), ("chunk", 1), ("max_features", 2), ("show", 0)):
-            v = c[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"probes.{name}.{key}={v!r} must be an integer ≥ {low}")
-        if not _number(c["rotation"]) or not 0 <= c["rotation"] <= 180:
-            raise ConfigError(
-                f"probes.{name}.rotation={c['rotation']!r} must be degrees in [0, 180]"
-            )
-        if not _number(c["translate"]) or not 0 <= c["translate"] < 1:
-            raise ConfigError(
-                f"probes.{name}.translate={c['translate']!r} must be a fraction in [0, 1)"
-            )
-        scale = c["scale"]
-        if (
-            not isinstance(scale, (list, tuple))
-            or len(scale) != 2
-            or not all(_number(s) and s > 0 for s in scale)
-            or scale[0] > scale[1]
-        ):
-            raise ConfigError(
-                f"probes.{name}.scale={scale!r} must be [low, high] with 0 < low ≤ high"
-            )
-        if c["padding"] not in PADDING_CHOICES:
-            raise ConfigError(
-                f"probes.{name}.padding={c['padding']!r}; valid: {', '.join(PADDING_CHOICES)}"
-            )
-        if c["conv"] not in CONV_CHOICES:
-            raise ConfigError(f"probes.{name}.conv={c['conv']!r}; valid: {', '.join(CONV_CHOICES)}")
+    def _check_sample_index(self) -> None:
         source = self.ctx.valid_batch if self.ctx.valid_batch is not None else self.ctx.probe_batch
-        index = c["sample_index"]
-        size = len(source[0]) if source is not None else None
-        if (
-            isinstance(index, bool)
-            or not isinstance(index, int)
-            or index < 0
-            or (size is not None and index >= size)
-        ):
+        index = self.cfg["sample_index"]
+        if source is not None and index >= len(source[0]):
             raise ConfigError(
-                f"probes.{name}.sample_index={index!r} must be an index into the validation "
-                f"batch (0 to {size - 1 if size else 0})"
+                f"probes.{self.name}.sample_index={index!r} must be an index into the validation "
+                f"batch (0 to {len(source[0]) - 1})"
             )
 
     # -- measuring
@@ -189,7 +150,9 @@ class Augmentation(Probe):
         return None if source is None else source[0][self.cfg["sample_index"]]
 
     def transforms(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """The N random affine matrices, the same at every capture of the run."""
+        """The N = `samples` random affine matrices, the same at every capture of the run, drawn
+        from the run's seed: rotation in ±`rotation`°, translation in ±`translate` of the width and
+        height, scale in [low, high] = `scale`."""
         c, n = self.cfg, self.cfg["samples"]
         gen = self.ctx.generator(salt=0xA06, device=device)
         u = torch.rand(n, 4, generator=gen, device=device)
@@ -206,28 +169,19 @@ class Augmentation(Probe):
 
     def features(self, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """[n, d] features of each module over the chunks of images, concatenated."""
-        conv = self.cfg["conv"]
         parts: dict[str, list[torch.Tensor]] = {}
         for chunk in images:
-            outs = module_outputs(
-                self.ctx.model,
-                self.modules,
-                chunk,
-                reduce=lambda name, y: self._subset(name, flatten_features(y, conv)),
-            )
-            for name, value in outs.values.items():
+            for name, value in self.extract(self.ctx.model, chunk).items():
                 parts.setdefault(name, []).append(value)
         return {name: torch.cat(values) for name, values in parts.items()}
 
-    def _subset(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if name not in self._subsets:
-            salt = 0xA07 + [n for n, _ in self.modules].index(name)
-            pick = seeded_subset(x.shape[1], self.cfg["max_features"], self.ctx.generator(salt))
-            self._subsets[name] = None if pick is None else pick.to(x.device)
-        pick = self._subsets[name]
-        return x if pick is None else x.index_select(1, pick)
-
     def capture(self, state: StepState) -> None:
+        """The N augmented images go through the model in eval mode, `chunk` at a time; for the
+        first and last tracked module, whose outputs become [N, d] features (`conv`,
+        `max_features`): `feature_corr`, the Pearson correlation between features across the
+        augmentations (d × d), `sample_corr`, between augmentations across the features (N × N),
+        and `invariance`. `original` and the first `show` augmented `inputs` are stored too, so
+        that their figure reads only the store."""
         x = self.sample()
         if x is None or not self.modules or x.ndim != 3:
             return

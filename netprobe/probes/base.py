@@ -12,11 +12,12 @@ import torch
 import torch.nn as nn
 
 from netprobe.errors import ConfigError
-from netprobe.probes.schedule import Schedule, as_list
+from netprobe.probes.options import Option, as_list
+from netprobe.probes.schedule import Schedule
 from netprobe.structure import LayerInfo, is_weight_layer
 
 if TYPE_CHECKING:
-    from netprobe.monitor import Recorder
+    from netprobe.recorder import Recorder
 
 
 @dataclass
@@ -71,19 +72,20 @@ class Probe:
     name: ClassVar[str]
     measures: ClassVar[str] = ""  # what it records, in a few words (`netprobe probes`)
     default_schedule: ClassVar[Schedule] = Schedule()
-    # Keys a probe accepts besides the common ones; values are defaults.
-    options: ClassVar[dict[str, Any]] = {}
+    # Settings a probe takes besides the common ones; `self.cfg` holds their checked values.
+    options: ClassVar[tuple[Option, ...]] = ()
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         self.ctx = ctx
         common = {"layers", "exclude", "every", "at", "enabled"}
-        unknown = set(cfg) - common - set(self.options)
+        keys = {option.name for option in self.options}
+        unknown = set(cfg) - common - keys
         if unknown:
-            valid = ", ".join(sorted(common | set(self.options)))
+            valid = ", ".join(sorted(common | keys))
             raise ConfigError(
                 f"unknown key {sorted(unknown)[0]!r} for probe {self.name}; valid keys: {valid}"
             )
-        self.cfg = {**self.options, **{k: v for k, v in cfg.items() if k in self.options}}
+        self.cfg = {o.name: o.read(self.name, cfg.get(o.name, o.default)) for o in self.options}
         self.patterns = self._regexes("layers", cfg.get("layers"))
         self.exclude = self._regexes("exclude", cfg.get("exclude"))
         self.schedule = Schedule.parse(self.name, self.default_schedule, cfg)

@@ -1,21 +1,5 @@
-"""How much gradient each conv channel sends back and receives (SPEC §5 `channels`).
-
-For a tracked Conv2d (groups = 1) with weight W [C_out, C_in, k, k] and g = ∂L/∂y at its output on
-the probe batch (one forward and backward in eval mode; `.grad` of the parameters is not touched),
-the gradient that output channel c1 sends to input channel c2 is
-
-    LG^{c1→c2} = conv_transpose2d(g[:, c1], W[c1, c2])   (the conv's stride, padding, dilation),
-
-and Σ_{c1} LG^{c1→c2} is ∂L/∂x[:, c2]. Per channel: emission Em_{c1} = Σ_{c2} ‖LG^{c1→c2}‖_F and
-absorption Ab_{c2} = Σ_{c1} ‖LG^{c1→c2}‖_F, norms over batch and space. Recorded as matrices
-`emission` [C_out] and `absorption` [C_in] (row = the conv), and scalars `em_mean`, `em_std`,
-`ab_mean`, `ab_std` (population std over channels).
-
-Wide layers need no map per pair: LG^{c1→c2} is linear in the kernel W[c1, c2], so its squared
-norm is a quadratic form in those k² weights with one k² × k² Gram matrix per output channel c1
-(`channel_pair_norms`). Output channels go `chunk` at a time, so memory stays near
-chunk × min(C_in, k²) × B × H_in × W_in values whatever the layer's width.
-"""
+"""How much gradient each conv channel sends back and receives (SPEC §5 `channels`): emission
+and absorption per channel of each tracked Conv2d, from one extra backward on the probe batch."""
 
 from __future__ import annotations
 
@@ -27,7 +11,9 @@ import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext, StepState
-from netprobe.probes.module_outputs import module_outputs, to_float64
+from netprobe.probes.capture import module_outputs
+from netprobe.probes.options import Option
+from netprobe.probes.reductions import to_float64
 from netprobe.probes.schedule import Schedule
 
 METRICS = ["em_mean", "em_std", "ab_mean", "ab_std"]
@@ -47,24 +33,35 @@ def transpose_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return tuple(conv.padding)
 
 
-def _transpose_extra(
+def _transpose(
     g: torch.Tensor,
-    kernel_size: tuple[int, int],
+    kernels: torch.Tensor,
     input_size: tuple[int, int],
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
-) -> tuple[int, int]:
-    """output_padding that makes conv_transpose2d reach the conv's input size.
+) -> torch.Tensor:
+    """conv_transpose2d of each channel of g [B, n, H_out, W_out] with its own kernels [n, m, k, k]
+    (groups = n), at the conv's input size [B, n·m, H_in, W_in].
 
-    It restores the rows a strided conv never reached; for an asymmetric `same` padding the
-    transpose comes out larger instead, and the caller crops it to the input size.
+    output_padding restores the rows a strided conv never reached; for an asymmetric `same`
+    padding the transpose comes out larger instead, and is cropped to the input size.
     """
     full = [
         (o - 1) * s - 2 * p + d * (k - 1) + 1
-        for o, s, p, d, k in zip(g.shape[2:], stride, padding, dilation, kernel_size)
+        for o, s, p, d, k in zip(g.shape[2:], stride, padding, dilation, kernels.shape[2:])
     ]
-    return tuple(max(0, size - f) for size, f in zip(input_size, full))
+    extra = tuple(max(0, size - f) for size, f in zip(input_size, full))
+    h, w = input_size
+    return F.conv_transpose2d(
+        g,
+        kernels,
+        stride=stride,
+        padding=padding,
+        output_padding=extra,
+        groups=g.shape[1],
+        dilation=dilation,
+    )[:, :, :h, :w]
 
 
 def spread_gradients(
@@ -85,18 +82,8 @@ def spread_gradients(
     kh, kw = kernel_size
     taps = kh * kw
     eye = torch.eye(taps, dtype=g.dtype, device=g.device).view(1, taps, kh, kw)
-    h, w = input_size
-    extra = _transpose_extra(g, kernel_size, input_size, stride, padding, dilation)
-    u = F.conv_transpose2d(
-        g,
-        eye.expand(c, taps, kh, kw),
-        stride=stride,
-        padding=padding,
-        output_padding=extra,
-        groups=c,
-        dilation=dilation,
-    )[:, :, :h, :w]
-    return u.reshape(b, c, taps, h, w)
+    u = _transpose(g, eye.expand(c, taps, kh, kw), input_size, stride, padding, dilation)
+    return u.reshape(b, c, taps, *input_size)
 
 
 def channel_pair_norms(
@@ -108,7 +95,10 @@ def channel_pair_norms(
     dilation: tuple[int, int],
     chunk: int = 16,
 ) -> torch.Tensor:
-    """‖LG^{c1→c2}‖_F for every pair, [C_out, C_in] (float64), with g [B, C_out, H_out, W_out].
+    """‖LG^{c1→c2}‖_F for every pair, [C_out, C_in] (float64), with g = ∂L/∂y [B, C_out, H_out,
+    W_out] and LG^{c1→c2} = conv_transpose2d(g[:, c1], W[c1, c2]) (the conv's stride, padding and
+    dilation): the gradient output channel c1 sends to input channel c2, as Σ_{c1} LG^{c1→c2} is
+    ∂L/∂x[:, c2].
 
     Output channels go `chunk` at a time. With few input channels (C_in ≤ k²) each block's maps
     LG^{c1→c2} are made outright, by one conv_transpose2d with groups = the block's channels.
@@ -119,21 +109,12 @@ def channel_pair_norms(
     """
     c_out, c_in, kh, kw = weight.shape
     taps = kh * kw
-    h, w = input_size
     squares = []
     if c_in <= taps:
-        extra = _transpose_extra(g, (kh, kw), input_size, stride, padding, dilation)
         for a in range(0, c_out, chunk):
             n = min(chunk, c_out - a)
-            lg = F.conv_transpose2d(
-                g[:, a : a + n],
-                weight[a : a + n],
-                stride=stride,
-                padding=padding,
-                output_padding=extra,
-                groups=n,
-                dilation=dilation,
-            )[:, :, :h, :w]
+            blocks = g[:, a : a + n], weight[a : a + n]
+            lg = _transpose(*blocks, input_size, stride, padding, dilation)
             squares.append(to_float64(lg).square().sum(dim=(0, 2, 3)).view(n, c_in))
     else:
         flat_w = to_float64(weight.reshape(c_out, c_in, taps))
@@ -161,13 +142,10 @@ class Channels(Probe):
     name = "channels"
     measures = "per-channel gradient emission and absorption of each conv (its own backward)"
     default_schedule = Schedule(at=("end",))
-    options = {"chunk": 16}
+    options = (Option("chunk", int, 16, low=1),)
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        chunk = self.cfg["chunk"]
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ConfigError(f"probes.{self.name}.chunk={chunk!r} must be a positive integer")
         model = ctx.model
         chosen = self.select_modules(lambda r: is_tracked_conv(model.get_submodule(r.module)))
         self.modules = [(n, m) for n, m in chosen if is_tracked_conv(m)]
@@ -201,7 +179,8 @@ class Channels(Probe):
         return graph + grads + block, lower
 
     def output_gradients(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Size]]:
-        """g = ∂L/∂y of each tracked conv on the probe batch, and the shape of its input."""
+        """g = ∂L/∂y of each tracked conv on the probe batch (one forward and backward in eval
+        mode; `.grad` of the parameters is not touched), and the shape of its input."""
         x, y = self.ctx.probe_batch
         outs = module_outputs(self.ctx.model, self.modules, x, grad=True)
         names = [n for n, _ in self.modules if n in outs.values and outs.values[n].requires_grad]
@@ -213,6 +192,8 @@ class Channels(Probe):
         return found, outs.input_shapes
 
     def capture(self, state: StepState) -> None:
+        """Per conv, the matrices `emission` [C_out] and `absorption` [C_in] (row = the conv), and
+        scalars `em_mean`, `em_std`, `ab_mean`, `ab_std` (population std over channels)."""
         if self.ctx.probe_batch is None or not self.modules:
             return
         grads, shapes = self.output_gradients()

@@ -1,39 +1,22 @@
-"""How the features of layers correlate with each other on the probe batch (SPEC §5 `correlation`).
-
-At each capture the fixed train probe batch goes through the model once in eval mode. Each
-tracked module's output becomes [B, d]: outputs with spatial dimensions are averaged per channel
-(`conv: pool`) or flattened whole (`conv: flatten`); a module with more than `max_features`
-features keeps a seeded random subset of them, drawn once per run, so memory stays bounded and
-every capture looks at the same features.
-
-Recorded, for modules i ≤ j in forward order: `corr_mean` (one value per pair), linear CKA (one
-float64 value per pair: `cka` with the biased HSIC estimator, `cka_unbiased` with the debiased
-one, as `cka: biased|unbiased|both` says) and, at the captures in `save_full_at`, the full
-Pearson matrix `C` (d_i × d_j, row = i, col = j). `save_full_at: [end]` means the last capture:
-the one after the final epoch. C_ij and the Gram matrices are built from blocks of `BLOCK`
-features, so no capture holds a whole C_ij in float64.
-"""
+"""How the features of tracked layers correlate on the probe batch (SPEC §5 `correlation`):
+`corr_mean` and linear CKA per pair of layers, and the full Pearson matrices `C` at the captures
+in `save_full_at`."""
 
 from __future__ import annotations
 
 from dataclasses import replace
-from math import prod
 from typing import Any
 
 import torch
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext, StepState
-from netprobe.probes.module_outputs import (
-    flatten_features,
-    module_outputs,
-    seeded_subset,
-    to_float64,
-)
-from netprobe.probes.schedule import AT_CHOICES, Schedule, as_list
+from netprobe.probes.capture import FEATURE_OPTIONS, Features
+from netprobe.probes.options import Option
+from netprobe.probes.reductions import to_float64
+from netprobe.probes.schedule import AT_CHOICES, Schedule
 from netprobe.structure import WEIGHT_TYPES
 
-CONV_CHOICES = ("pool", "flatten")
 CKA_CHOICES = ("biased", "unbiased", "both")
 # The matrix each CKA estimator is stored as.
 CKA_NAMES = {"biased": "cka", "unbiased": "cka_unbiased"}
@@ -147,29 +130,16 @@ class Correlation(Probe):
     name = "correlation"
     measures = "corr_mean and linear CKA per pair of layers (and full C matrices)"
     default_schedule = Schedule(at=("start", "epoch"))
-    options = {
-        "conv": "pool",
-        "max_features": 256,
-        "save_full_at": ["start", "end"],
-        "cka": "biased",
-    }
+    options = (
+        *FEATURE_OPTIONS,
+        # Captures that also keep every C_ij; `end` is the last one, the one after the final epoch.
+        Option("save_full_at", list, ["start", "end"], choices=AT_CHOICES),
+        Option("cka", str, "biased", choices=CKA_CHOICES),
+    )
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        for key, choices in (("conv", CONV_CHOICES), ("cka", CKA_CHOICES)):
-            if self.cfg[key] not in choices:
-                raise ConfigError(
-                    f"probes.{self.name}.{key}={self.cfg[key]!r}; valid: {', '.join(choices)}"
-                )
-        k = self.cfg["max_features"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-            raise ConfigError(f"probes.{self.name}.max_features={k!r} must be an integer ≥ 2")
-        self.save_full_at = tuple(as_list(self.cfg["save_full_at"]))
-        for point in self.save_full_at:
-            if point not in AT_CHOICES:
-                raise ConfigError(
-                    f"probes.{self.name}.save_full_at has {point!r}; valid: {', '.join(AT_CHOICES)}"
-                )
+        self.save_full_at = tuple(self.cfg["save_full_at"])
         # `save_full_at: [end]` adds the full matrices to the run's last capture: called at end.
         self.summary_at = self.schedule.at
         if "end" in self.save_full_at and "end" not in self.summary_at:
@@ -189,7 +159,9 @@ class Correlation(Probe):
         self.modules = self.select_modules(
             lambda r: isinstance(model.get_submodule(r.module), WEIGHT_TYPES)
         )
-        self._subsets: dict[str, torch.Tensor | None] = {}
+        self.extract = Features(
+            self.modules, self.cfg["conv"], self.cfg["max_features"], ctx.generator, salt=0xC022
+        )
 
     def memory_estimate(self) -> tuple[int, str]:
         """Features [B, d_i] of every layer (float32) and their z-scores (float64), one block of
@@ -198,9 +170,8 @@ class Correlation(Probe):
         the flush and is copied to the host there (24 bytes a value in all)."""
         if self.ctx.probe_batch is None or not self.modules:
             return 0, ""
-        b, k = len(self.ctx.probe_batch[0]), self.cfg["max_features"]
-        shapes = self.module_shapes()
-        dims = [min(feature_count(shapes[n], self.cfg["conv"]), k) for n, _ in self.modules]
+        b = len(self.ctx.probe_batch[0])
+        dims = self.extract.dims(self.module_shapes())
         side = min(max(dims), BLOCK)
         parts = {
             f"probes.{self.name}.max_features": 12 * b * sum(dims) + 16 * side * side,
@@ -230,31 +201,16 @@ class Correlation(Probe):
 
     # -- measuring
     def features(self) -> tuple[list[str], list[torch.Tensor]]:
-        """[B, d] features of each tracked module on the probe batch, forward order; the subset
-        is taken inside the forward hook, so a whole flattened output is never kept."""
+        """[B, d] features of each tracked module on the probe batch, forward order."""
         if self.ctx.probe_batch is None or not self.modules:
             return [], []
-        conv = self.cfg["conv"]
-        outs = module_outputs(
-            self.ctx.model,
-            self.modules,
-            self.ctx.probe_batch[0],
-            reduce=lambda name, y: self._subset(name, flatten_features(y, conv)),
-        )
-        names = [n for n, _ in self.modules if n in outs.values]
-        return names, [outs.values[n] for n in names]
-
-    def _subset(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """At most `max_features` columns: a random subset drawn once from the run's seed."""
-        k, d = self.cfg["max_features"], x.shape[1]
-        if name not in self._subsets:
-            salt = 0xC022 + [n for n, _ in self.modules].index(name)
-            pick = seeded_subset(d, k, self.ctx.generator(salt))
-            self._subsets[name] = None if pick is None else pick.to(x.device)
-        pick = self._subsets[name]
-        return x if pick is None else x.index_select(1, pick)
+        values = self.extract(self.ctx.model, self.ctx.probe_batch[0])
+        return list(values), list(values.values())
 
     def record_correlations(self, summary: bool = True, full: bool = False) -> None:
+        """For every pair of tracked modules i ≤ j in forward order (row = i, col = j): `corr_mean`
+        and CKA (`cka`, `cka_unbiased` as `cka` says) with `summary`, the matrix `C` with `full`.
+        C_ij and the Gram matrices are built BLOCK features at a time."""
         names, feats = self.features()
         if not names:
             return
@@ -278,10 +234,3 @@ class Correlation(Probe):
         for p, (i, j) in enumerate(pairs):
             for name, v in values.items():
                 record.matrix(self.name, name, names[i], names[j], v[p : p + 1])
-
-
-def feature_count(shape: tuple[int, ...], conv: str) -> int:
-    """How many features `flatten_features` makes of an output of this shape per sample."""
-    if len(shape) > 1 and conv == "pool":
-        return shape[0]
-    return prod(shape) if shape else 0

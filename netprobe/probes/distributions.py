@@ -1,14 +1,9 @@
-"""Fixed-bin histograms and moments of tensors on their device (weights, activations).
-
-Each tensor is reduced with plain device reductions (deterministic, no atomics on floats), in
-float64 slices of at most SLICE elements so that a huge tensor never needs a full float64 copy.
-Bins are found by binary search against the stored edges (`bucketize`), so a value on an edge
-lands where numpy.histogram puts it, and counted with one integer `index_add_` spread over
-REPLICAS copies of the bins (a few hot addresses serialise atomics; spread, they do not).
-Nothing is read on the host and no host-to-device copy is made: a capture never syncs.
-"""
+"""Fixed-bin histograms and moments of tensors on their device (weights, activations): plain
+deterministic reductions, nothing read on the host, so a capture never syncs."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -66,20 +61,26 @@ def central_edges(x: torch.Tensor, bins: int, tail: float, sample: int = 1 << 18
 def bin_counts(x: torch.Tensor, edges: torch.Tensor, spread: bool | None = None) -> torch.Tensor:
     """Counts [bins + 2] of float64 `x` in `edges` [bins + 1]: index 0 counts x < e_0, index
     bins + 1 counts x > e_bins, index 1 + i counts e_i ≤ x < e_{i+1} (the last bin closed, as
-    numpy.histogram). NaN counts nowhere. `spread` (default: off a CPU) counts into REPLICAS copies
-    of the bins, so that GPU atomics do not queue on a few hot addresses."""
+    numpy.histogram), found by binary search against the edges (`bucketize`). NaN counts nowhere.
+    `spread` (default: off a CPU) counts with one integer `index_add_` into REPLICAS copies of the
+    bins, so that GPU atomics do not queue on a few hot addresses."""
     bins = len(edges) - 1
-    # Right-closed search: i with e_{i-1} ≤ x < e_i, so 0 below the range and bins + 1 from e_bins.
-    local = torch.bucketize(x, edges, right=True)
-    local = torch.where(x == edges[-1], bins, local)
-    local = torch.where(torch.isnan(x), bins + 2, local)  # a spare slot, dropped below
+    # Right-closed search: i with e_{i-1} ≤ x < e_i, so 0 below the range and bins + 1 above it.
+    # The last edge one ulp up closes the last bin (no float64 lies between e_bins and it), and
+    # NaN, which the search puts last, is taken out of `above` after counting: two passes fewer
+    # over x than patching the indices with `where`.
+    closed = torch.cat([edges[:-1], torch.nextafter(edges[-1:], edges.new_full((1,), math.inf))])
+    local = torch.bucketize(x, closed, right=True)
     if not (x.device.type != "cpu" if spread is None else spread):
-        return torch.bincount(local, minlength=bins + 3)[: bins + 2]
-    spread = local * REPLICAS + (torch.arange(len(x), device=x.device) & (REPLICAS - 1))
-    one = torch.ones(1, dtype=torch.int64, device=x.device).expand(len(x))
-    counts = torch.zeros((bins + 3) * REPLICAS, dtype=torch.int64, device=x.device)
-    counts.index_add_(0, spread, one)
-    return counts.view(bins + 3, REPLICAS).sum(1)[:-1]
+        counts = torch.bincount(local, minlength=bins + 2)
+    else:
+        spread = local * REPLICAS + (torch.arange(len(x), device=x.device) & (REPLICAS - 1))
+        one = torch.ones(1, dtype=torch.int64, device=x.device).expand(len(x))
+        counts = torch.zeros((bins + 2) * REPLICAS, dtype=torch.int64, device=x.device)
+        counts.index_add_(0, spread, one)
+        counts = counts.view(bins + 2, REPLICAS).sum(1)
+    counts[-1] -= torch.count_nonzero(torch.isnan(x))
+    return counts
 
 
 def _pieces(t: torch.Tensor) -> list[torch.Tensor]:
@@ -91,7 +92,8 @@ def tensor_distribution(
     t: torch.Tensor, edges: torch.Tensor | None = None, reference: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One tensor's [mean, std, skew, min, max, l2] in float64, counts in `edges` (or None), and
-    ‖t − reference‖₂ (or None); see `distributions`."""
+    ‖t − reference‖₂ (or None); see `distributions`. Reduced in float64 slices of at most SLICE
+    elements, so that a huge tensor never needs a whole float64 copy."""
     f64 = torch.float64
     pieces = _pieces(t)
     total = sum(p.sum(dtype=f64) for p in pieces)

@@ -1,23 +1,5 @@
-"""Gradient norms at each tracked module and the data flow between them (SPEC §5 `gradient_flow`).
-
-Nodes are the tracked modules (default: every module with parameters). Their edges come from
-`module_graph` over the tracked modules themselves: the fx trace follows each value through
-untracked modules and functions call by call, which contracting the all-module graph in
-graph.parquet cannot do when an untracked module is called twice (torchvision's ResNet reuses
-one ReLU per block). The probe records them once, as matrices named `edge` (row = source,
-col = target).
-
-∂L/∂y is read with tensor hooks on the module outputs. A permanent forward hook on each tracked
-module adds them only during the forward of a recorded step (the schedule's `arm` sets them
-watching for the step to come), and they are removed once the step's backward is read, so
-between recorded steps no tensor hook exists. Under torch.compile the hooks read only that one
-bool, so the compiled graph has two variants (watching or not) instead of a recompile per step,
-and adding the tensor hooks runs eagerly (a graph break on recorded steps only).
-
-A hook on the output tensor itself, unlike a module backward hook, keeps working when an in-place
-activation overwrites that output afterwards: it reports the gradient with respect to the value
-the module produced.
-"""
+"""Gradient norms at each tracked module and the data flow between them (SPEC §5 `gradient_flow`):
+‖∂L/∂W‖₂ and ‖∂L/∂y‖₂ per module every `every` steps, and the edges between modules once."""
 
 from __future__ import annotations
 
@@ -31,7 +13,9 @@ from torch.utils.hooks import RemovableHandle
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext, StepState
-from netprobe.probes.gradients import stat_dtype
+from netprobe.probes.capture import output_tensor
+from netprobe.probes.options import Option
+from netprobe.probes.reductions import stat_dtype
 from netprobe.probes.schedule import Schedule
 from netprobe.structure import module_graph
 
@@ -45,22 +29,22 @@ def node_gradient_norms(grads: list[torch.Tensor], node_of_grad: torch.Tensor, n
 
 def output_gradient_norm(grad: torch.Tensor) -> torch.Tensor:
     """‖∂L/∂y‖₂² of one output gradient, at least in float32 (summed over calls, then √)."""
-    dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(grad, dtype=dtype).square()
-
-
-def _tensors(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _tensors(item)]
-    if isinstance(output, dict):
-        return [t for item in output.values() for t in _tensors(item)]
-    return []
+    return torch.linalg.vector_norm(grad, dtype=stat_dtype([grad])).square()
 
 
 class GradientFlow(Probe):
-    """Every `every` steps: ‖∂L/∂W‖₂ and ‖∂L/∂y‖₂ per tracked module; the edges once at start."""
+    """Every `every` steps: ‖∂L/∂W‖₂ and ‖∂L/∂y‖₂ per tracked module; the edges once at start.
+
+    ∂L/∂y is read with tensor hooks on the module outputs. A permanent forward hook on each tracked
+    module adds them only during the forward of a recorded step (the schedule's `arm` sets them
+    watching for the step to come), and they are removed once the step's backward is read, so
+    between recorded steps no tensor hook exists. Under torch.compile the hooks read only that
+    one bool, so the compiled graph has two variants (watching or not) instead of a recompile per
+    step, and adding the tensor hooks runs eagerly (a graph break on recorded steps only). A hook
+    on the output tensor itself, unlike a module backward hook, keeps working when an in-place
+    activation overwrites that output afterwards: it reports the gradient with respect to the
+    value the module produced.
+    """
 
     name = "gradient_flow"
     measures = "w_grad_l2 and out_grad_l2 per tracked module; the edges between them at start"
@@ -68,7 +52,7 @@ class GradientFlow(Probe):
     default_schedule = Schedule(every=10, arm=True)
     # The figure draws edges green above `threshold` (None: 0.1 × the run's median edge value);
     # it reads the value from the run's config.
-    options = {"threshold": None}
+    options = (Option("threshold", float, None, low=0, nullable=True),)
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
@@ -77,13 +61,12 @@ class GradientFlow(Probe):
                 f"probes.{self.name}.every must be a number of steps: the probe reads the "
                 "training step's own backward pass, which the start/epoch/end points lack"
             )
-        threshold = self.cfg["threshold"]
-        if threshold is not None and (
-            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0
-        ):
-            raise ConfigError(f"probes.{self.name}.threshold={threshold!r} must be a number ≥ 0")
         self.modules = self.select_modules()
         self.names = [n for n, _ in self.modules]
+        # Edges from the fx trace over the tracked modules themselves: it follows each value
+        # through untracked modules and functions call by call, which contracting the all-module
+        # graph cannot do when an untracked module is called twice (torchvision's ResNet reuses one
+        # ReLU per block). Recorded once, as matrices `edge` (row = source, col = target).
         self.edges = module_graph(ctx.model, self.names) if self.names else []
         # Each node's own parameters (not its children's: those are nodes of their own).
         self.params = [
@@ -95,7 +78,7 @@ class GradientFlow(Probe):
         self._node_index: dict[tuple[torch.device, tuple[int, ...]], Any] = {}
         self._watching = False  # whether the coming forward is a recorded step's
         self._kept_out_of_graphs = False
-        self._pass = 0  # forward passes of the whole model while watching
+        self._pass = 0  # forward passes of the whole model while armed
         self._stash: dict[str, tuple[int, torch.Tensor]] = {}  # module -> (pass, Σ‖∂L/∂y‖²)
         self._tensor_hooks: list[RemovableHandle] = []
         self._module_hooks: list[RemovableHandle] = [
@@ -126,15 +109,15 @@ class GradientFlow(Probe):
         self._pass += 1
 
     def _watch(self, name: str, output: Any) -> None:
-        for tensor in _tensors(output):
-            if tensor.requires_grad:
-                hook = partial(self._on_output_grad, name, self._pass)
-                self._tensor_hooks.append(tensor.register_hook(hook))
+        tensor = output_tensor(output)
+        if tensor is not None and tensor.requires_grad:
+            hook = partial(self._on_output_grad, name, self._pass)
+            self._tensor_hooks.append(tensor.register_hook(hook))
 
     def _on_output_grad(self, name: str, pass_id: int, grad: torch.Tensor) -> None:
         square = output_gradient_norm(grad)
         previous = self._stash.get(name)
-        # A module called several times in one pass (or with several outputs) adds up its parts.
+        # A module called several times in one pass adds up its calls.
         if previous is not None and previous[0] == pass_id:
             square = previous[1] + square
         elif previous is not None and previous[0] > pass_id:

@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from netprobe.probes.base import Probe, StepState
+from netprobe.probes.reductions import device_sizes, stat_dtype
 from netprobe.probes.schedule import Schedule
 from netprobe.probes.segments import Segments
 
 METRICS = ["l1", "l2", "mean_abs", "max_abs", "nonfinite"]
-
-
-def stat_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
-    """float64 for float64 tensors, else float32: statistics of low-precision tensors in float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-@functools.lru_cache(maxsize=64)
-def device_sizes(
-    sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.int64
-) -> torch.Tensor:
-    """`sizes` as a tensor on `device`, made once per device and set of tensors: a per-step
-    torch.tensor(...) would be a blocking host-to-device copy every step."""
-    return torch.tensor(sizes, dtype=dtype, device=device)
 
 
 def gradient_stats(
@@ -41,7 +26,7 @@ def gradient_stats(
     dtype = stat_dtype(grads)
     if scratch is None:
         scratch = segments.buffer(dtype, grads[0].device)
-    for g, part in zip(grads, scratch.split(segments.sizes)):
+    for g, part in zip(grads, segments.parts(scratch)):
         # |g| straight into the buffer: one read of g and one write, no copy first.
         torch.abs(g.reshape(-1), out=part) if g.dtype == dtype else part.copy_(g.reshape(-1)).abs_()
     l1, l2, max_abs = segments.sum(scratch), segments.norm(scratch), segments.amax(scratch)

@@ -1,9 +1,5 @@
-"""How much memory a capture may take: `probes.memory_budget`, checked before anything is written.
-
-Each probe estimates, from the model's shapes and its own settings, the peak memory one capture
-holds beyond training itself (`Probe.memory_estimate`). A probe over the budget is refused with
-one line naming it, its estimate and the setting that lowers it.
-"""
+"""How much memory a capture may take: `probes.memory_budget`, checked against each probe's own
+estimate (`Probe.memory_estimate`) before anything is written."""
 
 from __future__ import annotations
 
@@ -14,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from netprobe.config import is_number
 from netprobe.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -42,7 +39,7 @@ def parse_budget(value: Any) -> int | None:
     `auto`. Anything else raises ConfigError."""
     if value is None or value == AUTO:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+    if is_number(value) and value > 0:
         return int(value)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if match and match.group(2).lower() in _UNITS and float(match.group(1)) > 0:

@@ -17,7 +17,8 @@ import torch
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext, StepState
-from netprobe.probes.gradients import device_sizes, stat_dtype
+from netprobe.probes.options import Option
+from netprobe.probes.reductions import device_sizes, stat_dtype
 from netprobe.probes.schedule import Schedule
 from netprobe.probes.segments import Segments
 
@@ -44,26 +45,24 @@ def gradient_dynamics(
     zero_threshold: float = 1e-5,
     tiny_threshold: float = 1e-7,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradient-side metrics per segment of the flat gradient g = g_t, given prev = (sign g_{t−1},
-    z_{t−1}, #z_{t−1} per segment).
+    """Gradient-side metrics per segment of the flat sign g = sign(g_t) and magnitude z = |g_t|
+    (`flat_sign_abs`), given prev = (sign g_{t−1}, z_{t−1}, #z_{t−1} per segment).
 
     With z_t = |g_t| ≤ 1e-5: `zero_frac_1e7` = #(|g_t| ≤ 1e-7)/numel; `zero_frac` = #z_t/numel;
     `released_frac` = #(z_{t−1} ∧ ¬z_t)/max(#z_{t−1}, 1); `retained_frac` = #(z_{t−1} ∧ z_t)/
     max(#z_{t−1}, 1); `flip_frac` = #(retained ∧ g_{t−1}g_t < 0)/max(#retained, 1);
     `flip_frac_all` = #(g_{t−1}g_t < 0)/numel.
 
-    In place, every buffer flat and 0/±1 valued: g becomes sign(g_t) (0 for NaN), z receives z_t,
-    `retained` receives z_{t−1} ∧ z_t, and prev's buffers are spent: the first becomes scratch, the
-    second ±1 on retained flips with the sign of g_t (which, across a flip, is the sign of
-    g_t − g_{t−1}). Returns the [L, 6] metrics (only the first two columns without prev),
-    #z_t and #retained per segment.
+    In place, every buffer flat and 0/±1 valued: z receives z_t, `retained` receives
+    z_{t−1} ∧ z_t, and prev's buffers are spent: the first becomes scratch, the second ±1 on
+    retained flips with the sign of g_t (which, across a flip, is the sign of g_t − g_{t−1}).
+    Returns the [L, 6] metrics (only the first two columns without prev), #z_t and #retained per
+    segment.
     """
     dtype = g.dtype
     numel = device_sizes(tuple(segments.sizes), g.device, dtype)
-    torch.abs(g, out=z)
     n_tiny = segments.count(torch.le(z, tiny_threshold, out=retained))
     n_zero = segments.count(torch.le(z, zero_threshold, out=z))
-    g.sign_()  # signs, not products g_{t−1}·g_t: two tiny opposite gradients cannot underflow to 0
     if prev is None:
         return torch.stack([n_tiny / numel, n_zero / numel], dim=1), n_zero, None
     s_prev, z_prev, n_prev = prev
@@ -72,19 +71,34 @@ def gradient_dynamics(
     n_flip = segments.count(flipped)
     n_flip_retained = segments.count(flipped.mul_(retained))
     flipped.mul_(g)
-    one = torch.ones((), dtype=dtype, device=g.device)
-    metrics = torch.stack(
-        [
-            n_tiny / numel,
-            n_zero / numel,
-            (n_prev - n_retained) / torch.maximum(n_prev, one),
-            n_retained / torch.maximum(n_prev, one),
-            n_flip_retained / torch.maximum(n_retained, one),
-            n_flip / numel,
-        ],
-        dim=1,
+    # Counts over their denominators in one division: a small model's step pays per kernel.
+    counts = torch.stack(
+        [n_tiny, n_zero, n_prev - n_retained, n_retained, n_flip_retained, n_flip], 1
     )
+    some_prev, some_retained = n_prev.clamp(min=1), n_retained.clamp(min=1)
+    metrics = counts / torch.stack([numel, numel, some_prev, some_prev, some_retained, numel], 1)
     return metrics, n_zero, n_retained
+
+
+def flat_sign_abs(
+    tensors: list[torch.Tensor | None], segments: Segments, sign: torch.Tensor, size: torch.Tensor
+) -> None:
+    """sign(t) and |t| of each tensor (None: zeros) written into its segment of the flat buffers
+    `sign` and `size`, straight from the tensors: no flat copy of the values is made first.
+    Signs, not products g_{t−1}·g_t, are compared later: two tiny opposite gradients cannot
+    underflow to 0."""
+    for t, s, m in zip(tensors, segments.parts(sign), segments.parts(size)):
+        if t is None:
+            s.zero_()
+            m.zero_()
+            continue
+        t = t.reshape(-1)
+        if t.dtype == sign.dtype:
+            torch.sign(t, out=s)
+            torch.abs(t, out=m)
+        else:  # low precision: converted first, the statistics being in float32
+            s.copy_(t).sign_()
+            m.copy_(t).abs_()
 
 
 def update_dynamics(
@@ -134,7 +148,12 @@ class OptimDynamics(Probe):
     measures = "zero-gradient, sign-flip and update statistics per tensor; the epoch's sign_map"
     # Each record compares a step with the step before, whose sign and z `arm` keeps.
     default_schedule = Schedule(every=1, at=("epoch",), arm=True)
-    options = {"zero_threshold": 1e-5, "tiny_threshold": 1e-7, "sign_samples": 64, "sign_rows": 32}
+    options = (
+        Option("zero_threshold", float, 1e-5, low=0),
+        Option("tiny_threshold", float, 1e-7, low=0),
+        Option("sign_samples", int, 64, low=1),
+        Option("sign_rows", int, 32, low=1),
+    )
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
@@ -143,14 +162,6 @@ class OptimDynamics(Probe):
                 f"probes.{self.name}.every must be a number of steps: each record compares a "
                 "step's gradient with the step before"
             )
-        for key in ("zero_threshold", "tiny_threshold"):
-            value = self.cfg[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"probes.{self.name}.{key}={value!r} must be a number ≥ 0")
-        for key in ("sign_samples", "sign_rows"):
-            k = self.cfg[key]
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ConfigError(f"probes.{self.name}.{key}={k!r} must be a positive integer")
         k = self.cfg["sign_samples"]
         self.params = self.select_params()
         self.names = [n for n, _ in self.params]
@@ -190,31 +201,29 @@ class OptimDynamics(Probe):
                 self._buffers[key] = self.segments.buffer(dtype, first.device)
         return self._buffers[name]
 
-    def _read_gradients(self, step: int) -> torch.Tensor:
-        """The flat gradient g_t (a parameter unused in the forward counts as all zeros), and
-        every `_sign_stride`-th step's sampled gradients for the epoch's sign map."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.tensors]
-        g = torch.cat([g.reshape(-1) for g in grads], out=self._buffer("g"))
-        if self.sign_index.device != g.device:
-            self.sign_index = self.sign_index.to(g.device)
-        if self._sign_seen % self._sign_stride == 0:
-            self._sign_rows.append((step, g.index_select(0, self.sign_index)))
-            if len(self._sign_rows) >= 4 * self.cfg["sign_rows"]:
-                self._sign_rows, self._sign_stride = self._sign_rows[::2], 2 * self._sign_stride
-        self._sign_seen += 1
-        return g
-
     def _dynamics(
         self, state: StepState, compare: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """gradient_dynamics of this step's gradient, against the kept previous step's if
-        `compare`; afterwards this step's sign and z sit where `arm` keeps them from, and the
-        spent buffers of the step before serve this step's update and the next gradient."""
-        g = self._read_gradients(state.step)
+        `compare`, and every `_sign_stride`-th step's sampled gradients for the sign map;
+        afterwards this step's sign and z sit where `arm` keeps them from, and the spent buffers
+        of the step before serve this step's update and the next gradient."""
+        g, z = self._buffer("g"), self._buffer("z")
         b = self._buffers
+        # A parameter without a gradient this step (unused in the forward) counts as all zeros.
+        flat_sign_abs([p.grad for p in self.tensors], self.segments, g, z)
+        if self.sign_index.device != g.device:
+            self.sign_index = self.sign_index.to(g.device)
+        if self._sign_seen % self._sign_stride == 0:
+            # The sampled gradients, as sign · magnitude: exactly the values read.
+            sample = g.index_select(0, self.sign_index).mul_(z.index_select(0, self.sign_index))
+            self._sign_rows.append((state.step, sample))
+            if len(self._sign_rows) >= 4 * self.cfg["sign_rows"]:
+                self._sign_rows, self._sign_stride = self._sign_rows[::2], 2 * self._sign_stride
+        self._sign_seen += 1
         prev = (b["s_prev"], b["z_prev"], self._n_prev) if compare else None
         metrics, self._n_zero, n_retained = gradient_dynamics(
-            g, b["z"], prev, b["retained"], self.segments, *self._thresholds()
+            g, z, prev, b["retained"], self.segments, *self._thresholds()
         )
         self._n_prev = None  # spent
         b["g"], b["s_prev"], b["z"], b["z_prev"] = b["s_prev"], g, b["z_prev"], b["z"]
@@ -231,7 +240,7 @@ class OptimDynamics(Probe):
 
     def arm(self, state: StepState) -> None:
         """Keeps this step's sign(g) and z for the next step, which is recorded."""
-        if state.loss is None:
+        if state.loss is None or not self.params:
             return  # before this process's first backward: nothing to keep (or restored)
         if self._n_zero is None:  # this step is not recorded: its gradient is not read yet
             self._dynamics(state, compare=False)
@@ -248,8 +257,12 @@ class OptimDynamics(Probe):
         self._grad_metrics = None
         b = self._buffers
         # After the swap in `_dynamics`: "g" holds spent scratch, "z" the retained flips.
+        # W_t − W_{t−1} tensor by tensor into the spent buffer: one pass, no flat copy of W_t.
+        dw = b["g"]
         with torch.no_grad():
-            dw = torch.cat([p.reshape(-1) for p in self.tensors], out=b["g"]).sub_(b["w_prev"])
+            parts = self.segments.parts
+            for p, d, w in zip(self.tensors, parts(dw), parts(b["w_prev"])):
+                torch.sub(p.reshape(-1), w, out=d)
         update = update_dynamics(
             dw,
             b["w_prev"],

@@ -1,10 +1,5 @@
-"""Relative Weight Change per layer and epoch (SPEC §5 `rwc`; arXiv 2011.06735, Eq. 1).
-
-The probe holds exactly one copy of the tracked weights: W_{e−1}, taken before the first step
-(W₀) and refreshed in place after each epoch's record. `every_steps: k` adds a finer record,
-`rwc_step` every k optimizer steps against the weights k steps earlier, which needs a second copy
-of its own. Both copies travel in the state_dict, so a resumed run continues identically.
-"""
+"""Relative weight change per layer and epoch (SPEC §5 `rwc`; arXiv 2011.06735, Eq. 1), and every
+`every_steps` steps if set; the weights each record compares with travel in the state_dict."""
 
 from __future__ import annotations
 
@@ -13,8 +8,8 @@ from typing import Any
 
 import torch
 
-from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext, StepState
+from netprobe.probes.options import Option
 from netprobe.probes.schedule import Schedule
 
 MODES = ("l1", "elementwise")
@@ -45,18 +40,15 @@ class RelativeWeightChange(Probe):
     name = "rwc"
     measures = "rwc per tensor at the `at` points (each against the one before)"
     default_schedule = Schedule(at=("epoch",))
-    options = {"mode": "l1", "every_steps": None}
+    options = (
+        Option("mode", str, "l1", choices=MODES),
+        Option("every_steps", int, None, low=1, nullable=True, note="a number of steps"),
+    )
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        mode, k = self.cfg["mode"], self.cfg["every_steps"]
-        if mode not in MODES:
-            raise ConfigError(f"probes.{self.name}.mode={mode!r}; valid: {', '.join(MODES)}")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ConfigError(
-                f"probes.{self.name}.every_steps={k!r} must be a positive number of steps or null"
-            )
-        self.mode, self.every_steps = mode, k
+        self.mode, self.every_steps = self.cfg["mode"], self.cfg["every_steps"]
+        k = self.every_steps
         if k is not None:  # `rwc_step` after every k-th step: steps k − 1, 2k − 1, …
             self.schedule = replace(self.schedule, every=k, phase=k - 1)
             self.measures = f"rwc per tensor at the `at` points; rwc_step every {k} steps"
@@ -64,8 +56,10 @@ class RelativeWeightChange(Probe):
         self.params = self.select_params(lambda r: len(r.shape) > 1)
         self.names = [n for n, _ in self.params]
         self.tensors = [p for _, p in self.params]
-        self.previous: list[torch.Tensor] | None = None  # W_{e−1}
-        self.previous_step: list[torch.Tensor] | None = None  # W_{t−k}, only with every_steps
+        # One copy of the tracked weights, W_{e−1}: W₀ before the first step, refreshed in place
+        # after each epoch's record; `rwc_step` needs a second one, W_{t−k}.
+        self.previous: list[torch.Tensor] | None = None
+        self.previous_step: list[torch.Tensor] | None = None
 
     def _copy(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.tensors]

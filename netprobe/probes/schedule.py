@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from netprobe.errors import ConfigError
+from netprobe.probes.options import as_list
 from netprobe.probes.timer import ProbeTimer
 
 if TYPE_CHECKING:
@@ -76,15 +77,6 @@ class Schedule:
         if self.at:
             parts.append(f"at {', '.join(self.at)}")
         return "; ".join(parts) or "never"
-
-
-def as_list(value: Any) -> list[Any]:
-    """None → [], a string → [it], any other iterable → its items."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    return list(value)
 
 
 class ProbeRunner:

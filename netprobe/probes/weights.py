@@ -1,10 +1,5 @@
-"""Weight distributions at start and after each epoch (SPEC §5 `weights`).
-
-Per tracked tensor: a histogram in bins fixed at the first capture for the whole run (±2·max|W|,
-values outside counted in `below` / `above`), and the scalars `mean`, `std`, `skew`, `min`, `max`,
-`l2` and `dist_init` = ‖W − W₀‖₂ / ‖W₀‖₂, with W₀ the weights before the first step. The
-probe keeps one copy of W₀ and the bin edges; both travel in its state_dict for resuming.
-"""
+"""Weight distributions at start and after each epoch (SPEC §5 `weights`): per tracked tensor a
+histogram in bins fixed at the first capture, its moments and `dist_init`."""
 
 from __future__ import annotations
 
@@ -12,9 +7,9 @@ from typing import Any
 
 import torch
 
-from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.distributions import MOMENTS, distributions, symmetric_edges
+from netprobe.probes.options import Option
 from netprobe.probes.schedule import Schedule
 
 METRICS = [*MOMENTS, "dist_init"]
@@ -33,16 +28,11 @@ class Weights(Probe):
     name = "weights"
     measures = "histogram, mean, std, skew, min, max, l2, dist_init per tensor"
     default_schedule = Schedule(at=("start", "epoch"))
-    options = {"params": "weights", "bins": 50}
+    options = (Option("params", str, "weights", choices=PARAMS), Option("bins", int, 50, low=1))
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        params, bins = self.cfg["params"], self.cfg["bins"]
-        if params not in PARAMS:
-            raise ConfigError(f"probes.{self.name}.params={params!r}; valid: {', '.join(PARAMS)}")
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-            raise ConfigError(f"probes.{self.name}.bins={bins!r} must be a positive integer")
-        self.bins = bins
+        params, self.bins = self.cfg["params"], self.cfg["bins"]
         # `all`: every parameter, biases and norm-layer scales and shifts included.
         self.params = self.select_params((lambda r: True) if params == "all" else None)
         self.names = [n for n, _ in self.params]
@@ -50,7 +40,9 @@ class Weights(Probe):
         self.sources = ["bias" if n.rsplit(".", 1)[-1] == "bias" else "weight" for n in self.names]
         self.initial: list[torch.Tensor] | None = None  # W₀, one copy
         self.initial_norm: torch.Tensor | None = None  # ‖W₀‖₂ per tensor, float64
-        self.edges: torch.Tensor | None = None  # [L, bins + 1], fixed at the first capture
+        # [L, bins + 1] at ±2·max|W| of the first capture, for the whole run; values outside are
+        # counted in `below` / `above`. W₀ and the edges travel in the state_dict for resuming.
+        self.edges: torch.Tensor | None = None
 
     def _snapshot_initial(self) -> None:
         self.initial = [p.detach().clone() for p in self.tensors]

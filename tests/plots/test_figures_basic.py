@@ -1,12 +1,38 @@
-"""Training-curve and gradient figures render from small stored runs."""
+"""Training-curve and gradient figures: written from a small stored run, and drawing exactly the
+stored values (one run: no smoothing below 200 steps, no averaging)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import netprobe
 from netprobe.plots import FIGURES, plot
+from netprobe.plots.common import RunGroup
+from netprobe.store import Run
 
 BASIC = ["training_curves", "grad_flow_bars", "grad_norms", "grad_heatmap"]
 
 
-def test_every_basic_figure_is_written(tiny_run, tmp_path):
-    run = tiny_run("model=cnn")
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, train_tiny) -> Run:
+    return netprobe.load(train_tiny(tmp_path_factory.mktemp("basic") / "run", "model=cnn"))
+
+
+def draw(run: Run, name: str):
+    group = RunGroup([run])
+    return FIGURES[name].draw(group), group
+
+
+def layer_rows(run: Run, metric: str) -> pd.DataFrame:
+    df = run.scalars(probe="gradients", metric=metric)
+    return df[df["layer"] != ""]
+
+
+def test_every_basic_figure_is_written(run: Run, tmp_path: Path) -> None:
     out = tmp_path / "figs"
     written = plot([run.path], out=out, formats=["png", "svg"], only=BASIC)
     names = {p.name for p in written}
@@ -20,10 +46,58 @@ def test_every_basic_figure_is_written(tiny_run, tmp_path):
         assert f"{name}.png" in index
 
 
-def test_groups_differing_in_one_key_get_their_own_folders(tiny_run, tmp_path):
-    runs = [tiny_run("init=xavier_normal", f"seed={s}") for s in (0, 1)]
-    runs += [tiny_run("init=orthogonal", "seed=0")]
-    out = tmp_path / "figs"
-    plot([r.path for r in runs], out=out, only=["training_curves"])
-    assert (out / "init=orthogonal" / "training_curves.png").exists()
-    assert (out / "init=xavier_normal" / "training_curves.png").exists()
+def test_training_curves_draw_the_stored_loss_accuracy_and_validation(run: Run) -> None:
+    fig, _ = draw(run, "training_curves")
+    train = run.scalars(probe="train")
+    titles = {ax.get_title(): ax for ax in fig.axes}
+    for metric, title, x in [
+        ("loss", "train loss", "step"),
+        ("acc", "train accuracy", "step"),
+        ("val_loss", "validation loss", "epoch"),
+        ("val_acc", "validation accuracy", "epoch"),
+    ]:
+        rows = train[train["metric"] == metric].sort_values(x)
+        assert len(rows) > 1, metric
+        (line,) = titles[title].get_lines()
+        # Validation rows sit at the end of their epoch; the figure counts epochs from 1.
+        want_x = rows[x].to_numpy() + (1 if x == "epoch" else 0)
+        np.testing.assert_array_equal(line.get_xdata(), want_x)
+        np.testing.assert_allclose(line.get_ydata(), rows["value"], rtol=1e-12)
+    assert sorted(train.loc[train["metric"] == "val_loss", "epoch"]) == [0, 1]
+
+
+def test_grad_norms_draw_each_layers_stored_l1_and_l2_per_step(run: Run) -> None:
+    fig, _ = draw(run, "grad_norms")
+    for ax, metric in zip(fig.axes, ["l1", "l2"]):
+        df = layer_rows(run, metric)
+        lines = ax.get_lines()
+        assert len(lines) == df["layer"].nunique() > 1
+        for layer, rows in df.groupby("layer"):
+            rows = rows.sort_values("step")
+            assert any(
+                list(line.get_xdata()) == list(rows["step"])
+                and np.allclose(line.get_ydata(), rows["value"], rtol=1e-12, atol=0)
+                for line in lines
+            ), (metric, layer)
+
+
+def test_grad_heatmap_is_log10_of_the_stored_l2_layer_by_step(run: Run) -> None:
+    fig, group = draw(run, "grad_heatmap")
+    df = layer_rows(run, "l2")
+    layers = group.ordered(df["layer"])
+    want = np.log10(df.pivot(index="layer", columns="step", values="value").loc[layers])
+    shown = np.ma.getdata(fig.axes[0].get_images()[0].get_array())
+    np.testing.assert_allclose(shown, want.to_numpy(), rtol=1e-12)
+    assert sorted(layers) == sorted(df["layer"].unique())
+
+
+def test_grad_flow_bars_are_the_peak_of_max_and_the_mean_of_mean_per_layer(run: Run) -> None:
+    fig, group = draw(run, "grad_flow_bars")
+    peak = layer_rows(run, "max_abs").groupby("layer")["value"].max()
+    mean = layer_rows(run, "mean_abs").groupby("layer")["value"].mean()
+    layers = group.ordered(peak.index)
+    ax = fig.axes[0]
+    markers = {line.get_marker(): line.get_ydata().astype(float) for line in ax.get_lines()}
+    np.testing.assert_allclose(markers["^"], peak.loc[layers], rtol=1e-12)
+    np.testing.assert_allclose(markers["o"], mean.loc[layers], rtol=1e-12)
+    assert (peak >= mean).all()

@@ -11,10 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
-from netprobe.monitor import Recorder
 from netprobe.probes import PROBES, ProbeRunner, Schedule
 from netprobe.probes.activations import RANDOM_SALT, STATS, Activations
 from netprobe.probes.base import ProbeContext, StepState
+from netprobe.recorder import Recorder
 from netprobe.structure import layer_table
 
 SEED = 5
@@ -112,7 +112,7 @@ def perturb(model: nn.Module, seed: int) -> None:
 
 def test_registered_with_its_keys() -> None:
     assert PROBES["activations"] is Activations
-    assert set(Activations.options) == {"sources", "bins", "tail"}
+    assert {o.name for o in Activations.options} == {"sources", "bins", "tail"}
     assert Activations.default_schedule == Schedule(at=("start", "epoch"))
 
 
@@ -216,6 +216,14 @@ def test_layer_regexes_select_modules_without_parameters_too() -> None:
     assert set(hists["source"]) == {"train"}
     relu = hists[hists["layer"] == "2"].iloc[0]
     assert relu["edges"][0] == 0.0  # a ReLU output is ≥ 0: its bins start at 0
+    # Its exact zeros are what zero_frac and dead_frac count (y ≤ 0, not y < 0).
+    model = small_model()
+    y = np.maximum(reference_outputs(model, batches()[0][0])["1"], 0.0)
+    want = reference_stats(y, np.asarray(relu["edges"]))
+    got = scalars[scalars["layer"] == "2"].set_index("metric")["value"]
+    assert want["zero_frac"] > 0.25 and want["dead_frac"] >= 1 / 3  # channel 0 is dead
+    for metric in ("zero_frac", "dead_frac", "mean", "std"):
+        assert got[f"train/{metric}"] == pytest.approx(want[metric], rel=1e-6), metric
     with pytest.raises(ConfigError, match="matches nothing"):
         make_probe(small_model(), layers=[r"features\..*"])
 
@@ -256,20 +264,14 @@ def test_bins_depend_on_the_capture_alone() -> None:
         np.testing.assert_array_equal(a, b)
 
 
-def test_capture_reads_nothing_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_capture_reads_nothing_on_the_host(no_host_sync) -> None:
     model = small_model()
     probe = make_probe(model)
-
-    def boom(*_args, **_kwargs):
-        raise AssertionError("the probe read a tensor's value on the host")
-
-    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, boom)
-    probe.runner.start()
-    perturb(model, seed=1)
-    probe.runner.state.step += 1
-    probe.runner.end_epoch()
-    monkeypatch.undo()
+    with no_host_sync():
+        probe.runner.start()
+        perturb(model, seed=1)
+        probe.runner.state.step += 1
+        probe.runner.end_epoch()
     scalars, _ = tables(probe)
     assert len(scalars) == 2 * 3 * 3 * len(STATS)
 

@@ -1,4 +1,4 @@
-"""channels against an explicit loop over channel pairs, one conv_transpose2d call per pair."""
+"""channels against an explicit loop over channel pairs, one autograd call per pair."""
 
 from __future__ import annotations
 
@@ -57,7 +57,9 @@ def batch(shape=(6, 3, 11, 10), seed: int = 1) -> tuple[torch.Tensor, torch.Tens
 
 def reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]):
     """Em and Ab per conv in float64: ∂L/∂y by autograd on an eval-mode copy without in-place
-    ops, then one conv_transpose2d per channel pair (c1, c2)."""
+    ops, then per channel pair (c1, c2) LG = the gradient, by autograd, of ⟨g[:, c1], conv2d(·,
+    W[c1, c2])⟩ with respect to the conv's input channel c2. conv2d is called with the module's own
+    stride, padding (`same` included) and dilation, so no padding rule is rebuilt here."""
     plain = copy.deepcopy(model).double().eval()
     for m in plain.modules():
         if hasattr(m, "inplace"):
@@ -79,29 +81,20 @@ def reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[st
     for n, g in zip(names, grads):
         conv = modules[n]
         w = conv.weight.detach()
-        c_out, c_in, kh, kw = w.shape
-        if conv.padding == "same":
-            pad = tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, (kh, kw)))
-        else:
-            pad = conv.padding
-        h_in, w_in = inputs[n][-2:]
+        c_out, c_in = w.shape[:2]
+        # The conv is linear in its input: the gradient does not depend on where it is taken.
+        x_in = torch.zeros(inputs[n][0], 1, *inputs[n][2:], dtype=torch.float64, requires_grad=True)
         norms = np.zeros((c_out, c_in))
         for c1 in range(c_out):
             for c2 in range(c_in):
-                sizes = [
-                    (o - 1) * s - 2 * p + d * (k - 1) + 1
-                    for o, s, p, d, k in zip(g.shape[2:], conv.stride, pad, conv.dilation, (kh, kw))
-                ]
-                extra = tuple(max(0, t - f) for t, f in zip((h_in, w_in), sizes))
-                lg = F.conv_transpose2d(
-                    g[:, c1 : c1 + 1],
+                out = F.conv2d(
+                    x_in,
                     w[c1 : c1 + 1, c2 : c2 + 1],
                     stride=conv.stride,
-                    padding=pad,
-                    output_padding=extra,
+                    padding=conv.padding,
                     dilation=conv.dilation,
-                )[:, :, :h_in, :w_in]
-                assert lg.shape[2:] == (h_in, w_in)
+                )
+                (lg,) = torch.autograd.grad(out, x_in, grad_outputs=g[:, c1 : c1 + 1])
                 norms[c1, c2] = float(lg.square().sum().sqrt())
         result[n] = (norms.sum(axis=1), norms.sum(axis=0))
     return result

@@ -204,11 +204,11 @@ def test_feature_subset_is_seeded_fixed_and_capped() -> None:
     full = first[first["name"] == "C"]
     assert all(max(s) <= 20 for s in full["shape"])
     # conv 0 has 6·8·8 = 384 features: the same 20 at every capture, the same for the same seed.
-    pick = probe._subsets["0"]
+    pick = probe.extract.picks["0"]
     assert pick is not None and len(pick) == 20
     again = make_probe(small_cnn(), x, y, conv="flatten", max_features=20)
     again.runner.start()
-    assert torch.equal(again._subsets["0"], pick)
+    assert torch.equal(again.extract.picks["0"], pick)
     feats = features_by_hand(model, x, ["0"], "flatten")["0"][:, pick.numpy()]
     got = second[(second["name"] == "C") & (second["row"] == "0") & (second["col"] == "0")]
     want = np.corrcoef(feats, rowvar=False)

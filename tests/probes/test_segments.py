@@ -28,3 +28,18 @@ def test_counts_are_exact():
     want = torch.tensor([float(p.abs().sum()) for p in pieces])
     assert torch.equal(seg.count_squares(signs), want)
     assert torch.equal(seg.count(signs.abs()), want)
+
+
+def test_a_buffer_keeps_its_views_and_reduces_like_any_tensor():
+    """The views `buffer` makes once see every later write, and reduce as fresh slices do."""
+    torch.manual_seed(2)
+    sizes = [6, 6, 4, 0, 5]
+    seg = Segments(sizes)
+    buf = seg.buffer(torch.float64, torch.device("cpu"))
+    for step in range(2):  # written again: the views made at the start see the new values
+        values = torch.randn(seg.total, dtype=torch.float64) + step
+        buf.copy_(values)
+        assert all(torch.equal(p, v) for p, v in zip(seg.parts(buf), values.split(sizes)))
+        assert all(p.data_ptr() == v.data_ptr() for p, v in zip(seg.parts(buf), buf.split(sizes)))
+        assert torch.equal(seg.sum(buf), seg.sum(values.clone()))
+        assert torch.equal(seg.amax(buf), seg.amax(values.clone()))

@@ -1,0 +1,28 @@
+"""Dtypes and constants the probes' device reductions share."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def stat_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    """float64 for float64 tensors, else float32: statistics of low-precision tensors in float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@functools.lru_cache(maxsize=64)
+def device_sizes(
+    sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """`sizes` as a tensor on `device`, made once per device and set of tensors: a per-step
+    torch.tensor(...) would be a blocking host-to-device copy every step."""
+    return torch.tensor(sizes, dtype=dtype, device=device)
+
+
+def to_float64(x: torch.Tensor) -> torch.Tensor:
+    """x in float64; on the CPU for a device without float64 (Apple's MPS), else where it is."""
+    if x.device.type == "mps":
+        x = x.cpu()
+    return x.to(torch.float64)

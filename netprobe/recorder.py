@@ -1,0 +1,125 @@
+"""Recorder: holds what probes record as device tensors between flushes, and hands it to the
+store as typed blocks after one device-to-host copy per table."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from netprobe.store.schema import (
+    HistogramBlock,
+    MatrixBlock,
+    histogram_table,
+    matrix_table,
+    scalar_table,
+)
+
+if TYPE_CHECKING:
+    from netprobe.probes.base import StepState
+
+Number = float | int | torch.Tensor
+
+
+class Recorder:
+    """Holds probe output as device tensors and moves it to the host in one copy per table."""
+
+    def __init__(self, progress: StepState) -> None:
+        self.progress = progress
+        self._scalars: list[tuple[int, int, str, list[str], list[str], torch.Tensor]] = []
+        self._hists: list[tuple[int, int, str, str, str, torch.Tensor, torch.Tensor]] = []
+        self._matrices: list[tuple[int, int, str, str, str, str, torch.Tensor]] = []
+
+    def scalars(
+        self, probe: str, layers: list[str], metrics: list[str], values: torch.Tensor | Number
+    ) -> None:
+        """Values [len(layers), len(metrics)] for the current step."""
+        if not isinstance(values, torch.Tensor):
+            values = torch.as_tensor(values, dtype=torch.float64)  # not float32: lr 1e-3 stays
+        elif values.requires_grad:
+            values = values.detach()
+        self._scalars.append(
+            (self.progress.step, self.progress.epoch, probe, layers, metrics, values)
+        )
+
+    def histogram(
+        self,
+        probe: str,
+        layer: str,
+        source: str,
+        edges: torch.Tensor,
+        counts: torch.Tensor,
+        below: torch.Tensor | int = 0,
+        above: torch.Tensor | int = 0,
+    ) -> None:
+        """Counts per bin for `edges` (len(edges) = len(counts) + 1), plus out-of-range counts."""
+        # The out-of-range counts ride at the end of the counts: one tensor to copy, not three.
+        tail = torch.stack([torch.as_tensor(below), torch.as_tensor(above)]).to(counts.device)
+        self._hists.append(
+            (
+                self.progress.step,
+                self.progress.epoch,
+                probe,
+                layer,
+                source,
+                edges.detach(),
+                torch.cat([counts.detach().reshape(-1), tail.reshape(-1)]),
+            )
+        )
+
+    def matrix(self, probe: str, name: str, row: str, col: str, values: torch.Tensor) -> None:
+        """A matrix (or vector) named `name` for the pair (`row`, `col`) of layers."""
+        self._matrices.append(
+            (self.progress.step, self.progress.epoch, probe, name, row, col, values.detach())
+        )
+
+    def __len__(self) -> int:
+        return len(self._scalars) + len(self._hists) + len(self._matrices)
+
+    def drain(self) -> dict[str, pa.Table]:
+        """Everything buffered so far, on the host, as Arrow tables; the buffers are emptied."""
+        tables: dict[str, pa.Table] = {}
+        if self._scalars:
+            values = _to_host_flat([v for *_, v in self._scalars], torch.float64)
+            tables["scalars"] = scalar_table(self._scalars, values)
+        if self._hists:
+            edges = _to_host([h[5] for h in self._hists], torch.float64)
+            counts = _to_host([h[6] for h in self._hists], torch.int64)
+            tables["histograms"] = histogram_table(
+                HistogramBlock(*head, e, c[:-2], int(c[-2]), int(c[-1]))
+                for (*head, _, _), e, c in zip(self._hists, edges, counts)
+            )
+        if self._matrices:
+            # float64 on disk: CKA needs it, and float32 matrices (C) are stored exactly.
+            values = _to_host([m[6] for m in self._matrices], torch.float64)
+            tables["matrices"] = matrix_table(
+                MatrixBlock(*head, list(t.shape), v)
+                for (*head, t), v in zip(self._matrices, values)
+            )
+        self._scalars, self._hists, self._matrices = [], [], []
+        return tables
+
+
+def _to_host_flat(tensors: list[torch.Tensor], dtype: torch.dtype) -> np.ndarray:
+    """The tensors flattened and concatenated, in order, on the host: one copy per device."""
+    devices = {t.device for t in tensors}
+    if len(devices) == 1:
+        # cat promotes mixed dtypes itself: one conversion for all, not one per tensor.
+        return torch.cat([t.reshape(-1) for t in tensors]).to(dtype).cpu().numpy()
+    return np.concatenate(_to_host(tensors, dtype))
+
+
+def _to_host(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[np.ndarray]:
+    """One device-to-host copy per device for a list of tensors; returns flat numpy pieces."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    out: list[np.ndarray] = [np.empty(0)] * len(tensors)
+    for indices in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).to(dtype).cpu().numpy()
+        ends = np.cumsum([tensors[i].numel() for i in indices]).tolist()
+        for i, start, end in zip(indices, [0, *ends], ends):
+            out[i] = flat[start:end]
+    return out

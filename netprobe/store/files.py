@@ -1,0 +1,172 @@
+"""Files written whole or not at all (fsynced, renamed into place), and the numbered Parquet part
+files a run's tables consist of."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from netprobe.errors import StorageError, first_line
+from netprobe.store.schema import SCHEMAS
+
+RUN_FILE = "run.json"
+CONFIG_FILE = ".hydra/config.yaml"  # the composed config, as Hydra writes it
+
+
+def now_iso() -> str:
+    """Now, in UTC, to the second, as run.json holds times."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write `path` whole or not at all (SPEC §3): `write(tmp)` fills a temporary name beside it,
+    which is fsynced and renamed into place, and the directory fsynced, so that neither a crash
+    nor a power loss leaves a half-written or empty file. A failure leaves no temporary file
+    behind and raises StorageError naming `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise StorageError(path, exc) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some filesystems cannot sync a directory; that is no reason to fail a run.
+        if not (path.is_dir() and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
+
+
+def write_text(path: Path, text: str) -> None:
+    """A text file (an exported query result) written atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    """A Parquet file outside any run (an exported query result) written atomically."""
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The run.json of the run at `path`; OSError or ValueError when it is missing or damaged."""
+    with open(Path(path) / RUN_FILE) as f:
+        info = json.load(f)
+    if not isinstance(info, dict):
+        raise ValueError(f"{Path(path) / RUN_FILE} holds {type(info).__name__}, not an object")
+    return info
+
+
+def part_files(run_dir: str | os.PathLike, table: str) -> list[Path]:
+    """The part files of one of a run's tables (`scalars`, `histograms`, `matrices`), in order."""
+    folder = Path(run_dir) / table
+    return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+
+
+def next_part(folder: Path) -> int:
+    """The number the next part file in `folder` takes."""
+    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    return part_number(parts[-1]) + 1 if parts else 0
+
+
+def part_number(part: Path) -> int:
+    return int(part.stem.split("-")[1])
+
+
+def write_part(part: Path, table: pa.Table) -> None:
+    """One part file of a run's table, written atomically."""
+    atomic_write(part, lambda tmp: pq.write_table(table, tmp, **_write_options(table)))
+
+
+def _write_options(table: pa.Table) -> dict[str, Any]:
+    """Dictionary pages for the name columns only, and statistics only where readers filter:
+    dictionary-encoding random float values wastes a third of the write time and space."""
+    names = [
+        f.name for f in table.schema if pa.types.is_dictionary(f.type) or f.type == pa.string()
+    ]
+    keys = [
+        f.name
+        for f in table.schema
+        if not (pa.types.is_floating(f.type) or pa.types.is_list(f.type))
+    ]
+    return {"use_dictionary": names, "write_statistics": keys}
+
+
+def remove_temp_files(path: Path) -> None:
+    """The temporary files of writes that a killed process never finished (only the directory's
+    lock holder may call this: another writer's files would be in use)."""
+    for tmp in [*path.glob(".*.tmp-*"), *path.glob("*/.*.tmp-*")]:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def read_parts(parts: list[Path], table: str) -> pa.Table:
+    """The rows of every part that reads, as one table of `table`'s schema."""
+    if not parts:
+        return SCHEMAS[table].empty_table()
+    try:
+        # One multi-threaded scan of every part: twice as fast as a read per file. The schema
+        # reads older parts as today's (whose matrices held list<float32> values).
+        return pq.read_table([str(p) for p in parts], schema=SCHEMAS[table])
+    except (pa.ArrowException, OSError, ValueError):
+        pass  # some part is damaged or differs: read them one by one, skipping the bad ones
+    tables = [t for _, t in _each_readable(parts, stacklevel=5, schema=SCHEMAS[table])]
+    if not tables:
+        return SCHEMAS[table].empty_table()
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def readable_parts(parts: list[Path]) -> list[Path]:
+    """The part files that read whole; the others are skipped with the warning `load` gives."""
+    return [part for part, _ in _each_readable(parts, stacklevel=4)]
+
+
+def _each_readable(
+    parts: list[Path], stacklevel: int, schema: pa.Schema | None = None
+) -> Iterator[tuple[Path, pa.Table]]:
+    """Each part file that reads whole, with its table; each one that does not is skipped with a
+    warning that names it."""
+    for part in parts:
+        try:
+            yield part, pq.read_table(part, schema=schema)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            warnings.warn(
+                f"skipping unreadable part file {part}: {first_line(exc)}", stacklevel=stacklevel
+            )
+
+
+def read_file(path: Path, table: str) -> pa.Table:
+    """A single-file table (layers, graph): empty when missing, and with a warning when damaged."""
+    if not path.exists():
+        return SCHEMAS[table].empty_table()
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        warnings.warn(f"skipping unreadable file {path}: {first_line(exc)}", stacklevel=3)
+        return SCHEMAS[table].empty_table()

@@ -1,0 +1,76 @@
+"""Finding runs beneath a folder, opening them, and their run.json read as it is."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from netprobe.errors import first_line
+from netprobe.store.files import RUN_FILE
+from netprobe.store.reader import Run
+from netprobe.store.schema import TABLES
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys: {"optim": {"lr": 0.1}} → {"optim.lr": 0.1};
+    lists and empty mappings stay values; anything but a mapping gives {}."""
+    flat: dict[str, Any] = {}
+    if not isinstance(tree, Mapping):
+        return flat
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def load(path: str | os.PathLike) -> Run:
+    """Open the run stored at `path` (a directory holding run.json)."""
+    path = Path(path)
+    if not (path / RUN_FILE).exists():
+        raise FileNotFoundError(f"no {RUN_FILE} in {path}: not a netprobe run directory")
+    return Run(path)
+
+
+def find_runs(path: str | os.PathLike) -> Iterator[Path]:
+    """Every run directory at or beneath `path`, in sorted order."""
+    path = Path(path)
+    if (path / RUN_FILE).exists():
+        yield path
+        return
+    yield from sorted(_runs_beneath(path))
+
+
+# What a run directory holds besides run.json: never searched for runs (a sweep of thousands of
+# runs holds hundreds of thousands of part files, and listing them is most of the search's cost).
+_RUN_CONTENTS = {*TABLES, "checkpoints", "figures", "tb", ".hydra"}
+
+
+def _runs_beneath(path: Path) -> Iterator[Path]:
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return
+    is_run = any(e.name == RUN_FILE for e in entries)
+    if is_run:
+        yield path
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False) and not (is_run and entry.name in _RUN_CONTENTS):
+            yield from _runs_beneath(Path(entry.path))
+
+
+def read_runs(path: str | os.PathLike) -> list[Run]:
+    """Every run at or beneath `path`; a run whose run.json cannot be read is skipped, with a
+    warning."""
+    runs = []
+    for p in find_runs(path):
+        try:
+            runs.append(Run(p))
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"skipping run {p}: damaged {RUN_FILE} ({first_line(exc)})", stacklevel=2)
+    return runs
