@@ -15,15 +15,8 @@ import torch.nn.functional as F
 from netprobe.divergence import ON_NONFINITE, NonfiniteWatch
 from netprobe.errors import ConfigError
 from netprobe.lifecycle import claim_run_dir, signals_held, status_for
-from netprobe.probes import (
-    Probe,
-    ProbeRunner,
-    ProbeSpec,
-    StepState,
-    build_probes,
-    close_probes,
-    probe_context,
-)
+from netprobe.probes import ProbeRunner, ProbeSpec, build_probes, close_probes, probe_context
+from netprobe.probes.base import Probe, StepState
 from netprobe.probes.memory import AUTO, check_budget
 from netprobe.probes.reductions import stat_dtype
 from netprobe.store import RunWriter, graph_table, layers_table
@@ -144,9 +137,8 @@ class Monitor:
         """
         loss = loss.detach()
         self.nonfinite.observe(loss, self.state.step)
-        # The step's curve values in one record: one tensor per step rather than one per metric.
-        # A few microseconds count here (a small model's step is ~2 ms): no reshape of what is
-        # already a scalar, and the name lists are constants.
+        # The step's curve values in one record, one tensor; microseconds count here (a small
+        # model's step is ~2 ms): no reshape of what is already a scalar, constant name lists.
         values = [loss if loss.dim() == 0 else loss.reshape(())]
         self._last["loss"] = loss
         if acc is not None:
@@ -190,9 +182,7 @@ class Monitor:
         self.runner.end_epoch()
         self.flush()
         self.writer.update(
-            epochs_done=self.state.epoch,
-            steps_done=self.state.step,
-            best_val_acc=self.best_val_acc,
+            epochs_done=self.state.epoch, steps_done=self.state.step, best_val_acc=self.best_val_acc
         )
 
     # -- bookkeeping
@@ -232,8 +222,7 @@ class Monitor:
         if self.closed:
             return
         self.closed = True
-        # Not completed: the caller's own exception is on its way, and a failed flush only adds
-        # to its error.
+        # Not completed: the caller's own exception is on its way; a failed flush adds to it.
         ending_badly = status != "completed"
         first = self.nonfinite.settle()
         if status == "completed" and first is not None:
@@ -260,7 +249,6 @@ class Monitor:
                 status, error = status_for(type(exc), exc)
         finally:
             close_probes(self.probes)
-            final = {k: v for k, v in self.latest().items() if math.isfinite(v)}
             wall = time.perf_counter() - self._t0
             self.writer.close(
                 status,
@@ -268,7 +256,7 @@ class Monitor:
                 epochs_done=self.state.epoch,
                 steps_done=self.state.step,
                 best_val_acc=self.best_val_acc,
-                final=final,
+                final={k: v for k, v in self.latest().items() if math.isfinite(v)},
                 # Fractions of wall time: inside probes, and writing what they recorded.
                 **self.runner.timer.report(wall),
                 flush_overhead=self._flush_time / wall if wall > 0 else None,
