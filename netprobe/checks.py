@@ -8,12 +8,16 @@ import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from netprobe.errors import ConfigError
 from netprobe.lifecycle import RUN_FILE, check_new_run_dir, check_not_a_stray
+
+if TYPE_CHECKING:
+    from netprobe.probes import Probe
 
 _checked_probes: set[str] = set()
 
@@ -23,8 +27,6 @@ def check_probes(cfg: DictConfig) -> None:
     bad probe setting (a `layers` pattern matching nothing, an unknown key, a negative threshold)
     or a capture larger than `probes.memory_budget` fails before any run directory exists.
     Configs already checked are skipped."""
-    from netprobe.models import build_model
-    from netprobe.monitor import build_probes, probe_context
     from netprobe.probes.memory import check_budget, parse_budget, split_budget
 
     probes, budget = split_budget(OmegaConf.to_container(cfg.probes, resolve=True))
@@ -34,6 +36,23 @@ def check_probes(cfg: DictConfig) -> None:
                 data.channels, data.image_size, data.num_classes, data.probe_size))  # fmt: skip
     if key in _checked_probes or not probes:
         return
+    built = blank_probes(cfg, probes)
+    try:
+        # On the host: the training device's own free memory is checked again when the run starts.
+        check_budget(built, budget)
+    finally:
+        for probe in built:
+            probe.close()
+    _checked_probes.add(key)
+
+
+def blank_probes(cfg: DictConfig, probes: dict[str, Any]) -> list[Probe]:
+    """`probes` built on the config's model with a blank batch of the data's shape, on the CPU,
+    as a run would build them (close them after use); bad settings raise ConfigError."""
+    from netprobe.models import build_model
+    from netprobe.probes import build_probes, probe_context
+
+    data = cfg.data
     # As many samples as the run's probe batches (settings may index into them), as a view of
     # one blank image: no memory per sample.
     n = max(2, int(data.probe_size))
@@ -52,14 +71,7 @@ def check_probes(cfg: DictConfig) -> None:
             f"model={cfg.model.name} fails on a batch of shape {list(x.shape)} "
             f"(data.channels, data.image_size): {_line(exc)}"
         ) from None
-    built = build_probes(ctx, probes)
-    try:
-        # On the host: the training device's own free memory is checked again when the run starts.
-        check_budget(built, budget)
-    finally:
-        for probe in built:
-            probe.close()
-    _checked_probes.add(key)
+    return build_probes(ctx, probes)
 
 
 def _line(exc: BaseException) -> str:

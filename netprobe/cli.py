@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from netprobe.errors import ConfigError
 
 USAGE = """\
-usage: netprobe {train,plot,ls,doctor,export,query} ...
+usage: netprobe {train,probes,plot,ls,doctor,export,query} ...
 
   netprobe train [OVERRIDES]     train with probes attached (Hydra app; `netprobe train --help`)
   netprobe train -m seed=0,1,2   sweep with Hydra multirun
+  netprobe probes [OVERRIDES]    when each probe the config enables runs, and what it records
   netprobe plot PATH... [--out DIR] [--format png,svg,pdf] [--only NAMES] [--jobs N]
                                  render every figure the runs under PATH support
   netprobe ls PATH... [--sort KEY] [--filter KEY=VALUE] [--columns A,B] [--format table|csv|json]
@@ -50,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     commands = {
         "train": train_command,
+        "probes": probes_command,
         "plot": plot_command,
         "ls": ls_command,
         "doctor": doctor_command,
@@ -95,6 +97,29 @@ def train_command(args: list[str]) -> int:
         # when they join the process group.
         preflight(args, check_data=launched().is_main)
     return hydra_main(args)
+
+
+def probes_command(args: list[str]) -> int:
+    """One line per enabled probe of the config that `netprobe train OVERRIDES` would compose:
+    its name, when it runs, and what it records (the probes are built on the model, not run)."""
+    if {"-h", "--help"} & set(args):
+        print("usage: netprobe probes [OVERRIDES]\n\nWhen each probe the config enables runs, and "
+              "what it records (the overrides of `netprobe train`, e.g. probes=all).")  # fmt: skip
+        return 0
+    from omegaconf import OmegaConf
+
+    from netprobe.checks import blank_probes
+    from netprobe.config import compose
+    from netprobe.probes.memory import split_budget
+    from netprobe.probes.schedule import listing
+
+    cfg = compose(args)
+    probes, _ = split_budget(OmegaConf.to_container(cfg.probes, resolve=True))
+    built = blank_probes(cfg, probes)
+    for probe in built:
+        probe.close()
+    print("\n".join(listing(built)) or "no probes enabled (probes=none)")
+    return 0
 
 
 def plot_command(args: list[str]) -> int:

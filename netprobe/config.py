@@ -65,6 +65,37 @@ def preflight(args: Sequence[str], check_data: bool = True) -> None:
     Hydra's own flags and `hydra.*` overrides are left to Hydra; sweeps (`seed=0,1,2`) are expanded,
     with `-m` also those a preset lists in `hydra.sweeper.params` (the command line wins).
     """
+    choices = _job_choices(args)
+    # Hydra prints these and trains nothing, so they need no data on disk.
+    only_prints = bool({"--cfg", "-c", "--resolve"} & set(args)) or not check_data
+    if not only_prints:  # torch and the data sets: `train --cfg job` starts without them
+        from netprobe.checks import check_output_dir, check_probes
+        from netprobe.data import prepare_data
+        from netprobe.setup import check_optimizer
+
+    prepared = set()
+    combos = itertools.islice(itertools.product(*choices), 1000)
+    for combo_index, combo in enumerate(combos):
+        cfg = compose(combo)
+        key = (cfg.data.name, str(cfg.data.get("root")), bool(cfg.data.get("download")))
+        if not only_prints and key not in prepared:
+            # Missing data fails here, before Hydra makes a run directory.
+            prepare_data(cfg.data)
+            prepared.add(key)
+        if not only_prints:
+            check_probes(cfg)
+            check_optimizer(cfg.optim)
+        if combo_index == 0:
+            first_combo, first_cfg = combo, cfg
+    if not only_prints:
+        # After every job's own checks: the run folder, or the sweep's folder and its job folders.
+        resume = bool(first_cfg.trainer.get("resume"))
+        check_output_dir(args, first_combo, resume=resume, jobs=combo_index + 1, cfg=first_cfg)
+
+
+def _job_choices(args: Sequence[str]) -> list[list[str]]:
+    """Per override of `args` (Hydra's flags and `hydra.*` left out), the values its jobs take:
+    a sweep's values, and under `-m` a preset's `hydra.sweeper.params` the command line lacks."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides, skip = [], False
@@ -94,31 +125,7 @@ def preflight(args: Sequence[str], check_data: bool = True) -> None:
                 ov = OverridesParser.create().parse_override(f"{key}={value}")
                 values = ov.sweep_string_iterator() if ov.is_sweep_override() else [value]
                 choices.append([f"{key}={v}" for v in values])
-    # Hydra prints these and trains nothing, so they need no data on disk.
-    only_prints = bool({"--cfg", "-c", "--resolve"} & set(args)) or not check_data
-    if not only_prints:  # torch and the data sets: `train --cfg job` starts without them
-        from netprobe.checks import check_output_dir, check_probes
-        from netprobe.data import prepare_data
-        from netprobe.setup import check_optimizer
-
-    prepared = set()
-    combos = itertools.islice(itertools.product(*choices), 1000)
-    for combo_index, combo in enumerate(combos):
-        cfg = compose(combo)
-        key = (cfg.data.name, str(cfg.data.get("root")), bool(cfg.data.get("download")))
-        if not only_prints and key not in prepared:
-            # Missing data fails here, before Hydra makes a run directory.
-            prepare_data(cfg.data)
-            prepared.add(key)
-        if not only_prints:
-            check_probes(cfg)
-            check_optimizer(cfg.optim)
-        if combo_index == 0:
-            first_combo, first_cfg = combo, cfg
-    if not only_prints:
-        # After every job's own checks: the run folder, or the sweep's folder and its job folders.
-        resume = bool(first_cfg.trainer.get("resume"))
-        check_output_dir(args, first_combo, resume=resume, jobs=combo_index + 1, cfg=first_cfg)
+    return choices
 
 
 def _sweeper_params(overrides: list[str], extra: list[str]) -> dict[str, str]:

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from netprobe.errors import ConfigError
 from netprobe.lifecycle import status_for
-from netprobe.probes.base import Progress
+from netprobe.probes.base import StepState
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class FollowerMonitor:
     rank stops at the same point, and records and writes nothing."""
 
     def __init__(self, on_nonfinite: str = "stop") -> None:
-        self.progress = Progress()
+        self.state = StepState()
         self.probes: list[Any] = []
         self.best_val_acc: float | None = None
         self.on_nonfinite = on_nonfinite
@@ -147,19 +147,19 @@ class FollowerMonitor:
     def after_backward(self, loss: torch.Tensor, **_: Any) -> None: ...
 
     def after_step(self) -> None:
-        self.progress.step += 1
+        self.state.step += 1
 
     def end_epoch(self, val_loss: Any = None, val_acc: Any = None) -> None:
-        self.progress.epoch += 1
+        self.state.epoch += 1
 
     def latest(self) -> dict[str, float]:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.progress.step, "epoch": self.progress.epoch}
+        return {"step": self.state.step, "epoch": self.state.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.progress.step, self.progress.epoch = state["step"], state["epoch"]
+        self.state.step, self.state.epoch = state["step"], state["epoch"]
 
     def stop(self, reason: str) -> None: ...
 

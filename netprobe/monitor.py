@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
-from types import TracebackType
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -16,12 +15,11 @@ import torch.nn.functional as F
 from netprobe.divergence import ON_NONFINITE, NonfiniteWatch
 from netprobe.errors import ConfigError
 from netprobe.lifecycle import claim_run_dir, signals_held, status_for
-from netprobe.probes import PROBES, Probe, ProbeContext, Progress
+from netprobe.probes import ProbeRunner, ProbeSpec, build_probes, close_probes, probe_context
+from netprobe.probes.base import Probe, StepState
 from netprobe.probes.memory import AUTO, check_budget
 from netprobe.probes.reductions import stat_dtype
-from netprobe.recorder import Recorder
 from netprobe.store import RunWriter, graph_table, layers_table
-from netprobe.structure import layer_table, module_graph
 
 Number = float | int | torch.Tensor
 # The per-step curve record's metrics, by (accuracy given, gradients present).
@@ -30,65 +28,6 @@ CURVE_NAMES = {
     for acc in (False, True)
     for grads in (False, True)
 }
-
-
-ProbeSpec = Sequence[str] | Mapping[str, Mapping[str, Any] | None] | None
-
-
-def _probe_configs(probes: ProbeSpec) -> dict[str, dict[str, Any]]:
-    if probes is None:
-        return {}
-    if isinstance(probes, str):
-        probes = [probes]
-    items = probes.items() if isinstance(probes, Mapping) else ((n, None) for n in probes)
-    configs = {}
-    for name, cfg in items:
-        if name not in PROBES:
-            raise ConfigError(f"unknown probe {name!r}; valid probes: {', '.join(PROBES)}")
-        configs[name] = dict(cfg or {})
-    return configs
-
-
-def probe_context(
-    model: nn.Module,
-    probe_batch: tuple[torch.Tensor, torch.Tensor] | None,
-    valid_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-    seed: int = 0,
-) -> ProbeContext:
-    """What probes are built on: the model's layers in forward order (traced on the probe batch),
-    the data-flow edges between its modules, and a fresh recorder at step 0."""
-    progress = Progress()
-    layers = layer_table(model, probe_batch[0] if probe_batch is not None else None)
-    return ProbeContext(
-        model=model,
-        layers=layers,
-        edges=module_graph(model, [r.module for r in layers if not r.param]),
-        record=Recorder(progress),
-        progress=progress,
-        loss_fn=loss_fn,
-        probe_batch=probe_batch,
-        valid_batch=valid_batch,
-        seed=seed,
-    )
-
-
-def build_probes(ctx: ProbeContext, probes: ProbeSpec) -> list[Probe]:
-    """The enabled probes, built on `ctx`; bad settings raise ConfigError before anything exists."""
-    built: list[Probe] = []
-    try:
-        for name, cfg in _probe_configs(probes).items():
-            if cfg.get("enabled", True):
-                built.append(PROBES[name](ctx, **cfg))
-    except BaseException:
-        close_probes(built)  # their hooks must not stay on the user's model
-        raise
-    return built
-
-
-def close_probes(probes: list[Probe]) -> None:
-    for probe in probes:
-        probe.close()
 
 
 class Monitor:
@@ -116,30 +55,21 @@ class Monitor:
             raise ConfigError(
                 f"on_nonfinite={on_nonfinite!r} is not valid; expected {' or '.join(ON_NONFINITE)}"
             )
-        self.on_nonfinite = on_nonfinite
-        self.nonfinite = NonfiniteWatch()
+        self.on_nonfinite, self.nonfinite = on_nonfinite, NonfiniteWatch()
         self._t0 = time.perf_counter()
-        self.model = model
-        self.optimizer = optimizer
-        self.flush_every = flush_every
-        # Also given each flush's drained tables (`write(tables)`) and run.json at the end
-        # (`close(info)`): TensorBoard's live event files.
-        self.sink = sink
-        self.ctx = ctx = probe_context(model, probe_batch, valid_batch, loss_fn, seed)
-        self.progress, self.record = ctx.progress, ctx.record
-        layers, edges = ctx.layers, ctx.edges
+        self.model, self.optimizer, self.flush_every = model, optimizer, flush_every
+        self.sink = sink  # `write(tables)` each flush, `close(info)` at the end: TensorBoard
+        # Where training is and the step's facts: one state, updated here, handed to the hooks.
+        self.state = StepState()
+        self.ctx = ctx = probe_context(model, probe_batch, valid_batch, loss_fn, seed, self.state)
+        self.record = ctx.record
         # Probes are built before anything is written, so bad probe settings leave no trace.
         self.probes: list[Probe] = build_probes(ctx, probes)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._device = self._params[0].device if self._params else torch.device("cpu")
-        # Time inside probes: host time, and on a GPU the time between CUDA events around them
-        # (kernels run after the host has moved on), read back at flushes, which sync anyway.
-        self._probe_time = 0.0
-        self._probe_seconds = dict.fromkeys((p.name for p in self.probes), 0.0)
-        self._probe_events: list[tuple[torch.cuda.Event, torch.cuda.Event, float]] = []
-        self._flush_time = 0.0
-        self._samples = 0
-        self._flush_t = time.perf_counter()
+        # Calls the probes' hooks when their schedules say, and times them.
+        self.runner = ProbeRunner(self.probes, self.state, self._device)
+        self._flush_time, self._samples, self._flush_t = 0.0, 0, time.perf_counter()
         self._last: dict[str, torch.Tensor | float] = {}
         self._lr: tuple[float, torch.Tensor] | None = None
         self.best_val_acc: float | None = None
@@ -154,10 +84,9 @@ class Monitor:
             raise
         self.path = self.writer.path
         try:
-            self.writer.write_table("layers", layers_table(layers))
-            self.writer.write_table("graph", graph_table(edges))
-            if resume is None:  # a resumed run had its start captures the first time
-                self._run_probes("on_start")
+            self.writer.write_table("layers", layers_table(ctx.layers))
+            self.writer.write_table("graph", graph_table(ctx.edges))
+            self.runner.start() if resume is None else self.runner.resume()  # started before
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -168,8 +97,8 @@ class Monitor:
         initial = {
             "seed": seed,
             "probes": [p.name for p in self.probes],
-            "epochs_done": self.progress.epoch,
-            "steps_done": self.progress.step,
+            "epochs_done": self.state.epoch,
+            "steps_done": self.state.step,
             "best_val_acc": self.best_val_acc,
             "final": {},
             "probe_overhead": None,
@@ -185,26 +114,13 @@ class Monitor:
     def state_dict(self) -> dict[str, Any]:
         """Counters, best and latest results, and each probe's state; taken at an epoch end,
         when nothing is buffered."""
-        return {
-            "step": self.progress.step,
-            "epoch": self.progress.epoch,
-            "best_val_acc": self.best_val_acc,
-            "last": self.latest(),
-            "probes": {
-                p.name: {"state": p.state_dict(), "last_capture": p._last_capture}
-                for p in self.probes
-            },
-        }
+        results = {"best_val_acc": self.best_val_acc, "last": self.latest()}
+        return {**self.runner.state_dict(), **results}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.progress.step, self.progress.epoch = state["step"], state["epoch"]
+        self.runner.load_state_dict(state)
         self.best_val_acc = state["best_val_acc"]
         self._last = dict(state["last"])
-        saved = state["probes"]
-        for probe in self.probes:
-            if probe.name in saved:
-                probe.load_state_dict(saved[probe.name]["state"])
-                probe._last_capture = saved[probe.name]["last_capture"]
 
     # -- the training loop's calls
     def after_backward(
@@ -220,10 +136,9 @@ class Monitor:
         tensor, so nothing is read back): what hooks saw during backward is divided by it.
         """
         loss = loss.detach()
-        self.nonfinite.observe(loss, self.progress.step)
-        # The step's curve values in one record: one tensor per step rather than one per metric.
-        # A few microseconds count here (a small model's step is ~2 ms): no reshape of what is
-        # already a scalar, and the name lists are constants.
+        self.nonfinite.observe(loss, self.state.step)
+        # The step's curve values in one record, one tensor; microseconds count here (a small
+        # model's step is ~2 ms): no reshape of what is already a scalar, constant name lists.
         values = [loss if loss.dim() == 0 else loss.reshape(())]
         self._last["loss"] = loss
         if acc is not None:
@@ -231,18 +146,17 @@ class Monitor:
             values.append(acc if acc.dim() == 0 else acc.reshape(()))
             self._last["acc"] = acc
         grads = [p.grad for p in self._params if p.grad is not None]
-        if grads:
+        total = None
+        if grads:  # the gradients probe records it too, from the state: one computation
             norms = torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))
             total = torch.linalg.vector_norm(torch.stack(norms))
             values.append(total)
-            self.ctx.grad_l2_total = total  # the gradients probe records it too: one computation
         names = CURVE_NAMES[acc is not None, bool(grads)]
         self.record.scalars("train", [""], names, torch.stack(values)[None])
         if self.optimizer is not None:
             self.record.scalars("train", [""], ["lr"], self._lr_tensor())
-        self.ctx.loss_scale = loss_scale
         self._samples += batch_size or 0
-        self._run_probes("after_backward")
+        self.runner.after_backward(loss, total, loss_scale)
 
     def _lr_tensor(self) -> torch.Tensor:
         """The learning rate as a host float64 [1, 1] tensor, made again only when it changes."""
@@ -253,60 +167,25 @@ class Monitor:
 
     def after_step(self) -> None:
         """Update probes read the new weights now; the step counter advances."""
-        self._run_probes("after_step")
-        self.progress.step += 1
-        if self.progress.step % self.flush_every == 0:
+        self.runner.after_step()
+        if self.state.step % self.flush_every == 0:
             self.flush()
 
     def end_epoch(self, val_loss: Number | None = None, val_acc: Number | None = None) -> None:
         """Record validation results, run the epoch captures, and flush."""
-        rec = self.record
-        if val_loss is not None:
-            self._last["val_loss"] = float(val_loss)
-            rec.scalars("train", [""], ["val_loss"], self._last["val_loss"])
+        for key, value in (("val_loss", val_loss), ("val_acc", val_acc)):
+            if value is not None:
+                self._last[key] = float(value)
+                self.record.scalars("train", [""], [key], self._last[key])
         if val_acc is not None:
-            self._last["val_acc"] = float(val_acc)
-            rec.scalars("train", [""], ["val_acc"], self._last["val_acc"])
             self.best_val_acc = max(self.best_val_acc or 0.0, self._last["val_acc"])
-        self._run_probes("on_epoch_end")
-        self.progress.epoch += 1
+        self.runner.end_epoch()
         self.flush()
         self.writer.update(
-            epochs_done=self.progress.epoch,
-            steps_done=self.progress.step,
-            best_val_acc=self.best_val_acc,
+            epochs_done=self.state.epoch, steps_done=self.state.step, best_val_acc=self.best_val_acc
         )
 
     # -- bookkeeping
-    def _run_probes(self, hook: str) -> None:
-        if not self.probes:
-            return
-        cuda = self._device.type == "cuda"
-        if cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-        t = start_t = time.perf_counter()
-        for probe in self.probes:
-            getattr(probe, hook)()
-            # Host time per probe names the costliest one in the closing summary; the total
-            # below also counts, on a GPU, the kernels the probes queued.
-            now = time.perf_counter()
-            self._probe_seconds[probe.name] += now - t
-            t = now
-        host = t - start_t
-        if cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._probe_events.append((start, end, host))
-        else:
-            self._probe_time += host
-
-    def _settle_probe_time(self) -> None:
-        for start, end, host in self._probe_events:
-            end.synchronize()
-            self._probe_time += max(host, start.elapsed_time(end) / 1e3)
-        self._probe_events = []
-
     def flush(self) -> None:
         """Move everything buffered to the host and write one part file per table."""
         now = time.perf_counter()
@@ -325,7 +204,7 @@ class Monitor:
         if self.sink is not None:
             self.sink.write(tables)
         self.nonfinite.settle()  # the drain has just synced: the exact answer costs nothing more
-        self._settle_probe_time()
+        self.runner.timer.settle()
         self._flush_time += time.perf_counter() - t
 
     @property
@@ -343,8 +222,7 @@ class Monitor:
         if self.closed:
             return
         self.closed = True
-        # Not completed: the caller's own exception is on its way, and a failed flush only adds
-        # to its error.
+        # Not completed: the caller's own exception is on its way; a failed flush adds to it.
         ending_badly = status != "completed"
         first = self.nonfinite.settle()
         if status == "completed" and first is not None:
@@ -357,7 +235,7 @@ class Monitor:
                 # The end captures get parts of their own, which a resumed run can drop.
                 self.flush()
                 self.writer.mark_end_captures()
-                self._end_captures()
+                self.runner.end()
         except BaseException as exc:  # Ctrl-C or an error in the end captures
             failure = exc
             status, error = status_for(type(exc), exc)
@@ -371,19 +249,17 @@ class Monitor:
                 status, error = status_for(type(exc), exc)
         finally:
             close_probes(self.probes)
-            final = {k: v for k, v in self.latest().items() if math.isfinite(v)}
             wall = time.perf_counter() - self._t0
             self.writer.close(
                 status,
                 error=error,
-                epochs_done=self.progress.epoch,
-                steps_done=self.progress.step,
+                epochs_done=self.state.epoch,
+                steps_done=self.state.step,
                 best_val_acc=self.best_val_acc,
-                final=final,
+                final={k: v for k, v in self.latest().items() if math.isfinite(v)},
                 # Fractions of wall time: inside probes, and writing what they recorded.
-                probe_overhead=self._probe_time / wall if wall > 0 else None,
+                **self.runner.timer.report(wall),
                 flush_overhead=self._flush_time / wall if wall > 0 else None,
-                probe_seconds={k: round(v, 3) for k, v in self._probe_seconds.items()},
                 first_nonfinite_step=first,
                 **info,
             )
@@ -392,27 +268,11 @@ class Monitor:
         if failure is not None and not ending_badly:
             raise failure
 
-    def _end_captures(self) -> None:
-        """The `end` captures, stored under the epoch they follow (the last one trained), as an
-        epoch-end capture at the same step is: every capture's epoch is the epoch behind it."""
-        done = self.progress.epoch
-        self.progress.epoch = max(done - 1, 0)
-        try:
-            self._run_probes("on_end")
-        finally:
-            self.progress.epoch = done
-
     def __enter__(self) -> Monitor:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        status, error = status_for(exc_type, exc)
-        self.close(status, error=error)
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, _tb: Any):
+        self.close(*status_for(exc_type, exc))
 
     def stop(self, reason: str) -> None:
         """Record why training stopped before its last epoch (run.json's `stop_reason`)."""

@@ -18,7 +18,7 @@ from netprobe.store.schema import (
 )
 
 if TYPE_CHECKING:
-    from netprobe.probes.base import Progress
+    from netprobe.probes.base import StepState
 
 Number = float | int | torch.Tensor
 
@@ -26,7 +26,7 @@ Number = float | int | torch.Tensor
 class Recorder:
     """Holds probe output as device tensors and moves it to the host in one copy per table."""
 
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, progress: StepState) -> None:
         self.progress = progress
         self._scalars: list[tuple[int, int, str, list[str], list[str], torch.Tensor]] = []
         self._hists: list[tuple[int, int, str, str, str, torch.Tensor, torch.Tensor]] = []

@@ -58,13 +58,13 @@ def fit(setup: Setup, mon: AnyMonitor, progress: TrainProgress, first_epoch: int
     for epoch in range(first_epoch, t.epochs):
         if reached_max_steps(setup, mon):  # a resumed run already there
             return f"reached trainer.max_steps={t.max_steps}"
-        steps_at_start = mon.progress.step
+        steps_at_start = mon.state.step
         progress.start_epoch(epoch)
         reason = train_epoch(setup, mon, progress)
         if nonfinite_step(setup, mon, sync_point=True) is not None:
             return reason  # the weights are no longer numbers: nothing to evaluate or save
         val_acc = end_epoch(setup, mon, progress, epoch)
-        whole = mon.progress.step - steps_at_start == len(setup.train_batches)
+        whole = mon.state.step - steps_at_start == len(setup.train_batches)
         save_epoch_checkpoints(setup, mon, epoch, whole)
         if reason:
             return reason
@@ -89,7 +89,7 @@ def train_epoch(setup: Setup, mon: AnyMonitor, progress: TrainProgress) -> str |
             setup.ddp,
         )
         progress.advance(loss, len(y) * setup.ddp.world_size)
-        bad = nonfinite_step(setup, mon, sync_point=mon.progress.step % t.flush_every == 0)
+        bad = nonfinite_step(setup, mon, sync_point=mon.state.step % t.flush_every == 0)
         if bad is not None:
             return f"non-finite loss at step {bad}"
         if reached_max_steps(setup, mon):
@@ -117,7 +117,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    acc = (logits.argmax(1) == y).float().mean() if mon.progress.step % log_every == 0 else None
+    acc = (logits.argmax(1) == y).float().mean() if mon.state.step % log_every == 0 else None
     batch_size = len(y)
     if ddp is not None and ddp.enabled:
         # The whole global batch's loss and accuracy, as one process would record them.
@@ -170,7 +170,7 @@ def evaluate(
 
 def reached_max_steps(setup: Setup, mon: AnyMonitor) -> bool:
     max_steps = setup.cfg.trainer.max_steps
-    return bool(max_steps) and mon.progress.step >= max_steps
+    return bool(max_steps) and mon.state.step >= max_steps
 
 
 def nonfinite_step(setup: Setup, mon: AnyMonitor, sync_point: bool) -> int | None:
@@ -207,7 +207,7 @@ def checkpoint(setup: Setup, mon: AnyMonitor, name: int | str, epoch: int) -> No
         checkpoint_path(setup.run_dir, name),
         setup.model,
         epoch=epoch,
-        step=mon.progress.step,
+        step=mon.state.step,
         optimizer=setup.optimizer,
         scheduler=setup.scheduler.state_dict() if setup.scheduler is not None else None,
         scaler=setup.scaler.state_dict(),
@@ -275,14 +275,14 @@ def start_progress(setup: Setup, mon: AnyMonitor, first_epoch: int) -> TrainProg
         setup.run_dir,
         total=min(t.max_steps or total_steps, total_steps),
         epochs=t.epochs,
-        first_step=mon.progress.step,
+        first_step=mon.state.step,
         interval_s=t.log_interval_s,
         quiet=not setup.ddp.is_main,
     )
     lines = banner(
         cfg,
         setup.run_dir,
-        resumed_at=(first_epoch, mon.progress.step) if setup.resume_state else None,
+        resumed_at=(first_epoch, mon.state.step) if setup.resume_state else None,
         device=str(setup.device) + (f" × {ddp.world_size} processes" if ddp.enabled else ""),
         parameters=sum(p.numel() for p in setup.model.parameters()),
         samples=(setup.data.x_train.shape[0], setup.data.x_val.shape[0]),

@@ -50,8 +50,7 @@ from netprobe.config import compose
 from netprobe.data import build_data
 from netprobe.init import initialize
 from netprobe.models import build_model
-from netprobe.monitor import probe_context
-from netprobe.probes import PROBES
+from netprobe.probes import PROBES, probe_context
 from netprobe.probes.memory import split_budget
 from netprobe.setup import build_optimizer, resolve_device
 from netprobe.train import train_step
@@ -257,21 +256,22 @@ def _capture_costs(case: str, device: torch.device, repeats: int, out: Path) -> 
     ]
     forward()
     for probe in mon.probes:
-        if not probe.at:
+        if not probe.schedule.at:
             continue
         times, units = [], []
         for _ in range(repeats):
             t0 = clock()
             forward()
             t1 = clock()
-            probe.capture()
+            probe.capture(mon.state)
             synchronize(device)
             t2 = clock()
             mon.record.drain()
             times.append(t2 - t1)
             units.append((t2 - t1) / (t1 - t0))
         lines.append(
-            f"| {probe.name} | {', '.join(probe.at)} | {1e3 * statistics.median(times):.1f} "
+            f"| {probe.name} | {', '.join(probe.schedule.at)} "
+            f"| {1e3 * statistics.median(times):.1f} "
             f"| {statistics.median(units):.1f} |"
         )
     mon.close()

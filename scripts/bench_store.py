@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 import netprobe
 from netprobe.config import compose
 from netprobe.lifecycle import claim_run_dir
-from netprobe.probes import Progress
+from netprobe.probes import StepState
 from netprobe.recorder import Recorder
 from netprobe.store import RunWriter, write_json
 from netprobe.train import train
@@ -48,7 +48,7 @@ LAYERS = [f"layer{i}.weight" for i in range(21)]
 
 def scalar_rows_per_second(steps: int, flush_every: int, device: torch.device) -> dict:
     """Rows/s through Recorder → drain → RunWriter.append, and the time spent in each."""
-    progress = Progress()
+    progress = StepState()
     record = Recorder(progress)
     n = len(LAYERS)
     g = torch.Generator(device=device).manual_seed(0)

@@ -27,7 +27,7 @@ from netprobe.cli import main as cli
 from netprobe.config import compose
 from netprobe.errors import ConfigError, StorageError
 from netprobe.lifecycle import LOCK_FILE, claim_run_dir
-from netprobe.probes import PROBES, Option, Probe
+from netprobe.probes import PROBES, Option, Probe, Schedule, StepState
 from netprobe.train import train
 
 # 103 training samples in batches of 32: 4 steps an epoch.
@@ -259,10 +259,10 @@ class EndTrouble(Probe):
     """Its end capture raises what `raise` names, after recording a value."""
 
     name = "end_trouble"
-    default_at = ("end",)
+    default_schedule = Schedule(at=("end",))
     options = (Option("raise", str, "interrupt", choices=("interrupt", "error")),)
 
-    def capture(self) -> None:
+    def capture(self, state: StepState) -> None:
         self.ctx.record.scalars(self.name, [""], ["at_end"], 1.0)
         if self.cfg["raise"] == "interrupt":
             raise KeyboardInterrupt

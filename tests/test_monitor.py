@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import netprobe
 import netprobe.monitor as monitor_module
+import netprobe.probes.timer as timer_module
 from netprobe.probes.gradients import Gradients
 from netprobe.store import RunWriter
 
@@ -26,11 +27,12 @@ class FakeClock:
 def test_probe_and_flush_overhead_are_the_shares_of_time_spent_in_them(tmp_path, monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(monitor_module, "time", clock)
+    monkeypatch.setattr(timer_module, "time", clock)
     original_probe, original_append = Gradients.after_backward, RunWriter.append
 
-    def probe(self):
+    def probe(self, state):
         clock.now += 0.02
-        original_probe(self)
+        original_probe(self, state)
 
     appends = []
 

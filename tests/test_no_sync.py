@@ -109,7 +109,7 @@ def test_live_tensorboard_reads_nothing_back_between_flushes(guard, tiny_run):
 def test_the_guard_catches_a_probe_that_reads_back(guard, tiny_run, monkeypatch):
     from netprobe.probes.gradients import Gradients
 
-    def syncing(self):
+    def syncing(self, state):
         for _, p in self.params:
             p.grad.abs().max().item()
 

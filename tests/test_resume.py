@@ -13,7 +13,7 @@ import netprobe
 from netprobe.cli import main as cli
 from netprobe.config import compose
 from netprobe.errors import ConfigError
-from netprobe.probes import PROBES, Option, Probe
+from netprobe.probes import PROBES, Option, Probe, Schedule, StepState
 from netprobe.train import train
 
 TINY = ["data=synthetic", "data.num_samples=128", "data.image_size=8", "data.batch_size=32",
@@ -30,11 +30,12 @@ class Interrupt(Probe):
     """Presses Ctrl-C at a given step, once: the run's second epoch is cut short."""
 
     name = "interrupt"
+    default_schedule = Schedule(every=1)
     options = (Option("at_step", int, None, nullable=True),)
     armed = False
 
-    def after_backward(self) -> None:
-        if Interrupt.armed and self.ctx.progress.step == self.cfg["at_step"]:
+    def after_backward(self, state: StepState) -> None:
+        if Interrupt.armed and state.step == self.cfg["at_step"]:
             Interrupt.armed = False
             raise KeyboardInterrupt
 

@@ -88,10 +88,10 @@ def test_layers_table_lists_every_parameter(tiny_run):
 def test_histogram_and_matrix_tables_match_spec(tmp_path):
     import torch
 
-    from netprobe.probes import Progress
+    from netprobe.probes import StepState
     from netprobe.recorder import Recorder
 
-    rec = Recorder(Progress(step=3, epoch=1))
+    rec = Recorder(StepState(step=3, epoch=1))
     rec.histogram(
         "p", "a.weight", "weight", torch.linspace(-1, 1, 5), torch.tensor([1, 2, 3, 4]), 5, 6
     )
@@ -134,10 +134,10 @@ def test_recorded_scalars_keep_their_order_and_values(tmp_path):
     import numpy as np
     import torch
 
-    from netprobe.probes import Progress
+    from netprobe.probes import StepState
     from netprobe.recorder import Recorder
 
-    progress = Progress()
+    progress = StepState()
     rec = Recorder(progress)
     expected = []
     for step in range(3):

@@ -11,7 +11,7 @@ from netprobe.plots.correlation import CORR_CMAP, epochs_done, when
 PROBE = "augmentation"
 
 
-def _last_capture(group: RunGroup, name: str | None = None):
+def _latest_capture(group: RunGroup, name: str | None = None):
     """The first run's matrices of its last capture, the run, and a phrase naming both."""
     run = group.runs[0]
     df = run.matrices(PROBE, name)
@@ -39,7 +39,7 @@ def _block(df: pd.DataFrame, name: str, row: str) -> np.ndarray | None:
     averages=False,
 )
 def augmentation_correlations(group: RunGroup):
-    found = _last_capture(group)
+    found = _latest_capture(group)
     if found is None:
         return None
     df, run, phrase = found
@@ -113,7 +113,7 @@ def to_images(stack: np.ndarray, low: float, high: float) -> list[np.ndarray]:
     averages=False,
 )
 def augmentation_inputs(group: RunGroup):
-    found = _last_capture(group)
+    found = _latest_capture(group)
     if found is None:
         return None
     df, _, phrase = found

@@ -1,20 +1,5 @@
-"""Feature distributions of tracked modules on fixed inputs (SPEC §5 `activations`).
-
-At each capture the model runs in eval mode (train mode is restored after) on each input source:
-`train` (the fixed probe batch), `valid` (the fixed validation batch) and `random` (uniform [0, 1)
-inputs of the same shape, the same at every capture, drawn from the run seed). Forward hooks on the
-tracked modules exist only during the capture; each output is reduced on the device as it is
-produced, so no module's output outlives its hook call.
-
-Per module and source: a histogram whose edges follow each capture's own range (from its `tail`
-to its 1 − `tail` quantile, so that well under 1 % of the values fall outside, counted in `below`
-and `above`: trained features that grow keep their shape), and scalars `mean`, `std`,
-`skew`, `zero_frac` = #(y ≤ 0)/numel (the share a ReLU would zero; exactly the zeros of a ReLU
-output) and `dead_frac` = the share of units that are ≤ 0 for every sample, a unit being one
-position of the output flattened per sample (a feature, or a channel at one location). The
-scalars table has no source column, so the metric names carry it: `train/mean`,
-`valid/dead_frac`, `random/skew`.
-"""
+"""Feature distributions of tracked modules on fixed inputs (SPEC §5 `activations`): per module
+and input source, a histogram in bins that follow each capture's range, and its statistics."""
 
 from __future__ import annotations
 
@@ -24,10 +9,11 @@ import torch
 import torch.nn as nn
 
 from netprobe.errors import ConfigError
-from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.capture import output_tensor
 from netprobe.probes.distributions import central_edges, distributions
 from netprobe.probes.options import Option
+from netprobe.probes.schedule import Schedule
 from netprobe.structure import eval_mode
 
 SOURCES = ("train", "valid", "random")
@@ -38,7 +24,12 @@ MAX_TAIL = 0.005
 
 def activation_stats(y: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[mean, std, skew, zero_frac, dead_frac] of a batch of outputs y [B, ...] in float64, and
-    its counts [bins + 2] (below, bins…, above) in `edges`."""
+    its counts [bins + 2] (below, bins…, above) in `edges`.
+
+    `zero_frac` = #(y ≤ 0)/numel, the share a ReLU would zero (exactly the zeros of a ReLU
+    output); `dead_frac` = the share of units ≤ 0 for every sample, a unit being one position of
+    the output flattened per sample (a feature, or a channel at one location).
+    """
     flat = y.detach().reshape(y.shape[0], -1)
     moments, counts, _ = distributions([flat], edges[None])
     inactive = flat <= 0
@@ -52,7 +43,8 @@ class Activations(Probe):
     """At `at` points: histogram and statistics of each tracked module's output, per source."""
 
     name = "activations"
-    default_at = ("start", "epoch")
+    measures = "histogram, mean, std, skew, zero_frac, dead_frac per module output and source"
+    default_schedule = Schedule(at=("start", "epoch"))
     options = (
         Option("sources", list, list(SOURCES), choices=SOURCES),
         Option("bins", int, 50, low=1),
@@ -70,11 +62,6 @@ class Activations(Probe):
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        if self.every is not None:
-            raise ConfigError(
-                f"probes.{self.name}.every={self.every!r}: activations are captured at the `at` "
-                "points; valid: at: [start, epoch, end] (any of them)"
-            )
         self.bins, self.tail = self.cfg["bins"], float(self.cfg["tail"])
         self.sources = [s for s in SOURCES if s in self.cfg["sources"]]
         self.modules = self.select_modules()
@@ -83,6 +70,8 @@ class Activations(Probe):
             raise ConfigError(f"probes.{self.name} needs input: pass probe_batch=(x, y) to attach")
 
     def _inputs(self) -> list[tuple[str, torch.Tensor]]:
+        """Each source's batch: `train` the fixed probe batch, `valid` the fixed validation batch,
+        `random` uniform [0, 1) inputs of their shape, the same at every capture (run seed)."""
         ctx = self.ctx
         batches = {"train": ctx.probe_batch, "valid": ctx.valid_batch}
         shape_from = ctx.probe_batch if ctx.probe_batch is not None else ctx.valid_batch
@@ -99,7 +88,12 @@ class Activations(Probe):
                 out.append((source, batches[source][0]))
         return out
 
-    def capture(self) -> None:
+    def capture(self, state: StepState) -> None:
+        """The model runs in eval mode (each module's own flag restored after) on each source,
+        with forward hooks on the tracked modules only meanwhile; each output is reduced on the
+        device as it is produced, so none outlives its hook call. The bins span each capture's
+        `tail` to 1 − `tail` quantiles (the rest counted in `below` and `above`), so features
+        that grow during training keep their shape."""
         if not self.names:
             return
         model = self.ctx.model
@@ -130,6 +124,8 @@ class Activations(Probe):
     def _record(
         self, source: str, results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     ) -> None:
+        """The scalars table has no source column: the metric names carry it (`train/mean`,
+        `valid/dead_frac`, `random/skew`)."""
         names = [n for n in self.names if n in results]
         if not names:
             return

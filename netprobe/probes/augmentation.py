@@ -11,11 +11,12 @@ import torch.nn.functional as F
 
 from netprobe.config import is_number
 from netprobe.errors import ConfigError
-from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.capture import FEATURE_OPTIONS, Features
 from netprobe.probes.correlation import pearson
 from netprobe.probes.options import Option
 from netprobe.probes.reductions import to_float64
+from netprobe.probes.schedule import Schedule
 from netprobe.structure import WEIGHT_TYPES
 
 PADDING_CHOICES = ("border", "zeros", "reflection")
@@ -85,7 +86,8 @@ class Augmentation(Probe):
     """At the end: correlations and invariance of features under random affine augmentation."""
 
     name = "augmentation"
-    default_at = ("end",)
+    measures = "feature and sample correlations and invariance under random affine transforms"
+    default_schedule = Schedule(at=("end",))
     options = (
         Option("samples", int, 300, low=2),
         Option("sample_index", int, 0, low=0),
@@ -173,7 +175,7 @@ class Augmentation(Probe):
                 parts.setdefault(name, []).append(value)
         return {name: torch.cat(values) for name, values in parts.items()}
 
-    def capture(self) -> None:
+    def capture(self, state: StepState) -> None:
         """The N augmented images go through the model in eval mode, `chunk` at a time; for the
         first and last tracked module, whose outputs become [N, d] features (`conv`,
         `max_features`): `feature_corr`, the Pearson correlation between features across the

@@ -1,4 +1,5 @@
-"""What every probe shares: its schedule, what it tracks, and where it records."""
+"""What every probe shares: its hooks and schedule, what it tracks, the context it reads and the
+per-step state it is handed."""
 
 from __future__ import annotations
 
@@ -11,22 +12,31 @@ import torch
 import torch.nn as nn
 
 from netprobe.errors import ConfigError
-from netprobe.probes.options import Option
-from netprobe.probes.options import as_list as _as_list
+from netprobe.probes.options import Option, as_list
+from netprobe.probes.schedule import Schedule
 from netprobe.structure import LayerInfo, is_weight_layer
 
 if TYPE_CHECKING:
-    from netprobe.monitor import Recorder
-
-AT_CHOICES = ("start", "epoch", "end")
+    from netprobe.recorder import Recorder
 
 
 @dataclass
-class Progress:
-    """Where training is: `step` optimizer steps done so far (the index of the step under way)."""
+class StepState:
+    """Where training is and the current step's facts, handed to every hook; the monitor keeps
+    one and updates it as training goes (the recorder tags each record with its step and epoch).
+
+    `step`: optimizer steps done so far (the index of the step under way); `epoch`: epochs done;
+    `loss`, `grad_l2_total` (‖∂L/∂θ‖₂ over every parameter) and `loss_scale` (the GradScaler's
+    scale of the loss just backpropagated: tensor hooks saw gradients of the scaled loss) once
+    the step's backward is done, None before and without them; `point`: the capture point under
+    way (start, epoch or end), None during a step."""
 
     step: int = 0
     epoch: int = 0
+    loss: torch.Tensor | None = None
+    grad_l2_total: torch.Tensor | None = None
+    loss_scale: torch.Tensor | float | None = None
+    point: str | None = None
 
 
 @dataclass
@@ -37,16 +47,10 @@ class ProbeContext:
     layers: list[LayerInfo]
     edges: list[tuple[str, str]]
     record: Recorder
-    progress: Progress
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     probe_batch: tuple[torch.Tensor, torch.Tensor] | None = None
     valid_batch: tuple[torch.Tensor, torch.Tensor] | None = None
     seed: int = 0
-    # ‖∂L/∂θ‖₂ over every parameter at the current step, once the monitor has it (after backward).
-    grad_l2_total: torch.Tensor | None = None
-    # The GradScaler's scale of the current step's loss (None without one): tensor hooks see
-    # gradients of the scaled loss, which `.grad` no longer holds once unscaled.
-    loss_scale: torch.Tensor | float | None = None
 
     def generator(self, salt: int, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded from the run seed and `salt`, independent of the training RNG."""
@@ -56,17 +60,18 @@ class ProbeContext:
 
 
 class Probe:
-    """Base class. Subclasses set `name`, their default schedule, and override the hooks they need.
+    """Base class. Subclasses set `name`, `measures` and `default_schedule`, and override the
+    hooks they need; the monitor calls them when the probe's `schedule` says (`ProbeRunner`).
 
-    Hooks, called by the monitor: `after_backward` (gradients are in `.grad`), `after_step` (weights
-    updated), `capture` at the `at` points (`start` before the first step, `epoch` after each
-    epoch, `end` after training), and `close` however the run ends. Results go to
-    `self.ctx.record` as device tensors.
+    Hooks, each given the `StepState`: `start` (a new run, before its first step), `after_backward`
+    (a recorded step's gradients are in `.grad`) and `after_step` (its weights are updated),
+    `arm` (the coming step is recorded, for schedules with `arm`), `capture` at the `at` points,
+    and `close` however the run ends. Results go to `self.ctx.record` as device tensors.
     """
 
     name: ClassVar[str]
-    default_every: ClassVar[int | None] = None
-    default_at: ClassVar[tuple[str, ...]] = ()
+    measures: ClassVar[str] = ""  # what it records, in a few words (`netprobe probes`)
+    default_schedule: ClassVar[Schedule] = Schedule()
     # Settings a probe takes besides the common ones; `self.cfg` holds their checked values.
     options: ClassVar[tuple[Option, ...]] = ()
 
@@ -83,37 +88,12 @@ class Probe:
         self.cfg = {o.name: o.read(self.name, cfg.get(o.name, o.default)) for o in self.options}
         self.patterns = self._regexes("layers", cfg.get("layers"))
         self.exclude = self._regexes("exclude", cfg.get("exclude"))
-        every = cfg.get("every", self.default_every)
-        at = cfg.get("at", self.default_at)
-        if every == "epoch":
-            every, at = None, ("epoch",)
-        if every is not None and (not isinstance(every, int) or every < 1):
-            raise ConfigError(
-                f"probes.{self.name}.every={every!r} must be a positive number of steps or 'epoch'"
-            )
-        at = tuple(_as_list(at))
-        for point in at:
-            if point not in AT_CHOICES:
-                raise ConfigError(
-                    f"probes.{self.name}.at has {point!r}; valid: {', '.join(AT_CHOICES)}"
-                )
-        # A setting the probe would ignore is an error, not a run that silently records nothing.
-        if self.default_every is None and every is not None:
-            raise ConfigError(
-                f"probes.{self.name}.every={every!r}: {self.name} captures at fixed points, not "
-                f"every N steps; set probes.{self.name}.at (valid: {', '.join(AT_CHOICES)})"
-            )
-        if not self.default_at and at:
-            raise ConfigError(
-                f"probes.{self.name}: {self.name} records every N steps, not at {list(at)}; "
-                f"set probes.{self.name}.every to a positive number of steps"
-            )
-        self.every: int | None = every
-        self.at = at
-        self._last_capture: int | None = None
+        self.schedule = Schedule.parse(self.name, self.default_schedule, cfg)
+        # (step, point) of the latest capture: one capture per step, kept across a resume.
+        self.last_capture: tuple[int, str | None] | None = None
 
     def _regexes(self, key: str, value: Any) -> list[str]:
-        patterns = [str(p) for p in _as_list(value)]
+        patterns = [str(p) for p in as_list(value)]
         for p in patterns:
             try:
                 re.compile(p)
@@ -123,17 +103,23 @@ class Probe:
                 ) from None
         return patterns
 
-    # -- schedule
-    def due(self, step: int | None = None) -> bool:
-        step = self.ctx.progress.step if step is None else step
-        return self.every is not None and step % self.every == 0
-
     # -- hooks
-    def after_backward(self) -> None: ...
+    def start(self, state: StepState) -> None: ...
 
-    def after_step(self) -> None: ...
+    def after_backward(self, state: StepState) -> None: ...
 
-    def capture(self) -> None: ...
+    def arm(self, state: StepState) -> None: ...
+
+    def after_step(self, state: StepState) -> None: ...
+
+    def capture(self, state: StepState) -> None: ...
+
+    def at_point(self, state: StepState) -> None:
+        """At one of the schedule's `at` points: `capture`, once per step (the last epoch's
+        capture is also the end's)."""
+        if self.last_capture is None or self.last_capture[0] != state.step:
+            self.last_capture = (state.step, state.point)
+            self.capture(state)
 
     def close(self) -> None:
         """Release what the probe holds on the model (hooks); called however the run ends."""
@@ -150,9 +136,11 @@ class Probe:
 
     # -- resuming: what a probe carries from one step to the next (previous weights, fixed bins)
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"last_capture": self.last_capture}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        last = state.get("last_capture")
+        self.last_capture = None if last is None else (last[0], last[1])
 
     def load_tracked(self, state: dict[str, Any], *keys: str) -> dict[str, list[torch.Tensor]]:
         """For probes tracking `self.params`: the per-parameter tensors saved under each of `keys`
@@ -169,24 +157,6 @@ class Probe:
             for key in keys
             if key in state
         }
-
-    def on_start(self) -> None:
-        if "start" in self.at:
-            self._capture_once()
-
-    def on_epoch_end(self) -> None:
-        if "epoch" in self.at:
-            self._capture_once()
-
-    def on_end(self) -> None:
-        if "end" in self.at:
-            self._capture_once()
-
-    def _capture_once(self) -> None:
-        step = self.ctx.progress.step
-        if self._last_capture != step:
-            self._last_capture = step
-            self.capture()
 
     # -- selection
     def select(

@@ -10,10 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
-from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.capture import module_outputs
 from netprobe.probes.options import Option
 from netprobe.probes.reductions import to_float64
+from netprobe.probes.schedule import Schedule
 
 METRICS = ["em_mean", "em_std", "ab_mean", "ab_std"]
 
@@ -139,7 +140,8 @@ class Channels(Probe):
     """At the end (or each epoch): per-channel gradient emission and absorption of each conv."""
 
     name = "channels"
-    default_at = ("end",)
+    measures = "per-channel gradient emission and absorption of each conv (its own backward)"
+    default_schedule = Schedule(at=("end",))
     options = (Option("chunk", int, 16, low=1),)
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
@@ -189,7 +191,7 @@ class Channels(Probe):
         found = {n: g for n, g in zip(names, grads) if g is not None}
         return found, outs.input_shapes
 
-    def capture(self) -> None:
+    def capture(self, state: StepState) -> None:
         """Per conv, the matrices `emission` [C_out] and `absorption` [C_in] (row = the conv), and
         scalars `em_mean`, `em_std`, `ab_mean`, `ab_std` (population std over channels)."""
         if self.ctx.probe_batch is None or not self.modules:

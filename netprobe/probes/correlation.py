@@ -4,15 +4,17 @@ in `save_full_at`."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from netprobe.errors import ConfigError
-from netprobe.probes.base import AT_CHOICES, Probe, ProbeContext
+from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.capture import FEATURE_OPTIONS, Features
 from netprobe.probes.options import Option
 from netprobe.probes.reductions import to_float64
+from netprobe.probes.schedule import AT_CHOICES, Schedule
 from netprobe.structure import WEIGHT_TYPES
 
 CKA_CHOICES = ("biased", "unbiased", "both")
@@ -126,7 +128,8 @@ class Correlation(Probe):
     """At start and each epoch: Pearson correlations and linear CKA between tracked layers."""
 
     name = "correlation"
-    default_at = ("start", "epoch")
+    measures = "corr_mean and linear CKA per pair of layers (and full C matrices)"
+    default_schedule = Schedule(at=("start", "epoch"))
     options = (
         *FEATURE_OPTIONS,
         # Captures that also keep every C_ij; `end` is the last one, the one after the final epoch.
@@ -137,6 +140,13 @@ class Correlation(Probe):
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
         self.save_full_at = tuple(self.cfg["save_full_at"])
+        # `save_full_at: [end]` adds the full matrices to the run's last capture: called at end.
+        self.summary_at = self.schedule.at
+        if "end" in self.save_full_at and "end" not in self.summary_at:
+            self.schedule = replace(self.schedule, at=(*self.summary_at, "end"))
+        full = ", ".join(self.save_full_at).replace("end", "end (the last capture)")
+        at = ", ".join(self.summary_at)
+        self.measures = f"corr_mean and CKA per pair of layers at {at}; full C at {full or 'none'}"
         cka = self.cfg["cka"]
         self.estimators = ["biased", "unbiased"] if cka == "both" else [cka]
         batch = ctx.probe_batch
@@ -152,7 +162,6 @@ class Correlation(Probe):
         self.extract = Features(
             self.modules, self.cfg["conv"], self.cfg["max_features"], ctx.generator, salt=0xC022
         )
-        self._full_saved_at: int | None = None
 
     def memory_estimate(self) -> tuple[int, str]:
         """Features [B, d_i] of every layer (float32) and their z-scores (float64), one block of
@@ -174,37 +183,20 @@ class Correlation(Probe):
             parts[f"probes.{self.name}.max_features or probes.{self.name}.save_full_at=[]"] = full
         return sum(parts.values()), max(parts, key=parts.get)
 
-    # -- schedule: `save_full_at` decides which captures also keep the full matrices
-    def on_start(self) -> None:
-        if "start" in self.at:
-            self._capture_at("start")
+    def at_point(self, state: StepState) -> None:
+        """The correlations at the `at` points, once per step, and the full matrices at the
+        `save_full_at` points, `end` meaning the run's last capture, whichever point took it."""
+        last, point = self.last_capture, state.point
+        again = last is not None and last[0] == state.step
+        summary = point in self.summary_at and not again
+        # At a step already captured: the full matrices unless that capture stored them.
+        stored = again and last[1] in self.save_full_at
+        full = point in self.save_full_at and (summary or (again and not stored))
+        if summary or full:
+            self.last_capture = (state.step, point)
+            self.record_correlations(summary=summary, full=full)
 
-    def on_epoch_end(self) -> None:
-        if "epoch" in self.at:
-            self._capture_at("epoch")
-
-    def on_end(self) -> None:
-        step = self.ctx.progress.step
-        if "end" in self.at:
-            self._capture_at("end")
-        elif "end" in self.save_full_at and self._last_capture == step:
-            # The last epoch's capture is the run's last: add its full matrices.
-            self._capture_at("end", summary=False)
-
-    def _capture_at(self, point: str, summary: bool = True) -> None:
-        step = self.ctx.progress.step
-        full = point in self.save_full_at and self._full_saved_at != step
-        if summary and self._last_capture == step:
-            summary = False
-        if not (summary or full):
-            return
-        if summary:
-            self._last_capture = step
-        if full:
-            self._full_saved_at = step
-        self.record_correlations(summary=summary, full=full)
-
-    def capture(self) -> None:
+    def capture(self, state: StepState) -> None:
         self.record_correlations(summary=True, full=False)
 
     # -- measuring

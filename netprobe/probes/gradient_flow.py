@@ -12,10 +12,11 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from netprobe.errors import ConfigError
-from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.capture import output_tensor
 from netprobe.probes.options import Option
 from netprobe.probes.reductions import stat_dtype
+from netprobe.probes.schedule import Schedule
 from netprobe.structure import module_graph
 
 
@@ -35,25 +36,27 @@ class GradientFlow(Probe):
     """Every `every` steps: ‖∂L/∂W‖₂ and ‖∂L/∂y‖₂ per tracked module; the edges once at start.
 
     ∂L/∂y is read with tensor hooks on the module outputs. A permanent forward hook on each tracked
-    module adds them only during the forward of a capture step (the probe arms itself in `on_start`
-    and `after_step` for the step to come), and they are removed once the step's backward is read,
-    so between capture steps no tensor hook exists. Under torch.compile the hooks read only that
-    one bool, so the compiled graph has two variants (armed, unarmed) instead of a recompile per
-    step, and adding the tensor hooks runs eagerly (a graph break on capture steps only). A hook
+    module adds them only during the forward of a recorded step (the schedule's `arm` sets them
+    watching for the step to come), and they are removed once the step's backward is read, so
+    between recorded steps no tensor hook exists. Under torch.compile the hooks read only that
+    one bool, so the compiled graph has two variants (watching or not) instead of a recompile per
+    step, and adding the tensor hooks runs eagerly (a graph break on recorded steps only). A hook
     on the output tensor itself, unlike a module backward hook, keeps working when an in-place
     activation overwrites that output afterwards: it reports the gradient with respect to the
     value the module produced.
     """
 
     name = "gradient_flow"
-    default_every = 10
+    measures = "w_grad_l2 and out_grad_l2 per tracked module; the edges between them at start"
+    # Output hooks are set for the coming forward pass on the step before each recorded one.
+    default_schedule = Schedule(every=10, arm=True)
     # The figure draws edges green above `threshold` (None: 0.1 × the run's median edge value);
     # it reads the value from the run's config.
     options = (Option("threshold", float, None, low=0, nullable=True),)
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        if self.every is None:
+        if self.schedule.every is None:
             raise ConfigError(
                 f"probes.{self.name}.every must be a number of steps: the probe reads the "
                 "training step's own backward pass, which the start/epoch/end points lack"
@@ -73,7 +76,7 @@ class GradientFlow(Probe):
             if p.requires_grad
         ]
         self._node_index: dict[tuple[torch.device, tuple[int, ...]], Any] = {}
-        self._armed = False  # whether the coming forward is a capture step's
+        self._watching = False  # whether the coming forward is a recorded step's
         self._kept_out_of_graphs = False
         self._pass = 0  # forward passes of the whole model while armed
         self._stash: dict[str, tuple[int, torch.Tensor]] = {}  # module -> (pass, Σ‖∂L/∂y‖²)
@@ -85,19 +88,19 @@ class GradientFlow(Probe):
 
     # -- hooks on the model
     def _on_model_forward(self, _module: nn.Module, _args: Any) -> None:
-        if self._armed:
+        if self._watching:
             self._count_pass()
 
     def _on_forward(self, name: str, _module: nn.Module, _inputs: Any, output: Any) -> None:
-        if self._armed and torch.is_grad_enabled():
+        if self._watching and torch.is_grad_enabled():
             self._watch(name, output)
 
-    def _arm(self, armed: bool) -> None:
-        """Whether the coming forward is a capture step's. Once torch.compile is in use (it has
-        loaded torch._dynamo), the two helpers below run eagerly, outside compiled graphs; a run
-        without it never imports torch._dynamo (a second or more of start-up)."""
-        self._armed = armed
-        if armed and not self._kept_out_of_graphs and "torch._dynamo" in sys.modules:
+    def arm(self, state: StepState) -> None:
+        """The coming forward is a recorded step's. Once torch.compile is in use (it has loaded
+        torch._dynamo), the two helpers below run eagerly, outside compiled graphs; a run without
+        it never imports torch._dynamo (a second or more of start-up)."""
+        self._watching = True
+        if not self._kept_out_of_graphs and "torch._dynamo" in sys.modules:
             self._count_pass = torch.compiler.disable(self._count_pass)
             self._watch = torch.compiler.disable(self._watch)
             self._kept_out_of_graphs = True
@@ -122,24 +125,14 @@ class GradientFlow(Probe):
         self._stash[name] = (pass_id, square)
 
     # -- probe hooks
-    def on_start(self) -> None:
+    def start(self, state: StepState) -> None:
         for source, target in self.edges:
             self.ctx.record.matrix(self.name, "edge", source, target, torch.ones(1))
-        self._arm(self.due())
-        super().on_start()
 
-    def after_backward(self) -> None:
-        if not self.due():
-            return
-        self._record_output_grads()
+    def after_backward(self, state: StepState) -> None:
+        self._watching = False  # until `arm` for the next recorded step
+        self._record_output_grads(state.loss_scale)
         self._record_weight_grads()
-
-    def after_step(self) -> None:
-        self._arm(self.due(self.ctx.progress.step + 1))
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        # A resumed run skips on_start: arm for its first step here.
-        self._arm(self.due())
 
     def close(self) -> None:
         for handle in self._module_hooks + self._tensor_hooks:
@@ -147,7 +140,7 @@ class GradientFlow(Probe):
         self._module_hooks, self._tensor_hooks = [], []
 
     # -- recording
-    def _record_output_grads(self) -> None:
+    def _record_output_grads(self, loss_scale: torch.Tensor | float | None) -> None:
         stash, self._stash = self._stash, {}
         for handle in self._tensor_hooks:
             handle.remove()
@@ -159,8 +152,8 @@ class GradientFlow(Probe):
         latest = max(pass_id for pass_id, _ in stash.values())
         names = [n for n in self.names if n in stash and stash[n][0] == latest]
         values = torch.stack([stash[n][1] for n in names]).sqrt()
-        if self.ctx.loss_scale is not None:  # the hooks saw ∂(s·L)/∂y; SPEC: after unscaling
-            values = values / self.ctx.loss_scale
+        if loss_scale is not None:  # the hooks saw ∂(s·L)/∂y; SPEC: after unscaling
+            values = values / loss_scale
         self.ctx.record.scalars(self.name, names, ["out_grad_l2"], values[:, None])
 
     def _record_weight_grads(self) -> None:

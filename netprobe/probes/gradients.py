@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from netprobe.probes.base import Probe
+from netprobe.probes.base import Probe, StepState
 from netprobe.probes.reductions import device_sizes, stat_dtype
+from netprobe.probes.schedule import Schedule
 from netprobe.probes.segments import Segments
 
 METRICS = ["l1", "l2", "mean_abs", "max_abs", "nonfinite"]
@@ -40,7 +41,8 @@ def gradient_stats(
 
 class Gradients(Probe):
     name = "gradients"
-    default_every = 1
+    measures = "l1, l2, mean_abs, max_abs, nonfinite per tensor; grad_l2_total"
+    default_schedule = Schedule(every=1)
 
     def __init__(self, ctx, **cfg) -> None:
         super().__init__(ctx, **cfg)
@@ -49,9 +51,7 @@ class Gradients(Probe):
         # Per set of tensors with a gradient (all of them, nearly always): names, layout, buffer.
         self._layouts: dict[tuple[int, ...], tuple[list[str], Segments, torch.Tensor]] = {}
 
-    def after_backward(self) -> None:
-        if not self.due():
-            return
+    def after_backward(self, state: StepState) -> None:
         grads = [p.grad for _, p in self.params]
         present = tuple(i for i, g in enumerate(grads) if g is not None)
         if not present:
@@ -65,6 +65,6 @@ class Gradients(Probe):
         per_tensor, _ = gradient_stats([grads[i] for i in present], segments, buffer)
         self.ctx.record.scalars(self.name, names, METRICS, per_tensor)
         # Model-wide, biases and norm layers included: the monitor's norm for the training curve.
-        total = self.ctx.grad_l2_total
+        total = state.grad_l2_total
         if total is not None:
             self.ctx.record.scalars(self.name, [""], ["grad_l2_total"], total.reshape(1, 1))

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from netprobe.errors import ConfigError
-from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.options import Option
 from netprobe.probes.reductions import device_sizes, stat_dtype
+from netprobe.probes.schedule import Schedule
 from netprobe.probes.segments import Segments
 
 GRAD_METRICS = [
@@ -144,8 +145,9 @@ class OptimDynamics(Probe):
     """Every step: zero-gradient, sign-flip and update statistics; each epoch: the `sign_map`."""
 
     name = "optim_dynamics"
-    default_every = 1
-    default_at = ("epoch",)
+    measures = "zero-gradient, sign-flip and update statistics per tensor; the epoch's sign_map"
+    # Each record compares a step with the step before, whose sign and z `arm` keeps.
+    default_schedule = Schedule(every=1, at=("epoch",), arm=True)
     options = (
         Option("zero_threshold", float, 1e-5, low=0),
         Option("tiny_threshold", float, 1e-7, low=0),
@@ -155,7 +157,7 @@ class OptimDynamics(Probe):
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        if self.every is None:
+        if self.schedule.every is None:
             raise ConfigError(
                 f"probes.{self.name}.every must be a number of steps: each record compares a "
                 "step's gradient with the step before"
@@ -167,13 +169,14 @@ class OptimDynamics(Probe):
         self.sizes = [p.numel() for p in self.tensors]
         self.sign_index, self.sign_sizes = self._draw_sign_indices(k)
         self.segments = Segments(self.sizes)
-        # Flat buffers, allocated at the first due step: g_t (then sign g_t) and z_t of this step
-        # and the step before (they swap roles each step), z_{t−1} ∧ z_t, and W_{t−1}.
+        # Flat buffers, allocated at the first gradient read: g_t (then sign g_t) and z_t of this
+        # step and the step before (they swap roles each step), z_{t−1} ∧ z_t, and W_{t−1}.
         self._buffers: dict[str, torch.Tensor] = {}
-        self._n_prev: torch.Tensor | None = None  # #z_{t−1} per tensor
-        self._g_step: int | None = None  # the step whose sign and z are kept as the previous ones
-        self._w_step: int | None = None
-        self._pending: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None
+        self._n_prev: torch.Tensor | None = None  # #z_{t−1} per tensor, while kept
+        self._n_zero: torch.Tensor | None = None  # #z_t per tensor, once this step's g is read
+        # The gradient metrics of the recorded step under way, [L, 6], #retained and whether
+        # they compare with the step before: recorded with the update in `after_step`.
+        self._grad_metrics: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None
         # The epoch's sampled gradients (step, [Σ K]) for the sign map: every `_sign_stride`-th
         # step, thinned to every other one whenever they reach 4 · sign_rows.
         self._sign_rows: list[tuple[int, torch.Tensor]] = []
@@ -198,13 +201,13 @@ class OptimDynamics(Probe):
                 self._buffers[key] = self.segments.buffer(dtype, first.device)
         return self._buffers[name]
 
-    def after_backward(self) -> None:
-        if not self.params:
-            return
-        step = self.ctx.progress.step
-        due, keep = self.due(step), self.due(step + 1)
-        if not (due or keep):
-            return
+    def _dynamics(
+        self, state: StepState, compare: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """gradient_dynamics of this step's gradient, against the kept previous step's if
+        `compare`, and every `_sign_stride`-th step's sampled gradients for the sign map;
+        afterwards this step's sign and z sit where `arm` keeps them from, and the spent buffers
+        of the step before serve this step's update and the next gradient."""
         g, z = self._buffer("g"), self._buffer("z")
         b = self._buffers
         # A parameter without a gradient this step (unused in the forward) counts as all zeros.
@@ -214,35 +217,46 @@ class OptimDynamics(Probe):
         if self._sign_seen % self._sign_stride == 0:
             # The sampled gradients, as sign · magnitude: exactly the values read.
             sample = g.index_select(0, self.sign_index).mul_(z.index_select(0, self.sign_index))
-            self._sign_rows.append((step, sample))
+            self._sign_rows.append((state.step, sample))
             if len(self._sign_rows) >= 4 * self.cfg["sign_rows"]:
                 self._sign_rows, self._sign_stride = self._sign_rows[::2], 2 * self._sign_stride
         self._sign_seen += 1
-        compare = due and self._g_step == step - 1 and self._n_prev is not None
         prev = (b["s_prev"], b["z_prev"], self._n_prev) if compare else None
-        metrics, n_zero, n_retained = gradient_dynamics(
+        metrics, self._n_zero, n_retained = gradient_dynamics(
             g, z, prev, b["retained"], self.segments, *self._thresholds()
         )
-        if due:
-            self._pending = (metrics, n_retained, compare)
-            with torch.no_grad():
-                torch.cat([p.reshape(-1) for p in self.tensors], out=b["w_prev"])
-            self._w_step = step
-        # This step's sign and z become the previous ones, kept only if the next step needs them;
-        # the spent buffers of the step before serve this step's update and the next gradient.
+        self._n_prev = None  # spent
         b["g"], b["s_prev"], b["z"], b["z_prev"] = b["s_prev"], g, b["z_prev"], b["z"]
-        self._n_prev, self._g_step = (n_zero, step) if keep else (None, None)
+        return metrics, n_retained
+
+    def after_backward(self, state: StepState) -> None:
+        if not self.params:
+            return
+        compare = self._n_prev is not None  # `arm` kept the step before's sign and z
+        metrics, n_retained = self._dynamics(state, compare)
+        self._grad_metrics = (metrics, n_retained, compare)
+        with torch.no_grad():
+            torch.cat([p.reshape(-1) for p in self.tensors], out=self._buffers["w_prev"])
+
+    def arm(self, state: StepState) -> None:
+        """Keeps this step's sign(g) and z for the next step, which is recorded."""
+        if state.loss is None or not self.params:
+            return  # before this process's first backward: nothing to keep (or restored)
+        if self._n_zero is None:  # this step is not recorded: its gradient is not read yet
+            self._dynamics(state, compare=False)
+        self._n_prev, self._n_zero = self._n_zero, None
 
     def _thresholds(self) -> tuple[float, float]:
         return self.cfg["zero_threshold"], self.cfg["tiny_threshold"]
 
-    def after_step(self) -> None:
-        if self._w_step != self.ctx.progress.step or self._pending is None:
+    def after_step(self, state: StepState) -> None:
+        self._n_zero = None  # the next step's gradient is another one
+        if self._grad_metrics is None:
             return
-        grad_metrics, n_retained, compared = self._pending
-        self._pending, self._w_step = None, None
+        grad_metrics, n_retained, compared = self._grad_metrics
+        self._grad_metrics = None
         b = self._buffers
-        # After the swap in after_backward: "g" holds spent scratch, "z" the retained flips.
+        # After the swap in `_dynamics`: "g" holds spent scratch, "z" the retained flips.
         # W_t − W_{t−1} tensor by tensor into the spent buffer: one pass, no flat copy of W_t.
         dw = b["g"]
         with torch.no_grad():
@@ -263,19 +277,20 @@ class OptimDynamics(Probe):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """sign(g_{t−1}) and z_{t−1} as int8, so that the first step after resuming compares with
-        the step before; W_{t−1} is refilled at every due step, and the sign rows are written at
-        each epoch's end."""
-        kept = self._g_step is not None
+        """sign(g_{t−1}) and z_{t−1} as int8 when kept for the coming step, so that its record
+        compares with the step before; W_{t−1} is refilled at every recorded step, and the sign
+        rows are written at each epoch's end."""
+        kept = self._n_prev is not None
         return {
+            **super().state_dict(),
             "s_prev": self._buffers["s_prev"].to(torch.int8) if kept else None,
             "z_prev": self._buffers["z_prev"].to(torch.int8) if kept else None,
-            "g_step": self._g_step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         device = self.tensors[0].device if self.tensors else torch.device("cpu")
-        self._g_step, self._n_prev = None, None
+        self._n_prev = None
         if state.get("g_prev") is not None:  # saved by an earlier version: the gradient itself
             g_prev = state["g_prev"].to(device)
             zero = g_prev.abs() <= self.cfg["zero_threshold"]
@@ -285,9 +300,8 @@ class OptimDynamics(Probe):
         self._buffer("s_prev").copy_(state["s_prev"])
         self._buffer("z_prev").copy_(state["z_prev"])
         self._n_prev = self.segments.count(self._buffers["z_prev"])
-        self._g_step = state["g_step"]
 
-    def capture(self) -> None:
+    def capture(self, state: StepState) -> None:
         """The sign codes of the K sampled gradients at up to `sign_rows` evenly spaced steps of
         the epoch: per tensor a [steps, K] matrix `sign_map`, and the steps in `sign_steps`."""
         rows, n = self._sign_rows, self.cfg["sign_rows"]

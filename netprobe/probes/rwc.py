@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from netprobe.errors import ConfigError
-from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.options import Option
+from netprobe.probes.schedule import Schedule
 
 MODES = ("l1", "elementwise")
 
@@ -37,7 +38,8 @@ class RelativeWeightChange(Probe):
     """After each epoch (and every `every_steps` steps if set): rwc of each tracked weight."""
 
     name = "rwc"
-    default_at = ("epoch",)
+    measures = "rwc per tensor at the `at` points (each against the one before)"
+    default_schedule = Schedule(at=("epoch",))
     options = (
         Option("mode", str, "l1", choices=MODES),
         Option("every_steps", int, None, low=1, nullable=True, note="a number of steps"),
@@ -45,12 +47,11 @@ class RelativeWeightChange(Probe):
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        if self.every is not None:
-            raise ConfigError(
-                f"probes.{self.name}.every={self.every!r}: rwc compares epochs, valid: "
-                f"every=epoch; for a record every N steps set probes.{self.name}.every_steps=N"
-            )
         self.mode, self.every_steps = self.cfg["mode"], self.cfg["every_steps"]
+        k = self.every_steps
+        if k is not None:  # `rwc_step` after every k-th step: steps k − 1, 2k − 1, …
+            self.schedule = replace(self.schedule, every=k, phase=k - 1)
+            self.measures = f"rwc per tensor at the `at` points; rwc_step every {k} steps"
         # Default: every parameter of ndim > 1 (conv kernels, linear matrices, embeddings).
         self.params = self.select_params(lambda r: len(r.shape) > 1)
         self.names = [n for n, _ in self.params]
@@ -63,12 +64,11 @@ class RelativeWeightChange(Probe):
     def _copy(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.tensors]
 
-    def on_start(self) -> None:
+    def start(self, state: StepState) -> None:
         if self.tensors:
             self.previous = self._copy()
             if self.every_steps is not None:
                 self.previous_step = self._copy()
-        super().on_start()
 
     def _record(self, metric: str, previous: list[torch.Tensor]) -> None:
         with torch.no_grad():
@@ -76,17 +76,16 @@ class RelativeWeightChange(Probe):
             torch._foreach_copy_(previous, self.tensors)
         self.ctx.record.scalars(self.name, self.names, [metric], values[:, None])
 
-    def capture(self) -> None:
+    def capture(self, state: StepState) -> None:
         if not self.tensors:
             return
-        if self.previous is None:  # driven without on_start: this capture becomes W₀
+        if self.previous is None:  # driven without `start`: this capture becomes W₀
             self.previous = self._copy()
             return
         self._record("rwc", self.previous)
 
-    def after_step(self) -> None:
-        k = self.every_steps
-        if k is None or not self.tensors or (self.ctx.progress.step + 1) % k:
+    def after_step(self, state: StepState) -> None:
+        if not self.tensors:
             return
         if self.previous_step is None:
             self.previous_step = self._copy()
@@ -95,7 +94,7 @@ class RelativeWeightChange(Probe):
 
     # -- resuming
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"names": list(self.names)}
+        state: dict[str, Any] = {**super().state_dict(), "names": list(self.names)}
         if self.previous is not None:
             state["previous"] = dict(zip(self.names, self.previous))
         if self.previous_step is not None:
@@ -103,5 +102,6 @@ class RelativeWeightChange(Probe):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         for key, copies in self.load_tracked(state, "previous", "previous_step").items():
             setattr(self, key, copies)

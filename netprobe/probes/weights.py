@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from netprobe.errors import ConfigError
-from netprobe.probes.base import Probe, ProbeContext
+from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.distributions import MOMENTS, distributions, symmetric_edges
 from netprobe.probes.options import Option
+from netprobe.probes.schedule import Schedule
 
 METRICS = [*MOMENTS, "dist_init"]
 PARAMS = ("weights", "all")
@@ -26,16 +26,12 @@ class Weights(Probe):
     """At `at` points: fixed-bin histogram and moments of each tracked parameter."""
 
     name = "weights"
-    default_at = ("start", "epoch")
+    measures = "histogram, mean, std, skew, min, max, l2, dist_init per tensor"
+    default_schedule = Schedule(at=("start", "epoch"))
     options = (Option("params", str, "weights", choices=PARAMS), Option("bins", int, 50, low=1))
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         super().__init__(ctx, **cfg)
-        if self.every is not None:
-            raise ConfigError(
-                f"probes.{self.name}.every={self.every!r}: weights are captured at the `at` "
-                "points; valid: at: [start, epoch, end] (any of them)"
-            )
         params, self.bins = self.cfg["params"], self.cfg["bins"]
         # `all`: every parameter, biases and norm-layer scales and shifts included.
         self.params = self.select_params((lambda r: True) if params == "all" else None)
@@ -52,15 +48,14 @@ class Weights(Probe):
         self.initial = [p.detach().clone() for p in self.tensors]
         self.initial_norm = torch.stack(torch._foreach_norm(self.initial, 2, dtype=torch.float64))
 
-    def on_start(self) -> None:
+    def start(self, state: StepState) -> None:
         if self.tensors:
             self._snapshot_initial()
-        super().on_start()
 
-    def capture(self) -> None:
+    def capture(self, state: StepState) -> None:
         if not self.tensors:
             return
-        if self.initial is None:  # driven without on_start: the first capture is W₀
+        if self.initial is None:  # driven without `start`: the first capture is W₀
             self._snapshot_initial()
         if self.edges is None:
             self.edges = symmetric_edges(self.tensors, self.bins)
@@ -75,7 +70,7 @@ class Weights(Probe):
 
     # -- resuming
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"names": list(self.names)}
+        state: dict[str, Any] = {**super().state_dict(), "names": list(self.names)}
         if self.initial is not None:
             state["initial"] = dict(zip(self.names, self.initial))
         if self.edges is not None:
@@ -83,6 +78,7 @@ class Weights(Probe):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         restored = self.load_tracked(state, "initial")
         if "initial" in restored:
             self.initial = restored["initial"]

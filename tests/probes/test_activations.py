@@ -11,10 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
-from netprobe.monitor import Recorder
-from netprobe.probes import PROBES
+from netprobe.probes import PROBES, ProbeRunner, Schedule
 from netprobe.probes.activations import RANDOM_SALT, STATS, Activations
-from netprobe.probes.base import ProbeContext, Progress
+from netprobe.probes.base import ProbeContext, StepState
+from netprobe.recorder import Recorder
 from netprobe.structure import layer_table
 
 SEED = 5
@@ -41,20 +41,21 @@ def batches() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, to
 
 
 def make_probe(model: nn.Module, with_batches: bool = True, **cfg) -> Activations:
-    progress = Progress()
+    state = StepState()
     train, valid = batches() if with_batches else (None, None)
     ctx = ProbeContext(
         model=model,
         layers=layer_table(model, torch.zeros(2, 2, 4, 4)),
         edges=[],
-        record=Recorder(progress),
-        progress=progress,
+        record=Recorder(state),
         loss_fn=F.cross_entropy,
         probe_batch=train,
         valid_batch=valid,
         seed=SEED,
     )
-    return PROBES["activations"](ctx, **cfg)
+    probe = PROBES["activations"](ctx, **cfg)
+    probe.runner = ProbeRunner([probe], state)  # calls its hooks as the monitor's does
+    return probe
 
 
 def reference_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
@@ -112,7 +113,7 @@ def perturb(model: nn.Module, seed: int) -> None:
 def test_registered_with_its_keys() -> None:
     assert PROBES["activations"] is Activations
     assert {o.name for o in Activations.options} == {"sources", "bins", "tail"}
-    assert Activations.default_at == ("start", "epoch")
+    assert Activations.default_schedule == Schedule(at=("start", "epoch"))
 
 
 def test_every_metric_matches_the_reference_over_captures() -> None:
@@ -122,13 +123,12 @@ def test_every_metric_matches_the_reference_over_captures() -> None:
     model.train()
     inputs = reference_inputs()
     outputs = [{s: reference_outputs(model, x) for s, x in inputs.items()}]
-    probe.on_start()
+    probe.runner.start()
     for epoch in range(2):
         perturb(model, seed=epoch)
         outputs.append({s: reference_outputs(model, x) for s, x in inputs.items()})
-        probe.ctx.progress.step += 4
-        probe.on_epoch_end()
-        probe.ctx.progress.epoch += 1
+        probe.runner.state.step += 4
+        probe.runner.end_epoch()
     # Captured in eval mode and back in train mode after; no hook is left behind.
     assert model.training and all(m.training for m in model.modules())
     assert all(not m._forward_hooks for m in model.modules())
@@ -181,13 +181,13 @@ def test_eval_mode_leaves_batchnorm_statistics_alone() -> None:
     before = {k: v.clone() for k, v in model[1].state_dict().items()}
     probe = make_probe(model)
     model.train()
-    probe.on_start()
+    probe.runner.start()
     for k, v in model[1].state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
     # A model in eval mode stays in eval mode.
     model.eval()
-    probe.ctx.progress.step += 1
-    probe.on_epoch_end()
+    probe.runner.state.step += 1
+    probe.runner.end_epoch()
     assert not model.training
 
 
@@ -211,7 +211,7 @@ def test_zero_tail_spans_min_to_max_and_constant_outputs_get_a_range() -> None:
 def test_layer_regexes_select_modules_without_parameters_too() -> None:
     probe = make_probe(small_model(), layers=[r"[0-2]"], exclude=["1"], sources=["train"])
     assert probe.names == ["0", "2"]
-    probe.on_start()
+    probe.runner.start()
     scalars, hists = tables(probe)
     assert set(hists["source"]) == {"train"}
     relu = hists[hists["layer"] == "2"].iloc[0]
@@ -234,7 +234,7 @@ def test_hooks_go_even_when_the_forward_fails() -> None:
     probe.ctx.probe_batch = (torch.zeros(2, 5, 4, 4), None)  # wrong channel count
     model.train()
     with pytest.raises(RuntimeError):
-        probe.on_start()
+        probe.runner.start()
     assert model.training
     assert all(not m._forward_hooks for m in model.modules())
 
@@ -243,17 +243,17 @@ def test_bins_depend_on_the_capture_alone() -> None:
     """A resumed probe (a fresh one) records the same histograms: there is no state to carry."""
     model = small_model()
     probe = make_probe(model)
-    probe.on_start()
+    probe.runner.start()
     perturb(model, seed=0)
-    probe.ctx.progress.step += 1
-    probe.on_epoch_end()
+    probe.runner.state.step += 1
+    probe.runner.end_epoch()
     _, want = tables(probe)
     state = probe.state_dict()
 
     resumed = make_probe(model)
     resumed.load_state_dict(state)
-    resumed.ctx.progress.step = 1
-    resumed.capture()
+    resumed.runner.state.step = 1
+    resumed.capture(resumed.runner.state)
     _, got = tables(resumed)
     want = want[want["step"] == 1].reset_index(drop=True)
     for column in ("layer", "source", "below", "above"):
@@ -268,10 +268,10 @@ def test_capture_reads_nothing_on_the_host(no_host_sync) -> None:
     model = small_model()
     probe = make_probe(model)
     with no_host_sync():
-        probe.on_start()
+        probe.runner.start()
         perturb(model, seed=1)
-        probe.ctx.progress.step += 1
-        probe.on_epoch_end()
+        probe.runner.state.step += 1
+        probe.runner.end_epoch()
     scalars, _ = tables(probe)
     assert len(scalars) == 2 * 3 * 3 * len(STATS)
 

@@ -9,8 +9,7 @@ import torch
 import torch.nn as nn
 
 from netprobe.errors import ConfigError
-from netprobe.monitor import probe_context
-from netprobe.probes import PROBES
+from netprobe.probes import PROBES, ProbeRunner, StepState, probe_context
 from netprobe.probes.augmentation import Augmentation, affine_theta, augment, invariance
 
 REL = 1e-5
@@ -39,7 +38,12 @@ def batch(n: int = 40, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_probe(model: nn.Module, **cfg) -> Augmentation:
     x, y = batch()
-    return PROBES["augmentation"](probe_context(model, (x, y), batch(10, seed=2), seed=7), **cfg)
+    state = StepState()
+    probe = PROBES["augmentation"](
+        probe_context(model, (x, y), batch(10, seed=2), seed=7, state=state), **cfg
+    )
+    probe.runner = ProbeRunner([probe], state)  # calls its hooks as the monitor's does
+    return probe
 
 
 def drained(probe: Augmentation) -> dict[str, pd.DataFrame]:
@@ -107,7 +111,7 @@ def test_probe_records_against_numpy() -> None:
     model = small_cnn()
     probe = make_probe(model, samples=24, chunk=10, show=24, max_features=1000, sample_index=3)
     assert [n for n, _ in probe.modules] == ["0", "5"]  # the first and the last tracked module
-    probe.on_end()
+    probe.runner.end()
     tables = drained(probe)
     matrices, scalars = tables["matrices"], tables["scalars"]
 
@@ -147,7 +151,7 @@ def test_feature_cap_and_mode() -> None:
     model = small_cnn()
     model.train()
     probe = make_probe(model, samples=6, conv="flatten", max_features=10, show=0)
-    probe.on_end()
+    probe.runner.end()
     matrices = drained(probe)["matrices"]
     shapes = dict(zip(matrices["name"] + ":" + matrices["row"], matrices["shape"]))
     assert list(shapes["feature_corr:0"]) == [10, 10]

@@ -7,8 +7,7 @@ import torch
 import torch.nn as nn
 
 from netprobe.errors import ConfigError
-from netprobe.monitor import build_probes, probe_context
-from netprobe.probes import ProbeContext
+from netprobe.probes import ProbeContext, Schedule, build_probes, probe_context
 
 
 def context() -> ProbeContext:
@@ -38,7 +37,7 @@ def test_settings_a_probe_would_ignore_are_errors(probe, cfg, says):
 
 def test_capture_probes_take_every_epoch():
     (channels,) = build_probes(context(), {"channels": {"every": "epoch"}})
-    assert channels.every is None and channels.at == ("epoch",)
+    assert channels.schedule == Schedule(at=("epoch",))
 
 
 @pytest.mark.parametrize("probe", ["weights", "rwc"])

@@ -10,8 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from netprobe.monitor import probe_context
-from netprobe.probes import PROBES
+from netprobe.probes import PROBES, ProbeRunner, StepState, probe_context
 from netprobe.probes.capture import flatten_features, module_outputs, output_tensor, seeded_subset
 
 Pair = namedtuple("Pair", ["out", "given"])
@@ -115,15 +114,17 @@ class Twins(nn.Module):
         return self.head(F.relu(ya).flatten(1)) + self.head(F.relu(self.b(x)).flatten(1))
 
 
-def drive(name: str, probe, x: torch.Tensor, y: torch.Tensor) -> None:
+def drive(name: str, probe, x: torch.Tensor, y: torch.Tensor, state: StepState) -> None:
+    runner = ProbeRunner([probe], state)
     if name == "gradient_flow":
-        probe.on_start()  # arms the hooks for step 0
-        F.cross_entropy(probe.ctx.model(x), y).backward()
-        probe.after_backward()
+        runner.start()  # arms the hooks for step 0
+        loss = F.cross_entropy(probe.ctx.model(x), y)
+        loss.backward()
+        runner.after_backward(loss.detach())
     elif name in ("augmentation", "channels"):
-        probe.on_end()
+        runner.end()
     else:
-        probe.on_start()
+        runner.start()
 
 
 def rows_of(tables: dict, layer: str) -> list[str]:
@@ -147,10 +148,11 @@ def test_a_module_returning_a_tuple_is_measured_like_one_returning_its_first_ten
     model = Twins()
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 2, 5, 5, generator=gen), torch.randint(0, 4, (8,), generator=gen)
-    ctx = probe_context(model, (x, y), (x, y), seed=2)
+    state = StepState()
+    ctx = probe_context(model, (x, y), (x, y), seed=2, state=state)
     probe = PROBES[name](ctx, layers=["a", "b"], **SETTINGS.get(name, {}))
     try:
-        drive(name, probe, x, y)
+        drive(name, probe, x, y, state)
     finally:
         probe.close()
     tables = ctx.record.drain()

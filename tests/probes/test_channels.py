@@ -12,8 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
-from netprobe.monitor import probe_context
-from netprobe.probes import PROBES
+from netprobe.probes import PROBES, ProbeRunner, StepState, probe_context
 from netprobe.probes.channels import Channels, channel_pair_norms
 
 REL = 1e-5
@@ -45,7 +44,10 @@ class Net(nn.Module):
 
 
 def make_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **cfg) -> Channels:
-    return PROBES["channels"](probe_context(model, (x, y)), **cfg)
+    state = StepState()
+    probe = PROBES["channels"](probe_context(model, (x, y), state=state), **cfg)
+    probe.runner = ProbeRunner([probe], state)  # calls its hooks as the monitor's does
+    return probe
 
 
 def batch(shape=(6, 3, 11, 10), seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +114,7 @@ def test_emission_absorption_match_a_loop_over_pairs(chunk: int) -> None:
     x, y = batch()
     probe = make_probe(model, x, y, chunk=chunk)
     assert [n for n, _ in probe.modules] == ["c1", "c2", "c3"]  # not the depthwise conv
-    probe.on_end()
+    probe.runner.end()
     matrices, scalars = stored(probe)
     want = reference(model, x, y, ["c1", "c2", "c3"])
     for name, (em, ab) in want.items():
@@ -155,7 +157,7 @@ def test_parameters_grad_and_modes_untouched() -> None:
     x, y = batch()
     stats = model.bn.running_mean.clone()
     probe = make_probe(model, x, y)
-    probe.on_end()
+    probe.runner.end()
     assert all(p.grad is None for p in model.parameters())
     assert model.training and model.c1.training and not model.bn.training
     assert torch.equal(model.bn.running_mean, stats)
@@ -165,7 +167,7 @@ def test_models_without_convs_record_nothing() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 11 * 10, 5))
     x, y = batch()
     probe = make_probe(model, x, y)
-    probe.on_end()
+    probe.runner.end()
     assert len(probe.ctx.record) == 0
 
 

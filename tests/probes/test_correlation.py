@@ -10,8 +10,7 @@ import torch
 import torch.nn as nn
 
 from netprobe.errors import ConfigError
-from netprobe.monitor import probe_context
-from netprobe.probes import PROBES
+from netprobe.probes import PROBES, ProbeRunner, StepState, probe_context
 from netprobe.probes.correlation import (
     Correlation,
     correlate,
@@ -39,7 +38,10 @@ def small_cnn() -> nn.Module:
 
 
 def make_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **cfg) -> Correlation:
-    return PROBES["correlation"](probe_context(model, (x, y), seed=3), **cfg)
+    state = StepState()
+    probe = PROBES["correlation"](probe_context(model, (x, y), seed=3, state=state), **cfg)
+    probe.runner = ProbeRunner([probe], state)  # calls its hooks as the monitor's does
+    return probe
 
 
 def batch(shape=(40, 3, 8, 8), seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +162,7 @@ def test_probe_records_against_numpy(conv: str) -> None:
     probe = make_probe(model, x, y, conv=conv, max_features=1000, save_full_at=["start"])
     names = ["0", "3", "6"]
     assert [n for n, _ in probe.modules] == names  # conv and linear by default, forward order
-    probe.on_start()
+    probe.runner.start()
     df = matrices(probe)
     feats = features_by_hand(model, x, names, conv)
     for i, a in enumerate(names):
@@ -192,12 +194,12 @@ def test_feature_subset_is_seeded_fixed_and_capped() -> None:
     probe = make_probe(
         model, x, y, conv="flatten", max_features=20, save_full_at=["start", "epoch"]
     )
-    probe.on_start()
+    probe.runner.start()
     first = matrices(probe)
     with torch.no_grad():
         model[0].weight.mul_(1.1)
-    probe.ctx.progress.step = 5
-    probe.on_epoch_end()
+    probe.runner.state.step = 5
+    probe.runner.end_epoch()
     second = matrices(probe)
     full = first[first["name"] == "C"]
     assert all(max(s) <= 20 for s in full["shape"])
@@ -205,7 +207,7 @@ def test_feature_subset_is_seeded_fixed_and_capped() -> None:
     pick = probe.extract.picks["0"]
     assert pick is not None and len(pick) == 20
     again = make_probe(small_cnn(), x, y, conv="flatten", max_features=20)
-    again.on_start()
+    again.runner.start()
     assert torch.equal(again.extract.picks["0"], pick)
     feats = features_by_hand(model, x, ["0"], "flatten")["0"][:, pick.numpy()]
     got = second[(second["name"] == "C") & (second["row"] == "0") & (second["col"] == "0")]
@@ -217,13 +219,12 @@ def test_schedule_saves_full_matrices_at_start_and_last_capture_only() -> None:
     model = small_cnn()
     x, y = batch()
     probe = make_probe(model, x, y)
-    progress = probe.ctx.progress
-    probe.on_start()
+    progress = probe.runner.state
+    probe.runner.start()
     for _ in range(3):
         progress.step += 4
-        probe.on_epoch_end()
-        progress.epoch += 1
-    probe.on_end()
+        probe.runner.end_epoch()
+    probe.runner.end()
     df = matrices(probe)
     assert sorted(df.loc[df["name"] == "corr_mean", "step"].unique()) == [0, 4, 8, 12]
     assert sorted(df.loc[df["name"] == "C", "step"].unique()) == [0, 12]
@@ -239,7 +240,7 @@ def test_modes_restored_and_outputs_unchanged_by_inplace_ops() -> None:
     x, y = batch()
     probe = make_probe(model, x, y, save_full_at=[])
     stats = model[1].running_mean.clone()
-    probe.on_start()
+    probe.runner.start()
     assert model.training and not model[1].training and model[0].training
     assert torch.equal(model[1].running_mean, stats)
     # conv 3's output goes through an in-place ReLU; its kept features must still go negative.
@@ -341,7 +342,7 @@ def test_probe_stores_the_chosen_estimators_in_float64(which: str) -> None:
     model = small_cnn()
     x, y = batch()
     probe = make_probe(model, x, y, conv="flatten", max_features=50, cka=which, save_full_at=[])
-    probe.on_start()
+    probe.runner.start()
     table = probe.ctx.record.drain()["matrices"]
     assert table.schema.field("values").type == pa.list_(pa.float64())
     df = table.to_pandas().astype({"name": str, "row": str, "col": str})
@@ -362,7 +363,7 @@ def test_chunked_capture_equals_the_unchunked_one(monkeypatch: pytest.MonkeyPatc
     for block in (7, 10_000):  # 7: every layer's features and Gram sums go in several blocks
         monkeypatch.setattr(correlation, "BLOCK", block)
         probe = make_probe(small_cnn(), x, y, conv="flatten", max_features=64, cka="both")
-        probe.on_start()
+        probe.runner.start()
         stored.append(matrices(probe))
     chunked, whole = stored
     assert len(chunked) == len(whole) and (chunked["name"] == whole["name"]).all()

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 import torchvision
 
 from netprobe.errors import ConfigError
-from netprobe.monitor import Recorder
 from netprobe.plots.gradient_flow import longest_path_depth
-from netprobe.probes import PROBES
-from netprobe.probes.base import ProbeContext, Progress
+from netprobe.probes import PROBES, ProbeRunner
+from netprobe.probes.base import ProbeContext, StepState
 from netprobe.probes.gradient_flow import GradientFlow
+from netprobe.recorder import Recorder
 from netprobe.structure import layer_table, module_graph
 
 
@@ -61,31 +61,32 @@ class Shared(nn.Module):
 
 
 def make_probe(model: nn.Module, example: torch.Tensor, **cfg) -> GradientFlow:
-    """The probe with the context the monitor would build (edges over every leaf module)."""
-    progress = Progress()
+    """The probe with the context the monitor would build (edges over every leaf module), started
+    by a runner as the monitor's (`probe.runner`)."""
+    state = StepState()
     layers = layer_table(model, example)
     ctx = ProbeContext(
         model=model,
         layers=layers,
         edges=module_graph(model, [r.module for r in layers if not r.param]),
-        record=Recorder(progress),
-        progress=progress,
+        record=Recorder(state),
         loss_fn=F.cross_entropy,
     )
     probe = PROBES["gradient_flow"](ctx, **cfg)
-    probe.on_start()
+    probe.runner = ProbeRunner([probe], state)
+    probe.runner.start()
     return probe
 
 
 def train_step(model: nn.Module, probe: GradientFlow, x: torch.Tensor, y: torch.Tensor) -> None:
     model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    probe.after_backward()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    probe.runner.after_backward(loss.detach())
     with torch.no_grad():
         for p in model.parameters():
             p.sub_(0.1 * p.grad)
-    probe.after_step()
-    probe.ctx.progress.step += 1
+    probe.runner.after_step()
 
 
 def reference(model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor):
@@ -143,8 +144,9 @@ def test_values_match_autograd_with_inplace_activations(build, shape) -> None:
     probe = make_probe(model, x, every=2)
     refs = []
     for _ in range(3):
-        if probe.due():
-            refs.append((probe.ctx.progress.step, *reference(model, probe.names, x, y)))
+        step = probe.runner.state.step
+        if probe.schedule.records(step):
+            refs.append((step, *reference(model, probe.names, x, y)))
         train_step(model, probe, x, y)
     df = recorded(probe)
     assert sorted(df["step"].unique()) == [0, 2]
@@ -172,7 +174,7 @@ def test_tensor_hooks_exist_only_on_capture_steps(monkeypatch: pytest.MonkeyPatc
     original = torch.Tensor.register_hook
 
     def counting(tensor, hook):
-        registered.append(probe.ctx.progress.step)
+        registered.append(probe.runner.state.step)
         return original(tensor, hook)
 
     monkeypatch.setattr(torch.Tensor, "register_hook", counting)
@@ -183,9 +185,10 @@ def test_tensor_hooks_exist_only_on_capture_steps(monkeypatch: pytest.MonkeyPatc
         assert {n: len(m._forward_hooks) for n, m in model.named_modules()} == forward_hooks
     # One output hook per tracked module (4 of them) at steps 0, 3 and 6, none in between.
     assert registered == [0] * 4 + [3] * 4 + [6] * 4
-    # Forwards without gradients (evaluation) add none even on a capture step.
-    assert probe.due(probe.ctx.progress.step + 2)
-    probe.ctx.progress.step += 2
+    # Forwards without gradients (evaluation) add none even on a capture step, once armed.
+    for _ in range(2):
+        train_step(model, probe, x, y)
+    assert probe.runner.state.step == 9 and probe._watching
     with torch.no_grad():
         model(x)
     assert len(registered) == 12
@@ -237,7 +240,7 @@ def test_capture_step_never_reads_device_values(no_host_sync) -> None:
     loss = F.cross_entropy(model(x), y)
     loss.backward()
     with no_host_sync():
-        probe.after_backward()
+        probe.runner.after_backward(loss.detach())
     assert len(recorded(probe)) == 2 * 4
 
 

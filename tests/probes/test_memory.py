@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import netprobe
 from netprobe.errors import ConfigError
-from netprobe.monitor import build_probes, probe_context
+from netprobe.probes import build_probes, probe_context
 from netprobe.probes.memory import check_budget, parse_budget, split_budget
 
 

@@ -12,10 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
-from netprobe.monitor import Recorder
-from netprobe.probes import PROBES
-from netprobe.probes.base import ProbeContext, Progress
+from netprobe.probes import PROBES, ProbeRunner
+from netprobe.probes.base import ProbeContext, StepState
 from netprobe.probes.optim_dynamics import FIRST_METRICS, METRICS, OptimDynamics, sign_codes
+from netprobe.recorder import Recorder
 from netprobe.structure import layer_table
 
 ZERO, TINY = 1e-5, 1e-7
@@ -111,18 +111,24 @@ def small_model() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 5))
 
 
+LOSS = torch.zeros(())  # what the runner is told of each step's loss
+
+
 def make_probe(model: nn.Module, seed: int = 0, **cfg) -> OptimDynamics:
-    progress = Progress()
+    """The probe, started by a runner as the monitor's (`probe.runner`)."""
+    state = StepState()
     ctx = ProbeContext(
         model=model,
         layers=layer_table(model),
         edges=[],
-        record=Recorder(progress),
-        progress=progress,
+        record=Recorder(state),
         loss_fn=F.cross_entropy,
         seed=seed,
     )
-    return PROBES["optim_dynamics"](ctx, **cfg)
+    probe = PROBES["optim_dynamics"](ctx, **cfg)
+    probe.runner = ProbeRunner([probe], state)
+    probe.runner.start()
+    return probe
 
 
 def feed(probe: OptimDynamics, grads, weights) -> None:
@@ -134,12 +140,11 @@ def feed(probe: OptimDynamics, grads, weights) -> None:
     for t in range(len(grads)):
         for p, g in zip(params, grads[t]):
             p.grad = torch.from_numpy(g.copy())
-        probe.after_backward()
+        probe.runner.after_backward(LOSS)
         with torch.no_grad():
             for p, w in zip(params, weights[t + 1]):
                 p.copy_(torch.from_numpy(w))
-        probe.after_step()
-        probe.ctx.progress.step += 1
+        probe.runner.after_step()
 
 
 def recorded(probe: OptimDynamics) -> pd.DataFrame:
@@ -214,12 +219,11 @@ def test_holds_six_flat_buffers_allocated_once(held_bytes) -> None:
     for _ in range(4):
         for p in probe.tensors:
             p.grad = torch.randn_like(p) * 1e-5
-        probe.after_backward()
+        probe.runner.after_backward(LOSS)
         with torch.no_grad():
             for p in probe.tensors:
                 p.add_(torch.randn_like(p) * 1e-3)
-        probe.after_step()
-        probe.ctx.progress.step += 1
+        probe.runner.after_step()
         held = held_bytes(probe, model)
         assert [b for b in held if b >= n] == [4 * n] * 6
         assert sum(b for b in held if b < n) < 4096  # per-tensor counts, the sign sample
@@ -249,10 +253,9 @@ def test_sign_map_codes_of_the_sampled_entries() -> None:
     grads = [values[torch.randint(len(values), p.shape)] for p in probe.tensors]
     for p, g in zip(probe.tensors, grads):
         p.grad = g.clone()
-    probe.after_backward()
-    probe.after_step()
-    probe.ctx.progress.step += 1
-    probe.on_epoch_end()
+    probe.runner.after_backward(LOSS)
+    probe.runner.after_step()
+    probe.runner.end_epoch()
     df = probe.ctx.record.drain()["matrices"].to_pandas().astype({"name": str, "row": str})
     assert list(df["name"].unique()) == ["sign_steps", "sign_map"]
     np.testing.assert_array_equal(df.loc[df["name"] == "sign_steps", "values"].iloc[0], [0])
@@ -297,11 +300,10 @@ def test_sign_map_keeps_evenly_spaced_steps_of_each_epoch() -> None:
     for _epoch in range(2):
         for _ in range(23):
             for p in probe.tensors:
-                p.grad = torch.full_like(p, float(probe.ctx.progress.step))
-            probe.after_backward()
-            probe.after_step()
-            probe.ctx.progress.step += 1
-        probe.on_epoch_end()
+                p.grad = torch.full_like(p, float(probe.runner.state.step))
+            probe.runner.after_backward(LOSS)
+            probe.runner.after_step()
+        probe.runner.end_epoch()
         df = probe.ctx.record.drain()["matrices"].to_pandas().astype({"name": str})
         got = df.loc[df["name"] == "sign_steps", "values"].iloc[0]
         sign = df[df["name"] == "sign_map"]
@@ -316,8 +318,7 @@ def test_sign_map_keeps_evenly_spaced_steps_of_each_epoch() -> None:
 
 def test_sign_map_waits_for_a_gradient() -> None:
     probe = make_probe(small_model())
-    probe.on_start()
-    probe.on_epoch_end()
+    probe.runner.end_epoch()
     assert "matrices" not in probe.ctx.record.drain()
 
 
@@ -329,13 +330,12 @@ def test_per_step_path_never_reads_device_values(no_host_sync) -> None:
         for p, g in zip(params, grads[t]):
             p.grad = torch.from_numpy(g.copy())
         with no_host_sync():
-            probe.after_backward()
+            probe.runner.after_backward(LOSS)
         with torch.no_grad():
             for p, w in zip(params, weights[t + 1]):
                 p.copy_(torch.from_numpy(w))
         with no_host_sync():
-            probe.after_step()
-        probe.ctx.progress.step += 1
+            probe.runner.after_step()
     assert len(recorded(probe)) == 3 * len(FIRST_METRICS) + 2 * 3 * len(METRICS)
 
 

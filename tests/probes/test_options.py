@@ -12,8 +12,7 @@ from omegaconf import OmegaConf
 
 from netprobe.config import conf_dir
 from netprobe.errors import ConfigError
-from netprobe.monitor import probe_context
-from netprobe.probes import PROBES
+from netprobe.probes import PROBES, probe_context
 from netprobe.probes.base import ProbeContext
 from netprobe.probes.options import Option
 

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from netprobe.checkpoint import checkpoint_path, load_checkpoint
 from netprobe.errors import ConfigError
-from netprobe.monitor import Recorder
-from netprobe.probes import PROBES
-from netprobe.probes.base import ProbeContext, Progress
+from netprobe.probes import PROBES, ProbeRunner
+from netprobe.probes.base import ProbeContext, StepState
 from netprobe.probes.rwc import RelativeWeightChange
 from netprobe.probes.weights import METRICS as WEIGHT_METRICS
+from netprobe.recorder import Recorder
 from netprobe.structure import layer_table
 
 
@@ -28,16 +28,17 @@ def small_model() -> nn.Module:
 
 
 def make_probe(model: nn.Module, **cfg) -> RelativeWeightChange:
-    progress = Progress()
+    state = StepState()
     ctx = ProbeContext(
         model=model,
         layers=layer_table(model, torch.zeros(2, 2, 4, 4)),
         edges=[],
-        record=Recorder(progress),
-        progress=progress,
+        record=Recorder(state),
         loss_fn=F.cross_entropy,
     )
-    return PROBES["rwc"](ctx, **cfg)
+    probe = PROBES["rwc"](ctx, **cfg)
+    probe.runner = ProbeRunner([probe], state)  # calls its hooks as the monitor's does
+    return probe
 
 
 def snapshot(probe: RelativeWeightChange) -> dict[str, np.ndarray]:
@@ -65,18 +66,16 @@ def train_steps(model: nn.Module, steps: int, seed: int) -> None:
 
 
 def run_epochs(probe: RelativeWeightChange, epochs: int, steps: int = 4) -> list[dict]:
-    """on_start, then `epochs` epochs of `steps` steps each; the weights at start and each epoch."""
+    """start, then `epochs` epochs of `steps` steps each; the weights at start and each epoch."""
     model = probe.ctx.model
-    progress = probe.ctx.progress
-    probe.on_start()
+    progress = probe.runner.state
+    probe.runner.start()
     snaps = [snapshot(probe)]
     for epoch in range(epochs):
         for _ in range(steps):
             train_steps(model, 1, seed=100 * epoch + progress.step)
-            probe.after_step()
-            progress.step += 1
-        probe.on_epoch_end()
-        progress.epoch += 1
+            probe.runner.after_step()
+        probe.runner.end_epoch()
         snaps.append(snapshot(probe))
     return snaps
 
@@ -113,17 +112,15 @@ def test_rwc_matches_numpy_from_saved_weights(mode: str) -> None:
 
 def test_every_steps_adds_a_record_against_the_weights_k_steps_before() -> None:
     probe = make_probe(small_model(), every_steps=3)
-    model, progress = probe.ctx.model, probe.ctx.progress
-    probe.on_start()
+    model, progress = probe.ctx.model, probe.runner.state
+    probe.runner.start()
     history = [snapshot(probe)]  # history[t] = weights before step t
     for _epoch in range(2):
         for _ in range(4):
             train_steps(model, 1, seed=progress.step)
-            probe.after_step()
-            progress.step += 1
+            probe.runner.after_step()
             history.append(snapshot(probe))
-        probe.on_epoch_end()
-        progress.epoch += 1
+        probe.runner.end_epoch()
     df = recorded(probe)
     steps = df[df["metric"] == "rwc_step"]
     # Recorded in the after_step of steps 2 and 5 (the 3rd and 6th), tagged with that step.
@@ -143,15 +140,15 @@ def test_every_steps_adds_a_record_against_the_weights_k_steps_before() -> None:
 
 def test_holds_exactly_one_copy_of_the_previous_weights(held_bytes) -> None:
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
-    progress = Progress()
-    ctx = ProbeContext(model, layer_table(model), [], Recorder(progress), progress, F.cross_entropy)
+    state = StepState()
+    ctx = ProbeContext(model, layer_table(model), [], Recorder(state), F.cross_entropy)
     probe = RelativeWeightChange(ctx)
-    probe.on_start()
+    probe.runner = ProbeRunner([probe], state)
+    probe.runner.start()
     for _ in range(3):
         train_steps(model, 1, seed=1)
-        progress.step += 1
-        probe.on_epoch_end()
-        progress.epoch += 1
+        state.step += 1
+        probe.runner.end_epoch()
         assert held_bytes(probe, model) == sorted([4 * 64 * 32, 4 * 32 * 16])
 
 
@@ -175,15 +172,14 @@ def test_resumed_probe_continues_identically() -> None:
     model = small_model()
     model.load_state_dict(saved)
     resumed = make_probe(model, every_steps=2)
-    resumed.on_start()
+    resumed.runner.start()
     resumed.load_state_dict(state)
-    progress = resumed.ctx.progress
+    progress = resumed.runner.state
     progress.step, progress.epoch = 8, 2
     for _ in range(4):
         train_steps(model, 1, seed=100 * 2 + progress.step)
-        resumed.after_step()
-        progress.step += 1
-    resumed.on_epoch_end()
+        resumed.runner.after_step()
+    resumed.runner.end_epoch()
     got = recorded(resumed)
     tail = want[want["epoch"] == 2].reset_index(drop=True)
     pd.testing.assert_frame_equal(got, tail)
@@ -195,13 +191,12 @@ def test_resumed_probe_continues_identically() -> None:
 def test_records_read_nothing_on_the_host(no_host_sync, mode: str) -> None:
     probe = make_probe(small_model(), mode=mode, every_steps=1)
     with no_host_sync():
-        probe.on_start()
+        probe.runner.start()
         with torch.no_grad():
             for p in probe.tensors:
                 p.add_(0.1)
-        probe.after_step()
-        probe.ctx.progress.step += 1
-        probe.on_epoch_end()
+        probe.runner.after_step()
+        probe.runner.end_epoch()
     assert len(recorded(probe)) == 2 * len(probe.names)
 
 

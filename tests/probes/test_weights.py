@@ -10,10 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
-from netprobe.monitor import Recorder
-from netprobe.probes import PROBES
-from netprobe.probes.base import ProbeContext, Progress
+from netprobe.probes import PROBES, ProbeRunner, Schedule
+from netprobe.probes.base import ProbeContext, StepState
 from netprobe.probes.weights import METRICS, Weights
+from netprobe.recorder import Recorder
 from netprobe.structure import layer_table
 
 
@@ -23,22 +23,22 @@ def small_model() -> nn.Module:
 
 
 def make_probe(model: nn.Module, **cfg) -> Weights:
-    progress = Progress()
+    state = StepState()
     ctx = ProbeContext(
         model=model,
         layers=layer_table(model, torch.zeros(2, model[0].in_features)),
         edges=[],
-        record=Recorder(progress),
-        progress=progress,
+        record=Recorder(state),
         loss_fn=F.cross_entropy,
     )
-    return PROBES["weights"](ctx, **cfg)
+    probe = PROBES["weights"](ctx, **cfg)
+    probe.runner = ProbeRunner([probe], state)  # calls its hooks as the monitor's does
+    return probe
 
 
 def next_epoch(probe: Weights, steps: int = 3) -> None:
-    probe.ctx.progress.step += steps
-    probe.on_epoch_end()
-    probe.ctx.progress.epoch += 1
+    probe.runner.state.step += steps
+    probe.runner.end_epoch()
 
 
 def tables(probe: Weights) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -117,7 +117,7 @@ def snapshot(probe: Weights) -> dict[str, np.ndarray]:
 def test_registered_with_its_keys() -> None:
     assert PROBES["weights"] is Weights
     assert {o.name for o in Weights.options} == {"params", "bins"}
-    assert Weights.default_at == ("start", "epoch")
+    assert Weights.default_schedule == Schedule(at=("start", "epoch"))
 
 
 def test_every_metric_matches_numpy_over_captures() -> None:
@@ -125,7 +125,7 @@ def test_every_metric_matches_numpy_over_captures() -> None:
     probe = make_probe(model)
     assert probe.names == ["0.weight", "3.weight"]  # default: conv and linear weights
     initial = snapshot(probe)
-    probe.on_start()
+    probe.runner.start()
     snaps = [snapshot(probe)]
     for epoch in range(3):
         perturb(model, 0.4 * (epoch + 1), seed=epoch)
@@ -145,7 +145,7 @@ def test_out_of_range_counts_and_values_on_edges(params: str) -> None:
         model[0].weight.copy_(torch.tensor([[0.5, -0.25, 0.0, 0.1], [0.2, -0.3, 0.4, -0.5]]))
         model[0].bias.copy_(torch.tensor([0.25, -1.0]))
     probe = make_probe(model, bins=4, params=params)  # edges -1, -0.5, 0, 0.5, 1: exact in fp32
-    probe.on_start()
+    probe.runner.start()
     values = [[-1.5, -1.0, -0.5, 0.0], [0.5, 1.0, 1.0000001, float("nan")]]
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor(values))
@@ -175,7 +175,7 @@ def test_params_all_adds_biases_and_norm_parameters() -> None:
     with torch.no_grad():
         model[1].weight.add_(torch.linspace(-0.2, 0.3, 5))  # BatchNorm's ones, made uneven
     initial = snapshot(probe)
-    probe.on_start()
+    probe.runner.start()
     snaps = [snapshot(probe)]
     perturb(model, 0.1, seed=5)
     snaps.append(snapshot(probe))
@@ -212,7 +212,7 @@ def test_zero_initial_tensor_has_no_relative_distance() -> None:
     with torch.no_grad():
         model[0].bias.zero_()
     probe = make_probe(model, layers=[r"0\.bias"])
-    probe.on_start()
+    probe.runner.start()
     with torch.no_grad():
         model[0].bias.add_(0.1)
     next_epoch(probe)
@@ -231,7 +231,7 @@ def test_initial_weights_are_those_before_the_first_step_even_without_a_start_ca
     model = small_model()
     probe = make_probe(model, at=["epoch"])
     initial = snapshot(probe)
-    probe.on_start()
+    probe.runner.start()
     assert "scalars" not in probe.ctx.record.drain()
     perturb(model, 0.3, seed=1)
     snaps = [snapshot(probe)]
@@ -254,7 +254,7 @@ def test_layer_regexes_select_and_a_pattern_without_match_fails() -> None:
 def test_resumed_probe_continues_identically() -> None:
     model = small_model()
     probe = make_probe(model)
-    probe.on_start()
+    probe.runner.start()
     perturb(model, 0.5, seed=2)
     next_epoch(probe)
     state = probe.state_dict()
@@ -267,10 +267,10 @@ def test_resumed_probe_continues_identically() -> None:
     model2 = small_model()
     model2.load_state_dict(saved)
     resumed = make_probe(model2)
-    resumed.on_start()
+    resumed.runner.start()
     resumed.ctx.record.drain()
     resumed.load_state_dict(state)
-    resumed.ctx.progress.step, resumed.ctx.progress.epoch = 3, 1
+    resumed.runner.state.step, resumed.runner.state.epoch = 3, 1
     perturb(model2, 0.7, seed=3)
     next_epoch(resumed)
     got_scalars, got_hists = tables(resumed)
@@ -291,7 +291,7 @@ def test_capture_reads_nothing_on_the_host(no_host_sync) -> None:
     model = small_model()
     probe = make_probe(model, params="all")
     with no_host_sync():
-        probe.on_start()
+        probe.runner.start()
         perturb(model, 0.2, seed=0)
         next_epoch(probe)
     scalars, _ = tables(probe)
@@ -314,7 +314,7 @@ def test_tensors_reduced_in_slices_give_the_same_result(monkeypatch: pytest.Monk
     model = small_model()
     probe = make_probe(model, params="all")
     initial = snapshot(probe)
-    probe.on_start()
+    probe.runner.start()
     snaps = [snapshot(probe)]
     perturb(model, 0.3, seed=4)
     snaps.append(snapshot(probe))
