@@ -1,9 +1,5 @@
-"""Checkpoints in a run's `checkpoints/` folder (SPEC §3): the model after an epoch, and more.
-
-`start.pt` holds the weights before the first step, `epoch-NNNN.pt` the state after epoch NNNN
-(counted from 0, as the stored tables count), and `last.pt` the state after the latest whole
-epoch, for resuming (netprobe.resume).
-"""
+"""Checkpoints in a run's `checkpoints/` folder (SPEC §3): `start.pt` (before the first step),
+`epoch-NNNN.pt` (after epoch NNNN, counted from 0) and `last.pt` (the latest whole epoch)."""
 
 from __future__ import annotations
 

@@ -1,15 +1,5 @@
-"""Resuming an interrupted run in its own directory: `trainer.resume=true hydra.run.dir=RUN`.
-
-Everything about resuming is decided here: whether a command asks for it, which checkpoint a run
-continues from (`checkpoints/last.pt`, written at every epoch end when `trainer.checkpoint_every`
-> 0), and whether the command's config may continue the run (`check`). The run's writer then cuts
-the stored tables back to that checkpoint, so that the finished run holds every step exactly
-once. Code that refuses to write into a directory already holding a run asks `resuming(cfg)`.
-
-`trainer.resume=true` means "continue the run in this directory if there is one": a directory
-holding no run yet starts from the beginning, so a sweep given it from the outset can be sent
-again (or requeued by SLURM) and every job picks up where it stopped.
-"""
+"""Resuming an interrupted run in its own directory (`trainer.resume=true hydra.run.dir=RUN`):
+whether a command may continue a run, from which checkpoint, and putting its state back."""
 
 from __future__ import annotations
 
@@ -31,6 +21,9 @@ _RESUME = re.compile(r"^\+*trainer\.resume=(true|True|1)$")
 
 
 def resuming(cfg: DictConfig) -> bool:
+    """Whether `cfg` asks to continue the run in its directory if there is one: a directory
+    holding no run yet starts from the beginning, so a sweep sent with `trainer.resume=true` from
+    the outset can be sent again (or requeued) and every job picks up where it stopped."""
     return bool(cfg.trainer.get("resume", False))
 
 

@@ -1,13 +1,5 @@
-"""Zero gradients, sign flips and update sizes between consecutive steps (SPEC §5 `optim_dynamics`).
-
-Time indexing: g_t is the gradient read in `after_backward` of step t. W_{t−1} is snapshotted in the
-same `after_backward` (the weights step t starts from) and W_t is read in `after_step`, so
-W_t − W_{t−1} is exactly the update made by the step whose gradient is g_t.
-
-What a step keeps of g_{t−1} is what the formulas read: sign(g_{t−1}) and z_{t−1}, as 0/±1 float
-buffers. Every statistic is a few element-wise kernels over flat buffers (allocated once) and
-segment reductions: no per-tensor loop, no allocation per step.
-"""
+"""Zero gradients, sign flips and update sizes between consecutive steps (SPEC §5 `optim_dynamics`),
+kept as sign and zero bits of g_{t−1} in flat buffers allocated once."""
 
 from __future__ import annotations
 
@@ -33,7 +25,7 @@ GRAD_METRICS = [
 UPDATE_METRICS = ["wdiff_l2", "wdiff_retained", "local_min", "local_max"]
 METRICS = GRAD_METRICS + UPDATE_METRICS
 # Without a previous gradient only these are defined (the first step, or after a gap).
-FIRST_METRICS = ["zero_frac_1e7", "zero_frac", "wdiff_l2"]
+UNPAIRED_METRICS = ["zero_frac_1e7", "zero_frac", "wdiff_l2"]
 
 
 def gradient_dynamics(
@@ -142,7 +134,12 @@ def sign_codes(g: torch.Tensor, zero_threshold: float = 1e-5) -> torch.Tensor:
 
 
 class OptimDynamics(Probe):
-    """Every step: zero-gradient, sign-flip and update statistics; each epoch: the `sign_map`."""
+    """Every step: zero-gradient, sign-flip and update statistics; each epoch: the `sign_map`.
+
+    g_t is the gradient read in `after_backward` of step t; W_{t−1} is snapshotted there (the
+    weights step t starts from) and W_t read in `after_step`, so W_t − W_{t−1} is exactly the
+    update made with g_t. Of g_{t−1} only sign(g_{t−1}) and z_{t−1} are kept, as 0/±1 buffers.
+    """
 
     name = "optim_dynamics"
     measures = "zero-gradient, sign-flip and update statistics per tensor; the epoch's sign_map"
@@ -273,7 +270,7 @@ class OptimDynamics(Probe):
         )
         values = torch.cat([grad_metrics, update.to(grad_metrics.dtype)], dim=1)
         self.ctx.record.scalars(
-            self.name, self.names, METRICS if compared else FIRST_METRICS, values
+            self.name, self.names, METRICS if compared else UNPAIRED_METRICS, values
         )
 
     def state_dict(self) -> dict[str, Any]:

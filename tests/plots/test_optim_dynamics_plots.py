@@ -14,7 +14,7 @@ import netprobe
 from netprobe.plots import plot
 from netprobe.plots.common import FIGURES, RunGroup
 from netprobe.plots.optim_dynamics import sign_matrix
-from netprobe.probes.optim_dynamics import FIRST_METRICS, METRICS
+from netprobe.probes.optim_dynamics import UNPAIRED_METRICS, METRICS
 
 NAMES = ["optim_dynamics_curves", "grad_sign_map", "grad_sign_map_zoom"]
 
@@ -28,7 +28,7 @@ def two_seeds(tmp_path_factory: pytest.TempPathFactory, train_seeds) -> Path:
 def test_stored_metrics_and_sign_map(two_seeds: Path) -> None:
     run = netprobe.load(two_seeds / "seed0")
     scalars = run.scalars("optim_dynamics")
-    assert set(scalars.loc[scalars["step"] == 0, "metric"]) == set(FIRST_METRICS)
+    assert set(scalars.loc[scalars["step"] == 0, "metric"]) == set(UNPAIRED_METRICS)
     assert set(scalars.loc[scalars["step"] == 1, "metric"]) == set(METRICS)
     assert scalars["step"].nunique() == run.info["steps_done"]
     matrices = run.matrices("optim_dynamics")

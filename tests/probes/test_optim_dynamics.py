@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from netprobe.errors import ConfigError
 from netprobe.probes import PROBES, ProbeRunner
 from netprobe.probes.base import ProbeContext, StepState
-from netprobe.probes.optim_dynamics import FIRST_METRICS, METRICS, OptimDynamics, sign_codes
+from netprobe.probes.optim_dynamics import UNPAIRED_METRICS, METRICS, OptimDynamics, sign_codes
 from netprobe.recorder import Recorder
 from netprobe.structure import layer_table
 
@@ -170,10 +170,10 @@ def test_every_metric_matches_the_naive_reference() -> None:
     df = recorded(probe)
     ref = naive_reference(grads, weights)
     # The first step has no previous gradient: only what is defined there is recorded.
-    assert set(df.loc[df["step"] == 0, "metric"]) == set(FIRST_METRICS)
+    assert set(df.loc[df["step"] == 0, "metric"]) == set(UNPAIRED_METRICS)
     for t in range(1, len(grads)):
         assert set(df.loc[df["step"] == t, "metric"]) == set(METRICS)
-    assert len(df) == 3 * len(FIRST_METRICS) + 3 * len(METRICS) * (len(grads) - 1)
+    assert len(df) == 3 * len(UNPAIRED_METRICS) + 3 * len(METRICS) * (len(grads) - 1)
     got = {
         (int(s), probe.names.index(layer), m): v
         for s, layer, m, v in zip(df["step"], df["layer"], df["metric"], df["value"])
@@ -336,7 +336,7 @@ def test_per_step_path_never_reads_device_values(no_host_sync) -> None:
                 p.copy_(torch.from_numpy(w))
         with no_host_sync():
             probe.runner.after_step()
-    assert len(recorded(probe)) == 3 * len(FIRST_METRICS) + 2 * 3 * len(METRICS)
+    assert len(recorded(probe)) == 3 * len(UNPAIRED_METRICS) + 2 * 3 * len(METRICS)
 
 
 @pytest.mark.parametrize(
