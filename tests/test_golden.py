@@ -59,8 +59,12 @@ def _first_difference(name: str, got: pa.Table, want: pa.Table) -> str:
 
 @pytest.mark.parametrize("case", sorted(RUNS))
 def test_tables_match_the_golden_copy(case: str, tmp_path: Path, train_tiny) -> None:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one reduction order, whatever the machine
-    run = netprobe.load(train_tiny(tmp_path / case, *RUNS[case]))
+    try:
+        run = netprobe.load(train_tiny(tmp_path / case, *RUNS[case]))
+    finally:
+        torch.set_num_threads(threads)  # the tests after this one keep the machine's threads
     tables = _tables(run)
     folder = GOLDEN / case
     if os.environ.get("NETPROBE_WRITE_GOLDEN"):
