@@ -1,22 +1,11 @@
 """The `netprobe` command end to end, in subprocesses, as a user runs it."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import netprobe
+from tests.helpers import netprobe_cmd
 
 TINY = ["data.num_samples=256", "data.image_size=8", "data.batch_size=32", "data.probe_size=32"]
-
-
-def netprobe_cmd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "netprobe", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_train_plot_ls_end_to_end(tmp_path):

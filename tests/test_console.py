@@ -13,19 +13,10 @@ from pathlib import Path
 import pytest
 
 from netprobe.progress import summary
+from tests.helpers import netprobe_cmd
 
 TINY = ["data=synthetic", "data.num_samples=256", "data.image_size=8", "data.batch_size=32",
         "data.probe_size=32", "probes=none"]  # fmt: skip
-
-
-def netprobe_cmd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "netprobe", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 @pytest.mark.parametrize(

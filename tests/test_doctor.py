@@ -4,8 +4,6 @@ store, and the places findings show (CLI, ls, train's summary and run.json, the 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +18,8 @@ from netprobe.errors import ConfigError
 from netprobe.lifecycle import claim_run_dir
 from netprobe.store import RunWriter, rows_table, scalar_table
 from netprobe.train import train
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.gallery import BASE, CASES  # noqa: E402
+from tests.gallery import BASE, CASES
+from tests.helpers import netprobe_cmd
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +221,6 @@ def test_doctor_config_group_is_validated() -> None:
 # ---------------------------------------------------------------- where findings show
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "netprobe", *args], capture_output=True, text=True)
-
-
 def _main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     """`netprobe ARGS` in this process (no interpreter start-up): exit code, stdout, stderr."""
     code = main(list(args))
@@ -264,7 +257,7 @@ def test_ls_health_column(gallery: dict[str, Path], capsys) -> None:
 def test_train_keeps_findings_in_run_json_and_prints_them(tmp_path: Path) -> None:
     run = tmp_path / "ones"
     args = ["train", *BASE, "init=ones", "trainer.epochs=1", "probes=[weights]"]
-    done = _cli(*args, f"hydra.run.dir={run}")
+    done = netprobe_cmd(*args, f"hydra.run.dir={run}")
     assert done.returncode == 0, done.stderr
     kept = json.loads((run / "run.json").read_text())["findings"]
     assert "symmetric_init" in {f["code"] for f in kept}

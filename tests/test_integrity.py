@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import netprobe
 from netprobe import checkpoint, store
@@ -29,6 +28,7 @@ from netprobe.errors import ConfigError, StorageError
 from netprobe.lifecycle import LOCK_FILE, claim_run_dir
 from netprobe.probes import PROBES, Option, Probe, Schedule, StepState
 from netprobe.train import train
+from tests.helpers import train_steps
 
 # 103 training samples in batches of 32: 4 steps an epoch.
 TINY = ["data=synthetic", "data.num_samples=128", "data.image_size=8", "data.batch_size=32",
@@ -281,13 +281,7 @@ def test_trouble_in_the_end_captures_still_flushes(tmp_path, monkeypatch, troubl
     with pytest.raises(expected):
         # flush_every is larger than the run: every row is still in memory at the end.
         with netprobe.attach(model, tmp_path / "run", probes, (x, y), flush_every=100) as mon:
-            for _ in range(5):
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                mon.after_backward(loss)
-                opt.step()
-                mon.after_step()
+            train_steps(mon, model, opt, [(x, y)] * 5)
     run = netprobe.load(tmp_path / "run")
     status = "interrupted" if trouble == "interrupt" else "failed"
     assert run.info["status"] == status and run.info["steps_done"] == 5

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import netprobe
+from tests.helpers import train_steps
 
 MODULES = ["0", "2", "5"]  # the conv and linear layers of `net`, in forward order
 
@@ -41,13 +41,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> netprobe.Run:
     probes = {"correlation": {"cka": "both", "max_features": 20}, "channels": {}}
     with netprobe.attach(model, path, probes, (x, y), optimizer=opt) as mon:
         for _ in range(2):
-            for xb, yb in zip(x.split(8), y.split(8)):
-                loss = F.cross_entropy(model(xb), yb)
-                opt.zero_grad()
-                loss.backward()
-                mon.after_backward(loss)
-                opt.step()
-                mon.after_step()
+            train_steps(mon, model, opt, zip(x.split(8), y.split(8)))
             mon.end_epoch()
     return netprobe.load(path)
 

@@ -12,6 +12,7 @@ import netprobe.monitor as monitor_module
 import netprobe.probes.timer as timer_module
 from netprobe.probes.gradients import Gradients
 from netprobe.store import RunWriter
+from tests.helpers import train_steps
 
 
 class FakeClock:
@@ -23,6 +24,9 @@ class FakeClock:
     def perf_counter(self) -> float:
         return self.now
 
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
 
 def test_probe_and_flush_overhead_are_the_shares_of_time_spent_in_them(tmp_path, monkeypatch):
     clock = FakeClock()
@@ -31,13 +35,13 @@ def test_probe_and_flush_overhead_are_the_shares_of_time_spent_in_them(tmp_path,
     original_probe, original_append = Gradients.after_backward, RunWriter.append
 
     def probe(self, state):
-        clock.now += 0.02
+        clock.tick(0.02)
         original_probe(self, state)
 
     appends = []
 
     def append(self, *args, **kwargs):
-        clock.now += 0.005
+        clock.tick(0.005)
         appends.append(args[0])
         original_append(self, *args, **kwargs)
 
@@ -47,14 +51,8 @@ def test_probe_and_flush_overhead_are_the_shares_of_time_spent_in_them(tmp_path,
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
     with netprobe.attach(model, tmp_path, probes=["gradients"], flush_every=5) as mon:
-        for _ in range(10):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            mon.after_backward(loss)
-            opt.step()
-            mon.after_step()
-            clock.now += 0.03  # the rest of the step, outside the monitor
+        # 30 ms after each step: the rest of the step, outside the monitor.
+        train_steps(mon, model, opt, [(x, y)] * 10, after=lambda: clock.tick(0.03))
     info = netprobe.load(tmp_path).info
     # 10 probe calls of 20 ms; the flushes at steps 5 and 10 write a scalars part each, 5 ms.
     assert appends == ["scalars", "scalars"]
@@ -122,14 +120,8 @@ def test_the_learning_rate_follows_the_optimizer_each_step(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     with netprobe.attach(model, tmp_path / "run", probes=[], optimizer=opt) as mon:
-        for _ in range(5):
-            loss = F.cross_entropy(model(torch.randn(4, 4)), torch.tensor([0, 1, 0, 1]))
-            opt.zero_grad()
-            loss.backward()
-            mon.after_backward(loss)
-            opt.step()
-            mon.after_step()
-            schedule.step()
+        batches = [(torch.randn(4, 4), torch.tensor([0, 1, 0, 1])) for _ in range(5)]
+        train_steps(mon, model, opt, batches, after=schedule.step)
     lr = netprobe.load(tmp_path / "run").scalars(probe="train", metric="lr")
     assert lr["step"].tolist() == [0, 1, 2, 3, 4]
     assert lr["value"].tolist() == [0.1, 0.1, 0.05, 0.05, 0.025]

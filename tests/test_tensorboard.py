@@ -16,6 +16,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 import netprobe
 from netprobe.cli import main as cli
 from netprobe.tensorboard import EventWriter
+from tests.helpers import train_steps
 
 PROBES = "probes=[gradients,weights,activations]"
 
@@ -126,13 +127,7 @@ def test_events_are_on_disk_at_each_flush(tmp_path):
     mon = netprobe.attach(model, tmp_path, probes=["gradients"], probe_batch=(x, y), sink=sink)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     assert not (tmp_path / "tb").exists()  # nothing before the first flush
-    for _ in range(3):
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        mon.after_backward(loss)
-        opt.step()
-        mon.after_step()
+    train_steps(mon, model, opt, [(x, y)] * 3)
     mon.flush()
     live = read_events(tmp_path / "tb")
     assert tb_scalars(live) == parquet_scalars(netprobe.load(tmp_path))

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from matplotlib.patches import FancyArrowPatch
 
 import netprobe
 from netprobe.plots import plot
 from netprobe.plots.common import FIGURES, RunGroup
 from netprobe.plots.gradient_flow import longest_path_depth, pick_epochs
+from tests.helpers import train_steps
 
 GREEN, RED = (
     (0.17254901960784313, 0.6274509803921569, 0.17254901960784313),
@@ -49,13 +49,7 @@ def train_residual(path: Path, epochs: int, steps: int = 3, **probe_cfg) -> netp
     probes = {"gradient_flow": {"every": 1, **probe_cfg}}
     with netprobe.attach(model, path, probes=probes, probe_batch=(x, y)) as mon:
         for _ in range(epochs):
-            for _ in range(steps):
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                mon.after_backward(loss)
-                opt.step()
-                mon.after_step()
+            train_steps(mon, model, opt, [(x, y)] * steps)
             mon.end_epoch()
     return netprobe.load(path)
 

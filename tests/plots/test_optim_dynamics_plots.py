@@ -14,7 +14,8 @@ import netprobe
 from netprobe.plots import plot
 from netprobe.plots.common import FIGURES, RunGroup
 from netprobe.plots.optim_dynamics import sign_matrix
-from netprobe.probes.optim_dynamics import UNPAIRED_METRICS, METRICS
+from netprobe.probes.optim_dynamics import METRICS, UNPAIRED_METRICS
+from tests.helpers import train_steps
 
 NAMES = ["optim_dynamics_curves", "grad_sign_map", "grad_sign_map_zoom"]
 
@@ -56,13 +57,7 @@ def test_stored_sign_map_tells_the_four_codes_apart(tmp_path: Path) -> None:
     batch = (x, torch.zeros(4, dtype=torch.long))
     run_dir = tmp_path / "run"
     with netprobe.attach(model, run_dir, probes=probes, probe_batch=batch, loss_fn=loss_fn) as mon:
-        for _ in range(3):
-            loss = loss_fn(model(x), None)
-            opt.zero_grad()
-            loss.backward()
-            mon.after_backward(loss)
-            opt.step()
-            mon.after_step()
+        train_steps(mon, model, opt, [(x, None)] * 3, loss_fn)
         mon.end_epoch()
     run = netprobe.load(tmp_path / "run")
     group = RunGroup([run])

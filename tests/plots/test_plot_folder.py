@@ -9,12 +9,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from netprobe.store import write_json
+from tests.helpers import netprobe_cmd
 
 BROWSER_FLAGS = [
     "--headless",
@@ -28,9 +28,7 @@ BROWSER_FLAGS = [
 
 
 def netprobe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "netprobe", *args], capture_output=True, text=True, timeout=600
-    )
+    return netprobe_cmd(*args, timeout=600)  # a whole folder's figures on a busy machine
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from netprobe.errors import ConfigError
 from netprobe.probes import PROBES, ProbeRunner
 from netprobe.probes.base import ProbeContext, StepState
-from netprobe.probes.optim_dynamics import UNPAIRED_METRICS, METRICS, OptimDynamics, sign_codes
+from netprobe.probes.optim_dynamics import METRICS, UNPAIRED_METRICS, OptimDynamics, sign_codes
 from netprobe.recorder import Recorder
 from netprobe.structure import layer_table
 
