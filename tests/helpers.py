@@ -16,12 +16,13 @@ import netprobe
 
 
 def netprobe_cmd(
-    *args: str, cwd: Path | None = None, timeout: float = 300
+    *args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """`netprobe ARGS` in a fresh interpreter, as a user runs it; output captured as text."""
     return subprocess.run(
         [sys.executable, "-m", "netprobe", *args],
         cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,

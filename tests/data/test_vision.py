@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from netprobe.config import compose
 from netprobe.data import build_data, prepare_data
 from netprobe.errors import ConfigError
+from tests.helpers import netprobe_cmd
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -160,14 +160,7 @@ def test_shape_keys_must_match_the_data_set(tmp_path: Path, fake, override: str,
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("NETPROBE_DATA", None)
-    return subprocess.run(
-        [sys.executable, "-m", "netprobe", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return netprobe_cmd(*args, cwd=cwd, timeout=120, env=env)
 
 
 def test_cli_trains_on_mnist_files(tmp_path: Path, fake):
