@@ -27,6 +27,7 @@ def check_probes(cfg: DictConfig) -> None:
     bad probe setting (a `layers` pattern matching nothing, an unknown key, a negative threshold)
     or a capture larger than `probes.memory_budget` fails before any run directory exists.
     Configs already checked are skipped."""
+    from netprobe.probes import close_probes
     from netprobe.probes.memory import check_budget, parse_budget, split_budget
 
     probes, budget = split_budget(OmegaConf.to_container(cfg.probes, resolve=True))
@@ -41,8 +42,7 @@ def check_probes(cfg: DictConfig) -> None:
         # On the host: the training device's own free memory is checked again when the run starts.
         check_budget(built, budget)
     finally:
-        for probe in built:
-            probe.close()
+        close_probes(built)
     _checked_probes.add(key)
 
 

@@ -110,14 +110,14 @@ def probes_command(args: list[str]) -> int:
 
     from netprobe.checks import blank_probes
     from netprobe.config import compose
+    from netprobe.probes import close_probes
     from netprobe.probes.memory import split_budget
     from netprobe.probes.schedule import listing
 
     cfg = compose(args)
     probes, _ = split_budget(OmegaConf.to_container(cfg.probes, resolve=True))
     built = blank_probes(cfg, probes)
-    for probe in built:
-        probe.close()
+    close_probes(built)  # only their schedules and descriptions are read
     print("\n".join(listing(built)) or "no probes enabled (probes=none)")
     return 0
 
