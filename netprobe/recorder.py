@@ -26,8 +26,8 @@ Number = float | int | torch.Tensor
 class Recorder:
     """Holds probe output as device tensors and moves it to the host in one copy per table."""
 
-    def __init__(self, progress: StepState) -> None:
-        self.progress = progress
+    def __init__(self, state: StepState) -> None:
+        self.state = state  # where training is: each record is stamped with its step and epoch
         self._scalars: list[tuple[int, int, str, list[str], list[str], torch.Tensor]] = []
         self._hists: list[tuple[int, int, str, str, str, torch.Tensor, torch.Tensor]] = []
         self._matrices: list[tuple[int, int, str, str, str, str, torch.Tensor]] = []
@@ -40,9 +40,7 @@ class Recorder:
             values = torch.as_tensor(values, dtype=torch.float64)  # not float32: lr 1e-3 stays
         elif values.requires_grad:
             values = values.detach()
-        self._scalars.append(
-            (self.progress.step, self.progress.epoch, probe, layers, metrics, values)
-        )
+        self._scalars.append((self.state.step, self.state.epoch, probe, layers, metrics, values))
 
     def histogram(
         self,
@@ -59,8 +57,8 @@ class Recorder:
         tail = torch.stack([torch.as_tensor(below), torch.as_tensor(above)]).to(counts.device)
         self._hists.append(
             (
-                self.progress.step,
-                self.progress.epoch,
+                self.state.step,
+                self.state.epoch,
                 probe,
                 layer,
                 source,
@@ -72,7 +70,7 @@ class Recorder:
     def matrix(self, probe: str, name: str, row: str, col: str, values: torch.Tensor) -> None:
         """A matrix (or vector) named `name` for the pair (`row`, `col`) of layers."""
         self._matrices.append(
-            (self.progress.step, self.progress.epoch, probe, name, row, col, values.detach())
+            (self.state.step, self.state.epoch, probe, name, row, col, values.detach())
         )
 
     def __len__(self) -> int:
