@@ -30,7 +30,7 @@ def check_probes(cfg: DictConfig) -> None:
     from netprobe.probes import close_probes
     from netprobe.probes.memory import check_budget, parse_budget, split_budget
 
-    probes, budget = split_budget(OmegaConf.to_container(cfg.probes, resolve=True))
+    probes, budget = split_budget(cfg.probes)
     parse_budget(budget)  # a bad value fails even where no probe needs memory
     data = cfg.data
     key = repr((OmegaConf.to_container(cfg.model, resolve=True), probes, budget,

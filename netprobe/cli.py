@@ -106,7 +106,6 @@ def probes_command(args: list[str]) -> int:
         print("usage: netprobe probes [OVERRIDES]\n\nWhen each probe the config enables runs, and "
               "what it records (the overrides of `netprobe train`, e.g. probes=all).")  # fmt: skip
         return 0
-    from omegaconf import OmegaConf
 
     from netprobe.checks import blank_probes
     from netprobe.config import compose
@@ -115,7 +114,7 @@ def probes_command(args: list[str]) -> int:
     from netprobe.probes.schedule import listing
 
     cfg = compose(args)
-    probes, _ = split_budget(OmegaConf.to_container(cfg.probes, resolve=True))
+    probes, _ = split_budget(cfg.probes)
     built = blank_probes(cfg, probes)
     close_probes(built)  # only their schedules and descriptions are read
     print("\n".join(listing(built)) or "no probes enabled (probes=none)")

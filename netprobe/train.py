@@ -248,7 +248,7 @@ def attach(setup: Setup) -> AnyMonitor:
 
         hparams = flatten(OmegaConf.to_container(cfg, resolve=True))
         sink = EventWriter(setup.run_dir / TB_DIR, hparams=hparams)
-    probes, budget = split_budget(OmegaConf.to_container(cfg.probes, resolve=True))
+    probes, budget = split_budget(cfg.probes)
     return netprobe.attach(
         setup.model,
         setup.run_dir,

@@ -43,7 +43,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 import netprobe
 from netprobe.config import compose
@@ -135,9 +134,7 @@ def probe_specs() -> dict[str, dict[str, Any]]:
         ("d", "probes=all"),
     ):
         # Without memory_budget: the probe groups, as `netprobe train` passes them to attach.
-        specs[key], _ = split_budget(
-            OmegaConf.to_container(compose([override]).probes, resolve=True)
-        )
+        specs[key], _ = split_budget(compose([override]).probes)
     for key in ("g", "c"):
         specs[key] = {name: {**cfg, "every": 1} for name, cfg in specs[key].items()}
     return specs

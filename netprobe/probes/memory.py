@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from netprobe.config import is_number
 from netprobe.errors import ConfigError
@@ -28,8 +29,11 @@ _VALID = f"{AUTO}, a number of bytes, or a size such as 512MB or 2GiB"
 
 
 def split_budget(probes: Mapping[str, Any] | None) -> tuple[dict[str, Any], Any]:
-    """The `probes` config without its `memory_budget` key, and that key's value (`auto` when
-    absent): the probe groups are the other keys."""
+    """The `probes` config (a composed one resolved into plain containers) without its
+    `memory_budget` key, and that key's value (`auto` when absent): the probe groups are the
+    other keys."""
+    if isinstance(probes, DictConfig):
+        probes = OmegaConf.to_container(probes, resolve=True)
     probes = dict(probes or {})
     return probes, probes.pop(BUDGET_KEY, AUTO)
 
