@@ -1,0 +1,91 @@
+"""Fused CPU loops for the probes' hottest reductions: C sources next to this file, compiled once
+per machine (for its CPU) with the system's C compiler and loaded with ctypes. Without a compiler,
+or with NETPROBE_NATIVE=0, `library` returns None and the probes keep their PyTorch path."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).parent
+# No -ffast-math: NaN and ±inf must propagate as in PyTorch. No FMA contraction and no
+# reassociation: every sum has a fixed order, so a result is the same on any x86 or ARM CPU,
+# whatever its vector width, and whatever the number of threads. The CPU's own vector
+# instructions where the compiler knows them (4× the speed of baseline x86-64 here).
+FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-Wno-psabi"]
+TUNED = ["-march=native"]
+
+
+def _cpu() -> str:
+    """What identifies this CPU's instruction set: a cache shared by machines keeps one build
+    per kind."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def enabled() -> bool:
+    return os.environ.get("NETPROBE_NATIVE", "1") != "0"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(root) / "netprobe" / "native"
+
+
+@functools.cache
+def _load(name: str) -> ctypes.CDLL | None:
+    source = HERE / f"{name}.c"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    key = hashlib.sha256()
+    for path in sorted(HERE.glob("*.[ch]")):  # the source and the headers it includes
+        key.update(path.read_bytes())
+    key.update(" ".join([compiler, *FLAGS, *TUNED, sys.platform, _cpu()]).encode())
+    target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
+    if not target.exists() and not _build(compiler, source, target):
+        return None
+    return ctypes.CDLL(str(target))
+
+
+def _build(compiler: str, source: Path, target: Path) -> bool:
+    """Compiles `source` into `target`, tuned for this CPU where the compiler can."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: the runs of a sweep may build it at once.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    error = ""
+    for flags in ([*FLAGS, *TUNED], FLAGS):
+        done = subprocess.run(
+            [compiler, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True
+        )
+        if done.returncode == 0:
+            os.replace(tmp, target)
+            return True
+        error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+    os.unlink(tmp)
+    warnings.warn(
+        f"netprobe: compiling {source.name} failed ({error}); the probes use PyTorch kernels",
+        stacklevel=4,
+    )
+    return False
+
+
+def library(name: str) -> ctypes.CDLL | None:
+    """The compiled `netprobe/native/<name>.c`, or None where it cannot be built or is off."""
+    return _load(name) if enabled() else None

@@ -1,0 +1,142 @@
+/* The per-step probes' statistics in one pass over each tracked tensor (netprobe.native.step).
+ *
+ * Every tensor is cut into blocks of BLOCK elements. A block is reduced in LANES independent
+ * accumulators, written with the compiler's vector types (one SIMD register, or a few, on any
+ * CPU), and its partial results are combined with the other blocks of its tensor in block
+ * order. No sum is reassociated and no multiply-add contracted, so every result is fixed by the
+ * data alone: the same bits with one thread or many, on any vector width. Sums and counts are
+ * kept in double (a count is exact below 2^53). Threads take contiguous runs of blocks; a small
+ * job runs on the calling thread alone.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 16384
+#define LANES 8
+#define SUB 32 /* vectors summed in the element type before double */
+#define THREAD_MIN (1 << 18) /* fewer elements than this: one thread */
+#define MAX_THREADS 256
+
+typedef struct {
+    int64_t tensor, start, len;
+} block_t;
+
+typedef struct job job_t;
+typedef void (*block_fn)(const job_t *, const block_t *, double *);
+
+struct job {
+    block_fn fn;
+    int k; /* partial results per block */
+    int64_t n;
+    const int64_t *sizes;
+    int64_t *offsets;     /* of each tensor in the flat buffers */
+    block_t *blocks;
+    double *partials;     /* [blocks][k] */
+    void *const *tensors; /* per tensor: its data */
+    void *flat;           /* W_{t-1}, tensors end to end */
+    uint8_t *codes;       /* one code byte per element, tensors end to end */
+    double zero, tiny;
+    int compare, write_prev;
+};
+
+typedef struct {
+    const job_t *job;
+    int64_t first, last;
+} range_t;
+
+static void *run_range(void *arg) {
+    const range_t *r = arg;
+    const job_t *j = r->job;
+    for (int64_t b = r->first; b < r->last; b++) j->fn(j, &j->blocks[b], j->partials + b * j->k);
+    return NULL;
+}
+
+static void release(job_t *j) {
+    free(j->blocks);
+    free(j->offsets);
+    free(j->partials);
+}
+
+/* Cuts the tensors into blocks and reduces them all; 0, or -1 when memory ran out. */
+static int run(job_t *j, int nthreads) {
+    int64_t nblocks = 0, total = 0;
+    for (int64_t t = 0; t < j->n; t++) {
+        nblocks += (j->sizes[t] + BLOCK - 1) / BLOCK;
+        total += j->sizes[t];
+    }
+    j->blocks = malloc(sizeof(block_t) * (size_t)(nblocks + 1));
+    j->offsets = malloc(sizeof(int64_t) * (size_t)(j->n + 1));
+    j->partials = calloc((size_t)(nblocks + 1) * (size_t)j->k, sizeof(double));
+    if (!j->blocks || !j->offsets || !j->partials) return release(j), -1;
+    int64_t b = 0, offset = 0;
+    for (int64_t t = 0; t < j->n; t++) {
+        j->offsets[t] = offset;
+        for (int64_t s = 0; s < j->sizes[t]; s += BLOCK)
+            j->blocks[b++] = (block_t){t, s, j->sizes[t] - s < BLOCK ? j->sizes[t] - s : BLOCK};
+        offset += j->sizes[t];
+    }
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (nthreads > nblocks) nthreads = (int)nblocks;
+    if (total < THREAD_MIN || nthreads < 2) {
+        range_t all = {j, 0, nblocks};
+        run_range(&all);
+        return 0;
+    }
+    pthread_t threads[MAX_THREADS];
+    range_t ranges[MAX_THREADS];
+    int started = 1;
+    for (int i = 0; i < nthreads; i++)
+        ranges[i] = (range_t){j, nblocks * i / nthreads, nblocks * (i + 1) / nthreads};
+    for (; started < nthreads; started++)
+        if (pthread_create(&threads[started], NULL, run_range, &ranges[started]) != 0) break;
+    for (int i = started; i < nthreads; i++) run_range(&ranges[i]); /* a thread refused */
+    run_range(&ranges[0]);
+    for (int i = 1; i < started; i++) pthread_join(threads[i], NULL);
+    return 0;
+}
+
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint64_t u64x8 __attribute__((vector_size(64)));
+typedef int64_t i64x8 __attribute__((vector_size(64)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef double f64x8 __attribute__((vector_size(64)));
+
+/* Sum of the lanes of a double vector, lane 0 first. */
+static inline double fold(f64x8 v) {
+    double s = 0;
+    for (int l = 0; l < LANES; l++) s += v[l];
+    return s;
+}
+
+#define T float
+#define S f32
+#define VT f32x8
+#define MT i32x8
+#define ABS_BITS 0x7fffffff
+#define T_MAX 3.40282347e+38F
+#define CODE_WORDS(w) ((u32x8){0} + (uint32_t)(w) + (u32x8){0, 0, 0, 0, 1, 1, 1, 1} * (uint32_t)((w) >> 32) - (u32x8){0, 0, 0, 0, 1, 1, 1, 1} * (uint32_t)(w))
+#define CODE_SHIFTS ((u32x8){0, 8, 16, 24, 0, 8, 16, 24})
+#include "step_kernels.h"
+#undef T
+#undef S
+#undef VT
+#undef MT
+#undef ABS_BITS
+#undef T_MAX
+#undef CODE_WORDS
+#undef CODE_SHIFTS
+
+#define T double
+#define S f64
+#define VT f64x8
+#define MT i64x8
+#define ABS_BITS 0x7fffffffffffffffLL
+#define T_MAX 1.7976931348623157e+308
+#define CODE_WORDS(w) ((u64x8){0} + (uint64_t)(w))
+#define CODE_SHIFTS ((u64x8){0, 8, 16, 24, 32, 40, 48, 56})
+#include "step_kernels.h"
