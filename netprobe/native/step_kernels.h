@@ -58,6 +58,23 @@ static void FN(grad_block_)(const job_t *j, const block_t *b, double *p) {
     p[2] = p[0] != p[0] ? p[0] : (double)most; /* a NaN among the |g| makes Σ|g| NaN */
 }
 
+/* ‖x‖₂: partial [Σx²], as in grad_block. */
+static void FN(norm_block_)(const job_t *j, const block_t *b, double *p) {
+    const T *x = (const T *)j->tensors[b->tensor] + b->start;
+    const int64_t n = b->len;
+    f64x8 sq = {0};
+    for (int64_t i = 0; i < n; i += SUB * LANES) {
+        int64_t end = n - i < SUB * LANES ? n - i : SUB * LANES;
+        VT q = {0};
+        for (int64_t k = i; k < i + end; k += LANES) {
+            VT v = LOAD(x + k, n - k);
+            q += v * v;
+        }
+        sq += __builtin_convertvector(q, f64x8);
+    }
+    p[0] = fold(sq);
+}
+
 /* optim_dynamics, gradient side: reads g_t and the code bytes of step t−1 (ignored without
  * `compare`), writes step t's. A code byte: bit 0 g > 0, bit 1 g < 0 (neither for 0 and NaN,
  * as torch.sign), bit 2 z = |g| ≤ zero, bit 3 retained = z_{t−1} ∧ z_t, bit 4 a retained sign
@@ -159,6 +176,19 @@ int FN(np_grad_stats_)(int64_t n, void *const *g, const int64_t *sizes, double *
         all += sq;
     }
     if (total) *total = sqrt(all);
+    release(&j);
+    return 0;
+}
+
+/* ‖x‖₂ over every element of every tensor into *out. 0, or -1 when memory ran out. */
+int FN(np_norm_)(int64_t n, void *const *x, const int64_t *sizes, double *out, int nthreads) {
+    job_t j = {.fn = FN(norm_block_), .k = 1, .n = n, .sizes = sizes, .tensors = x};
+    if (run(&j, nthreads)) return -1;
+    double all = 0;
+    const double *p = j.partials;
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t s = 0; s < sizes[t]; s += BLOCK) all += *p++;
+    *out = sqrt(all);
     release(&j);
     return 0;
 }
