@@ -30,7 +30,7 @@ RUNS = {
 }
 # Measured, not computed: throughput depends on the machine.
 TIMED = ("samples_per_s",)
-# What the fused kernels compute (netprobe.native): float32 sums of 32 values per lane, then
+# What the fused kernels compute (netprobe.native): float32 sums of 16 values per lane, then
 # float64, within ~1e-7 of an exact sum; PyTorch's float32 norm along a dimension is further off
 # (2.8e-6 on the 6,144 near-equal squares of a first Adam update). Counts are exact on both.
 FUSED_PROBES = ("gradients", "optim_dynamics")
