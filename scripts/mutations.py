@@ -1,10 +1,12 @@
 """Mutation check: every probe formula, changed by one line, must fail one of the probe's tests.
 
-Each mutation below replaces one line of netprobe/probes/ (a wrong norm, a dropped term, an
-off-by-one, a swapped pair), found by its text wherever it lives, in a temporary copy of the
-tree; the probe's tests then run on that copy, stopping at the first failure. A mutation is
-*killed* when a test fails, and *survives* when every test passes: then no test checks that
-line against an independent reference. The working tree is never modified.
+Each mutation below replaces one line of netprobe/probes/ or of the fused kernels in
+netprobe/native/ (a wrong norm, a dropped term, an off-by-one, a swapped pair), found by its text
+wherever it lives, in a temporary copy of the tree; the probe's tests then run on that copy,
+stopping at the first failure. The loader compiles a C mutant as it would any change (without a
+C compiler those mutations are left out). A mutation is *killed* when a test fails, and
+*survives* when every test passes: then no test checks that line against an independent
+reference. The working tree is never modified.
 
     python scripts/mutations.py                 # every mutation (minutes: one test run each)
     python scripts/mutations.py --list          # the mutations, by id
@@ -29,12 +31,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 COPIED = ("netprobe", "tests", "conf", "pyproject.toml")
+# Where a mutation's line is looked for: the probes and the fused kernels under them.
+SEARCHED = (("netprobe/probes", "*.py"), ("netprobe/native", "*.[ch]"))
 
 
 @dataclass(frozen=True)
 class Mutation:
     id: str  # PROBE.WHAT: the tests of PROBE must catch it unless `tests` says otherwise
-    line: str  # a line of netprobe/probes/, without its indentation, that occurs exactly once
+    line: str  # a line of SEARCHED, without its indentation, that occurs exactly once
     mutant: str  # what replaces it, at the same indentation
     tests: tuple[str, ...]  # test files that must catch it
 
@@ -42,6 +46,12 @@ class Mutation:
 def m(id: str, line: str, mutant: str, *tests: str) -> Mutation:
     names = tests or (id.split(".")[0],)
     return Mutation(id, line, mutant, tuple(f"tests/probes/test_{n}.py" for n in names))
+
+
+def c(id: str, line: str, mutant: str, *probes: str) -> Mutation:
+    """A mutation of the fused kernels: tests/test_native.py and the probes' tests catch it."""
+    tests = ("tests/test_native.py", *(f"tests/probes/test_{n}.py" for n in probes))
+    return Mutation(f"native.{id}", line, mutant, tests)
 
 
 MUTATIONS = [
@@ -132,6 +142,25 @@ MUTATIONS = [
     m("optim_dynamics.sign_threshold",
       "codes = torch.where(g.abs() > zero_threshold, SIGN_LARGE, g.sign())",
       "codes = torch.where(g.abs() >= zero_threshold, SIGN_LARGE, g.sign())"),
+    # the fused CPU kernels of gradients, optim_dynamics and the monitor's norm
+    c("max_nan",
+      "p[2] = p[0] != p[0] ? p[0] : (double)most; /* a NaN among the |g| makes Σ|g| NaN */",
+      "p[2] = (double)most;", "gradients"),
+    c("l1_lanes", "s += a;", "s += a * a;", "gradients"),
+    c("norm_square", "q += v * v;", "q += v;"),
+    c("zero_prev_bit",
+      "MT z_prev = -((old >> 2) & 1), ret = z_prev & z;",
+      "MT z_prev = -((old >> 3) & 1), ret = z_prev & z;", "optim_dynamics"),
+    c("flip_both_ways",
+      "MT flip = (-(old & 1) & neg) | (-((old >> 1) & 1) & pos), rflip = flip & ret;",
+      "MT flip = (-(old & 1) & neg), rflip = flip & ret;", "optim_dynamics"),
+    c("local_min",
+      "n_min -= rflip & ((d_pos & g_pos) | (d_neg & g_neg));",
+      "n_min -= rflip & ((d_pos & g_neg) | (d_neg & g_neg));", "optim_dynamics"),
+    c("moved_retained", "mv += (VT)((MT)ABS(d) & ret);", "mv += ABS(d);", "optim_dynamics"),
+    c("keep_w_t",
+      "if (j->write_prev) STORE(wp + k, &now, sizeof(T), n - k);",
+      "if (0) STORE(wp + k, &now, sizeof(T), n - k);", "optim_dynamics"),
     # activations: zero_frac and dead_frac
     m("activations.zero_boundary",
       "inactive = flat <= 0",
@@ -191,16 +220,19 @@ MUTATIONS = [
 
 
 def locate(tree: Path, mutation: Mutation) -> Path:
-    """The one file of netprobe/probes/ in `tree` holding the mutation's line (the line is
-    found wherever the code has moved it); ValueError unless it occurs exactly once."""
+    """The one file of SEARCHED in `tree` holding the mutation's line (the line is found
+    wherever the code has moved it); ValueError unless it occurs exactly once."""
     hits = [
         path
-        for path in sorted((tree / "netprobe" / "probes").rglob("*.py"))
+        for folder, pattern in SEARCHED
+        for path in sorted((tree / folder).rglob(pattern))
         for line in path.read_text().splitlines()
         if line.strip() == mutation.line
     ]
     if len(hits) != 1:
-        raise ValueError(f"{len(hits)} lines of netprobe/probes/ read {mutation.line!r}")
+        raise ValueError(
+            f"{len(hits)} lines of {', '.join(f for f, _ in SEARCHED)} read {mutation.line!r}"
+        )
     return hits[0]
 
 
@@ -223,6 +255,7 @@ def pytest(tree: Path, tests: list[str], timeout: float) -> tuple[bool, str]:
     # original could otherwise run from the other's cached bytecode.
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
     env["MPLBACKEND"] = "Agg"
+    env["XDG_CACHE_HOME"] = str(tree / ".cache")  # compiled mutants stay in the copy
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", *tests]
     try:
         done = subprocess.run(
@@ -254,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown mutation {', '.join(unknown)}; valid: {', '.join(known)}", file=sys.stderr)
         return 2
     chosen = [known[i] for i in args.only] if args.only else MUTATIONS
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        print("no C compiler: the fused kernels' mutations are left out")
+        chosen = [mu for mu in chosen if not mu.id.startswith("native.")]
 
     bad = 0
     with tempfile.TemporaryDirectory(prefix="mutations-") as tmp:

@@ -25,6 +25,8 @@ ZERO, TINY = 1e-5, 1e-7
 def both_paths(kernel_path: str) -> str:
     """Every test here runs on the fused CPU kernels and on PyTorch's."""
     return kernel_path
+
+
 TRACKED = [r"0\.weight", r"2\.weight", r"2\.bias"]
 
 # Tensor 0.weight (6 entries), step by step; each column is one entry's story:
