@@ -18,7 +18,7 @@ from netprobe.lifecycle import claim_run_dir, signals_held, status_for
 from netprobe.probes import ProbeRunner, ProbeSpec, build_probes, close_probes, probe_context
 from netprobe.probes.base import Probe, StepState
 from netprobe.probes.memory import AUTO, check_budget
-from netprobe.probes.reductions import stat_dtype
+from netprobe.probes.reductions import TotalNorm
 from netprobe.store import RunWriter, graph_table, layers_table
 
 Number = float | int | torch.Tensor
@@ -66,6 +66,7 @@ class Monitor:
         # Probes are built before anything is written, so bad probe settings leave no trace.
         self.probes: list[Probe] = build_probes(ctx, probes)
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self._total_norm = TotalNorm()
         self._device = self._params[0].device if self._params else torch.device("cpu")
         # Calls the probes' hooks when their schedules say, and times them.
         self.runner = ProbeRunner(self.probes, self.state, self._device)
@@ -148,8 +149,7 @@ class Monitor:
         grads = [p.grad for p in self._params if p.grad is not None]
         total = None
         if grads:  # the gradients probe records it too, from the state: one computation
-            norms = torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))
-            total = torch.linalg.vector_norm(torch.stack(norms))
+            total = self._total_norm(grads)
             values.append(total)
         names = CURVE_NAMES[acc is not None, bool(grads)]
         self.record.scalars("train", [""], names, torch.stack(values)[None])

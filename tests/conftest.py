@@ -73,8 +73,12 @@ def _held_bytes(probe: object, model: nn.Module) -> list[int]:
     owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
     owned |= {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
     seen: dict[int, int] = {}
+    visited: set[int] = set()
 
     def visit(value: object) -> None:
+        if id(value) in visited:
+            return
+        visited.add(id(value))
         if isinstance(value, torch.Tensor):
             storage = value.untyped_storage()
             if storage.data_ptr() not in owned:
@@ -85,9 +89,24 @@ def _held_bytes(probe: object, model: nn.Module) -> list[int]:
         elif isinstance(value, dict):
             for item in value.values():
                 visit(item)
+        elif type(value).__name__ in ("TorchBuffers", "FusedCodes"):  # a probe's state object
+            visit(vars(value))
 
     visit(vars(probe))
     return sorted(seen.values())
+
+
+@pytest.fixture(params=["fused", "torch"])
+def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test on both paths of the per-step probes: the fused CPU kernels (skipped where no
+    C compiler builds them) and PyTorch's kernels (NETPROBE_NATIVE=0), as on a GPU."""
+    from netprobe.native import library
+
+    if request.param == "torch":
+        monkeypatch.setenv("NETPROBE_NATIVE", "0")
+    elif library("step") is None:
+        pytest.skip("no C compiler: the fused kernels cannot be built here")
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 A refactor must not change a stored number. When a change is meant to (a fixed formula), rewrite
 the copies with `NETPROBE_WRITE_GOLDEN=1 pytest tests/test_golden.py` and say why in the commit.
+The copies are PyTorch's path (NETPROBE_NATIVE=0, available everywhere); the fused CPU kernels
+sum in another order, so their values agree to FUSED_REL and everything else to the last bit.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ RUNS = {
 }
 # Measured, not computed: throughput depends on the machine.
 TIMED = ("samples_per_s",)
+# What the fused kernels compute (netprobe.native): float32 sums of 16 values per lane, then
+# float64, within ~1e-7 of an exact sum; PyTorch's float32 norm along a dimension is further off
+# (2.8e-6 on the 6,144 near-equal squares of a first Adam update). The activations kernel sums
+# in float64 in another order (~1e-13 apart). Counts are exact on both.
+FUSED_PROBES = ("gradients", "optim_dynamics", "activations")
+FUSED_METRICS = ("grad_l2_total",)
+FUSED_REL = 1e-5
 
 
 def _tables(run: netprobe.Run) -> dict[str, pa.Table]:
@@ -39,7 +48,15 @@ def _tables(run: netprobe.Run) -> dict[str, pa.Table]:
     return tables
 
 
-def _first_difference(name: str, got: pa.Table, want: pa.Table) -> str:
+def _fused(want: pa.Table, i: int) -> bool:
+    """Whether row i of a table holds a value the fused kernels compute."""
+    names = want.column_names
+    return ("probe" in names and want["probe"][i].as_py() in FUSED_PROBES) or (
+        "metric" in names and want["metric"][i].as_py() in FUSED_METRICS
+    )
+
+
+def _first_difference(name: str, got: pa.Table, want: pa.Table, fused: bool) -> str:
     if got.schema != want.schema:
         return f"{name}: schema {got.schema} != golden {want.schema}"
     if got.num_rows != want.num_rows:
@@ -47,7 +64,11 @@ def _first_difference(name: str, got: pa.Table, want: pa.Table) -> str:
     for column in want.column_names:
         a, b = got[column].to_pylist(), want[column].to_pylist()
         for i, (x, y) in enumerate(zip(a, b)):
-            if x != y and not (x != x and y != y):  # NaN equals NaN here
+            if x == y or (x != x and y != y):  # NaN equals NaN here
+                continue
+            if not (fused and column == "value" and _fused(want, i)) or abs(
+                x - y
+            ) > FUSED_REL * abs(y):
                 row = {
                     c: want[c][i].as_py()
                     for c in ("step", "probe", "layer", "metric")
@@ -59,11 +80,8 @@ def _first_difference(name: str, got: pa.Table, want: pa.Table) -> str:
 
 @pytest.mark.parametrize("case", sorted(RUNS))
 def test_tables_match_the_golden_copy(
-    case: str, tmp_path: Path, train_tiny, monkeypatch: pytest.MonkeyPatch
+    case: str, kernel_path: str, tmp_path: Path, train_tiny
 ) -> None:
-    # The copies are PyTorch's path, available everywhere: the fused activations kernel sums in
-    # another order (its values against numpy: tests/test_native_hist.py).
-    monkeypatch.setenv("NETPROBE_NATIVE", "0")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one reduction order, whatever the machine
     try:
@@ -72,13 +90,15 @@ def test_tables_match_the_golden_copy(
         torch.set_num_threads(threads)  # the tests after this one keep the machine's threads
     tables = _tables(run)
     folder = GOLDEN / case
-    if os.environ.get("NETPROBE_WRITE_GOLDEN"):
+    if os.environ.get("NETPROBE_WRITE_GOLDEN") and kernel_path == "torch":
         folder.mkdir(parents=True, exist_ok=True)
         for name, table in tables.items():
             write_parquet(folder / f"{name}.parquet", table)
     assert sorted(p.stem for p in folder.glob("*.parquet")) == sorted(tables)
     differences = [
-        _first_difference(name, table, pq.read_table(folder / f"{name}.parquet"))
+        _first_difference(
+            name, table, pq.read_table(folder / f"{name}.parquet"), kernel_path == "fused"
+        )
         for name, table in tables.items()
     ]
     assert not any(differences), "\n".join(d for d in differences if d)

@@ -4,12 +4,16 @@ of threads."""
 
 from __future__ import annotations
 
+import ctypes
 import math
+import platform
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from netprobe import native
 from netprobe.native import hist, library
 
 pytestmark = pytest.mark.skipif(
@@ -104,3 +108,21 @@ def test_the_pytorch_path_serves_where_the_kernel_does_not(monkeypatch) -> None:
     assert hist.activation_stats(x[:0], edges) is None
     monkeypatch.setenv("NETPROBE_NATIVE", "0")
     assert hist.activation_stats(x, edges) is None
+
+
+@pytest.mark.parametrize("flags", [[], ["-march=x86-64-v3"]], ids=["baseline", "avx2"])
+def test_the_same_bits_on_any_vector_width(flags, tmp_path) -> None:
+    """Built for SSE2 only, or AVX2 without AVX-512, the kernel gives the bits of the build tuned
+    for this CPU."""
+    if flags and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86 instruction set")
+    target = tmp_path / "hist.so"
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert native._build(compiler, native.HERE / "hist.c", target, ([*native.FLAGS, *flags],))
+    other = ctypes.CDLL(str(target))
+    gen = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(300, 1001, generator=gen, dtype=dtype).relu_()
+        edges = torch.linspace(0.0, 2.5, 51, dtype=torch.float64)
+        tuned, built = hist.activation_stats(x, edges), hist.compute(other, x, edges)
+        assert torch.equal(tuned[0], built[0]) and torch.equal(tuned[1], built[1])

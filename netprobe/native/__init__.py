@@ -63,14 +63,20 @@ def _load(name: str) -> ctypes.CDLL | None:
     return ctypes.CDLL(str(target))
 
 
-def _build(compiler: str, source: Path, target: Path) -> bool:
-    """Compiles `source` into `target`, tuned for this CPU where the compiler can."""
+def _build(
+    compiler: str,
+    source: Path,
+    target: Path,
+    tries: tuple[list[str], ...] = ([*FLAGS, *TUNED], FLAGS),
+) -> bool:
+    """Compiles `source` into `target` with the first flags of `tries` that work: tuned for this
+    CPU where the compiler can."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed: the runs of a sweep may build it at once.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     error = ""
-    for flags in ([*FLAGS, *TUNED], FLAGS):
+    for flags in tries:
         done = subprocess.run(
             [compiler, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True
         )

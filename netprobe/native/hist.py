@@ -32,8 +32,13 @@ def activation_stats(
     if flat.device.type != "cpu" or flat.dtype not in _TYPES or flat.numel() == 0:
         return None
     lib = library("hist")
-    if lib is None:
-        return None
+    return None if lib is None else compute(lib, flat, edges)
+
+
+def compute(
+    lib: ctypes.CDLL, flat: torch.Tensor, edges: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`activation_stats` by a given build of hist.c."""
     x = flat.contiguous()
     edges = edges.to(device="cpu", dtype=torch.float64).contiguous()
     stats = torch.empty(5, dtype=torch.float64)

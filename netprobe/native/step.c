@@ -4,19 +4,23 @@
  * accumulators, written with the compiler's vector types (one SIMD register, or a few, on any
  * CPU), and its partial results are combined with the other blocks of its tensor in block
  * order. No sum is reassociated and no multiply-add contracted, so every result is fixed by the
- * data alone: the same bits with one thread or many, on any vector width. Sums and counts are
- * kept in double (a count is exact below 2^53). Threads take contiguous runs of blocks; a small
- * job runs on the calling thread alone.
+ * data alone: the same bits with one thread or many, on any vector width. A lane sums SUB values
+ * in the element type, then adds that to a double; counts are ints within a block, doubles beyond
+ * (exact below 2^53). Threads take contiguous runs of blocks; a small job runs on the calling
+ * thread alone.
  */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define BLOCK 16384
-#define LANES 8
-#define SUB 32 /* vectors summed in the element type before double */
+#define LANES 16
+#define SUB 16 /* vectors summed in the element type before double: 256 elements */
 #define THREAD_MIN (1 << 18) /* fewer elements than this: one thread */
 #define MAX_THREADS 256
 
@@ -98,16 +102,16 @@ static int run(job_t *j, int nthreads) {
     return 0;
 }
 
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef uint64_t u64x8 __attribute__((vector_size(64)));
-typedef int64_t i64x8 __attribute__((vector_size(64)));
-typedef uint8_t u8x8 __attribute__((vector_size(8)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef double f64x8 __attribute__((vector_size(64)));
+typedef int32_t i32xL __attribute__((vector_size(4 * LANES)));
+typedef int64_t i64xL __attribute__((vector_size(8 * LANES)));
+typedef uint32_t u32xL __attribute__((vector_size(4 * LANES)));
+typedef uint64_t u64xL __attribute__((vector_size(8 * LANES)));
+typedef uint8_t u8xL __attribute__((vector_size(LANES)));
+typedef float f32xL __attribute__((vector_size(4 * LANES)));
+typedef double f64xL __attribute__((vector_size(8 * LANES)));
 
 /* Sum of the lanes of a double vector, lane 0 first. */
-static inline double fold(f64x8 v) {
+static inline double fold(f64xL v) {
     double s = 0;
     for (int l = 0; l < LANES; l++) s += v[l];
     return s;
@@ -115,12 +119,16 @@ static inline double fold(f64x8 v) {
 
 #define T float
 #define S f32
-#define VT f32x8
-#define MT i32x8
+#define VT f32xL
+#define MT i32xL
 #define ABS_BITS 0x7fffffff
 #define T_MAX 3.40282347e+38F
-#define CODE_WORDS(w) ((u32x8){0} + (uint32_t)(w) + (u32x8){0, 0, 0, 0, 1, 1, 1, 1} * (uint32_t)((w) >> 32) - (u32x8){0, 0, 0, 0, 1, 1, 1, 1} * (uint32_t)(w))
-#define CODE_SHIFTS ((u32x8){0, 8, 16, 24, 0, 8, 16, 24})
+#define CODE_WORDS(w) ((u32xL){W4((uint32_t)w[0]), W4((uint32_t)(w[0] >> 32)), W4((uint32_t)w[1]), W4((uint32_t)(w[1] >> 32))})
+#define W4(x) x, x, x, x
+#define CODE_SHIFTS ((u32xL){0, 8, 16, 24, 0, 8, 16, 24, 0, 8, 16, 24, 0, 8, 16, 24})
+#ifdef __AVX512F__ /* one instruction; compilers scalarize a generic byte-to-int conversion */
+#define CODES_OF(w) ((MT)_mm512_cvtepu8_epi32(_mm_set_epi64x((long long)w[1], (long long)w[0])))
+#endif
 #include "step_kernels.h"
 #undef T
 #undef S
@@ -130,13 +138,15 @@ static inline double fold(f64x8 v) {
 #undef T_MAX
 #undef CODE_WORDS
 #undef CODE_SHIFTS
+#undef CODES_OF
 
 #define T double
 #define S f64
-#define VT f64x8
-#define MT i64x8
+#define VT f64xL
+#define MT i64xL
 #define ABS_BITS 0x7fffffffffffffffLL
 #define T_MAX 1.7976931348623157e+308
-#define CODE_WORDS(w) ((u64x8){0} + (uint64_t)(w))
-#define CODE_SHIFTS ((u64x8){0, 8, 16, 24, 32, 40, 48, 56})
+#define CODE_WORDS(w) ((u64xL){W8(w[0]), W8(w[1])})
+#define W8(x) x, x, x, x, x, x, x, x
+#define CODE_SHIFTS ((u64xL){0, 8, 16, 24, 32, 40, 48, 56, 0, 8, 16, 24, 32, 40, 48, 56})
 #include "step_kernels.h"

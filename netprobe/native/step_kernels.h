@@ -11,12 +11,17 @@ static inline VT FN(load_)(const T *p, int64_t m) {
     return v;
 }
 
-/* The code bytes of LANES elements (or the first m), one per lane: shifted out of one word, as
- * a vector load and convert of bytes is scalar code on some compilers. */
+/* The code bytes of LANES elements (or the first m), one per lane: one instruction where the
+ * type defines CODES_OF, else shifted out of two words (a generic vector conversion of bytes is
+ * scalar code on some compilers). */
 static inline MT FN(load_codes_)(const uint8_t *p, int64_t m) {
-    uint64_t word = 0;
-    memcpy(&word, p, (size_t)m);
+    uint64_t word[2] = {0, 0};
+    memcpy(word, p, (size_t)m);
+#ifdef CODES_OF
+    return CODES_OF(word);
+#else
     return (MT)((CODE_WORDS(word) >> CODE_SHIFTS) & 0xff);
+#endif
 }
 
 /* LANES elements from p, or the first m of them (then zeros: neutral in every sum below) */
@@ -28,7 +33,7 @@ static inline MT FN(load_codes_)(const uint8_t *p, int64_t m) {
 #define SPLAT(x) ((VT){0} + (T)(x))
 #define ABS(v) ((VT)((MT)(v) & ABS_BITS))
 #define SELECT(mask, a, b) ((VT)(((MT)(a) & (mask)) | ((MT)(b) & ~(mask))))
-#define FOLD_COUNT(c) fold(__builtin_convertvector((c), f64x8))
+#define FOLD_COUNT(c) fold(__builtin_convertvector((c), f64xL))
 /* Comparisons give lane masks of −1 (true) and 0: `count -= mask` counts the true lanes. */
 
 /* gradients: partials [Σ|g|, Σg², max|g| (NaN where Σ|g| is, as torch.amax), #(|g| not ≤ T_MAX)].
@@ -36,7 +41,7 @@ static inline MT FN(load_codes_)(const uint8_t *p, int64_t m) {
 static void FN(grad_block_)(const job_t *j, const block_t *b, double *p) {
     const T *x = (const T *)j->tensors[b->tensor] + b->start;
     const int64_t n = b->len;
-    f64x8 l1 = {0}, sq = {0};
+    f64xL l1 = {0}, sq = {0};
     VT top = {0};
     MT nonfinite = {0};
     for (int64_t i = 0; i < n; i += SUB * LANES) {
@@ -49,13 +54,30 @@ static void FN(grad_block_)(const job_t *j, const block_t *b, double *p) {
             top = SELECT(a > top, a, top);
             nonfinite -= ~(a <= SPLAT(T_MAX));
         }
-        l1 += __builtin_convertvector(s, f64x8);
-        sq += __builtin_convertvector(q, f64x8);
+        l1 += __builtin_convertvector(s, f64xL);
+        sq += __builtin_convertvector(q, f64xL);
     }
     T most = top[0];
     for (int l = 1; l < LANES; l++) most = top[l] > most ? top[l] : most;
     p[0] = fold(l1), p[1] = fold(sq), p[3] = FOLD_COUNT(nonfinite);
     p[2] = p[0] != p[0] ? p[0] : (double)most; /* a NaN among the |g| makes Σ|g| NaN */
+}
+
+/* ‖x‖₂: partial [Σx²], as in grad_block. */
+static void FN(norm_block_)(const job_t *j, const block_t *b, double *p) {
+    const T *x = (const T *)j->tensors[b->tensor] + b->start;
+    const int64_t n = b->len;
+    f64xL sq = {0};
+    for (int64_t i = 0; i < n; i += SUB * LANES) {
+        int64_t end = n - i < SUB * LANES ? n - i : SUB * LANES;
+        VT q = {0};
+        for (int64_t k = i; k < i + end; k += LANES) {
+            VT v = LOAD(x + k, n - k);
+            q += v * v;
+        }
+        sq += __builtin_convertvector(q, f64xL);
+    }
+    p[0] = fold(sq);
 }
 
 /* optim_dynamics, gradient side: reads g_t and the code bytes of step t−1 (ignored without
@@ -92,15 +114,15 @@ static void FN(dyn_grad_block_)(const job_t *j, const block_t *b, double *p) {
     for (int64_t i = 0; i < full; i += LANES) {
         MT code = FN(dyn_grad_lanes_)(FN(load_)(g + i, LANES),
                                       FN(load_codes_)(c + i, LANES) & keep, all, zero, tiny, &k);
-        u8x8 bytes = __builtin_convertvector(code, u8x8);
+        u8xL bytes = __builtin_convertvector(code, u8xL);
         memcpy(c + i, &bytes, LANES);
     }
     if (full < n) {
-        const MT lane = {0, 1, 2, 3, 4, 5, 6, 7};
+        const MT lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
         MT code = FN(dyn_grad_lanes_)(FN(load_)(g + full, n - full),
                                       FN(load_codes_)(c + full, n - full) & keep,
                                       lane < (MT){0} + (int)(n - full), zero, tiny, &k);
-        u8x8 bytes = __builtin_convertvector(code, u8x8);
+        u8xL bytes = __builtin_convertvector(code, u8xL);
         memcpy(c + full, &bytes, (size_t)(n - full));
     }
     p[0] = FOLD_COUNT(k.tiny), p[1] = FOLD_COUNT(k.zero), p[2] = FOLD_COUNT(k.prev);
@@ -116,7 +138,7 @@ static void FN(dyn_update_block_)(const job_t *j, const block_t *b, double *p) {
     T *wp = (T *)j->flat + j->offsets[b->tensor] + b->start;
     const uint8_t *c = j->codes + j->offsets[b->tensor] + b->start;
     const int64_t n = b->len;
-    f64x8 sq = {0}, moved = {0};
+    f64xL sq = {0}, moved = {0};
     MT n_ret = {0}, n_min = {0}, n_max = {0};
     for (int64_t i = 0; i < n; i += SUB * LANES) {
         int64_t end = n - i < SUB * LANES ? n - i : SUB * LANES;
@@ -133,8 +155,8 @@ static void FN(dyn_update_block_)(const job_t *j, const block_t *b, double *p) {
             n_max -= rflip & ((d_pos & g_neg) | (d_neg & g_pos));
             if (j->write_prev) STORE(wp + k, &now, sizeof(T), n - k);
         }
-        sq += __builtin_convertvector(q, f64x8);
-        moved += __builtin_convertvector(mv, f64x8);
+        sq += __builtin_convertvector(q, f64xL);
+        moved += __builtin_convertvector(mv, f64xL);
     }
     p[0] = fold(sq), p[1] = fold(moved), p[2] = FOLD_COUNT(n_ret);
     p[3] = FOLD_COUNT(n_min), p[4] = FOLD_COUNT(n_max);
@@ -159,6 +181,19 @@ int FN(np_grad_stats_)(int64_t n, void *const *g, const int64_t *sizes, double *
         all += sq;
     }
     if (total) *total = sqrt(all);
+    release(&j);
+    return 0;
+}
+
+/* ‖x‖₂ over every element of every tensor into *out. 0, or -1 when memory ran out. */
+int FN(np_norm_)(int64_t n, void *const *x, const int64_t *sizes, double *out, int nthreads) {
+    job_t j = {.fn = FN(norm_block_), .k = 1, .n = n, .sizes = sizes, .tensors = x};
+    if (run(&j, nthreads)) return -1;
+    double all = 0;
+    const double *p = j.partials;
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t s = 0; s < sizes[t]; s += BLOCK) all += *p++;
+    *out = sqrt(all);
     release(&j);
     return 0;
 }

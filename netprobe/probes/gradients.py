@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from netprobe.native import step as native_step
 from netprobe.probes.base import Probe, StepState
 from netprobe.probes.reductions import device_sizes, stat_dtype
 from netprobe.probes.schedule import Schedule
@@ -48,22 +51,28 @@ class Gradients(Probe):
         super().__init__(ctx, **cfg)
         self.params = self.select_params()
         self.names = [n for n, _ in self.params]
-        # Per set of tensors with a gradient (all of them, nearly always): names, layout, buffer.
-        self._layouts: dict[tuple[int, ...], tuple[list[str], Segments, torch.Tensor]] = {}
+        # Per set of tensors with a gradient (all of them, nearly always): their names, and what
+        # reduces them: one fused pass on the CPU, else segment reductions of a flat buffer.
+        self._layouts: dict[tuple[int, ...], tuple[list[str], Callable]] = {}
+
+    def _reduction(self, grads: list[torch.Tensor]) -> Callable:
+        kernels = native_step.kernels(grads)
+        if kernels is not None:
+            return lambda gs: kernels.grad_stats(gs)[0]
+        segments = Segments([g.numel() for g in grads])
+        buffer = segments.buffer(stat_dtype(grads), grads[0].device)
+        return lambda gs: gradient_stats(gs, segments, buffer)[0]
 
     def after_backward(self, state: StepState) -> None:
         grads = [p.grad for _, p in self.params]
         present = tuple(i for i, g in enumerate(grads) if g is not None)
         if not present:
             return
+        grads = [grads[i] for i in present]
         if present not in self._layouts:
-            with_grad = [grads[i] for i in present]
-            segments = Segments([g.numel() for g in with_grad])
-            buffer = segments.buffer(stat_dtype(with_grad), with_grad[0].device)
-            self._layouts[present] = ([self.names[i] for i in present], segments, buffer)
-        names, segments, buffer = self._layouts[present]
-        per_tensor, _ = gradient_stats([grads[i] for i in present], segments, buffer)
-        self.ctx.record.scalars(self.name, names, METRICS, per_tensor)
+            self._layouts[present] = ([self.names[i] for i in present], self._reduction(grads))
+        names, reduce = self._layouts[present]
+        self.ctx.record.scalars(self.name, names, METRICS, reduce(grads))
         # Model-wide, biases and norm layers included: the monitor's norm for the training curve.
         total = state.grad_l2_total
         if total is not None:

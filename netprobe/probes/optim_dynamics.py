@@ -1,13 +1,16 @@
 """Zero gradients, sign flips and update sizes between consecutive steps (SPEC §5 `optim_dynamics`),
-kept as sign and zero bits of g_{t−1} in flat buffers allocated once."""
+keeping only sign and zero bits of g_{t−1}: on the CPU one code byte per element, read and written
+by one fused pass (netprobe.native.step); elsewhere flat 0/±1 buffers reduced by PyTorch kernels."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from netprobe.errors import ConfigError
+from netprobe.native import step as native_step
 from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.options import Option
 from netprobe.probes.reductions import device_sizes, stat_dtype
@@ -133,12 +136,151 @@ def sign_codes(g: torch.Tensor, zero_threshold: float = 1e-5) -> torch.Tensor:
     return torch.where(torch.isfinite(g), codes, torch.nan).to(torch.float32)
 
 
+class TorchBuffers:
+    """The PyTorch path's state: flat buffers allocated at the first read, of g_t (then sign g_t)
+    and z_t of this step and the step before (they swap roles each step), z_{t−1} ∧ z_t and
+    W_{t−1}, and the per-tensor counts that carry from one call to the next."""
+
+    def __init__(self, segments: Segments, tensors: list[torch.Tensor], index: torch.Tensor):
+        self.segments = segments
+        dtype, device = stat_dtype(tensors), tensors[0].device
+        keys = ("g", "z", "s_prev", "z_prev", "retained", "w_prev")
+        self.b = {key: segments.buffer(dtype, device) for key in keys}
+        self.index = index.to(device)  # the sign map's entries, flat
+        self.n_prev: torch.Tensor | None = None  # #z_{t−1} per tensor while kept
+        self.n_zero: torch.Tensor | None = None  # #z_t per tensor
+        self.n_retained: torch.Tensor | None = None
+
+    @property
+    def kept(self) -> bool:
+        return self.n_prev is not None
+
+    def keep(self) -> None:
+        self.n_prev, self.n_zero = self.n_zero, None
+
+    def read(
+        self, grads: Sequence[torch.Tensor | None], compare: bool, thresholds, sample: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """gradient_dynamics of this step's gradient (against the kept step before's with
+        `compare`), and with `sample` the sign map's entries of it; afterwards this step's sign
+        and z sit where `keep` keeps them from, and the spent buffers of the step before serve
+        this step's update and the next gradient."""
+        b = self.b
+        g, z = b["g"], b["z"]
+        # A parameter without a gradient this step (unused in the forward) counts as all zeros.
+        flat_sign_abs(grads, self.segments, g, z)
+        # sign · magnitude: exactly the values read
+        values = (
+            g.index_select(0, self.index).mul_(z.index_select(0, self.index)) if sample else None
+        )
+        prev = (b["s_prev"], b["z_prev"], self.n_prev) if compare else None
+        metrics, self.n_zero, self.n_retained = gradient_dynamics(
+            g, z, prev, b["retained"], self.segments, *thresholds
+        )
+        self.n_prev = None  # spent
+        b["g"], b["s_prev"], b["z"], b["z_prev"] = b["s_prev"], g, b["z_prev"], b["z"]
+        return metrics, values
+
+    def snapshot(self, params: Sequence[torch.Tensor], step: int) -> None:
+        """W_{t−1}: the weights step t starts from."""
+        with torch.no_grad():
+            torch.cat([p.reshape(-1) for p in params], out=self.b["w_prev"])
+
+    def update(
+        self, params: Sequence[torch.Tensor], compare: bool, metrics: torch.Tensor, step: int
+    ) -> torch.Tensor:
+        """The step's record: `metrics` and update_dynamics of W_t − W_{t−1}."""
+        b = self.b
+        # After the swap in `read`: "g" holds spent scratch, "z" the retained flips.
+        # W_t − W_{t−1} tensor by tensor into the spent buffer: one pass, no flat copy of W_t.
+        dw = b["g"]
+        with torch.no_grad():
+            parts = self.segments.parts
+            for p, d, w in zip(params, parts(dw), parts(b["w_prev"])):
+                torch.sub(p.reshape(-1), w, out=d)
+        update = update_dynamics(
+            *(dw, b["w_prev"], b["retained"] if compare else None, b["z"] if compare else None),
+            *(self.n_retained, self.segments),
+        )
+        return torch.cat([metrics, update.to(metrics.dtype)], dim=1)
+
+    def saved(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.b["s_prev"].to(torch.int8), self.b["z_prev"].to(torch.int8)
+
+    def restore(self, s_prev: torch.Tensor, z_prev: torch.Tensor) -> None:
+        self.b["s_prev"].copy_(s_prev)
+        self.b["z_prev"].copy_(z_prev)
+        self.n_prev = self.segments.count(self.b["z_prev"])
+
+
+class FusedCodes:
+    """The fused path's state: one code byte per tracked element (sign and z of the last gradient
+    read; retained and flip bits of the step under way) and W_{t−1}, which each update leaves
+    holding W_t: the weights the next step starts from, unless other steps come between."""
+
+    def __init__(
+        self, kernels: native_step.StepKernels, params: list[torch.Tensor], sample: torch.Tensor
+    ) -> None:
+        self.kernels, self.params = kernels, params
+        self.which, self.offsets = sample  # the sign map's entries: (tensor, offset in it)
+        self.codes = torch.zeros(kernels.total, dtype=torch.uint8)
+        self.w_prev = torch.empty(kernels.total, dtype=kernels.dtype)
+        self.kept = False
+        self._w_prev_of: int | None = None  # the step whose starting weights w_prev holds
+        self._zeros: dict[int, torch.Tensor] = {}  # an absent gradient's stand-in
+
+    def keep(self) -> None:
+        self.kept = True
+
+    def read(
+        self, grads: Sequence[torch.Tensor | None], compare: bool, thresholds, sample: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As TorchBuffers.read, in one pass; the record's update columns are left to `update`."""
+        # A parameter without a gradient this step (unused in the forward) reads as zeros.
+        present = [
+            g if g is not None else self._zeros.setdefault(i, torch.zeros_like(self.params[i]))
+            for i, g in enumerate(grads)
+        ]
+        values = self.kernels.gather(present, self.which, self.offsets) if sample else None
+        width = len(METRICS if compare else UNPAIRED_METRICS)
+        metrics = torch.empty((len(present), width), dtype=torch.float64)
+        self.kernels.dyn_grad(present, self.codes, compare, *thresholds, metrics)
+        self.kept = False  # the codes now hold this step's sign and z
+        return metrics, values
+
+    def snapshot(self, params: Sequence[torch.Tensor], step: int) -> None:
+        if self._w_prev_of != step:
+            with torch.no_grad():
+                torch.cat([p.reshape(-1) for p in params], out=self.w_prev)
+
+    def update(
+        self, params: Sequence[torch.Tensor], compare: bool, metrics: torch.Tensor, step: int
+    ) -> torch.Tensor:
+        """Fills the update columns of `metrics` (the grad columns came from `read`)."""
+        columns = metrics[:, len(GRAD_METRICS) if compare else 2 :]
+        with torch.no_grad():
+            self.kernels.dyn_update(params, self.w_prev, self.codes, compare, columns)
+        self._w_prev_of = step + 1
+        return metrics
+
+    def saved(self) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = self.codes.to(torch.int8)
+        return (codes & 1) - ((codes >> 1) & 1), (codes >> 2) & 1
+
+    def restore(self, s_prev: torch.Tensor, z_prev: torch.Tensor) -> None:
+        s_prev, z_prev = s_prev.to(self.codes.device), z_prev.to(self.codes.device)
+        codes = (s_prev > 0).to(torch.uint8) | (s_prev < 0).to(torch.uint8) << 1
+        self.codes.copy_(codes | (z_prev != 0).to(torch.uint8) << 2)
+        self.kept = True
+
+
 class OptimDynamics(Probe):
     """Every step: zero-gradient, sign-flip and update statistics; each epoch: the `sign_map`.
 
     g_t is the gradient read in `after_backward` of step t; W_{t−1} is snapshotted there (the
-    weights step t starts from) and W_t read in `after_step`, so W_t − W_{t−1} is exactly the
-    update made with g_t. Of g_{t−1} only sign(g_{t−1}) and z_{t−1} are kept, as 0/±1 buffers.
+    weights step t starts from; on the fused path, kept from the update of step t − 1 when that
+    was recorded) and W_t read in `after_step`, so W_t − W_{t−1} is exactly the update made with
+    g_t. Of g_{t−1} only sign(g_{t−1}) and z_{t−1} are kept.
     """
 
     name = "optim_dynamics"
@@ -164,139 +306,106 @@ class OptimDynamics(Probe):
         self.names = [n for n, _ in self.params]
         self.tensors = [p for _, p in self.params]
         self.sizes = [p.numel() for p in self.tensors]
-        self.sign_index, self.sign_sizes = self._draw_sign_indices(k)
+        self.sign_index, self.sign_sizes, self._sign_at = self._draw_sign_indices(k)
         self.segments = Segments(self.sizes)
-        # Flat buffers, allocated at the first gradient read: g_t (then sign g_t) and z_t of this
-        # step and the step before (they swap roles each step), z_{t−1} ∧ z_t, and W_{t−1}.
-        self._buffers: dict[str, torch.Tensor] = {}
-        self._n_prev: torch.Tensor | None = None  # #z_{t−1} per tensor, while kept
-        self._n_zero: torch.Tensor | None = None  # #z_t per tensor, once this step's g is read
-        # The gradient metrics of the recorded step under way, [L, 6], #retained and whether
-        # they compare with the step before: recorded with the update in `after_step`.
-        self._grad_metrics: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None
+        self._kernels = native_step.kernels(self.tensors)
+        # TorchBuffers or FusedCodes, made at the first gradient read (or restore).
+        self._state: TorchBuffers | FusedCodes | None = None
+        self._read_step: int | None = None  # the step whose gradient was read last
+        # The gradient metrics of the recorded step under way and whether they compare with the
+        # step before: recorded with the update in `after_step`.
+        self._pending: tuple[torch.Tensor, bool] | None = None
         # The epoch's sampled gradients (step, [Σ K]) for the sign map: every `_sign_stride`-th
         # step, thinned to every other one whenever they reach 4 · sign_rows.
         self._sign_rows: list[tuple[int, torch.Tensor]] = []
         self._sign_seen, self._sign_stride = 0, 1
 
-    def _draw_sign_indices(self, k: int) -> tuple[torch.Tensor, list[int]]:
-        """K flat positions per tensor (all of a smaller one), drawn once from the run's seed."""
+    def _draw_sign_indices(self, k: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """K flat positions per tensor (all of a smaller one), drawn once from the run's seed;
+        their sizes per tensor; and each as [tensor, offset in it]."""
         gen = self.ctx.generator(salt=0x5167)
-        picks, sizes, offset = [], [], 0
-        for n in self.sizes:
+        picks, sizes, at, offset = [], [], [], 0
+        for i, n in enumerate(self.sizes):
             idx = torch.arange(n) if n <= k else torch.randperm(n, generator=gen)[:k].sort().values
             picks.append(idx + offset)
             sizes.append(len(idx))
+            at.append(torch.stack([torch.full_like(idx, i), idx]))
             offset += n
-        return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.long), sizes
+        if not picks:
+            return torch.zeros(0, dtype=torch.long), sizes, torch.zeros((2, 0), dtype=torch.long)
+        return torch.cat(picks), sizes, torch.cat(at, dim=1)
 
-    def _buffer(self, name: str) -> torch.Tensor:
-        if name not in self._buffers:
-            first = self.tensors[0]
-            dtype = stat_dtype(self.tensors)
-            for key in ("g", "z", "s_prev", "z_prev", "retained", "w_prev"):
-                self._buffers[key] = self.segments.buffer(dtype, first.device)
-        return self._buffers[name]
+    def _held(self) -> TorchBuffers | FusedCodes:
+        if self._state is None:
+            if self._kernels is not None:
+                self._state = FusedCodes(self._kernels, self.tensors, self._sign_at)
+            else:
+                self._state = TorchBuffers(self.segments, self.tensors, self.sign_index)
+        return self._state
 
-    def _dynamics(
-        self, state: StepState, compare: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """gradient_dynamics of this step's gradient, against the kept previous step's if
-        `compare`, and every `_sign_stride`-th step's sampled gradients for the sign map;
-        afterwards this step's sign and z sit where `arm` keeps them from, and the spent buffers
-        of the step before serve this step's update and the next gradient."""
-        g, z = self._buffer("g"), self._buffer("z")
-        b = self._buffers
-        # A parameter without a gradient this step (unused in the forward) counts as all zeros.
-        flat_sign_abs([p.grad for p in self.tensors], self.segments, g, z)
-        if self.sign_index.device != g.device:
-            self.sign_index = self.sign_index.to(g.device)
-        if self._sign_seen % self._sign_stride == 0:
-            # The sampled gradients, as sign · magnitude: exactly the values read.
-            sample = g.index_select(0, self.sign_index).mul_(z.index_select(0, self.sign_index))
-            self._sign_rows.append((state.step, sample))
+    def _read(self, state: StepState, compare: bool) -> torch.Tensor:
+        """This step's gradient metrics (against the kept step before's if `compare`), and every
+        `_sign_stride`-th step's sampled gradients for the sign map."""
+        sample = self._sign_seen % self._sign_stride == 0
+        metrics, values = self._held().read(
+            [p.grad for p in self.tensors], compare, self._thresholds(), sample
+        )
+        if values is not None:
+            self._sign_rows.append((state.step, values))
             if len(self._sign_rows) >= 4 * self.cfg["sign_rows"]:
                 self._sign_rows, self._sign_stride = self._sign_rows[::2], 2 * self._sign_stride
         self._sign_seen += 1
-        prev = (b["s_prev"], b["z_prev"], self._n_prev) if compare else None
-        metrics, self._n_zero, n_retained = gradient_dynamics(
-            g, z, prev, b["retained"], self.segments, *self._thresholds()
-        )
-        self._n_prev = None  # spent
-        b["g"], b["s_prev"], b["z"], b["z_prev"] = b["s_prev"], g, b["z_prev"], b["z"]
-        return metrics, n_retained
+        self._read_step = state.step
+        return metrics
 
     def after_backward(self, state: StepState) -> None:
         if not self.params:
             return
-        compare = self._n_prev is not None  # `arm` kept the step before's sign and z
-        metrics, n_retained = self._dynamics(state, compare)
-        self._grad_metrics = (metrics, n_retained, compare)
-        with torch.no_grad():
-            torch.cat([p.reshape(-1) for p in self.tensors], out=self._buffers["w_prev"])
+        held = self._held()
+        compare = held.kept  # `arm` kept the step before's sign and z
+        self._pending = (self._read(state, compare), compare)
+        held.snapshot(self.tensors, state.step)
 
     def arm(self, state: StepState) -> None:
         """Keeps this step's sign(g) and z for the next step, which is recorded."""
         if state.loss is None or not self.params:
             return  # before this process's first backward: nothing to keep (or restored)
-        if self._n_zero is None:  # this step is not recorded: its gradient is not read yet
-            self._dynamics(state, compare=False)
-        self._n_prev, self._n_zero = self._n_zero, None
+        if self._read_step != state.step:  # this step is not recorded: its gradient is unread
+            self._read(state, compare=False)
+        self._held().keep()
 
     def _thresholds(self) -> tuple[float, float]:
         return self.cfg["zero_threshold"], self.cfg["tiny_threshold"]
 
     def after_step(self, state: StepState) -> None:
-        self._n_zero = None  # the next step's gradient is another one
-        if self._grad_metrics is None:
+        self._read_step = None  # the next step's gradient is another one
+        if self._pending is None:
             return
-        grad_metrics, n_retained, compared = self._grad_metrics
-        self._grad_metrics = None
-        b = self._buffers
-        # After the swap in `_dynamics`: "g" holds spent scratch, "z" the retained flips.
-        # W_t − W_{t−1} tensor by tensor into the spent buffer: one pass, no flat copy of W_t.
-        dw = b["g"]
-        with torch.no_grad():
-            parts = self.segments.parts
-            for p, d, w in zip(self.tensors, parts(dw), parts(b["w_prev"])):
-                torch.sub(p.reshape(-1), w, out=d)
-        update = update_dynamics(
-            dw,
-            b["w_prev"],
-            b["retained"] if compared else None,
-            b["z"] if compared else None,
-            n_retained,
-            self.segments,
-        )
-        values = torch.cat([grad_metrics, update.to(grad_metrics.dtype)], dim=1)
+        metrics, compared = self._pending
+        self._pending = None
+        values = self._held().update(self.tensors, compared, metrics, state.step)
         self.ctx.record.scalars(
             self.name, self.names, METRICS if compared else UNPAIRED_METRICS, values
         )
 
     def state_dict(self) -> dict[str, Any]:
         """sign(g_{t−1}) and z_{t−1} as int8 when kept for the coming step, so that its record
-        compares with the step before; W_{t−1} is refilled at every recorded step, and the sign
-        rows are written at each epoch's end."""
-        kept = self._n_prev is not None
-        return {
-            **super().state_dict(),
-            "s_prev": self._buffers["s_prev"].to(torch.int8) if kept else None,
-            "z_prev": self._buffers["z_prev"].to(torch.int8) if kept else None,
-        }
+        compares with the step before; W_{t−1} is refilled at the next recorded step, and the
+        sign rows are written at each epoch's end."""
+        kept = self._state is not None and self._state.kept
+        s_prev, z_prev = self._state.saved() if kept else (None, None)  # type: ignore[union-attr]
+        return {**super().state_dict(), "s_prev": s_prev, "z_prev": z_prev}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         device = self.tensors[0].device if self.tensors else torch.device("cpu")
-        self._n_prev = None
         if state.get("g_prev") is not None:  # saved by an earlier version: the gradient itself
             g_prev = state["g_prev"].to(device)
             zero = g_prev.abs() <= self.cfg["zero_threshold"]
             state = {**state, "s_prev": g_prev.sign(), "z_prev": zero}
         if state.get("s_prev") is None or not self.tensors:
             return
-        self._buffer("s_prev").copy_(state["s_prev"])
-        self._buffer("z_prev").copy_(state["z_prev"])
-        self._n_prev = self.segments.count(self._buffers["z_prev"])
+        self._held().restore(state["s_prev"].to(device), state["z_prev"].to(device))
 
     def capture(self, state: StepState) -> None:
         """The sign codes of the K sampled gradients at up to `sign_rows` evenly spaced steps of

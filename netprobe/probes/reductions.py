@@ -6,6 +6,8 @@ import functools
 
 import torch
 
+from netprobe.native.step import StepKernels, kernels
+
 
 def stat_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     """float64 for float64 tensors, else float32: statistics of low-precision tensors in float32."""
@@ -26,3 +28,22 @@ def to_float64(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "mps":
         x = x.cpu()
     return x.to(torch.float64)
+
+
+class TotalNorm:
+    """‖g‖₂ over every tensor of a list, as a device scalar: one fused pass on the CPU (the
+    kernels made once per layout of tensors), else a norm per tensor and a norm of those."""
+
+    def __init__(self) -> None:
+        self._kernels: dict[tuple, StepKernels | None] = {}
+
+    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        first = tensors[0]
+        layout = (first.dtype, first.device, *(t.numel() for t in tensors))
+        if layout not in self._kernels:
+            self._kernels[layout] = kernels(tensors)
+        fused = self._kernels[layout]
+        if fused is not None:
+            return fused.norm(tensors)
+        norms = torch._foreach_norm(tensors, 2, dtype=stat_dtype(tensors))
+        return torch.linalg.vector_norm(torch.stack(norms))

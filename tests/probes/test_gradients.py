@@ -3,12 +3,26 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import netprobe
+from netprobe.native import step as native_step
 from netprobe.probes.gradients import gradient_stats
+
+
+@pytest.fixture(autouse=True)
+def both_paths(kernel_path: str) -> str:
+    """Every test here runs on the fused CPU kernels and on PyTorch's."""
+    return kernel_path
+
+
+def per_tensor_stats(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe's reduction on the path the test runs on."""
+    kernels = native_step.kernels(grads)
+    return kernels.grad_stats(grads) if kernels is not None else gradient_stats(grads)
 
 
 def naive_stats(g: np.ndarray) -> dict[str, float]:
@@ -30,7 +44,7 @@ def rel_err(a: float, b: float) -> float:
 def test_gradient_stats_match_naive_loop():
     torch.manual_seed(0)
     grads = [torch.randn(7, 5), torch.randn(3, 2, 3, 3) * 1e-3, torch.randn(11)]
-    per_tensor, total = gradient_stats(grads)
+    per_tensor, total = per_tensor_stats(grads)
     for row, g in zip(per_tensor, grads):
         ref = naive_stats(g.double().numpy())
         for value, metric in zip(row.tolist(), ["l1", "l2", "mean_abs", "max_abs"]):
@@ -82,7 +96,7 @@ def test_nonfinite_counts_bad_entries_per_tensor():
     grads[0][1, 2] = float("nan")
     grads[0][3, 0] = float("inf")
     grads[1].view(-1)[::5] = float("-inf")
-    per_tensor, _ = gradient_stats(grads)
+    per_tensor, _ = per_tensor_stats(grads)
     for row, g in zip(per_tensor, grads):
         assert row[4].item() == naive_stats(g.double().numpy())["nonfinite"]
     assert [row[4].item() for row in per_tensor] == [2, 11, 0]

@@ -19,6 +19,12 @@ from netprobe.recorder import Recorder
 from netprobe.structure import layer_table
 
 ZERO, TINY = 1e-5, 1e-7
+
+
+@pytest.fixture(autouse=True)
+def both_paths(kernel_path: str) -> str:
+    """Every test here runs on the fused CPU kernels and on PyTorch's."""
+    return kernel_path
 TRACKED = [r"0\.weight", r"2\.weight", r"2\.bias"]
 
 # Tensor 0.weight (6 entries), step by step; each column is one entry's story:
@@ -208,9 +214,10 @@ def test_every_two_steps_still_compares_with_the_step_before() -> None:
     assert set(df.loc[df["step"] == 2, "metric"]) == set(METRICS)
 
 
-def test_holds_six_flat_buffers_allocated_once(held_bytes) -> None:
-    """g_t and z_t of this step and the step before, retained, W_{t−1}: six float32 buffers of
-    the tracked size, made at the first step and reused, never a per-step allocation."""
+def test_flat_buffers_are_allocated_once(held_bytes, both_paths: str) -> None:
+    """The fused path holds one code byte per tracked element and W_{t−1}; PyTorch's path six
+    float32 buffers of the tracked size (g_t and z_t of this step and the step before, retained,
+    W_{t−1}); made at the first step and reused, never a per-step allocation."""
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
     probe = make_probe(model)
     n = 64 * 64 + 64 * 32
@@ -225,9 +232,13 @@ def test_holds_six_flat_buffers_allocated_once(held_bytes) -> None:
                 p.add_(torch.randn_like(p) * 1e-3)
         probe.runner.after_step()
         held = held_bytes(probe, model)
-        assert [b for b in held if b >= n] == [4 * n] * 6
-        assert sum(b for b in held if b < n) < 4096  # per-tensor counts, the sign sample
-        now = {t.untyped_storage().data_ptr() for t in probe._buffers.values()}
+        big = [n, 4 * n] if both_paths == "fused" else [4 * n] * 6
+        assert [b for b in held if b >= n] == big
+        assert sum(b for b in held if b < n) < 8192  # per-tensor counts, the sign sample (index)
+        state = probe._state
+        buffers = [state.codes, state.w_prev] if both_paths == "fused" else state.b.values()
+        assert (probe._kernels is not None) == (both_paths == "fused")
+        now = {t.untyped_storage().data_ptr() for t in buffers}
         assert storages is None or now == storages
         storages = now
 

@@ -1,0 +1,151 @@
+"""The per-step statistics of `gradients` and `optim_dynamics` in one pass over each tensor:
+bindings of step.c for CPU tensors of float32 or float64 (see its header for the order of sums)."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+
+import torch
+
+from netprobe.native import library
+
+_TYPES = {torch.float32: "f32", torch.float64: "f64"}
+_I64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
+
+
+_INT, _F64 = ctypes.c_int, ctypes.c_double
+# Every entry point's arguments, so that ctypes passes 64-bit pointers and sizes.
+_SIGNATURES = {
+    "np_grad_stats": (_I64, _PTR, _PTR, _PTR, _PTR, _INT),
+    "np_norm": (_I64, _PTR, _PTR, _PTR, _INT),
+    "np_dyn_grad": (_I64, _PTR, _PTR, _PTR, _INT, _F64, _F64, _PTR, _I64, _INT),
+    "np_dyn_update": (_I64, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _PTR, _I64, _INT),
+    "np_gather": (_I64, _PTR, _PTR, _PTR, _PTR),
+}
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    for suffix in _TYPES.values():
+        for name, arguments in _SIGNATURES.items():
+            function = getattr(lib, f"{name}_{suffix}")
+            function.argtypes = list(arguments)
+            function.restype = None if name == "np_gather" else _INT
+    return lib
+
+
+_lib: ctypes.CDLL | None = None
+
+
+def kernels(tensors: Sequence[torch.Tensor]) -> StepKernels | None:
+    """Kernels for these tensors (a probe's tracked parameters), or None where the PyTorch path
+    serves: a device other than the CPU, mixed or other dtypes, or no compiled library."""
+    global _lib
+    if not tensors:
+        return None
+    dtype = tensors[0].dtype
+    if dtype not in _TYPES or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
+        return None
+    lib = library("step")
+    if lib is None:
+        return None
+    if _lib is not lib:
+        _lib = _bind(lib)
+    return StepKernels(lib, [t.numel() for t in tensors], dtype)
+
+
+class StepKernels:
+    """The kernels for one list of tensor sizes and one dtype. Each call takes the tensors
+    themselves (a gradient's storage changes from step to step), read in place when contiguous."""
+
+    def __init__(self, lib: ctypes.CDLL, sizes: list[int], dtype: torch.dtype) -> None:
+        self.dtype, self.n, self.total = dtype, len(sizes), sum(sizes)
+        suffix = _TYPES[dtype]
+        self._grad_stats = getattr(lib, f"np_grad_stats_{suffix}")
+        self._norm = getattr(lib, f"np_norm_{suffix}")
+        self._dyn_grad = getattr(lib, f"np_dyn_grad_{suffix}")
+        self._dyn_update = getattr(lib, f"np_dyn_update_{suffix}")
+        self._gather = getattr(lib, f"np_gather_{suffix}")
+        self._sizes = (_I64 * len(sizes))(*sizes)
+        self._pointers = _PTR * len(sizes)
+
+    def _data(self, tensors: Sequence[torch.Tensor]) -> tuple[ctypes.Array, list[torch.Tensor]]:
+        """Pointers to each tensor's elements in order, and the tensors they point into (held
+        by the caller for the call: a non-contiguous one is a contiguous copy)."""
+        held = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        return self._pointers(*[t.data_ptr() for t in held]), held
+
+    def grad_stats(self, grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per tensor [l1, l2, mean_abs, max_abs, nonfinite] (float64, [n, 5]), and ‖g‖₂ overall."""
+        out = torch.empty((self.n, 5), dtype=torch.float64)
+        total = torch.empty((), dtype=torch.float64)
+        data, _held = self._data(grads)
+        _check(
+            self._grad_stats(
+                self.n, data, self._sizes, out.data_ptr(), total.data_ptr(), _threads()
+            )
+        )
+        return out, total
+
+    def norm(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """‖·‖₂ over every element of every tensor (float64, 0-dim)."""
+        total = torch.empty((), dtype=torch.float64)
+        data, _held = self._data(tensors)
+        _check(self._norm(self.n, data, self._sizes, total.data_ptr(), _threads()))
+        return total
+
+    def dyn_grad(
+        self,
+        grads: Sequence[torch.Tensor],
+        codes: torch.Tensor,
+        compare: bool,
+        zero: float,
+        tiny: float,
+        out: torch.Tensor,
+    ) -> None:
+        """optim_dynamics' gradient metrics into out[:, :6] (float64), step t's code bytes into
+        `codes` over step t−1's (read only with `compare`)."""
+        data, _held = self._data(grads)
+        _check(
+            self._dyn_grad(
+                *(self.n, data, self._sizes, codes.data_ptr(), int(compare), zero, tiny),
+                *(out.data_ptr(), out.stride(0), _threads()),
+            )
+        )
+
+    def dyn_update(
+        self,
+        params: Sequence[torch.Tensor],
+        w_prev: torch.Tensor,
+        codes: torch.Tensor,
+        compare: bool,
+        out: torch.Tensor,
+    ) -> None:
+        """optim_dynamics' update metrics into `out` (a float64 view, columns from its first),
+        with W_t − w_prev; then W_t into w_prev."""
+        data, _held = self._data(params)
+        _check(
+            self._dyn_update(
+                *(self.n, data, self._sizes, w_prev.data_ptr(), codes.data_ptr()),
+                *(int(compare), 1, out.data_ptr(), out.stride(0), _threads()),
+            )
+        )
+
+    def gather(
+        self, grads: Sequence[torch.Tensor], which: torch.Tensor, offsets: torch.Tensor
+    ) -> torch.Tensor:
+        """grads[which[k]].flatten()[offsets[k]] for every k, in the tensors' dtype."""
+        out = torch.empty(len(which), dtype=self.dtype)
+        data, _held = self._data(grads)
+        self._gather(len(which), data, which.data_ptr(), offsets.data_ptr(), out.data_ptr())
+        return out
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("netprobe: no memory for a probe kernel's partial sums")

@@ -1,0 +1,197 @@
+"""The fused CPU kernels (netprobe.native) against float64 NumPy references written here, on
+sizes that cross their blocks, lanes and threading threshold, and their loader's fallbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from netprobe import native
+from netprobe.native import step as native_step
+
+pytestmark = pytest.mark.skipif(
+    native.library("step") is None, reason="no C compiler: the fused kernels cannot be built"
+)
+# A tail of each kind: under one lane group, one block exactly, one element past it, and past
+# the size from which the kernels split work between threads.
+SIZES = [1, 7, 8, 9, 16383, 16384, 16385, 300_001]
+ZERO, TINY = 1e-5, 1e-7
+
+
+def grads_of(sizes: list[int], dtype=torch.float32, seed: int = 0) -> list[torch.Tensor]:
+    """Magnitudes spread around both thresholds and far above, random signs, exact zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        scale = 10.0 ** torch.randint(-9, 0, (n,), generator=gen).to(torch.float64)
+        g = torch.randn(n, generator=gen, dtype=torch.float64) * scale
+        g[torch.rand(n, generator=gen) < 0.05] = 0.0
+        out.append(g.to(dtype))
+    return out
+
+
+def with_threads(n: int, fn, *args):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grad_stats_match_float64_and_ignore_the_thread_count(dtype) -> None:
+    grads = grads_of(SIZES, dtype)
+    grads[-1][200_000] = float("nan")  # in a later block of a threaded tensor
+    grads[5][3] = float("inf")
+    kernels = native_step.kernels(grads)
+    per_tensor, total = with_threads(1, kernels.grad_stats, grads)
+    for threads in (2, 3):  # the same bits
+        again = with_threads(threads, kernels.grad_stats, grads)
+        torch.testing.assert_close(again, (per_tensor, total), rtol=0, atol=0, equal_nan=True)
+    # The monitor's norm sums the same squares in the same order.
+    torch.testing.assert_close(kernels.norm(grads), total, rtol=0, atol=0, equal_nan=True)
+    finite = grads[:-1]
+    want = np.sqrt(sum((g.double().numpy() ** 2).sum() for g in finite))
+    assert float(native_step.kernels(finite).norm(finite)) == pytest.approx(want, rel=1e-7)
+    for row, g in zip(per_tensor.tolist(), grads):
+        a = np.abs(g.double().numpy())
+        finite = np.isfinite(a)
+        want = [a.sum(), np.sqrt((a * a).sum()), a.sum() / a.size, a.max(), (~finite).sum()]
+        if np.isnan(a).any():
+            assert np.isnan(row[:4]).all() and row[4] == want[4]
+            continue
+        np.testing.assert_allclose(row, want, rtol=1e-6 if dtype == torch.float32 else 1e-12)
+    assert np.isnan(float(total))
+
+
+def dynamics_reference(g_prev, g, w_before, w_after, compare: bool) -> list[float]:
+    """optim_dynamics' ten metrics (or three without `compare`) of one tensor, in float64."""
+    g_prev, g = g_prev.double().numpy(), g.double().numpy()
+    dw = w_after.double().numpy() - w_before.double().numpy()
+    n = g.size
+    z_prev, z = np.abs(g_prev) <= ZERO, np.abs(g) <= ZERO
+    head = [(np.abs(g) <= TINY).sum() / n, z.sum() / n]
+    if not compare:
+        return [*head, np.sqrt((dw * dw).sum())]
+    retained, flip = z_prev & z, np.sign(g_prev) * np.sign(g) < 0
+    moved = np.abs(dw)[retained].sum() / max(retained.sum(), 1)
+    curvature = np.sign(dw) * np.sign(g) * (flip & retained)
+    return [
+        *head,
+        (z_prev & ~z).sum() / max(z_prev.sum(), 1),
+        retained.sum() / max(z_prev.sum(), 1),
+        (flip & retained).sum() / max(retained.sum(), 1),
+        flip.sum() / n,
+        np.sqrt((dw * dw).sum()),
+        moved,
+        (curvature > 0).sum(),
+        (curvature < 0).sum(),
+    ]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dynamics_over_three_steps_match_float64(threads: int) -> None:
+    """Codes carried from step to step, W_{t−1} kept by each update: every metric of every
+    tensor as the reference computes it from the full gradients and weights."""
+    sizes = SIZES[3:]
+    steps = [grads_of(sizes, seed=s) for s in range(3)]
+    # Gradients of step 1 mostly retained in the last tensor, with flips among them.
+    steps[1][-1] = steps[0][-1] * -0.5
+    weights = [grads_of(sizes, seed=10 + s) for s in range(4)]
+    params = [w.clone() for w in weights[0]]
+    kernels = native_step.kernels(params)
+    codes = torch.zeros(kernels.total, dtype=torch.uint8)
+    w_prev = torch.cat(params)
+    for t, grads in enumerate(steps):
+        compare = t > 0
+        metrics = torch.empty((len(sizes), 10 if compare else 3), dtype=torch.float64)
+        with_threads(threads, kernels.dyn_grad, grads, codes, compare, ZERO, TINY, metrics)
+        for p, w in zip(params, weights[t + 1]):
+            p.copy_(w)
+        columns = metrics[:, 6:] if compare else metrics[:, 2:]
+        with_threads(threads, kernels.dyn_update, params, w_prev, codes, compare, columns)
+        for i in range(len(sizes)):
+            want = dynamics_reference(
+                steps[t - 1][i] if compare else grads[i],
+                grads[i],
+                weights[t][i],
+                weights[t + 1][i],
+                compare,
+            )
+            np.testing.assert_allclose(metrics[i].numpy(), want, rtol=1e-6, err_msg=f"{t} {i}")
+        assert torch.equal(w_prev, torch.cat(params))  # W_t: the next step's starting point
+    assert (metrics[-1, 4] > 0) and (metrics[-1, 3] > 0.5)  # retained flips did occur
+
+
+def test_gather_reads_the_named_entries() -> None:
+    grads = grads_of([5, 40_000])
+    kernels = native_step.kernels(grads)
+    which, offsets = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 4, 17, 39_999])
+    got = kernels.gather(grads, which, offsets)
+    want = torch.stack([grads[w][o] for w, o in zip(which.tolist(), offsets.tolist())])
+    assert torch.equal(got, want)
+
+
+def test_only_cpu_tensors_of_one_float_dtype_take_the_fused_path() -> None:
+    assert native_step.kernels([torch.zeros(3), torch.zeros(2, dtype=torch.float64)]) is None
+    assert native_step.kernels([torch.zeros(3, dtype=torch.bfloat16)]) is None
+    assert native_step.kernels([torch.zeros(3, device="meta")]) is None
+    assert native_step.kernels([]) is None
+    assert native_step.kernels([torch.zeros(3)]) is not None
+
+
+def test_a_strided_gradient_is_read_in_its_logical_order() -> None:
+    g = torch.randn(6, 5).t()  # not contiguous
+    per_tensor, _ = native_step.kernels([g]).grad_stats([g])
+    assert per_tensor[0, 3].item() == g.abs().max().item()
+
+
+def test_switched_off_or_unbuildable_means_the_pytorch_path(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("NETPROBE_NATIVE", "0")
+    assert native.library("step") is None and native_step.kernels([torch.zeros(3)]) is None
+    monkeypatch.delenv("NETPROBE_NATIVE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built yet
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    native._load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="compiling step.c failed"):
+            assert native.library("step") is None
+        assert not list(tmp_path.rglob("*.so"))  # no half-built library left behind
+    finally:
+        native._load.cache_clear()
+
+
+@pytest.mark.parametrize("flags", [[], ["-march=x86-64-v3"]], ids=["baseline", "avx2"])
+def test_the_same_bits_on_any_vector_width(flags, tmp_path) -> None:
+    """Built for another instruction set (SSE2 only; AVX2 without AVX-512) the kernels give the
+    very same bits as the build tuned for this CPU: no sum depends on the vector width."""
+    import ctypes
+    import platform
+    import shutil
+
+    if flags and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86 instruction set")
+    target = tmp_path / "step.so"
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert native._build(compiler, native.HERE / "step.c", target, ([*native.FLAGS, *flags],))
+    grads = grads_of(SIZES)
+    tuned = native_step.kernels(grads)
+    other = native_step.StepKernels(
+        native_step._bind(ctypes.CDLL(str(target))), [g.numel() for g in grads], torch.float32
+    )
+    torch.testing.assert_close(other.grad_stats(grads), tuned.grad_stats(grads), rtol=0, atol=0)
+    assert torch.equal(other.norm(grads), tuned.norm(grads))
+    results = []
+    for kernels in (tuned, other):
+        codes = torch.zeros(kernels.total, dtype=torch.uint8)
+        w_prev, params = torch.cat(grads_of(SIZES, seed=5)), grads_of(SIZES, seed=6)
+        out = []
+        for t in range(2):
+            metrics = torch.empty((len(SIZES), 10), dtype=torch.float64)
+            kernels.dyn_grad(grads_of(SIZES, seed=t), codes, t > 0, ZERO, TINY, metrics)
+            kernels.dyn_update(params, w_prev, codes, t > 0, metrics[:, 6 if t else 2 :])
+            out.append(metrics[:, : 10 if t else 3])
+        results.append((out, codes))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
