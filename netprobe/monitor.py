@@ -66,7 +66,7 @@ class Monitor:
         # Probes are built before anything is written, so bad probe settings leave no trace.
         self.probes: list[Probe] = build_probes(ctx, probes)
         self._params = [p for p in model.parameters() if p.requires_grad]
-        self._total_norm = TotalNorm()
+        self._total_norm = TotalNorm(self._params)
         self._device = self._params[0].device if self._params else torch.device("cpu")
         # Calls the probes' hooks when their schedules say, and times them.
         self.runner = ProbeRunner(self.probes, self.state, self._device)

@@ -195,3 +195,15 @@ def test_the_same_bits_on_any_vector_width(flags, tmp_path) -> None:
             out.append(metrics[:, : 10 if t else 3])
         results.append((out, codes))
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+def test_a_tensor_unlike_the_kernels_is_refused() -> None:
+    """The C code reads as many elements as its sizes say: anything else is an error."""
+    kernels = native_step.kernels([torch.zeros(10), torch.zeros(3)])
+    for wrong in (
+        [torch.zeros(10)],
+        [torch.zeros(10), torch.zeros(4)],
+        [torch.zeros(10), torch.zeros(3, dtype=torch.float64)],
+    ):
+        with pytest.raises(ValueError, match="kernels made for"):
+            kernels.norm(wrong)

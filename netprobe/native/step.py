@@ -67,14 +67,28 @@ class StepKernels:
         self._dyn_grad = getattr(lib, f"np_dyn_grad_{suffix}")
         self._dyn_update = getattr(lib, f"np_dyn_update_{suffix}")
         self._gather = getattr(lib, f"np_gather_{suffix}")
+        self.sizes = sizes
         self._sizes = (_I64 * len(sizes))(*sizes)
-        self._pointers = _PTR * len(sizes)
+        self._pointers = (_PTR * len(sizes))()  # refilled by each call
 
     def _data(self, tensors: Sequence[torch.Tensor]) -> tuple[ctypes.Array, list[torch.Tensor]]:
-        """Pointers to each tensor's elements in order, and the tensors they point into (held
-        by the caller for the call: a non-contiguous one is a contiguous copy)."""
-        held = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-        return self._pointers(*[t.data_ptr() for t in held]), held
+        """Pointers to each tensor's elements in order, and the copies made of non-contiguous
+        ones (held by the caller for the call). A tensor unlike the one these kernels were made
+        for is refused: the C code trusts the sizes."""
+        if len(tensors) != self.n:
+            raise ValueError(f"{len(tensors)} tensors given to kernels made for {self.n}")
+        pointers, copies = self._pointers, []
+        for i, (t, size) in enumerate(zip(tensors, self.sizes)):
+            if t.numel() != size or t.dtype != self.dtype or not t.is_cpu or t.is_sparse:
+                raise ValueError(
+                    f"a {t.dtype} {t.layout} tensor of {t.numel()} elements on {t.device} given "
+                    f"to kernels made for {size} {self.dtype} elements on the CPU"
+                )
+            if not t.is_contiguous():
+                t = t.contiguous()
+                copies.append(t)
+            pointers[i] = t.data_ptr()
+        return pointers, copies
 
     def grad_stats(self, grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per tensor [l1, l2, mean_abs, max_abs, nonfinite] (float64, [n, 5]), and ‖g‖₂ overall."""

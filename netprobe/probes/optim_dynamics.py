@@ -216,7 +216,8 @@ class TorchBuffers:
 class FusedCodes:
     """The fused path's state: one code byte per tracked element (sign and z of the last gradient
     read; retained and flip bits of the step under way) and W_{t−1}, which each update leaves
-    holding W_t: the weights the next step starts from, unless other steps come between."""
+    holding W_t: the weights the next step starts from, unless other steps come between or the
+    weights were changed in place since (their version counters tell), when it is read again."""
 
     def __init__(
         self, kernels: native_step.StepKernels, params: list[torch.Tensor], sample: torch.Tensor
@@ -226,7 +227,8 @@ class FusedCodes:
         self.codes = torch.zeros(kernels.total, dtype=torch.uint8)
         self.w_prev = torch.empty(kernels.total, dtype=kernels.dtype)
         self.kept = False
-        self._w_prev_of: int | None = None  # the step whose starting weights w_prev holds
+        # The step whose starting weights w_prev holds, and the weights' versions then.
+        self._w_prev_of: tuple[int, list[int]] | None = None
         self._zeros: dict[int, torch.Tensor] = {}  # an absent gradient's stand-in
 
     def keep(self) -> None:
@@ -249,7 +251,7 @@ class FusedCodes:
         return metrics, values
 
     def snapshot(self, params: Sequence[torch.Tensor], step: int) -> None:
-        if self._w_prev_of != step:
+        if self._w_prev_of != (step, [p._version for p in params]):
             with torch.no_grad():
                 torch.cat([p.reshape(-1) for p in params], out=self.w_prev)
 
@@ -260,7 +262,7 @@ class FusedCodes:
         columns = metrics[:, len(GRAD_METRICS) if compare else 2 :]
         with torch.no_grad():
             self.kernels.dyn_update(params, self.w_prev, self.codes, compare, columns)
-        self._w_prev_of = step + 1
+        self._w_prev_of = (step + 1, [p._version for p in params])
         return metrics
 
     def saved(self) -> tuple[torch.Tensor, torch.Tensor]:

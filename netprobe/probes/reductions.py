@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from netprobe.native.step import StepKernels, kernels
+from netprobe.native.step import kernels
 
 
 def stat_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -31,19 +31,14 @@ def to_float64(x: torch.Tensor) -> torch.Tensor:
 
 
 class TotalNorm:
-    """‖g‖₂ over every tensor of a list, as a device scalar: one fused pass on the CPU (the
-    kernels made once per layout of tensors), else a norm per tensor and a norm of those."""
+    """‖g‖₂ over the gradients of a fixed list of parameters, as a device scalar: one fused pass
+    on the CPU when every parameter has one, else a norm per tensor and a norm of those."""
 
-    def __init__(self) -> None:
-        self._kernels: dict[tuple, StepKernels | None] = {}
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self._fused = kernels(params)
 
-    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        first = tensors[0]
-        layout = (first.dtype, first.device, *(t.numel() for t in tensors))
-        if layout not in self._kernels:
-            self._kernels[layout] = kernels(tensors)
-        fused = self._kernels[layout]
-        if fused is not None:
-            return fused.norm(tensors)
-        norms = torch._foreach_norm(tensors, 2, dtype=stat_dtype(tensors))
+    def __call__(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        if self._fused is not None and len(grads) == self._fused.n:
+            return self._fused.norm(grads)
+        norms = torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))
         return torch.linalg.vector_norm(torch.stack(norms))

@@ -363,3 +363,34 @@ def test_per_step_path_never_reads_device_values(no_host_sync) -> None:
 def test_bad_options_are_config_errors(key: str, value) -> None:
     with pytest.raises(ConfigError, match=key):
         make_probe(small_model(), **{key: value})
+
+
+def test_a_weight_change_between_steps_is_not_counted_as_an_update() -> None:
+    """W_{t−1} is the weights step t starts from, even when something outside the optimizer
+    changed them in place after the step before (a projection, a pruning mask)."""
+    grads, weights = hand_made()
+    shift = [np.full_like(w, 0.25) for w in weights[0]]
+    probe = make_probe(small_model(), layers=TRACKED)
+    params = probe.tensors
+    with torch.no_grad():
+        for p, w in zip(params, weights[0]):
+            p.copy_(torch.from_numpy(w))
+    starts = [weights[0]]
+    for t in range(len(grads)):
+        for p, g in zip(params, grads[t]):
+            p.grad = torch.from_numpy(g.copy())
+        probe.runner.after_backward(LOSS)
+        with torch.no_grad():
+            for p, w in zip(params, weights[t + 1]):
+                p.copy_(torch.from_numpy(w))
+        probe.runner.after_step()
+        with torch.no_grad():  # between this step and the next one
+            for p, s in zip(params, shift):
+                p.add_(torch.from_numpy(s))
+        starts.append([w + s for w, s in zip(weights[t + 1], shift)])
+    df = recorded(probe)
+    wdiff = df[df["metric"] == "wdiff_l2"]
+    for s, layer, v in zip(wdiff["step"], wdiff["layer"], wdiff["value"]):
+        i = probe.names.index(layer)
+        want = np.linalg.norm(weights[int(s) + 1][i].astype(np.float64) - starts[int(s)][i])
+        assert v == pytest.approx(want, rel=1e-5), (s, layer)
