@@ -205,17 +205,17 @@ MUTATIONS = [
       "return norms.sum(dim=1), norms.sum(dim=0)",
       "return norms.sum(dim=0), norms.sum(dim=1)"),
     m("channels.map_norm",
-      "squares.append(to_float64(lg).square().sum(dim=(0, 2, 3)).view(n, c_in))",
-      "squares.append(to_float64(lg).abs().sum(dim=(0, 2, 3)).view(n, c_in))"),
+      "squares.append(torch.linalg.vector_norm(lg, dim=-1, dtype=torch.float64).square())",
+      "squares.append(torch.linalg.vector_norm(lg, 1, dim=-1, dtype=torch.float64).square())"),
     m("channels.gram_quadratic",
       "squares.append(((pair_w @ gram) * pair_w).sum(dim=-1))  # wᵀ A w per (c1, c2)",
       "squares.append((pair_w @ gram).sum(dim=-1))"),
     m("channels.same_padding",
       "return tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))",
       "return tuple(-(-d * (k - 1) // 2) for d, k in zip(conv.dilation, conv.kernel_size))"),
-    m("channels.transpose_size",
-      "(o - 1) * s - 2 * p + d * (k - 1) + 1",
-      "(o - 1) * s - 2 * p + d * (k - 1) + 2"),
+    m("channels.tap_reach",
+      "last = min(size_out - 1, (size_in - 1 + padding - tap * dilation) // stride)",
+      "last = min(size_out - 1, (size_in + padding - tap * dilation) // stride)"),
 ]  # fmt: skip
 
 

@@ -98,8 +98,8 @@ def _held_bytes(probe: object, model: nn.Module) -> list[int]:
 
 @pytest.fixture(params=["fused", "torch"])
 def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test on both paths of the per-step probes: the fused CPU kernels (skipped where no
-    C compiler builds them) and PyTorch's kernels (NETPROBE_NATIVE=0), as on a GPU."""
+    """Runs a test on both paths of the probes that have fused CPU kernels: those kernels
+    (skipped where no C compiler builds them) and PyTorch's (NETPROBE_NATIVE=0), as on a GPU."""
     from netprobe.native import library
 
     if request.param == "torch":

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from netprobe.errors import ConfigError
+from netprobe.native import hist
 from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.capture import output_tensor
 from netprobe.probes.distributions import central_edges, distributions
@@ -29,8 +30,14 @@ def activation_stats(y: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor
     `zero_frac` = #(y ≤ 0)/numel, the share a ReLU would zero (exactly the zeros of a ReLU
     output); `dead_frac` = the share of units ≤ 0 for every sample, a unit being one position of
     the output flattened per sample (a feature, or a channel at one location).
+
+    On a CPU one fused kernel (netprobe.native.hist) reads y twice for all of it, where it
+    compiles: the same counts, and float64 sums in another order (equal to ~1e-13).
     """
     flat = y.detach().reshape(y.shape[0], -1)
+    fused = hist.activation_stats(flat, edges)
+    if fused is not None:
+        return fused
     moments, counts, _ = distributions([flat], edges[None])
     inactive = flat <= 0
     # Counted as integers, then divided in float64: a float64 sum of booleans converts each one.

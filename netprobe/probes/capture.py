@@ -50,6 +50,10 @@ def _replace(output: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
     return output
 
 
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 @dataclass
 class ModuleOutputs:
     """What one forward pass gave: the model's output, each module's (reduced) output and input
@@ -72,9 +76,9 @@ def module_outputs(
     every module in `modules`; it runs inside the hook, so only the reduced value outlives it.
 
     Every module's own train/eval flag is put back afterwards (a frozen BatchNorm stays frozen).
-    The rest of the network computes on a clone of y, so an in-place operation downstream
-    (`ReLU(inplace=True)`) never overwrites the kept value. With `grad`, autograd stays on and the
-    kept outputs are nodes of the graph (for `torch.autograd.grad(loss, ...)`).
+    Where the kept value is y or a view of it, the rest of the network computes on a clone of y,
+    so an in-place operation downstream (`ReLU(inplace=True)`) never overwrites it. With `grad`,
+    autograd stays on and the kept outputs are nodes of the graph (for `torch.autograd.grad`).
     """
     values: dict[str, Any] = {}
     shapes: dict[str, torch.Size] = {}
@@ -86,7 +90,9 @@ def module_outputs(
                 return None
             if inputs and isinstance(inputs[0], torch.Tensor):
                 shapes[name] = inputs[0].shape
-            values[name] = reduce(name, y) if reduce is not None else y
+            kept = values[name] = reduce(name, y) if reduce is not None else y
+            if isinstance(kept, torch.Tensor) and not _shares_memory(kept, y):
+                return None  # a reduced copy: nothing downstream can overwrite it
             return _replace(output, y, y.clone())
 
         return keep

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext, StepState
@@ -33,35 +32,18 @@ def transpose_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return tuple(conv.padding)
 
 
-def _transpose(
-    g: torch.Tensor,
-    kernels: torch.Tensor,
-    input_size: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-) -> torch.Tensor:
-    """conv_transpose2d of each channel of g [B, n, H_out, W_out] with its own kernels [n, m, k, k]
-    (groups = n), at the conv's input size [B, n·m, H_in, W_in].
-
-    output_padding restores the rows a strided conv never reached; for an asymmetric `same`
-    padding the transpose comes out larger instead, and is cropped to the input size.
-    """
-    full = [
-        (o - 1) * s - 2 * p + d * (k - 1) + 1
-        for o, s, p, d, k in zip(g.shape[2:], stride, padding, dilation, kernels.shape[2:])
-    ]
-    extra = tuple(max(0, size - f) for size, f in zip(input_size, full))
-    h, w = input_size
-    return F.conv_transpose2d(
-        g,
-        kernels,
-        stride=stride,
-        padding=padding,
-        output_padding=extra,
-        groups=g.shape[1],
-        dilation=dilation,
-    )[:, :, :h, :w]
+def tap_reach(
+    tap: int, size_out: int, size_in: int, stride: int, padding: int, dilation: int
+) -> tuple[slice, slice] | None:
+    """Along one dimension, the outputs o that kernel tap `tap` carries back to an input
+    i = o·s + tap·d − p inside [0, size_in), and those inputs, as (slice of o, slice of i);
+    None when it carries none there."""
+    first = max(0, -(-(padding - tap * dilation) // stride))  # ⌈(p − tap·d)/s⌉
+    last = min(size_out - 1, (size_in - 1 + padding - tap * dilation) // stride)
+    if last < first:
+        return None
+    start = first * stride + tap * dilation - padding
+    return slice(first, last + 1), slice(start, start + (last - first) * stride + 1, stride)
 
 
 def spread_gradients(
@@ -71,19 +53,27 @@ def spread_gradients(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """U [B, C, k·k, H_in, W_in]: U[:, c, κ] = conv_transpose2d(g[:, c], e_κ), the output
-    gradient of channel c placed where kernel tap κ carries it back to the input.
+    """U [C, k·k, B, H_in, W_in]: U[c, κ] = conv_transpose2d(g[:, c], e_κ), the output gradient
+    of channel c placed where kernel tap κ carries it back to the input (`tap_reach`), 0 where
+    it carries nothing. Written into `out` when given (zeros where no tap reaches, as a buffer
+    already used for the same geometry is), in its dtype.
 
-    Then LG^{c1→c2} = Σ_κ W[c1, c2, κ] U[:, c1, κ], since conv_transpose2d is linear in the kernel.
-    With one-hot kernels the values are copies of g, exact in any precision.
+    Then LG^{c1→c2} = Σ_κ W[c1, c2, κ] U[c1, κ], since conv_transpose2d is linear in the kernel.
+    The values are copies of g (strided copies, no convolution), exact in any precision.
     """
-    b, c = g.shape[:2]
+    b, c, h_out, w_out = g.shape
     kh, kw = kernel_size
-    taps = kh * kw
-    eye = torch.eye(taps, dtype=g.dtype, device=g.device).view(1, taps, kh, kw)
-    u = _transpose(g, eye.expand(c, taps, kh, kw), input_size, stride, padding, dilation)
-    return u.reshape(b, c, taps, *input_size)
+    u = g.new_zeros(c, kh * kw, b, *input_size) if out is None else out
+    by_channel = g.transpose(0, 1)
+    for th in range(kh):
+        rows = tap_reach(th, h_out, input_size[0], stride[0], padding[0], dilation[0])
+        for tw in range(kw):
+            cols = tap_reach(tw, w_out, input_size[1], stride[1], padding[1], dilation[1])
+            if rows is not None and cols is not None:
+                u[:, th * kw + tw, :, rows[1], cols[1]] = by_channel[:, :, rows[0], cols[0]]
+    return u
 
 
 def channel_pair_norms(
@@ -100,33 +90,32 @@ def channel_pair_norms(
     dilation): the gradient output channel c1 sends to input channel c2, as Σ_{c1} LG^{c1→c2} is
     ∂L/∂x[:, c2].
 
-    Output channels go `chunk` at a time. With few input channels (C_in ≤ k²) each block's maps
-    LG^{c1→c2} are made outright, by one conv_transpose2d with groups = the block's channels.
-    With more, no map is made per pair: LG^{c1→c2} = U_{c1} w with w = W[c1, c2] flattened (see
-    `spread_gradients`), so ‖LG^{c1→c2}‖²_F = wᵀ A_{c1} w with the k² × k² Gram matrix
-    A_{c1} = U_{c1}ᵀ U_{c1} summed over batch and space, one per output channel for all its pairs.
-    Either way the memory is about chunk × min(C_in, k²) × B × H_in × W_in values.
+    Output channels go `chunk` at a time, through U (`spread_gradients`). With few input
+    channels (C_in ≤ k²) each block's maps LG^{c1→c2} = W[c1, c2] U_{c1} are made outright, by
+    one batched matrix product. With more, no map is made per pair: with w = W[c1, c2]
+    flattened, ‖LG^{c1→c2}‖²_F = wᵀ A_{c1} w with the k² × k² Gram matrix A_{c1} = U_{c1} U_{c1}ᵀ
+    (float64) summed over batch and space, one per output channel for all its pairs.
     """
     c_out, c_in, kh, kw = weight.shape
     taps = kh * kw
+    gram_path = c_in > taps
+    # One buffer for every block: each block writes the same places, the rest stays 0.
+    dtype = torch.float64 if gram_path else g.dtype
+    u = g.new_zeros(min(chunk, c_out), taps, g.shape[0], *input_size, dtype=dtype)
+    flat_w = weight.reshape(c_out, c_in, taps)
     squares = []
-    if c_in <= taps:
-        for a in range(0, c_out, chunk):
-            n = min(chunk, c_out - a)
-            blocks = g[:, a : a + n], weight[a : a + n]
-            lg = _transpose(*blocks, input_size, stride, padding, dilation)
-            squares.append(to_float64(lg).square().sum(dim=(0, 2, 3)).view(n, c_in))
-    else:
-        flat_w = to_float64(weight.reshape(c_out, c_in, taps))
-        for a in range(0, c_out, chunk):
-            u = spread_gradients(
-                g[:, a : a + chunk], (kh, kw), input_size, stride, padding, dilation
-            )
-            n = u.shape[1]
-            # [n, k², B·H·W] in float64: the Gram sums run over every batch element and pixel
-            u = to_float64(u.permute(1, 2, 0, 3, 4).reshape(n, taps, -1))
-            gram = u @ u.transpose(1, 2)
-            pair_w = flat_w[a : a + n]
+    for a in range(0, c_out, chunk):
+        n = min(chunk, c_out - a)
+        spread = spread_gradients(
+            g[:, a : a + n], (kh, kw), input_size, stride, padding, dilation, out=u[:n]
+        ).view(n, taps, -1)
+        pair_w = flat_w[a : a + n]
+        if not gram_path:
+            lg = pair_w.to(dtype) @ spread  # [n, C_in, B·H·W]
+            squares.append(torch.linalg.vector_norm(lg, dim=-1, dtype=torch.float64).square())
+        else:
+            gram = spread @ spread.transpose(1, 2)
+            pair_w = to_float64(pair_w)
             squares.append(((pair_w @ gram) * pair_w).sum(dim=-1))  # wᵀ A w per (c1, c2)
     return torch.cat(squares).clamp(min=0).sqrt()
 
@@ -158,8 +147,9 @@ class Channels(Probe):
 
     def memory_estimate(self) -> tuple[int, str]:
         """The probe batch's forward graph (every module output, float32), ∂L/∂y of each
-        tracked conv, and the largest block of `chunk` output channels: chunk × min(C_in, k²) ×
-        B × H_in × W_in values, in float32 and float64 (H_in ≈ H_out × stride)."""
+        tracked conv, and the largest block of `chunk` output channels, per chunk × B × H_in ×
+        W_in (H_in ≈ H_out × stride): U in float64 (8 k² bytes) on the Gram path, else U in
+        float32 and the maps in float32 and float64 (4 k² + 12 C_in bytes)."""
         if self.ctx.probe_batch is None or not self.modules:
             return 0, ""
         b = len(self.ctx.probe_batch[0])
@@ -172,9 +162,10 @@ class Channels(Probe):
                 continue
             c_out, h, w = shape
             grads += 4 * b * c_out * h * w
-            taps = min(conv.in_channels, conv.kernel_size[0] * conv.kernel_size[1])
+            taps, c_in = conv.kernel_size[0] * conv.kernel_size[1], conv.in_channels
+            per_value = 8 * taps if c_in > taps else 4 * taps + 12 * c_in
             size = h * conv.stride[0] * w * conv.stride[1]
-            block = max(block, 12 * min(self.cfg["chunk"], c_out) * taps * b * size)
+            block = max(block, per_value * min(self.cfg["chunk"], c_out) * b * size)
         lower = f"probes.{self.name}.chunk" if block >= graph + grads else "data.probe_size"
         return graph + grads + block, lower
 

@@ -116,7 +116,7 @@ def test_registered_with_its_keys() -> None:
     assert Activations.default_schedule == Schedule(at=("start", "epoch"))
 
 
-def test_every_metric_matches_the_reference_over_captures() -> None:
+def test_every_metric_matches_the_reference_over_captures(kernel_path: str) -> None:
     model = small_model()
     probe = make_probe(model)
     assert probe.names == ["0", "1", "4"]  # default: every module with parameters
@@ -208,7 +208,7 @@ def test_zero_tail_spans_min_to_max_and_constant_outputs_get_a_range() -> None:
     np.testing.assert_allclose(edges[[0, -1]], np.quantile(big.numpy(), [0.01, 0.99]), atol=0.1)
 
 
-def test_layer_regexes_select_modules_without_parameters_too() -> None:
+def test_layer_regexes_select_modules_without_parameters_too(kernel_path: str) -> None:
     probe = make_probe(small_model(), layers=[r"[0-2]"], exclude=["1"], sources=["train"])
     assert probe.names == ["0", "2"]
     probe.runner.start()
@@ -239,7 +239,7 @@ def test_hooks_go_even_when_the_forward_fails() -> None:
     assert all(not m._forward_hooks for m in model.modules())
 
 
-def test_bins_depend_on_the_capture_alone() -> None:
+def test_bins_depend_on_the_capture_alone(kernel_path: str) -> None:
     """A resumed probe (a fresh one) records the same histograms: there is no state to carry."""
     model = small_model()
     probe = make_probe(model)
@@ -264,7 +264,7 @@ def test_bins_depend_on_the_capture_alone() -> None:
         np.testing.assert_array_equal(a, b)
 
 
-def test_capture_reads_nothing_on_the_host(no_host_sync) -> None:
+def test_capture_reads_nothing_on_the_host(no_host_sync, kernel_path: str) -> None:
     model = small_model()
     probe = make_probe(model)
     with no_host_sync():

@@ -42,6 +42,23 @@ def test_outputs_are_eval_mode_values_untouched_by_inplace_ops() -> None:
     assert all(not m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize("view", [True, False])
+def test_a_reduced_output_is_untouched_by_inplace_ops_and_a_copy_is_not_copied(view) -> None:
+    model = net()
+    x = torch.randn(5, 2, 4, 4)
+    made, handed_on = [], []
+    model[0].register_forward_hook(lambda _m, _i, out: made.append(out))
+    model[1].register_forward_pre_hook(lambda _m, inputs: handed_on.append(inputs[0]))
+    reduce = (lambda _n, y: y.flatten(1)) if view else (lambda _n, y: y.mean(dim=(2, 3)))
+    outs = module_outputs(model, [("0", model[0])], x, reduce=reduce)
+    with torch.no_grad():
+        want = reduce("0", model[0](x))
+    assert (want < 0).any()
+    torch.testing.assert_close(outs.values["0"], want)  # the in-place ReLU did not reach it
+    # The ReLU works on a clone only where the kept value is a view of the output.
+    assert (handed_on[0] is not made[0]) == view
+
+
 def test_grad_mode_keeps_graph_nodes() -> None:
     model = net()
     x = torch.randn(5, 2, 4, 4)
