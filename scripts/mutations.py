@@ -49,8 +49,9 @@ def m(id: str, line: str, mutant: str, *tests: str) -> Mutation:
 
 
 def c(id: str, line: str, mutant: str, *probes: str) -> Mutation:
-    """A mutation of the fused kernels: tests/test_native.py and the probes' tests catch it."""
-    tests = ("tests/test_native.py", *(f"tests/probes/test_{n}.py" for n in probes))
+    """A mutation of the fused kernels: their tests and the probes' tests catch it."""
+    kernels = "tests/test_native_hist.py" if id.startswith("hist") else "tests/test_native.py"
+    tests = (kernels, *(f"tests/probes/test_{n}.py" for n in probes))
     return Mutation(f"native.{id}", line, mutant, tests)
 
 
@@ -158,6 +159,13 @@ MUTATIONS = [
       "n_min -= rflip & ((d_pos & g_pos) | (d_neg & g_neg));",
       "n_min -= rflip & ((d_pos & g_neg) | (d_neg & g_neg));", "optim_dynamics"),
     c("moved_retained", "mv += (VT)((MT)ABS(d) & ret);", "mv += ABS(d);", "optim_dynamics"),
+    c("hist_dead", "for (int64_t k = 0; k < len; k++) active[k] |= !(row[k] <= 0);",
+      "for (int64_t k = 0; k < len; k++) active[k] |= !(row[k] < 0);", "activations"),
+    c("hist_upper_edge",
+      "while (s < bins + 1 && v >= c[s + 1]) s++;",
+      "while (s < bins + 1 && v > c[s + 1]) s++;", "activations"),
+    c("hist_skew", "p[0] = fold(m2), p[1] = fold(m3);", "p[0] = fold(m2), p[1] = fold(m2);",
+      "activations"),
     c("keep_w_t",
       "if (j->write_prev) STORE(wp + k, &now, sizeof(T), n - k);",
       "if (0) STORE(wp + k, &now, sizeof(T), n - k);", "optim_dynamics"),

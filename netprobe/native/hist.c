@@ -9,15 +9,13 @@
  * calling thread alone.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define BLOCK 16384
+#include "blocks.h"
+
 #define LANES 8
-#define THREAD_MIN (1 << 18) /* fewer elements than this: one thread */
-#define MAX_THREADS 256
 
 typedef double f64x8 __attribute__((vector_size(64)));
 typedef float f32x8 __attribute__((vector_size(32)));
@@ -41,40 +39,19 @@ struct job {
     const double *edges, *bounds; /* bounds: see np_activation_stats */
     double inv, mean;
     double *partials; /* [blocks][2], then the bounds */
+    tally_t *tallies; /* one per thread */
 };
 
-typedef struct {
-    const job_t *job;
-    int64_t first, last;
-    tally_t *tally;
-} range_t;
-
-static void *run_range(void *arg) {
-    const range_t *r = arg;
-    for (int64_t b = r->first; b < r->last; b++)
-        r->job->fn(r->job, b, r->job->partials + 2 * b, r->tally);
-    return NULL;
+/* Blocks [first, last) of a job, counted into the thread's tally (a run_blocks range_fn). */
+static void reduce_blocks(void *job, int thread, int64_t first, int64_t last) {
+    job_t *j = job;
+    for (int64_t b = first; b < last; b++) j->fn(j, b, j->partials + 2 * b, &j->tallies[thread]);
 }
 
 /* Every block of the job, on up to `nthreads` threads, thread i counting into tallies[i]. */
-static void run(const job_t *j, int nthreads, tally_t *tallies) {
-    const int64_t nblocks = (j->n + BLOCK - 1) / BLOCK;
-    if (nthreads > nblocks) nthreads = (int)nblocks;
-    if (j->n < THREAD_MIN || nthreads < 2) {
-        range_t all = {j, 0, nblocks, &tallies[0]};
-        run_range(&all);
-        return;
-    }
-    pthread_t threads[MAX_THREADS];
-    range_t ranges[MAX_THREADS];
-    int started = 1;
-    for (int i = 0; i < nthreads; i++)
-        ranges[i] = (range_t){j, nblocks * i / nthreads, nblocks * (i + 1) / nthreads, &tallies[i]};
-    for (; started < nthreads; started++)
-        if (pthread_create(&threads[started], NULL, run_range, &ranges[started]) != 0) break;
-    for (int i = started; i < nthreads; i++) run_range(&ranges[i]); /* a thread refused */
-    run_range(&ranges[0]);
-    for (int i = 1; i < started; i++) pthread_join(threads[i], NULL);
+static void run(job_t *j, int nthreads, tally_t *tallies) {
+    j->tallies = tallies;
+    run_blocks(reduce_blocks, j, (j->n + BLOCK - 1) / BLOCK, j->n, nthreads);
 }
 
 /* Sum of the lanes of a double vector, lane 0 first. */

@@ -10,19 +10,17 @@
  * thread alone.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "blocks.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
-#define BLOCK 16384
 #define LANES 16
 #define SUB 16 /* vectors summed in the element type before double: 256 elements */
-#define THREAD_MIN (1 << 18) /* fewer elements than this: one thread */
-#define MAX_THREADS 256
 
 typedef struct {
     int64_t tensor, start, len;
@@ -46,16 +44,11 @@ struct job {
     int compare, write_prev;
 };
 
-typedef struct {
-    const job_t *job;
-    int64_t first, last;
-} range_t;
-
-static void *run_range(void *arg) {
-    const range_t *r = arg;
-    const job_t *j = r->job;
-    for (int64_t b = r->first; b < r->last; b++) j->fn(j, &j->blocks[b], j->partials + b * j->k);
-    return NULL;
+/* Blocks [first, last) of a job (a run_blocks range_fn). */
+static void reduce_blocks(void *job, int thread, int64_t first, int64_t last) {
+    const job_t *j = job;
+    (void)thread;
+    for (int64_t b = first; b < last; b++) j->fn(j, &j->blocks[b], j->partials + b * j->k);
 }
 
 static void release(job_t *j) {
@@ -82,23 +75,7 @@ static int run(job_t *j, int nthreads) {
             j->blocks[b++] = (block_t){t, s, j->sizes[t] - s < BLOCK ? j->sizes[t] - s : BLOCK};
         offset += j->sizes[t];
     }
-    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    if (nthreads > nblocks) nthreads = (int)nblocks;
-    if (total < THREAD_MIN || nthreads < 2) {
-        range_t all = {j, 0, nblocks};
-        run_range(&all);
-        return 0;
-    }
-    pthread_t threads[MAX_THREADS];
-    range_t ranges[MAX_THREADS];
-    int started = 1;
-    for (int i = 0; i < nthreads; i++)
-        ranges[i] = (range_t){j, nblocks * i / nthreads, nblocks * (i + 1) / nthreads};
-    for (; started < nthreads; started++)
-        if (pthread_create(&threads[started], NULL, run_range, &ranges[started]) != 0) break;
-    for (int i = started; i < nthreads; i++) run_range(&ranges[i]); /* a thread refused */
-    run_range(&ranges[0]);
-    for (int i = 1; i < started; i++) pthread_join(threads[i], NULL);
+    run_blocks(reduce_blocks, j, nblocks, total, nthreads);
     return 0;
 }
 
