@@ -163,38 +163,54 @@ def test_switched_off_or_unbuildable_means_the_pytorch_path(monkeypatch, tmp_pat
         native._load.cache_clear()
 
 
-@pytest.mark.parametrize("flags", [[], ["-march=x86-64-v3"]], ids=["baseline", "avx2"])
-def test_the_same_bits_on_any_vector_width(flags, tmp_path) -> None:
-    """Built for another instruction set (SSE2 only; AVX2 without AVX-512) the kernels give the
-    very same bits as the build tuned for this CPU: no sum depends on the vector width."""
+# Builds unlike the tuned one, and the threads they run on: for SSE2 only, for AVX2 without
+# AVX-512, and one that splits even a small job between 3 threads.
+OTHER_BUILDS = {
+    "baseline": ([], 1),
+    "avx2": (["-march=x86-64-v3"], 1),
+    "threads": (["-DTHREAD_MIN=1"], 3),
+}
+
+
+@pytest.mark.parametrize("build", sorted(OTHER_BUILDS))
+def test_the_same_bits_on_any_vector_width(build, tmp_path) -> None:
+    """Built for another instruction set (SSE2 only; AVX2 without AVX-512), or to share even a
+    small job between 3 threads, the kernels give the very bits of the build tuned for this CPU:
+    no sum depends on the vector width or the threads."""
     import ctypes
     import platform
     import shutil
 
-    if flags and platform.machine() not in ("x86_64", "AMD64"):
+    flags, threads = OTHER_BUILDS[build]
+    if build == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("an x86 instruction set")
     target = tmp_path / "step.so"
     compiler = shutil.which("cc") or shutil.which("gcc")
     assert native._build(compiler, native.HERE / "step.c", target, ([*native.FLAGS, *flags],))
-    grads = grads_of(SIZES)
-    tuned = native_step.kernels(grads)
-    other = native_step.StepKernels(
-        native_step._bind(ctypes.CDLL(str(target))), [g.numel() for g in grads], torch.float32
-    )
-    torch.testing.assert_close(other.grad_stats(grads), tuned.grad_stats(grads), rtol=0, atol=0)
-    assert torch.equal(other.norm(grads), tuned.norm(grads))
-    results = []
-    for kernels in (tuned, other):
-        codes = torch.zeros(kernels.total, dtype=torch.uint8)
-        w_prev, params = torch.cat(grads_of(SIZES, seed=5)), grads_of(SIZES, seed=6)
-        out = []
-        for t in range(2):
-            metrics = torch.empty((len(SIZES), 10), dtype=torch.float64)
-            kernels.dyn_grad(grads_of(SIZES, seed=t), codes, t > 0, ZERO, TINY, metrics)
-            kernels.dyn_update(params, w_prev, codes, t > 0, metrics[:, 6 if t else 2 :])
-            out.append(metrics[:, : 10 if t else 3])
-        results.append((out, codes))
-    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grads = grads_of(SIZES)
+        tuned = native_step.kernels(grads)
+        other = native_step.StepKernels(
+            native_step._bind(ctypes.CDLL(str(target))), [g.numel() for g in grads], torch.float32
+        )
+        torch.testing.assert_close(other.grad_stats(grads), tuned.grad_stats(grads), rtol=0, atol=0)
+        assert torch.equal(other.norm(grads), tuned.norm(grads))
+        results = []
+        for kernels in (tuned, other):
+            codes = torch.zeros(kernels.total, dtype=torch.uint8)
+            w_prev, params = torch.cat(grads_of(SIZES, seed=5)), grads_of(SIZES, seed=6)
+            out = []
+            for t in range(2):
+                metrics = torch.empty((len(SIZES), 10), dtype=torch.float64)
+                kernels.dyn_grad(grads_of(SIZES, seed=t), codes, t > 0, ZERO, TINY, metrics)
+                kernels.dyn_update(params, w_prev, codes, t > 0, metrics[:, 6 if t else 2 :])
+                out.append(metrics[:, : 10 if t else 3])
+            results.append((out, codes))
+        torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_tensor_unlike_the_kernels_is_refused() -> None:

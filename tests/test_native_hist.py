@@ -69,7 +69,7 @@ def test_counts_of_uneven_and_repeated_edges_are_a_binary_search() -> None:
 def test_moments_and_shares_match_numpy_and_threads_change_no_bit(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(1)
     # 601 × 999 values: blocks, rows that straddle them, a last block of 7 (or 4) past the
-    # vectors, and enough values for threads.
+    # vectors (the threads' share of a job: test_the_same_bits_on_any_vector_width[threads]).
     x = torch.relu(torch.randn(601, 999, generator=gen, dtype=dtype) + 0.5)
     x[:, :37] = -torch.rand(601, 37, generator=gen, dtype=dtype)  # 37 dead units
     x[5, 40] = torch.nan  # NaN is not ≤ 0: that unit lives
@@ -110,19 +110,34 @@ def test_the_pytorch_path_serves_where_the_kernel_does_not(monkeypatch) -> None:
     assert hist.activation_stats(x, edges) is None
 
 
-@pytest.mark.parametrize("flags", [[], ["-march=x86-64-v3"]], ids=["baseline", "avx2"])
-def test_the_same_bits_on_any_vector_width(flags, tmp_path) -> None:
-    """Built for SSE2 only, or AVX2 without AVX-512, the kernel gives the bits of the build tuned
-    for this CPU."""
-    if flags and platform.machine() not in ("x86_64", "AMD64"):
+# Builds unlike the tuned one, and the threads they run on: for SSE2 only, for AVX2 without
+# AVX-512, and one that splits even a small job between 3 threads.
+OTHER_BUILDS = {
+    "baseline": ([], 1),
+    "avx2": (["-march=x86-64-v3"], 1),
+    "threads": (["-DTHREAD_MIN=1"], 3),
+}
+
+
+@pytest.mark.parametrize("build", sorted(OTHER_BUILDS))
+def test_the_same_bits_on_any_vector_width(build, tmp_path) -> None:
+    """Built for SSE2 only, or AVX2 without AVX-512, or to share even a small job between 3
+    threads, the kernel gives the bits of the build tuned for this CPU."""
+    flags, threads = OTHER_BUILDS[build]
+    if build == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("an x86 instruction set")
     target = tmp_path / "hist.so"
     compiler = shutil.which("cc") or shutil.which("gcc")
     assert native._build(compiler, native.HERE / "hist.c", target, ([*native.FLAGS, *flags],))
-    other = ctypes.CDLL(str(target))
-    gen = torch.Generator().manual_seed(2)
-    for dtype in (torch.float32, torch.float64):
-        x = torch.randn(300, 1001, generator=gen, dtype=dtype).relu_()
-        edges = torch.linspace(0.0, 2.5, 51, dtype=torch.float64)
-        tuned, built = hist.activation_stats(x, edges), hist.compute(other, x, edges)
-        assert torch.equal(tuned[0], built[0]) and torch.equal(tuned[1], built[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        other = ctypes.CDLL(str(target))
+        gen = torch.Generator().manual_seed(2)
+        for dtype in (torch.float32, torch.float64):
+            x = torch.randn(300, 1001, generator=gen, dtype=dtype).relu_()
+            edges = torch.linspace(0.0, 2.5, 51, dtype=torch.float64)
+            tuned, built = hist.activation_stats(x, edges), hist.compute(other, x, edges)
+            assert torch.equal(tuned[0], built[0]) and torch.equal(tuned[1], built[1])
+    finally:
+        torch.set_num_threads(before)

@@ -4,6 +4,7 @@ bindings of step.c for CPU tensors of float32 or float64 (see its header for the
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -11,11 +12,7 @@ import torch
 from netprobe.native import library
 
 _TYPES = {torch.float32: "f32", torch.float64: "f64"}
-_I64 = ctypes.c_int64
-_PTR = ctypes.c_void_p
-
-
-_INT, _F64 = ctypes.c_int, ctypes.c_double
+_I64, _PTR, _INT, _F64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
 # Every entry point's arguments, so that ctypes passes 64-bit pointers and sizes.
 _SIGNATURES = {
     "np_grad_stats": (_I64, _PTR, _PTR, _PTR, _PTR, _INT),
@@ -26,6 +23,7 @@ _SIGNATURES = {
 }
 
 
+@functools.cache
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for suffix in _TYPES.values():
         for name, arguments in _SIGNATURES.items():
@@ -35,24 +33,16 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-_lib: ctypes.CDLL | None = None
-
-
 def kernels(tensors: Sequence[torch.Tensor]) -> StepKernels | None:
     """Kernels for these tensors (a probe's tracked parameters), or None where the PyTorch path
     serves: a device other than the CPU, mixed or other dtypes, or no compiled library."""
-    global _lib
     if not tensors:
         return None
     dtype = tensors[0].dtype
     if dtype not in _TYPES or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
         return None
     lib = library("step")
-    if lib is None:
-        return None
-    if _lib is not lib:
-        _lib = _bind(lib)
-    return StepKernels(lib, [t.numel() for t in tensors], dtype)
+    return None if lib is None else StepKernels(_bind(lib), [t.numel() for t in tensors], dtype)
 
 
 class StepKernels:
