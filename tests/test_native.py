@@ -223,3 +223,15 @@ def test_a_tensor_unlike_the_kernels_is_refused() -> None:
     ):
         with pytest.raises(ValueError, match="kernels made for"):
             kernels.norm(wrong)
+
+
+def test_an_unwritable_cache_means_the_pytorch_path(monkeypatch, tmp_path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the cache folder would be: mkdir fails
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    native._load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="fused kernels of step.c are unavailable"):
+            assert native.library("step") is None
+    finally:
+        native._load.cache_clear()

@@ -58,9 +58,17 @@ def _load(name: str) -> ctypes.CDLL | None:
         key.update(path.read_bytes())
     key.update(" ".join([compiler, *FLAGS, *TUNED, sys.platform, _cpu()]).encode())
     target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
-    if not target.exists() and not _build(compiler, source, target):
+    try:
+        if not target.exists() and not _build(compiler, source, target):
+            return None
+        return ctypes.CDLL(str(target))
+    except OSError as exc:  # no writable cache, a full disk, a library that will not load
+        warnings.warn(
+            f"netprobe: the fused kernels of {source.name} are unavailable ({exc}); the probes "
+            "use PyTorch kernels",
+            stacklevel=3,
+        )
         return None
-    return ctypes.CDLL(str(target))
 
 
 def _build(
@@ -71,7 +79,7 @@ def _build(
 ) -> bool:
     """Compiles `source` into `target` with the first flags of `tries` that work: tuned for this
     CPU where the compiler can."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)  # OSError: the caller's to report
     # Built under a temporary name and renamed: the runs of a sweep may build it at once.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
