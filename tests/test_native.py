@@ -235,3 +235,20 @@ def test_an_unwritable_cache_means_the_pytorch_path(monkeypatch, tmp_path) -> No
             assert native.library("step") is None
     finally:
         native._load.cache_clear()
+
+
+def test_an_output_or_buffer_the_kernels_would_overrun_is_refused() -> None:
+    params = [torch.zeros(10), torch.zeros(3)]
+    kernels = native_step.kernels(params)
+    codes, w_prev = torch.zeros(13, dtype=torch.uint8), torch.zeros(13)
+    good = torch.zeros((2, 10), dtype=torch.float64)
+    for out, c, w in (
+        (torch.zeros((1, 10), dtype=torch.float64), codes, w_prev),  # a row short
+        (torch.zeros((2, 10)), codes, w_prev),  # float32
+        (good[:, :3], codes, w_prev),  # too narrow for the compared metrics
+        (good, torch.zeros(12, dtype=torch.uint8), w_prev),
+        (good, codes, torch.zeros(13, dtype=torch.float64)),
+    ):
+        with pytest.raises(ValueError):
+            kernels.dyn_grad(params, c, True, ZERO, TINY, out)
+            kernels.dyn_update(params, w, c, True, out[:, 6:])

@@ -80,6 +80,17 @@ class StepKernels:
             pointers[i] = t.data_ptr()
         return pointers, copies
 
+    def _fits(self, out: torch.Tensor, width: int, *flat: tuple[torch.Tensor, torch.dtype]) -> None:
+        """Refuses an output or a flat buffer the C code would write past: out [n, ≥ width]
+        float64 with unit column stride, each buffer `total` contiguous elements of its dtype."""
+        if out.dtype != torch.float64 or out.shape[0] != self.n or out.shape[1] < width:
+            raise ValueError(f"an output of {out.dtype} {tuple(out.shape)} for [{self.n}, {width}]")
+        if out.stride(1) != 1 or not out.is_cpu:
+            raise ValueError("an output whose columns are not adjacent, or not on the CPU")
+        for buffer, dtype in flat:
+            if buffer.numel() != self.total or buffer.dtype != dtype or not buffer.is_contiguous():
+                raise ValueError(f"a buffer unlike {self.total} contiguous {dtype} elements")
+
     def grad_stats(self, grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per tensor [l1, l2, mean_abs, max_abs, nonfinite] (float64, [n, 5]), and ‖g‖₂ overall."""
         out = torch.empty((self.n, 5), dtype=torch.float64)
@@ -110,6 +121,7 @@ class StepKernels:
     ) -> None:
         """optim_dynamics' gradient metrics into out[:, :6] (float64), step t's code bytes into
         `codes` over step t−1's (read only with `compare`)."""
+        self._fits(out, 6 if compare else 2, (codes, torch.uint8))
         data, _held = self._data(grads)
         _check(
             self._dyn_grad(
@@ -128,6 +140,7 @@ class StepKernels:
     ) -> None:
         """optim_dynamics' update metrics into `out` (a float64 view, columns from its first),
         with W_t − w_prev; then W_t into w_prev."""
+        self._fits(out, 4 if compare else 1, (w_prev, self.dtype), (codes, torch.uint8))
         data, _held = self._data(params)
         _check(
             self._dyn_update(
