@@ -1,18 +1,33 @@
-"""What many test modules do alike: run the `netprobe` command, and step a model through the
-library API (`attach`) as a user's own loop does."""
+"""What many test modules do alike: run the `netprobe` command, step a model through the
+library API (`attach`) as a user's own loop does, and run the fused kernels on other builds or
+thread counts."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import platform
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import netprobe
+from netprobe import native
+
+# Builds of a fused kernel unlike the tuned one, and the torch threads each runs on: SSE2 only,
+# AVX2 without AVX-512, and one that splits even a small job between 3 threads.
+OTHER_BUILDS = {
+    "baseline": ([], 1),
+    "avx2": (["-march=x86-64-v3"], 1),
+    "threads": (["-DTHREAD_MIN=1"], 3),
+}
 
 
 def netprobe_cmd(
@@ -48,3 +63,26 @@ def train_steps(
         mon.after_step()
         if after is not None:
             after()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's CPU threads set to n meanwhile (the fused kernels take as many), then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def other_build(source: str, build: str, folder: Path) -> tuple[ctypes.CDLL, int]:
+    """netprobe/native/SOURCE compiled into `folder` as OTHER_BUILDS[build] says, loaded, and the
+    threads to run it on (skips the AVX2 build off x86)."""
+    flags, threads = OTHER_BUILDS[build]
+    if build == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86 instruction set")
+    target = folder / source.replace(".c", ".so")
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert native._build(compiler, native.HERE / source, target, ([*native.FLAGS, *flags],))
+    return ctypes.CDLL(str(target)), threads

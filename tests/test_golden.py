@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 import netprobe
 from netprobe.store import TABLES, write_parquet
+from tests.helpers import torch_threads
 
 GOLDEN = Path(__file__).parent / "golden"
 # Every probe at its default schedule; the synthetic data and the seed fix every number.
@@ -82,12 +82,8 @@ def _first_difference(name: str, got: pa.Table, want: pa.Table, fused: bool) -> 
 def test_tables_match_the_golden_copy(
     case: str, kernel_path: str, tmp_path: Path, train_tiny
 ) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one reduction order, whatever the machine
-    try:
+    with torch_threads(1):  # one reduction order, whatever the machine
         run = netprobe.load(train_tiny(tmp_path / case, *RUNS[case]))
-    finally:
-        torch.set_num_threads(threads)  # the tests after this one keep the machine's threads
     tables = _tables(run)
     folder = GOLDEN / case
     if os.environ.get("NETPROBE_WRITE_GOLDEN") and kernel_path == "torch":

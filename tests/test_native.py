@@ -9,6 +9,7 @@ import torch
 
 from netprobe import native
 from netprobe.native import step as native_step
+from tests.helpers import OTHER_BUILDS, other_build, torch_threads
 
 pytestmark = pytest.mark.skipif(
     native.library("step") is None, reason="no C compiler: the fused kernels cannot be built"
@@ -31,24 +32,17 @@ def grads_of(sizes: list[int], dtype=torch.float32, seed: int = 0) -> list[torch
     return out
 
 
-def with_threads(n: int, fn, *args):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn(*args)
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_grad_stats_match_float64_and_ignore_the_thread_count(dtype) -> None:
     grads = grads_of(SIZES, dtype)
     grads[-1][200_000] = float("nan")  # in a later block of a threaded tensor
     grads[5][3] = float("inf")
     kernels = native_step.kernels(grads)
-    per_tensor, total = with_threads(1, kernels.grad_stats, grads)
+    with torch_threads(1):
+        per_tensor, total = kernels.grad_stats(grads)
     for threads in (2, 3):  # the same bits
-        again = with_threads(threads, kernels.grad_stats, grads)
+        with torch_threads(threads):
+            again = kernels.grad_stats(grads)
         torch.testing.assert_close(again, (per_tensor, total), rtol=0, atol=0, equal_nan=True)
     # The monitor's norm sums the same squares in the same order.
     torch.testing.assert_close(kernels.norm(grads), total, rtol=0, atol=0, equal_nan=True)
@@ -107,11 +101,13 @@ def test_dynamics_over_three_steps_match_float64(threads: int) -> None:
     for t, grads in enumerate(steps):
         compare = t > 0
         metrics = torch.empty((len(sizes), 10 if compare else 3), dtype=torch.float64)
-        with_threads(threads, kernels.dyn_grad, grads, codes, compare, ZERO, TINY, metrics)
+        with torch_threads(threads):
+            kernels.dyn_grad(grads, codes, compare, ZERO, TINY, metrics)
         for p, w in zip(params, weights[t + 1]):
             p.copy_(w)
         columns = metrics[:, 6:] if compare else metrics[:, 2:]
-        with_threads(threads, kernels.dyn_update, params, w_prev, codes, compare, columns)
+        with torch_threads(threads):
+            kernels.dyn_update(params, w_prev, codes, compare, columns)
         for i in range(len(sizes)):
             want = dynamics_reference(
                 steps[t - 1][i] if compare else grads[i],
@@ -163,37 +159,17 @@ def test_switched_off_or_unbuildable_means_the_pytorch_path(monkeypatch, tmp_pat
         native._load.cache_clear()
 
 
-# Builds unlike the tuned one, and the threads they run on: for SSE2 only, for AVX2 without
-# AVX-512, and one that splits even a small job between 3 threads.
-OTHER_BUILDS = {
-    "baseline": ([], 1),
-    "avx2": (["-march=x86-64-v3"], 1),
-    "threads": (["-DTHREAD_MIN=1"], 3),
-}
-
-
 @pytest.mark.parametrize("build", sorted(OTHER_BUILDS))
 def test_the_same_bits_on_any_vector_width(build, tmp_path) -> None:
     """Built for another instruction set (SSE2 only; AVX2 without AVX-512), or to share even a
     small job between 3 threads, the kernels give the very bits of the build tuned for this CPU:
     no sum depends on the vector width or the threads."""
-    import ctypes
-    import platform
-    import shutil
-
-    flags, threads = OTHER_BUILDS[build]
-    if build == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("an x86 instruction set")
-    target = tmp_path / "step.so"
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    assert native._build(compiler, native.HERE / "step.c", target, ([*native.FLAGS, *flags],))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    lib, threads = other_build("step.c", build, tmp_path)
+    with torch_threads(threads):
         grads = grads_of(SIZES)
         tuned = native_step.kernels(grads)
         other = native_step.StepKernels(
-            native_step._bind(ctypes.CDLL(str(target))), [g.numel() for g in grads], torch.float32
+            native_step._bind(lib), [g.numel() for g in grads], torch.float32
         )
         torch.testing.assert_close(other.grad_stats(grads), tuned.grad_stats(grads), rtol=0, atol=0)
         assert torch.equal(other.norm(grads), tuned.norm(grads))
@@ -209,8 +185,6 @@ def test_the_same_bits_on_any_vector_width(build, tmp_path) -> None:
                 out.append(metrics[:, : 10 if t else 3])
             results.append((out, codes))
         torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_a_tensor_unlike_the_kernels_is_refused() -> None:

@@ -4,17 +4,14 @@ of threads."""
 
 from __future__ import annotations
 
-import ctypes
 import math
-import platform
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from netprobe import native
 from netprobe.native import hist, library
+from tests.helpers import OTHER_BUILDS, other_build, torch_threads
 
 pytestmark = pytest.mark.skipif(
     library("hist") is None, reason="no C compiler: the fused kernel cannot be built here"
@@ -84,14 +81,10 @@ def test_moments_and_shares_match_numpy_and_threads_change_no_bit(dtype: torch.d
 
     clean = x.clone()
     clean[5, 40 if dtype == torch.float32 else 20] = 0.0  # that unit is dead now
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
+    runs = []
+    for n in (1, 2, 3):
+        with torch_threads(n):
             runs.append(hist.activation_stats(clean, edges))
-    finally:
-        torch.set_num_threads(threads)
     for stats, counts in runs[1:]:
         assert torch.equal(stats, runs[0][0]) and torch.equal(counts, runs[0][1])
     stats, counts = runs[0]
@@ -110,34 +103,15 @@ def test_the_pytorch_path_serves_where_the_kernel_does_not(monkeypatch) -> None:
     assert hist.activation_stats(x, edges) is None
 
 
-# Builds unlike the tuned one, and the threads they run on: for SSE2 only, for AVX2 without
-# AVX-512, and one that splits even a small job between 3 threads.
-OTHER_BUILDS = {
-    "baseline": ([], 1),
-    "avx2": (["-march=x86-64-v3"], 1),
-    "threads": (["-DTHREAD_MIN=1"], 3),
-}
-
-
 @pytest.mark.parametrize("build", sorted(OTHER_BUILDS))
 def test_the_same_bits_on_any_vector_width(build, tmp_path) -> None:
     """Built for SSE2 only, or AVX2 without AVX-512, or to share even a small job between 3
     threads, the kernel gives the bits of the build tuned for this CPU."""
-    flags, threads = OTHER_BUILDS[build]
-    if build == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("an x86 instruction set")
-    target = tmp_path / "hist.so"
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    assert native._build(compiler, native.HERE / "hist.c", target, ([*native.FLAGS, *flags],))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        other = ctypes.CDLL(str(target))
+    other, threads = other_build("hist.c", build, tmp_path)
+    with torch_threads(threads):
         gen = torch.Generator().manual_seed(2)
         for dtype in (torch.float32, torch.float64):
             x = torch.randn(300, 1001, generator=gen, dtype=dtype).relu_()
             edges = torch.linspace(0.0, 2.5, 51, dtype=torch.float64)
             tuned, built = hist.activation_stats(x, edges), hist.compute(other, x, edges)
             assert torch.equal(tuned[0], built[0]) and torch.equal(tuned[1], built[1])
-    finally:
-        torch.set_num_threads(before)

@@ -139,8 +139,9 @@ def make_probe(model: nn.Module, seed: int = 0, **cfg) -> OptimDynamics:
     return probe
 
 
-def feed(probe: OptimDynamics, grads, weights) -> None:
-    """Drive the probe as the training loop would: backward, step, next step."""
+def feed(probe: OptimDynamics, grads, weights, between=None) -> None:
+    """Drive the probe as the training loop would: backward, step, next step; `between(t)`
+    after step t, before the next one, when given."""
     params = probe.tensors
     with torch.no_grad():
         for p, w in zip(params, weights[0]):
@@ -153,6 +154,8 @@ def feed(probe: OptimDynamics, grads, weights) -> None:
             for p, w in zip(params, weights[t + 1]):
                 p.copy_(torch.from_numpy(w))
         probe.runner.after_step()
+        if between is not None:
+            between(t)
 
 
 def recorded(probe: OptimDynamics) -> pd.DataFrame:
@@ -373,23 +376,15 @@ def test_a_weight_change_between_steps_is_not_counted_as_an_update() -> None:
     grads, weights = hand_made()
     shift = [np.full_like(w, 0.25) for w in weights[0]]
     probe = make_probe(small_model(), layers=TRACKED)
-    params = probe.tensors
-    with torch.no_grad():
-        for p, w in zip(params, weights[0]):
-            p.copy_(torch.from_numpy(w))
     starts = [weights[0]]
-    for t in range(len(grads)):
-        for p, g in zip(params, grads[t]):
-            p.grad = torch.from_numpy(g.copy())
-        probe.runner.after_backward(LOSS)
+
+    def shift_weights(t: int) -> None:
         with torch.no_grad():
-            for p, w in zip(params, weights[t + 1]):
-                p.copy_(torch.from_numpy(w))
-        probe.runner.after_step()
-        with torch.no_grad():  # between this step and the next one
-            for p, s in zip(params, shift):
+            for p, s in zip(probe.tensors, shift):
                 p.add_(torch.from_numpy(s))
         starts.append([w + s for w, s in zip(weights[t + 1], shift)])
+
+    feed(probe, grads, weights, between=shift_weights)
     df = recorded(probe)
     wdiff = df[df["metric"] == "wdiff_l2"]
     for s, layer, v in zip(wdiff["step"], wdiff["layer"], wdiff["value"]):
