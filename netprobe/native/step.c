@@ -51,6 +51,15 @@ static void reduce_blocks(void *job, int thread, int64_t first, int64_t last) {
     for (int64_t b = first; b < last; b++) j->fn(j, &j->blocks[b], j->partials + b * j->k);
 }
 
+/* The k partial results of a tensor of `size` elements, its blocks summed in block order into
+ * q; returns p past them, at the next tensor's. */
+static const double *tensor_sums(const double *p, int64_t size, int k, double *q) {
+    for (int i = 0; i < k; i++) q[i] = 0;
+    for (int64_t s = 0; s < size; s += BLOCK, p += k)
+        for (int i = 0; i < k; i++) q[i] += p[i];
+    return p;
+}
+
 static void release(job_t *j) {
     free(j->blocks);
     free(j->offsets);

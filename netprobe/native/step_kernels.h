@@ -189,10 +189,12 @@ int FN(np_grad_stats_)(int64_t n, void *const *g, const int64_t *sizes, double *
 int FN(np_norm_)(int64_t n, void *const *x, const int64_t *sizes, double *out, int nthreads) {
     job_t j = {.fn = FN(norm_block_), .k = 1, .n = n, .sizes = sizes, .tensors = x};
     if (run(&j, nthreads)) return -1;
-    double all = 0;
+    double all = 0, sq;
     const double *p = j.partials;
-    for (int64_t t = 0; t < n; t++)
-        for (int64_t s = 0; s < sizes[t]; s += BLOCK) all += *p++;
+    for (int64_t t = 0; t < n; t++) {
+        p = tensor_sums(p, sizes[t], 1, &sq);
+        all += sq;
+    }
     *out = sqrt(all);
     release(&j);
     return 0;
@@ -207,9 +209,8 @@ int FN(np_dyn_grad_)(int64_t n, void *const *g, const int64_t *sizes, uint8_t *c
     if (run(&j, nthreads)) return -1;
     const double *p = j.partials;
     for (int64_t t = 0; t < n; t++) {
-        double q[6] = {0};
-        for (int64_t s = 0; s < sizes[t]; s += BLOCK, p += 6)
-            for (int k = 0; k < 6; k++) q[k] += p[k];
+        double q[6];
+        p = tensor_sums(p, sizes[t], 6, q);
         double numel = (double)sizes[t], *o = out + ld * t;
         o[0] = q[0] / numel, o[1] = q[1] / numel;
         if (!compare) continue;
@@ -231,9 +232,8 @@ int FN(np_dyn_update_)(int64_t n, void *const *w, const int64_t *sizes, void *w_
     if (run(&j, nthreads)) return -1;
     const double *p = j.partials;
     for (int64_t t = 0; t < n; t++) {
-        double q[5] = {0};
-        for (int64_t s = 0; s < sizes[t]; s += BLOCK, p += 5)
-            for (int k = 0; k < 5; k++) q[k] += p[k];
+        double q[5];
+        p = tensor_sums(p, sizes[t], 5, q);
         double *o = out + ld * t;
         o[0] = sqrt(q[0]);
         if (!compare) continue;
