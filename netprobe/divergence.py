@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 ON_NONFINITE = ("stop", "continue")
@@ -25,8 +27,12 @@ class NonfiniteWatch:
         self._known: int | None = None
         self.polled = False  # read through an asynchronous copy (a GPU) rather than directly
 
-    def observe(self, loss: torch.Tensor, step: int) -> None:
-        """Fold in the loss of optimizer step `step`."""
+    def observe(self, loss: torch.Tensor | float, step: int) -> None:
+        """Fold in the loss of optimizer step `step` (a float: a loss already on the host)."""
+        if isinstance(loss, float):
+            if self._known is None and not math.isfinite(loss):
+                self._known = step
+            return
         loss = loss.detach()
         if self._first is None:
             self._first = torch.full((), NONE, dtype=torch.int64, device=loss.device)

@@ -28,16 +28,23 @@ class Recorder:
 
     def __init__(self, state: StepState) -> None:
         self.state = state  # where training is: each record is stamped with its step and epoch
-        self._scalars: list[tuple[int, int, str, list[str], list[str], torch.Tensor]] = []
+        self._scalars: list[
+            tuple[int, int, str, list[str], list[str], torch.Tensor | np.ndarray]
+        ] = []
         self._hists: list[tuple[int, int, str, str, str, torch.Tensor, torch.Tensor]] = []
         self._matrices: list[tuple[int, int, str, str, str, str, torch.Tensor]] = []
 
     def scalars(
-        self, probe: str, layers: list[str], metrics: list[str], values: torch.Tensor | Number
+        self,
+        probe: str,
+        layers: list[str],
+        metrics: list[str],
+        values: torch.Tensor | np.ndarray | Number,
     ) -> None:
-        """Values [len(layers), len(metrics)] for the current step."""
+        """Values [len(layers), len(metrics)] for the current step: a tensor on any device, or
+        host values (numbers, arrays: kept as float64, not float32, so lr 1e-3 stays 1e-3)."""
         if not isinstance(values, torch.Tensor):
-            values = torch.as_tensor(values, dtype=torch.float64)  # not float32: lr 1e-3 stays
+            values = np.asarray(values, dtype=np.float64)  # no tensor op: a CPU step counts µs
         elif values.requires_grad:
             values = values.detach()
         self._scalars.append((self.state.step, self.state.epoch, probe, layers, metrics, values))
@@ -100,8 +107,9 @@ class Recorder:
         return tables
 
 
-def _to_host_flat(tensors: list[torch.Tensor], dtype: torch.dtype) -> np.ndarray:
-    """The tensors flattened and concatenated, in order, on the host: one copy per device."""
+def _to_host_flat(values: list[torch.Tensor | np.ndarray], dtype: torch.dtype) -> np.ndarray:
+    """The values flattened and concatenated, in order, on the host: one copy per device."""
+    tensors = [torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in values]
     devices = {t.device for t in tensors}
     if len(devices) == 1:
         # cat promotes mixed dtypes itself: one conversion for all, not one per tensor.

@@ -18,6 +18,7 @@ from netprobe.checkpoint import checkpoint_path, save_checkpoint
 from netprobe.config import validate
 from netprobe.data import Batches
 from netprobe.lifecycle import StopSignals
+from netprobe.native import step as native_step
 from netprobe.probes.memory import split_budget
 from netprobe.progress import TrainProgress, banner
 from netprobe.setup import Setup, build, save_config
@@ -117,11 +118,12 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    acc = (logits.argmax(1) == y).float().mean() if mon.state.step % log_every == 0 else None
+    acc = batch_accuracy(logits, y) if mon.state.step % log_every == 0 else None
     batch_size = len(y)
     if ddp is not None and ddp.enabled:
         # The whole global batch's loss and accuracy, as one process would record them.
-        pair = torch.stack([loss.detach(), loss.new_zeros(()) if acc is None else acc])
+        acc_or_zero = torch.as_tensor(0.0 if acc is None else acc, device=loss.device)
+        pair = torch.stack([loss.detach(), acc_or_zero])
         pair = distributed.mean_over_ranks(pair, ddp)
         loss, acc = pair[0], None if acc is None else pair[1]
         batch_size *= ddp.world_size
@@ -131,6 +133,13 @@ def train_step(
     scaler.update()
     mon.after_step()
     return loss
+
+
+def batch_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor | float:
+    """The batch's top-1 accuracy: on the CPU a float from one fused pass, elsewhere a device
+    scalar (nothing read back)."""
+    fused = native_step.accuracy(logits, y)
+    return (logits.argmax(1) == y).float().mean() if fused is None else fused
 
 
 def end_epoch(setup: Setup, mon: AnyMonitor, progress: TrainProgress, epoch: int) -> float:

@@ -32,6 +32,11 @@ def test_watch_finds_the_first_nonfinite_loss():
     assert fresh.first_step is None and fresh.settle() is None
     fresh.observe(torch.tensor([1.0, -math.inf]), 7)  # a per-sample loss vector counts too
     assert fresh.settle() == 7
+    host = NonfiniteWatch()  # a CPU run's losses, already read as floats
+    for step, value in enumerate([2.0, 1.5, -math.inf, math.nan]):
+        host.observe(value, step)
+        assert host.first_step == (None if step < 2 else 2)
+    assert host.settle() == 2
 
 
 def test_polled_watch_reads_only_copies_that_have_landed(monkeypatch):

@@ -125,3 +125,47 @@ def test_the_learning_rate_follows_the_optimizer_each_step(tmp_path):
     lr = netprobe.load(tmp_path / "run").scalars(probe="train", metric="lr")
     assert lr["step"].tolist() == [0, 1, 2, 3, 4]
     assert lr["value"].tolist() == [0.1, 0.1, 0.05, 0.05, 0.025]
+
+
+@pytest.mark.parametrize("acc", [True, False])
+@pytest.mark.parametrize("backward", [True, False])
+def test_the_cpu_curve_stores_what_the_gpu_path_stores(tmp_path, monkeypatch, acc, backward):
+    """On the CPU each step's loss, accuracy and ‖g‖₂ are read into rows of host arrays (a new
+    array every SIZE rows, here 2); NETPROBE_NATIVE=0 takes the device path a GPU run takes.
+    Both store the same curve: loss and accuracy to the bit, the norm as a float64 reference
+    written here (the kernel sums 16 float32 squares at a time: within 1e-7; the device path
+    sums float32 norms: within 1e-6)."""
+    monkeypatch.setattr(monitor_module.HostRows, "SIZE", 2)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 4, generator=gen), torch.randint(0, 2, (16,))) for _ in range(5)]
+    curves = {}
+    for path in ("host", "device"):
+        monkeypatch.setenv("NETPROBE_NATIVE", "1" if path == "host" else "0")
+        torch.manual_seed(0)
+        model = small_net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        want = {"loss": [], "acc": [], "grad_l2_total": []}
+        with netprobe.attach(model, tmp_path / path, probes=[], flush_every=3) as mon:
+            assert (mon._rows is not None) == (path == "host")
+            for x, y in batches:
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                if backward:
+                    loss.backward()
+                    squares = sum((p.grad.double() ** 2).sum() for p in model.parameters())
+                    want["grad_l2_total"].append(float(squares.sqrt()))
+                share = (logits.argmax(1) == y).float().mean() if acc else None
+                want["loss"].append(loss.item())
+                want["acc"] += [float(share)] if acc else []
+                mon.after_backward(loss, acc=share)
+                opt.step()
+                mon.after_step()
+        train = netprobe.load(tmp_path / path).scalars(probe="train")
+        curves[path] = {m: train[train["metric"] == m]["value"].tolist() for m in want}
+        assert curves[path]["loss"] == want["loss"] and curves[path]["acc"] == want["acc"]
+        rel = 1e-7 if path == "host" else 1e-6
+        assert curves[path]["grad_l2_total"] == pytest.approx(want["grad_l2_total"], rel=rel)
+    # The same rows in the same order.
+    host, device = (netprobe.load(tmp_path / p).scalars(probe="train") for p in curves)
+    assert host[["step", "metric"]].equals(device[["step", "metric"]])

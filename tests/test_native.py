@@ -45,8 +45,12 @@ def test_grad_stats_match_float64_and_ignore_the_thread_count(dtype) -> None:
             again = kernels.grad_stats(grads)
         torch.testing.assert_close(again, (per_tensor, total), rtol=0, atol=0, equal_nan=True)
     # The monitor's norm sums the same squares in the same order.
-    torch.testing.assert_close(kernels.norm(grads), total, rtol=0, atol=0, equal_nan=True)
+    assert np.isnan(kernels.norm(grads)) and np.isnan(float(total))
+    # Without the NaN and the inf, to the bit.
     finite = [g for g in grads if torch.isfinite(g).all()]
+    assert native_step.kernels(finite).norm(finite) == float(
+        native_step.kernels(finite).grad_stats(finite)[1]
+    )
     want = np.sqrt(sum((g.double().numpy() ** 2).sum() for g in finite))
     assert float(native_step.kernels(finite).norm(finite)) == pytest.approx(want, rel=1e-7)
     for row, g in zip(per_tensor.tolist(), grads):
@@ -172,7 +176,7 @@ def test_the_same_bits_on_any_vector_width(build, tmp_path) -> None:
             native_step._bind(lib), [g.numel() for g in grads], torch.float32
         )
         torch.testing.assert_close(other.grad_stats(grads), tuned.grad_stats(grads), rtol=0, atol=0)
-        assert torch.equal(other.norm(grads), tuned.norm(grads))
+        assert other.norm(grads) == tuned.norm(grads)
         results = []
         for kernels in (tuned, other):
             codes = torch.zeros(kernels.total, dtype=torch.uint8)
@@ -226,3 +230,45 @@ def test_an_output_or_buffer_the_kernels_would_overrun_is_refused() -> None:
         with pytest.raises(ValueError):
             kernels.dyn_grad(params, c, True, ZERO, TINY, out)
             kernels.dyn_update(params, w, c, True, out[:, 6:])
+
+
+def test_accuracy_is_torchs_to_the_bit() -> None:
+    """The first largest logit of a row is its prediction, a NaN counting as largest (as
+    torch.argmax): ties, NaN rows, -inf rows, float64, rows apart in memory, no rows."""
+    nan, inf = float("nan"), float("inf")
+    rows = [
+        [1, 3, 3, 0],
+        [1, nan, 5, nan],
+        [-inf] * 4,
+        [2, 2, nan, 9],
+        [nan, 1, 2, 3],
+        [0, 0, 0, 7],
+    ]
+    gen = torch.Generator().manual_seed(0)
+    cases = [
+        (torch.tensor(rows), torch.tensor([1, 1, 0, 3, 0, 3])),
+        (torch.tensor(rows, dtype=torch.float64), torch.tensor([2, 1, 1, 2, 0, 3])),
+        (torch.randn(29, 10, generator=gen), torch.randint(0, 10, (29,), generator=gen)),
+        (torch.randn(7, 16, generator=gen)[:, :10], torch.randint(0, 10, (7,), generator=gen)),
+        (torch.randint(0, 3, (300, 5), generator=gen).float(), torch.zeros(300, dtype=torch.long)),
+        (torch.zeros(0, 10), torch.zeros(0, dtype=torch.long)),
+    ]
+    for logits, target in cases:
+        want = (logits.argmax(1) == target).float().mean()
+        got = native_step.accuracy(logits, target)
+        assert isinstance(got, float)
+        assert got == float(want) or (np.isnan(got) and want.isnan())
+
+
+def test_accuracy_leaves_what_it_cannot_read_to_pytorch() -> None:
+    logits, target = torch.randn(8, 4), torch.randint(0, 4, (8,))
+    for args in (
+        (logits.bfloat16(), target),
+        (logits.t().contiguous().t(), target),  # columns apart in memory
+        (logits, target.int()),
+        (logits, target[:4]),
+        (logits.reshape(8, 2, 2), target),
+        (torch.zeros(8, 0), target),
+        (logits, torch.randint(0, 4, (16,))[::2]),
+    ):
+        assert native_step.accuracy(*args) is None

@@ -26,7 +26,8 @@ class StepState:
     one and updates it as training goes (the recorder tags each record with its step and epoch).
 
     `step`: optimizer steps done so far (the index of the step under way); `epoch`: epochs done;
-    `loss`, `grad_l2_total` (‖∂L/∂θ‖₂ over every parameter) and `loss_scale` (the GradScaler's
+    `loss`, `grad_l2_total` (‖∂L/∂θ‖₂ over every parameter; a float on the CPU, where it is
+    computed on the host) and `loss_scale` (the GradScaler's
     scale of the loss just backpropagated: tensor hooks saw gradients of the scaled loss) once
     the step's backward is done, None before and without them; `point`: the capture point under
     way (start, epoch or end), None during a step."""
@@ -34,7 +35,7 @@ class StepState:
     step: int = 0
     epoch: int = 0
     loss: torch.Tensor | None = None
-    grad_l2_total: torch.Tensor | None = None
+    grad_l2_total: torch.Tensor | float | None = None
     loss_scale: torch.Tensor | float | None = None
     point: str | None = None
 

@@ -76,4 +76,4 @@ class Gradients(Probe):
         # Model-wide, biases and norm layers included: the monitor's norm for the training curve.
         total = state.grad_l2_total
         if total is not None:
-            self.ctx.record.scalars(self.name, [""], ["grad_l2_total"], total.reshape(1, 1))
+            self.ctx.record.scalars(self.name, [""], ["grad_l2_total"], total)

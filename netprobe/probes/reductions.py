@@ -31,13 +31,14 @@ def to_float64(x: torch.Tensor) -> torch.Tensor:
 
 
 class TotalNorm:
-    """‖g‖₂ over the gradients of a fixed list of parameters, as a device scalar: one fused pass
-    on the CPU when every parameter has one, else a norm per tensor and a norm of those."""
+    """‖g‖₂ over the gradients of a fixed list of parameters: a float from one fused pass on the
+    CPU when every parameter has one, else a device scalar, a norm per tensor and a norm of
+    those (nothing read back)."""
 
     def __init__(self, params: list[torch.Tensor]) -> None:
         self._fused = kernels(params)
 
-    def __call__(self, grads: list[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, grads: list[torch.Tensor]) -> torch.Tensor | float:
         if self._fused is not None and len(grads) == self._fused.n:
             return self._fused.norm(grads)
         norms = torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))

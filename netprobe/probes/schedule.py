@@ -119,7 +119,7 @@ class ProbeRunner:
     def after_backward(
         self,
         loss: torch.Tensor,
-        grad_l2_total: torch.Tensor | None = None,
+        grad_l2_total: torch.Tensor | float | None = None,
         loss_scale: torch.Tensor | float | None = None,
     ) -> None:
         """The step's facts into the state; `after_backward` where this step is recorded, then
