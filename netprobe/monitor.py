@@ -32,27 +32,6 @@ CURVE_NAMES = {
 }
 
 
-class HostRows:
-    """Where a CPU run's per-step curve goes: rows of float64 host arrays that hold the values
-    CURVE_NAMES lists, in its order, written in place and recorded as views. Right after a small
-    model's backward a tensor op costs 5-20 µs of a ~2 ms step; writing a row costs none. A row
-    is written once: the views handed out keep their array alive until the recorder drains them.
-    """
-
-    SIZE = 256
-
-    def __init__(self) -> None:
-        self._rows, self._next = np.empty((0, 3)), 0
-
-    def next(self, acc: bool, grads: bool) -> np.ndarray:
-        """The next row, as a [1, k] view of its first k = len(CURVE_NAMES[acc, grads]) cells."""
-        if self._next == len(self._rows):
-            self._rows, self._next = np.empty((self.SIZE, 3)), 0
-        i = self._next
-        self._next += 1
-        return self._rows[i : i + 1, : 1 + acc + grads]
-
-
 class Monitor:
     """Drives the probes from the training loop's four calls and writes what they record."""
 
@@ -93,7 +72,9 @@ class Monitor:
         self._device = self._params[0].device if self._params else torch.device("cpu")
         # On the CPU the curve is read on the host (no sync to avoid), unless NETPROBE_NATIVE=0
         # asks for the path a GPU takes.
-        self._rows = HostRows() if self._device.type == "cpu" and native.enabled() else None
+        # Its rows hold CURVE_NAMES's values in order (the norm last).
+        on_host = self._device.type == "cpu" and native.enabled()
+        self._rows = native.HostBlocks(1, 3) if on_host else None
         # Calls the probes' hooks when their schedules say, and times them.
         self.runner = ProbeRunner(self.probes, self.state, self._device)
         self._flush_time, self._samples, self._flush_t = 0.0, 0, time.perf_counter()
@@ -194,10 +175,13 @@ class Monitor:
 
     def _host_curve(
         self, loss: torch.Tensor, acc: Number | None, grads: list[torch.Tensor]
-    ) -> tuple[np.ndarray, torch.Tensor | float | None]:
+    ) -> tuple[np.ndarray, float | None]:
         """The same on the CPU as host floats, in a row of a host array: no tensor op but the
         loss's read (and the norm's, where a gradient is not float32 or float64)."""
-        row = self._rows.next(acc is not None, bool(grads))  # type: ignore[union-attr]
+        row = self._rows.next().array  # type: ignore[union-attr]
+        width = 1 + (acc is not None) + bool(grads)
+        if width < 3:
+            row = row[:, :width]
         row[0, 0] = self._last["loss"] = value = loss.item()
         self.nonfinite.observe(value, self.state.step)
         if acc is not None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import netprobe
 import netprobe.monitor as monitor_module
 import netprobe.probes.timer as timer_module
+from netprobe import native
 from netprobe.probes.gradients import Gradients
 from netprobe.store import RunWriter
 from tests.helpers import train_steps
@@ -135,7 +136,7 @@ def test_the_cpu_curve_stores_what_the_gpu_path_stores(tmp_path, monkeypatch, ac
     Both store the same curve: loss and accuracy to the bit, the norm as a float64 reference
     written here (the kernel sums 16 float32 squares at a time: within 1e-7; the device path
     sums float32 norms: within 1e-6)."""
-    monkeypatch.setattr(monitor_module.HostRows, "SIZE", 2)
+    monkeypatch.setattr(native.HostBlocks, "SIZE", 2)
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(16, 4, generator=gen), torch.randint(0, 2, (16,))) for _ in range(5)]
     curves = {}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from netprobe import native
+from netprobe.native import Block
 from netprobe.native import step as native_step
 from tests.helpers import OTHER_BUILDS, other_build, torch_threads
 
@@ -18,6 +19,12 @@ pytestmark = pytest.mark.skipif(
 # the size from which the kernels split work between threads.
 SIZES = [1, 7, 8, 9, 16383, 16384, 16385, 300_001]
 ZERO, TINY = 1e-5, 1e-7
+
+
+def grad_stats(kernels: native_step.StepKernels, grads: list[torch.Tensor]) -> tuple:
+    """Per tensor [n, 5], and the total."""
+    out = Block.of(np.empty((kernels.n, 5)))
+    return out.array, kernels.grad_stats(grads, out)
 
 
 def grads_of(sizes: list[int], dtype=torch.float32, seed: int = 0) -> list[torch.Tensor]:
@@ -39,21 +46,22 @@ def test_grad_stats_match_float64_and_ignore_the_thread_count(dtype) -> None:
     grads[5][3] = float("inf")
     kernels = native_step.kernels(grads)
     with torch_threads(1):
-        per_tensor, total = kernels.grad_stats(grads)
+        per_tensor, total = grad_stats(kernels, grads)
     for threads in (2, 3):  # the same bits
         with torch_threads(threads):
-            again = kernels.grad_stats(grads)
-        torch.testing.assert_close(again, (per_tensor, total), rtol=0, atol=0, equal_nan=True)
+            again = grad_stats(kernels, grads)
+        np.testing.assert_array_equal(again[0], per_tensor)
+        assert again[1] == total or (np.isnan(again[1]) and np.isnan(total))
     # The monitor's norm sums the same squares in the same order.
-    assert np.isnan(kernels.norm(grads)) and np.isnan(float(total))
+    assert np.isnan(kernels.norm(grads)) and np.isnan(total)
     # Without the NaN and the inf, to the bit.
     finite = [g for g in grads if torch.isfinite(g).all()]
     assert native_step.kernels(finite).norm(finite) == float(
-        native_step.kernels(finite).grad_stats(finite)[1]
+        grad_stats(native_step.kernels(finite), finite)[1]
     )
     want = np.sqrt(sum((g.double().numpy() ** 2).sum() for g in finite))
     assert float(native_step.kernels(finite).norm(finite)) == pytest.approx(want, rel=1e-7)
-    for row, g in zip(per_tensor.tolist(), grads):
+    for row, g in zip(per_tensor, grads):
         a = np.abs(g.double().numpy())
         finite = np.isfinite(a)
         want = [a.sum(), np.sqrt((a * a).sum()), a.sum() / a.size, a.max(), (~finite).sum()]
@@ -61,7 +69,7 @@ def test_grad_stats_match_float64_and_ignore_the_thread_count(dtype) -> None:
             assert np.isnan(row[:4]).all() and row[4] == want[4]
             continue
         np.testing.assert_allclose(row, want, rtol=1e-6 if dtype == torch.float32 else 1e-12)
-    assert np.isnan(float(total))
+    assert np.isnan(total)
 
 
 def dynamics_reference(g_prev, g, w_before, w_after, compare: bool) -> list[float]:
@@ -104,14 +112,14 @@ def test_dynamics_over_three_steps_match_float64(threads: int) -> None:
     w_prev = torch.cat(params)
     for t, grads in enumerate(steps):
         compare = t > 0
-        metrics = torch.empty((len(sizes), 10 if compare else 3), dtype=torch.float64)
+        metrics = Block.of(np.empty((len(sizes), 10 if compare else 3)))
         with torch_threads(threads):
             kernels.dyn_grad(grads, codes, compare, ZERO, TINY, metrics)
         for p, w in zip(params, weights[t + 1]):
             p.copy_(w)
-        columns = metrics[:, 6:] if compare else metrics[:, 2:]
         with torch_threads(threads):
-            kernels.dyn_update(params, w_prev, codes, compare, columns)
+            kernels.dyn_update(params, w_prev, codes, compare, metrics, 6 if compare else 2)
+        metrics = metrics.array
         for i in range(len(sizes)):
             want = dynamics_reference(
                 steps[t - 1][i] if compare else grads[i],
@@ -120,7 +128,7 @@ def test_dynamics_over_three_steps_match_float64(threads: int) -> None:
                 weights[t + 1][i],
                 compare,
             )
-            np.testing.assert_allclose(metrics[i].numpy(), want, rtol=1e-6, err_msg=f"{t} {i}")
+            np.testing.assert_allclose(metrics[i], want, rtol=1e-6, err_msg=f"{t} {i}")
         assert torch.equal(w_prev, torch.cat(params))  # W_t: the next step's starting point
     assert (metrics[-1, 4] > 0) and (metrics[-1, 3] > 0.5)  # retained flips did occur
 
@@ -144,8 +152,8 @@ def test_only_cpu_tensors_of_one_float_dtype_take_the_fused_path() -> None:
 
 def test_a_strided_gradient_is_read_in_its_logical_order() -> None:
     g = torch.randn(6, 5).t()  # not contiguous
-    per_tensor, _ = native_step.kernels([g]).grad_stats([g])
-    assert per_tensor[0, 3].item() == g.abs().max().item()
+    per_tensor, _ = grad_stats(native_step.kernels([g]), [g])
+    assert per_tensor[0, 3] == g.abs().max().item()
 
 
 def test_switched_off_or_unbuildable_means_the_pytorch_path(monkeypatch, tmp_path) -> None:
@@ -175,7 +183,9 @@ def test_the_same_bits_on_any_vector_width(build, tmp_path) -> None:
         other = native_step.StepKernels(
             native_step._bind(lib), [g.numel() for g in grads], torch.float32
         )
-        torch.testing.assert_close(other.grad_stats(grads), tuned.grad_stats(grads), rtol=0, atol=0)
+        ours, theirs = grad_stats(tuned, grads), grad_stats(other, grads)
+        np.testing.assert_array_equal(ours[0], theirs[0])
+        assert ours[1] == theirs[1]
         assert other.norm(grads) == tuned.norm(grads)
         results = []
         for kernels in (tuned, other):
@@ -183,12 +193,14 @@ def test_the_same_bits_on_any_vector_width(build, tmp_path) -> None:
             w_prev, params = torch.cat(grads_of(SIZES, seed=5)), grads_of(SIZES, seed=6)
             out = []
             for t in range(2):
-                metrics = torch.empty((len(SIZES), 10), dtype=torch.float64)
+                metrics = Block.of(np.empty((len(SIZES), 10)))
                 kernels.dyn_grad(grads_of(SIZES, seed=t), codes, t > 0, ZERO, TINY, metrics)
-                kernels.dyn_update(params, w_prev, codes, t > 0, metrics[:, 6 if t else 2 :])
-                out.append(metrics[:, : 10 if t else 3])
+                kernels.dyn_update(params, w_prev, codes, t > 0, metrics, 6 if t else 2)
+                out.append(metrics.array[:, : 10 if t else 3])
             results.append((out, codes))
-        torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+        for ours, theirs in zip(*(out for out, _ in results)):
+            np.testing.assert_array_equal(ours, theirs)
+        assert torch.equal(results[0][1], results[1][1])
 
 
 def test_a_tensor_unlike_the_kernels_is_refused() -> None:
@@ -219,17 +231,25 @@ def test_an_output_or_buffer_the_kernels_would_overrun_is_refused() -> None:
     params = [torch.zeros(10), torch.zeros(3)]
     kernels = native_step.kernels(params)
     codes, w_prev = torch.zeros(13, dtype=torch.uint8), torch.zeros(13)
-    good = torch.zeros((2, 10), dtype=torch.float64)
+    good = np.zeros((2, 10))
     for out, c, w in (
-        (torch.zeros((1, 10), dtype=torch.float64), codes, w_prev),  # a row short
-        (torch.zeros((2, 10)), codes, w_prev),  # float32
+        (np.zeros((1, 10)), codes, w_prev),  # a row short
+        (np.zeros((2, 10), np.float32), codes, w_prev),
         (good[:, :3], codes, w_prev),  # too narrow for the compared metrics
+        (good[:, ::2], codes, w_prev),  # columns apart
         (good, torch.zeros(12, dtype=torch.uint8), w_prev),
         (good, codes, torch.zeros(13, dtype=torch.float64)),
     ):
+        if w is w_prev:  # dyn_grad reads no weights
+            with pytest.raises(ValueError):
+                kernels.dyn_grad(params, c, True, ZERO, TINY, Block.of(out))
         with pytest.raises(ValueError):
-            kernels.dyn_grad(params, c, True, ZERO, TINY, out)
-            kernels.dyn_update(params, w, c, True, out[:, 6:])
+            kernels.dyn_update(params, w, c, True, Block.of(out), 6)
+    with pytest.raises(ValueError):
+        kernels.dyn_update(params, w_prev, codes, True, Block.of(good[:, :9]), 6)
+    for out in (good[:, :5], np.zeros((2, 4)), np.zeros((3, 5))):
+        with pytest.raises(ValueError):
+            kernels.grad_stats(params, Block.of(out))
 
 
 def test_accuracy_is_torchs_to_the_bit() -> None:

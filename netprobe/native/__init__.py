@@ -1,6 +1,7 @@
 """Fused CPU loops for the probes' hottest reductions: C sources next to this file, compiled once
 per machine (for its CPU) with the system's C compiler and loaded with ctypes. Without a compiler,
-or with NETPROBE_NATIVE=0, `library` returns None and the probes keep their PyTorch path."""
+or with NETPROBE_NATIVE=0, `library` returns None and the probes keep their PyTorch path. Also the
+host blocks those loops write a step's record into."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 HERE = Path(__file__).parent
 # No -ffast-math: NaN and ±inf must propagate as in PyTorch. No FMA contraction and no
@@ -103,3 +107,35 @@ def _build(
 def library(name: str) -> ctypes.CDLL | None:
     """The compiled `netprobe/native/<name>.c`, or None where it cannot be built or is off."""
     return _load(name) if enabled() else None
+
+
+class Block(NamedTuple):
+    """A float64 host array and the address of its first element, for a kernel to write into."""
+
+    array: np.ndarray
+    address: int
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> Block:
+        return cls(array, array.ctypes.data)
+
+
+class HostBlocks:
+    """Fresh float64 host arrays of one shape, one per call: a step's record, written in place.
+    They are cut from a pool of SIZE, whose address is read once, because right after a small
+    model's backward np.empty and .ctypes cost 10-20 µs each, and a step there is ~2 ms. A block
+    is handed out once: the views keep their pool alive until the recorder has drained them."""
+
+    SIZE = 256
+
+    def __init__(self, *shape: int) -> None:
+        self.shape = shape
+        self._pool, self._next, self._base, self._stride = np.empty((0, *shape)), 0, 0, 0
+
+    def next(self) -> Block:
+        if self._next == len(self._pool):
+            self._pool, self._next = np.empty((self.SIZE, *self.shape)), 0
+            self._base, self._stride = self._pool.ctypes.data, self._pool.strides[0]
+        i = self._next
+        self._next += 1
+        return Block(self._pool[i], self._base + i * self._stride)

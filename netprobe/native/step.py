@@ -7,9 +7,10 @@ import ctypes
 import functools
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
-from netprobe.native import enabled, library
+from netprobe.native import Block, enabled, library
 
 _TYPES = {torch.float32: "f32", torch.float64: "f64"}
 _I64, _PTR, _INT, _F64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
@@ -105,28 +106,32 @@ class StepKernels:
             pointers[i] = t.data_ptr()
         return pointers, copies
 
-    def _fits(self, out: torch.Tensor, width: int, *flat: tuple[torch.Tensor, torch.dtype]) -> None:
+    def _fits(self, out: Block, width: int, *flat: tuple[torch.Tensor, torch.dtype]) -> int:
         """Refuses an output or a flat buffer the C code would write past: out [n, ≥ width]
-        float64 with unit column stride, each buffer `total` contiguous elements of its dtype."""
-        if out.dtype != torch.float64 or out.shape[0] != self.n or out.shape[1] < width:
-            raise ValueError(f"an output of {out.dtype} {tuple(out.shape)} for [{self.n}, {width}]")
-        if out.stride(1) != 1 or not out.is_cpu:
-            raise ValueError("an output whose columns are not adjacent, or not on the CPU")
+        float64 with adjacent columns, each buffer `total` contiguous elements of its dtype.
+        Returns the output's row stride in elements."""
+        array = out.array
+        shape, strides = array.shape, array.strides
+        if array.dtype != np.float64 or len(shape) != 2 or shape[0] != self.n or shape[1] < width:
+            raise ValueError(f"an output of {array.dtype} {shape} for [{self.n}, {width}] float64")
+        if strides[1] != 8 or strides[0] % 8:
+            raise ValueError(f"an output whose columns are not adjacent (strides {strides})")
         for buffer, dtype in flat:
             if buffer.numel() != self.total or buffer.dtype != dtype or not buffer.is_contiguous():
                 raise ValueError(f"a buffer unlike {self.total} contiguous {dtype} elements")
+        return strides[0] // 8
 
-    def grad_stats(self, grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per tensor [l1, l2, mean_abs, max_abs, nonfinite] (float64, [n, 5]), and ‖g‖₂ overall."""
-        out = torch.empty((self.n, 5), dtype=torch.float64)
-        total = torch.empty((), dtype=torch.float64)
+    def grad_stats(self, grads: Sequence[torch.Tensor], out: Block) -> float:
+        """Per tensor [l1, l2, mean_abs, max_abs, nonfinite] into `out` ([n, 5]); returns ‖g‖₂
+        overall."""
+        ld = self._fits(out, 5)
+        if ld != 5:
+            raise ValueError(f"an output with rows {ld} elements apart for rows of 5")
         data, _held = self._data(grads)
         _check(
-            self._grad_stats(
-                self.n, data, self._sizes, out.data_ptr(), total.data_ptr(), _threads()
-            )
+            self._grad_stats(self.n, data, self._sizes, out.address, self._result_at, _threads())
         )
-        return out, total
+        return self._result.value
 
     def norm(self, tensors: Sequence[torch.Tensor]) -> float:
         """‖·‖₂ over every element of every tensor, as a float: no tensor made per call."""
@@ -141,16 +146,16 @@ class StepKernels:
         compare: bool,
         zero: float,
         tiny: float,
-        out: torch.Tensor,
+        out: Block,
     ) -> None:
-        """optim_dynamics' gradient metrics into out[:, :6] (float64), step t's code bytes into
-        `codes` over step t−1's (read only with `compare`)."""
-        self._fits(out, 6 if compare else 2, (codes, torch.uint8))
+        """optim_dynamics' gradient metrics into out[:, :6], step t's code bytes into `codes`
+        over step t−1's (read only with `compare`)."""
+        ld = self._fits(out, 6 if compare else 2, (codes, torch.uint8))
         data, _held = self._data(grads)
         _check(
             self._dyn_grad(
                 *(self.n, data, self._sizes, codes.data_ptr(), int(compare), zero, tiny),
-                *(out.data_ptr(), out.stride(0), _threads()),
+                *(out.address, ld, _threads()),
             )
         )
 
@@ -160,16 +165,18 @@ class StepKernels:
         w_prev: torch.Tensor,
         codes: torch.Tensor,
         compare: bool,
-        out: torch.Tensor,
+        out: Block,
+        column: int,
     ) -> None:
-        """optim_dynamics' update metrics into `out` (a float64 view, columns from its first),
-        with W_t − w_prev; then W_t into w_prev."""
-        self._fits(out, 4 if compare else 1, (w_prev, self.dtype), (codes, torch.uint8))
+        """optim_dynamics' update metrics into `out` from its column `column` on, with
+        W_t − w_prev; then W_t into w_prev."""
+        width = column + (4 if compare else 1)
+        ld = self._fits(out, width, (w_prev, self.dtype), (codes, torch.uint8))
         data, _held = self._data(params)
         _check(
             self._dyn_update(
                 *(self.n, data, self._sizes, w_prev.data_ptr(), codes.data_ptr()),
-                *(int(compare), 1, out.data_ptr(), out.stride(0), _threads()),
+                *(int(compare), 1, out.address + 8 * column, ld, _threads()),
             )
         )
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
+from netprobe.native import HostBlocks
 from netprobe.native import step as native_step
 from netprobe.probes.base import Probe, StepState
 from netprobe.probes.reductions import device_sizes, stat_dtype
@@ -58,7 +60,14 @@ class Gradients(Probe):
     def _reduction(self, grads: list[torch.Tensor]) -> Callable:
         kernels = native_step.kernels(grads)
         if kernels is not None:
-            return lambda gs: kernels.grad_stats(gs)[0]
+            blocks = HostBlocks(len(grads), len(METRICS))
+
+            def fused(gs: list[torch.Tensor]) -> np.ndarray:
+                out = blocks.next()
+                kernels.grad_stats(gs, out)
+                return out.array
+
+            return fused
         segments = Segments([g.numel() for g in grads])
         buffer = segments.buffer(stat_dtype(grads), grads[0].device)
         return lambda gs: gradient_stats(gs, segments, buffer)[0]

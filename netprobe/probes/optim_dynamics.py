@@ -7,9 +7,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from netprobe.errors import ConfigError
+from netprobe.native import Block, HostBlocks
 from netprobe.native import step as native_step
 from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.options import Option
@@ -230,13 +232,18 @@ class FusedCodes:
         # The step whose starting weights w_prev holds, and the weights' versions then.
         self._w_prev_of: tuple[int, list[int]] | None = None
         self._zeros: dict[int, torch.Tensor] = {}  # an absent gradient's stand-in
+        # Each step's record, by whether it compares with the step before.
+        self._blocks = {
+            compare: HostBlocks(len(params), len(METRICS if compare else UNPAIRED_METRICS))
+            for compare in (False, True)
+        }
 
     def keep(self) -> None:
         self.kept = True
 
     def read(
         self, grads: Sequence[torch.Tensor | None], compare: bool, thresholds, sample: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[Block, torch.Tensor | None]:
         """As TorchBuffers.read, in one pass; the record's update columns are left to `update`."""
         # A parameter without a gradient this step (unused in the forward) reads as zeros.
         present = [
@@ -244,8 +251,7 @@ class FusedCodes:
             for i, g in enumerate(grads)
         ]
         values = self.kernels.gather(present, self.which, self.offsets) if sample else None
-        width = len(METRICS if compare else UNPAIRED_METRICS)
-        metrics = torch.empty((len(present), width), dtype=torch.float64)
+        metrics = self._blocks[compare].next()
         self.kernels.dyn_grad(present, self.codes, compare, *thresholds, metrics)
         self.kept = False  # the codes now hold this step's sign and z
         return metrics, values
@@ -256,14 +262,13 @@ class FusedCodes:
                 torch.cat([p.reshape(-1) for p in params], out=self.w_prev)
 
     def update(
-        self, params: Sequence[torch.Tensor], compare: bool, metrics: torch.Tensor, step: int
-    ) -> torch.Tensor:
+        self, params: Sequence[torch.Tensor], compare: bool, metrics: Block, step: int
+    ) -> np.ndarray:
         """Fills the update columns of `metrics` (the grad columns came from `read`)."""
-        columns = metrics[:, len(GRAD_METRICS) if compare else 2 :]
-        with torch.no_grad():
-            self.kernels.dyn_update(params, self.w_prev, self.codes, compare, columns)
+        column = len(GRAD_METRICS) if compare else 2
+        self.kernels.dyn_update(params, self.w_prev, self.codes, compare, metrics, column)
         self._w_prev_of = (step + 1, [p._version for p in params])
-        return metrics
+        return metrics.array
 
     def saved(self) -> tuple[torch.Tensor, torch.Tensor]:
         codes = self.codes.to(torch.int8)
@@ -316,7 +321,7 @@ class OptimDynamics(Probe):
         self._read_step: int | None = None  # the step whose gradient was read last
         # The gradient metrics of the recorded step under way and whether they compare with the
         # step before: recorded with the update in `after_step`.
-        self._pending: tuple[torch.Tensor, bool] | None = None
+        self._pending: tuple[torch.Tensor | Block, bool] | None = None
         # The epoch's sampled gradients (step, [Σ K]) for the sign map: every `_sign_stride`-th
         # step, thinned to every other one whenever they reach 4 · sign_rows.
         self._sign_rows: list[tuple[int, torch.Tensor]] = []
@@ -345,7 +350,7 @@ class OptimDynamics(Probe):
                 self._state = TorchBuffers(self.segments, self.tensors, self.sign_index)
         return self._state
 
-    def _read(self, state: StepState, compare: bool) -> torch.Tensor:
+    def _read(self, state: StepState, compare: bool) -> torch.Tensor | Block:
         """This step's gradient metrics (against the kept step before's if `compare`), and every
         `_sign_stride`-th step's sampled gradients for the sign map."""
         sample = self._sign_seen % self._sign_stride == 0

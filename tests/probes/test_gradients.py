@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import netprobe
+from netprobe.native import Block
 from netprobe.native import step as native_step
 from netprobe.probes.gradients import gradient_stats
 
@@ -22,7 +23,11 @@ def both_paths(kernel_path: str) -> str:
 def per_tensor_stats(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The probe's reduction on the path the test runs on."""
     kernels = native_step.kernels(grads)
-    return kernels.grad_stats(grads) if kernels is not None else gradient_stats(grads)
+    if kernels is None:
+        return gradient_stats(grads)
+    out = Block.of(np.empty((len(grads), 5)))
+    total = kernels.grad_stats(grads, out)
+    return torch.from_numpy(out.array), torch.tensor(total, dtype=torch.float64)
 
 
 def naive_stats(g: np.ndarray) -> dict[str, float]:
