@@ -108,13 +108,16 @@ class Recorder:
 
 
 def _to_host_flat(values: list[torch.Tensor | np.ndarray], dtype: torch.dtype) -> np.ndarray:
-    """The values flattened and concatenated, in order, on the host: one copy per device."""
-    tensors = [torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in values]
-    devices = {t.device for t in tensors}
-    if len(devices) == 1:
+    """The values flattened and concatenated, in order, on the host: host arrays as they are
+    (`dtype` already), tensors with one copy per device."""
+    at = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+    if len(at) == len(values) and len({t.device for t in values}) == 1:
         # cat promotes mixed dtypes itself: one conversion for all, not one per tensor.
-        return torch.cat([t.reshape(-1) for t in tensors]).to(dtype).cpu().numpy()
-    return np.concatenate(_to_host(tensors, dtype))
+        return torch.cat([t.reshape(-1) for t in values]).to(dtype).cpu().numpy()
+    pieces = list(values)
+    for i, host in zip(at, _to_host([values[i] for i in at], dtype)):
+        pieces[i] = host
+    return np.concatenate(pieces, axis=None)
 
 
 def _to_host(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[np.ndarray]:

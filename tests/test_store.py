@@ -140,17 +140,20 @@ def test_recorded_scalars_keep_their_order_and_values(tmp_path):
     progress = StepState()
     rec = Recorder(progress)
     expected = []
+    rows = np.arange(9.0).reshape(3, 3)  # host rows, as the CPU curve and fused kernels write
     for step in range(3):
         progress.step = step
         grads = torch.arange(6, dtype=torch.float32).reshape(3, 2) + 10 * step
         rec.scalars("gradients", ["a", "b", "c"], ["l1", "l2"], grads)
-        rec.scalars("train", [""], ["lr"], 0.5 * step)  # a Python number among tensors
-        rec.scalars("gradients", ["a", "c"], ["l1", "l2"], torch.ones(2, 2, dtype=torch.float64))
         for (layer, metric), value in zip(
             [(layer, m) for layer in "abc" for m in ("l1", "l2")], grads.reshape(-1).tolist()
         ):
             expected.append((step, "gradients", layer, metric, value))
+        rec.scalars("train", [""], ["lr"], 0.5 * step)  # a Python number among tensors
         expected.append((step, "train", "", "lr", 0.5 * step))
+        rec.scalars("train", [""], ["loss", "acc"], rows[step : step + 1, ::2])  # a strided view
+        expected += [(step, "train", "", m, rows[step, c]) for m, c in (("loss", 0), ("acc", 2))]
+        rec.scalars("gradients", ["a", "c"], ["l1", "l2"], torch.ones(2, 2, dtype=torch.float64))
         expected += [(step, "gradients", layer, m, 1.0) for layer in "ac" for m in ("l1", "l2")]
     writer = RunWriter(tmp_path, {}, lock=claim_run_dir(tmp_path))
     writer.append("scalars", rec.drain()["scalars"])
