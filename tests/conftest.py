@@ -100,11 +100,11 @@ def _held_bytes(probe: object, model: nn.Module) -> list[int]:
 def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs a test on both paths of the probes that have fused CPU kernels: those kernels
     (skipped where no C compiler builds them) and PyTorch's (NETPROBE_NATIVE=0), as on a GPU."""
-    from netprobe.native import library
+    from netprobe import native
 
     if request.param == "torch":
-        monkeypatch.setenv("NETPROBE_NATIVE", "0")
-    elif library("step") is None:
+        monkeypatch.setattr(native, "ENABLED", False)
+    elif native.library("step") is None:
         pytest.skip("no C compiler: the fused kernels cannot be built here")
     return request.param
 

@@ -141,7 +141,7 @@ def test_the_cpu_curve_stores_what_the_gpu_path_stores(tmp_path, monkeypatch, ac
     batches = [(torch.randn(16, 4, generator=gen), torch.randint(0, 2, (16,))) for _ in range(5)]
     curves = {}
     for path in ("host", "device"):
-        monkeypatch.setenv("NETPROBE_NATIVE", "1" if path == "host" else "0")
+        monkeypatch.setattr(native, "ENABLED", path == "host")
         torch.manual_seed(0)
         model = small_net()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -157,9 +157,10 @@ def test_a_strided_gradient_is_read_in_its_logical_order() -> None:
 
 
 def test_switched_off_or_unbuildable_means_the_pytorch_path(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("NETPROBE_NATIVE", "0")
+    monkeypatch.setattr(native, "ENABLED", False)
     assert native.library("step") is None and native_step.kernels([torch.zeros(3)]) is None
-    monkeypatch.delenv("NETPROBE_NATIVE")
+    assert native_step.accuracy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)) is None
+    monkeypatch.setattr(native, "ENABLED", True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built yet
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     native._load.cache_clear()
@@ -292,3 +293,18 @@ def test_accuracy_leaves_what_it_cannot_read_to_pytorch() -> None:
         (logits, torch.randint(0, 4, (16,))[::2]),
     ):
         assert native_step.accuracy(*args) is None
+
+
+def test_the_switch_is_read_from_the_environment_at_import() -> None:
+    import os
+    import subprocess
+    import sys
+
+    for value, want in (("0", "False"), ("1", "True")):
+        done = subprocess.run(
+            [sys.executable, "-c", "import netprobe.native as n; print(n.ENABLED)"],
+            env={**os.environ, "NETPROBE_NATIVE": value},
+            capture_output=True,
+            text=True,
+        )
+        assert done.stdout.strip() == want, done.stderr

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from netprobe import native
 from netprobe.native import hist, library
 from tests.helpers import OTHER_BUILDS, other_build, torch_threads
 
@@ -99,7 +100,7 @@ def test_the_pytorch_path_serves_where_the_kernel_does_not(monkeypatch) -> None:
     edges = torch.linspace(-1, 1, 5, dtype=torch.float64)
     assert hist.activation_stats(x.half(), edges) is None
     assert hist.activation_stats(x[:0], edges) is None
-    monkeypatch.setenv("NETPROBE_NATIVE", "0")
+    monkeypatch.setattr(native, "ENABLED", False)
     assert hist.activation_stats(x, edges) is None
 
 

@@ -24,6 +24,7 @@ from torch.optim.optimizer import (
 
 import netprobe.probes
 import netprobe.train as train_module
+from netprobe import native
 from netprobe.monitor import Monitor
 from netprobe.progress import TrainProgress
 
@@ -81,7 +82,7 @@ class SyncGuard:
 def guard(monkeypatch, host_reads):
     # The path a GPU run takes: on the CPU the fused kernels and the monitor's curve read the
     # host memory they are in, which costs nothing there.
-    monkeypatch.setenv("NETPROBE_NATIVE", "0")
+    monkeypatch.setattr(native, "ENABLED", False)
     g = SyncGuard(monkeypatch, host_reads)
     monkeypatch.setattr(train_module, "train_step", g.wrap(train_module.train_step, True))
     monkeypatch.setattr(TrainProgress, "advance", g.wrap(TrainProgress.advance, True))

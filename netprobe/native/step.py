@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from netprobe.native import Block, enabled, library
+from netprobe import native
+from netprobe.native import Block, library
 
 _TYPES = {torch.float32: "f32", torch.float64: "f64"}
 _I64, _PTR, _INT, _F64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
@@ -52,7 +53,12 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> float | None:
     """(logits.argmax(1) == target).float().mean() to the bit, as a float, in one pass for CPU
     logits [rows, classes] of float32 or float64 and int64 targets; None where PyTorch's ops
     serve (four of them: 40-80 µs of a small model's CPU step, right after its backward)."""
-    function = _accuracy_kernel(logits.dtype, enabled()) if logits.is_cpu else None
+    if not native.ENABLED or not logits.is_cpu:
+        return None
+    try:
+        function = _accuracy_kernels[logits.dtype]
+    except KeyError:
+        function = _accuracy_kernels[logits.dtype] = _accuracy_kernel(logits.dtype)
     if function is None or target.dtype != torch.int64 or not target.is_cpu:
         return None
     shape, strides = logits.shape, logits.stride()
@@ -63,10 +69,14 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> float | None:
     return function(shape[0], shape[1], logits.data_ptr(), strides[0], target.data_ptr())
 
 
-@functools.cache
-def _accuracy_kernel(dtype: torch.dtype, on: bool) -> Callable[..., float] | None:
-    lib = library("step") if on and dtype in _TYPES else None
+def _accuracy_kernel(dtype: torch.dtype) -> Callable[..., float] | None:
+    lib = library("step") if dtype in _TYPES else None
     return None if lib is None else getattr(_bind(lib), f"np_accuracy_{_TYPES[dtype]}")
+
+
+# The accuracy's kernel by logits dtype (None: none for it), found once: a cached function's
+# lookup costs several µs where this one is counted.
+_accuracy_kernels: dict[torch.dtype, Callable[..., float] | None] = {}
 
 
 class StepKernels:
