@@ -13,11 +13,13 @@ NONE = torch.iinfo(torch.int64).max  # no non-finite loss yet
 class NonfiniteWatch:
     """The first step whose loss is NaN or ±inf.
 
-    Each step folds the loss into a device scalar (a few tiny kernels, no host sync). On a GPU
-    that scalar is copied to pinned host memory without blocking, and the copy is read once a
-    CUDA event says it has landed, so the training loop learns of a divergence a step or two
-    late but never stalls. On the CPU reading it costs nothing. `settle()` gives the exact
-    answer and waits for the device: the monitor calls it at flush points, which sync anyway.
+    A loss already on the host (a float: a CPU run's monitor reads it anyway) is checked at
+    once. Otherwise each step folds the loss into a device scalar (a few tiny kernels, no host
+    sync). On a GPU that scalar is copied to pinned host memory without blocking, and the copy
+    is read once a CUDA event says it has landed, so the training loop learns of a divergence a
+    step or two late but never stalls. On the CPU reading it costs nothing. `settle()` gives
+    the exact answer and waits for the device: the monitor calls it at flush points, which sync
+    anyway.
     """
 
     def __init__(self) -> None:

@@ -70,9 +70,8 @@ class Monitor:
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._total_norm = TotalNorm(self._params)
         self._device = self._params[0].device if self._params else torch.device("cpu")
-        # On the CPU the curve is read on the host (no sync to avoid), unless NETPROBE_NATIVE=0
-        # asks for the path a GPU takes.
-        # Its rows hold CURVE_NAMES's values in order (the norm last).
+        # On the CPU the curve is read on the host (no sync to avoid), into rows that hold
+        # CURVE_NAMES's values in order, unless NETPROBE_NATIVE=0 asks for the path a GPU takes.
         on_host = self._device.type == "cpu" and native.enabled()
         self._rows = native.HostBlocks(1, 3) if on_host else None
         # Calls the probes' hooks when their schedules say, and times them.
@@ -164,7 +163,9 @@ class Monitor:
         values = [loss if loss.dim() == 0 else loss.reshape(())]
         self._last["loss"] = loss
         if acc is not None:
-            acc = torch.as_tensor(acc, device=loss.device).detach()  # stacked with the loss
+            # Stacked with the loss; a Python float kept to its last bit, as on the CPU's path.
+            dtype = torch.float64 if isinstance(acc, float) else None
+            acc = torch.as_tensor(acc, dtype=dtype, device=loss.device).detach()
             values.append(acc if acc.dim() == 0 else acc.reshape(()))
             self._last["acc"] = acc
         total = None
@@ -177,7 +178,8 @@ class Monitor:
         self, loss: torch.Tensor, acc: Number | None, grads: list[torch.Tensor]
     ) -> tuple[np.ndarray, float | None]:
         """The same on the CPU as host floats, in a row of a host array: no tensor op but the
-        loss's read (and the norm's, where a gradient is not float32 or float64)."""
+        loss's read (and the accuracy's, given as a tensor; and the norm's, where the fused
+        kernel does not serve these gradients)."""
         row = self._rows.next().array  # type: ignore[union-attr]
         width = 1 + (acc is not None) + bool(grads)
         if width < 3:

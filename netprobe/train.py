@@ -122,8 +122,13 @@ def train_step(
     batch_size = len(y)
     if ddp is not None and ddp.enabled:
         # The whole global batch's loss and accuracy, as one process would record them.
-        acc_or_zero = torch.as_tensor(0.0 if acc is None else acc, device=loss.device)
-        pair = torch.stack([loss.detach(), acc_or_zero])
+        # new_zeros, not a tensor of 0.0: copying a host number to a GPU waits for the device
+        # (the accuracy is a Python float only on a CPU, from the fused loop).
+        if acc is None:
+            shared = loss.new_zeros(())
+        else:
+            shared = torch.as_tensor(acc, dtype=loss.dtype, device=loss.device)
+        pair = torch.stack([loss.detach(), shared])
         pair = distributed.mean_over_ranks(pair, ddp)
         loss, acc = pair[0], None if acc is None else pair[1]
         batch_size *= ddp.world_size

@@ -9,6 +9,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -83,14 +84,20 @@ def _held_bytes(probe: object, model: nn.Module) -> list[int]:
             storage = value.untyped_storage()
             if storage.data_ptr() not in owned:
                 seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, np.ndarray):  # host blocks' pools, on the CPU
+            whole = value if value.base is None else value.base
+            seen[whole.ctypes.data] = whole.nbytes
         elif isinstance(value, (list, tuple)):
             for item in value:
                 visit(item)
         elif isinstance(value, dict):
             for item in value.values():
                 visit(item)
-        elif type(value).__name__ in ("TorchBuffers", "FusedCodes"):  # a probe's state object
-            visit(vars(value))
+        elif type(value).__name__ in ("TorchBuffers", "FusedCodes", "HostBlocks"):
+            visit(vars(value))  # a probe's state object, a pool of host blocks
+        elif callable(value) and getattr(value, "__closure__", None):  # a probe's reduction
+            for cell in value.__closure__:
+                visit(cell.cell_contents)
 
     visit(vars(probe))
     return sorted(seen.values())

@@ -128,14 +128,14 @@ def test_the_learning_rate_follows_the_optimizer_each_step(tmp_path):
     assert lr["value"].tolist() == [0.1, 0.1, 0.05, 0.05, 0.025]
 
 
-@pytest.mark.parametrize("acc", [True, False])
+@pytest.mark.parametrize("acc", ["tensor", "float", "int", None])
 @pytest.mark.parametrize("backward", [True, False])
 def test_the_cpu_curve_stores_what_the_gpu_path_stores(tmp_path, monkeypatch, acc, backward):
     """On the CPU each step's loss, accuracy and ‖g‖₂ are read into rows of host arrays (a new
     array every SIZE rows, here 2); NETPROBE_NATIVE=0 takes the device path a GPU run takes.
-    Both store the same curve: loss and accuracy to the bit, the norm as a float64 reference
-    written here (the kernel sums 16 float32 squares at a time: within 1e-7; the device path
-    sums float32 norms: within 1e-6)."""
+    Both store the same curve: loss and accuracy (a tensor, a float, an int) to the bit, the
+    norm as a float64 reference written here (the kernel sums 16 float32 squares at a time:
+    within 1e-7; the device path sums float32 norms: within 1e-6)."""
     monkeypatch.setattr(native.HostBlocks, "SIZE", 2)
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(16, 4, generator=gen), torch.randint(0, 2, (16,))) for _ in range(5)]
@@ -156,9 +156,10 @@ def test_the_cpu_curve_stores_what_the_gpu_path_stores(tmp_path, monkeypatch, ac
                     loss.backward()
                     squares = sum((p.grad.double() ** 2).sum() for p in model.parameters())
                     want["grad_l2_total"].append(float(squares.sqrt()))
-                share = (logits.argmax(1) == y).float().mean() if acc else None
+                share = (logits.argmax(1) == y).float().mean()
+                share = {"tensor": share, "float": share.item() / 3, "int": 1, None: None}[acc]
                 want["loss"].append(loss.item())
-                want["acc"] += [float(share)] if acc else []
+                want["acc"] += [] if share is None else [float(share)]  # a float: to the bit
                 mon.after_backward(loss, acc=share)
                 opt.step()
                 mon.after_step()

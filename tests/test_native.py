@@ -246,8 +246,15 @@ def test_an_output_or_buffer_the_kernels_would_overrun_is_refused() -> None:
                 kernels.dyn_grad(params, c, True, ZERO, TINY, Block.of(out))
         with pytest.raises(ValueError):
             kernels.dyn_update(params, w, c, True, Block.of(out), 6)
-    with pytest.raises(ValueError):
-        kernels.dyn_update(params, w_prev, codes, True, Block.of(good[:, :9]), 6)
+    overlapping = np.lib.stride_tricks.as_strided(good, (2, 10), (40, 8))
+    read_only = good.copy()
+    read_only.flags.writeable = False
+    for out in (overlapping, read_only):
+        with pytest.raises(ValueError):
+            kernels.dyn_grad(params, codes, True, ZERO, TINY, Block.of(out))
+    for out, column in ((good[:, :9], 6), (good, -1)):  # a column short; before the first
+        with pytest.raises(ValueError):
+            kernels.dyn_update(params, w_prev, codes, True, Block.of(out), column)
     for out in (good[:, :5], np.zeros((2, 4)), np.zeros((3, 5))):
         with pytest.raises(ValueError):
             kernels.grad_stats(params, Block.of(out))
@@ -308,3 +315,18 @@ def test_the_switch_is_read_from_the_environment_at_import() -> None:
             text=True,
         )
         assert done.stdout.strip() == want, done.stderr
+
+
+def test_host_blocks_are_fresh_and_their_addresses_theirs(monkeypatch) -> None:
+    """Every block handed out is a new [shape] float64 array, its address its own first
+    element's, across pools; a pool holds SIZE blocks, fewer where they would pass BYTES."""
+    monkeypatch.setattr(native.HostBlocks, "SIZE", 3)
+    blocks = native.HostBlocks(2, 5)
+    handed = [blocks.next() for _ in range(8)]  # three pools
+    for block in handed:
+        assert block.array.shape == (2, 5) and block.array.dtype == np.float64
+        assert block.address == block.array.ctypes.data
+    starts = sorted(b.address for b in handed)
+    assert len(set(starts)) == 8 and len({id(b.array.base) for b in handed}) == 3
+    monkeypatch.setattr(native.HostBlocks, "BYTES", 200)
+    assert len(native.HostBlocks(2, 5).next().array.base) == 2  # 200 bytes: two blocks of 80

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -116,7 +117,9 @@ def library(name: str) -> ctypes.CDLL | None:
 
 
 class Block(NamedTuple):
-    """A float64 host array and the address of its first element, for a kernel to write into."""
+    """A float64 host array and the address of its first element, for a kernel to write into.
+    Made by `HostBlocks.next` or `Block.of` only: the kernels check the array's shape and
+    strides, and write at `address`, which they cannot check."""
 
     array: np.ndarray
     address: int
@@ -128,19 +131,21 @@ class Block(NamedTuple):
 
 class HostBlocks:
     """Fresh float64 host arrays of one shape, one per call: a step's record, written in place.
-    They are cut from a pool of SIZE, whose address is read once, because right after a small
-    model's backward np.empty and .ctypes cost 10-20 µs each, and a step there is ~2 ms. A block
-    is handed out once: the views keep their pool alive until the recorder has drained them."""
+    They are cut from a pool (SIZE of them, fewer where they would take more than BYTES) whose
+    address is read once, because right after a small model's backward np.empty and .ctypes
+    cost 10-20 µs each, and a step there is ~2 ms. A block is handed out once: the views keep
+    their pool alive until the recorder has drained them."""
 
-    SIZE = 256
+    SIZE, BYTES = 256, 1 << 18
 
     def __init__(self, *shape: int) -> None:
         self.shape = shape
+        self._rows = max(1, min(self.SIZE, self.BYTES // (8 * max(1, math.prod(shape)))))
         self._pool, self._next, self._base, self._stride = np.empty((0, *shape)), 0, 0, 0
 
     def next(self) -> Block:
         if self._next == len(self._pool):
-            self._pool, self._next = np.empty((self.SIZE, *self.shape)), 0
+            self._pool, self._next = np.empty((self._rows, *self.shape)), 0
             self._base, self._stride = self._pool.ctypes.data, self._pool.strides[0]
         i = self._next
         self._next += 1

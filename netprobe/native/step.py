@@ -111,7 +111,7 @@ class StepKernels:
                     f"to kernels made for {size} {self.dtype} elements on the CPU"
                 )
             if not t.is_contiguous():
-                t = t.contiguous()
+                t = t.detach().contiguous()  # a parameter's copy: no autograd node
                 copies.append(t)
             pointers[i] = t.data_ptr()
         return pointers, copies
@@ -124,8 +124,10 @@ class StepKernels:
         shape, strides = array.shape, array.strides
         if array.dtype != np.float64 or len(shape) != 2 or shape[0] != self.n or shape[1] < width:
             raise ValueError(f"an output of {array.dtype} {shape} for [{self.n}, {width}] float64")
-        if strides[1] != 8 or strides[0] % 8:
-            raise ValueError(f"an output whose columns are not adjacent (strides {strides})")
+        if strides[1] != 8 or strides[0] % 8 or strides[0] < 8 * shape[1]:
+            raise ValueError(f"an output of overlapping rows or spaced columns (strides {strides})")
+        if not array.flags.writeable:
+            raise ValueError("an output that is read-only")
         for buffer, dtype in flat:
             if buffer.numel() != self.total or buffer.dtype != dtype or not buffer.is_contiguous():
                 raise ValueError(f"a buffer unlike {self.total} contiguous {dtype} elements")
@@ -180,6 +182,8 @@ class StepKernels:
     ) -> None:
         """optim_dynamics' update metrics into `out` from its column `column` on, with
         W_t − w_prev; then W_t into w_prev."""
+        if column < 0:
+            raise ValueError(f"column {column} of an output: columns count from 0")
         width = column + (4 if compare else 1)
         ld = self._fits(out, width, (w_prev, self.dtype), (codes, torch.uint8))
         data, _held = self._data(params)
