@@ -27,10 +27,10 @@ class StepState:
 
     `step`: optimizer steps done so far (the index of the step under way); `epoch`: epochs done;
     `loss`, `grad_l2_total` (‖∂L/∂θ‖₂ over every parameter; a float on the CPU, where it is
-    computed on the host) and `loss_scale` (the GradScaler's
-    scale of the loss just backpropagated: tensor hooks saw gradients of the scaled loss) once
-    the step's backward is done, None before and without them; `point`: the capture point under
-    way (start, epoch or end), None during a step."""
+    computed on the host) and `loss_scale` (the GradScaler's scale of the loss just
+    backpropagated: tensor hooks saw gradients of the scaled loss) once the step's backward is
+    done, None before and without them; `point`: the capture point under way (start, epoch or
+    end), None during a step."""
 
     step: int = 0
     epoch: int = 0
