@@ -3,6 +3,10 @@ sizes that cross their blocks, lanes and threading threshold, and their loader's
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -303,10 +307,6 @@ def test_accuracy_leaves_what_it_cannot_read_to_pytorch() -> None:
 
 
 def test_the_switch_is_read_from_the_environment_at_import() -> None:
-    import os
-    import subprocess
-    import sys
-
     for value, want in (("0", "False"), ("1", "True")):
         done = subprocess.run(
             [sys.executable, "-c", "import netprobe.native as n; print(n.ENABLED)"],
