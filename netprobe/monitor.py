@@ -72,7 +72,7 @@ class Monitor:
         self._device = self._params[0].device if self._params else torch.device("cpu")
         # On the CPU the curve is read on the host (no sync to avoid), into rows that hold
         # CURVE_NAMES's values in order, unless NETPROBE_NATIVE=0 asks for the path a GPU takes.
-        on_host = self._device.type == "cpu" and native.enabled()
+        on_host = self._device.type == "cpu" and native.ENABLED
         self._rows = native.HostBlocks(1, 3) if on_host else None
         # Calls the probes' hooks when their schedules say, and times them.
         self.runner = ProbeRunner(self.probes, self.state, self._device)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 HERE = Path(__file__).parent
 # No -ffast-math: NaN and ±inf must propagate as in PyTorch. No FMA contraction and no
@@ -49,8 +50,8 @@ def _cpu() -> str:
 ENABLED = os.environ.get("NETPROBE_NATIVE", "1") != "0"
 
 
-def enabled() -> bool:
-    return ENABLED
+# The element types the C kernels are built for, and their functions' name suffixes.
+SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
 
 
 def cache_dir() -> Path:
@@ -113,7 +114,7 @@ def _build(
 
 def library(name: str) -> ctypes.CDLL | None:
     """The compiled `netprobe/native/<name>.c`, or None where it cannot be built or is off."""
-    return _load(name) if enabled() else None
+    return _load(name) if ENABLED else None
 
 
 class Block(NamedTuple):

@@ -8,16 +8,15 @@ import functools
 
 import torch
 
-from netprobe.native import library
+from netprobe.native import SUFFIXES, library
 
-_TYPES = {torch.float32: "f32", torch.float64: "f64"}
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
 
 
 @functools.cache
 def _bound(lib: ctypes.CDLL) -> ctypes.CDLL:
-    for suffix in _TYPES.values():
+    for suffix in SUFFIXES.values():
         fn = getattr(lib, f"np_activation_stats_{suffix}")
         fn.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, ctypes.c_int]
     return lib
@@ -29,7 +28,7 @@ def activation_stats(
     """[mean, std, skew, zero_frac, dead_frac] (float64) and counts [bins + 2] (int64) of the
     outputs `flat` [B, units] in float64 `edges`, or None where the PyTorch path serves: a device
     other than the CPU, another dtype, no values, or no compiled library."""
-    if flat.device.type != "cpu" or flat.dtype not in _TYPES or flat.numel() == 0:
+    if flat.device.type != "cpu" or flat.dtype not in SUFFIXES or flat.numel() == 0:
         return None
     lib = library("hist")
     return None if lib is None else compute(lib, flat, edges)
@@ -43,7 +42,7 @@ def compute(
     edges = edges.to(device="cpu", dtype=torch.float64).contiguous()
     stats = torch.empty(5, dtype=torch.float64)
     counts = torch.empty(len(edges) + 1, dtype=torch.int64)
-    fn = getattr(_bound(lib), f"np_activation_stats_{_TYPES[x.dtype]}")
+    fn = getattr(_bound(lib), f"np_activation_stats_{SUFFIXES[x.dtype]}")
     status = fn(
         x.data_ptr(),
         *x.shape,

@@ -11,9 +11,8 @@ import numpy as np
 import torch
 
 from netprobe import native
-from netprobe.native import Block, library
+from netprobe.native import SUFFIXES, Block, library
 
-_TYPES = {torch.float32: "f32", torch.float64: "f64"}
 _I64, _PTR, _INT, _F64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
 # Every entry point's arguments, so that ctypes passes 64-bit pointers and sizes.
 _SIGNATURES = {
@@ -29,7 +28,7 @@ _RESTYPES = {"np_gather": None, "np_accuracy": ctypes.c_float}
 
 @functools.cache
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
-    for suffix in _TYPES.values():
+    for suffix in SUFFIXES.values():
         for name, arguments in _SIGNATURES.items():
             function = getattr(lib, f"{name}_{suffix}")
             function.argtypes = list(arguments)
@@ -43,7 +42,7 @@ def kernels(tensors: Sequence[torch.Tensor]) -> StepKernels | None:
     if not tensors:
         return None
     dtype = tensors[0].dtype
-    if dtype not in _TYPES or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
+    if dtype not in SUFFIXES or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
         return None
     lib = library("step")
     return None if lib is None else StepKernels(_bind(lib), [t.numel() for t in tensors], dtype)
@@ -70,8 +69,8 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> float | None:
 
 
 def _accuracy_kernel(dtype: torch.dtype) -> Callable[..., float] | None:
-    lib = library("step") if dtype in _TYPES else None
-    return None if lib is None else getattr(_bind(lib), f"np_accuracy_{_TYPES[dtype]}")
+    lib = library("step") if dtype in SUFFIXES else None
+    return None if lib is None else getattr(_bind(lib), f"np_accuracy_{SUFFIXES[dtype]}")
 
 
 # The accuracy's kernel by logits dtype (None: none for it), found once: a cached function's
@@ -85,7 +84,7 @@ class StepKernels:
 
     def __init__(self, lib: ctypes.CDLL, sizes: list[int], dtype: torch.dtype) -> None:
         self.dtype, self.n, self.total = dtype, len(sizes), sum(sizes)
-        suffix = _TYPES[dtype]
+        suffix = SUFFIXES[dtype]
         self._grad_stats = getattr(lib, f"np_grad_stats_{suffix}")
         self._norm = getattr(lib, f"np_norm_{suffix}")
         self._dyn_grad = getattr(lib, f"np_dyn_grad_{suffix}")
