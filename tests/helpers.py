@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 import netprobe
 from netprobe import native
+from netprobe.native import Block
 
 # Builds of a fused kernel unlike the tuned one, and the torch threads each runs on: SSE2 only,
 # AVX2 without AVX-512, and one that splits even a small job between 3 threads.
@@ -86,3 +88,9 @@ def other_build(source: str, build: str, folder: Path) -> tuple[ctypes.CDLL, int
     compiler = shutil.which("cc") or shutil.which("gcc")
     assert native._build(compiler, native.HERE / source, target, ([*native.FLAGS, *flags],))
     return ctypes.CDLL(str(target)), threads
+
+
+def fused_grad_stats(kernels, grads: list[torch.Tensor]) -> tuple[np.ndarray, float]:
+    """The fused `gradients` statistics: per tensor [n, 5] in a fresh host array, and ‖g‖₂."""
+    out = Block.of(np.empty((kernels.n, 5)))
+    return out.array, kernels.grad_stats(grads, out)

@@ -14,7 +14,7 @@ import torch
 from netprobe import native
 from netprobe.native import Block
 from netprobe.native import step as native_step
-from tests.helpers import OTHER_BUILDS, other_build, torch_threads
+from tests.helpers import OTHER_BUILDS, fused_grad_stats, other_build, torch_threads
 
 pytestmark = pytest.mark.skipif(
     native.library("step") is None, reason="no C compiler: the fused kernels cannot be built"
@@ -23,12 +23,6 @@ pytestmark = pytest.mark.skipif(
 # the size from which the kernels split work between threads.
 SIZES = [1, 7, 8, 9, 16383, 16384, 16385, 300_001]
 ZERO, TINY = 1e-5, 1e-7
-
-
-def grad_stats(kernels: native_step.StepKernels, grads: list[torch.Tensor]) -> tuple:
-    """Per tensor [n, 5], and the total."""
-    out = Block.of(np.empty((kernels.n, 5)))
-    return out.array, kernels.grad_stats(grads, out)
 
 
 def grads_of(sizes: list[int], dtype=torch.float32, seed: int = 0) -> list[torch.Tensor]:
@@ -50,10 +44,10 @@ def test_grad_stats_match_float64_and_ignore_the_thread_count(dtype) -> None:
     grads[5][3] = float("inf")
     kernels = native_step.kernels(grads)
     with torch_threads(1):
-        per_tensor, total = grad_stats(kernels, grads)
+        per_tensor, total = fused_grad_stats(kernels, grads)
     for threads in (2, 3):  # the same bits
         with torch_threads(threads):
-            again = grad_stats(kernels, grads)
+            again = fused_grad_stats(kernels, grads)
         np.testing.assert_array_equal(again[0], per_tensor)
         assert again[1] == total or (np.isnan(again[1]) and np.isnan(total))
     # The monitor's norm sums the same squares in the same order.
@@ -61,7 +55,7 @@ def test_grad_stats_match_float64_and_ignore_the_thread_count(dtype) -> None:
     # Without the NaN and the inf, to the bit.
     finite = [g for g in grads if torch.isfinite(g).all()]
     assert native_step.kernels(finite).norm(finite) == float(
-        grad_stats(native_step.kernels(finite), finite)[1]
+        fused_grad_stats(native_step.kernels(finite), finite)[1]
     )
     want = np.sqrt(sum((g.double().numpy() ** 2).sum() for g in finite))
     assert float(native_step.kernels(finite).norm(finite)) == pytest.approx(want, rel=1e-7)
@@ -156,7 +150,7 @@ def test_only_cpu_tensors_of_one_float_dtype_take_the_fused_path() -> None:
 
 def test_a_strided_gradient_is_read_in_its_logical_order() -> None:
     g = torch.randn(6, 5).t()  # not contiguous
-    per_tensor, _ = grad_stats(native_step.kernels([g]), [g])
+    per_tensor, _ = fused_grad_stats(native_step.kernels([g]), [g])
     assert per_tensor[0, 3] == g.abs().max().item()
 
 
@@ -188,7 +182,7 @@ def test_the_same_bits_on_any_vector_width(build, tmp_path) -> None:
         other = native_step.StepKernels(
             native_step._bind(lib), [g.numel() for g in grads], torch.float32
         )
-        ours, theirs = grad_stats(tuned, grads), grad_stats(other, grads)
+        ours, theirs = fused_grad_stats(tuned, grads), fused_grad_stats(other, grads)
         np.testing.assert_array_equal(ours[0], theirs[0])
         assert ours[1] == theirs[1]
         assert other.norm(grads) == tuned.norm(grads)

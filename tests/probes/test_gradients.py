@@ -9,9 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import netprobe
-from netprobe.native import Block
 from netprobe.native import step as native_step
 from netprobe.probes.gradients import gradient_stats
+from tests.helpers import fused_grad_stats
 
 
 @pytest.fixture(autouse=True)
@@ -25,9 +25,8 @@ def per_tensor_stats(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     kernels = native_step.kernels(grads)
     if kernels is None:
         return gradient_stats(grads)
-    out = Block.of(np.empty((len(grads), 5)))
-    total = kernels.grad_stats(grads, out)
-    return torch.from_numpy(out.array), torch.tensor(total, dtype=torch.float64)
+    per_tensor, total = fused_grad_stats(kernels, grads)
+    return torch.from_numpy(per_tensor), torch.tensor(total, dtype=torch.float64)
 
 
 def naive_stats(g: np.ndarray) -> dict[str, float]:
