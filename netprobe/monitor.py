@@ -226,11 +226,17 @@ class Monitor:
             torch.cuda.synchronize(self._device)
         t = time.perf_counter()
         with signals_held():
-            # A table that cannot be written stays with the writer for the next flush.
+            # A table that cannot be written stays with the writer for the next flush; the
+            # sink gets every drained row now, once, either way. The first failure is raised.
             tables = self.record.drain()
-            self.writer.append_all(tables)
-        if self.sink is not None:
-            self.sink.write(tables)
+            failure = None
+            for write in (self.writer.append_all, *([self.sink.write] if self.sink else [])):
+                try:
+                    write(tables)
+                except Exception as exc:
+                    failure = failure or exc
+            if failure is not None:
+                raise failure
         self.nonfinite.settle()  # the drain has just synced: the exact answer costs nothing more
         self.runner.timer.settle()
         self._flush_time += time.perf_counter() - t

@@ -1,11 +1,12 @@
 """What many test modules do alike: run the `netprobe` command, step a model through the
-library API (`attach`) as a user's own loop does, and run the fused kernels on other builds or
-thread counts."""
+library API (`attach`) as a user's own loop does, run the fused kernels on other builds or
+thread counts, and make Parquet writes fail as on a full disk."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import platform
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn as nn
@@ -94,3 +96,18 @@ def fused_grad_stats(kernels, grads: list[torch.Tensor]) -> tuple[np.ndarray, fl
     """The fused `gradients` statistics: per tensor [n, 5] in a fresh host array, and ‖g‖₂."""
     out = Block.of(np.empty((kernels.n, 5)))
     return out.array, kernels.grad_stats(grads, out)
+
+
+def fail_writes(monkeypatch: pytest.MonkeyPatch, where: str, after: int = 0) -> list[str]:
+    """Parquet writes into a path holding `where` fail with ENOSPC after `after` of them."""
+    real, calls = pq.write_table, []
+
+    def write_table(table, path, *args, **kwargs):
+        if where in str(path):
+            calls.append(str(path))
+            if len(calls) > after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, path, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", write_table)
+    return calls

@@ -28,7 +28,7 @@ from netprobe.errors import ConfigError, StorageError
 from netprobe.lifecycle import LOCK_FILE, claim_run_dir
 from netprobe.probes import PROBES, Option, Probe, Schedule, StepState
 from netprobe.train import train
-from tests.helpers import train_steps
+from tests.helpers import fail_writes, train_steps
 
 # 103 training samples in batches of 32: 4 steps an epoch.
 TINY = ["data=synthetic", "data.num_samples=128", "data.image_size=8", "data.batch_size=32",
@@ -291,21 +291,6 @@ def test_trouble_in_the_end_captures_still_flushes(tmp_path, monkeypatch, troubl
     assert run.scalars(probe="gradients", metric="l2")["step"].nunique() == 5
     assert len(run.scalars(probe="end_trouble")) == 1  # recorded before the trouble
     assert not (tmp_path / "run" / LOCK_FILE).exists()
-
-
-def fail_writes(monkeypatch: pytest.MonkeyPatch, where: str, after: int = 0) -> list[str]:
-    """Parquet writes into a path holding `where` fail with ENOSPC after `after` of them."""
-    real, calls = pq.write_table, []
-
-    def write_table(table, path, *args, **kwargs):
-        if where in str(path):
-            calls.append(str(path))
-            if len(calls) > after:
-                raise OSError(errno.ENOSPC, "No space left on device")
-        return real(table, path, *args, **kwargs)
-
-    monkeypatch.setattr(pq, "write_table", write_table)
-    return calls
 
 
 def test_a_table_that_fails_keeps_its_rows_and_the_others_are_written(tmp_path, monkeypatch):

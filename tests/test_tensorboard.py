@@ -15,8 +15,9 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 import netprobe
 from netprobe.cli import main as cli
+from netprobe.errors import StorageError
 from netprobe.tensorboard import EventWriter
-from tests.helpers import train_steps
+from tests.helpers import fail_writes, train_steps
 
 PROBES = "probes=[gradients,weights,activations]"
 
@@ -133,6 +134,26 @@ def test_events_are_on_disk_at_each_flush(tmp_path):
     assert tb_scalars(live) == parquet_scalars(netprobe.load(tmp_path))
     assert {step for _, step, _ in tb_scalars(live)} == {0, 1, 2}
     mon.close()
+
+
+def test_rows_whose_parquet_write_failed_still_reach_the_events(tmp_path, monkeypatch):
+    """A flush whose scalars part fails (a full disk) keeps the rows for the next flush; the
+    events get them at once, and once only."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))
+    sink = EventWriter(tmp_path / "tb")
+    mon = netprobe.attach(model, tmp_path, probes=["gradients"], probe_batch=(x, y), sink=sink)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_steps(mon, model, opt, [(x, y)] * 2)
+    fail_writes(monkeypatch, "scalars")
+    with pytest.raises(StorageError, match="ENOSPC"):
+        mon.flush()
+    assert {step for _, step, _ in tb_scalars(read_events(tmp_path / "tb"))} == {0, 1}
+    monkeypatch.undo()  # room again: the kept rows are written with the next step's
+    train_steps(mon, model, opt, [(x, y)])
+    mon.close()
+    assert tb_scalars(read_events(tmp_path / "tb")) == parquet_scalars(netprobe.load(tmp_path))
 
 
 def test_export_names_jobs_by_what_differs_and_matches_the_store(sweep, tmp_path, capsys):

@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from netprobe.errors import StorageError, first_line
+from netprobe.lifecycle import RUN_FILE
 from netprobe.store.schema import SCHEMAS
 
-RUN_FILE = "run.json"
 CONFIG_FILE = ".hydra/config.yaml"  # the composed config, as Hydra writes it
 
 
