@@ -4,6 +4,7 @@ TensorBoard's own reader and compared value for value with the stored Parquet ro
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -119,16 +120,22 @@ def test_live_hparams_hold_the_flattened_config(sweep):
     assert end.session_end_info.status == 1  # STATUS_SUCCESS
 
 
-def test_events_are_on_disk_at_each_flush(tmp_path):
-    """A run that crashes after a flush leaves readable events for everything flushed."""
+def live_run(path: Path) -> tuple[netprobe.Monitor, Callable[[int], None]]:
+    """A tiny model's run in `path` with live events in path/tb, and what takes n steps of it."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 3))
     x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))
-    sink = EventWriter(tmp_path / "tb")
-    mon = netprobe.attach(model, tmp_path, probes=["gradients"], probe_batch=(x, y), sink=sink)
+    sink = EventWriter(path / "tb")
+    mon = netprobe.attach(model, path, probes=["gradients"], probe_batch=(x, y), sink=sink)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return mon, lambda n: train_steps(mon, model, opt, [(x, y)] * n)
+
+
+def test_events_are_on_disk_at_each_flush(tmp_path):
+    """A run that crashes after a flush leaves readable events for everything flushed."""
+    mon, step = live_run(tmp_path)
     assert not (tmp_path / "tb").exists()  # nothing before the first flush
-    train_steps(mon, model, opt, [(x, y)] * 3)
+    step(3)
     mon.flush()
     live = read_events(tmp_path / "tb")
     assert tb_scalars(live) == parquet_scalars(netprobe.load(tmp_path))
@@ -139,19 +146,14 @@ def test_events_are_on_disk_at_each_flush(tmp_path):
 def test_rows_whose_parquet_write_failed_still_reach_the_events(tmp_path, monkeypatch):
     """A flush whose scalars part fails (a full disk) keeps the rows for the next flush; the
     events get them at once, and once only."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 3))
-    x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))
-    sink = EventWriter(tmp_path / "tb")
-    mon = netprobe.attach(model, tmp_path, probes=["gradients"], probe_batch=(x, y), sink=sink)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    train_steps(mon, model, opt, [(x, y)] * 2)
+    mon, step = live_run(tmp_path)
+    step(2)
     fail_writes(monkeypatch, "scalars")
     with pytest.raises(StorageError, match="ENOSPC"):
         mon.flush()
     assert {step for _, step, _ in tb_scalars(read_events(tmp_path / "tb"))} == {0, 1}
     monkeypatch.undo()  # room again: the kept rows are written with the next step's
-    train_steps(mon, model, opt, [(x, y)])
+    step(1)
     mon.close()
     assert tb_scalars(read_events(tmp_path / "tb")) == parquet_scalars(netprobe.load(tmp_path))
 
