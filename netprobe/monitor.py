@@ -18,7 +18,7 @@ from netprobe.divergence import ON_NONFINITE, NonfiniteWatch
 from netprobe.errors import ConfigError
 from netprobe.lifecycle import claim_run_dir, signals_held, status_for
 from netprobe.probes import ProbeRunner, ProbeSpec, build_probes, close_probes, probe_context
-from netprobe.probes.base import Probe, StepState
+from netprobe.probes.base import Probe, StepState, trained_params
 from netprobe.probes.memory import AUTO, check_budget
 from netprobe.probes.reductions import TotalNorm
 from netprobe.store import RunWriter, graph_table, layers_table
@@ -67,13 +67,18 @@ class Monitor:
         self.record = ctx.record
         # Probes are built before anything is written, so bad probe settings leave no trace.
         self.probes: list[Probe] = build_probes(ctx, probes)
-        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._params = trained_params(model)
         self._total_norm = TotalNorm(self._params)
         self._device = self._params[0].device if self._params else torch.device("cpu")
         # On the CPU the curve is read on the host (no sync to avoid), into rows that hold
         # CURVE_NAMES's values in order, unless NETPROBE_NATIVE=0 asks for the path a GPU takes.
         on_host = self._device.type == "cpu" and native.ENABLED
         self._rows = native.HostBlocks(1, 3) if on_host else None
+        # There, the norm's read also gives each gradient's statistics where a probe reads them.
+        rows_read = (
+            on_host and self._total_norm.fused and any(p.reads_grad_rows for p in self.probes)
+        )
+        self._grad_rows = native.HostBlocks(len(self._params), 5) if rows_read else None
         # Calls the probes' hooks when their schedules say, and times them.
         self.runner = ProbeRunner(self.probes, self.state, self._device)
         self._flush_time, self._samples, self._flush_t = 0.0, 0, time.perf_counter()
@@ -143,7 +148,7 @@ class Monitor:
         """
         loss = loss.detach()
         grads = [p.grad for p in self._params if p.grad is not None]
-        values, total = (self._device_curve if self._rows is None else self._host_curve)(
+        values, total, rows = (self._device_curve if self._rows is None else self._host_curve)(
             loss, acc, grads
         )
         self.record.scalars("train", [""], CURVE_NAMES[acc is not None, bool(grads)], values)
@@ -152,12 +157,13 @@ class Monitor:
             lr = float(self.optimizer.param_groups[0]["lr"])
             self.record.scalars("train", [""], ["lr"], lr)
         self._samples += batch_size or 0
-        self.runner.after_backward(loss, total, loss_scale)
+        self.runner.after_backward(loss, total, loss_scale, rows)
 
     def _device_curve(
         self, loss: torch.Tensor, acc: Number | None, grads: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The step's curve values as one device tensor [1, k] (nothing read back), and ‖g‖₂."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        """The step's curve values as one device tensor [1, k] (nothing read back), ‖g‖₂, and
+        no gradient rows."""
         self.nonfinite.observe(loss, self.state.step)
         # Microseconds count here: no reshape of what is already a scalar.
         values = [loss if loss.dim() == 0 else loss.reshape(())]
@@ -172,14 +178,15 @@ class Monitor:
         if grads:  # the gradients probe records it too, from the state: one computation
             total = self._total_norm(grads)
             values.append(total)
-        return torch.stack(values)[None], total
+        return torch.stack(values)[None], total, None
 
     def _host_curve(
         self, loss: torch.Tensor, acc: Number | None, grads: list[torch.Tensor]
-    ) -> tuple[np.ndarray, float | None]:
+    ) -> tuple[np.ndarray, float | None, np.ndarray | None]:
         """The same on the CPU as host floats, in a row of a host array: no tensor op but the
         loss's read (and the accuracy's, given as a tensor; and the norm's, where the fused
-        kernel does not serve these gradients)."""
+        kernel does not serve these gradients); and `StepState.grad_rows` where a probe reads
+        them."""
         row = self._rows.next().array  # type: ignore[union-attr]
         width = 1 + (acc is not None) + bool(grads)
         if width < 3:
@@ -188,10 +195,16 @@ class Monitor:
         self.nonfinite.observe(value, self.state.step)
         if acc is not None:
             row[0, 1] = self._last["acc"] = float(acc)
-        total = None
+        total = rows = None
         if grads:
-            row[0, -1] = total = float(self._total_norm(grads))
-        return row, total
+            if self._grad_rows is not None:
+                block = self._grad_rows.next()
+                total = self._total_norm.with_rows(grads, block)
+                rows = None if total is None else block.array
+            if total is None:
+                total = float(self._total_norm(grads))
+            row[0, -1] = total
+        return row, total, rows
 
     def after_step(self) -> None:
         """Update probes read the new weights now; the step counter advances."""

@@ -68,6 +68,11 @@ MUTATIONS = [
     m("gradients.nonfinite",
       "nonfinite = sizes - segments.count(scratch).to(dtype)",
       "nonfinite = segments.count(scratch).to(dtype)"),
+    # gradients' rows picked from the monitor's read of every gradient
+    m("gradients.picked_rows", "return np.array(rows)", "return np.array(rows[::-1])"),
+    m("gradients.picked_slice",
+      "return slice(rows[0], rows[-1] + 1, step)  # type: ignore[operator]",
+      "return slice(rows[0], rows[-1], step)  # type: ignore[operator]"),
     # segments: the per-tensor reductions under gradients and optim_dynamics
     m("segments.norm",
       "return self._reduce(flat, lambda v: torch.linalg.vector_norm(v, dim=1))",

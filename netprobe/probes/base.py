@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -27,17 +28,29 @@ class StepState:
 
     `step`: optimizer steps done so far (the index of the step under way); `epoch`: epochs done;
     `loss`, `grad_l2_total` (‖∂L/∂θ‖₂ over every parameter; a float on the CPU, where it is
-    computed on the host) and `loss_scale` (the GradScaler's scale of the loss just
+    computed on the host), `grad_rows` and `loss_scale` (the GradScaler's scale of the loss just
     backpropagated: tensor hooks saw gradients of the scaled loss) once the step's backward is
     done, None before and without them; `point`: the capture point under way (start, epoch or
-    end), None during a step."""
+    end), None during a step.
+
+    `grad_rows`: [l1, l2, mean_abs, max_abs, nonfinite] of each of `trained_params`' gradients,
+    in that order, from the read that gave `grad_l2_total`: made on the CPU by the fused kernel,
+    where a probe asks for them (`Probe.reads_grad_rows`) and every trained parameter has a
+    gradient; None elsewhere. A host array of this step's, never written again."""
 
     step: int = 0
     epoch: int = 0
     loss: torch.Tensor | None = None
     grad_l2_total: torch.Tensor | float | None = None
+    grad_rows: np.ndarray | None = None
     loss_scale: torch.Tensor | float | None = None
     point: str | None = None
+
+
+def trained_params(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters training updates (those requiring a gradient), in the model's order: what
+    `grad_l2_total` runs over, and `grad_rows`' order."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 @dataclass
@@ -75,6 +88,8 @@ class Probe:
     default_schedule: ClassVar[Schedule] = Schedule()
     # Settings a probe takes besides the common ones; `self.cfg` holds their checked values.
     options: ClassVar[tuple[Option, ...]] = ()
+    # Whether it reads `StepState.grad_rows`: the monitor makes them only for such a probe.
+    reads_grad_rows: ClassVar[bool] = False
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         self.ctx = ctx

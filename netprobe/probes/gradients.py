@@ -9,7 +9,7 @@ import torch
 
 from netprobe.native import HostBlocks
 from netprobe.native import step as native_step
-from netprobe.probes.base import Probe, StepState
+from netprobe.probes.base import Probe, StepState, trained_params
 from netprobe.probes.reductions import device_sizes, stat_dtype
 from netprobe.probes.schedule import Schedule
 from netprobe.probes.segments import Segments
@@ -48,11 +48,17 @@ class Gradients(Probe):
     name = "gradients"
     measures = "l1, l2, mean_abs, max_abs, nonfinite per tensor; grad_l2_total"
     default_schedule = Schedule(every=1)
+    reads_grad_rows = True
 
     def __init__(self, ctx, **cfg) -> None:
         super().__init__(ctx, **cfg)
         self.params = self.select_params()
         self.names = [n for n, _ in self.params]
+        # Its tensors' rows of StepState.grad_rows, the monitor's read of every gradient on the
+        # CPU: a view where evenly spaced (weights between biases), else a copy; None where
+        # one of them is not trained.
+        trained = {id(p): i for i, p in enumerate(trained_params(ctx.model))}
+        self._rows = picker([trained.get(id(p)) for _, p in self.params])
         # Per set of tensors with a gradient (all of them, nearly always): their names, and what
         # reduces them: one fused pass on the CPU, else segment reductions of a flat buffer.
         self._layouts: dict[tuple[int, ...], tuple[list[str], Callable]] = {}
@@ -73,6 +79,18 @@ class Gradients(Probe):
         return lambda gs: gradient_stats(gs, segments, buffer)[0]
 
     def after_backward(self, state: StepState) -> None:
+        if state.grad_rows is not None and self._rows is not None:
+            # Every trained parameter has its gradient: these are all of this probe's.
+            self.ctx.record.scalars(self.name, self.names, METRICS, state.grad_rows[self._rows])
+        else:
+            self._read()
+        # Model-wide, biases and norm layers included: the monitor's norm for the training curve.
+        total = state.grad_l2_total
+        if total is not None:
+            self.ctx.record.scalars(self.name, [""], ["grad_l2_total"], total)
+
+    def _read(self) -> None:
+        """Its own read of the gradients it tracks that have one."""
         grads = [p.grad for _, p in self.params]
         present = tuple(i for i, g in enumerate(grads) if g is not None)
         if not present:
@@ -82,7 +100,15 @@ class Gradients(Probe):
             self._layouts[present] = ([self.names[i] for i in present], self._reduction(grads))
         names, reduce = self._layouts[present]
         self.ctx.record.scalars(self.name, names, METRICS, reduce(grads))
-        # Model-wide, biases and norm layers included: the monitor's norm for the training curve.
-        total = state.grad_l2_total
-        if total is not None:
-            self.ctx.record.scalars(self.name, [""], ["grad_l2_total"], total)
+
+
+def picker(rows: list[int | None]) -> slice | np.ndarray | None:
+    """What picks `rows` out of an array's first axis: a slice (a view) where they are evenly
+    spaced and ascending, else an index array; None where one is missing or there are none."""
+    if not rows or any(r is None for r in rows):
+        return None
+    steps = {b - a for a, b in zip(rows, rows[1:])}  # type: ignore[operator]
+    if len(steps) <= 1 and min(steps, default=1) > 0:
+        step = steps.pop() if steps else 1
+        return slice(rows[0], rows[-1] + 1, step)  # type: ignore[operator]
+    return np.array(rows)

@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+from netprobe.native import Block
 from netprobe.native.step import kernels
 
 
@@ -43,3 +44,15 @@ class TotalNorm:
             return self._fused.norm(grads)
         norms = torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))
         return torch.linalg.vector_norm(torch.stack(norms))
+
+    @property
+    def fused(self) -> bool:
+        return self._fused is not None
+
+    def with_rows(self, grads: list[torch.Tensor], out: Block) -> float | None:
+        """The same norm (the same bits) and, from the same read, each gradient's [l1, l2,
+        mean_abs, max_abs, nonfinite] into `out`, where the fused kernel serves every parameter;
+        None, with nothing written, elsewhere."""
+        if self._fused is None or len(grads) != self._fused.n:
+            return None
+        return self._fused.grad_stats(grads, out)

@@ -14,6 +14,8 @@ from netprobe.probes.options import as_list
 from netprobe.probes.timer import ProbeTimer
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from netprobe.probes.base import Probe, StepState
 
 AT_CHOICES = ("start", "epoch", "end")
@@ -121,11 +123,13 @@ class ProbeRunner:
         loss: torch.Tensor,
         grad_l2_total: torch.Tensor | float | None = None,
         loss_scale: torch.Tensor | float | None = None,
+        grad_rows: np.ndarray | None = None,
     ) -> None:
         """The step's facts into the state; `after_backward` where this step is recorded, then
         `arm` where the next one is."""
         state, timer, step = self.state, self.timer, self.state.step
         state.loss, state.grad_l2_total, state.loss_scale = loss, grad_l2_total, loss_scale
+        state.grad_rows = grad_rows
         if not self.probes:
             return
         timer.begin()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import netprobe
 from netprobe.native import step as native_step
-from netprobe.probes.gradients import gradient_stats
+from netprobe.probes.gradients import Gradients, gradient_stats, picker
 from tests.helpers import fused_grad_stats
 
 
@@ -86,6 +86,75 @@ def test_stored_gradients_match_naive_loop(tmp_path):
     for step, stats in enumerate(seen):
         ref = sum(s["l2"] ** 2 for s in stats.values()) ** 0.5  # model-wide: biases too
         assert rel_err(totals[step], ref) <= 1e-6
+
+
+class Branchy(nn.Module):
+    """Weights among norm parameters and biases, and a head used only when asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.norm = nn.BatchNorm2d(4)
+        self.hidden = nn.Linear(4 * 6 * 6, 8)
+        self.out = nn.Linear(8, 3, bias=False)
+        self.spare = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, spare: bool = True) -> torch.Tensor:
+        h = F.relu(self.hidden(self.norm(self.conv(x)).flatten(1)))
+        return self.out(h) + (self.spare(h) if spare else 0)
+
+
+def test_stored_gradients_of_weights_at_uneven_places_match_naive_loop(
+    tmp_path, monkeypatch, kernel_path
+):
+    """Tracked weights at trained positions 0, 4, 6 and 7: on the CPU their rows are picked from
+    the monitor's read of every gradient, except at a step where a parameter has none (the
+    spare head unused), when the probe reads its own; the stored values are the naive ones
+    either way."""
+    torch.manual_seed(3)
+    model = Branchy()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    own_reads = []
+    own_read = Gradients._read
+    monkeypatch.setattr(Gradients, "_read", lambda self: own_reads.append(1) or own_read(self))
+    seen: list[dict[str, dict[str, float]]] = []
+    with netprobe.attach(model, tmp_path, probes=["gradients"], probe_batch=(x, y)) as mon:
+        for step in range(3):
+            loss = F.cross_entropy(model(x, spare=step != 1), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.after_backward(loss)
+            seen.append(
+                {
+                    n: naive_stats(p.grad.double().numpy())
+                    for n, p in model.named_parameters()
+                    if p.grad is not None
+                }
+            )
+            opt.step()
+            mon.after_step()
+    # The fused path reads only at the step without the spare head's gradients.
+    assert len(own_reads) == (1 if kernel_path == "fused" else 3)
+    df = netprobe.load(tmp_path).scalars(probe="gradients")
+    weights = {"conv.weight", "hidden.weight", "out.weight", "spare.weight"}
+    assert set(df["layer"]) - {""} == weights
+    assert set(df[df["step"] == 1]["layer"]) - {""} == weights - {"spare.weight"}
+    for row in df[df["layer"] != ""].itertuples():
+        assert rel_err(row.value, seen[row.step][row.layer][row.metric]) <= 1e-6
+    totals = df[df["metric"] == "grad_l2_total"].set_index("step")["value"]
+    for step, stats in enumerate(seen):
+        assert rel_err(totals[step], sum(s["l2"] ** 2 for s in stats.values()) ** 0.5) <= 1e-6
+
+
+def test_picker_takes_a_view_where_rows_are_evenly_spaced():
+    rows = np.arange(24.0).reshape(8, 3)
+    assert picker([1, 3, 5]) == slice(1, 6, 2)
+    assert np.shares_memory(rows[picker([1, 3, 5])], rows)
+    assert picker([4]) == slice(4, 5, 1)
+    np.testing.assert_array_equal(rows[picker([0, 4, 6, 7])], rows[[0, 4, 6, 7]])
+    np.testing.assert_array_equal(rows[picker([5, 2])], rows[[5, 2]])
+    assert picker([0, None]) is None and picker([]) is None
 
 
 def test_layers_regex_selects(tiny_run):
