@@ -234,6 +234,7 @@ def test_an_output_or_buffer_the_kernels_would_overrun_is_refused() -> None:
     for out, c, w in (
         (np.zeros((1, 10)), codes, w_prev),  # a row short
         (np.zeros((2, 10), np.float32), codes, w_prev),
+        (np.zeros((2, 10), ">f8"), codes, w_prev),  # float64 the other way round
         (good[:, :3], codes, w_prev),  # too narrow for the compared metrics
         (good[:, ::2], codes, w_prev),  # columns apart
         (good, torch.zeros(12, dtype=torch.uint8), w_prev),

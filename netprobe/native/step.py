@@ -24,6 +24,7 @@ _SIGNATURES = {
     "np_accuracy": (_I64, _I64, _PTR, _I64, _PTR),
 }
 _RESTYPES = {"np_gather": None, "np_accuracy": ctypes.c_float}
+_FLOAT64 = np.dtype(np.float64)  # native byte order: the one float64 the kernels write
 
 
 @functools.cache
@@ -121,7 +122,8 @@ class StepKernels:
         Returns the output's row stride in elements."""
         array = out.array
         shape, strides = array.shape, array.strides
-        if array.dtype != np.float64 or len(shape) != 2 or shape[0] != self.n or shape[1] < width:
+        # `is`: comparing with the type np.float64 converts it each call, µs right after a backward
+        if array.dtype is not _FLOAT64 or len(shape) != 2 or shape[0] != self.n or shape[1] < width:
             raise ValueError(f"an output of {array.dtype} {shape} for [{self.n}, {width}] float64")
         if strides[1] != 8 or strides[0] % 8 or strides[0] < 8 * shape[1]:
             raise ValueError(f"an output of overlapping rows or spaced columns (strides {strides})")
