@@ -61,6 +61,7 @@ class Monitor:
         self._t0 = time.perf_counter()
         self.model, self.optimizer, self.flush_every = model, optimizer, flush_every
         self.sink = sink  # `write(tables)` each flush, `close(info)` at the end: TensorBoard
+        self._unsunk: list[dict[str, Any]] = []  # drained tables the sink has yet to get
         # Where training is and the step's facts: one state, updated here, handed to the hooks.
         self.state = StepState()
         self.ctx = ctx = probe_context(model, probe_batch, valid_batch, loss_fn, seed, self.state)
@@ -238,18 +239,29 @@ class Monitor:
             # Waiting for the queued training work is not the flush's cost; the drain waits anyway.
             torch.cuda.synchronize(self._device)
         t = time.perf_counter()
+        failure: Exception | None = None
         with signals_held():
-            # A table that cannot be written stays with the writer for the next flush; the
-            # sink gets every drained row now, once, either way. The first failure is raised.
+            # A table that cannot be written stays with the writer for the next flush.
             tables = self.record.drain()
-            failure = None
-            for write in (self.writer.append_all, *([self.sink.write] if self.sink else [])):
-                try:
-                    write(tables)
-                except Exception as exc:
-                    failure = failure or exc
-            if failure is not None:
-                raise failure
+            if self.sink is not None:
+                self._unsunk.append(tables)
+            try:
+                self.writer.append_all(tables)
+            except Exception as exc:
+                failure = exc
+        # The sink (it may be slow) with the signals let through: each drained table goes to it
+        # once, whether or not its Parquet write went through; now, or at the next flush if a
+        # signal comes first. A table whose sink write fails midway is not sent again (no
+        # doubled events); the store has it. The writer's failure is the one raised.
+        try:
+            while self._unsunk:
+                self.sink.write(self._unsunk.pop(0))  # type: ignore[union-attr]
+        except Exception as exc:
+            if failure is None:
+                raise
+            failure.add_note(f"the sink failed too: {exc}")
+        if failure is not None:
+            raise failure
         self.nonfinite.settle()  # the drain has just synced: the exact answer costs nothing more
         self.runner.timer.settle()
         self._flush_time += time.perf_counter() - t

@@ -3,6 +3,8 @@ TensorBoard's own reader and compared value for value with the stored Parquet ro
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import netprobe
+from netprobe import monitor
 from netprobe.cli import main as cli
 from netprobe.errors import StorageError
 from netprobe.tensorboard import EventWriter
@@ -153,6 +156,47 @@ def test_rows_whose_parquet_write_failed_still_reach_the_events(tmp_path, monkey
         mon.flush()
     assert {step for _, step, _ in tb_scalars(read_events(tmp_path / "tb"))} == {0, 1}
     monkeypatch.undo()  # room again: the kept rows are written with the next step's
+    step(1)
+    mon.close()
+    assert tb_scalars(read_events(tmp_path / "tb")) == parquet_scalars(netprobe.load(tmp_path))
+
+
+def test_when_the_sink_fails_too_the_writers_failure_is_raised(tmp_path, monkeypatch):
+    mon, step = live_run(tmp_path)
+    step(1)
+    fail_writes(monkeypatch, "scalars")
+
+    def broken(tables, wall_time=None):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(mon.sink, "write", broken)
+    with pytest.raises(StorageError, match="ENOSPC") as raised:
+        mon.flush()
+    notes = raised.value.__notes__
+    assert any("the sink failed too" in n and "Input/output error" in n for n in notes)
+    monkeypatch.undo()
+    mon.close()
+    assert len(netprobe.load(tmp_path).scalars(probe="train", metric="loss")) == 1
+
+
+def test_a_signal_before_the_sink_writes_leaves_its_rows_for_the_next_flush(tmp_path, monkeypatch):
+    """Ctrl-C is let through once the rows are written, before the sink's write (a slow sink
+    must not hold it back); the rows the sink had not got reach it at the run's last flush."""
+    mon, step = live_run(tmp_path)
+    step(2)
+    held = monitor.signals_held
+
+    @contextlib.contextmanager
+    def then_interrupted():
+        with held():
+            yield
+        raise KeyboardInterrupt  # a signal held meanwhile, delivered as the block ends
+
+    monkeypatch.setattr(monitor, "signals_held", then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mon.flush()
+    assert not (tmp_path / "tb").exists()  # the sink has not written yet
+    monkeypatch.undo()
     step(1)
     mon.close()
     assert tb_scalars(read_events(tmp_path / "tb")) == parquet_scalars(netprobe.load(tmp_path))
