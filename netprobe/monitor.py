@@ -75,10 +75,10 @@ class Monitor:
         # CURVE_NAMES's values in order, unless NETPROBE_NATIVE=0 asks for the path a GPU takes.
         on_host = self._device.type == "cpu" and native.ENABLED
         self._rows = native.HostBlocks(1, 3) if on_host else None
-        # There, the norm's read also gives each gradient's statistics where a probe reads them.
-        rows_read = (
-            on_host and self._total_norm.fused and any(p.reads_grad_rows for p in self.probes)
-        )
+        # There, the norm's read also gives each gradient's statistics at the steps a probe that
+        # reads them records.
+        self._row_readers = [p for p in self.probes if p.reads_grad_rows]
+        rows_read = on_host and self._total_norm.fused and bool(self._row_readers)
         self._grad_rows = native.HostBlocks(len(self._params), 5) if rows_read else None
         # Calls the probes' hooks when their schedules say, and times them.
         self.runner = ProbeRunner(self.probes, self.state, self._device)
@@ -198,7 +198,10 @@ class Monitor:
             row[0, 1] = self._last["acc"] = float(acc)
         total = rows = None
         if grads:
-            if self._grad_rows is not None:
+            step = self.state.step
+            if self._grad_rows is not None and any(
+                p.schedule.records(step) for p in self._row_readers
+            ):
                 block = self._grad_rows.next()
                 total = self._total_norm.with_rows(grads, block)
                 rows = None if total is None else block.array

@@ -4,6 +4,7 @@ sizes that cross their blocks, lanes and threading threshold, and their loader's
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 
@@ -257,6 +258,10 @@ def test_an_output_or_buffer_the_kernels_would_overrun_is_refused() -> None:
     for out in (good[:, :5], np.zeros((2, 4)), np.zeros((3, 5))):
         with pytest.raises(ValueError):
             kernels.grad_stats(params, Block.of(out))
+    # float64 in another dtype object than numpy's own (an unpickled array) is float64 still
+    unpickled = pickle.loads(pickle.dumps(np.zeros((2, 5))))
+    assert unpickled.dtype is not np.dtype(np.float64)
+    kernels.grad_stats(params, Block.of(unpickled))
 
 
 def test_accuracy_is_torchs_to_the_bit() -> None:

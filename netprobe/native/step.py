@@ -122,8 +122,9 @@ class StepKernels:
         Returns the output's row stride in elements."""
         array = out.array
         shape, strides = array.shape, array.strides
-        # `is`: comparing with the type np.float64 converts it each call, µs right after a backward
-        if array.dtype is not _FLOAT64 or len(shape) != 2 or shape[0] != self.n or shape[1] < width:
+        # `is` first: comparing with np.float64 converts it each call, µs right after a backward
+        f64 = array.dtype is _FLOAT64 or array.dtype == _FLOAT64
+        if not f64 or len(shape) != 2 or shape[0] != self.n or shape[1] < width:
             raise ValueError(f"an output of {array.dtype} {shape} for [{self.n}, {width}] float64")
         if strides[1] != 8 or strides[0] % 8 or strides[0] < 8 * shape[1]:
             raise ValueError(f"an output of overlapping rows or spaced columns (strides {strides})")

@@ -88,8 +88,9 @@ class Probe:
     default_schedule: ClassVar[Schedule] = Schedule()
     # Settings a probe takes besides the common ones; `self.cfg` holds their checked values.
     options: ClassVar[tuple[Option, ...]] = ()
-    # Whether it reads `StepState.grad_rows`: the monitor makes them only for such a probe.
-    reads_grad_rows: ClassVar[bool] = False
+    # Whether it reads `StepState.grad_rows` (set by the probe for itself): the monitor makes
+    # them only at the steps such a probe records.
+    reads_grad_rows = False
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
         self.ctx = ctx

@@ -48,7 +48,6 @@ class Gradients(Probe):
     name = "gradients"
     measures = "l1, l2, mean_abs, max_abs, nonfinite per tensor; grad_l2_total"
     default_schedule = Schedule(every=1)
-    reads_grad_rows = True
 
     def __init__(self, ctx, **cfg) -> None:
         super().__init__(ctx, **cfg)
@@ -56,9 +55,10 @@ class Gradients(Probe):
         self.names = [n for n, _ in self.params]
         # Its tensors' rows of StepState.grad_rows, the monitor's read of every gradient on the
         # CPU: a view where evenly spaced (weights between biases), else a copy; None where
-        # one of them is not trained.
+        # one of them is not trained, when it reads its own.
         trained = {id(p): i for i, p in enumerate(trained_params(ctx.model))}
         self._rows = picker([trained.get(id(p)) for _, p in self.params])
+        self.reads_grad_rows = self._rows is not None
         # Per set of tensors with a gradient (all of them, nearly always): their names, and what
         # reduces them: one fused pass on the CPU, else segment reductions of a flat buffer.
         self._layouts: dict[tuple[int, ...], tuple[list[str], Callable]] = {}

@@ -50,9 +50,9 @@ class TotalNorm:
         return self._fused is not None
 
     def with_rows(self, grads: list[torch.Tensor], out: Block) -> float | None:
-        """The same norm (the same bits) and, from the same read, each gradient's [l1, l2,
-        mean_abs, max_abs, nonfinite] into `out`, where the fused kernel serves every parameter;
-        None, with nothing written, elsewhere."""
+        """The same norm (the same bits, but for a NaN's sign) and, from the same read, each
+        gradient's [l1, l2, mean_abs, max_abs, nonfinite] into `out`, where the fused kernel
+        serves every parameter; None, with nothing written, elsewhere."""
         if self._fused is None or len(grads) != self._fused.n:
             return None
         return self._fused.grad_stats(grads, out)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import netprobe
 from netprobe.native import step as native_step
 from netprobe.probes.gradients import Gradients, gradient_stats, picker
+from netprobe.probes.reductions import TotalNorm
 from tests.helpers import fused_grad_stats
 
 
@@ -145,6 +146,50 @@ def test_stored_gradients_of_weights_at_uneven_places_match_naive_loop(
     totals = df[df["metric"] == "grad_l2_total"].set_index("step")["value"]
     for step, stats in enumerate(seen):
         assert rel_err(totals[step], sum(s["l2"] ** 2 for s in stats.values()) ** 0.5) <= 1e-6
+
+
+@pytest.mark.parametrize("case", ["every 3", "frozen", "tied"])
+def test_the_monitors_rows_are_read_only_where_gradients_takes_them(
+    tmp_path, monkeypatch, kernel_path, case
+):
+    """The monitor reads each gradient's statistics only at the steps `gradients` records, and
+    never where it cannot take them (a tracked weight frozen at attach: it reads its own); a
+    weight used twice is one parameter, one row. Stored values are the naive ones throughout."""
+    torch.manual_seed(4)
+    shared = nn.Linear(6, 6)
+    model = nn.Sequential(nn.Linear(12, 6), nn.ReLU(), shared, nn.ReLU(), shared, nn.Linear(6, 3))
+    if case == "frozen":
+        model[0].weight.requires_grad_(False)
+    x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    reads = []
+    with_rows = TotalNorm.with_rows
+    monkeypatch.setattr(
+        TotalNorm, "with_rows", lambda self, *a: reads.append(1) or with_rows(self, *a)
+    )
+    probes = {"gradients": {"every": 3 if case == "every 3" else 1}}
+    seen = []
+    with netprobe.attach(model, tmp_path, probes=probes, probe_batch=(x, y)) as mon:
+        for _ in range(6):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.after_backward(loss)
+            seen.append(
+                {n: naive_stats(p.grad.double().numpy()) for n, p in model.named_parameters()
+                 if p.grad is not None}
+            )  # fmt: skip
+            opt.step()
+            mon.after_step()
+    fused = kernel_path == "fused"
+    assert len(reads) == (0 if case == "frozen" or not fused else 2 if case == "every 3" else 6)
+    df = netprobe.load(tmp_path).scalars(probe="gradients")
+    rows = df[df["layer"] != ""]
+    assert sorted(set(rows["step"])) == ([0, 3] if case == "every 3" else list(range(6)))
+    weights = {"0.weight", "2.weight", "5.weight"} - ({"0.weight"} if case == "frozen" else set())
+    assert set(rows["layer"]) == weights
+    for row in rows.itertuples():
+        assert rel_err(row.value, seen[row.step][row.layer][row.metric]) <= 1e-6
 
 
 def test_picker_takes_a_view_where_rows_are_evenly_spaced():
