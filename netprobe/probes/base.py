@@ -35,8 +35,8 @@ class StepState:
 
     `grad_rows`: [l1, l2, mean_abs, max_abs, nonfinite] of each of `trained_params`' gradients,
     in that order, from the read that gave `grad_l2_total`: made on the CPU by the fused kernel,
-    where a probe asks for them (`Probe.reads_grad_rows`) and every trained parameter has a
-    gradient; None elsewhere. A host array of this step's, never written again."""
+    at the steps a probe that reads them (`Probe.reads_grad_rows`) records, when every trained
+    parameter has a gradient; None elsewhere. A host array of this step's, never written again."""
 
     step: int = 0
     epoch: int = 0
