@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import netprobe
 from netprobe.errors import ConfigError
 from netprobe.probes import PROBES, ProbeRunner
 from netprobe.probes.base import ProbeContext, StepState
@@ -139,21 +140,24 @@ def make_probe(model: nn.Module, seed: int = 0, **cfg) -> OptimDynamics:
     return probe
 
 
-def feed(probe: OptimDynamics, grads, weights, between=None) -> None:
-    """Drive the probe as the training loop would: backward, step, next step; `between(t)`
-    after step t, before the next one, when given."""
-    params = probe.tensors
+def feed(probe: OptimDynamics, grads, weights, between=None, loop=None, before=None) -> None:
+    """Drive the probe as the training loop would: backward, step, next step; `before(t)` as
+    step t's gradients are set and `between(t)` after step t, before the next one, when given.
+    `loop` takes the loop's two calls: the probe's runner, or a monitor it is attached to."""
+    params, loop = probe.tensors, loop or probe.runner
     with torch.no_grad():
         for p, w in zip(params, weights[0]):
             p.copy_(torch.from_numpy(w))
     for t in range(len(grads)):
         for p, g in zip(params, grads[t]):
             p.grad = torch.from_numpy(g.copy())
-        probe.runner.after_backward(LOSS)
+        if before is not None:
+            before(t)
+        loop.after_backward(LOSS)
         with torch.no_grad():
             for p, w in zip(params, weights[t + 1]):
                 p.copy_(torch.from_numpy(w))
-        probe.runner.after_step()
+        loop.after_step()
         if between is not None:
             between(t)
 
@@ -195,6 +199,32 @@ def test_every_metric_matches_the_naive_reference() -> None:
     # The hand-made tensor exercises each case at least once.
     for metric in ("released_frac", "flip_frac", "wdiff_retained", "local_min", "local_max"):
         assert any(ref[t, 0, metric] > 0 for t in range(1, len(grads))), metric
+
+
+def test_through_a_monitor_every_metric_matches_the_naive_reference(tmp_path) -> None:
+    """Attached to a monitor (beside the monitor's own read of every gradient, which makes
+    per-tensor rows for `gradients`), with a step where an untracked parameter has no gradient:
+    the stored records are the naive reference's."""
+    grads, weights = hand_made()
+    model = small_model()
+    probes = {"optim_dynamics": {"layers": TRACKED}, "gradients": {}}
+
+    def bias_grad(t: int) -> None:
+        model[0].bias.grad = None if t == 2 else torch.full((2,), 0.5)
+
+    with netprobe.attach(model, tmp_path, probes=probes) as mon:
+        probe = next(p for p in mon.probes if p.name == "optim_dynamics")
+        feed(probe, grads, weights, loop=mon, before=bias_grad)
+    df = netprobe.load(tmp_path).scalars(probe="optim_dynamics")
+    names = ["0.weight", "2.weight", "2.bias"]
+    got = {
+        (int(s), names.index(layer), m): v
+        for s, layer, m, v in zip(df["step"], df["layer"], df["metric"], df["value"])
+    }
+    ref = naive_reference(grads, weights)
+    assert got.keys() == ref.keys()
+    for key, want in ref.items():
+        assert got[key] == pytest.approx(want, rel=1e-5, abs=0.0), key
 
 
 def test_configurable_thresholds() -> None:
