@@ -18,6 +18,14 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def add_note(exc: BaseException, note: str) -> None:
+    """`exc.add_note(note)`, on Python 3.10 too (which has `__notes__` but no `add_note`)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
+
+
 class StorageError(OSError):
     """A run's file could not be written (a full disk, a read-only folder): the run ends `failed`
     with this one line, which names the file and the error number."""

@@ -275,16 +275,36 @@ def status_for(
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """The stop signals wait until the block ends: what it drains from memory reaches the disk
-    before an interrupt can cut in (a flush is short; the signal is acted on right after)."""
-    stops = set(StopSignals.SIGNALS)
-    held = hasattr(signal, "pthread_sigmask")
-    if held:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    before an interrupt can cut in (a flush is short; the signal is acted on right after).
+
+    Blocking them for this thread is not enough: with other threads alive (a data loader's)
+    the system hands a signal to one of those, and Python still runs the handler here. So
+    meanwhile the handlers only note a signal, and the block's end raises each noted one again
+    for the handler it would have met. A handler Python cannot put back (set from C) is left,
+    its signal blocked for this thread instead."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python runs handlers in the main thread only: none can cut in here
+        return
+    noted: list[int] = []
+    handlers, blocked = {}, set()
+    for sig in StopSignals.SIGNALS:
+        if signal.getsignal(sig) is None:
+            blocked.add(sig)
+        else:
+            handlers[sig] = signal.signal(sig, lambda signum, _frame: noted.append(signum))
+    mask = None
+    if blocked and hasattr(signal, "pthread_sigmask"):
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
         yield
     finally:
-        if held:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        # A signal sent twice meanwhile counts once, as a blocked one would.
+        for sig in dict.fromkeys(noted):
+            signal.raise_signal(sig)
 
 
 class StopSignals:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from netprobe import native
 from netprobe.divergence import ON_NONFINITE, NonfiniteWatch
-from netprobe.errors import ConfigError
+from netprobe.errors import ConfigError, add_note
 from netprobe.lifecycle import claim_run_dir, signals_held, status_for
 from netprobe.probes import ProbeRunner, ProbeSpec, build_probes, close_probes, probe_context
 from netprobe.probes.base import Probe, StepState, trained_params
@@ -262,7 +262,7 @@ class Monitor:
         except Exception as exc:
             if failure is None:
                 raise
-            failure.add_note(f"the sink failed too: {exc}")
+            add_note(failure, f"the sink failed too: {exc}")
         if failure is not None:
             raise failure
         self.nonfinite.settle()  # the drain has just synced: the exact answer costs nothing more

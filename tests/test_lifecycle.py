@@ -3,17 +3,21 @@ folder."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
+import torch.nn as nn
 
 import netprobe
 from netprobe.errors import ConfigError
@@ -30,6 +34,7 @@ from netprobe.lifecycle import (
 from netprobe.listing import list_runs
 from netprobe.plots import plot
 from netprobe.store import RunWriter
+from tests.helpers import train_steps
 
 # Long enough to be stopped mid-run, small enough that each step takes milliseconds.
 ENDLESS = [
@@ -257,3 +262,38 @@ def test_status_for_how_a_run_ended():
     )
     error = ValueError("bad batch")
     assert status_for(ValueError, error) == ("failed", "ValueError: bad batch")
+
+
+@pytest.mark.parametrize("handlers", ["python's", "netprobe train's"])
+def test_a_stop_signal_during_a_flush_waits_for_its_rows(tmp_path, monkeypatch, handlers):
+    """With another thread alive (a data loader's), a signal sent while a flush holds what it
+    drained reaches that thread, and Python runs the handler in the main thread all the same:
+    the flush notes it and acts on it once the rows are on disk."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    mon = netprobe.attach(model, tmp_path / "run", probes=["gradients"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_steps(mon, model, opt, [(torch.randn(8, 4), torch.randint(0, 3, (8,)))] * 3)
+    drain = mon.record.drain
+
+    def drain_then_signal():
+        tables = drain()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the handler's turn, inside the flush
+        return tables
+
+    monkeypatch.setattr(mon.record, "drain", drain_then_signal)
+    done = threading.Event()
+    loader = threading.Thread(target=done.wait, daemon=True)
+    loader.start()
+    stops = StopSignals() if handlers != "python's" else contextlib.nullcontext()
+    try:
+        with stops, pytest.raises(KeyboardInterrupt):
+            mon.flush()
+    finally:
+        done.set()
+    monkeypatch.undo()
+    mon.close("interrupted")
+    run = netprobe.load(tmp_path / "run")
+    assert run.scalars(probe="train", metric="loss")["step"].tolist() == [0, 1, 2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -179,6 +179,27 @@ def test_when_the_sink_fails_too_the_writers_failure_is_raised(tmp_path, monkeyp
     assert len(netprobe.load(tmp_path).scalars(probe="train", metric="loss")) == 1
 
 
+def test_a_table_whose_sink_write_fails_is_not_sent_again(tmp_path, monkeypatch):
+    """At most once: a sink write that fails midway (here after writing its events) is not
+    repeated at the next flush, so no event is doubled."""
+    mon, step = live_run(tmp_path)
+    step(2)
+    real, calls = EventWriter.write, []
+
+    def fails_after_writing(self, tables, wall_time=None):
+        real(self, tables, wall_time)
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(EventWriter, "write", fails_after_writing)
+    with pytest.raises(OSError, match="Input/output error"):
+        mon.flush()
+    step(1)
+    mon.close()
+    assert tb_scalars(read_events(tmp_path / "tb")) == parquet_scalars(netprobe.load(tmp_path))
+
+
 def test_a_signal_before_the_sink_writes_leaves_its_rows_for_the_next_flush(tmp_path, monkeypatch):
     """Ctrl-C is let through once the rows are written, before the sink's write (a slow sink
     must not hold it back); the rows the sink had not got reach it at the run's last flush."""
