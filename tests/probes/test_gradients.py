@@ -12,7 +12,7 @@ import netprobe
 from netprobe.native import step as native_step
 from netprobe.probes.gradients import Gradients, gradient_stats, picker
 from netprobe.probes.reductions import TotalNorm
-from tests.helpers import fused_grad_stats
+from tests.helpers import fused_grad_stats, train_steps
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +42,21 @@ def naive_stats(g: np.ndarray) -> dict[str, float]:
     }
 
 
+def train_seeing(
+    mon: netprobe.Monitor, model: nn.Module, opt: torch.optim.Optimizer, batch, steps: int
+) -> list[dict[str, dict[str, float]]]:
+    """`steps` steps on `batch` (tests.helpers.train_steps), and after each the naive stats of
+    every gradient the step had, by parameter name."""
+    seen: list[dict[str, dict[str, float]]] = []
+
+    def note() -> None:  # after opt.step(), which leaves the gradients as they were
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        seen.append({n: naive_stats(g.double().numpy()) for n, g in grads.items()})
+
+    train_steps(mon, model, opt, [batch] * steps, after=note)
+    return seen
+
+
 def rel_err(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
 
@@ -64,18 +79,8 @@ def test_stored_gradients_match_naive_loop(tmp_path):
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    seen: list[dict[str, dict[str, float]]] = []
     with netprobe.attach(model, tmp_path, probes=["gradients"], probe_batch=(x, y)) as mon:
-        for _ in range(3):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            mon.after_backward(loss)
-            seen.append(
-                {n: naive_stats(p.grad.double().numpy()) for n, p in model.named_parameters()}
-            )
-            opt.step()
-            mon.after_step()
+        seen = train_seeing(mon, model, opt, (x, y), 3)
         mon.end_epoch()
 
     df = netprobe.load(tmp_path).scalars(probe="gradients")
@@ -100,9 +105,11 @@ class Branchy(nn.Module):
         self.out = nn.Linear(8, 3, bias=False)
         self.spare = nn.Linear(8, 3)
 
-    def forward(self, x: torch.Tensor, spare: bool = True) -> torch.Tensor:
+        self.use_spare = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.hidden(self.norm(self.conv(x)).flatten(1)))
-        return self.out(h) + (self.spare(h) if spare else 0)
+        return self.out(h) + (self.spare(h) if self.use_spare else 0)
 
 
 def test_stored_gradients_of_weights_at_uneven_places_match_naive_loop(
@@ -119,22 +126,12 @@ def test_stored_gradients_of_weights_at_uneven_places_match_naive_loop(
     own_reads = []
     own_read = Gradients._read
     monkeypatch.setattr(Gradients, "_read", lambda self: own_reads.append(1) or own_read(self))
-    seen: list[dict[str, dict[str, float]]] = []
     with netprobe.attach(model, tmp_path, probes=["gradients"], probe_batch=(x, y)) as mon:
-        for step in range(3):
-            loss = F.cross_entropy(model(x, spare=step != 1), y)
-            opt.zero_grad()
-            loss.backward()
-            mon.after_backward(loss)
-            seen.append(
-                {
-                    n: naive_stats(p.grad.double().numpy())
-                    for n, p in model.named_parameters()
-                    if p.grad is not None
-                }
-            )
-            opt.step()
-            mon.after_step()
+        seen = train_seeing(mon, model, opt, (x, y), 1)
+        model.use_spare = False  # step 1 leaves the spare head without a gradient
+        seen += train_seeing(mon, model, opt, (x, y), 1)
+        model.use_spare = True
+        seen += train_seeing(mon, model, opt, (x, y), 1)
     # The fused path reads only at the step without the spare head's gradients.
     assert len(own_reads) == (1 if kernel_path == "fused" else 3)
     df = netprobe.load(tmp_path).scalars(probe="gradients")
@@ -168,19 +165,8 @@ def test_the_monitors_rows_are_read_only_where_gradients_takes_them(
         TotalNorm, "with_rows", lambda self, *a: reads.append(1) or with_rows(self, *a)
     )
     probes = {"gradients": {"every": 3 if case == "every 3" else 1}}
-    seen = []
     with netprobe.attach(model, tmp_path, probes=probes, probe_batch=(x, y)) as mon:
-        for _ in range(6):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            mon.after_backward(loss)
-            seen.append(
-                {n: naive_stats(p.grad.double().numpy()) for n, p in model.named_parameters()
-                 if p.grad is not None}
-            )  # fmt: skip
-            opt.step()
-            mon.after_step()
+        seen = train_seeing(mon, model, opt, (x, y), 6)
     fused = kernel_path == "fused"
     assert len(reads) == (0 if case == "frozen" or not fused else 2 if case == "every 3" else 6)
     df = netprobe.load(tmp_path).scalars(probe="gradients")
