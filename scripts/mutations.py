@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from netprobe.native import TUNED
+
 ROOT = Path(__file__).resolve().parent.parent
 COPIED = ("netprobe", "tests", "conf", "pyproject.toml")
 # Where a mutation's line is looked for: the probes and the fused kernels under them.
@@ -177,9 +179,22 @@ MUTATIONS = [
     c("accuracy_nan_largest",
       "for (int64_t c = 1; c < classes && x[top] == x[top]; c++)",
       "for (int64_t c = 1; c < classes; c++)"),
-    c("keep_w_t",
-      "if (j->write_prev) STORE(wp + k, &now, sizeof(T), n - k);",
-      "if (0) STORE(wp + k, &now, sizeof(T), n - k);", "optim_dynamics"),
+    c("keep_w_t", "STORE(wp + k, &now, sizeof(T), n - k);", "(void)now;", "optim_dynamics"),
+    # optim_dynamics' float32 loops for AVX-512 (left out where the tuned build has none)
+    c("avx512_tiny_tail",
+      "t |= (uint64_t)_mm512_mask_cmp_ps_mask(in, a, tiny, _CMP_LE_OQ) << (16 * q);",
+      "t |= (uint64_t)_mm512_cmp_ps_mask(a, tiny, _CMP_LE_OQ) << (16 * q);", "optim_dynamics"),
+    c("avx512_flip_bit",
+      "code = _mm512_mask_add_epi8(code, rflip, code, _mm512_set1_epi8(16));",
+      "code = _mm512_mask_add_epi8(code, flip, code, _mm512_set1_epi8(16));", "optim_dynamics"),
+    c("avx512_local_max",
+      "n_max += count(rflip & ((d_pos & g_neg) | (d_neg & g_pos)));",
+      "n_max += count(rflip & (d_pos & g_neg));", "optim_dynamics"),
+    c("avx512_moved_retained",
+      "mv = _mm512_mask_add_ps(mv, (__mmask16)(ret >> (16 * s)), mv, abs16(d));",
+      "mv = _mm512_add_ps(mv, abs16(d));", "optim_dynamics"),
+    c("avx512_keep_w_t",
+      "_mm512_mask_storeu_ps(wp + k + 16 * s, in, now);", "(void)now;", "optim_dynamics"),
     # activations: zero_frac and dead_frac
     m("activations.zero_boundary",
       "inactive = flat <= 0",
@@ -236,6 +251,14 @@ MUTATIONS = [
       "last = min(size_out - 1, (size_in - 1 + padding - tap * dilation) // stride)",
       "last = min(size_out - 1, (size_in + padding - tap * dilation) // stride)"),
 ]  # fmt: skip
+
+
+def targets_avx512_bw(compiler: str) -> bool:
+    """Whether the kernels' tuned build for this CPU compiles step_avx512.h's loops."""
+    done = subprocess.run(
+        [compiler, *TUNED, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True
+    )
+    return "__AVX512BW__" in done.stdout
 
 
 def locate(tree: Path, mutation: Mutation) -> Path:
@@ -306,9 +329,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown mutation {', '.join(unknown)}; valid: {', '.join(known)}", file=sys.stderr)
         return 2
     chosen = [known[i] for i in args.only] if args.only else MUTATIONS
-    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
         print("no C compiler: the fused kernels' mutations are left out")
         chosen = [mu for mu in chosen if not mu.id.startswith("native.")]
+    elif not targets_avx512_bw(compiler):
+        print("no AVX-512 BW in the tuned build: its loops' mutations are left out")
+        chosen = [mu for mu in chosen if not mu.id.startswith("native.avx512")]
 
     bad = 0
     with tempfile.TemporaryDirectory(prefix="mutations-") as tmp:

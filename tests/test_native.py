@@ -3,6 +3,7 @@ sizes that cross their blocks, lanes and threading threshold, and their loader's
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import subprocess
@@ -187,15 +188,21 @@ def test_the_same_bits_on_any_vector_width(build, tmp_path) -> None:
         np.testing.assert_array_equal(ours[0], theirs[0])
         assert ours[1] == theirs[1]
         assert other.norm(grads) == tuned.norm(grads)
+        weights = [grads_of(SIZES, seed=5 + t) for t in range(3)]
+        for w in weights[1:]:
+            w[-1][::7] = weights[0][-1][::7]  # unmoved weights
+        weights[1][-1][:4] = torch.tensor([math.nan, math.inf, -math.inf, -0.0])
+        steps = [grads_of(SIZES, seed=t) for t in range(2)]
+        steps[1][-1] = steps[0][-1] * -0.5  # retained, and flipped
+        steps[1][-1][-5:] = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 1e-6])
         results = []
         for kernels in (tuned, other):
-            codes = torch.zeros(kernels.total, dtype=torch.uint8)
-            w_prev, params = torch.cat(grads_of(SIZES, seed=5)), grads_of(SIZES, seed=6)
+            codes, w_prev = torch.zeros(kernels.total, dtype=torch.uint8), torch.cat(weights[0])
             out = []
-            for t in range(2):
+            for t, grads in enumerate(steps):
                 metrics = Block.of(np.empty((len(SIZES), 10)))
-                kernels.dyn_grad(grads_of(SIZES, seed=t), codes, t > 0, ZERO, TINY, metrics)
-                kernels.dyn_update(params, w_prev, codes, t > 0, metrics, 6 if t else 2)
+                kernels.dyn_grad(grads, codes, t > 0, ZERO, TINY, metrics)
+                kernels.dyn_update(weights[t + 1], w_prev, codes, t > 0, metrics, 6 if t else 2)
                 out.append(metrics.array[:, : 10 if t else 3])
             results.append((out, codes))
         for ours, theirs in zip(*(out for out, _ in results)):

@@ -41,7 +41,7 @@ struct job {
     void *flat;           /* W_{t-1}, tensors end to end */
     uint8_t *codes;       /* one code byte per element, tensors end to end */
     double zero, tiny;
-    int compare, write_prev;
+    int compare;
 };
 
 /* Blocks [first, last) of a job (a run_blocks range_fn). */
@@ -115,7 +115,11 @@ static inline double fold(f64xL v) {
 #ifdef __AVX512F__ /* one instruction; compilers scalarize a generic byte-to-int conversion */
 #define CODES_OF(w) ((MT)_mm512_cvtepu8_epi32(_mm_set_epi64x((long long)w[1], (long long)w[0])))
 #endif
+#ifdef __AVX512BW__ /* optim_dynamics' loops from step_avx512.h */
+#define DYN_AVX512
+#endif
 #include "step_kernels.h"
+#undef DYN_AVX512
 #undef T
 #undef S
 #undef VT

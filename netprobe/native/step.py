@@ -19,7 +19,7 @@ _SIGNATURES = {
     "np_grad_stats": (_I64, _PTR, _PTR, _PTR, _PTR, _INT),
     "np_norm": (_I64, _PTR, _PTR, _PTR, _INT),
     "np_dyn_grad": (_I64, _PTR, _PTR, _PTR, _INT, _F64, _F64, _PTR, _I64, _INT),
-    "np_dyn_update": (_I64, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _PTR, _I64, _INT),
+    "np_dyn_update": (_I64, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _I64, _INT),
     "np_gather": (_I64, _PTR, _PTR, _PTR, _PTR),
     "np_accuracy": (_I64, _I64, _PTR, _I64, _PTR),
 }
@@ -192,7 +192,7 @@ class StepKernels:
         _check(
             self._dyn_update(
                 *(self.n, data, self._sizes, w_prev.data_ptr(), codes.data_ptr()),
-                *(int(compare), 1, out.address + 8 * column, ld, _threads()),
+                *(int(compare), out.address + 8 * column, ld, _threads()),
             )
         )
 

@@ -80,6 +80,9 @@ static void FN(norm_block_)(const job_t *j, const block_t *b, double *p) {
     p[0] = fold(sq);
 }
 
+#ifdef DYN_AVX512
+#include "step_avx512.h"
+#else
 /* optim_dynamics, gradient side: reads g_t and the code bytes of step t−1 (ignored without
  * `compare`), writes step t's. A code byte: bit 0 g > 0, bit 1 g < 0 (neither for 0 and NaN,
  * as torch.sign), bit 2 z = |g| ≤ zero, bit 3 retained = z_{t−1} ∧ z_t, bit 4 a retained sign
@@ -131,8 +134,8 @@ static void FN(dyn_grad_block_)(const job_t *j, const block_t *b, double *p) {
 
 /* optim_dynamics, update side: dw = W_t − W_{t−1} with step t's code bytes. Partials [Σdw²,
  * Σ|dw| over retained, #retained, #local minima, #local maxima]: on a retained sign flip, dw
- * with the sign of g_t (a minimum crossed) or against it. With write_prev, W_t replaces
- * W_{t−1}: the starting point of the step after. Sums as in grad_block. */
+ * with the sign of g_t (a minimum crossed) or against it. W_t then replaces W_{t−1}: the
+ * starting point of the step after. Sums as in grad_block. */
 static void FN(dyn_update_block_)(const job_t *j, const block_t *b, double *p) {
     const T *w = (const T *)j->tensors[b->tensor] + b->start;
     T *wp = (T *)j->flat + j->offsets[b->tensor] + b->start;
@@ -153,7 +156,7 @@ static void FN(dyn_update_block_)(const job_t *j, const block_t *b, double *p) {
             n_ret -= ret;
             n_min -= rflip & ((d_pos & g_pos) | (d_neg & g_neg));
             n_max -= rflip & ((d_pos & g_neg) | (d_neg & g_pos));
-            if (j->write_prev) STORE(wp + k, &now, sizeof(T), n - k);
+            STORE(wp + k, &now, sizeof(T), n - k);
         }
         sq += __builtin_convertvector(q, f64xL);
         moved += __builtin_convertvector(mv, f64xL);
@@ -161,6 +164,7 @@ static void FN(dyn_update_block_)(const job_t *j, const block_t *b, double *p) {
     p[0] = fold(sq), p[1] = fold(moved), p[2] = FOLD_COUNT(n_ret);
     p[3] = FOLD_COUNT(n_min), p[4] = FOLD_COUNT(n_max);
 }
+#endif
 
 /* Per tensor [l1, l2, mean_abs, max_abs, nonfinite] into out[n][5], ‖g‖₂ of them all into
  * *total (when given). 0, or -1 when memory ran out. */
@@ -223,12 +227,11 @@ int FN(np_dyn_grad_)(int64_t n, void *const *g, const int64_t *sizes, uint8_t *c
 }
 
 /* optim_dynamics' update metrics into out from column `col` (row stride ld): wdiff_l2 and, with
- * `compare`, wdiff_retained, local_min, local_max. */
+ * `compare`, wdiff_retained, local_min, local_max; W_t into w_prev. */
 int FN(np_dyn_update_)(int64_t n, void *const *w, const int64_t *sizes, void *w_prev,
-                       uint8_t *codes, int compare, int write_prev, double *out, int64_t ld,
-                       int nthreads) {
+                       uint8_t *codes, int compare, double *out, int64_t ld, int nthreads) {
     job_t j = {.fn = FN(dyn_update_block_), .k = 5, .n = n, .sizes = sizes, .tensors = w,
-               .flat = w_prev, .codes = codes, .write_prev = write_prev};
+               .flat = w_prev, .codes = codes};
     if (run(&j, nthreads)) return -1;
     const double *p = j.partials;
     for (int64_t t = 0; t < n; t++) {
