@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(
 # the size from which the kernels split work between threads.
 SIZES = [1, 7, 8, 9, 16383, 16384, 16385, 300_001]
 ZERO, TINY = 1e-5, 1e-7
+NO_SAMPLE = torch.zeros((2, 0), dtype=torch.long)
 
 
 def grads_of(sizes: list[int], dtype=torch.float32, seed: int = 0) -> list[torch.Tensor]:
@@ -107,18 +108,17 @@ def test_dynamics_over_three_steps_match_float64(threads: int) -> None:
     steps[1][-1] = steps[0][-1] * -0.5
     weights = [grads_of(sizes, seed=10 + s) for s in range(4)]
     params = [w.clone() for w in weights[0]]
-    kernels = native_step.kernels(params)
-    codes = torch.zeros(kernels.total, dtype=torch.uint8)
-    w_prev = torch.cat(params)
+    dynamics = native_step.Dynamics(native_step.kernels(params), NO_SAMPLE)
+    dynamics.w_prev.copy_(torch.cat(params))
     for t, grads in enumerate(steps):
         compare = t > 0
         metrics = Block.of(np.empty((len(sizes), 10 if compare else 3)))
         with torch_threads(threads):
-            kernels.dyn_grad(grads, codes, compare, ZERO, TINY, metrics)
+            dynamics.grad(grads, compare, ZERO, TINY, metrics, sample=False)
         for p, w in zip(params, weights[t + 1]):
             p.copy_(w)
         with torch_threads(threads):
-            kernels.dyn_update(params, w_prev, codes, compare, metrics, 6 if compare else 2)
+            dynamics.update(params, compare, metrics, 6 if compare else 2)
         metrics = metrics.array
         for i in range(len(sizes)):
             want = dynamics_reference(
@@ -129,17 +129,26 @@ def test_dynamics_over_three_steps_match_float64(threads: int) -> None:
                 compare,
             )
             np.testing.assert_allclose(metrics[i], want, rtol=1e-6, err_msg=f"{t} {i}")
-        assert torch.equal(w_prev, torch.cat(params))  # W_t: the next step's starting point
+        # W_t: the next step's starting point
+        assert torch.equal(dynamics.w_prev, torch.cat(params))
     assert (metrics[-1, 4] > 0) and (metrics[-1, 3] > 0.5)  # retained flips did occur
 
 
-def test_gather_reads_the_named_entries() -> None:
+def test_the_sampled_entries_are_read_and_checked_once() -> None:
     grads = grads_of([5, 40_000])
     kernels = native_step.kernels(grads)
     which, offsets = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 4, 17, 39_999])
-    got = kernels.gather(grads, which, offsets)
+    dynamics = native_step.Dynamics(kernels, torch.stack([which, offsets]))
+    out = Block.of(np.empty((2, 2)))
+    got = dynamics.grad(grads, False, ZERO, TINY, out, sample=True)
     want = torch.stack([grads[w][o] for w, o in zip(which.tolist(), offsets.tolist())])
     assert torch.equal(got, want)
+    assert dynamics.grad(grads, False, ZERO, TINY, out, sample=False) is None
+    for tensor, offset in ((2, 0), (-1, 0), (0, 5), (1, 40_000), (1, -1)):
+        outside = native_step.Dynamics(kernels, torch.tensor([[0, tensor], [0, offset]]))
+        with pytest.raises(ValueError, match="sampled entry"):
+            outside.grad(grads, False, ZERO, TINY, out, sample=True)
+        assert not outside.codes.any()  # nothing written
 
 
 def test_only_cpu_tensors_of_one_float_dtype_take_the_fused_path() -> None:
@@ -197,14 +206,15 @@ def test_the_same_bits_on_any_vector_width(build, tmp_path) -> None:
         steps[1][-1][-5:] = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 1e-6])
         results = []
         for kernels in (tuned, other):
-            codes, w_prev = torch.zeros(kernels.total, dtype=torch.uint8), torch.cat(weights[0])
+            dynamics = native_step.Dynamics(kernels, NO_SAMPLE)
+            dynamics.w_prev.copy_(torch.cat(weights[0]))
             out = []
             for t, grads in enumerate(steps):
                 metrics = Block.of(np.empty((len(SIZES), 10)))
-                kernels.dyn_grad(grads, codes, t > 0, ZERO, TINY, metrics)
-                kernels.dyn_update(weights[t + 1], w_prev, codes, t > 0, metrics, 6 if t else 2)
+                dynamics.grad(grads, t > 0, ZERO, TINY, metrics, sample=False)
+                dynamics.update(weights[t + 1], t > 0, metrics, 6 if t else 2)
                 out.append(metrics.array[:, : 10 if t else 3])
-            results.append((out, codes))
+            results.append((out, dynamics.codes))
         for ours, theirs in zip(*(out for out, _ in results)):
             np.testing.assert_array_equal(ours, theirs)
         assert torch.equal(results[0][1], results[1][1])
@@ -234,41 +244,50 @@ def test_an_unwritable_cache_means_the_pytorch_path(monkeypatch, tmp_path) -> No
         native._load.cache_clear()
 
 
-def test_an_output_or_buffer_the_kernels_would_overrun_is_refused() -> None:
+def test_an_output_the_kernels_would_overrun_is_refused() -> None:
     params = [torch.zeros(10), torch.zeros(3)]
     kernels = native_step.kernels(params)
-    codes, w_prev = torch.zeros(13, dtype=torch.uint8), torch.zeros(13)
+    dynamics = native_step.Dynamics(kernels, NO_SAMPLE)
     good = np.zeros((2, 10))
-    for out, c, w in (
-        (np.zeros((1, 10)), codes, w_prev),  # a row short
-        (np.zeros((2, 10), np.float32), codes, w_prev),
-        (np.zeros((2, 10), ">f8"), codes, w_prev),  # float64 the other way round
-        (good[:, :3], codes, w_prev),  # too narrow for the compared metrics
-        (good[:, ::2], codes, w_prev),  # columns apart
-        (good, torch.zeros(12, dtype=torch.uint8), w_prev),
-        (good, codes, torch.zeros(13, dtype=torch.float64)),
-    ):
-        if w is w_prev:  # dyn_grad reads no weights
-            with pytest.raises(ValueError):
-                kernels.dyn_grad(params, c, True, ZERO, TINY, Block.of(out))
-        with pytest.raises(ValueError):
-            kernels.dyn_update(params, w, c, True, Block.of(out), 6)
     overlapping = np.lib.stride_tricks.as_strided(good, (2, 10), (40, 8))
     read_only = good.copy()
     read_only.flags.writeable = False
-    for out in (overlapping, read_only):
-        with pytest.raises(ValueError):
-            kernels.dyn_grad(params, codes, True, ZERO, TINY, Block.of(out))
+    for out in (
+        np.zeros((2, 10), np.float32),
+        np.zeros((2, 10), ">f8"),  # float64 the other way round
+        np.zeros(10),
+        good[:, ::2],  # columns apart
+        good[::-1],
+        overlapping,
+        read_only,
+    ):
+        with pytest.raises(ValueError, match="output"):
+            Block.of(out)
+    for out in (np.zeros((1, 10)), good[:, :3]):  # a row short; too narrow to compare
+        with pytest.raises(ValueError, match="output"):
+            dynamics.grad(params, True, ZERO, TINY, Block.of(out), sample=False)
     for out, column in ((good[:, :9], 6), (good, -1)):  # a column short; before the first
-        with pytest.raises(ValueError):
-            kernels.dyn_update(params, w_prev, codes, True, Block.of(out), column)
+        with pytest.raises(ValueError, match="output|column"):
+            dynamics.update(params, True, Block.of(out), column)
     for out in (good[:, :5], np.zeros((2, 4)), np.zeros((3, 5))):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="output"):
             kernels.grad_stats(params, Block.of(out))
     # float64 in another dtype object than numpy's own (an unpickled array) is float64 still
     unpickled = pickle.loads(pickle.dumps(np.zeros((2, 5))))
     assert unpickled.dtype is not np.dtype(np.float64)
     kernels.grad_stats(params, Block.of(unpickled))
+
+
+def test_the_dynamics_state_cannot_move_or_be_resized() -> None:
+    """The C code writes the code bytes and W_{t−1} at addresses read once: an attempt to give
+    either tensor more elements fails (and leaves the memory where it was)."""
+    for name in ("codes", "w_prev"):
+        dynamics = native_step.Dynamics(native_step.kernels([torch.zeros(10)]), NO_SAMPLE)
+        buffer = getattr(dynamics, name)
+        address = buffer.data_ptr()
+        with pytest.raises(RuntimeError, match="not resizable"), pytest.warns(UserWarning):
+            torch.cat([torch.zeros(11, dtype=buffer.dtype)], out=buffer)
+        assert buffer.untyped_storage().data_ptr() == address
 
 
 def test_accuracy_is_torchs_to_the_bit() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import math
 import os
 import platform
 import shutil
@@ -117,21 +116,39 @@ def library(name: str) -> ctypes.CDLL | None:
     return _load(name) if ENABLED else None
 
 
+# Native byte order: the one float64 the kernels write.
+FLOAT64 = np.dtype(np.float64)
+
+
 class Block(NamedTuple):
-    """A float64 host array and the address of its first element, for a kernel to write into.
-    Made by `HostBlocks.next` or `Block.of` only: the kernels check the array's shape and
-    strides, and write at `address`, which they cannot check."""
+    """A float64 host array [rows, cols] with adjacent columns for a kernel to write into, with
+    its first element's address and its rows' stride in elements. Made by `HostBlocks.next` or
+    `Block.of` only, which find these once: the kernels check `rows` and `cols` against what they
+    write and trust the rest (right after a small model's backward, reading an array's layout
+    costs µs a call)."""
 
     array: np.ndarray
     address: int
+    rows: int
+    cols: int
+    ld: int
 
     @classmethod
     def of(cls, array: np.ndarray) -> Block:
-        return cls(array, array.ctypes.data)
+        """`array` as a block; ValueError unless it is a writeable 2-D float64 array in this
+        machine's byte order whose columns are adjacent and whose rows do not overlap."""
+        shape, strides = array.shape, array.strides
+        if array.dtype != FLOAT64 or len(shape) != 2:
+            raise ValueError(f"an output of {array.dtype} {shape}: a 2-D float64 array wanted")
+        if strides[1] != 8 or strides[0] % 8 or strides[0] < 8 * shape[1]:
+            raise ValueError(f"an output of overlapping rows or spaced columns (strides {strides})")
+        if not array.flags.writeable:
+            raise ValueError("an output that is read-only")
+        return cls(array, array.ctypes.data, shape[0], shape[1], strides[0] // 8)
 
 
 class HostBlocks:
-    """Fresh float64 host arrays of one shape, one per call: a step's record, written in place.
+    """Fresh float64 host arrays [rows, cols], one per call: a step's record, written in place.
     They are cut from a pool (SIZE of them, fewer where they would take more than BYTES) whose
     address is read once, because right after a small model's backward np.empty and .ctypes
     cost 10-20 µs each, and a step there is ~2 ms. A block is handed out once: the views keep
@@ -139,15 +156,16 @@ class HostBlocks:
 
     SIZE, BYTES = 256, 1 << 18
 
-    def __init__(self, *shape: int) -> None:
-        self.shape = shape
-        self._rows = max(1, min(self.SIZE, self.BYTES // (8 * max(1, math.prod(shape)))))
-        self._pool, self._next, self._base, self._stride = np.empty((0, *shape)), 0, 0, 0
+    def __init__(self, rows: int, cols: int) -> None:
+        self.rows, self.cols = rows, cols
+        self._size = max(1, min(self.SIZE, self.BYTES // (8 * max(1, rows * cols))))
+        self._pool, self._next, self._base, self._stride = np.empty((0, rows, cols)), 0, 0, 0
 
     def next(self) -> Block:
         if self._next == len(self._pool):
-            self._pool, self._next = np.empty((self._rows, *self.shape)), 0
+            self._pool, self._next = np.empty((self._size, self.rows, self.cols)), 0
             self._base, self._stride = self._pool.ctypes.data, self._pool.strides[0]
         i = self._next
         self._next += 1
-        return Block(self._pool[i], self._base + i * self._stride)
+        address = self._base + i * self._stride
+        return Block(self._pool[i], address, self.rows, self.cols, self.cols)

@@ -18,13 +18,13 @@ _I64, _PTR, _INT, _F64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c
 _SIGNATURES = {
     "np_grad_stats": (_I64, _PTR, _PTR, _PTR, _PTR, _INT),
     "np_norm": (_I64, _PTR, _PTR, _PTR, _INT),
-    "np_dyn_grad": (_I64, _PTR, _PTR, _PTR, _INT, _F64, _F64, _PTR, _I64, _INT),
+    # ... out, ld; then the sampled entries: k, tensor, offset, sample; then threads
+    "np_dyn_grad": (_I64, _PTR, _PTR, _PTR, _INT, _F64, _F64, _PTR, _I64)
+    + (_I64, _PTR, _PTR, _PTR, _INT),
     "np_dyn_update": (_I64, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _I64, _INT),
-    "np_gather": (_I64, _PTR, _PTR, _PTR, _PTR),
     "np_accuracy": (_I64, _I64, _PTR, _I64, _PTR),
 }
-_RESTYPES = {"np_gather": None, "np_accuracy": ctypes.c_float}
-_FLOAT64 = np.dtype(np.float64)  # native byte order: the one float64 the kernels write
+_RESTYPES = {"np_accuracy": ctypes.c_float}
 
 
 @functools.cache
@@ -90,7 +90,6 @@ class StepKernels:
         self._norm = getattr(lib, f"np_norm_{suffix}")
         self._dyn_grad = getattr(lib, f"np_dyn_grad_{suffix}")
         self._dyn_update = getattr(lib, f"np_dyn_update_{suffix}")
-        self._gather = getattr(lib, f"np_gather_{suffix}")
         self.sizes = sizes
         self._sizes = (_I64 * len(sizes))(*sizes)
         self._pointers = (_PTR * len(sizes))()  # refilled by each call
@@ -116,24 +115,13 @@ class StepKernels:
             pointers[i] = t.data_ptr()
         return pointers, copies
 
-    def _fits(self, out: Block, width: int, *flat: tuple[torch.Tensor, torch.dtype]) -> int:
-        """Refuses an output or a flat buffer the C code would write past: out [n, ≥ width]
-        float64 with adjacent columns, each buffer `total` contiguous elements of its dtype.
-        Returns the output's row stride in elements."""
-        array = out.array
-        shape, strides = array.shape, array.strides
-        # `is` first: comparing with np.float64 converts it each call, µs right after a backward
-        f64 = array.dtype is _FLOAT64 or array.dtype == _FLOAT64
-        if not f64 or len(shape) != 2 or shape[0] != self.n or shape[1] < width:
-            raise ValueError(f"an output of {array.dtype} {shape} for [{self.n}, {width}] float64")
-        if strides[1] != 8 or strides[0] % 8 or strides[0] < 8 * shape[1]:
-            raise ValueError(f"an output of overlapping rows or spaced columns (strides {strides})")
-        if not array.flags.writeable:
-            raise ValueError("an output that is read-only")
-        for buffer, dtype in flat:
-            if buffer.numel() != self.total or buffer.dtype != dtype or not buffer.is_contiguous():
-                raise ValueError(f"a buffer unlike {self.total} contiguous {dtype} elements")
-        return strides[0] // 8
+    def _fits(self, out: Block, width: int) -> int:
+        """Refuses an output the C code would write past: out [n, ≥ width] (a Block's array is
+        float64 with adjacent columns, checked when it was made). Returns its row stride in
+        elements."""
+        if out.rows != self.n or out.cols < width:
+            raise ValueError(f"an output of [{out.rows}, {out.cols}] for [{self.n}, {width}]")
+        return out.ld
 
     def grad_stats(self, grads: Sequence[torch.Tensor], out: Block) -> float:
         """Per tensor [l1, l2, mean_abs, max_abs, nonfinite] into `out` ([n, 5]); returns ‖g‖₂
@@ -153,57 +141,74 @@ class StepKernels:
         _check(self._norm(self.n, data, self._sizes, self._result_at, _threads()))
         return self._result.value
 
-    def dyn_grad(
+
+class Dynamics:
+    """optim_dynamics' two fused loops for the tensors of `kernels`, and the state they carry
+    from step to step: one code byte per element (`codes`: sign and z of the last gradient read,
+    retained and flip bits of the step under way) and W_{t−1} (`w_prev`). Both live in host
+    memory allocated here that can neither move nor be resized (tensors over NumPy arrays), so
+    the C code writes at addresses read once. `sample` [2, K]: the sign map's entries, as
+    (tensor, offset in it), held in a copy of their own; the C code checks them as it reads."""
+
+    def __init__(self, kernels: StepKernels, sample: torch.Tensor) -> None:
+        self.kernels = kernels
+        dtype = np.float32 if kernels.dtype == torch.float32 else np.float64
+        self._memory = (_aligned(kernels.total, np.uint8), _aligned(kernels.total, dtype))
+        self.codes, self.w_prev = (torch.from_numpy(a) for a in self._memory)
+        self._codes_at, self._w_prev_at = (a.ctypes.data for a in self._memory)
+        self._sample = sample.to("cpu", torch.int64, copy=True).reshape(2, -1).contiguous()
+        self._sample_at = (self._sample[0].data_ptr(), self._sample[1].data_ptr())
+
+    def grad(
         self,
         grads: Sequence[torch.Tensor],
-        codes: torch.Tensor,
         compare: bool,
         zero: float,
         tiny: float,
         out: Block,
-    ) -> None:
-        """optim_dynamics' gradient metrics into out[:, :6], step t's code bytes into `codes`
-        over step t−1's (read only with `compare`)."""
-        ld = self._fits(out, 6 if compare else 2, (codes, torch.uint8))
-        data, _held = self._data(grads)
+        sample: bool,
+    ) -> torch.Tensor | None:
+        """The gradient metrics into out[:, :6] (out[:, :2] without `compare`), step t's code
+        bytes over step t−1's (read only with `compare`); with `sample`, returns the sampled
+        gradients, in the tensors' dtype."""
+        k = self.kernels
+        ld = k._fits(out, 6 if compare else 2)
+        values = torch.empty(self._sample.shape[1], dtype=k.dtype) if sample else None
+        count, at = (0, 0) if values is None else (len(values), values.data_ptr())
+        data, _held = k._data(grads)
         _check(
-            self._dyn_grad(
-                *(self.n, data, self._sizes, codes.data_ptr(), int(compare), zero, tiny),
-                *(out.address, ld, _threads()),
+            k._dyn_grad(
+                *(k.n, data, k._sizes, self._codes_at, int(compare), zero, tiny, out.address, ld),
+                *(count, *self._sample_at, at, _threads()),
             )
         )
+        return values
 
-    def dyn_update(
-        self,
-        params: Sequence[torch.Tensor],
-        w_prev: torch.Tensor,
-        codes: torch.Tensor,
-        compare: bool,
-        out: Block,
-        column: int,
+    def update(
+        self, params: Sequence[torch.Tensor], compare: bool, out: Block, column: int
     ) -> None:
-        """optim_dynamics' update metrics into `out` from its column `column` on, with
-        W_t − w_prev; then W_t into w_prev."""
+        """The update metrics into `out` from its column `column` on, with W_t − w_prev; then
+        W_t into w_prev."""
         if column < 0:
             raise ValueError(f"column {column} of an output: columns count from 0")
-        width = column + (4 if compare else 1)
-        ld = self._fits(out, width, (w_prev, self.dtype), (codes, torch.uint8))
-        data, _held = self._data(params)
+        k = self.kernels
+        ld = k._fits(out, column + (4 if compare else 1))
+        data, _held = k._data(params)
         _check(
-            self._dyn_update(
-                *(self.n, data, self._sizes, w_prev.data_ptr(), codes.data_ptr()),
-                *(int(compare), out.address + 8 * column, ld, _threads()),
+            k._dyn_update(
+                *(k.n, data, k._sizes, self._w_prev_at, self._codes_at, int(compare)),
+                *(out.address + 8 * column, ld, _threads()),
             )
         )
 
-    def gather(
-        self, grads: Sequence[torch.Tensor], which: torch.Tensor, offsets: torch.Tensor
-    ) -> torch.Tensor:
-        """grads[which[k]].flatten()[offsets[k]] for every k, in the tensors' dtype."""
-        out = torch.empty(len(which), dtype=self.dtype)
-        data, _held = self._data(grads)
-        self._gather(len(which), data, which.data_ptr(), offsets.data_ptr(), out.data_ptr())
-        return out
+
+def _aligned(n: int, dtype: type[np.generic], to: int = 64) -> np.ndarray:
+    """n zeros of `dtype` from an address that is a multiple of `to` bytes (NumPy aligns to 16:
+    a vector load would straddle two cache lines)."""
+    size = n * np.dtype(dtype).itemsize
+    raw = np.zeros(size + to, np.uint8)
+    start = -raw.ctypes.data % to
+    return raw[start : start + size].view(dtype)
 
 
 def _threads() -> int:
@@ -211,5 +216,7 @@ def _threads() -> int:
 
 
 def _check(status: int) -> None:
+    if status == -2:
+        raise ValueError("a sampled entry outside the tensors")
     if status != 0:
         raise MemoryError("netprobe: no memory for a probe kernel's partial sums")

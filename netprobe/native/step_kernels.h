@@ -205,9 +205,16 @@ int FN(np_norm_)(int64_t n, void *const *x, const int64_t *sizes, double *out, i
 }
 
 /* optim_dynamics' gradient metrics into columns 0–5 of out (row stride ld): zero_frac_1e7,
- * zero_frac and, with `compare`, released_frac, retained_frac, flip_frac, flip_frac_all. */
+ * zero_frac and, with `compare`, released_frac, retained_frac, flip_frac, flip_frac_all; and
+ * the k sampled gradients g[tensor[i]][offset[i]] into sample (the sign map's). 0; -1 when
+ * memory ran out; -2, with nothing written, for a sampled entry outside the tensors. */
 int FN(np_dyn_grad_)(int64_t n, void *const *g, const int64_t *sizes, uint8_t *codes, int compare,
-                     double zero, double tiny, double *out, int64_t ld, int nthreads) {
+                     double zero, double tiny, double *out, int64_t ld, int64_t k,
+                     const int64_t *tensor, const int64_t *offset, T *sample, int nthreads) {
+    for (int64_t i = 0; i < k; i++)
+        if (tensor[i] < 0 || tensor[i] >= n || offset[i] < 0 || offset[i] >= sizes[tensor[i]])
+            return -2;
+    for (int64_t i = 0; i < k; i++) sample[i] = ((const T *)g[tensor[i]])[offset[i]];
     job_t j = {.fn = FN(dyn_grad_block_), .k = 6, .n = n, .sizes = sizes, .tensors = g,
                .codes = codes, .zero = zero, .tiny = tiny, .compare = compare};
     if (run(&j, nthreads)) return -1;
@@ -244,12 +251,6 @@ int FN(np_dyn_update_)(int64_t n, void *const *w, const int64_t *sizes, void *w_
     }
     release(&j);
     return 0;
-}
-
-/* out[i] = g[tensor[i]][offset[i]]: the sign map's sampled gradients. */
-void FN(np_gather_)(int64_t k, void *const *g, const int64_t *tensor, const int64_t *offset,
-                    T *out) {
-    for (int64_t i = 0; i < k; i++) out[i] = ((const T *)g[tensor[i]])[offset[i]];
 }
 
 /* The batch's top-1 accuracy as torch's (logits.argmax(1) == target).float().mean(): a row's

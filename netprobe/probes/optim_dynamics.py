@@ -216,18 +216,17 @@ class TorchBuffers:
 
 
 class FusedCodes:
-    """The fused path's state: one code byte per tracked element (sign and z of the last gradient
-    read; retained and flip bits of the step under way) and W_{t−1}, which each update leaves
-    holding W_t: the weights the next step starts from, unless other steps come between or the
-    weights were changed in place since (their version counters tell), when it is read again."""
+    """The fused path's state (native_step.Dynamics): one code byte per tracked element and
+    W_{t−1}, which each update leaves holding W_t: the weights the next step starts from, unless
+    other steps come between or the weights were changed in place since (their version counters
+    tell), when it is read again."""
 
     def __init__(
         self, kernels: native_step.StepKernels, params: list[torch.Tensor], sample: torch.Tensor
     ) -> None:
-        self.kernels, self.params = kernels, params
-        self.which, self.offsets = sample  # the sign map's entries: (tensor, offset in it)
-        self.codes = torch.zeros(kernels.total, dtype=torch.uint8)
-        self.w_prev = torch.empty(kernels.total, dtype=kernels.dtype)
+        self.params = params
+        self.dynamics = native_step.Dynamics(kernels, sample)  # sample: the sign map's entries
+        self.codes, self.w_prev = self.dynamics.codes, self.dynamics.w_prev
         self.kept = False
         # The step whose starting weights w_prev holds, and the weights' versions then.
         self._w_prev_of: tuple[int, list[int]] | None = None
@@ -250,9 +249,8 @@ class FusedCodes:
             g if g is not None else self._zeros.setdefault(i, torch.zeros_like(self.params[i]))
             for i, g in enumerate(grads)
         ]
-        values = self.kernels.gather(present, self.which, self.offsets) if sample else None
         metrics = self._blocks[compare].next()
-        self.kernels.dyn_grad(present, self.codes, compare, *thresholds, metrics)
+        values = self.dynamics.grad(present, compare, *thresholds, metrics, sample)
         self.kept = False  # the codes now hold this step's sign and z
         return metrics, values
 
@@ -266,7 +264,7 @@ class FusedCodes:
     ) -> np.ndarray:
         """Fills the update columns of `metrics` (the grad columns came from `read`)."""
         column = len(GRAD_METRICS) if compare else 2
-        self.kernels.dyn_update(params, self.w_prev, self.codes, compare, metrics, column)
+        self.dynamics.update(params, compare, metrics, column)
         self._w_prev_of = (step + 1, [p._version for p in params])
         return metrics.array
 
