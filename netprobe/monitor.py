@@ -148,7 +148,7 @@ class Monitor:
         tensor, so nothing is read back): what hooks saw during backward is divided by it.
         """
         loss = loss.detach()
-        grads = [p.grad for p in self._params if p.grad is not None]
+        grads = [g for p in self._params if (g := p.grad) is not None]
         values, total, rows = (self._device_curve if self._rows is None else self._host_curve)(
             loss, acc, grads
         )
@@ -158,7 +158,8 @@ class Monitor:
             lr = float(self.optimizer.param_groups[0]["lr"])
             self.record.scalars("train", [""], ["lr"], lr)
         self._samples += batch_size or 0
-        self.runner.after_backward(loss, total, loss_scale, rows)
+        read = self._total_norm.take_read() if self._rows is not None else None
+        self.runner.after_backward(loss, total, loss_scale, rows, read)
 
     def _device_curve(
         self, loss: torch.Tensor, acc: Number | None, grads: list[torch.Tensor]

@@ -171,3 +171,36 @@ def test_the_cpu_curve_stores_what_the_gpu_path_stores(tmp_path, monkeypatch, ac
     # The same rows in the same order.
     host, device = (netprobe.load(tmp_path / p).scalars(probe="train") for p in curves)
     assert host[["step", "metric"]].equals(device[["step", "metric"]])
+
+
+def test_the_monitors_read_of_the_gradients_is_lent_to_the_hooks_only(tmp_path, monkeypatch):
+    """On the CPU the fused read of every gradient is handed to the probes' hooks (a Read:
+    optim_dynamics reads its gradients from it), and dropped when they return: it holds them.
+    Where a trained parameter has no gradient there is none to lend."""
+    from netprobe.probes.optim_dynamics import OptimDynamics
+
+    seen, original = [], OptimDynamics.after_backward
+
+    def hook(self, state):
+        seen.append(state.grad_read is not None)
+        original(self, state)
+
+    monkeypatch.setattr(OptimDynamics, "after_backward", hook)
+
+    class Net(nn.Module):
+        def __init__(self, unused: bool) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+            self.unused = nn.Linear(2, 2) if unused else None  # trained, without a gradient
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    for unused in (False, True):
+        model = Net(unused)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with netprobe.attach(model, tmp_path / str(unused), probes=["optim_dynamics"]) as mon:
+            train_steps(mon, model, opt, [(x, y)] * 2)
+            assert mon.state.grad_read is None
+    assert seen == [native.ENABLED] * 2 + [False] * 2

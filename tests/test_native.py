@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from netprobe import native
 from netprobe.native import Block
@@ -288,6 +289,44 @@ def test_the_dynamics_state_cannot_move_or_be_resized() -> None:
         with pytest.raises(RuntimeError, match="not resizable"), pytest.warns(UserWarning):
             torch.cat([torch.zeros(11, dtype=buffer.dtype)], out=buffer)
         assert buffer.untyped_storage().data_ptr() == address
+
+
+def test_a_parameter_given_new_memory_is_read_there() -> None:
+    """The parameters' addresses are kept from one update to the next, but a parameter whose
+    memory moved (`.data =`) is read at its new address, and checked again."""
+    p, q = nn.Parameter(torch.zeros(1000)), nn.Parameter(torch.zeros(10))
+    dynamics = native_step.Dynamics(native_step.kernels([p, q]), NO_SAMPLE)
+    dynamics.w_prev.zero_()
+    out = Block.of(np.empty((2, 3)))
+    dynamics.update([p, q], False, out, 2)
+    assert out.array[0, 2] == 0.0
+    p.data = torch.full((1000,), 2.0)
+    dynamics.update([p, q], False, out, 2)
+    assert out.array[0, 2] == pytest.approx(math.sqrt(1000 * 4.0))  # ‖W_t − W_{t−1}‖₂
+    p.data = torch.zeros(999)
+    with pytest.raises(ValueError, match="kernels made for"):
+        dynamics.update([p, q], False, out, 2)
+
+
+def test_tensors_read_once_are_read_again_from_their_read() -> None:
+    """A Read of tensors checked by one kernels' call serves kernels over some of them, picked
+    by index; one unlike those kernels' tensors is refused."""
+    grads = grads_of([5, 7, 9, 11])
+    whole = native_step.kernels(grads)
+    whole.keeps_reads = True
+    whole.norm(grads)
+    read = whole.take_read()
+    assert read is not None and whole.take_read() is None  # taken once
+    part = native_step.kernels([grads[3], grads[1]])
+    assert part.norm(read._replace(index=[3, 1])) == part.norm([grads[3], grads[1]])
+    for index in ([1, 3], [3], [3, 4], [3, -1]):
+        with pytest.raises(ValueError, match="a read of tensors unlike"):
+            part.norm(read._replace(index=index))
+    strided = [grads[0], torch.randn(7, 2).t()]  # a copy is read: no Read of it
+    pair = native_step.kernels(strided)
+    pair.keeps_reads = True
+    pair.norm(strided)
+    assert pair.take_read() is None
 
 
 def test_accuracy_is_torchs_to_the_bit() -> None:

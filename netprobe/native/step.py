@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -79,9 +80,24 @@ def _accuracy_kernel(dtype: torch.dtype) -> Callable[..., float] | None:
 _accuracy_kernels: dict[torch.dtype, Callable[..., float] | None] = {}
 
 
+class Read(NamedTuple):
+    """Tensors that a StepKernels call has just checked and read in place, for kernels over some
+    of them to read them again this step without checking each again: the tensors (held, so the
+    memory stays theirs), their elements' addresses, the sizes and dtype they were checked
+    against, and which of them a reader reads (`index`; all where None). Good until the kernels
+    that made it are called again."""
+
+    tensors: Sequence[torch.Tensor]
+    pointers: ctypes.Array
+    sizes: list[int]
+    dtype: torch.dtype
+    index: Sequence[int] | None = None
+
+
 class StepKernels:
     """The kernels for one list of tensor sizes and one dtype. Each call takes the tensors
-    themselves (a gradient's storage changes from step to step), read in place when contiguous."""
+    themselves (a gradient's storage changes from step to step), read in place when contiguous,
+    or a `Read` of them."""
 
     def __init__(self, lib: ctypes.CDLL, sizes: list[int], dtype: torch.dtype) -> None:
         self.dtype, self.n, self.total = dtype, len(sizes), sum(sizes)
@@ -93,13 +109,28 @@ class StepKernels:
         self.sizes = sizes
         self._sizes = (_I64 * len(sizes))(*sizes)
         self._pointers = (_PTR * len(sizes))()  # refilled by each call
+        # With `keeps_reads`, the last call's tensors, where all were read in place; for its
+        # caller to take (holding them keeps them in memory).
+        self.keeps_reads = False
+        self._read: Read | None = None
+        self._picks: tuple[list[int], Sequence[int] | None] | None = None  # a Read's, checked
         self._result = ctypes.c_double()
         self._result_at = ctypes.addressof(self._result)
 
-    def _data(self, tensors: Sequence[torch.Tensor]) -> tuple[ctypes.Array, list[torch.Tensor]]:
+    def take_read(self) -> Read | None:
+        """The last call's tensors as a Read, where it read them all in place (and these kernels
+        keep reads); once."""
+        read, self._read = self._read, None
+        return read
+
+    def _data(
+        self, tensors: Sequence[torch.Tensor] | Read
+    ) -> tuple[ctypes.Array, list[torch.Tensor]]:
         """Pointers to each tensor's elements in order, and the copies made of non-contiguous
         ones (held by the caller for the call). A tensor unlike the one these kernels were made
         for is refused: the C code trusts the sizes."""
+        if isinstance(tensors, Read):
+            return self._picked(tensors), []
         if len(tensors) != self.n:
             raise ValueError(f"{len(tensors)} tensors given to kernels made for {self.n}")
         pointers, copies = self._pointers, []
@@ -113,7 +144,29 @@ class StepKernels:
                 t = t.detach().contiguous()  # a parameter's copy: no autograd node
                 copies.append(t)
             pointers[i] = t.data_ptr()
+        if self.keeps_reads:
+            self._read = None if copies else Read(tensors, pointers, self.sizes, self.dtype)
         return pointers, copies
+
+    def _picked(self, read: Read) -> ctypes.Array:
+        """The pointers of the tensors a Read's index picks, checked once per Read source and
+        index against these kernels' sizes and dtype."""
+        if self._picks is None or (read.sizes, read.index) != self._picks:
+            index = range(len(read.sizes)) if read.index is None else read.index
+            fits = len(index) == self.n and read.dtype == self.dtype
+            if not fits or any(
+                not 0 <= j < len(read.sizes) or read.sizes[j] != size
+                for j, size in zip(index, self.sizes)
+            ):
+                raise ValueError(f"a read of tensors unlike the {self.n} these kernels are for")
+            self._picks = (read.sizes, read.index)
+        pointers, source = self._pointers, read.pointers
+        if read.index is None:
+            pointers[:] = source[:]
+        else:
+            for i, j in enumerate(read.index):
+                pointers[i] = source[j]
+        return pointers
 
     def _fits(self, out: Block, width: int) -> int:
         """Refuses an output the C code would write past: out [n, ≥ width] (a Block's array is
@@ -158,6 +211,8 @@ class Dynamics:
         self._codes_at, self._w_prev_at = (a.ctypes.data for a in self._memory)
         self._sample = sample.to("cpu", torch.int64, copy=True).reshape(2, -1).contiguous()
         self._sample_at = (self._sample[0].data_ptr(), self._sample[1].data_ptr())
+        # The parameters last read in place, their addresses, and those as the C code takes them.
+        self._kept: tuple[list[torch.Tensor], list[int], ctypes.Array] | None = None
 
     def grad(
         self,
@@ -193,13 +248,32 @@ class Dynamics:
             raise ValueError(f"column {column} of an output: columns count from 0")
         k = self.kernels
         ld = k._fits(out, column + (4 if compare else 1))
-        data, _held = k._data(params)
+        data, _held = self._weights(params)
         _check(
             k._dyn_update(
                 *(k.n, data, k._sizes, self._w_prev_at, self._codes_at, int(compare)),
                 *(out.address + 8 * column, ld, _threads()),
             )
         )
+
+    def _weights(self, params: Sequence[torch.Tensor]) -> tuple[ctypes.Array, list[torch.Tensor]]:
+        """As StepKernels._data, for the parameters: the same tensors at the same addresses as
+        at the last call are not checked again (held here, none of them can be another tensor
+        at a reused address; and a tensor's size, dtype or device changes only with its memory,
+        unless made a view of its own, which it keeps alive). Pointers apart from other calls'."""
+        kept = self._kept
+        if kept is not None and len(params) == len(kept[0]):
+            for p, q, address in zip(params, *kept[:2]):
+                if p is not q or p.data_ptr() != address:
+                    break
+            else:
+                return kept[2], []
+        data, copies = self.kernels._data(params)
+        if copies:
+            self._kept = None
+            return data, copies
+        self._kept = (list(params), list(data), (_PTR * len(data))(*data))
+        return self._kept[2], []
 
 
 def _aligned(n: int, dtype: type[np.generic], to: int = 64) -> np.ndarray:

@@ -18,6 +18,7 @@ from netprobe.probes.schedule import Schedule
 from netprobe.structure import LayerInfo, is_weight_layer
 
 if TYPE_CHECKING:
+    from netprobe.native.step import Read
     from netprobe.recorder import Recorder
 
 
@@ -36,13 +37,19 @@ class StepState:
     `grad_rows`: [l1, l2, mean_abs, max_abs, nonfinite] of each of `trained_params`' gradients,
     in that order, from the read that gave `grad_l2_total`: made on the CPU by the fused kernel,
     at the steps a probe that reads them (`Probe.reads_grad_rows`) records, when every trained
-    parameter has a gradient; None elsewhere. A host array of this step's, never written again."""
+    parameter has a gradient; None elsewhere. A host array of this step's, never written again.
+
+    `grad_read`: on the CPU, where the fused kernel read every one of `trained_params`'
+    gradients in place, those gradients as checked by that read (a `netprobe.native.step.Read`,
+    in that order): a probe's kernels read them again from it without checking each again.
+    Set during `after_backward` and `arm` only (it holds the gradients), None elsewhere."""
 
     step: int = 0
     epoch: int = 0
     loss: torch.Tensor | None = None
     grad_l2_total: torch.Tensor | float | None = None
     grad_rows: np.ndarray | None = None
+    grad_read: Read | None = None
     loss_scale: torch.Tensor | float | None = None
     point: str | None = None
 

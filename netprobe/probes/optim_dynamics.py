@@ -13,7 +13,7 @@ import torch
 from netprobe.errors import ConfigError
 from netprobe.native import Block, HostBlocks
 from netprobe.native import step as native_step
-from netprobe.probes.base import Probe, ProbeContext, StepState
+from netprobe.probes.base import Probe, ProbeContext, StepState, trained_params
 from netprobe.probes.options import Option
 from netprobe.probes.reductions import device_sizes, stat_dtype
 from netprobe.probes.schedule import Schedule
@@ -241,16 +241,23 @@ class FusedCodes:
         self.kept = True
 
     def read(
-        self, grads: Sequence[torch.Tensor | None], compare: bool, thresholds, sample: bool
+        self,
+        grads: Sequence[torch.Tensor | None] | native_step.Read,
+        compare: bool,
+        thresholds,
+        sample: bool,
     ) -> tuple[Block, torch.Tensor | None]:
-        """As TorchBuffers.read, in one pass; the record's update columns are left to `update`."""
-        # A parameter without a gradient this step (unused in the forward) reads as zeros.
-        present = [
-            g if g is not None else self._zeros.setdefault(i, torch.zeros_like(self.params[i]))
-            for i, g in enumerate(grads)
-        ]
+        """As TorchBuffers.read, in one pass, from the gradients or the monitor's read of them;
+        the record's update columns are left to `update`."""
+        if not isinstance(grads, native_step.Read):
+            # A parameter without a gradient this step (unused in the forward) reads as zeros.
+            zeros = self._zeros
+            grads = [
+                g if g is not None else zeros.setdefault(i, torch.zeros_like(self.params[i]))
+                for i, g in enumerate(grads)
+            ]
         metrics = self._blocks[compare].next()
-        values = self.dynamics.grad(present, compare, *thresholds, metrics, sample)
+        values = self.dynamics.grad(grads, compare, *thresholds, metrics, sample)
         self.kept = False  # the codes now hold this step's sign and z
         return metrics, values
 
@@ -314,6 +321,11 @@ class OptimDynamics(Probe):
         self.sign_index, self.sign_sizes, self._sign_at = self._draw_sign_indices(k)
         self.segments = Segments(self.sizes)
         self._kernels = native_step.kernels(self.tensors)
+        # Where each tracked tensor is among the trained ones: on the fused path, the gradients
+        # are read from the monitor's read of them (StepState.grad_read) where it has one.
+        trained = {id(p): i for i, p in enumerate(trained_params(ctx.model))}
+        at = [trained.get(id(p)) for p in self.tensors]
+        self._trained_at = None if None in at or self._kernels is None else at
         # TorchBuffers or FusedCodes, made at the first gradient read (or restore).
         self._state: TorchBuffers | FusedCodes | None = None
         self._read_step: int | None = None  # the step whose gradient was read last
@@ -352,9 +364,12 @@ class OptimDynamics(Probe):
         """This step's gradient metrics (against the kept step before's if `compare`), and every
         `_sign_stride`-th step's sampled gradients for the sign map."""
         sample = self._sign_seen % self._sign_stride == 0
-        metrics, values = self._held().read(
-            [p.grad for p in self.tensors], compare, self._thresholds(), sample
-        )
+        read = state.grad_read
+        if read is not None and self._trained_at is not None:
+            grads = read._replace(index=self._trained_at)
+        else:
+            grads = [p.grad for p in self.tensors]
+        metrics, values = self._held().read(grads, compare, self._thresholds(), sample)
         if values is not None:
             self._sign_rows.append((state.step, values))
             if len(self._sign_rows) >= 4 * self.cfg["sign_rows"]:

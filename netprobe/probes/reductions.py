@@ -7,7 +7,7 @@ import functools
 import torch
 
 from netprobe.native import Block
-from netprobe.native.step import kernels
+from netprobe.native.step import Read, kernels
 
 
 def stat_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -38,6 +38,8 @@ class TotalNorm:
 
     def __init__(self, params: list[torch.Tensor]) -> None:
         self._fused = kernels(params)
+        if self._fused is not None:
+            self._fused.keeps_reads = True
 
     def __call__(self, grads: list[torch.Tensor]) -> torch.Tensor | float:
         if self._fused is not None and len(grads) == self._fused.n:
@@ -48,6 +50,11 @@ class TotalNorm:
     @property
     def fused(self) -> bool:
         return self._fused is not None
+
+    def take_read(self) -> Read | None:
+        """The last call's gradients as a native Read, where the fused kernel read them all in
+        place: for probes' kernels to read them again this step without checking them again."""
+        return None if self._fused is None else self._fused.take_read()
 
     def with_rows(self, grads: list[torch.Tensor], out: Block) -> float | None:
         """The same norm (the same bits, but for a NaN's sign) and, from the same read, each

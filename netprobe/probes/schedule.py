@@ -16,6 +16,7 @@ from netprobe.probes.timer import ProbeTimer
 if TYPE_CHECKING:
     import numpy as np
 
+    from netprobe.native.step import Read
     from netprobe.probes.base import Probe, StepState
 
 AT_CHOICES = ("start", "epoch", "end")
@@ -124,6 +125,7 @@ class ProbeRunner:
         grad_l2_total: torch.Tensor | float | None = None,
         loss_scale: torch.Tensor | float | None = None,
         grad_rows: np.ndarray | None = None,
+        grad_read: Read | None = None,
     ) -> None:
         """The step's facts into the state; `after_backward` where this step is recorded, then
         `arm` where the next one is."""
@@ -132,14 +134,18 @@ class ProbeRunner:
         state.grad_rows = grad_rows
         if not self.probes:
             return
+        state.grad_read = grad_read
         timer.begin()
-        for probe in self.probes:
-            schedule = probe.schedule
-            if schedule.records(step):
-                probe.after_backward(state)
-            if schedule.arm and schedule.records(step + 1):
-                probe.arm(state)
-            timer.lap(probe.name)
+        try:
+            for probe in self.probes:
+                schedule = probe.schedule
+                if schedule.records(step):
+                    probe.after_backward(state)
+                if schedule.arm and schedule.records(step + 1):
+                    probe.arm(state)
+                timer.lap(probe.name)
+        finally:
+            state.grad_read = None  # it holds the gradients
         timer.end()
 
     def after_step(self) -> None:
