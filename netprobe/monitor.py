@@ -71,10 +71,9 @@ class Monitor:
         self._params = trained_params(model)
         self._total_norm = TotalNorm(self._params)
         self._device = self._params[0].device if self._params else torch.device("cpu")
-        # On the CPU the curve is read on the host (no sync to avoid), into rows that hold
-        # CURVE_NAMES's values in order, unless NETPROBE_NATIVE=0 asks for the path a GPU takes.
-        on_host = self._device.type == "cpu" and native.ENABLED
-        self._rows = native.HostBlocks(1, 3) if on_host else None
+        # On the CPU the curve is read on the host (no sync to avoid) as CURVE_NAMES's values,
+        # unless NETPROBE_NATIVE=0 asks for the path a GPU takes.
+        self._on_host = on_host = self._device.type == "cpu" and native.ENABLED
         # There, the norm's read also gives each gradient's statistics at the steps a probe that
         # reads them records.
         self._row_readers = [p for p in self.probes if p.reads_grad_rows]
@@ -149,7 +148,7 @@ class Monitor:
         """
         loss = loss.detach()
         grads = [g for p in self._params if (g := p.grad) is not None]
-        values, total, rows = (self._device_curve if self._rows is None else self._host_curve)(
+        values, total, rows = (self._host_curve if self._on_host else self._device_curve)(
             loss, acc, grads
         )
         self.record.scalars("train", [""], CURVE_NAMES[acc is not None, bool(grads)], values)
@@ -158,7 +157,7 @@ class Monitor:
             lr = float(self.optimizer.param_groups[0]["lr"])
             self.record.scalars("train", [""], ["lr"], lr)
         self._samples += batch_size or 0
-        read = self._total_norm.take_read() if self._rows is not None else None
+        read = self._total_norm.take_read() if self._on_host else None
         self.runner.after_backward(loss, total, loss_scale, rows, read)
 
     def _device_curve(
@@ -184,19 +183,16 @@ class Monitor:
 
     def _host_curve(
         self, loss: torch.Tensor, acc: Number | None, grads: list[torch.Tensor]
-    ) -> tuple[np.ndarray, float | None, np.ndarray | None]:
-        """The same on the CPU as host floats, in a row of a host array: no tensor op but the
-        loss's read (and the accuracy's, given as a tensor; and the norm's, where the fused
-        kernel does not serve these gradients); and `StepState.grad_rows` where a probe reads
-        them."""
-        row = self._rows.next().array  # type: ignore[union-attr]
-        width = 1 + (acc is not None) + bool(grads)
-        if width < 3:
-            row = row[:, :width]
-        row[0, 0] = self._last["loss"] = value = loss.item()
+    ) -> tuple[tuple[float, ...], float | None, np.ndarray | None]:
+        """The same on the CPU as host floats: no tensor op but the loss's read (and the
+        accuracy's, given as a tensor; and the norm's, where the fused kernel does not serve
+        these gradients); and `StepState.grad_rows` where a probe reads them."""
+        value = self._last["loss"] = loss.item()
         self.nonfinite.observe(value, self.state.step)
+        values = [value]
         if acc is not None:
-            row[0, 1] = self._last["acc"] = float(acc)
+            values.append(float(acc))
+            self._last["acc"] = values[-1]
         total = rows = None
         if grads:
             step = self.state.step
@@ -208,8 +204,8 @@ class Monitor:
                 rows = None if total is None else block.array
             if total is None:
                 total = float(self._total_norm(grads))
-            row[0, -1] = total
-        return row, total, rows
+            values.append(total)
+        return tuple(values), total, rows
 
     def after_step(self) -> None:
         """Update probes read the new weights now; the step counter advances."""

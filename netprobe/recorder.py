@@ -44,8 +44,7 @@ class Recorder:
     ) -> None:
         """Values [len(layers), len(metrics)] for the current step: a tensor on any device, or
         host values (numbers, arrays: kept as float64, not float32, so lr 1e-3 stays 1e-3)."""
-        kind = type(values)
-        if kind is float or kind is np.ndarray and values.dtype is _FLOAT64:  # type: ignore
+        if _host_ready(values):
             pass  # kept as they are, made one array at the drain: each call here counts µs
         elif not isinstance(values, torch.Tensor):
             values = np.asarray(values, dtype=np.float64)  # no tensor op: a CPU step counts µs
@@ -109,6 +108,15 @@ class Recorder:
             )
         self._scalars, self._hists, self._matrices = [], [], []
         return tables
+
+
+def _host_ready(values: object) -> bool:
+    """Whether host values are float64 already, to be kept as they are until the drain: a
+    float, a float64 array, a tuple of floats."""
+    kind = type(values)
+    if kind is np.ndarray:
+        return values.dtype is _FLOAT64  # type: ignore[attr-defined]
+    return kind is float or kind is tuple and all(type(v) is float for v in values)  # type: ignore
 
 
 def _to_host_flat(values: list[torch.Tensor | np.ndarray], dtype: torch.dtype) -> np.ndarray:

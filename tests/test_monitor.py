@@ -147,7 +147,7 @@ def test_the_cpu_curve_stores_what_the_gpu_path_stores(tmp_path, monkeypatch, ac
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         want = {"loss": [], "acc": [], "grad_l2_total": []}
         with netprobe.attach(model, tmp_path / path, probes=[], flush_every=3) as mon:
-            assert (mon._rows is not None) == (path == "host")
+            assert mon._on_host == (path == "host")
             for x, y in batches:
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
