@@ -318,10 +318,12 @@ def test_tensors_read_once_are_read_again_from_their_read() -> None:
     read = whole.take_read()
     assert read is not None and whole.take_read() is None  # taken once
     part = native_step.kernels([grads[3], grads[1]])
-    assert part.norm(read._replace(index=[3, 1])) == part.norm([grads[3], grads[1]])
-    for index in ([1, 3], [3], [3, 4], [3, -1]):
+    part.picks = [3, 1]
+    assert part.norm(read) == part.norm([grads[3], grads[1]])
+    for picks in ([1, 3], [3], [3, 4], [3, -1], None):
+        part.picks = picks
         with pytest.raises(ValueError, match="a read of tensors unlike"):
-            part.norm(read._replace(index=index))
+            part.norm(read)
     strided = [grads[0], torch.randn(7, 2).t()]  # a copy is read: no Read of it
     pair = native_step.kernels(strided)
     pair.keeps_reads = True

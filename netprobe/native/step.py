@@ -82,16 +82,14 @@ _accuracy_kernels: dict[torch.dtype, Callable[..., float] | None] = {}
 
 class Read(NamedTuple):
     """Tensors that a StepKernels call has just checked and read in place, for kernels over some
-    of them to read them again this step without checking each again: the tensors (held, so the
-    memory stays theirs), their elements' addresses, the sizes and dtype they were checked
-    against, and which of them a reader reads (`index`; all where None). Good until the kernels
-    that made it are called again."""
+    of them (`StepKernels.picks`) to read them again this step without checking each again: the
+    tensors (held, so the memory stays theirs), their elements' addresses, and the sizes and
+    dtype they were checked against. Good until the kernels that made it are called again."""
 
     tensors: Sequence[torch.Tensor]
     pointers: ctypes.Array
     sizes: list[int]
     dtype: torch.dtype
-    index: Sequence[int] | None = None
 
 
 class StepKernels:
@@ -113,7 +111,10 @@ class StepKernels:
         # caller to take (holding them keeps them in memory).
         self.keeps_reads = False
         self._read: Read | None = None
-        self._picks: tuple[list[int], Sequence[int] | None] | None = None  # a Read's, checked
+        # Where these kernels' tensors are among a Read's (None: they are its tensors), and
+        # the sizes of the last Read checked against them.
+        self.picks: Sequence[int] | None = None
+        self._checked: tuple[list[int], Sequence[int] | None] | None = None
         self._result = ctypes.c_double()
         self._result_at = ctypes.addressof(self._result)
 
@@ -149,22 +150,23 @@ class StepKernels:
         return pointers, copies
 
     def _picked(self, read: Read) -> ctypes.Array:
-        """The pointers of the tensors a Read's index picks, checked once per Read source and
-        index against these kernels' sizes and dtype."""
-        if self._picks is None or (read.sizes, read.index) != self._picks:
-            index = range(len(read.sizes)) if read.index is None else read.index
+        """The pointers of a Read's tensors at `picks`, checked against these kernels' sizes and
+        dtype once per source of Reads."""
+        picks = self.picks
+        if self._checked is None or (read.sizes, picks) != self._checked:
+            index = range(len(read.sizes)) if picks is None else picks
             fits = len(index) == self.n and read.dtype == self.dtype
             if not fits or any(
                 not 0 <= j < len(read.sizes) or read.sizes[j] != size
                 for j, size in zip(index, self.sizes)
             ):
                 raise ValueError(f"a read of tensors unlike the {self.n} these kernels are for")
-            self._picks = (read.sizes, read.index)
+            self._checked = (read.sizes, picks)
         pointers, source = self._pointers, read.pointers
-        if read.index is None:
+        if picks is None:
             pointers[:] = source[:]
         else:
-            for i, j in enumerate(read.index):
+            for i, j in enumerate(picks):
                 pointers[i] = source[j]
         return pointers
 

@@ -4,6 +4,7 @@ by one fused pass (netprobe.native.step); elsewhere flat 0/±1 buffers reduced b
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -126,6 +127,8 @@ def update_dynamics(
     mean_moved = moved / torch.clamp(n_retained, min=1)
     return torch.stack([wdiff_l2, mean_moved, local_min, local_max], dim=1)
 
+
+_VERSION = operator.attrgetter("_version")  # a tensor's count of in-place changes
 
 # `sign_map` codes: 0 exact zero, ±1 small positive / negative, 2 large; NaN for a non-finite g.
 SIGN_LARGE = 2.0
@@ -262,7 +265,7 @@ class FusedCodes:
         return metrics, values
 
     def snapshot(self, params: Sequence[torch.Tensor], step: int) -> None:
-        if self._w_prev_of != (step, [p._version for p in params]):
+        if self._w_prev_of != (step, list(map(_VERSION, params))):
             with torch.no_grad():
                 torch.cat([p.reshape(-1) for p in params], out=self.w_prev)
 
@@ -272,7 +275,7 @@ class FusedCodes:
         """Fills the update columns of `metrics` (the grad columns came from `read`)."""
         column = len(GRAD_METRICS) if compare else 2
         self.dynamics.update(params, compare, metrics, column)
-        self._w_prev_of = (step + 1, [p._version for p in params])
+        self._w_prev_of = (step + 1, list(map(_VERSION, params)))
         return metrics.array
 
     def saved(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,11 +324,14 @@ class OptimDynamics(Probe):
         self.sign_index, self.sign_sizes, self._sign_at = self._draw_sign_indices(k)
         self.segments = Segments(self.sizes)
         self._kernels = native_step.kernels(self.tensors)
-        # Where each tracked tensor is among the trained ones: on the fused path, the gradients
-        # are read from the monitor's read of them (StepState.grad_read) where it has one.
+        # On the fused path, where every tracked tensor is trained, the gradients are read from
+        # the monitor's read of them (StepState.grad_read) where it has one.
         trained = {id(p): i for i, p in enumerate(trained_params(ctx.model))}
         at = [trained.get(id(p)) for p in self.tensors]
-        self._trained_at = None if None in at or self._kernels is None else at
+        self._reads_monitors = self._kernels is not None and None not in at
+        if self._reads_monitors:
+            self._kernels.picks = at  # type: ignore[union-attr]
+        self._thresholds = (self.cfg["zero_threshold"], self.cfg["tiny_threshold"])
         # TorchBuffers or FusedCodes, made at the first gradient read (or restore).
         self._state: TorchBuffers | FusedCodes | None = None
         self._read_step: int | None = None  # the step whose gradient was read last
@@ -365,11 +371,11 @@ class OptimDynamics(Probe):
         `_sign_stride`-th step's sampled gradients for the sign map."""
         sample = self._sign_seen % self._sign_stride == 0
         read = state.grad_read
-        if read is not None and self._trained_at is not None:
-            grads = read._replace(index=self._trained_at)
+        if read is not None and self._reads_monitors:
+            grads: list[torch.Tensor | None] | native_step.Read = read
         else:
             grads = [p.grad for p in self.tensors]
-        metrics, values = self._held().read(grads, compare, self._thresholds(), sample)
+        metrics, values = self._held().read(grads, compare, self._thresholds, sample)
         if values is not None:
             self._sign_rows.append((state.step, values))
             if len(self._sign_rows) >= 4 * self.cfg["sign_rows"]:
@@ -393,9 +399,6 @@ class OptimDynamics(Probe):
         if self._read_step != state.step:  # this step is not recorded: its gradient is unread
             self._read(state, compare=False)
         self._held().keep()
-
-    def _thresholds(self) -> tuple[float, float]:
-        return self.cfg["zero_threshold"], self.cfg["tiny_threshold"]
 
     def after_step(self, state: StepState) -> None:
         self._read_step = None  # the next step's gradient is another one
