@@ -213,6 +213,7 @@ class Dynamics:
         self._codes_at, self._w_prev_at = (a.ctypes.data for a in self._memory)
         self._sample = sample.to("cpu", torch.int64, copy=True).reshape(2, -1).contiguous()
         self._sample_at = (self._sample[0].data_ptr(), self._sample[1].data_ptr())
+        self._samples = self._sample.shape[1]
         # The parameters last read in place, their addresses, and those as the C code takes them.
         self._kept: tuple[list[torch.Tensor], list[int], ctypes.Array] | None = None
 
@@ -230,8 +231,8 @@ class Dynamics:
         gradients, in the tensors' dtype."""
         k = self.kernels
         ld = k._fits(out, 6 if compare else 2)
-        values = torch.empty(self._sample.shape[1], dtype=k.dtype) if sample else None
-        count, at = (0, 0) if values is None else (len(values), values.data_ptr())
+        values = torch.empty(self._samples, dtype=k.dtype) if sample else None
+        count, at = (0, 0) if values is None else (self._samples, values.data_ptr())
         data, _held = k._data(grads)
         _check(
             k._dyn_grad(
