@@ -3,6 +3,7 @@ sizes that cross their blocks, lanes and threading threshold, and their loader's
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import pickle
@@ -178,6 +179,41 @@ def test_switched_off_or_unbuildable_means_the_pytorch_path(monkeypatch, tmp_pat
         with pytest.warns(UserWarning, match="compiling step.c failed"):
             assert native.library("step") is None
         assert not list(tmp_path.rglob("*.so"))  # no half-built library left behind
+    finally:
+        native._load.cache_clear()
+
+
+def test_the_step_kernels_are_a_module_here_and_ctypes_without_pythons_headers(
+    monkeypatch, tmp_path
+) -> None:
+    """Where Python's headers are found the per-step kernels are an extension module (whose
+    functions refuse calls unlike theirs), elsewhere a ctypes library: the same results."""
+    grads = grads_of([300, 17])
+    module = native.library("step", module=True)
+    assert not isinstance(module, ctypes.CDLL) and native_step.kernels(grads) is not None
+    with pytest.raises(TypeError, match="arguments given"):
+        module.np_norm_f32(1, 2)
+    with pytest.raises(TypeError):
+        module.np_norm_f32(1, "an address", 0, 0, 1)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_module_flags", lambda: [])  # no Python.h
+    native._load.cache_clear()
+    try:
+        plain = native.library("step", module=True)
+        assert isinstance(plain, ctypes.CDLL)
+        theirs = native_step.StepKernels(
+            native_step._bind(plain), [g.numel() for g in grads], torch.float32
+        )
+        ours = native_step.kernels(grads)
+        for a, b in zip(fused_grad_stats(ours, grads), fused_grad_stats(theirs, grads)):
+            np.testing.assert_array_equal(a, b)
+        logits, target = torch.randn(9, 4), torch.randint(0, 4, (9,))
+        assert (
+            native_step._accuracy_kernel(torch.float32)(  # type: ignore[misc]
+                9, 4, logits.data_ptr(), 4, target.data_ptr()
+            )
+            == (logits.argmax(1) == target).float().mean().item()
+        )
     finally:
         native._load.cache_clear()
 

@@ -1,21 +1,25 @@
 """Fused CPU loops for the probes' hottest reductions: C sources next to this file, compiled once
-per machine (for its CPU) with the system's C compiler and loaded with ctypes. Without a compiler,
-or with NETPROBE_NATIVE=0, `library` returns None and the probes keep their PyTorch path. Also the
-host blocks those loops write a step's record into."""
+per machine (for its CPU) with the system's C compiler and loaded with ctypes, or, for the
+per-step kernels where Python's headers are found, imported as an extension module. Without a
+compiler, or with NETPROBE_NATIVE=0, `library` returns None and the probes keep their PyTorch
+path. Also the host blocks those loops write a step's record into."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 
 import numpy as np
@@ -58,28 +62,50 @@ def cache_dir() -> Path:
     return Path(root) / "netprobe" / "native"
 
 
+def _module_flags() -> list[str]:
+    """What builds a kernel family as an extension module of this Python: its headers' folder;
+    nothing where they are missing (a Python without its development files)."""
+    include = sysconfig.get_paths().get("include")
+    if include and os.path.exists(os.path.join(include, "Python.h")):
+        return ["-DNETPROBE_MODULE", f"-I{include}"]
+    return []
+
+
 @functools.cache
-def _load(name: str) -> ctypes.CDLL | None:
+def _load(name: str, module: bool) -> ctypes.CDLL | ModuleType | None:
     source = HERE / f"{name}.c"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
+    extra = _module_flags() if module else []
     key = hashlib.sha256()
     for path in sorted(HERE.glob("*.[ch]")):  # the source and the headers it includes
         key.update(path.read_bytes())
-    key.update(" ".join([compiler, *FLAGS, *TUNED, sys.platform, _cpu()]).encode())
-    target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
+    python = [sys.version, sysconfig.get_config_var("EXT_SUFFIX") or ""] if extra else []
+    key.update(" ".join([compiler, *FLAGS, *TUNED, *extra, *python, sys.platform, _cpu()]).encode())
+    kind = "-module" if extra else ""
+    target = cache_dir() / f"{name}{kind}-{key.hexdigest()[:16]}.so"
     try:
-        if not target.exists() and not _build(compiler, source, target):
+        tries = ([*FLAGS, *TUNED, *extra], [*FLAGS, *extra])
+        if not target.exists() and not _build(compiler, source, target, tries):
             return None
-        return ctypes.CDLL(str(target))
-    except OSError as exc:  # no writable cache, a full disk, a library that will not load
+        return _import(f"_netprobe_{name}", target) if extra else ctypes.CDLL(str(target))
+    except (OSError, ImportError) as exc:  # no writable cache, a full disk, a failed load
         warnings.warn(
             f"netprobe: the fused kernels of {source.name} are unavailable ({exc}); the probes "
             "use PyTorch kernels",
             stacklevel=3,
         )
         return None
+
+
+def _import(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not an extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _build(
@@ -111,9 +137,11 @@ def _build(
     return False
 
 
-def library(name: str) -> ctypes.CDLL | None:
-    """The compiled `netprobe/native/<name>.c`, or None where it cannot be built or is off."""
-    return _load(name) if ENABLED else None
+def library(name: str, module: bool = False) -> ctypes.CDLL | ModuleType | None:
+    """The compiled `netprobe/native/<name>.c`, or None where it cannot be built or is off; with
+    `module`, as an extension module where Python's headers are found (its functions take
+    ints and floats, addresses as ints)."""
+    return _load(name, module) if ENABLED else None
 
 
 # Native byte order: the one float64 the kernels write.

@@ -8,7 +8,13 @@
  * in the element type, then adds that to a double; counts are ints within a block, doubles beyond
  * (exact below 2^53). Threads take contiguous runs of blocks; a small job runs on the calling
  * thread alone.
+ *
+ * Built with NETPROBE_MODULE defined, it is also a Python extension module (step_module.h).
  */
+#ifdef NETPROBE_MODULE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h> /* before the standard headers, as Python asks */
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -140,3 +146,7 @@ static inline double fold(f64xL v) {
 #define W8(x) x, x, x, x, x, x, x, x
 #define CODE_SHIFTS ((u64xL){0, 8, 16, 24, 32, 40, 48, 56, 0, 8, 16, 24, 32, 40, 48, 56})
 #include "step_kernels.h"
+
+#ifdef NETPROBE_MODULE
+#include "step_module.h"
+#endif

@@ -1,11 +1,13 @@
 """The per-step statistics of `gradients` and `optim_dynamics` in one pass over each tensor:
-bindings of step.c for CPU tensors of float32 or float64 (see its header for the order of sums)."""
+bindings of step.c for CPU tensors of float32 or float64 (see its header for the order of sums),
+its extension module's functions or, without Python's headers, ctypes', called alike."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import NamedTuple
 
 import numpy as np
@@ -29,7 +31,9 @@ _RESTYPES = {"np_accuracy": ctypes.c_float}
 
 
 @functools.cache
-def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+def _bind(lib: ctypes.CDLL | ModuleType) -> ctypes.CDLL | ModuleType:
+    if not isinstance(lib, ctypes.CDLL):
+        return lib  # the extension module's functions convert their arguments themselves
     for suffix in SUFFIXES.values():
         for name, arguments in _SIGNATURES.items():
             function = getattr(lib, f"{name}_{suffix}")
@@ -46,7 +50,7 @@ def kernels(tensors: Sequence[torch.Tensor]) -> StepKernels | None:
     dtype = tensors[0].dtype
     if dtype not in SUFFIXES or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
         return None
-    lib = library("step")
+    lib = library("step", module=True)
     return None if lib is None else StepKernels(_bind(lib), [t.numel() for t in tensors], dtype)
 
 
@@ -71,7 +75,7 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> float | None:
 
 
 def _accuracy_kernel(dtype: torch.dtype) -> Callable[..., float] | None:
-    lib = library("step") if dtype in SUFFIXES else None
+    lib = library("step", module=True) if dtype in SUFFIXES else None
     return None if lib is None else getattr(_bind(lib), f"np_accuracy_{SUFFIXES[dtype]}")
 
 
@@ -97,7 +101,7 @@ class StepKernels:
     themselves (a gradient's storage changes from step to step), read in place when contiguous,
     or a `Read` of them."""
 
-    def __init__(self, lib: ctypes.CDLL, sizes: list[int], dtype: torch.dtype) -> None:
+    def __init__(self, lib: ctypes.CDLL | ModuleType, sizes: list[int], dtype: torch.dtype) -> None:
         self.dtype, self.n, self.total = dtype, len(sizes), sum(sizes)
         suffix = SUFFIXES[dtype]
         self._grad_stats = getattr(lib, f"np_grad_stats_{suffix}")
@@ -105,8 +109,10 @@ class StepKernels:
         self._dyn_grad = getattr(lib, f"np_dyn_grad_{suffix}")
         self._dyn_update = getattr(lib, f"np_dyn_update_{suffix}")
         self.sizes = sizes
+        # Arrays the C code reads, passed by address: the sizes, and each call's pointers.
         self._sizes = (_I64 * len(sizes))(*sizes)
         self._pointers = (_PTR * len(sizes))()  # refilled by each call
+        self._sizes_at, self._pointers_at = map(ctypes.addressof, (self._sizes, self._pointers))
         # With `keeps_reads`, the last call's tensors, where all were read in place; for its
         # caller to take (holding them keeps them in memory).
         self.keeps_reads = False
@@ -124,12 +130,10 @@ class StepKernels:
         read, self._read = self._read, None
         return read
 
-    def _data(
-        self, tensors: Sequence[torch.Tensor] | Read
-    ) -> tuple[ctypes.Array, list[torch.Tensor]]:
-        """Pointers to each tensor's elements in order, and the copies made of non-contiguous
-        ones (held by the caller for the call). A tensor unlike the one these kernels were made
-        for is refused: the C code trusts the sizes."""
+    def _data(self, tensors: Sequence[torch.Tensor] | Read) -> tuple[int, list[torch.Tensor]]:
+        """The address of the pointers to each tensor's elements in order, and the copies made
+        of non-contiguous ones (held by the caller for the call). A tensor unlike the one these
+        kernels were made for is refused: the C code trusts the sizes."""
         if isinstance(tensors, Read):
             return self._picked(tensors), []
         if len(tensors) != self.n:
@@ -147,9 +151,9 @@ class StepKernels:
             pointers[i] = t.data_ptr()
         if self.keeps_reads:
             self._read = None if copies else Read(tensors, pointers, self.sizes, self.dtype)
-        return pointers, copies
+        return self._pointers_at, copies
 
-    def _picked(self, read: Read) -> ctypes.Array:
+    def _picked(self, read: Read) -> int:
         """The pointers of a Read's tensors at `picks`, checked against these kernels' sizes and
         dtype once per source of Reads."""
         picks = self.picks
@@ -168,7 +172,7 @@ class StepKernels:
         else:
             for i, j in enumerate(picks):
                 pointers[i] = source[j]
-        return pointers
+        return self._pointers_at
 
     def _fits(self, out: Block, width: int) -> int:
         """Refuses an output the C code would write past: out [n, ≥ width] (a Block's array is
@@ -186,14 +190,14 @@ class StepKernels:
             raise ValueError(f"an output with rows {ld} elements apart for rows of 5")
         data, _held = self._data(grads)
         _check(
-            self._grad_stats(self.n, data, self._sizes, out.address, self._result_at, _threads())
+            self._grad_stats(self.n, data, self._sizes_at, out.address, self._result_at, _threads())
         )
         return self._result.value
 
     def norm(self, tensors: Sequence[torch.Tensor]) -> float:
         """‖·‖₂ over every element of every tensor, as a float: no tensor made per call."""
         data, _held = self._data(tensors)
-        _check(self._norm(self.n, data, self._sizes, self._result_at, _threads()))
+        _check(self._norm(self.n, data, self._sizes_at, self._result_at, _threads()))
         return self._result.value
 
 
@@ -215,7 +219,7 @@ class Dynamics:
         self._sample_at = (self._sample[0].data_ptr(), self._sample[1].data_ptr())
         self._samples = self._sample.shape[1]
         # The parameters last read in place, their addresses, and those as the C code takes them.
-        self._kept: tuple[list[torch.Tensor], list[int], ctypes.Array] | None = None
+        self._kept: tuple[list[torch.Tensor], list[int], ctypes.Array, int] | None = None
 
     def grad(
         self,
@@ -236,7 +240,8 @@ class Dynamics:
         data, _held = k._data(grads)
         _check(
             k._dyn_grad(
-                *(k.n, data, k._sizes, self._codes_at, int(compare), zero, tiny, out.address, ld),
+                *(k.n, data, k._sizes_at, self._codes_at, int(compare), zero, tiny),
+                *(out.address, ld),
                 *(count, *self._sample_at, at, _threads()),
             )
         )
@@ -254,12 +259,12 @@ class Dynamics:
         data, _held = self._weights(params)
         _check(
             k._dyn_update(
-                *(k.n, data, k._sizes, self._w_prev_at, self._codes_at, int(compare)),
+                *(k.n, data, k._sizes_at, self._w_prev_at, self._codes_at, int(compare)),
                 *(out.address + 8 * column, ld, _threads()),
             )
         )
 
-    def _weights(self, params: Sequence[torch.Tensor]) -> tuple[ctypes.Array, list[torch.Tensor]]:
+    def _weights(self, params: Sequence[torch.Tensor]) -> tuple[int, list[torch.Tensor]]:
         """As StepKernels._data, for the parameters: the same tensors at the same addresses as
         at the last call are not checked again (held here, none of them can be another tensor
         at a reused address; and a tensor's size, dtype or device changes only with its memory,
@@ -270,13 +275,15 @@ class Dynamics:
                 if p is not q or p.data_ptr() != address:
                     break
             else:
-                return kept[2], []
-        data, copies = self.kernels._data(params)
+                return kept[3], []
+        k = self.kernels
+        data, copies = k._data(params)
         if copies:
             self._kept = None
             return data, copies
-        self._kept = (list(params), list(data), (_PTR * len(data))(*data))
-        return self._kept[2], []
+        pointers = (_PTR * k.n)(*k._pointers)
+        self._kept = (list(params), list(pointers), pointers, ctypes.addressof(pointers))
+        return self._kept[3], []
 
 
 def _aligned(n: int, dtype: type[np.generic], to: int = 64) -> np.ndarray:
