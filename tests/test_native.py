@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -183,39 +184,49 @@ def test_switched_off_or_unbuildable_means_the_pytorch_path(monkeypatch, tmp_pat
         native._load.cache_clear()
 
 
+@pytest.mark.skipif(not native._module_flags(), reason="Python's headers are not installed")
 def test_the_step_kernels_are_a_module_here_and_ctypes_without_pythons_headers(
     monkeypatch, tmp_path
 ) -> None:
     """Where Python's headers are found the per-step kernels are an extension module (whose
-    functions refuse calls unlike theirs), elsewhere a ctypes library: the same results."""
+    functions refuse calls unlike theirs); without them, or where the module will not build,
+    a ctypes library: the same results."""
     grads = grads_of([300, 17])
     module = native.library("step", module=True)
-    assert not isinstance(module, ctypes.CDLL) and native_step.kernels(grads) is not None
+    assert not isinstance(module, ctypes.CDLL)
     with pytest.raises(TypeError, match="arguments given"):
         module.np_norm_f32(1, 2)
     with pytest.raises(TypeError):
         module.np_norm_f32(1, "an address", 0, 0, 1)
+    ours = native_step.kernels(grads)
+    want = fused_grad_stats(ours, grads)
+    logits, target = torch.randn(9, 4), torch.randint(0, 4, (9,))
+    accuracy = (logits.argmax(1) == target).float().mean().item()
+    assert native_step.accuracy(logits, target) == accuracy
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(native, "_module_flags", lambda: [])  # no Python.h
-    native._load.cache_clear()
-    try:
-        plain = native.library("step", module=True)
-        assert isinstance(plain, ctypes.CDLL)
-        theirs = native_step.StepKernels(
-            native_step._bind(plain), [g.numel() for g in grads], torch.float32
-        )
-        ours = native_step.kernels(grads)
-        for a, b in zip(fused_grad_stats(ours, grads), fused_grad_stats(theirs, grads)):
-            np.testing.assert_array_equal(a, b)
-        logits, target = torch.randn(9, 4), torch.randint(0, 4, (9,))
-        assert (
-            native_step._accuracy_kernel(torch.float32)(  # type: ignore[misc]
-                9, 4, logits.data_ptr(), 4, target.data_ptr()
-            )
-            == (logits.argmax(1) == target).float().mean().item()
-        )
-    finally:
+    unbuildable = ["-DNETPROBE_MODULE", "-include", "no-such-header.h"]
+    for flags in ([], unbuildable):  # no Python.h; a module that does not compile
+        monkeypatch.setattr(native, "_module_flags", lambda flags=flags: flags)
         native._load.cache_clear()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                plain = native.library("step", module=True)
+            assert isinstance(plain, ctypes.CDLL)
+            messages = [str(w.message) for w in caught]
+            if flags:
+                assert len(messages) == 1 and "called through ctypes" in messages[0]
+            else:
+                assert messages == []
+            theirs = native_step.StepKernels(
+                native_step._bind(plain), [g.numel() for g in grads], torch.float32
+            )
+            for a, b in zip(want, fused_grad_stats(theirs, grads)):
+                np.testing.assert_array_equal(a, b)
+            function = native_step._accuracy_kernel(torch.float32)
+            assert function(9, 4, logits.data_ptr(), 4, target.data_ptr()) == accuracy
+        finally:
+            native._load.cache_clear()
 
 
 @pytest.mark.parametrize("build", sorted(OTHER_BUILDS))
@@ -360,6 +371,10 @@ def test_tensors_read_once_are_read_again_from_their_read() -> None:
         part.picks = picks
         with pytest.raises(ValueError, match="a read of tensors unlike"):
             part.norm(read)
+    part.picks = [3, 1]
+    whole.norm(grads_of([5, 7, 9, 11], seed=1))  # its pointers are another call's now
+    with pytest.raises(ValueError, match="since replaced"):
+        part.norm(read)
     strided = [grads[0], torch.randn(7, 2).t()]  # a copy is read: no Read of it
     pair = native_step.kernels(strided)
     pair.keeps_reads = True

@@ -66,18 +66,32 @@ def _module_flags() -> list[str]:
     """What builds a kernel family as an extension module of this Python: its headers' folder;
     nothing where they are missing (a Python without its development files)."""
     include = sysconfig.get_paths().get("include")
-    if include and os.path.exists(os.path.join(include, "Python.h")):
-        return ["-DNETPROBE_MODULE", f"-I{include}"]
-    return []
+    if not include or not os.path.exists(os.path.join(include, "Python.h")):
+        return []
+    # macOS links a module's Python symbols when the interpreter loads it
+    darwin = ["-undefined", "dynamic_lookup"] if sys.platform == "darwin" else []
+    return ["-DNETPROBE_MODULE", f"-I{include}", *darwin]
 
 
 @functools.cache
 def _load(name: str, module: bool) -> ctypes.CDLL | ModuleType | None:
-    source = HERE / f"{name}.c"
+    """`name`.c built (once per source, compiler, flags and CPU) and loaded: with `module`, as
+    an extension module where Python's headers are found, else, or if that fails, with ctypes."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
     extra = _module_flags() if module else []
+    if extra:
+        loaded = _open(compiler, name, extra, "its kernels are called through ctypes")
+        if loaded is not None:
+            return loaded
+    return _open(compiler, name, [], "the probes use PyTorch kernels")
+
+
+def _open(
+    compiler: str, name: str, extra: list[str], otherwise: str
+) -> ctypes.CDLL | ModuleType | None:
+    source = HERE / f"{name}.c"
     key = hashlib.sha256()
     for path in sorted(HERE.glob("*.[ch]")):  # the source and the headers it includes
         key.update(path.read_bytes())
@@ -87,14 +101,13 @@ def _load(name: str, module: bool) -> ctypes.CDLL | ModuleType | None:
     target = cache_dir() / f"{name}{kind}-{key.hexdigest()[:16]}.so"
     try:
         tries = ([*FLAGS, *TUNED, *extra], [*FLAGS, *extra])
-        if not target.exists() and not _build(compiler, source, target, tries):
+        if not target.exists() and not _build(compiler, source, target, tries, otherwise):
             return None
         return _import(f"_netprobe_{name}", target) if extra else ctypes.CDLL(str(target))
     except (OSError, ImportError) as exc:  # no writable cache, a full disk, a failed load
         warnings.warn(
-            f"netprobe: the fused kernels of {source.name} are unavailable ({exc}); the probes "
-            "use PyTorch kernels",
-            stacklevel=3,
+            f"netprobe: the fused kernels of {source.name} are unavailable ({exc}); {otherwise}",
+            stacklevel=4,
         )
         return None
 
@@ -113,9 +126,10 @@ def _build(
     source: Path,
     target: Path,
     tries: tuple[list[str], ...] = ([*FLAGS, *TUNED], FLAGS),
+    otherwise: str = "the probes use PyTorch kernels",
 ) -> bool:
     """Compiles `source` into `target` with the first flags of `tries` that work: tuned for this
-    CPU where the compiler can."""
+    CPU where the compiler can. Where none does, warns with what happens `otherwise`."""
     target.parent.mkdir(parents=True, exist_ok=True)  # OSError: the caller's to report
     # Built under a temporary name and renamed: the runs of a sweep may build it at once.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -130,10 +144,7 @@ def _build(
             return True
         error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
     os.unlink(tmp)
-    warnings.warn(
-        f"netprobe: compiling {source.name} failed ({error}); the probes use PyTorch kernels",
-        stacklevel=4,
-    )
+    warnings.warn(f"netprobe: compiling {source.name} failed ({error}); {otherwise}", stacklevel=5)
     return False
 
 

@@ -87,11 +87,13 @@ _accuracy_kernels: dict[torch.dtype, Callable[..., float] | None] = {}
 class Read(NamedTuple):
     """Tensors that a StepKernels call has just checked and read in place, for kernels over some
     of them (`StepKernels.picks`) to read them again this step without checking each again: the
-    tensors (held, so the memory stays theirs), their elements' addresses, and the sizes and
-    dtype they were checked against. Good until the kernels that made it are called again."""
+    tensors (held, so the memory stays theirs), the kernels that read them and which of their
+    calls it was (their pointer array holds the tensors' addresses until the next one: a Read
+    of an earlier call is refused), and the sizes and dtype they were checked against."""
 
-    tensors: Sequence[torch.Tensor]
-    pointers: ctypes.Array
+    tensors: tuple[torch.Tensor, ...]
+    source: StepKernels
+    call: int
     sizes: list[int]
     dtype: torch.dtype
 
@@ -117,10 +119,11 @@ class StepKernels:
         # caller to take (holding them keeps them in memory).
         self.keeps_reads = False
         self._read: Read | None = None
+        self._calls = 0  # calls that filled the pointer array
         # Where these kernels' tensors are among a Read's (None: they are its tensors), and
         # the sizes of the last Read checked against them.
         self.picks: Sequence[int] | None = None
-        self._checked: tuple[list[int], Sequence[int] | None] | None = None
+        self._checked: tuple[list[int], torch.dtype, tuple[int, ...] | None] | None = None
         self._result = ctypes.c_double()
         self._result_at = ctypes.addressof(self._result)
 
@@ -149,15 +152,20 @@ class StepKernels:
                 t = t.detach().contiguous()  # a parameter's copy: no autograd node
                 copies.append(t)
             pointers[i] = t.data_ptr()
-        if self.keeps_reads:
-            self._read = None if copies else Read(tensors, pointers, self.sizes, self.dtype)
+        self._calls += 1
+        if self.keeps_reads and not copies:
+            self._read = Read(tuple(tensors), self, self._calls, self.sizes, self.dtype)
+        else:
+            self._read = None
         return self._pointers_at, copies
 
     def _picked(self, read: Read) -> int:
         """The pointers of a Read's tensors at `picks`, checked against these kernels' sizes and
-        dtype once per source of Reads."""
-        picks = self.picks
-        if self._checked is None or (read.sizes, picks) != self._checked:
+        dtype once per source of Reads and picks."""
+        if read.call != read.source._calls:
+            raise ValueError("a read of tensors its kernels have since replaced")
+        picks = None if self.picks is None else tuple(self.picks)
+        if (read.sizes, read.dtype, picks) != self._checked:
             index = range(len(read.sizes)) if picks is None else picks
             fits = len(index) == self.n and read.dtype == self.dtype
             if not fits or any(
@@ -165,13 +173,14 @@ class StepKernels:
                 for j, size in zip(index, self.sizes)
             ):
                 raise ValueError(f"a read of tensors unlike the {self.n} these kernels are for")
-            self._checked = (read.sizes, picks)
-        pointers, source = self._pointers, read.pointers
+            self._checked = (read.sizes, read.dtype, picks)
+        pointers, source = self._pointers, read.source._pointers
         if picks is None:
             pointers[:] = source[:]
         else:
             for i, j in enumerate(picks):
                 pointers[i] = source[j]
+        self._calls += 1
         return self._pointers_at
 
     def _fits(self, out: Block, width: int) -> int:
@@ -218,8 +227,6 @@ class Dynamics:
         self._sample = sample.to("cpu", torch.int64, copy=True).reshape(2, -1).contiguous()
         self._sample_at = (self._sample[0].data_ptr(), self._sample[1].data_ptr())
         self._samples = self._sample.shape[1]
-        # The parameters last read in place, their addresses, and those as the C code takes them.
-        self._kept: tuple[list[torch.Tensor], list[int], ctypes.Array, int] | None = None
 
     def grad(
         self,
@@ -256,34 +263,13 @@ class Dynamics:
             raise ValueError(f"column {column} of an output: columns count from 0")
         k = self.kernels
         ld = k._fits(out, column + (4 if compare else 1))
-        data, _held = self._weights(params)
+        data, _held = k._data(params)
         _check(
             k._dyn_update(
                 *(k.n, data, k._sizes_at, self._w_prev_at, self._codes_at, int(compare)),
                 *(out.address + 8 * column, ld, _threads()),
             )
         )
-
-    def _weights(self, params: Sequence[torch.Tensor]) -> tuple[int, list[torch.Tensor]]:
-        """As StepKernels._data, for the parameters: the same tensors at the same addresses as
-        at the last call are not checked again (held here, none of them can be another tensor
-        at a reused address; and a tensor's size, dtype or device changes only with its memory,
-        unless made a view of its own, which it keeps alive). Pointers apart from other calls'."""
-        kept = self._kept
-        if kept is not None and len(params) == len(kept[0]):
-            for p, q, address in zip(params, *kept[:2]):
-                if p is not q or p.data_ptr() != address:
-                    break
-            else:
-                return kept[3], []
-        k = self.kernels
-        data, copies = k._data(params)
-        if copies:
-            self._kept = None
-            return data, copies
-        pointers = (_PTR * k.n)(*k._pointers)
-        self._kept = (list(params), list(pointers), pointers, ctypes.addressof(pointers))
-        return self._kept[3], []
 
 
 def _aligned(n: int, dtype: type[np.generic], to: int = 64) -> np.ndarray:

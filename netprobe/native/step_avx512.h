@@ -1,5 +1,6 @@
 /* optim_dynamics' two loops for float32 with AVX-512 (F and BW), in place of the generic ones of
- * step_kernels.h: the same code bytes, counts and sums, bit for bit, in half the instructions.
+ * step_kernels.h: the same code bytes, counts and sums, bit for bit (but for the sign of a NaN
+ * sum, which no build fixes), in half the instructions.
  * The generic loops turn each comparison into a vector of lane masks and count with vector
  * arithmetic; here comparisons land in mask registers, 64 elements' worth are combined as one
  * 64-bit word (the code bytes' bits are read the same way, 64 bytes at a time) and counted with
