@@ -375,6 +375,12 @@ def test_tensors_read_once_are_read_again_from_their_read() -> None:
     whole.norm(grads_of([5, 7, 9, 11], seed=1))  # its pointers are another call's now
     with pytest.raises(ValueError, match="since replaced"):
         part.norm(read)
+    whole.norm(grads)
+    read = whole.take_read()
+    with pytest.raises(ValueError, match="kernels made for"):  # refused midway
+        whole.norm([*grads[:2], torch.zeros(3), grads[3]])
+    with pytest.raises(ValueError, match="since replaced"):
+        part.norm(read)
     strided = [grads[0], torch.randn(7, 2).t()]  # a copy is read: no Read of it
     pair = native_step.kernels(strided)
     pair.keeps_reads = True

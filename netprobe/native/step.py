@@ -142,6 +142,7 @@ class StepKernels:
         if len(tensors) != self.n:
             raise ValueError(f"{len(tensors)} tensors given to kernels made for {self.n}")
         pointers, copies = self._pointers, []
+        self._calls += 1  # first: a refusal below may leave the array half refilled
         for i, (t, size) in enumerate(zip(tensors, self.sizes)):
             if t.numel() != size or t.dtype != self.dtype or not t.is_cpu or t.is_sparse:
                 raise ValueError(
@@ -152,7 +153,6 @@ class StepKernels:
                 t = t.detach().contiguous()  # a parameter's copy: no autograd node
                 copies.append(t)
             pointers[i] = t.data_ptr()
-        self._calls += 1
         if self.keeps_reads and not copies:
             self._read = Read(tuple(tensors), self, self._calls, self.sizes, self.dtype)
         else:
@@ -175,12 +175,12 @@ class StepKernels:
                 raise ValueError(f"a read of tensors unlike the {self.n} these kernels are for")
             self._checked = (read.sizes, read.dtype, picks)
         pointers, source = self._pointers, read.source._pointers
+        self._calls += 1
         if picks is None:
             pointers[:] = source[:]
         else:
             for i, j in enumerate(picks):
                 pointers[i] = source[j]
-        self._calls += 1
         return self._pointers_at
 
     def _fits(self, out: Block, width: int) -> int:
