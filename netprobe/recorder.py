@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from netprobe.native import FLOAT64
 from netprobe.store.schema import (
     HistogramBlock,
     MatrixBlock,
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from netprobe.probes.base import StepState
 
 Number = float | int | torch.Tensor
-_FLOAT64 = np.dtype(np.float64)
 
 
 class Recorder:
@@ -115,7 +115,7 @@ def _host_ready(values: object) -> bool:
     float, a float64 array, a tuple of floats."""
     kind = type(values)
     if kind is np.ndarray:
-        return values.dtype is _FLOAT64  # type: ignore[attr-defined]
+        return values.dtype is FLOAT64  # type: ignore[attr-defined]
     return kind is float or kind is tuple and all(type(v) is float for v in values)  # type: ignore
 
 

@@ -192,8 +192,10 @@ def build_variants(
             model = copy.deepcopy(base)
             model.train()
             optimizer, _ = build_optimizer(model, cfg.optim)
-            reference = Variant(PASS, lambda x, y: None, tracked=tracked_sizes(model))
-            reference.read = one_pass(model)
+            tensors = tracked_tensors(model)
+            tracked = (len(tensors), sum(p.numel() for p in tensors))
+            reference = Variant(PASS, lambda x, y: None, tracked=tracked)
+            reference.read = one_pass(tensors)
             in_step = timed(reference.read, device, reference.reads)
             reference.step = plain_step(model, optimizer, autocast, in_step)
             variants.append(reference)
@@ -243,14 +245,8 @@ def tracked_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p for _, p in gradients.params]
 
 
-def tracked_sizes(model: torch.nn.Module) -> tuple[int, int]:
-    tensors = tracked_tensors(model)
-    return len(tensors), sum(p.numel() for p in tensors)
-
-
-def one_pass(model: torch.nn.Module) -> Callable[[], None]:
-    """One read of every gradient and weight (c) tracks: the unit of the "passes" column."""
-    tensors = tracked_tensors(model)
+def one_pass(tensors: list[torch.Tensor]) -> Callable[[], None]:
+    """One read of the tracked tensors' gradients and weights: the unit of the "passes" column."""
 
     def read() -> None:
         grads = [p.grad for p in tensors if p.grad is not None]

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from netprobe.native import TUNED
+from netprobe.native import TUNED, compiler
 
 ROOT = Path(__file__).resolve().parent.parent
 COPIED = ("netprobe", "tests", "conf", "pyproject.toml")
@@ -329,11 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown mutation {', '.join(unknown)}; valid: {', '.join(known)}", file=sys.stderr)
         return 2
     chosen = [known[i] for i in args.only] if args.only else MUTATIONS
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    cc = compiler()
+    if cc is None:
         print("no C compiler: the fused kernels' mutations are left out")
         chosen = [mu for mu in chosen if not mu.id.startswith("native.")]
-    elif not targets_avx512_bw(compiler):
+    elif not targets_avx512_bw(cc):
         print("no AVX-512 BW in the tuned build: its loops' mutations are left out")
         chosen = [mu for mu in chosen if not mu.id.startswith("native.avx512")]
 

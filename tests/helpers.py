@@ -8,7 +8,6 @@ import contextlib
 import ctypes
 import errno
 import platform
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -87,8 +86,9 @@ def other_build(source: str, build: str, folder: Path) -> tuple[ctypes.CDLL, int
     if build == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("an x86 instruction set")
     target = folder / source.replace(".c", ".so")
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    assert native._build(compiler, native.HERE / source, target, ([*native.FLAGS, *flags],))
+    assert native._build(
+        native.compiler(), native.HERE / source, target, ([*native.FLAGS, *flags],)
+    )
     return ctypes.CDLL(str(target)), threads
 
 

@@ -62,6 +62,11 @@ def cache_dir() -> Path:
     return Path(root) / "netprobe" / "native"
 
 
+def compiler() -> str | None:
+    """The C compiler the kernels are built with: $CC, else cc or gcc on the PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def _module_flags() -> list[str]:
     """What builds a kernel family as an extension module of this Python: its headers' folder;
     nothing where they are missing (a Python without its development files)."""
@@ -77,15 +82,15 @@ def _module_flags() -> list[str]:
 def _load(name: str, module: bool) -> ctypes.CDLL | ModuleType | None:
     """`name`.c built (once per source, compiler, flags and CPU) and loaded: with `module`, as
     an extension module where Python's headers are found, else, or if that fails, with ctypes."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    cc = compiler()
+    if cc is None:
         return None
     extra = _module_flags() if module else []
     if extra:
-        loaded = _open(compiler, name, extra, "its kernels are called through ctypes")
+        loaded = _open(cc, name, extra, "its kernels are called through ctypes")
         if loaded is not None:
             return loaded
-    return _open(compiler, name, [], "the probes use PyTorch kernels")
+    return _open(cc, name, [], "the probes use PyTorch kernels")
 
 
 def _open(

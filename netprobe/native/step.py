@@ -230,7 +230,7 @@ class Dynamics:
 
     def grad(
         self,
-        grads: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor] | Read,
         compare: bool,
         zero: float,
         tiny: float,

@@ -56,8 +56,14 @@ class StepState:
 
 def trained_params(model: nn.Module) -> list[nn.Parameter]:
     """The parameters training updates (those requiring a gradient), in the model's order: what
-    `grad_l2_total` runs over, and `grad_rows`' order."""
+    `grad_l2_total` runs over, and `grad_rows`' and `grad_read`'s order."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def trained_positions(model: nn.Module, tensors: list[torch.Tensor]) -> list[int | None]:
+    """Where each of `tensors` is among `trained_params(model)` (None: not trained)."""
+    trained = {id(p): i for i, p in enumerate(trained_params(model))}
+    return [trained.get(id(t)) for t in tensors]
 
 
 @dataclass

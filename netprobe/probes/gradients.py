@@ -9,7 +9,7 @@ import torch
 
 from netprobe.native import HostBlocks
 from netprobe.native import step as native_step
-from netprobe.probes.base import Probe, StepState, trained_params
+from netprobe.probes.base import Probe, StepState, trained_positions
 from netprobe.probes.reductions import device_sizes, stat_dtype
 from netprobe.probes.schedule import Schedule
 from netprobe.probes.segments import Segments
@@ -56,8 +56,7 @@ class Gradients(Probe):
         # Its tensors' rows of StepState.grad_rows, the monitor's read of every gradient on the
         # CPU: a view where evenly spaced (weights between biases), else a copy; None where
         # one of them is not trained, when it reads its own.
-        trained = {id(p): i for i, p in enumerate(trained_params(ctx.model))}
-        self._rows = picker([trained.get(id(p)) for _, p in self.params])
+        self._rows = picker(trained_positions(ctx.model, [p for _, p in self.params]))
         self.reads_grad_rows = self._rows is not None
         # Per set of tensors with a gradient (all of them, nearly always): their names, and what
         # reduces them: one fused pass on the CPU, else segment reductions of a flat buffer.

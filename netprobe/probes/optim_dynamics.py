@@ -14,7 +14,7 @@ import torch
 from netprobe.errors import ConfigError
 from netprobe.native import Block, HostBlocks
 from netprobe.native import step as native_step
-from netprobe.probes.base import Probe, ProbeContext, StepState, trained_params
+from netprobe.probes.base import Probe, ProbeContext, StepState, trained_positions
 from netprobe.probes.options import Option
 from netprobe.probes.reductions import device_sizes, stat_dtype
 from netprobe.probes.schedule import Schedule
@@ -326,8 +326,7 @@ class OptimDynamics(Probe):
         self._kernels = native_step.kernels(self.tensors)
         # On the fused path, where every tracked tensor is trained, the gradients are read from
         # the monitor's read of them (StepState.grad_read) where it has one.
-        trained = {id(p): i for i, p in enumerate(trained_params(ctx.model))}
-        at = [trained.get(id(p)) for p in self.tensors]
+        at = trained_positions(ctx.model, self.tensors)
         self._reads_monitors = self._kernels is not None and None not in at
         if self._reads_monitors:
             self._kernels.picks = at  # type: ignore[union-attr]
