@@ -22,7 +22,8 @@ from netprobe.native import step as native_step
 from tests.helpers import OTHER_BUILDS, fused_grad_stats, other_build, torch_threads
 
 pytestmark = pytest.mark.skipif(
-    native.library("step") is None, reason="no C compiler: the fused kernels cannot be built"
+    native.compiler() is None or not native.ENABLED,
+    reason="no C compiler, or NETPROBE_NATIVE=0: the fused kernels are not built",
 )
 # A tail of each kind: under one lane group, one block exactly, one element past it, and past
 # the size from which the kernels split work between threads.
