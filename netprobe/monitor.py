@@ -157,7 +157,7 @@ class Monitor:
             lr = float(self.optimizer.param_groups[0]["lr"])
             self.record.scalars("train", [""], ["lr"], lr)
         self._samples += batch_size or 0
-        read = self._total_norm.take_read() if self._on_host else None
+        read = self._total_norm.take_read()  # None but on the CPU's fused path
         self.runner.after_backward(loss, total, loss_scale, rows, read)
 
     def _device_curve(
