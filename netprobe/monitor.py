@@ -76,8 +76,9 @@ class Monitor:
         self._on_host = on_host = self._device.type == "cpu" and native.ENABLED
         # There, the norm's read also gives each gradient's statistics at the steps a probe that
         # reads them records.
-        self._row_readers = [p for p in self.probes if p.reads_grad_rows]
+        self._row_readers = [p.schedule for p in self.probes if p.reads_grad_rows]
         rows_read = on_host and self._total_norm.fused and bool(self._row_readers)
+        self._rows_always = any(schedule.every == 1 for schedule in self._row_readers)
         self._grad_rows = native.HostBlocks(len(self._params), 5) if rows_read else None
         # Calls the probes' hooks when their schedules say, and times them.
         self.runner = ProbeRunner(self.probes, self.state, self._device)
@@ -196,8 +197,8 @@ class Monitor:
         total = rows = None
         if grads:
             step = self.state.step
-            if self._grad_rows is not None and any(
-                p.schedule.records(step) for p in self._row_readers
+            if self._grad_rows is not None and (
+                self._rows_always or any(s.records(step) for s in self._row_readers)
             ):
                 block = self._grad_rows.next()
                 total = self._total_norm.with_rows(grads, block)

@@ -193,23 +193,28 @@ class Block(NamedTuple):
 
 class HostBlocks:
     """Fresh float64 host arrays [rows, cols], one per call: a step's record, written in place.
-    They are cut from a pool (SIZE of them, fewer where they would take more than BYTES) whose
-    address is read once, because right after a small model's backward np.empty and .ctypes
-    cost 10-20 µs each, and a step there is ~2 ms. A block is handed out once: the views keep
-    their pool alive until the recorder has drained them."""
+    They are cut from a pool (SIZE of them, fewer where they would take more than BYTES), all at
+    once when it is made, because right after a small model's backward np.empty, .ctypes and
+    even a view of a row cost µs each, and a step there is ~2 ms. A block is handed out once: the
+    views keep their pool alive until the recorder has drained them."""
 
     SIZE, BYTES = 256, 1 << 18
 
     def __init__(self, rows: int, cols: int) -> None:
         self.rows, self.cols = rows, cols
         self._size = max(1, min(self.SIZE, self.BYTES // (8 * max(1, rows * cols))))
-        self._pool, self._next, self._base, self._stride = np.empty((0, rows, cols)), 0, 0, 0
+        self._blocks: list[Block] = []
+        self._next = 0
 
     def next(self) -> Block:
-        if self._next == len(self._pool):
-            self._pool, self._next = np.empty((self._size, self.rows, self.cols)), 0
-            self._base, self._stride = self._pool.ctypes.data, self._pool.strides[0]
-        i = self._next
+        if self._next == len(self._blocks):
+            rows, cols = self.rows, self.cols
+            pool = np.empty((self._size, rows, cols))
+            base, stride = pool.ctypes.data, pool.strides[0]
+            self._blocks = [
+                Block(view, base + i * stride, rows, cols, cols) for i, view in enumerate(pool)
+            ]
+            self._next = 0
+        block = self._blocks[self._next]
         self._next += 1
-        address = self._base + i * self._stride
-        return Block(self._pool[i], address, self.rows, self.cols, self.cols)
+        return block
