@@ -276,6 +276,8 @@ def test_a_tensor_unlike_the_kernels_is_refused() -> None:
         [torch.zeros(10)],
         [torch.zeros(10), torch.zeros(4)],
         [torch.zeros(10), torch.zeros(3, dtype=torch.float64)],
+        [torch.zeros(10).to_sparse(), torch.zeros(3)],  # no data pointer: another layout
+        [torch.zeros(10), torch.zeros(3).to_mkldnn()],
     ):
         with pytest.raises(ValueError, match="kernels made for"):
             kernels.norm(wrong)

@@ -88,15 +88,14 @@ _accuracy_kernels: dict[torch.dtype, Callable[..., float] | None] = {}
 class Read(NamedTuple):
     """Tensors that a StepKernels call has just checked and read in place, for kernels over some
     of them (`StepKernels.picks`) to read them again this step without checking each again: the
-    tensors (held, so the memory stays theirs), the kernels that read them and which of their
-    calls it was (their pointer array holds the tensors' addresses until the next one: a Read
-    of an earlier call is refused), and the sizes and dtype they were checked against."""
+    tensors (held, so the memory stays theirs) and their addresses, and the kernels that read
+    them and which of their calls it was (a Read of an earlier call is refused: a step's
+    tensors are read once); its sizes and dtype are theirs."""
 
     tensors: tuple[torch.Tensor, ...]
+    pointers: list[int]
     source: StepKernels
     call: int
-    sizes: list[int]
-    dtype: torch.dtype
 
 
 class StepKernels:
@@ -111,7 +110,7 @@ class StepKernels:
         self._norm = getattr(lib, f"np_norm_{suffix}")
         self._dyn_grad = getattr(lib, f"np_dyn_grad_{suffix}")
         self._dyn_update = getattr(lib, f"np_dyn_update_{suffix}")
-        self.sizes = sizes
+        self.sizes = tuple(sizes)
         # Arrays the C code reads, passed by address: the sizes, and each call's pointers.
         self._sizes = (_I64 * len(sizes))(*sizes)
         self._pointers = (_PTR * len(sizes))()  # refilled by each call
@@ -121,12 +120,20 @@ class StepKernels:
         self.keeps_reads = False
         self._read: Read | None = None
         self._calls = 0  # calls that filled the pointer array
-        # Where these kernels' tensors are among a Read's (None: they are its tensors), and
-        # the sizes of the last Read checked against them.
-        self.picks: Sequence[int] | None = None
-        self._checked: tuple[list[int], torch.dtype, tuple[int, ...] | None] | None = None
+        self._picks: tuple[int, ...] | None = None
+        self._checked: StepKernels | None = None  # the source of Reads checked against picks
         self._result = ctypes.c_double()
         self._result_at = ctypes.addressof(self._result)
+
+    @property
+    def picks(self) -> tuple[int, ...] | None:
+        """Where these kernels' tensors are among a Read's (None: they are its tensors)."""
+        return self._picks
+
+    @picks.setter
+    def picks(self, picks: Sequence[int] | None) -> None:
+        self._picks = None if picks is None else tuple(picks)
+        self._checked = None
 
     def take_read(self) -> Read | None:
         """The last call's tensors as a Read, where it read them all in place (and these kernels
@@ -142,46 +149,52 @@ class StepKernels:
             return self._picked(tensors), []
         if len(tensors) != self.n:
             raise ValueError(f"{len(tensors)} tensors given to kernels made for {self.n}")
-        pointers, copies = self._pointers, []
-        self._calls += 1  # first: a refusal below may leave the array half refilled
-        for i, (t, size) in enumerate(zip(tensors, self.sizes)):
-            if t.numel() != size or t.dtype != self.dtype or not t.is_cpu or t.is_sparse:
-                raise ValueError(
-                    f"a {t.dtype} {t.layout} tensor of {t.numel()} elements on {t.device} given "
-                    f"to kernels made for {size} {self.dtype} elements on the CPU"
-                )
-            if not t.is_contiguous():
-                t = t.detach().contiguous()  # a parameter's copy: no autograd node
-                copies.append(t)
-            pointers[i] = t.data_ptr()
+        pointers: list[int] = []
+        copies, dtype = [], self.dtype
+        self._calls += 1  # first: a refused call replaces the last one's Read too
+        t = None
+        try:
+            # Right after a backward each read of a tensor's layout costs ~0.2 µs: no more of
+            # them than will do. Another layout than strided has no data pointer to read.
+            for t, size in zip(tensors, self.sizes):
+                if t.numel() != size or t.dtype is not dtype or not t.is_cpu:
+                    raise ValueError(
+                        f"a {t.dtype} tensor of {t.numel()} elements on {t.device} given to "
+                        f"kernels made for {size} {dtype} elements on the CPU"
+                    )
+                if not t.is_contiguous():
+                    t = t.detach().contiguous()  # a parameter's copy: no autograd node
+                    copies.append(t)
+                pointers.append(t.data_ptr())
+        except RuntimeError as exc:
+            raise ValueError(
+                f"a {t.layout} tensor given to kernels made for strided ones"  # type: ignore
+            ) from exc
+        self._pointers[:] = pointers
         if self.keeps_reads and not copies:
-            self._read = Read(tuple(tensors), self, self._calls, self.sizes, self.dtype)
+            self._read = Read(tuple(tensors), pointers, self, self._calls)
         else:
             self._read = None
         return self._pointers_at, copies
 
     def _picked(self, read: Read) -> int:
         """The pointers of a Read's tensors at `picks`, checked against these kernels' sizes and
-        dtype once per source of Reads and picks."""
-        if read.call != read.source._calls:
+        dtype once per source of Reads (and again after picks change)."""
+        source = read.source
+        if read.call != source._calls:
             raise ValueError("a read of tensors its kernels have since replaced")
-        picks = None if self.picks is None else tuple(self.picks)
-        if (read.sizes, read.dtype, picks) != self._checked:
-            index = range(len(read.sizes)) if picks is None else picks
-            fits = len(index) == self.n and read.dtype == self.dtype
+        picks = self._picks
+        if source is not self._checked:
+            index = range(source.n) if picks is None else picks
+            fits = len(index) == self.n and source.dtype is self.dtype
             if not fits or any(
-                not 0 <= j < len(read.sizes) or read.sizes[j] != size
+                not 0 <= j < source.n or source.sizes[j] != size
                 for j, size in zip(index, self.sizes)
             ):
                 raise ValueError(f"a read of tensors unlike the {self.n} these kernels are for")
-            self._checked = (read.sizes, read.dtype, picks)
-        pointers, source = self._pointers, read.source._pointers
+            self._checked = source
         self._calls += 1
-        if picks is None:
-            pointers[:] = source[:]
-        else:
-            for i, j in enumerate(picks):
-                pointers[i] = source[j]
+        self._pointers[:] = read.pointers if picks is None else [read.pointers[j] for j in picks]
         return self._pointers_at
 
     def _fits(self, out: Block, width: int) -> int:
