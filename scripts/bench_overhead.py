@@ -13,7 +13,7 @@ cheaper (2.7x on the small mlp), for a backward leaves PyTorch's code cold in th
 
 Each variant has its own model (same initial weights) and optimizer and sees the same batches,
 held on the device. After a warm-up the variants take turns, a block of `--block` steps each in a
-rotating order, so that the drifting load of a shared machine hits all variants alike. The step
+shuffled order, so that the drifting load of a shared machine hits all variants alike. The step
 ratio is the median over rounds of a variant's block time / (a)'s block time in the same round;
 "passes" is the median of (variant − (a)) / the median pass: the added time in reads of the tracked
 tensors. Flushes (every `--flush-every` steps, trainer.flush_every's default) and epoch-end
@@ -35,6 +35,7 @@ import copy
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -384,10 +385,12 @@ def run_case(
         for v in variants:
             v.flushes.clear()
             v.reads.clear()
+        order = random.Random(0)
         for r in range(rounds):
-            # A rotating order: no variant always runs right after the same other one.
-            k = r % len(variants)
-            for v in variants[k:] + variants[:k]:
+            # A shuffled order: no variant always runs right after the same other one, and none
+            # always flushes first in the rounds where flushes fall (a rotation repeats there),
+            # when the code the others' flushes run next is cold.
+            for v in order.sample(variants, len(variants)):
                 v.blocks.append(block(v, (warmup_rounds + r) * block_steps))
         for v in variants:
             if v.monitor is None:
