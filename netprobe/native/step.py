@@ -295,8 +295,7 @@ def _aligned(n: int, dtype: type[np.generic], to: int = 64) -> np.ndarray:
     return raw[start : start + size].view(dtype)
 
 
-def _threads() -> int:
-    return torch.get_num_threads()
+_threads = torch.get_num_threads  # the loops' threads: torch's, read at each call
 
 
 def _check(status: int) -> None:

@@ -365,7 +365,9 @@ class OptimDynamics(Probe):
                 self._state = TorchBuffers(self.segments, self.tensors, self.sign_index)
         return self._state
 
-    def _read(self, state: StepState, compare: bool) -> torch.Tensor | Block:
+    def _read(
+        self, held: TorchBuffers | FusedCodes, state: StepState, compare: bool
+    ) -> torch.Tensor | Block:
         """This step's gradient metrics (against the kept step before's if `compare`), and every
         `_sign_stride`-th step's sampled gradients for the sign map."""
         sample = self._sign_seen % self._sign_stride == 0
@@ -374,7 +376,7 @@ class OptimDynamics(Probe):
             grads: list[torch.Tensor | None] | native_step.Read = read
         else:
             grads = [p.grad for p in self.tensors]
-        metrics, values = self._held().read(grads, compare, self._thresholds, sample)
+        metrics, values = held.read(grads, compare, self._thresholds, sample)
         if values is not None:
             self._sign_rows.append((state.step, values))
             if len(self._sign_rows) >= 4 * self.cfg["sign_rows"]:
@@ -388,16 +390,17 @@ class OptimDynamics(Probe):
             return
         held = self._held()
         compare = held.kept  # `arm` kept the step before's sign and z
-        self._pending = (self._read(state, compare), compare)
+        self._pending = (self._read(held, state, compare), compare)
         held.snapshot(self.tensors, state.step)
 
     def arm(self, state: StepState) -> None:
         """Keeps this step's sign(g) and z for the next step, which is recorded."""
         if state.loss is None or not self.params:
             return  # before this process's first backward: nothing to keep (or restored)
+        held = self._held()
         if self._read_step != state.step:  # this step is not recorded: its gradient is unread
-            self._read(state, compare=False)
-        self._held().keep()
+            self._read(held, state, compare=False)
+        held.keep()
 
     def after_step(self, state: StepState) -> None:
         self._read_step = None  # the next step's gradient is another one
