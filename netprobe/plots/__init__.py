@@ -98,6 +98,11 @@ def plot(
         for name in _names(target, only)
     ]
     manifest = _read_manifest(out)
+    # Every figure these runs have, whether drawn now (--only) or not.
+    every = {
+        Job(t, n, folders[t]).key for t, target in enumerate(targets) for n in _names(target, None)
+    }
+    _drop_gone(out, manifest, every)
     done, drawn = _update(job_list, targets, formats, out, jobs, manifest)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / MANIFEST, manifest)  # other figures' records stay for a later full plot
@@ -278,7 +283,21 @@ def _remove_left_over(out: Path, old: list[dict], new: list[dict]) -> None:
     """Files a figure wrote last time but not now (an epoch no longer drawn, say)."""
     kept = {f for e in new for f in e["files"]}
     for f in {f for e in old for f in e.get("files", [])} - kept:
-        (out / f).unlink(missing_ok=True)
+        if not Path(f).is_absolute() and ".." not in Path(f).parts:  # only what is in `out`
+            (out / f).unlink(missing_ok=True)
+
+
+def _drop_gone(out: Path, manifest: dict[str, Any], jobs: set[str]) -> None:
+    """Removes what earlier plots drew for figures these runs no longer have (a group gone, or
+    one group's top-level figures once the runs form several): no longer on the page, they
+    would otherwise stay in the folder looking current. Their folders go too once empty."""
+    for key in [k for k in manifest if k not in jobs]:
+        record = manifest.pop(key)
+        entries = record.get("entries", []) if isinstance(record, dict) else []
+        _remove_left_over(out, entries, [])
+        folder = out / key.rpartition("/")[0]
+        if folder.parent == out and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _write_json(path: Path, data: Any) -> None:

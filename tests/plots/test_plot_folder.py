@@ -114,6 +114,37 @@ def test_a_second_plot_of_an_unchanged_folder_draws_nothing(folder: Path, tmp_pa
         shutil.copy(tmp_path / "saved.parquet", part)
 
 
+def test_figures_of_a_group_no_longer_drawn_are_removed(folder: Path, tmp_path: Path) -> None:
+    """One group's figures sit at the top of the output folder; once the folder holds a second
+    group, each gets a folder of its own, and the top-level figures of before (no longer on the
+    page, no longer updated) are gone rather than left looking current."""
+    out = tmp_path / "figures"
+    first = netprobe("plot", str(folder / "seeds"), "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    top = [p for p in first.stdout.splitlines() if Path(p).parent == out]
+    assert any(p.endswith("training_curves.png") for p in top)
+    second = netprobe(
+        "plot", str(folder / "seeds"), str(folder / "single" / "grad"), "--out", str(out)
+    )
+    assert second.returncode == 0, second.stderr
+    listed = {Path(p) for p in second.stdout.splitlines() if p.endswith(".png")}
+    assert listed and all(p.parent != out and p.exists() for p in listed)
+    on_disk = set(out.rglob("*.png"))
+    assert on_disk == listed, sorted(map(str, on_disk - listed))
+    # Only what the manifest names inside the output folder is ever removed.
+    outside = tmp_path / "mine.png"
+    outside.write_bytes(b"a user's file")
+    manifest = json.loads((out / ".netprobe-plot.json").read_text())
+    manifest["gone/figure"] = {"inputs": "", "entries": [{"files": ["../mine.png"]}]}
+    (out / ".netprobe-plot.json").write_text(json.dumps(manifest))
+    third = netprobe(
+        "plot", str(folder / "seeds"), str(folder / "single" / "grad"), "--out", str(out)
+    )
+    assert third.returncode == 0 and "0 figures drawn" in third.stderr, third.stderr
+    assert outside.exists()
+    assert "gone/figure" not in json.loads((out / ".netprobe-plot.json").read_text())
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
