@@ -206,3 +206,66 @@ def test_the_monitors_read_of_the_gradients_is_lent_to_the_hooks_only(tmp_path, 
             assert mon.state.grad_read is None
             lent += [mon._total_norm.fused and not unused] * 2
     assert seen == lent
+
+
+class SparseBag(nn.Module):
+    """Token ids [batch, 3] → an embedding with sparse gradients, averaged → a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, sparse=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(x).mean(1))
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_sparse_gradients_count_in_the_norms_by_their_values(tmp_path, monkeypatch, host):
+    """An nn.Embedding(sparse=True) makes a sparse gradient, an index given twice in the batch
+    twice in it: the curve's ‖g‖₂ and gradient_flow's ‖∂L/∂W‖₂ count its dense values, on the
+    fused CPU path and on the device path alike; the probes that track weights leave it out."""
+    monkeypatch.setattr(native, "ENABLED", host)
+    torch.manual_seed(0)
+    model = SparseBag()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.tensor([[1, 1, 2], [3, 1, 4], [5, 9, 2], [6, 5, 3]])
+    y = torch.tensor([0, 1, 1, 0])
+    probes = ["gradients", "optim_dynamics", "gradient_flow"]
+    want_total, want_emb = [], []
+    with netprobe.attach(model, tmp_path / "run", probes=probes, probe_batch=(x, y)) as mon:
+        for _ in range(3):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            assert model.emb.weight.grad.is_sparse
+            dense = [p.grad.to_dense().double() for p in model.parameters()]
+            want_total.append(float(sum((g**2).sum() for g in dense).sqrt()))
+            want_emb.append(float(dense[0].norm()))
+            mon.after_backward(loss)
+            opt.step()
+            mon.after_step()
+    run = netprobe.load(tmp_path / "run")
+    assert run.info["status"] == "completed"
+    total = run.scalars(probe="train", metric="grad_l2_total")["value"].tolist()
+    assert total == pytest.approx(want_total, rel=1e-6)
+    emb = run.scalars(probe="gradient_flow", layer="emb", metric="w_grad_l2")
+    assert len(emb) and emb["value"].tolist() == pytest.approx(
+        [want_emb[step] for step in emb["step"]], rel=1e-6
+    )
+    assert set(run.scalars(probe="gradients")["layer"]) == {"", "fc.weight"}
+
+
+def test_a_probe_asked_to_read_sparse_gradients_refuses_before_writing(tmp_path):
+    from netprobe.errors import ConfigError
+
+    x, y = torch.tensor([[1, 2, 3]]), torch.tensor([0])
+    for name in ("gradients", "optim_dynamics"):
+        with pytest.raises(ConfigError, match=rf"probes.{name} tracks emb.weight.*sparse"):
+            netprobe.attach(
+                SparseBag(),
+                tmp_path / name,
+                probes={name: {"layers": ["emb.weight"]}},
+                probe_batch=(x, y),
+            )
+        assert not (tmp_path / name).exists()

@@ -85,6 +85,11 @@ def _accuracy_kernel(dtype: torch.dtype) -> Callable[..., float] | None:
 _accuracy_kernels: dict[torch.dtype, Callable[..., float] | None] = {}
 
 
+class NotStrided(ValueError):
+    """A tensor given to the kernels has another layout than strided (a sparse gradient, say):
+    no data pointer to read. Callers that can read it otherwise catch this."""
+
+
 class Read(NamedTuple):
     """Tensors that a StepKernels call has just checked and read in place, for kernels over some
     of them (`StepKernels.picks`) to read them again this step without checking each again: the
@@ -167,7 +172,7 @@ class StepKernels:
                     copies.append(t)
                 pointers.append(t.data_ptr())
         except RuntimeError as exc:
-            raise ValueError(
+            raise NotStrided(
                 f"a {t.layout} tensor given to kernels made for strided ones"  # type: ignore
             ) from exc
         self._pointers[:] = pointers

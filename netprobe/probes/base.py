@@ -222,6 +222,20 @@ class Probe:
         params = dict(model.named_parameters())
         return [(r.name, params[r.name]) for r in self.select(rows, default) if r.name in params]
 
+    def select_dense_grads(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """`select_params()`, refusing a parameter whose module makes sparse gradients (an
+        `nn.Embedding(sparse=True)`'s weight): a probe that reads gradients reads dense ones."""
+        params = self.select_params()
+        for name, _ in params:
+            module = self.ctx.model.get_submodule(name.rpartition(".")[0])
+            if getattr(module, "sparse", False) is True:
+                raise ConfigError(
+                    f"probes.{self.name} tracks {name}, whose gradients are sparse "
+                    f"({type(module).__name__}(sparse=True)), and reads dense ones only; leave "
+                    f"it out with probes.{self.name}.exclude, or train it with sparse=False"
+                )
+        return params
+
     def select_modules(
         self, default: Callable[[LayerInfo], bool] | None = None
     ) -> list[tuple[str, nn.Module]]:

@@ -15,14 +15,14 @@ from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.capture import output_tensor
 from netprobe.probes.options import Option
-from netprobe.probes.reductions import stat_dtype
+from netprobe.probes.reductions import l2_norms, stat_dtype
 from netprobe.probes.schedule import Schedule
 from netprobe.structure import module_graph
 
 
 def node_gradient_norms(grads: list[torch.Tensor], node_of_grad: torch.Tensor, nodes: int):
     """`w_grad_l2` = ‖∂L/∂W‖₂ over all of a node's parameters: √Σ_{p ∈ node} ‖g_p‖₂², per node."""
-    squares = torch.stack(torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))).square()
+    squares = torch.stack(l2_norms(grads, stat_dtype(grads))).square()
     total = torch.zeros(nodes, dtype=squares.dtype, device=squares.device)
     return total.index_add_(0, node_of_grad, squares).sqrt()
 

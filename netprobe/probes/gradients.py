@@ -51,7 +51,7 @@ class Gradients(Probe):
 
     def __init__(self, ctx, **cfg) -> None:
         super().__init__(ctx, **cfg)
-        self.params = self.select_params()
+        self.params = self.select_dense_grads()
         self.names = [n for n, _ in self.params]
         # Its tensors' rows of StepState.grad_rows, the monitor's read of every gradient on the
         # CPU: a view where evenly spaced (weights between biases), else a copy; None where

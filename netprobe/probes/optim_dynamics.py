@@ -317,7 +317,7 @@ class OptimDynamics(Probe):
                 "step's gradient with the step before"
             )
         k = self.cfg["sign_samples"]
-        self.params = self.select_params()
+        self.params = self.select_dense_grads()
         self.names = [n for n, _ in self.params]
         self.tensors = [p for _, p in self.params]
         self.sizes = [p.numel() for p in self.tensors]

@@ -7,7 +7,7 @@ import functools
 import torch
 
 from netprobe.native import Block
-from netprobe.native.step import Read, kernels
+from netprobe.native.step import NotStrided, Read, kernels
 
 
 def stat_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -34,7 +34,8 @@ def to_float64(x: torch.Tensor) -> torch.Tensor:
 class TotalNorm:
     """‖g‖₂ over the gradients of a fixed list of parameters: a float from one fused pass on the
     CPU when every parameter has one, else a device scalar, a norm per tensor and a norm of
-    those (nothing read back)."""
+    those (nothing read back). Sparse gradients (an `nn.Embedding(sparse=True)`'s) count by
+    their values, duplicates summed; the first one seen ends the fused pass for the run."""
 
     def __init__(self, params: list[torch.Tensor]) -> None:
         self._fused = kernels(params)
@@ -43,9 +44,11 @@ class TotalNorm:
 
     def __call__(self, grads: list[torch.Tensor]) -> torch.Tensor | float:
         if self._fused is not None and len(grads) == self._fused.n:
-            return self._fused.norm(grads)
-        norms = torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))
-        return torch.linalg.vector_norm(torch.stack(norms))
+            try:
+                return self._fused.norm(grads)
+            except NotStrided:
+                self._fused = None
+        return torch.linalg.vector_norm(torch.stack(l2_norms(grads, stat_dtype(grads))))
 
     @property
     def fused(self) -> bool:
@@ -62,4 +65,24 @@ class TotalNorm:
         serves every parameter; None, with nothing written, elsewhere."""
         if self._fused is None or len(grads) != self._fused.n:
             return None
-        return self._fused.grad_stats(grads, out)
+        try:
+            return self._fused.grad_stats(grads, out)
+        except NotStrided:
+            self._fused = None
+            return None
+
+
+def l2_norms(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """‖t‖₂ of each tensor, in `dtype`, in order: strided ones in one foreach kernel; a sparse
+    one (an `nn.Embedding(sparse=True)`'s gradient) from its values once coalesced (an index
+    given twice is one entry, the sum of both)."""
+    dense = [t for t in tensors if t.layout is torch.strided]
+    if len(dense) == len(tensors):
+        return list(torch._foreach_norm(tensors, 2, dtype=dtype))
+    norms = iter(torch._foreach_norm(dense, 2, dtype=dtype) if dense else ())
+    return [next(norms) if t.layout is torch.strided else _sparse_norm(t, dtype) for t in tensors]
+
+
+def _sparse_norm(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    values = t.coalesce().values() if t.layout is torch.sparse_coo else t.values()
+    return torch.linalg.vector_norm(values, dtype=dtype)
