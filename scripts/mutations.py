@@ -82,8 +82,13 @@ MUTATIONS = [
       "segments", "gradients"),
     # gradient_flow: w_grad_l2 over a node's parameters, out_grad_l2 summed over calls
     m("gradient_flow.weight_norm",
-      "squares = torch.stack(torch._foreach_norm(grads, 2, dtype=stat_dtype(grads))).square()",
-      "squares = torch.stack(torch._foreach_norm(grads, 1, dtype=stat_dtype(grads))).square()"),
+      "return list(torch._foreach_norm(tensors, 2, dtype=dtype))",
+      "return list(torch._foreach_norm(tensors, 1, dtype=dtype))"),
+    # a sparse gradient's norm: an index given twice is one entry
+    Mutation("reductions.sparse_coalesced",
+             "values = t.coalesce().values() if t.layout is torch.sparse_coo else t.values()",
+             "values = t._values() if t.layout is torch.sparse_coo else t.values()",
+             ("tests/test_monitor.py",)),
     m("gradient_flow.weight_sqrt",
       "return total.index_add_(0, node_of_grad, squares).sqrt()",
       "return total.index_add_(0, node_of_grad, squares.sqrt())"),
