@@ -278,9 +278,17 @@ def test_a_tensor_unlike_the_kernels_is_refused() -> None:
         [torch.zeros(10), torch.zeros(3, dtype=torch.float64)],
         [torch.zeros(10).to_sparse(), torch.zeros(3)],  # no data pointer: another layout
         [torch.zeros(10), torch.zeros(3).to_mkldnn()],
+        [
+            torch.nested.nested_tensor([torch.zeros(4), torch.zeros(6)], layout=torch.jagged),
+            torch.zeros(3),
+        ],  # its data_ptr() is 0
     ):
         with pytest.raises(ValueError, match="kernels made for"):
             kernels.norm(wrong)
+    freed = torch.zeros(10)
+    freed.untyped_storage().resize_(0)  # as FSDP frees a parameter between its uses
+    with pytest.raises(ValueError, match="without memory"):
+        kernels.norm([freed, torch.zeros(3)])
 
 
 def test_an_unwritable_cache_means_the_pytorch_path(monkeypatch, tmp_path) -> None:

@@ -58,16 +58,16 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> float | None:
     """(logits.argmax(1) == target).float().mean() to the bit, as a float, in one pass for CPU
     logits [rows, classes] of float32 or float64 and int64 targets; None where PyTorch's ops
     serve (four of them: 40-80 µs of a small model's CPU step, right after its backward)."""
-    if not native.ENABLED:
-        return None
+    # As few reads of the tensors' layouts as will do: each costs µs right after a backward.
+    if not native.ENABLED or not logits.is_cpu:
+        return None  # a GPU's logits: nothing compiled for them
     try:
         function = _accuracy_kernels[logits.dtype]
     except KeyError:
         function = _accuracy_kernels[logits.dtype] = _accuracy_kernel(logits.dtype)
-    # As few reads of the tensors' layouts as will do: each costs µs right after a backward.
-    if function is None or target.dtype is not torch.int64 or not logits.is_cpu:
+    if function is None or target.dtype is not torch.int64 or not target.is_cpu:
         return None
-    if not target.is_cpu or logits.dim() != 2 or target.dim() != 1 or not target.is_contiguous():
+    if logits.dim() != 2 or target.dim() != 1 or not target.is_contiguous():
         return None
     (rows, classes), (ld, unit) = logits.shape, logits.stride()
     if unit != 1 or classes == 0 or target.numel() != rows:
@@ -157,24 +157,23 @@ class StepKernels:
         pointers: list[int] = []
         copies, dtype = [], self.dtype
         self._calls += 1  # first: a refused call replaces the last one's Read too
-        t = None
-        try:
-            # Right after a backward each read of a tensor's layout costs ~0.2 µs: no more of
-            # them than will do. Another layout than strided has no data pointer to read.
-            for t, size in zip(tensors, self.sizes):
-                if t.numel() != size or t.dtype is not dtype or not t.is_cpu:
-                    raise ValueError(
-                        f"a {t.dtype} tensor of {t.numel()} elements on {t.device} given to "
-                        f"kernels made for {size} {dtype} elements on the CPU"
-                    )
-                if not t.is_contiguous():
-                    t = t.detach().contiguous()  # a parameter's copy: no autograd node
-                    copies.append(t)
-                pointers.append(t.data_ptr())
-        except RuntimeError as exc:
-            raise NotStrided(
-                f"a {t.layout} tensor given to kernels made for strided ones"  # type: ignore
-            ) from exc
+        # Right after a backward each read of a tensor's layout costs ~0.2 µs: no more of them
+        # than will do.
+        for t, size in zip(tensors, self.sizes):
+            if t.numel() != size or t.dtype is not dtype or not t.is_cpu:
+                raise ValueError(
+                    f"a {t.dtype} tensor of {t.numel()} elements on {t.device} given to "
+                    f"kernels made for {size} {dtype} elements on the CPU"
+                )
+            if t.layout is not torch.strided:  # sparse, MKLDNN, nested: no data pointer to read
+                raise NotStrided(f"a {t.layout} tensor given to kernels made for strided ones")
+            if not t.is_contiguous():
+                t = t.detach().contiguous()  # a parameter's copy: no autograd node
+                copies.append(t)
+            pointers.append(t.data_ptr())
+        if 0 in pointers and any(p == 0 and n for p, n in zip(pointers, self.sizes)):
+            # Its storage was freed in place (resized to nothing, as FSDP does between uses).
+            raise ValueError("a tensor without memory given to kernels that read it")
         self._pointers[:] = pointers
         if self.keeps_reads and not copies:
             self._read = Read(tuple(tensors), pointers, self, self._calls)
