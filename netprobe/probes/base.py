@@ -228,7 +228,7 @@ class Probe:
         params = self.select_params()
         for name, _ in params:
             module = self.ctx.model.get_submodule(name.rpartition(".")[0])
-            if getattr(module, "sparse", False) is True:
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
                 raise ConfigError(
                     f"probes.{self.name} tracks {name}, whose gradients are sparse "
                     f"({type(module).__name__}(sparse=True)), and reads dense ones only; leave "

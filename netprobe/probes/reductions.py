@@ -84,5 +84,7 @@ def l2_norms(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tens
 
 
 def _sparse_norm(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Coalescing counts the entries: on a GPU this waits for the device. The compressed layouts
+    # hold each index once.
     values = t.coalesce().values() if t.layout is torch.sparse_coo else t.values()
     return torch.linalg.vector_norm(values, dtype=dtype)

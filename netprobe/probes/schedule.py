@@ -212,10 +212,12 @@ class ProbeRunner:
 
 
 def _has(probe: Probe, hook: str) -> bool:
-    """Whether the probe's class has a hook `hook` of its own, not the base class's no-op."""
+    """Whether the probe has a hook `hook` of its own (its class's, or one set on it), not the
+    base class's no-op; asked when the runner is made."""
     from netprobe.probes.base import Probe  # which imports this module
 
-    return getattr(type(probe), hook) is not getattr(Probe, hook)
+    method = getattr(probe, hook)
+    return getattr(method, "__func__", method) is not getattr(Probe, hook)
 
 
 def listing(probes: Sequence[Probe]) -> list[str]:

@@ -176,3 +176,23 @@ def test_listing_aligns_name_schedule_and_measures() -> None:
         "log  every 3 steps, armed the step before; at start, epoch  nothing"
     ]
     assert listing([]) == []
+
+
+def test_the_runner_calls_only_hooks_a_probe_has_and_those_set_on_it() -> None:
+    """A probe without per-step hooks of its own is left out of the step's loops (each call of
+    the base class's no-op costs µs of a small model's step); a hook set on the probe itself
+    before the runner is made counts as its own."""
+
+    class Quiet(Probe):
+        name = "quiet"
+        measures = "nothing"
+        default_schedule = Schedule(every=1)
+
+    ctx = probe_context(nn.Linear(2, 2), (torch.zeros(2, 2), torch.zeros(2, dtype=torch.long)))
+    quiet, told = Quiet(ctx), Quiet(ctx)
+    seen: list[int] = []
+    told.after_step = lambda state: seen.append(state.step)
+    runner = ProbeRunner([quiet, told], StepState())
+    assert runner._reading == [] and runner._stepping == [told]
+    train(runner, 3)
+    assert seen == [0, 1, 2]
