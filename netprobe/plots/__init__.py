@@ -102,7 +102,7 @@ def plot(
     every = {
         Job(t, n, folders[t]).key for t, target in enumerate(targets) for n in _names(target, None)
     }
-    _drop_gone(out, manifest, every)
+    _drop_gone(out, manifest, every, {_path(r) for r in runs})
     done, drawn = _update(job_list, targets, formats, out, jobs, manifest)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / MANIFEST, manifest)  # other figures' records stay for a later full plot
@@ -188,10 +188,12 @@ def _update(
     _TARGETS[:], _OUT, _FORMATS = targets, out, formats
     drawn = _draw_all(stale, jobs, {job.target for job in stale})
     for job in stale:
-        old = manifest.get(job.key, {}).get("entries", [])
+        record = manifest.get(job.key)
+        old = record.get("entries", []) if isinstance(record, dict) else []
         new = drawn.get(job.key, [])
         _remove_left_over(out, old, new)
-        manifest[job.key] = {"inputs": inputs[job.target], "entries": new}
+        runs = [_path(r) for r in _runs_of(targets[job.target])]
+        manifest[job.key] = {"inputs": inputs[job.target], "entries": new, "runs": runs}
         done[job.key] = new
     return done, {job.key: done[job.key] for job in stale}
 
@@ -282,22 +284,41 @@ def _up_to_date(record: Any, inputs: str, out: Path) -> bool:
 def _remove_left_over(out: Path, old: list[dict], new: list[dict]) -> None:
     """Files a figure wrote last time but not now (an epoch no longer drawn, say)."""
     kept = {f for e in new for f in e["files"]}
-    for f in {f for e in old for f in e.get("files", [])} - kept:
-        if not Path(f).is_absolute() and ".." not in Path(f).parts:  # only what is in `out`
-            (out / f).unlink(missing_ok=True)
+    root = out.resolve()
+    for f in {f for f in _files(old) if isinstance(f, str) and f} - kept:
+        path = (out / f).resolve()
+        if path.parent.is_relative_to(root) and path.is_file():  # only what it names in `out`
+            path.unlink()
 
 
-def _drop_gone(out: Path, manifest: dict[str, Any], jobs: set[str]) -> None:
-    """Removes what earlier plots drew for figures these runs no longer have (a group gone, or
-    one group's top-level figures once the runs form several): no longer on the page, they
-    would otherwise stay in the folder looking current. Their folders go too once empty."""
+def _files(entries: Any) -> list[Any]:
+    """The files a manifest record's entries name (none where it is not as written)."""
+    if not isinstance(entries, list):
+        return []
+    return [f for e in entries if isinstance(e, dict) for f in e.get("files") or ()]
+
+
+def _drop_gone(out: Path, manifest: dict[str, Any], jobs: set[str], runs: set[str]) -> None:
+    """Removes what earlier plots drew for figures these runs no longer have: a group whose runs
+    are drawn in another group now (one group's top-level figures, once the runs form several),
+    or whose runs are gone. No longer on the page, they would stay in the folder looking
+    current. Figures of runs this call does not draw are left alone; folders go once empty."""
     for key in [k for k in manifest if k not in jobs]:
-        record = manifest.pop(key)
-        entries = record.get("entries", []) if isinstance(record, dict) else []
-        _remove_left_over(out, entries, [])
+        record = manifest[key] if isinstance(manifest[key], dict) else {}
+        drawn_from = record.get("runs")
+        if isinstance(drawn_from, list) and not any(
+            r in runs or not Path(r).exists() for r in drawn_from if isinstance(r, str)
+        ):
+            continue
+        del manifest[key]
+        _remove_left_over(out, record.get("entries"), [])  # type: ignore[arg-type]
         folder = out / key.rpartition("/")[0]
         if folder.parent == out and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
+
+
+def _path(run: Run) -> str:
+    return str(Path(run.path).resolve())
 
 
 def _write_json(path: Path, data: Any) -> None:

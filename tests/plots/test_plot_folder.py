@@ -117,32 +117,44 @@ def test_a_second_plot_of_an_unchanged_folder_draws_nothing(folder: Path, tmp_pa
 def test_figures_of_a_group_no_longer_drawn_are_removed(folder: Path, tmp_path: Path) -> None:
     """One group's figures sit at the top of the output folder; once the folder holds a second
     group, each gets a folder of its own, and the top-level figures of before (no longer on the
-    page, no longer updated) are gone rather than left looking current."""
+    page, no longer updated) are gone rather than left looking current. Plotting some of the
+    runs again leaves the other groups' figures alone."""
     out = tmp_path / "figures"
-    first = netprobe("plot", str(folder / "seeds"), "--out", str(out))
+    seeds, grad = str(folder / "seeds"), str(folder / "single" / "grad")
+    first = netprobe("plot", seeds, "--out", str(out))
     assert first.returncode == 0, first.stderr
     top = [p for p in first.stdout.splitlines() if Path(p).parent == out]
     assert any(p.endswith("training_curves.png") for p in top)
-    second = netprobe(
-        "plot", str(folder / "seeds"), str(folder / "single" / "grad"), "--out", str(out)
-    )
+    second = netprobe("plot", seeds, grad, "--out", str(out))
     assert second.returncode == 0, second.stderr
     listed = {Path(p) for p in second.stdout.splitlines() if p.endswith(".png")}
     assert listed and all(p.parent != out and p.exists() for p in listed)
     on_disk = set(out.rglob("*.png"))
     assert on_disk == listed, sorted(map(str, on_disk - listed))
+    folders = {
+        "seeds" if "seeds" in g["runs"][0]["path"] else "grad": g["folder"]
+        for g in json.loads((out / "groups.json").read_text())
+    }
+    # The grad run alone: its figures move to the top; the seeds group's folder stays as it was.
+    third = netprobe("plot", grad, "--out", str(out))
+    assert third.returncode == 0, third.stderr
+    now = {Path(p) for p in third.stdout.splitlines() if p.endswith(".png")}
+    assert now and all(p.parent == out for p in now)
+    seeds_figures = {p for p in listed if p.parent.name == folders["seeds"]}
+    assert seeds_figures and set(out.rglob("*.png")) == now | seeds_figures
+    assert not (out / folders["grad"]).exists()
     # Only what the manifest names inside the output folder is ever removed.
     outside = tmp_path / "mine.png"
     outside.write_bytes(b"a user's file")
     manifest = json.loads((out / ".netprobe-plot.json").read_text())
     manifest["gone/figure"] = {"inputs": "", "entries": [{"files": ["../mine.png"]}]}
+    manifest["broken/figure"] = {"entries": "not a list"}
     (out / ".netprobe-plot.json").write_text(json.dumps(manifest))
-    third = netprobe(
-        "plot", str(folder / "seeds"), str(folder / "single" / "grad"), "--out", str(out)
-    )
-    assert third.returncode == 0 and "0 figures drawn" in third.stderr, third.stderr
+    fourth = netprobe("plot", grad, "--out", str(out))
+    assert fourth.returncode == 0 and "0 figures drawn" in fourth.stderr, fourth.stderr
     assert outside.exists()
-    assert "gone/figure" not in json.loads((out / ".netprobe-plot.json").read_text())
+    left = json.loads((out / ".netprobe-plot.json").read_text())
+    assert not {"gone/figure", "broken/figure"} & set(left)
 
 
 @pytest.mark.parametrize(
