@@ -213,6 +213,8 @@ class Monitor:
         self.runner.after_step()
         if self.state.step % self.flush_every == 0:
             self.flush()
+            # run.json follows the parts: `netprobe ls` sees a long epoch's run move.
+            self.writer.update(steps_done=self.state.step)
 
     def end_epoch(self, val_loss: Number | None = None, val_acc: Number | None = None) -> None:
         """Record validation results, run the epoch captures, and flush."""

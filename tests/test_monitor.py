@@ -269,3 +269,24 @@ def test_a_probe_asked_to_read_sparse_gradients_refuses_before_writing(tmp_path)
                 probe_batch=(x, y),
             )
         assert not (tmp_path / name).exists()
+
+
+def test_run_json_counts_the_steps_written_at_each_flush(tmp_path):
+    """Between epoch ends, each flush brings run.json's steps_done up to the steps whose rows are
+    on disk: `netprobe ls` shows a run with long epochs moving."""
+    import json
+
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randn(4, 4), torch.randint(0, 2, (4,))) for _ in range(5)]
+    with netprobe.attach(model, tmp_path / "run", probes=["gradients"], flush_every=2) as mon:
+        for i, (x, y) in enumerate(batches):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.after_backward(loss)
+            opt.step()
+            mon.after_step()
+            info = json.loads((tmp_path / "run" / "run.json").read_text())
+            assert info["steps_done"] == (i + 1) // 2 * 2 and info["status"] == "running"
+        assert len(netprobe.load(tmp_path / "run").scalars(probe="train", metric="loss")) == 4
