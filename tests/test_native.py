@@ -287,7 +287,7 @@ def test_a_tensor_unlike_the_kernels_is_refused() -> None:
             kernels.norm(wrong)
     freed = torch.zeros(10)
     freed.untyped_storage().resize_(0)  # as FSDP frees a parameter between its uses
-    with pytest.raises(ValueError, match="without memory"):
+    with pytest.raises(native_step.Unreadable, match="without memory"):  # read otherwise
         kernels.norm([freed, torch.zeros(3)])
 
 
@@ -429,6 +429,8 @@ def test_accuracy_is_torchs_to_the_bit() -> None:
 
 def test_accuracy_leaves_what_it_cannot_read_to_pytorch() -> None:
     logits, target = torch.randn(8, 4), torch.randint(0, 4, (8,))
+    freed = torch.randn(8, 4)
+    freed.untyped_storage().resize_(0)  # no memory at its address: PyTorch's ops crash on it too
     for args in (
         (logits.bfloat16(), target),
         (logits.t().contiguous().t(), target),  # columns apart in memory
@@ -437,6 +439,8 @@ def test_accuracy_leaves_what_it_cannot_read_to_pytorch() -> None:
         (logits.reshape(8, 2, 2), target),
         (torch.zeros(8, 0), target),
         (logits, torch.randint(0, 4, (16,))[::2]),
+        (logits.to_sparse(), target),
+        (freed, target),
     ):
         assert native_step.accuracy(*args) is None
 

@@ -67,12 +67,17 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> float | None:
         function = _accuracy_kernels[logits.dtype] = _accuracy_kernel(logits.dtype)
     if function is None or target.dtype is not torch.int64 or not target.is_cpu:
         return None
+    if logits.layout is not torch.strided or target.layout is not torch.strided:
+        return None
     if logits.dim() != 2 or target.dim() != 1 or not target.is_contiguous():
         return None
     (rows, classes), (ld, unit) = logits.shape, logits.stride()
     if unit != 1 or classes == 0 or target.numel() != rows:
         return None
-    return function(rows, classes, logits.data_ptr(), ld, target.data_ptr())
+    at, target_at = logits.data_ptr(), target.data_ptr()
+    if rows and not (at and target_at):  # no memory of their own (a DTensor, a freed storage)
+        return None
+    return function(rows, classes, at, ld, target_at)
 
 
 def _accuracy_kernel(dtype: torch.dtype) -> Callable[..., float] | None:
@@ -85,9 +90,10 @@ def _accuracy_kernel(dtype: torch.dtype) -> Callable[..., float] | None:
 _accuracy_kernels: dict[torch.dtype, Callable[..., float] | None] = {}
 
 
-class NotStrided(ValueError):
-    """A tensor given to the kernels has another layout than strided (a sparse gradient, say):
-    no data pointer to read. Callers that can read it otherwise catch this."""
+class Unreadable(ValueError):
+    """A tensor given to the kernels has no memory of its own to read in place: another layout
+    than strided (a sparse gradient, say), or none at its address (a DTensor's wrapper, a
+    storage freed in place). Callers that can read it otherwise catch this."""
 
 
 class Read(NamedTuple):
@@ -166,14 +172,15 @@ class StepKernels:
                     f"kernels made for {size} {dtype} elements on the CPU"
                 )
             if t.layout is not torch.strided:  # sparse, MKLDNN, nested: no data pointer to read
-                raise NotStrided(f"a {t.layout} tensor given to kernels made for strided ones")
+                raise Unreadable(f"a {t.layout} tensor given to kernels made for strided ones")
             if not t.is_contiguous():
                 t = t.detach().contiguous()  # a parameter's copy: no autograd node
                 copies.append(t)
             pointers.append(t.data_ptr())
         if 0 in pointers and any(p == 0 and n for p, n in zip(pointers, self.sizes)):
-            # Its storage was freed in place (resized to nothing, as FSDP does between uses).
-            raise ValueError("a tensor without memory given to kernels that read it")
+            # A wrapper of other tensors (a DTensor), or a storage freed in place (resized to
+            # nothing, as FSDP does between uses).
+            raise Unreadable("a tensor without memory of its own given to kernels that read it")
         self._pointers[:] = pointers
         if self.keeps_reads and not copies:
             self._read = Read(tuple(tensors), pointers, self, self._calls)

@@ -7,7 +7,7 @@ import functools
 import torch
 
 from netprobe.native import Block
-from netprobe.native.step import NotStrided, Read, kernels
+from netprobe.native.step import Read, Unreadable, kernels
 
 
 def stat_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -35,7 +35,8 @@ class TotalNorm:
     """‖g‖₂ over the gradients of a fixed list of parameters: a float from one fused pass on the
     CPU when every parameter has one, else a device scalar, a norm per tensor and a norm of
     those (nothing read back). Sparse gradients (an `nn.Embedding(sparse=True)`'s) count by
-    their values, duplicates summed; the first one seen ends the fused pass for the run."""
+    their values, duplicates summed; the first gradient the fused pass cannot read in place
+    (sparse, or without memory of its own) ends the fused pass for the run."""
 
     def __init__(self, params: list[torch.Tensor]) -> None:
         self._fused = kernels(params)
@@ -46,7 +47,7 @@ class TotalNorm:
         if self._fused is not None and len(grads) == self._fused.n:
             try:
                 return self._fused.norm(grads)
-            except NotStrided:
+            except Unreadable:
                 self._fused = None
         return torch.linalg.vector_norm(torch.stack(l2_norms(grads, stat_dtype(grads))))
 
@@ -67,7 +68,7 @@ class TotalNorm:
             return None
         try:
             return self._fused.grad_stats(grads, out)
-        except NotStrided:
+        except Unreadable:
             self._fused = None
             return None
 
