@@ -273,11 +273,25 @@ def _read_manifest(out: Path) -> dict[str, Any]:
 
 
 def _up_to_date(record: Any, inputs: str, out: Path) -> bool:
+    """Whether a manifest record was drawn from these inputs, is as written, and its files are
+    all there (anything else is drawn again)."""
     if not isinstance(record, dict) or record.get("inputs") != inputs:
         return False
     entries = record.get("entries")
-    return isinstance(entries, list) and all(
-        (out / f).exists() for e in entries for f in e.get("files", [])
+    return (
+        isinstance(entries, list)
+        and all(_entry(e) for e in entries)
+        and all((out / f).exists() for f in _files(entries))
+    )
+
+
+def _entry(e: Any) -> bool:
+    """Whether a manifest entry is one `_draw` writes: the page's fields and a list of files."""
+    return (
+        isinstance(e, dict)
+        and all(isinstance(e.get(k), str) for k in ("path", "name", "family", "caption"))
+        and isinstance(e.get("files"), list)
+        and all(isinstance(f, str) and f for f in e["files"])
     )
 
 
@@ -285,17 +299,17 @@ def _remove_left_over(out: Path, old: list[dict], new: list[dict]) -> None:
     """Files a figure wrote last time but not now (an epoch no longer drawn, say)."""
     kept = {f for e in new for f in e["files"]}
     root = out.resolve()
-    for f in {f for f in _files(old) if isinstance(f, str) and f} - kept:
+    for f in set(_files(old)) - kept:
         path = (out / f).resolve()
         if path.parent.is_relative_to(root) and path.is_file():  # only what it names in `out`
             path.unlink()
 
 
-def _files(entries: Any) -> list[Any]:
-    """The files a manifest record's entries name (none where it is not as written)."""
+def _files(entries: Any) -> list[str]:
+    """The files a manifest record's entries name (none of an entry not as written)."""
     if not isinstance(entries, list):
         return []
-    return [f for e in entries if isinstance(e, dict) for f in e.get("files") or ()]
+    return [f for e in entries if _entry(e) for f in e["files"]]
 
 
 def _drop_gone(out: Path, manifest: dict[str, Any], jobs: set[str], runs: set[str]) -> None:
@@ -306,10 +320,11 @@ def _drop_gone(out: Path, manifest: dict[str, Any], jobs: set[str], runs: set[st
     for key in [k for k in manifest if k not in jobs]:
         record = manifest[key] if isinstance(manifest[key], dict) else {}
         drawn_from = record.get("runs")
-        if isinstance(drawn_from, list) and not any(
-            r in runs or not Path(r).exists() for r in drawn_from if isinstance(r, str)
-        ):
-            continue
+        known = (
+            [r for r in drawn_from if isinstance(r, str)] if isinstance(drawn_from, list) else []
+        )
+        if known and not any(r in runs or not Path(r).exists() for r in known):
+            continue  # another call's runs, still there
         del manifest[key]
         _remove_left_over(out, record.get("entries"), [])  # type: ignore[arg-type]
         folder = out / key.rpartition("/")[0]

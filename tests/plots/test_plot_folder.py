@@ -147,14 +147,18 @@ def test_figures_of_a_group_no_longer_drawn_are_removed(folder: Path, tmp_path: 
     outside = tmp_path / "mine.png"
     outside.write_bytes(b"a user's file")
     manifest = json.loads((out / ".netprobe-plot.json").read_text())
+    (out / "a").write_bytes(b"another file of the user's")
     manifest["gone/figure"] = {"inputs": "", "entries": [{"files": ["../mine.png"]}]}
-    manifest["broken/figure"] = {"entries": "not a list"}
+    manifest["broken/figure"] = {"entries": "not a list", "runs": []}
+    manifest["odd/figure"] = {"entries": [{"files": "ab"}]}  # not a list: no file "a"
+    current = "/training_curves"  # one of the figures drawn now, its record damaged
+    manifest[current] = {**manifest[current], "entries": [1]}
     (out / ".netprobe-plot.json").write_text(json.dumps(manifest))
     fourth = netprobe("plot", grad, "--out", str(out))
-    assert fourth.returncode == 0 and "0 figures drawn" in fourth.stderr, fourth.stderr
-    assert outside.exists()
+    assert fourth.returncode == 0 and "1 figures drawn" in fourth.stderr, fourth.stderr
+    assert outside.exists() and (out / "a").exists() and (out / "training_curves.png").exists()
     left = json.loads((out / ".netprobe-plot.json").read_text())
-    assert not {"gone/figure", "broken/figure"} & set(left)
+    assert not {"gone/figure", "broken/figure", "odd/figure"} & set(left)
 
 
 @pytest.mark.parametrize(
