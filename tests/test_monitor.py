@@ -271,6 +271,41 @@ def test_a_probe_asked_to_read_sparse_gradients_refuses_before_writing(tmp_path)
         assert not (tmp_path / name).exists()
 
 
+class SparseLookup(nn.Module):
+    """A module of the user's own that makes a sparse gradient: attach cannot tell it from a
+    dense one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(10, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, self.weight, sparse=True)
+
+
+@pytest.mark.parametrize("host", [True, False])
+@pytest.mark.parametrize("name", ["gradients", "optim_dynamics"])
+def test_a_sparse_gradient_met_while_training_is_named(tmp_path, monkeypatch, host, name):
+    """A probe that reads dense gradients and meets a sparse one at its first step fails with
+    one line naming the parameter, on the fused CPU path and on the device path; the run is
+    left `failed`, readable, with that line."""
+    from netprobe.probes.base import SparseGradients
+
+    monkeypatch.setattr(native, "ENABLED", host)
+    model = SparseBag()
+    model.emb = SparseLookup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.tensor([[1, 1, 2], [3, 1, 4]]), torch.tensor([0, 1])
+    message = rf"probes.{name} tracks emb.weight, whose gradients are sparse \(torch.sparse_coo\)"
+    with pytest.raises(SparseGradients, match=message):
+        with netprobe.attach(
+            model, tmp_path / "run", probes={name: {"layers": ["emb.weight"]}}
+        ) as mon:
+            train_steps(mon, model, opt, [(x, y)])
+    info = netprobe.load(tmp_path / "run").info
+    assert info["status"] == "failed" and "emb.weight" in info["error"]
+
+
 def test_run_json_counts_the_steps_written_at_each_flush(tmp_path):
     """Between epoch ends, each flush brings run.json's steps_done up to the steps whose rows are
     on disk: `netprobe ls` shows a run with long epochs moving."""

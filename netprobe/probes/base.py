@@ -86,6 +86,10 @@ class ProbeContext:
         return g
 
 
+class SparseGradients(RuntimeError):
+    """A probe that reads dense gradients met a sparse one while training."""
+
+
 class Probe:
     """Base class. Subclasses set `name`, `measures` and `default_schedule`, and override the
     hooks they need; the monitor calls them when the probe's `schedule` says (`ProbeRunner`).
@@ -229,12 +233,29 @@ class Probe:
         for name, _ in params:
             module = self.ctx.model.get_submodule(name.rpartition(".")[0])
             if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+                what = f"{type(module).__name__}(sparse=True)"
                 raise ConfigError(
-                    f"probes.{self.name} tracks {name}, whose gradients are sparse "
-                    f"({type(module).__name__}(sparse=True)), and reads dense ones only; leave "
-                    f"it out with probes.{self.name}.exclude, or train it with sparse=False"
+                    self._sparse_message(name, what) + ", or train it with sparse=False"
                 )
         return params
+
+    def sparse_grads_error(
+        self, params: list[tuple[str, torch.nn.Parameter]]
+    ) -> SparseGradients | None:
+        """After a failed read of these parameters' gradients: where one of them is not dense (a
+        module of the user's calling F.embedding(..., sparse=True), which `select_dense_grads`
+        cannot see), the error that names it; None where they all are."""
+        for name, param in params:
+            grad = param.grad
+            if grad is not None and grad.layout is not torch.strided:
+                return SparseGradients(self._sparse_message(name, str(grad.layout)))
+        return None
+
+    def _sparse_message(self, name: str, what: str) -> str:
+        return (
+            f"probes.{self.name} tracks {name}, whose gradients are sparse ({what}), and reads "
+            f"dense ones only; leave it out with probes.{self.name}.exclude"
+        )
 
     def select_modules(
         self, default: Callable[[LayerInfo], bool] | None = None

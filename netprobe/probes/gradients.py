@@ -98,7 +98,14 @@ class Gradients(Probe):
         if present not in self._layouts:
             self._layouts[present] = ([self.names[i] for i in present], self._reduction(grads))
         names, reduce = self._layouts[present]
-        self.ctx.record.scalars(self.name, names, METRICS, reduce(grads))
+        try:
+            values = reduce(grads)
+        except (native_step.Unreadable, RuntimeError) as exc:
+            error = self.sparse_grads_error(self.params)
+            if error is None:
+                raise
+            raise error from exc
+        self.ctx.record.scalars(self.name, names, METRICS, values)
 
 
 def picker(rows: list[int | None]) -> slice | np.ndarray | None:

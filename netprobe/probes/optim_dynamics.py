@@ -376,7 +376,13 @@ class OptimDynamics(Probe):
             grads: list[torch.Tensor | None] | native_step.Read = read
         else:
             grads = [p.grad for p in self.tensors]
-        metrics, values = held.read(grads, compare, self._thresholds, sample)
+        try:
+            metrics, values = held.read(grads, compare, self._thresholds, sample)
+        except (native_step.Unreadable, RuntimeError) as exc:
+            error = self.sparse_grads_error(self.params)
+            if error is None:
+                raise
+            raise error from exc
         if values is not None:
             self._sign_rows.append((state.step, values))
             if len(self._sign_rows) >= 4 * self.cfg["sign_rows"]:
