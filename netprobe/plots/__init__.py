@@ -102,7 +102,7 @@ def plot(
     every = {
         Job(t, n, folders[t]).key for t, target in enumerate(targets) for n in _names(target, None)
     }
-    _drop_gone(out, manifest, every, {_path(r) for r in runs})
+    _drop_gone(out, manifest, every, {str(Path(r.path).resolve()) for r in runs})
     done, drawn = _update(job_list, targets, formats, out, jobs, manifest)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / MANIFEST, manifest)  # other figures' records stay for a later full plot
@@ -192,7 +192,7 @@ def _update(
         old = record.get("entries", []) if isinstance(record, dict) else []
         new = drawn.get(job.key, [])
         _remove_left_over(out, old, new)
-        runs = [_path(r) for r in _runs_of(targets[job.target])]
+        runs = [_path(r, out) for r in _runs_of(targets[job.target])]
         manifest[job.key] = {"inputs": inputs[job.target], "entries": new, "runs": runs}
         done[job.key] = new
     return done, {job.key: done[job.key] for job in stale}
@@ -321,19 +321,24 @@ def _drop_gone(out: Path, manifest: dict[str, Any], jobs: set[str], runs: set[st
         record = manifest[key] if isinstance(manifest[key], dict) else {}
         drawn_from = record.get("runs")
         known = (
-            [r for r in drawn_from if isinstance(r, str)] if isinstance(drawn_from, list) else []
+            [(out / r).resolve() for r in drawn_from if isinstance(r, str) and r]
+            if isinstance(drawn_from, list)
+            else []
         )
-        if known and not any(r in runs or not Path(r).exists() for r in known):
+        if known and not any(str(r) in runs or not r.exists() for r in known):
             continue  # another call's runs, still there
         del manifest[key]
         _remove_left_over(out, record.get("entries"), [])  # type: ignore[arg-type]
         folder = out / key.rpartition("/")[0]
-        if folder.parent == out and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+        if folder.parent == out and not folder.is_symlink() and folder.is_dir():
+            if not any(folder.iterdir()):
+                folder.rmdir()
 
 
-def _path(run: Run) -> str:
-    return str(Path(run.path).resolve())
+def _path(run: Run, out: Path) -> str:
+    """Where a run is, from the figures' folder: a results tree copied or moved whole, figures
+    and all, keeps its records (an absolute path, as earlier plots wrote, reads the same)."""
+    return os.path.relpath(Path(run.path).resolve(), out.resolve())
 
 
 def _write_json(path: Path, data: Any) -> None:

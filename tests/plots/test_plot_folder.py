@@ -148,9 +148,15 @@ def test_figures_of_a_group_no_longer_drawn_are_removed(folder: Path, tmp_path: 
     outside.write_bytes(b"a user's file")
     manifest = json.loads((out / ".netprobe-plot.json").read_text())
     (out / "a").write_bytes(b"another file of the user's")
-    manifest["gone/figure"] = {"inputs": "", "entries": [{"files": ["../mine.png"]}]}
+    # Records as a plot writes them but for their files: of runs gone, so they are dropped.
+    entry = {"path": "x.png", "name": "x", "family": "x", "caption": "x"}
+    gone = {"inputs": "", "runs": [str(tmp_path / "no-such-run")]}
+    manifest["gone/figure"] = {**gone, "entries": [{**entry, "files": ["../mine.png"]}]}
     manifest["broken/figure"] = {"entries": "not a list", "runs": []}
-    manifest["odd/figure"] = {"entries": [{"files": "ab"}]}  # not a list: no file "a"
+    manifest["odd/figure"] = {**gone, "entries": [{**entry, "files": "ab"}]}  # no file "a"
+    (tmp_path / "elsewhere").mkdir()
+    (out / "linked").symlink_to(tmp_path / "elsewhere")  # a folder of the user's, linked
+    manifest["linked/figure"] = {**gone, "entries": [{**entry, "files": ["linked/x.png"]}]}
     current = "/training_curves"  # one of the figures drawn now, its record damaged
     manifest[current] = {**manifest[current], "entries": [1]}
     (out / ".netprobe-plot.json").write_text(json.dumps(manifest))
@@ -158,7 +164,32 @@ def test_figures_of_a_group_no_longer_drawn_are_removed(folder: Path, tmp_path: 
     assert fourth.returncode == 0 and "1 figures drawn" in fourth.stderr, fourth.stderr
     assert outside.exists() and (out / "a").exists() and (out / "training_curves.png").exists()
     left = json.loads((out / ".netprobe-plot.json").read_text())
-    assert not {"gone/figure", "broken/figure", "odd/figure"} & set(left)
+    assert not {"gone/figure", "broken/figure", "odd/figure", "linked/figure"} & set(left)
+    assert (out / "linked").is_symlink()
+
+
+def test_a_results_tree_moved_whole_keeps_its_figures(folder: Path, tmp_path: Path) -> None:
+    """The manifest finds runs from the figures' folder: after the tree (runs and figures) is
+    moved, plotting one group again leaves the other group's figures in place."""
+    tree = tmp_path / "tree"
+    shutil.copytree(folder / "seeds", tree / "seeds")
+    shutil.copytree(folder / "single" / "grad", tree / "grad")
+    first = netprobe("plot", str(tree / "seeds"), str(tree / "grad"), "--out", str(tree / "fig"))
+    assert first.returncode == 0, first.stderr
+    drawn = {Path(p).relative_to(tree) for p in first.stdout.splitlines() if p.endswith(".png")}
+    groups = json.loads((tree / "fig" / "groups.json").read_text())
+    seeds_folder = next(g["folder"] for g in groups if "seeds" in g["runs"][0]["path"])
+    moved = tmp_path / "moved"
+    tree.rename(moved)
+    again = netprobe("plot", str(moved / "grad"), "--out", str(moved / "fig"))
+    assert again.returncode == 0, again.stderr
+    grad = {Path(p).relative_to(moved) for p in again.stdout.splitlines() if p.endswith(".png")}
+    seeds = {p for p in drawn if p.parent.name == seeds_folder}
+    assert (
+        seeds
+        and grad
+        and {p.relative_to(moved) for p in moved.rglob("fig/**/*.png")} == (seeds | grad)
+    )
 
 
 @pytest.mark.parametrize(
