@@ -382,6 +382,10 @@ def test_tensors_read_once_are_read_again_from_their_read() -> None:
         part.picks = picks
         with pytest.raises(ValueError, match="a read of tensors unlike"):
             part.norm(read)
+    wide = native_step.kernels([g.double() for g in (grads[3], grads[1])])
+    wide.picks = [3, 1]
+    with pytest.raises(ValueError, match="a read of tensors unlike"):  # twice the bytes there
+        wide.norm(read)
     part.picks = [3, 1]
     whole.norm(grads_of([5, 7, 9, 11], seed=1))  # its pointers are another call's now
     with pytest.raises(ValueError, match="since replaced"):
@@ -429,8 +433,9 @@ def test_accuracy_is_torchs_to_the_bit() -> None:
 
 def test_accuracy_leaves_what_it_cannot_read_to_pytorch() -> None:
     logits, target = torch.randn(8, 4), torch.randint(0, 4, (8,))
-    freed = torch.randn(8, 4)
-    freed.untyped_storage().resize_(0)  # no memory at its address: PyTorch's ops crash on it too
+    freed, freed_target = torch.randn(8, 4), target.clone()
+    for t in (freed, freed_target):  # no memory at its address: PyTorch's ops crash on it too
+        t.untyped_storage().resize_(0)
     for args in (
         (logits.bfloat16(), target),
         (logits.t().contiguous().t(), target),  # columns apart in memory
@@ -440,7 +445,10 @@ def test_accuracy_leaves_what_it_cannot_read_to_pytorch() -> None:
         (torch.zeros(8, 0), target),
         (logits, torch.randint(0, 4, (16,))[::2]),
         (logits.to_sparse(), target),
+        (logits, target[:, None]),  # [8, 1]: torch's == broadcasts it to [8, 8]
+        (logits, target.to("meta")),
         (freed, target),
+        (logits, freed_target),
     ):
         assert native_step.accuracy(*args) is None
 
