@@ -286,7 +286,7 @@ def test_a_tensor_unlike_the_kernels_is_refused() -> None:
         with pytest.raises(ValueError, match="kernels made for"):
             kernels.norm(wrong)
     freed = torch.zeros(10)
-    freed.untyped_storage().resize_(0)  # as FSDP frees a parameter between its uses
+    freed.untyped_storage().resize_(0)  # freed in place: its address is 0
     with pytest.raises(native_step.Unreadable, match="without memory"):  # read otherwise
         kernels.norm([freed, torch.zeros(3)])
 

@@ -75,7 +75,7 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> float | None:
     if unit != 1 or classes == 0 or target.numel() != rows:
         return None
     at, target_at = logits.data_ptr(), target.data_ptr()
-    if rows and not (at and target_at):  # no memory of their own (a DTensor, a freed storage)
+    if rows and not (at and target_at):  # no memory of their own (a DTensor, say)
         return None
     return function(rows, classes, at, ld, target_at)
 
@@ -92,8 +92,8 @@ _accuracy_kernels: dict[torch.dtype, Callable[..., float] | None] = {}
 
 class Unreadable(ValueError):
     """A tensor given to the kernels has no memory of its own to read in place: another layout
-    than strided (a sparse gradient, say), or none at its address (a DTensor's wrapper, a
-    storage freed in place). Callers that can read it otherwise catch this."""
+    than strided (a sparse gradient, say), or none at its address (a DTensor's wrapper, the
+    start of a storage freed in place). Callers that can read it otherwise catch this."""
 
 
 class Read(NamedTuple):
@@ -178,8 +178,9 @@ class StepKernels:
                 copies.append(t)
             pointers.append(t.data_ptr())
         if 0 in pointers and any(p == 0 and n for p, n in zip(pointers, self.sizes)):
-            # A wrapper of other tensors (a DTensor), or a storage freed in place (resized to
-            # nothing, as FSDP does between uses).
+            # A wrapper of other tensors (a DTensor), or a tensor at the start of a storage
+            # freed in place. (A view further into a freed or shrunk storage has an address
+            # past 0 and is read out of bounds, as PyTorch's own ops read it.)
             raise Unreadable("a tensor without memory of its own given to kernels that read it")
         self._pointers[:] = pointers
         if self.keeps_reads and not copies:

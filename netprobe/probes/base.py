@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import numpy as np
 import torch
@@ -239,17 +239,15 @@ class Probe:
                 )
         return params
 
-    def sparse_grads_error(
-        self, params: list[tuple[str, torch.nn.Parameter]]
-    ) -> SparseGradients | None:
-        """After a failed read of these parameters' gradients: where one of them is not dense (a
-        module of the user's calling F.embedding(..., sparse=True), which `select_dense_grads`
-        cannot see), the error that names it; None where they all are."""
+    def failed_read(self, params: list[tuple[str, torch.nn.Parameter]], exc: Exception) -> NoReturn:
+        """Raises for `exc`, a failed read of these parameters' gradients: where one of them is
+        not dense (a module of the user's calling F.embedding(..., sparse=True), which
+        `select_dense_grads` cannot see), the error that names it; else `exc` itself."""
         for name, param in params:
             grad = param.grad
             if grad is not None and grad.layout is not torch.strided:
-                return SparseGradients(self._sparse_message(name, str(grad.layout)))
-        return None
+                raise SparseGradients(self._sparse_message(name, str(grad.layout))) from exc
+        raise exc
 
     def _sparse_message(self, name: str, what: str) -> str:
         return (

@@ -101,10 +101,7 @@ class Gradients(Probe):
         try:
             values = reduce(grads)
         except (native_step.Unreadable, RuntimeError) as exc:
-            error = self.sparse_grads_error(self.params)
-            if error is None:
-                raise
-            raise error from exc
+            self.failed_read(self.params, exc)
         self.ctx.record.scalars(self.name, names, METRICS, values)
 
 

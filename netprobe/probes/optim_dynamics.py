@@ -379,10 +379,7 @@ class OptimDynamics(Probe):
         try:
             metrics, values = held.read(grads, compare, self._thresholds, sample)
         except (native_step.Unreadable, RuntimeError) as exc:
-            error = self.sparse_grads_error(self.params)
-            if error is None:
-                raise
-            raise error from exc
+            self.failed_read(self.params, exc)
         if values is not None:
             self._sign_rows.append((state.step, values))
             if len(self._sign_rows) >= 4 * self.cfg["sign_rows"]:

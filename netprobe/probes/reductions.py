@@ -34,7 +34,8 @@ def to_float64(x: torch.Tensor) -> torch.Tensor:
 class TotalNorm:
     """‖g‖₂ over the gradients of a fixed list of parameters: a float from one fused pass on the
     CPU when every parameter has one, else a device scalar, a norm per tensor and a norm of
-    those (nothing read back). Sparse gradients (an `nn.Embedding(sparse=True)`'s) count by
+    those (nothing read back, but for a sparse gradient's count of entries, which waits for the
+    device as it coalesces). Sparse gradients (an `nn.Embedding(sparse=True)`'s) count by
     their values, duplicates summed; the first gradient the fused pass cannot read in place
     (sparse, or without memory of its own) ends the fused pass for the run."""
 
