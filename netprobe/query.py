@@ -293,7 +293,9 @@ def load_runs(path: str | os.PathLike) -> Runs:
 
 
 def query(paths: Sequence[str | os.PathLike], sql: str) -> pa.Table:
-    """The result of `sql` over every run under `paths` (views as in `Catalog`)."""
+    """The result of `sql`, one read-only statement, over every run under `paths` (views as in
+    `Catalog`)."""
+    _check_reads_only(sql)
     runs: dict[Path, Run] = {}
     for path in paths:
         if not Path(path).exists():
@@ -302,6 +304,23 @@ def query(paths: Sequence[str | os.PathLike], sql: str) -> pa.Table:
     if not runs:
         raise ConfigError(f"no runs (directories with run.json) under {', '.join(map(str, paths))}")
     return Catalog(list(runs.values())).execute(sql)
+
+
+def _check_reads_only(sql: str) -> None:
+    """Refuses anything but one SELECT (or EXPLAIN) statement: a query reads runs, and DuckDB
+    would otherwise write wherever a COPY or ATTACH says, a run's own files included."""
+    db = duckdb()
+    try:
+        statements = db.connect().extract_statements(sql)
+    except db.Error as exc:
+        raise ConfigError(f"bad query: {first_line(exc)}") from None
+    kinds = [s.type.name for s in statements]
+    if kinds not in (["SELECT"], ["EXPLAIN"]):
+        given = ", ".join(kinds) if kinds else "no statement"
+        raise ConfigError(
+            f"bad query: {given}; netprobe query runs one SELECT statement (write its result "
+            "with --out FILE)"
+        )
 
 
 # ---------------------------------------------------------------- `netprobe query` output
@@ -326,8 +345,13 @@ def output_format(fmt: str | None, out: str | None) -> str:
         raise ConfigError("--format parquet needs --out FILE")
     if fmt == "table" and out is not None:
         raise ConfigError("--out needs --format csv, json or parquet")
-    if out is not None and not Path(out).resolve().parent.is_dir():
-        raise ConfigError(f"--out {out}: no such directory {Path(out).resolve().parent}")
+    if out is not None:
+        folder = Path(out).resolve().parent
+        if not folder.is_dir():
+            raise ConfigError(f"--out {out}: no such directory {folder}")
+        run = next((d for d in (folder, *folder.parents) if (d / "run.json").is_file()), None)
+        if run is not None:
+            raise ConfigError(f"--out {out} is inside the run {run}; write it outside any run")
     return fmt
 
 

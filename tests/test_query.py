@@ -218,6 +218,11 @@ def test_output_formats(root, tmp_path, capsys):
         (["SELECT 1", "--out", "OUT.txt"], "cannot tell the format of --out"),
         (["SELECT * FROM nope", "--out", "OUT.csv"], "bad query: Catalog Error"),
         (["SELEC 1", "--out", "OUT.csv"], "bad query: Parser Error"),
+        (["", "--out", "OUT.csv"], "bad query: no statement; netprobe query runs one SELECT"),
+        (["SELECT 1; SELECT 2"], "bad query: SELECT, SELECT; netprobe query runs one SELECT"),
+        (["COPY (SELECT 1) TO 'OUT.csv'"], "bad query: COPY; netprobe query runs one SELECT"),
+        (["ATTACH 'OUT.db'"], "bad query: ATTACH"),
+        (["CREATE TABLE t AS SELECT 1"], "bad query: CREATE"),
         ([], "the following arguments are required: SQL"),
     ],
 )
@@ -228,6 +233,17 @@ def test_bad_queries_are_one_line_exit_2(root, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_query_never_writes_into_a_run(root, capsys):
+    run = next(p.parent for p in sorted(root.rglob("run.json")))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for out in (run / "run.json", run / "scalars" / "q.csv"):
+        capsys.readouterr()
+        assert cli(["query", str(root), "SELECT 1 AS a", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"is inside the run {run}" in err[0], err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_query_of_no_runs_is_one_line_exit_2(tmp_path, capsys):
