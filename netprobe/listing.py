@@ -183,11 +183,12 @@ def overrides_of(run_dir: Path) -> dict[str, str]:
 
 
 def swept_overrides(run_dirs: list[Path]) -> dict[Path, str]:
-    """Each job's command-line overrides that differ between the jobs of its sweep."""
+    """Each job's command-line overrides that differ between the jobs of its sweep (a key a job
+    was not given is left out of its line, not shown as `key=`)."""
     jobs = {d: overrides_of(d) for d in run_dirs}
     keys = sorted({k for job in jobs.values() for k in job})
     varying = [k for k in keys if len({job.get(k) for job in jobs.values()}) > 1]
-    return {d: " ".join(f"{k}={job.get(k, '')}" for k in varying) for d, job in jobs.items()}
+    return {d: " ".join(f"{k}={job[k]}" for k in varying if k in job) for d, job in jobs.items()}
 
 
 def runs_by_sweep(paths: Iterable[str | os.PathLike]) -> dict[Path | None, dict[Path, str]]:

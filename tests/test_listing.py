@@ -166,3 +166,15 @@ def test_sweep_summary(mixed: Path):
         assert f"seed={seed}" in text
     assert text.count("mean ± std over 3 runs") == 1
     assert text.strip().splitlines()[-1] == f"next: netprobe plot {sweep}"
+
+
+def test_a_swept_line_names_only_the_overrides_a_job_was_given(tmp_path: Path):
+    """Jobs of one sweep folder given different keys: each line lists its own, never `key=`."""
+    from netprobe.listing import swept_overrides
+
+    sweep = tmp_path / "sweep"
+    runs = [
+        fake_run(sweep / "0", 0, ["seed=0", "init=zeros"]),
+        fake_run(sweep / "1", 1, ["seed=1", "optim.lr=0.1"]),
+    ]
+    assert list(swept_overrides(runs).values()) == ["init=zeros seed=0", "optim.lr=0.1 seed=1"]
