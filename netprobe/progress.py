@@ -21,7 +21,9 @@ BAR_REFRESH_S = 0.5
 
 
 def duration(seconds: float) -> str:
-    """4.2 s, 3m05s, 2h07m."""
+    """0.42 s, 4.2 s, 3m05s, 2h07m."""
+    if seconds < 1:
+        return f"{seconds:.2f} s"
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, secs = divmod(int(round(seconds)), 60)
@@ -174,7 +176,8 @@ class TrainProgress:
             )
 
     def epoch_done(self, epoch: int, val: dict[str, float]) -> None:
-        """The epoch's kept line: mean training loss, validation results, throughput."""
+        """The epoch's kept line: mean training loss, validation results, throughput, and the
+        time the epoch took (its evaluation included)."""
         self._read_loss()
         now = time.monotonic()
         training = self._step_t - self._epoch_t  # the rate leaves the evaluation out
@@ -184,7 +187,7 @@ class TrainProgress:
         parts += [f"{k} {val[k]:.4f}" for k in ("val_loss", "val_acc") if k in val]
         if self._epoch_samples and training > 0:
             parts.append(f"{self._epoch_samples / training:,.0f} samples/s")
-        parts.append(duration(now - self._epoch_t))
+        parts.append(f"in {duration(now - self._epoch_t)}")
         self.print("  ".join(parts))
         if self._bar is not None:
             self._bar.update(self._task, completed=self.step)

@@ -71,6 +71,7 @@ def test_progress_lines_inside_an_epoch_off_a_terminal(tiny_run, capsys):
     mean = statistics.mean(losses.iloc[:steps_per_epoch])
     assert float(re.search(r" loss (\S+)", line).group(1)) == pytest.approx(mean, abs=1e-4)
     assert f"val_acc {val[0]:.4f}" in line
+    assert re.search(r"samples/s  in \d+\.\d+ s$", line), line  # the epoch's time, labelled
 
 
 def test_default_interval_prints_epoch_lines_only(tiny_run, capsys):
