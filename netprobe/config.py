@@ -219,7 +219,10 @@ def _sizes(v: Any) -> bool:
 
 _CHECKS: dict[str, tuple[Check, str]] = {
     # What torch.manual_seed takes: a signed or an unsigned 64-bit integer.
-    "seed": (lambda v: is_int(v) or (_non_negative_int(v - 2**63)), "a 64-bit integer"),
+    "seed": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**64,
+        "a 64-bit integer",
+    ),
     "trainer.epochs": (_positive_int, "a positive integer"),
     "trainer.max_steps": (_optional(_positive_int), "a positive integer or null"),
     "trainer.precision": (lambda v: str(v) in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),

@@ -93,6 +93,9 @@ TRAIN_CASES = {
     "channels 0": (["data.channels=0"], ["data.channels=0", "positive integer"]),
     "width <0": (["model=cnn", "model.width=-4"], ["model.width=-4", "positive integer"]),
     "seed range": (["seed=18446744073709551616"], ["seed=18446744073709551616", "64-bit"]),
+    "seed type": (["seed=abc"], ["seed='abc'", "64-bit integer"]),
+    "seed null": (["seed=null"], ["seed=None", "64-bit integer"]),
+    "seed list": (["seed=[1,2]"], ["seed=[1, 2]", "64-bit integer"]),
     "max_steps range": (["trainer.max_steps=9223372036854775808"], ["trainer.max_steps"]),
     "absurd data": (
         ["data.num_samples=100000000000"],
