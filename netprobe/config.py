@@ -16,6 +16,9 @@ from netprobe.errors import ConfigError, first_line
 
 CONFIG_NAME = "config"
 PRECISIONS = ("32", "bf16", "16")
+# What torch.nn.init.calculate_gain takes: init.nonlinearity of the kaiming initializers.
+NONLINEARITIES = ("relu", "leaky_relu", "selu", "tanh", "sigmoid", "linear", "conv1d", "conv2d",
+                  "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")  # fmt: skip
 GROUPS = ("model", "data", "init", "optim", "probes", "trainer", "doctor", "experiment")
 
 
@@ -266,6 +269,8 @@ _CHECKS: dict[str, tuple[Check, str]] = {
     "data.augment": (lambda v: isinstance(v, bool), "true or false"),
     "data.on_device": (_optional(lambda v: isinstance(v, bool)), "true, false or null (auto)"),
     "data.download": (lambda v: isinstance(v, bool), "true or false"),
+    "init.gain": (lambda v: is_number(v) and v >= 0, "a number ≥ 0"),
+    "init.nonlinearity": (lambda v: v in NONLINEARITIES, f"one of {', '.join(NONLINEARITIES)}"),
     "model.width": (_positive_int, "a positive integer"),
     "model.hidden": (_sizes, "a positive integer or a list of them"),
     "model.dropout": (_fraction, "a number in [0, 1)"),

@@ -79,6 +79,11 @@ TRAIN_CASES = {
     ),
     "rwc mode": (["probes=[rwc]", "probes.rwc.mode=nope"], ["'nope'", "elementwise"]),
     # out of the domain of what takes them
+    "init gain": (["init=xavier_normal", "init.gain=-1"], ["init.gain=-1", "a number ≥ 0"]),
+    "init nonlinearity": (
+        ["init=kaiming_normal", "init.nonlinearity=foo"],
+        ["init.nonlinearity='foo'", "relu, leaky_relu", "conv2d"],
+    ),
     "device": (["trainer.device=cuda:99"], ["trainer.device=cuda:99", "does not exist", "cpu"]),
     "betas": (["optim.betas=[2,3]"], ["optim.betas=[2, 3]", "two numbers in [0, 1)"]),
     "momentum": (["optim=sgd", "optim.momentum=-1"], ["optim.momentum=-1", "[0, 1)"]),

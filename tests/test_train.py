@@ -60,6 +60,17 @@ def test_bad_config_names_value_and_choices(override, words):
         assert word in message
 
 
+def test_every_nonlinearity_is_one_torch_takes():
+    """init.nonlinearity's choices are those torch.nn.init.calculate_gain accepts."""
+    from torch.nn.init import calculate_gain
+
+    from netprobe.config import NONLINEARITIES
+
+    for name in NONLINEARITIES:
+        calculate_gain(name)
+        compose(["init=kaiming_uniform", f"init.nonlinearity={name}"])
+
+
 @pytest.mark.parametrize("init", ["default", "kaiming_normal", "kaiming_uniform", "xavier_normal",
                                   "xavier_uniform", "orthogonal", "ones", "zeros"])  # fmt: skip
 def test_every_initializer_builds(init):
