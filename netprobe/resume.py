@@ -100,8 +100,11 @@ def check(cfg: DictConfig, run_dir: str | Path) -> None:
     before, now = _flat(stored), _flat(cfg)
     # A run from before optimizers were `_target_` recipes lacks these keys; its optimizer and
     # scheduler were the ones `optim.name` and `optim.scheduler` name, as now.
+    # A run from before probes had `enabled` in their config ran every probe it lists.
     for key in now.keys() - before.keys():
-        if key.startswith(("optim._", "optim.lr_schedulers.")):
+        if key.startswith(("optim._", "optim.lr_schedulers.")) or (
+            key.startswith("probes.") and key.endswith(".enabled") and now[key] is True
+        ):
             before[key] = now[key]
     missing = "(absent)"
     differ = [

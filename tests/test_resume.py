@@ -156,3 +156,24 @@ def test_a_run_from_before_optimizer_recipes_resumes_and_a_changed_recipe_does_n
     OmegaConf.save(stored, path)
     with pytest.raises(ConfigError, match=r"optim._target_=torch.optim.AdamW \(the run's\)"):
         resume.check(later, run_dir)
+
+
+def test_a_run_from_before_probes_took_enabled_resumes(tmp_path):
+    """Runs written before each probe's config held `enabled` ran every probe they list: they
+    may resume with it true, not with it false."""
+    from omegaconf import OmegaConf
+
+    from netprobe import resume
+
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "model=cnn", "model.width=4", "model.hidden=16", "probes=[gradients]"]
+    train(compose([*overrides, "trainer.epochs=1", "trainer.checkpoint_every=1"]), run_dir)
+    path = run_dir / ".hydra" / "config.yaml"
+    stored = OmegaConf.load(path)
+    stored.probes.gradients.pop("enabled")
+    OmegaConf.save(stored, path)
+    resume.check(compose([*overrides, "trainer.epochs=2", "trainer.resume=true"]), run_dir)
+    off = compose([*overrides, "trainer.epochs=2", "trainer.resume=true",
+                   "probes.gradients.enabled=false"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"probes.gradients.enabled=\(absent\) \(the run's\)"):
+        resume.check(off, run_dir)

@@ -40,6 +40,13 @@ def test_probes_none_still_records_training_curves(tiny_run):
     assert not run.scalars(probe="train", metric="val_acc").empty
 
 
+def test_a_disabled_probe_records_nothing(tiny_run):
+    run = tiny_run("probes=[gradients,rwc]", "probes.rwc.enabled=false", "trainer.max_steps=2")
+    assert run.info["probes"] == ["gradients"]
+    assert run.scalars(probe="rwc").empty
+    assert not run.scalars(probe="gradients").empty
+
+
 @pytest.mark.parametrize(
     "override, words",
     [

@@ -88,7 +88,10 @@ def build_probes(ctx: ProbeContext, probes: ProbeSpec) -> list[Probe]:
     built: list[Probe] = []
     try:
         for name, cfg in probe_configs(probes).items():
-            if cfg.get("enabled", True):
+            enabled = cfg.get("enabled", True)
+            if not isinstance(enabled, bool):
+                raise ConfigError(f"probes.{name}.enabled={enabled!r}; valid: true, false")
+            if enabled:
                 built.append(PROBES[name](ctx, **cfg))
     except BaseException:
         close_probes(built)  # their hooks must not stay on the user's model

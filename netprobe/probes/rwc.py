@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from netprobe.errors import ConfigError
 from netprobe.probes.base import Probe, ProbeContext, StepState
 from netprobe.probes.options import Option
 from netprobe.probes.schedule import Schedule
@@ -46,6 +47,13 @@ class RelativeWeightChange(Probe):
     )
 
     def __init__(self, ctx: ProbeContext, **cfg: Any) -> None:
+        # Its config says `every: epoch`; records every N steps are `every_steps`' (rwc_step).
+        every = cfg.get("every")
+        if every not in (None, "epoch"):
+            raise ConfigError(
+                f"probes.rwc.every={every!r} is not valid; valid: epoch (for a record every N "
+                "steps as well, set probes.rwc.every_steps=N)"
+            )
         super().__init__(ctx, **cfg)
         self.mode, self.every_steps = self.cfg["mode"], self.cfg["every_steps"]
         k = self.every_steps

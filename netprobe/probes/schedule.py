@@ -42,6 +42,12 @@ class Schedule:
         every, at = cfg.get("every", default.every), cfg.get("at", default.at)
         if every == "epoch":
             every, at = None, ("epoch",)
+        # A setting the probe would ignore is an error, not a run that silently records nothing.
+        if default.every is None and every is not None:
+            raise ConfigError(
+                f"probes.{probe}.every={every!r}: {probe} captures at fixed points, not "
+                f"every N steps; set probes.{probe}.at (valid: {', '.join(AT_CHOICES)})"
+            )
         if every is not None and (not isinstance(every, int) or every < 1):
             raise ConfigError(
                 f"probes.{probe}.every={every!r} must be a positive number of steps or 'epoch'"
@@ -52,12 +58,6 @@ class Schedule:
                 raise ConfigError(
                     f"probes.{probe}.at has {point!r}; valid: {', '.join(AT_CHOICES)}"
                 )
-        # A setting the probe would ignore is an error, not a run that silently records nothing.
-        if default.every is None and every is not None:
-            raise ConfigError(
-                f"probes.{probe}.every={every!r}: {probe} captures at fixed points, not "
-                f"every N steps; set probes.{probe}.at (valid: {', '.join(AT_CHOICES)})"
-            )
         if not default.at and at:
             raise ConfigError(
                 f"probes.{probe}: {probe} records every N steps, not at {list(at)}; "

@@ -71,6 +71,7 @@ def test_parse_takes_defaults_and_every_epoch() -> None:
         (Schedule(every=1), {"every": "often"}, "or 'epoch'"),
         (Schedule(at=("end",)), {"at": ["later"]}, "probes.p.at has 'later'; valid: start,"),
         (Schedule(at=("end",)), {"every": 2}, "p captures at fixed points, not every N steps"),
+        (Schedule(at=("end",)), {"every": "start"}, "p captures at fixed points, not every"),
         (Schedule(every=1), {"at": ["end"]}, "p records every N steps, not at ['end']"),
     ],
 )
@@ -168,6 +169,28 @@ def test_cli_refuses_a_bad_schedule_in_one_line(capsys) -> None:
     )
     assert cli(["probes", "probes=none"]) == 0
     assert "no probes enabled" in capsys.readouterr().out
+
+
+def test_a_disabled_probe_is_not_attached(capsys) -> None:
+    """Every probe's config takes `enabled` (SPEC §5); false leaves the probe out."""
+    args = ["probes", "probes=all", "probes.rwc.enabled=false", "probes.gradients.enabled=false"]
+    assert cli(args) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert "rwc" not in names and "gradients" not in names and "weights" in names
+    assert cli(["probes", "probes.gradients.enabled=maybe"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "netprobe: probes.gradients.enabled='maybe'; valid: true, false"
+    )
+
+
+@pytest.mark.parametrize("every", ["2", "start", "[1]"])
+def test_rwc_every_names_what_rwc_takes(capsys, every: str) -> None:
+    """rwc records at epoch ends (`every: epoch`), and every N steps only through every_steps."""
+    assert cli(["probes", "probes=[rwc]", f"probes.rwc.every={every}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "probes.rwc.every=" in err and "valid: epoch" in err
+    assert "probes.rwc.every_steps=N" in err and "probes.rwc.at" not in err
 
 
 def test_listing_aligns_name_schedule_and_measures() -> None:
