@@ -206,6 +206,10 @@ def test_thresholds_refuse_bad_values() -> None:
     assert thresholds({}) == Thresholds()
     with pytest.raises(ConfigError, match="dead_frac"):
         thresholds({"dead_frac": -1})
+    assert thresholds({"dead_frac": 1}).dead_frac == 1
+    for key in ("dead_frac", "zero_grad_frac", "spike_frac", "plateau_loss_frac"):
+        with pytest.raises(ConfigError, match=rf"^doctor.{key}=1.5 .*fraction in \(0, 1\]$"):
+            thresholds({key: 1.5})
     with pytest.raises(ConfigError, match="valid keys"):
         thresholds({"nope": 1})
     with pytest.raises(ConfigError, match="overfit_epochs"):
@@ -216,6 +220,8 @@ def test_doctor_config_group_is_validated() -> None:
     assert compose(["doctor.dead_frac=0.7"]).doctor.dead_frac == 0.7
     with pytest.raises(ConfigError, match="doctor.dead_frac"):
         compose(["doctor.dead_frac=-2"])
+    with pytest.raises(ConfigError, match="doctor.dead_frac=2"):
+        compose(["doctor.dead_frac=2"])
 
 
 # ---------------------------------------------------------------- where findings show
@@ -242,6 +248,8 @@ def test_cli_json_strict_and_refusals(gallery: dict[str, Path], capsys) -> None:
     assert _main(capsys, "doctor", overfit, "--strict", "--overfit-epochs", "100")[0] == 0
     code, out, err = _main(capsys, "doctor", sick, "--dead-frac", "-1")
     assert code == 2 and "dead_frac" in err and not out
+    code, out, err = _main(capsys, "doctor", sick, "--dead-frac", "5")
+    assert code == 2 and "doctor.dead_frac=5.0" in err and "(0, 1]" in err and not out
     code, out, err = _main(capsys, "doctor", sick + "/nope")
     assert code == 2 and "no such file" in err
     code, out, _ = _main(capsys, "doctor", str(gallery["dead_units"]))

@@ -78,15 +78,18 @@ def thresholds(
         if key not in kinds:
             raise ConfigError(f"unknown doctor key {key!r}; valid keys: {', '.join(kinds)}")
         want_int = kinds[key] in (int, "int")
+        share = key.endswith("_frac")  # a share of units, entries or steps, or of the start loss
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = (
             ok
             and math.isfinite(value)
             and value > 0
             and (not want_int or float(value).is_integer())
+            and (not share or value <= 1)
         )
         if not ok:
             kind = "a positive integer" if want_int else "a positive number"
+            kind = "a fraction in (0, 1]" if share else kind
             raise ConfigError(f"doctor.{key}={value!r} is not valid; expected {kind}")
         changes[key] = int(value) if want_int else float(value)
     return replace(base, **changes)
