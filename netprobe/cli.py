@@ -106,6 +106,13 @@ def probes_command(args: list[str]) -> int:
         print("usage: netprobe probes [OVERRIDES]\n\nWhen each probe the config enables runs, and "
               "what it records (the overrides of `netprobe train`, e.g. probes=all).")  # fmt: skip
         return 0
+    # An override never starts with "-": this is a flag of `netprobe train` (-m, --cfg).
+    flag = next((a for a in args if a.startswith("-")), None)
+    if flag is not None:
+        raise ConfigError(
+            f"netprobe probes takes overrides (key=value), not {flag!r}: it lists the probes "
+            "of one config, so give one value per key (no -m sweep)"
+        )
 
     from netprobe.checks import blank_probes
     from netprobe.config import compose

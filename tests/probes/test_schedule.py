@@ -171,6 +171,16 @@ def test_cli_refuses_a_bad_schedule_in_one_line(capsys) -> None:
     assert "no probes enabled" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flag", ["-m", "--cfg"])
+def test_cli_refuses_train_flags_in_one_line(capsys, flag: str) -> None:
+    assert cli(["probes", flag, "seed=1,2"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"netprobe: netprobe probes takes overrides (key=value), not '{flag}': it lists the "
+        "probes of one config, so give one value per key (no -m sweep)"
+    )
+
+
 def test_a_disabled_probe_is_not_attached(capsys) -> None:
     """Every probe's config takes `enabled` (SPEC §5); false leaves the probe out."""
     args = ["probes", "probes=all", "probes.rwc.enabled=false", "probes.gradients.enabled=false"]
