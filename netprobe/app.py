@@ -137,6 +137,8 @@ def hydra_main(args: list[str]) -> int:
         raise ConfigError(first_line(exc)) from None
     except Exception as exc:
         if not JOBS["started"]:  # Hydra refused the command line before running anything
+            if isinstance(exc, BrokenPipeError):
+                raise  # `--help | head`: its output's reader left; the command ends quietly
             raise ConfigError(first_line(exc)) from None
         traceback.print_exc()  # a run that crashed here: its traceback, then exit 1
         JOBS["code"] = max(JOBS["code"], 1)

@@ -1,5 +1,8 @@
 """The `netprobe` command end to end, in subprocesses, as a user runs it."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import netprobe
@@ -63,3 +66,21 @@ def test_plot_unknown_figure_and_empty_path(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
     res = netprobe_cmd("plot", str(tmp_path), "--only", "nope", cwd=tmp_path)
     assert res.returncode == 2 and "'nope'" in res.stderr and "training_curves" in res.stderr
+
+
+def test_a_closed_stdout_ends_quietly():
+    """`netprobe train --help | head`: the reader left before the text was written."""
+    repo = Path(netprobe.__file__).resolve().parents[1]  # this checkout's netprobe, not another
+    for args in (["train", "--help"], ["train", "--cfg", "job"], ["--help"]):
+        read, write = os.pipe()
+        os.close(read)  # a reader that is already gone
+        res = subprocess.run(
+            [sys.executable, "-m", "netprobe", *args],
+            cwd=repo,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+        os.close(write)
+        assert res.returncode == 0 and res.stderr == "", (args, res.stderr)
