@@ -54,6 +54,13 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
+def optimizer_name(optim: DictConfig) -> str:
+    """The optimizer an `optim` config builds, as its option is named: its class in lower case
+    (`sgd`, `adamw`; `asgd` for optim=sgd optim._target_=torch.optim.ASGD), else `optim.name`."""
+    target = optim.get("_target_")
+    return str(target).rpartition(".")[2].lower() if target else str(optim.name)
+
+
 # Hydra's flags that take the next argument as their value.
 _FLAGS_WITH_VALUE = {
     "-c", "--cfg", "-p", "--package", "-cn", "--config-name", "-cp", "--config-path",

@@ -13,6 +13,8 @@ from typing import IO, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from netprobe.config import optimizer_name
+
 LOG_FILE = "train.log"
 # The probes' share of wall time above which the closing summary names it, and the costliest.
 PROBE_SHARE_SHOWN = 0.10
@@ -246,7 +248,7 @@ def banner(
     return [
         f"netprobe train: {start} in {run_dir}",
         f"  model   {model.name} ({count(parameters)} parameters), init {cfg.init.name}, "
-        f"{cfg.optim.name} lr {cfg.optim.lr:g}",
+        f"{optimizer_name(cfg.optim)} lr {cfg.optim.lr:g}",
         f"  data    {data.name}: {samples[0]} train / {samples[1]} val samples, batch "
         f"{data.batch_size}, {steps[0]} steps per epoch",
         f"  device  {device}, precision {t.precision}; {plural(t.epochs, 'epoch')}, "

@@ -20,6 +20,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from netprobe import distributed, resume
+from netprobe.config import optimizer_name
 from netprobe.data import Batches, ImageData, build_data, fixed_batch, keep_on_device
 from netprobe.errors import ConfigError, StorageError, first_line
 from netprobe.init import initialize
@@ -188,7 +189,7 @@ def run_info(cfg: DictConfig, device: torch.device, ddp: distributed.DDPContext)
         "model": cfg.model.name,
         "data": cfg.data.name,
         "init": cfg.init.name,
-        "optim": cfg.optim.name,
+        "optim": optimizer_name(cfg.optim),
         "epochs": cfg.trainer.epochs,
         "world_size": ddp.world_size,
     }

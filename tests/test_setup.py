@@ -48,6 +48,21 @@ def test_each_optimizer_steps_as_the_one_built_by_hand(name):
     assert build_optimizer(nn.Linear(1, 1), cfg.optim)[1] is None  # no scheduler by default
 
 
+def test_the_optimizer_is_named_by_the_class_it_builds():
+    """run.json's `optim` and the start banner name what trains, not the option it came from."""
+    from netprobe.config import optimizer_name
+    from netprobe.distributed import launched
+    from netprobe.setup import run_info
+
+    for name in options("optim"):
+        assert optimizer_name(compose([f"optim={name}"]).optim) == name
+    cfg = compose(["optim=sgd", "optim._target_=torch.optim.ASGD", "~optim.momentum",
+                   "~optim.nesterov"])  # fmt: skip
+    optimizer, _ = build_optimizer(nn.Linear(1, 1), cfg.optim)
+    assert type(optimizer).__name__.lower() == optimizer_name(cfg.optim) == "asgd"
+    assert run_info(cfg, torch.device("cpu"), launched())["optim"] == "asgd"
+
+
 def test_user_overrides_reach_the_optimizer():
     cfg = compose(["optim=sgd", "optim.lr=0.05", "optim.momentum=0.5", "optim.nesterov=true"])
     optimizer, _ = build_optimizer(nn.Linear(2, 2), cfg.optim)
