@@ -224,6 +224,8 @@ class Monitor:
                 self.record.scalars("train", [""], [key], self._last[key])
         if val_acc is not None:
             self.best_val_acc = max(self.best_val_acc or 0.0, self._last["val_acc"])
+        # The epoch's throughput is labelled with that epoch, as a resumed run's cut expects.
+        self._record_rate()
         self.runner.end_epoch()
         self.flush()
         self.writer.update(
@@ -233,11 +235,7 @@ class Monitor:
     # -- bookkeeping
     def flush(self) -> None:
         """Move everything buffered to the host and write one part file per table."""
-        now = time.perf_counter()
-        if self._samples:
-            rate = self._samples / max(now - self._flush_t, 1e-9)
-            self.record.scalars("train", [""], ["samples_per_s"], rate)
-        self._samples, self._flush_t = 0, now
+        self._record_rate()
         if self._device.type == "cuda":
             # Waiting for the queued training work is not the flush's cost; the drain waits anyway.
             torch.cuda.synchronize(self._device)
@@ -268,6 +266,14 @@ class Monitor:
         self.nonfinite.settle()  # the drain has just synced: the exact answer costs nothing more
         self.runner.timer.settle()
         self._flush_time += time.perf_counter() - t
+
+    def _record_rate(self) -> None:
+        """`samples_per_s` of the samples trained since it was last recorded, if any."""
+        now = time.perf_counter()
+        if self._samples:
+            rate = self._samples / max(now - self._flush_t, 1e-9)
+            self.record.scalars("train", [""], ["samples_per_s"], rate)
+        self._samples, self._flush_t = 0, now
 
     @property
     def nonfinite_step(self) -> int | None:

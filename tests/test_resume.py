@@ -51,7 +51,8 @@ def stored(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     run = netprobe.load(run_dir)
     keys = ["step", "epoch", "probe", "layer", "metric"]
     scalars = run.scalars()
-    scalars = scalars[scalars["metric"] != "samples_per_s"]  # wall-clock dependent
+    # Throughput is wall-clock dependent: its rows are compared, not its values.
+    scalars["value"] = scalars["value"].mask(scalars["metric"] == "samples_per_s")
     scalars = scalars.sort_values(keys).reset_index(drop=True)
     matrices = run.matrices().sort_values(["step", "epoch", "probe", "name", "row", "col"])
     hists = run.histograms().sort_values(["step", "epoch", "probe", "layer", "source"])
