@@ -19,7 +19,7 @@ import yaml
 
 from netprobe.errors import ConfigError
 from netprobe.lifecycle import effective_status
-from netprobe.store import RUN_FILE, find_runs, flatten, manifest
+from netprobe.store import RUN_FILE, find_runs, flatten, json_text, manifest
 
 STATUS_STYLE = {
     "completed": "green",
@@ -359,8 +359,7 @@ def list_runs(
     out = out or sys.stdout
     chosen = [row for members in groups.values() for row in members]
     if fmt == "json":
-        json.dump([_as_json(row) for row in chosen], out, indent=1, default=str)
-        out.write("\n")
+        out.write(json_text([_as_json(row) for row in chosen], indent=1) + "\n")
     elif fmt == "csv":
         keys = list(columns or COLUMNS)
         if "path" in keys:  # whole paths: a CSV row stands alone, outside its sweep's table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -118,3 +119,29 @@ def test_bad_on_nonfinite_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="'halt'.*stop or continue"):
         netprobe.attach(nn.Linear(2, 2), tmp_path, probes=[], on_nonfinite="halt")
     assert not any(tmp_path.iterdir())
+
+
+def strict_json(text: str):
+    """JSON as a browser's JSON.parse reads it: a bare NaN or Infinity is an error."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_diverged_run_writes_valid_json_everywhere(tmp_path, capsys):
+    """Its findings' evidence holds the NaN gradient norm of the step that diverged: run.json,
+    `ls --format json` and `doctor --format json` write it as null, as `query` does."""
+    run_dir = tmp_path / "run"
+    assert cli(["train", "optim=sgd", "optim.lr=1000", "trainer.epochs=2",
+                f"hydra.run.dir={run_dir}"]) == 1  # fmt: skip
+    info = strict_json((run_dir / "run.json").read_text())
+    evidence = next(f for f in info["findings"] if f["code"] == "diverged")["evidence"]
+    assert evidence["grad_norm_before"][-1] is None
+    capsys.readouterr()
+    assert cli(["ls", str(run_dir), "--format", "json"]) == 0
+    assert strict_json(capsys.readouterr().out)[0]["info"]["findings"] == info["findings"]
+    cli(["doctor", str(run_dir), "--format", "json"])
+    doctor = strict_json(capsys.readouterr().out)[0]["findings"]
+    assert next(f for f in doctor if f["code"] == "diverged")["evidence"] == evidence

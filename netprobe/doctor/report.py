@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import html
-import json
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -13,7 +12,7 @@ from typing import Any
 
 from netprobe.doctor.common import Finding, thresholds
 from netprobe.doctor.rules import counts, diagnose, problems
-from netprobe.store import Run, load, update_info
+from netprobe.store import Run, json_text, load, update_info
 
 
 def close_run(run_dir: str | os.PathLike) -> str:
@@ -110,8 +109,7 @@ def report(
             }
             for s, d, w, st, f in results
         ]
-        json.dump(out, sys.stdout, indent=2, default=str)
-        print()
+        print(json_text(out))
     else:
         _print_tables(results)
     return sum(len(problems(f)) for *_, f in results)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -60,8 +62,24 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def json_text(data: Any, indent: int | None = 2) -> str:
+    """`data` as JSON any parser reads: a non-finite number (NaN, ±inf) is written as null, as
+    `netprobe query` writes it."""
+    return json.dumps(_finite(data), indent=indent, default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, numbers.Real) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
+    atomic_write(path, lambda tmp: tmp.write_text(json_text(data)))
 
 
 def write_text(path: Path, text: str) -> None:
