@@ -19,7 +19,7 @@ import yaml
 
 from netprobe.errors import ConfigError
 from netprobe.lifecycle import effective_status
-from netprobe.store import RUN_FILE, find_runs, flatten, json_text, manifest
+from netprobe.store import RUN_FILE, find_runs, flatten, json_text, manifest, run_seconds
 
 STATUS_STYLE = {
     "completed": "green",
@@ -94,17 +94,6 @@ def _reason(row: Row) -> str:
     return text if len(text) <= 60 else text[:59] + "…"
 
 
-def _duration(row: Row) -> float | None:
-    """Seconds from start to end (to now for a run still going)."""
-    try:
-        start = datetime.fromisoformat(row.info["started_at"])
-        end_text = row.info.get("ended_at")
-        end = datetime.fromisoformat(end_text) if end_text else datetime.now(start.tzinfo)
-    except (KeyError, TypeError, ValueError):
-        return None
-    return max((end - start).total_seconds(), 0.0)
-
-
 def _health(row: Row) -> str:
     """The doctor's verdict: the findings run.json keeps, or a fresh diagnosis of a live run."""
     if row.status == "damaged":
@@ -131,7 +120,7 @@ COLUMNS: dict[str, Callable[[Row], Any]] = {
     "seed": lambda row: row.info.get("seed"),
     "steps": lambda row: row.info.get("steps_done"),
     "epochs": lambda row: row.info.get("epochs_done"),
-    "duration": _duration,
+    "duration": lambda row: run_seconds(row.info),
     "loss": _final("loss"),
     "best_val_acc": lambda row: row.info.get("best_val_acc"),
     "val_acc": _final("val_acc"),

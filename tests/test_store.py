@@ -1,5 +1,6 @@
 """The run directory and its tables match SPEC §3."""
 
+import io
 import json
 
 import pyarrow as pa
@@ -177,3 +178,43 @@ def test_reading_sees_new_parts_and_skips_damaged_ones(tmp_path):
     (tmp_path / "scalars" / "part-000001.parquet").write_bytes(b"not parquet")
     with pytest.warns(UserWarning, match="part-000001"):
         assert run.scalars()["value"].tolist() == [0.0, 2.0]
+
+
+def test_duration_is_the_time_spent_training_without_the_gap_before_a_resume(tmp_path, monkeypatch):
+    """run.json's `duration_s`: each process's time, to 0.1 s and beyond, summed over resumes;
+    the hours between an interruption and its resume are not training. `ls` and index.html show
+    it; a run.json from before the field still gives start to end."""
+    from types import SimpleNamespace
+
+    from netprobe.listing import list_runs
+    from netprobe.plots.page import duration
+    from netprobe.store import writer as writer_module
+
+    clock = [100.0]
+    monkeypatch.setattr(writer_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    path = tmp_path / "run"
+    writer = RunWriter(path, {"seed": 0}, lock=claim_run_dir(path))
+    clock[0] += 1.34
+    writer.close("interrupted")
+    info = json.loads((path / "run.json").read_text())
+    assert info["duration_s"] == pytest.approx(1.34)
+    # Resumed an hour later.
+    info["ended_at"] = "2026-01-01T12:00:00+00:00"
+    (path / "run.json").write_text(json.dumps(info))
+    clock[0] += 3600
+    writer = RunWriter(path, {"seed": 0}, lock=claim_run_dir(path, resume=True), resume=True)
+    clock[0] += 4.66
+    writer.close("completed")
+    info = json.loads((path / "run.json").read_text())
+    assert info["duration_s"] == pytest.approx(6.0)
+    assert duration(info) == "6.0 s"
+    out = io.StringIO()
+    list_runs([path], columns=["duration"], fmt="csv", out=out)
+    assert out.getvalue().splitlines()[1].split(",")[0] == "6.0"
+    old = {
+        **info,
+        "started_at": "2026-01-01T12:00:00+00:00",
+        "ended_at": "2026-01-01T12:01:05+00:00",
+    }
+    del old["duration_s"]
+    assert duration(old) == "65.0 s"

@@ -7,11 +7,10 @@ import html
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from netprobe.store import Run
+from netprobe.store import Run, run_seconds
 
 # Figure families in page order: the module a figure is drawn by, and its heading.
 FAMILIES = {
@@ -182,16 +181,11 @@ def _fmt(value: Any, kind: str = "") -> str:
 
 
 def duration(info: dict[str, Any]) -> str:
-    """Wall time from run.json's start to its end (or to its last write while it runs)."""
-    try:
-        start = datetime.fromisoformat(str(info["started_at"]))
-        end = datetime.fromisoformat(str(info["ended_at"])) if info.get("ended_at") else None
-    except (KeyError, ValueError):
+    """The time the run spent training (to its last write while it runs)."""
+    seconds = run_seconds(info)
+    if seconds is None:
         return "—"
-    if end is None:
-        return "—"
-    seconds = max((end - start).total_seconds(), 0)
-    return f"{seconds / 60:.1f} min" if seconds >= 100 else f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds >= 100 else f"{seconds:.1f} s"
 
 
 def _runs_table(sections: Sequence[Section], out: Path) -> str:

@@ -17,7 +17,7 @@ from netprobe.store.files import (
     write_text,
 )
 from netprobe.store.reader import Run, plain
-from netprobe.store.runs import find_runs, flatten, load, read_runs
+from netprobe.store.runs import find_runs, flatten, load, read_runs, run_seconds
 from netprobe.store.schema import (
     SCHEMAS,
     TABLES,
@@ -62,6 +62,7 @@ __all__ = [
     "read_runs",
     "readable_parts",
     "rows_table",
+    "run_seconds",
     "scalar_table",
     "update_info",
     "write_json",

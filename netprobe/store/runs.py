@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,21 @@ from netprobe.errors import first_line
 from netprobe.store.files import RUN_FILE
 from netprobe.store.reader import Run
 from netprobe.store.schema import TABLES
+
+
+def run_seconds(info: Mapping[str, Any]) -> float | None:
+    """The seconds a run spent training: run.json's `duration_s` (its processes' time from
+    attaching to the last write of run.json, resumes summed); for a run.json written before that
+    field, from `started_at` to `ended_at` (to now while it runs)."""
+    if isinstance(info.get("duration_s"), (int, float)):
+        return float(info["duration_s"])
+    try:
+        start = datetime.fromisoformat(info["started_at"])
+        end_text = info.get("ended_at")
+        end = datetime.fromisoformat(end_text) if end_text else datetime.now(start.tzinfo)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return max((end - start).total_seconds(), 0.0)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from netprobe.store.files import (
     write_json,
     write_part,
 )
+from netprobe.store.runs import run_seconds
 from netprobe.store.schema import TABLES
 
 if TYPE_CHECKING:
@@ -65,6 +67,8 @@ class RunWriter:
             # Rows a failed write left in memory, per table, written first at the next try.
             self._unwritten: dict[str, pa.Table] = {}
             self.info = _start_info(before, info, resume)
+            # Training time: what the run spent before it was resumed, then this process's.
+            self._t0, self._earlier_s = time.monotonic(), run_seconds(before) or 0.0
             self._write_info()
         except BaseException:
             self.lock.release()
@@ -89,6 +93,7 @@ class RunWriter:
             self.lock.release()
 
     def _write_info(self) -> None:
+        self.info["duration_s"] = round(self._earlier_s + time.monotonic() - self._t0, 3)
         write_json(self.path / RUN_FILE, self.info)
 
     def write_table(self, name: str, table: pa.Table) -> None:
