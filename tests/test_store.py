@@ -27,7 +27,7 @@ SPEC_COLUMNS = {
 RUN_KEYS = {
     "netprobe_version", "status", "started_at", "ended_at", "seed", "device", "torch_version",
     "git_sha", "model", "data", "init", "probes", "epochs_done", "steps_done", "best_val_acc",
-    "final", "error", "probe_overhead",
+    "final", "error", "probe_overhead", "stop_reason",
 }  # fmt: skip
 
 
@@ -56,7 +56,7 @@ def test_run_directory_matches_spec(tiny_run):
         check_schema(pq.read_schema(run.path / f"{table}.parquet"), table)
     info = json.loads((run.path / "run.json").read_text())
     assert RUN_KEYS <= set(info)
-    assert info["status"] == "completed" and info["error"] is None
+    assert info["status"] == "completed" and info["error"] is None and info["stop_reason"] is None
     assert (run.path / ".hydra" / "config.yaml").exists()
     assert 0 <= info["probe_overhead"] < 1
     assert set(info["final"]) >= {"loss", "acc", "val_loss", "val_acc"}

@@ -145,8 +145,7 @@ class RunWriter:
 
 def _start_info(before: dict[str, Any], info: dict[str, Any], resume: bool) -> dict[str, Any]:
     """run.json as a run starts: a resumed run keeps what it said (when it started, ...) and
-    notes when it went on."""
-    before.pop("stop_reason", None)
+    notes when it went on; why it stopped early is its own run's to say (null until then)."""
     resumed = [*before.get("resumed_at", []), now_iso()] if resume else []
     return {
         **before,
@@ -157,6 +156,7 @@ def _start_info(before: dict[str, Any], info: dict[str, Any], resume: bool) -> d
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "error": None,
+        "stop_reason": None,
         **({"resumed_at": resumed} if resumed else {}),
         **info,
     }
