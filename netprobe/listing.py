@@ -350,21 +350,27 @@ def list_runs(
     if fmt == "json":
         out.write(json_text([_as_json(row) for row in chosen], indent=1) + "\n")
     elif fmt == "csv":
-        keys = list(columns or COLUMNS)
-        if "path" in keys:  # whole paths: a CSV row stands alone, outside its sweep's table
-            keys[keys.index("path")] = "run_dir"
+        # Exactly the columns asked for; by default every column and where the run lies.
+        keys = list(columns) if columns is not None else [*COLUMNS, "sweep", "swept"]
         writer = csv.writer(out)
-        writer.writerow([*keys, "sweep", "swept"])
+        writer.writerow(keys)
         for row in chosen:
-            values = [str(row.path) if k == "run_dir" else row.value(k) for k in keys]
-            cells = [show(k, v) if isinstance(v, list) else "" if v is None else v
-                     for k, v in zip(keys, values)]  # fmt: skip
-            writer.writerow([*cells, row.sweep or "", row.swept])
+            writer.writerow([_csv_cell(row, key) for key in keys])
     elif chosen:
         _print_tables(groups, columns, out)
     else:
         print(f"netprobe: no run matches {' '.join(filters)}", file=sys.stderr)
     return len(chosen)
+
+
+def _csv_cell(row: Row, key: str) -> Any:
+    """A CSV row stands alone, outside its sweep's table: the whole path, and the sweep's."""
+    if key == "path":
+        return str(row.path)
+    if key == "sweep":
+        return str(row.sweep or "")
+    value = _get(row, key)
+    return "" if value is None else show(key, value) if isinstance(value, list) else value
 
 
 def _as_json(row: Row) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from netprobe.cli import main as cli
-from netprobe.listing import flatten, list_runs, sweep_of, sweep_summary
+from netprobe.listing import COLUMNS, flatten, list_runs, sweep_of, sweep_summary
 
 
 def fake_run(
@@ -122,7 +122,7 @@ def test_sort_and_filter_on_a_mixed_folder(mixed: Path):
     def paths(*filters: str) -> list[str]:
         out = io.StringIO()
         list_runs([mixed], filters=filters, fmt="csv", out=out)
-        return sorted(Path(r["run_dir"]).name for r in csv.DictReader(io.StringIO(out.getvalue())))
+        return sorted(Path(r["path"]).name for r in csv.DictReader(io.StringIO(out.getvalue())))
 
     assert paths("status=failed,crashed") == ["a-failed", "c-crashed"]
     assert paths("optim.lr=0.05") == ["a-failed"]  # a config key, compared as a number
@@ -135,7 +135,14 @@ def test_sort_and_filter_on_a_mixed_folder(mixed: Path):
 
 def test_columns_choose_what_is_shown(mixed: Path):
     header = ls(str(mixed / "a-failed"), "--fmt=csv", "--columns=status,optim.lr").splitlines()
-    assert header == ["status,optim.lr,sweep,swept", "failed,0.05,,"]
+    assert header == ["status,optim.lr", "failed,0.05"]
+    # Exactly the columns asked for, named as asked; a CSV row's path is whole.
+    sweep = mixed / "multirun" / "2026-01-01" / "12-00-00-cnn"
+    lines = ls(str(sweep), "--fmt=csv", "--columns=status,path,swept").splitlines()
+    assert lines[0] == "status,path,swept"
+    assert lines[1] == f"completed,{sweep / '0'},seed=0"
+    header = ls(str(sweep), "--fmt=csv").splitlines()[0].split(",")
+    assert header == [*COLUMNS, "sweep", "swept"]
 
 
 @pytest.mark.parametrize(
