@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from netprobe.errors import ConfigError, StorageError
+from netprobe.errors import ConfigError, StorageError, first_line
 from netprobe.store import atomic_write
 
 FOLDER = "checkpoints"
@@ -82,7 +83,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        # Its first sentence, whole: torch adds a paragraph of advice after it.
+        reason = re.split(r"(?<=\.)\s", first_line(exc), maxsplit=1)[0].rstrip(".")
         raise ConfigError(f"{path} is damaged and cannot be read ({reason})") from None
     if not isinstance(state, dict) or not {"model", "epoch", "step"} <= state.keys():
         raise ConfigError(f"{path} is not a netprobe checkpoint")

@@ -116,3 +116,26 @@ def test_checkpoints_hold_the_model_after_each_epoch(tiny_run) -> None:
     assert not all(
         torch.equal(start["model"][k], final["model"][k]) for k in final["model"] if "weight" in k
     )
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.0])
+def test_a_damaged_checkpoint_is_named_in_one_whole_line(tmp_path, cut) -> None:
+    """torch's message for a truncated file runs on with advice; the line keeps its first
+    sentence whole, never cut mid-word."""
+    from netprobe.checkpoint import load_checkpoint
+
+    path = tmp_path / "last.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}, "epoch": 0, "step": 0}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(ConfigError) as caught:
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{path} is damaged and cannot be read (")
+    reason = message.removeprefix(f"{path} is damaged and cannot be read (").removesuffix(")")
+    with pytest.raises(Exception) as raw:
+        torch.load(path, weights_only=False)
+    whole = str(raw.value)
+    # The reason ends where a sentence of torch's ends, or where its message does.
+    rest = whole[len(reason) :]
+    assert reason and whole.startswith(reason) and rest in ("", ".") or rest.startswith(". ")
