@@ -13,9 +13,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from netprobe.errors import ConfigError, StorageError
+from netprobe.errors import ConfigError, NothingToDo, StorageError
 
-EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 1, "interrupted": 130, "refused": 2}
+EXIT_CODES = {
+    "completed": 0, "unchanged": 0, "failed": 1, "diverged": 1, "interrupted": 130, "refused": 2
+}  # fmt: skip
 # Hydra's flags that print something and run no job; and those that print the config instead.
 INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
 CONFIG_FLAGS = {"--cfg", "-c"}
@@ -70,6 +72,9 @@ def run_job(cfg: DictConfig) -> str:
             raise  # Hydra hands it back to the sweep's own process, which exits 2
         # Refused before writing (its folder in use, say): one line and exit 2, in sweeps too.
         print(f"netprobe: {exc}", file=sys.stderr)
+    except NothingToDo as exc:
+        status = "unchanged"
+        print(f"netprobe: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         status = "interrupted"
         raise
@@ -85,7 +90,8 @@ def run_job(cfg: DictConfig) -> str:
         traceback.print_exc()  # into the worker's log
         raise JobFailed(1, f"run {run_dir} failed: {type(exc).__name__}: {exc}") from None
     finally:
-        shown = status != "refused" and distributed.launched().is_main
+        # A refused or finished run is left as it was: no summary in its train.log or run.json.
+        shown = status not in ("refused", "unchanged") and distributed.launched().is_main
         if shown and (run_dir / "run.json").exists():
             wall = time.perf_counter() - started
             findings = doctor.close_run(run_dir).rstrip("\n")  # keeps them in run.json too

@@ -12,6 +12,11 @@ class ConfigError(ValueError):
     """Bad input: an unknown option, key or value. The message names it and the valid choices."""
 
 
+class NothingToDo(Exception):
+    """A command that finds its work already done (resuming a finished run with no more to train):
+    one line on stderr, exit 0, nothing written."""
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line, as a one-line error wants it."""
     text = str(exc).strip()

@@ -13,9 +13,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from netprobe.checkpoint import checkpoint_path, load_checkpoint, set_rng_states
-from netprobe.errors import ConfigError, first_line
+from netprobe.errors import ConfigError, NothingToDo, first_line
 from netprobe.lifecycle import check_not_a_stray
-from netprobe.store import RUN_FILE, flatten, read_info
+from netprobe.store import RUN_FILE, TABLES, damaged_part, flatten, read_info
 
 _RESUME = re.compile(r"^\+*trainer\.resume=(true|True|1)$")
 
@@ -57,7 +57,24 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
             print(f"netprobe: no run in {run_dir} to resume; starting it", file=sys.stderr)
         return None
     check(cfg, run_dir)
+    info = read_info(run_dir)
+    max_steps = cfg.trainer.get("max_steps")
     path = checkpoint_path(run_dir, "last")
+    if info.get("status") == "completed" and (
+        info.get("epochs_done", 0) >= cfg.trainer.epochs
+        or (max_steps and info.get("steps_done", 0) >= max_steps)
+    ):
+        # Nothing to train, but a damaged file is still said, as a resume that trains would.
+        if path.exists():
+            load_checkpoint(path)
+        damaged = damaged_part(run_dir, TABLES)
+        if damaged is not None:
+            raise ConfigError(f"{damaged[0]} is damaged ({damaged[1]}); the run is left as it was")
+        raise NothingToDo(
+            f"the run in {run_dir} completed {info.get('epochs_done')} epochs, "
+            f"{info.get('steps_done')} steps; nothing to resume, and it is left as it was "
+            "(a larger trainer.epochs or trainer.max_steps trains on)"
+        )
     if not path.exists():
         raise ConfigError(
             f"trainer.resume=true, but {path} does not exist: the run saved no checkpoint "
@@ -66,6 +83,12 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
     state = load_checkpoint(path)
     if "monitor" not in state or "data" not in state:
         raise ConfigError(f"{path} lacks the probe and data state needed to resume")
+    if max_steps and max_steps < state["step"]:
+        raise ConfigError(
+            f"trainer.resume=true refused: trainer.max_steps={max_steps} is fewer than the "
+            f"{state['step']} steps the run in {run_dir} keeps from {path.name}; only a larger "
+            "trainer.max_steps may be given"
+        )
     return state
 
 

@@ -178,3 +178,28 @@ def test_a_run_from_before_probes_took_enabled_resumes(tmp_path):
                    "probes.gradients.enabled=false"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"probes.gradients.enabled=\(absent\) \(the run's\)"):
         resume.check(off, run_dir)
+
+
+def test_a_resume_with_nothing_to_train_leaves_every_file_as_it_was(tmp_path, capsys):
+    """A finished run resumed as it was, or with a smaller max_steps, exits 0 untouched (a sweep
+    sent again resumes its unfinished jobs only); an unfinished one given fewer steps than its
+    checkpoint keeps is refused, untouched too."""
+    run_dir = tmp_path / "run"
+    args = ["train", *SETUP, f"hydra.run.dir={run_dir}"]
+    assert cli(args) == 0
+
+    def files() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+    before = files()
+    for extra in ([], ["trainer.max_steps=2"]):
+        capsys.readouterr()
+        assert cli([*args, "trainer.resume=true", *extra]) == 0
+        assert "nothing to resume" in capsys.readouterr().err
+        assert files() == before
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+    before = files()
+    assert cli([*args, "trainer.resume=true", "trainer.max_steps=2"]) == 2
+    assert "trainer.max_steps=2 is fewer than the 12 steps" in capsys.readouterr().err
+    assert files() == before

@@ -10,7 +10,7 @@ import math
 import numbers
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -158,6 +158,18 @@ def read_parts(parts: list[Path], table: str) -> pa.Table:
     if not tables:
         return SCHEMAS[table].empty_table()
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def damaged_part(run_dir: Path, tables: Iterable[str]) -> tuple[Path, str] | None:
+    """The first part file of these tables whose footer does not read (emptied or cut short),
+    and why; None when every one reads."""
+    for table in tables:
+        for part in part_files(run_dir, table):
+            try:
+                pq.read_metadata(part)
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                return part, first_line(exc)
+    return None
 
 
 def readable_parts(parts: list[Path]) -> list[Path]:
