@@ -121,6 +121,12 @@ def figure(
     return register
 
 
+def epoch_suffix(epoch: int) -> str:
+    """The name suffix of a figure drawn after `epoch` (counted from 1, as in its title): four
+    digits, as every per-epoch file of a run (`epoch-NNNN.pt`), so that names sort in order."""
+    return f"epoch{epoch:04d}"
+
+
 def mean_std(df: pd.DataFrame, by: list[str], value: str = "value") -> pd.DataFrame:
     """Mean, std (0 for one run) and n of `value` over runs, per `by`."""
     out = df.groupby(by, sort=True)[value].agg(["mean", "std", "count"]).reset_index()

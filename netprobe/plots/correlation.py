@@ -9,7 +9,15 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 
-from netprobe.plots.common import RunGroup, figure, layer_colors, mean_band, new_figure, short
+from netprobe.plots.common import (
+    RunGroup,
+    epoch_suffix,
+    figure,
+    layer_colors,
+    mean_band,
+    new_figure,
+    short,
+)
 
 PROBE = "correlation"
 # Correlations are signed: a diverging map centred at 0, red positive, blue negative.
@@ -192,7 +200,7 @@ def correlation_grid(group: RunGroup):
     which = f", {group.seed_note}"
     figures = {}
     for x in sorted(df["x"].unique()):
-        suffix = "start" if x == 0 else f"epoch{x:04d}"
+        suffix = "start" if x == 0 else epoch_suffix(x)
         figures[suffix] = _grid(group, df[df["x"] == x], names, when(x), which)
     return figures
 

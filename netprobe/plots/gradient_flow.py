@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch
 
-from netprobe.plots.common import RunGroup, figure, new_figure, short
+from netprobe.plots.common import RunGroup, epoch_suffix, figure, new_figure, short
 
 PROBE = "gradient_flow"
 MAX_EPOCHS = 12
@@ -162,7 +162,7 @@ def gradient_flow_graph(group: RunGroup):
     graph = flow_graph(group, df)
     # Epochs counted from 1 in the names, as in the titles.
     return {
-        f"epoch{epoch + 1:03d}": draw_epoch(graph, epoch, group)
+        epoch_suffix(epoch + 1): draw_epoch(graph, epoch, group)
         for epoch in pick_epochs(df["epoch"].unique().tolist())
     }
 

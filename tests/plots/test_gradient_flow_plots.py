@@ -85,14 +85,14 @@ def test_one_figure_per_epoch_with_skip_connections(tmp_path: Path) -> None:
         ("body", "head"),
     }
     written = plot([run.path], out=tmp_path / "figures", only=["gradient_flow_graph"])
-    assert [p.stem for p in written] == [f"gradient_flow_graph_epoch{e:03d}" for e in (1, 2, 3)]
+    assert [p.stem for p in written] == [f"gradient_flow_graph_epoch{e:04d}" for e in (1, 2, 3)]
     for path in written:
         assert path.stat().st_size > 5_000, path
 
 
 def test_edge_colours_follow_the_threshold(tmp_path: Path) -> None:
     group = RunGroup([train_residual(tmp_path / "low", epochs=1)])
-    colours = edge_colors(FIGURES["gradient_flow_graph"].draw(group)["epoch001"])
+    colours = edge_colors(FIGURES["gradient_flow_graph"].draw(group)["epoch0001"])
     scalars = group.scalars("gradient_flow", "out_grad_l2")
     assert len(colours) == 3
     # By default the threshold is 0.1 × the median of every stored edge value of the run; each
@@ -111,6 +111,6 @@ def test_threshold_is_read_from_the_run_config(tiny_run) -> None:
         "probes.gradient_flow.threshold=1.0e9",
     )
     figures = FIGURES["gradient_flow_graph"].draw(RunGroup([run]))
-    assert sorted(figures) == ["epoch001", "epoch002"]  # epochs counted from 1
-    colours = edge_colors(figures["epoch002"])
+    assert sorted(figures) == ["epoch0001", "epoch0002"]  # epochs counted from 1
+    colours = edge_colors(figures["epoch0002"])
     assert colours and set(colours) == {RED}
