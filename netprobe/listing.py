@@ -19,7 +19,7 @@ import yaml
 
 from netprobe.errors import ConfigError
 from netprobe.lifecycle import effective_status
-from netprobe.store import RUN_FILE, find_runs, flatten, json_text, manifest, run_seconds
+from netprobe.store import RUN_FILE, flatten, json_text, manifest, run_seconds, runs_under
 
 STATUS_STYLE = {
     "completed": "green",
@@ -183,14 +183,7 @@ def swept_overrides(run_dirs: list[Path]) -> dict[Path, str]:
 def runs_by_sweep(paths: Iterable[str | os.PathLike]) -> dict[Path | None, dict[Path, str]]:
     """The run folders under `paths`, grouped by sweep (None: runs of no sweep), sweeps first,
     each with its swept overrides ("" outside a sweep); one line and exit 2 when there are none."""
-    paths = list(paths)
-    run_dirs: list[Path] = []
-    for path in paths:
-        if not Path(path).exists():
-            raise ConfigError(f"no such file or directory: {path}")
-        run_dirs.extend(d for d in find_runs(path) if d not in run_dirs)
-    if not run_dirs:
-        raise ConfigError(f"no runs (directories with run.json) under {', '.join(map(str, paths))}")
+    run_dirs = runs_under(paths)
     by_sweep: dict[Path | None, list[Path]] = {}
     for run_dir in run_dirs:
         by_sweep.setdefault(sweep_of(run_dir), []).append(run_dir)

@@ -23,6 +23,7 @@ from netprobe.store import (
     part_files,
     plain,
     read_runs,
+    read_runs_under,
     readable_parts,
     write_parquet,
     write_text,
@@ -296,14 +297,7 @@ def query(paths: Sequence[str | os.PathLike], sql: str) -> pa.Table:
     """The result of `sql`, one read-only statement, over every run under `paths` (views as in
     `Catalog`)."""
     _check_reads_only(sql)
-    runs: dict[Path, Run] = {}
-    for path in paths:
-        if not Path(path).exists():
-            raise ConfigError(f"no such file or directory: {path}")
-        runs.update((r.path, r) for r in read_runs(path) if r.path not in runs)
-    if not runs:
-        raise ConfigError(f"no runs (directories with run.json) under {', '.join(map(str, paths))}")
-    return Catalog(list(runs.values())).execute(sql)
+    return Catalog(read_runs_under(paths)).execute(sql)
 
 
 def _check_reads_only(sql: str) -> None:

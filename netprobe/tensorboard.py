@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from netprobe.errors import ConfigError
 from netprobe.query import read_config, varying_keys
-from netprobe.store import Run, flatten, read_runs
+from netprobe.store import Run, flatten, read_runs_under
 
 TB_DIR = "tb"  # inside a run directory
 FINAL = ("best_val_acc", "final.loss", "final.acc", "final.val_loss", "final.val_acc")
@@ -266,13 +266,7 @@ def export(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[P
     refuses (ConfigError, nothing written) when a target folder already holds event files."""
     require()
     out = Path(out)
-    runs: dict[Path, Run] = {}
-    for path in paths:
-        if not Path(path).exists():
-            raise ConfigError(f"no such file or directory: {path}")
-        runs.update((r.path, r) for r in read_runs(path))
-    if not runs:
-        raise ConfigError(f"no runs (directories with run.json) under {', '.join(map(str, paths))}")
+    runs = {r.path: r for r in read_runs_under(paths)}
     # Named from the folder all PATHs share, so that runs given one by one get their sweep's names.
     root = Path(os.path.commonpath([Path(p).resolve() for p in paths]))
     names = run_names(list(runs), root)

@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import netprobe
+from netprobe.errors import ConfigError
 from netprobe.lifecycle import claim_run_dir
-from netprobe.store import RunWriter, ScalarBlock, scalar_table
+from netprobe.store import RunWriter, ScalarBlock, runs_under, scalar_table, write_json
 
 STR = "str"
 SPEC_COLUMNS = {
@@ -218,3 +219,18 @@ def test_duration_is_the_time_spent_training_without_the_gap_before_a_resume(tmp
     }
     del old["duration_s"]
     assert duration(old) == "65.0 s"
+
+
+def test_runs_under_lists_each_run_once_however_the_paths_overlap(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / "sweep" / name).mkdir(parents=True)
+        write_json(tmp_path / "sweep" / name / "run.json", {"status": "completed"})
+    (tmp_path / "link").symlink_to(tmp_path / "sweep" / "a")
+    sweep = tmp_path / "sweep"
+    paths = [sweep / "b", sweep, sweep / "b", tmp_path / "link", f"{sweep}/./a"]
+    assert runs_under(paths) == [sweep / "b", sweep / "a"]
+    with pytest.raises(ConfigError, match="no such file or directory: .*nowhere"):
+        runs_under([sweep, tmp_path / "nowhere"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no runs"):
+        runs_under([tmp_path / "empty"])

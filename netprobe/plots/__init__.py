@@ -37,7 +37,7 @@ from netprobe.plots.common import FIGURES, RunGroup
 from netprobe.plots.compare import COMPARISONS, swept
 from netprobe.plots.groups import group_runs, mapping
 from netprobe.plots.page import Entry, Extra, Section, page
-from netprobe.store import Run, find_runs
+from netprobe.store import Run, read_runs_under
 
 FORMATS = ("png", "svg", "pdf")
 MANIFEST = ".netprobe-plot.json"  # what each figure was drawn from, to skip unchanged ones
@@ -85,11 +85,9 @@ def plot(
     """Draw every figure the runs under `paths` support into `out`, with an index.html and the
     group mapping; returns every figure file the page shows (drawn now or unchanged since)."""
     formats = tuple(formats)
-    _check(paths, formats, only, jobs)
+    _check(formats, only, jobs)
     out = _out_folder(paths, out)
-    runs = _load([d for p in paths for d in find_runs(p)])
-    if not runs:
-        raise ConfigError(f"no runs (directories with run.json) under {', '.join(map(str, paths))}")
+    runs = read_runs_under(paths)
     groups = group_runs(runs)
     targets, folders = _targets(groups)
     job_list = [
@@ -121,13 +119,8 @@ def plot(
     return files
 
 
-def _check(
-    paths: Sequence[str | os.PathLike],
-    formats: tuple[str, ...],
-    only: Sequence[str] | None,
-    jobs: int | None,
-) -> None:
-    """Refuse a bad option or a missing path before anything is read."""
+def _check(formats: tuple[str, ...], only: Sequence[str] | None, jobs: int | None) -> None:
+    """Refuse a bad option before anything is read."""
     for fmt in formats:
         if fmt not in FORMATS:
             raise ConfigError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
@@ -139,9 +132,6 @@ def _check(
             raise ConfigError(f"unknown figure {name!r}; valid figures: {valid}")
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs {jobs} must be a positive number of worker processes")
-    for p in paths:
-        if not Path(p).exists():
-            raise ConfigError(f"no such file or directory: {p}")
 
 
 def _out_folder(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None) -> Path:
@@ -225,16 +215,6 @@ def _write_index(out: Path, sections: list[Section], extra: Sequence[Extra]) -> 
     links = [(r, {e.name: e.path for e in s.entries}) for s in sections for r in s.runs]
     index.write_text(page(sections, out, [Extra("Findings", findings_html(links)), *extra]))
     return index
-
-
-def _load(run_dirs: list[Path]) -> list[Run]:
-    runs = []
-    for d in run_dirs:
-        try:
-            runs.append(Run(d))
-        except (OSError, ValueError) as exc:
-            warnings.warn(f"skipping run {d}: damaged run.json ({exc})", stacklevel=3)
-    return runs
 
 
 def _names(target: Any, only: Sequence[str] | None) -> list[str]:

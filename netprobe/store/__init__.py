@@ -18,7 +18,15 @@ from netprobe.store.files import (
     write_text,
 )
 from netprobe.store.reader import Run, plain
-from netprobe.store.runs import find_runs, flatten, load, read_runs, run_seconds
+from netprobe.store.runs import (
+    find_runs,
+    flatten,
+    load,
+    read_runs,
+    read_runs_under,
+    run_seconds,
+    runs_under,
+)
 from netprobe.store.schema import (
     SCHEMAS,
     TABLES,
@@ -62,9 +70,11 @@ __all__ = [
     "plain",
     "read_info",
     "read_runs",
+    "read_runs_under",
     "readable_parts",
     "rows_table",
     "run_seconds",
+    "runs_under",
     "scalar_table",
     "update_info",
     "write_json",

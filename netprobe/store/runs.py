@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from netprobe.errors import first_line
+from netprobe.errors import ConfigError, first_line
 from netprobe.store.files import RUN_FILE
 from netprobe.store.reader import Run
 from netprobe.store.schema import TABLES
@@ -83,10 +83,44 @@ def _runs_beneath(path: Path) -> Iterator[Path]:
 def read_runs(path: str | os.PathLike) -> list[Run]:
     """Every run at or beneath `path`; a run whose run.json cannot be read is skipped, with a
     warning."""
+    return _open(find_runs(path))
+
+
+def runs_under(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The run directories at or beneath `paths`, each once however the paths overlap (a run
+    given twice, a sweep and one of its runs), in the order found; ConfigError (one line) for a
+    path that does not exist or when none holds a run."""
+    paths = list(paths)
+    found: dict[Path, Path] = {}
+    for path in paths:
+        if not Path(path).exists():
+            raise ConfigError(f"no such file or directory: {path}")
+        for run_dir in find_runs(path):
+            found.setdefault(run_dir.resolve(), run_dir)
+    if not found:
+        _no_runs(paths)
+    return list(found.values())
+
+
+def read_runs_under(paths: Iterable[str | os.PathLike]) -> list[Run]:
+    """The runs of `runs_under(paths)` opened; one whose run.json cannot be read is skipped, with
+    a warning, and ConfigError when none can."""
+    paths = list(paths)
+    runs = _open(runs_under(paths))
+    if not runs:
+        _no_runs(paths)
+    return runs
+
+
+def _open(run_dirs: Iterable[Path]) -> list[Run]:
     runs = []
-    for p in find_runs(path):
+    for p in run_dirs:
         try:
             runs.append(Run(p))
         except (OSError, ValueError) as exc:
-            warnings.warn(f"skipping run {p}: damaged {RUN_FILE} ({first_line(exc)})", stacklevel=2)
+            warnings.warn(f"skipping run {p}: damaged {RUN_FILE} ({first_line(exc)})", stacklevel=3)
     return runs
+
+
+def _no_runs(paths: list[str | os.PathLike]) -> None:
+    raise ConfigError(f"no runs (directories with run.json) under {', '.join(map(str, paths))}")

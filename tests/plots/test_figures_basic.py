@@ -3,6 +3,7 @@ stored values (one run: no smoothing below 200 steps, no averaging)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,15 @@ def test_every_basic_figure_is_written(run: Run, tmp_path: Path) -> None:
     index = (out / "index.html").read_text()
     for name in BASIC:
         assert f"{name}.png" in index
+
+
+def test_paths_that_overlap_count_each_run_once(run: Run, tmp_path: Path) -> None:
+    """A run given twice, or with the folder holding it, is one run: not averaged with itself."""
+    out = tmp_path / "figs"
+    plot([run.path, run.path.parent, f"{run.path}/."], out=out, only=["training_curves"])
+    groups = json.loads((out / "groups.json").read_text())
+    assert [len(g["runs"]) for g in groups] == [1]
+    assert "One run (seed 0)" in (out / "index.html").read_text()
 
 
 def test_training_curves_draw_the_stored_loss_accuracy_and_validation(run: Run) -> None:
