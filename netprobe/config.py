@@ -20,6 +20,20 @@ PRECISIONS = ("32", "bf16", "16")
 NONLINEARITIES = ("relu", "leaky_relu", "selu", "tanh", "sigmoid", "linear", "conv1d", "conv2d",
                   "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")  # fmt: skip
 GROUPS = ("model", "data", "init", "optim", "probes", "trainer", "doctor", "experiment")
+# Keys (or whole sections) that say how a run reports, saves and finds its files, never what it
+# learns: a resumed run may change them, and plots average runs that differ only in them and
+# the seed as one experiment.
+BOOKKEEPING = (
+    "trainer.log_every", "trainer.flush_every", "trainer.log_interval_s",
+    "trainer.checkpoint_every", "trainer.tensorboard", "trainer.resume",
+    "data.root", "data.download", "data.num_workers", "probes.memory_budget", "doctor",
+    "name", "out_root",
+)  # fmt: skip
+
+
+def bookkeeping(key: str) -> bool:
+    """Whether a dotted config key is one of BOOKKEEPING or lies in a section that is."""
+    return any(key == k or key.startswith(f"{k}.") for k in BOOKKEEPING)
 
 
 def conf_dir() -> Path:

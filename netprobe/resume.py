@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from netprobe.checkpoint import checkpoint_path, load_checkpoint, set_rng_states
+from netprobe.config import bookkeeping
 from netprobe.errors import ConfigError, NothingToDo, first_line
 from netprobe.lifecycle import check_not_a_stray
 from netprobe.store import RUN_FILE, TABLES, damaged_part, flatten, read_info
@@ -92,14 +93,11 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
     return state
 
 
-# Keys a resumed run may change (SPEC §1): when it stops, how it logs and checkpoints, where and
-# how fast it runs, and its label. Every other key defines what the stored rows mean.
+# Keys a resumed run may change (SPEC §1) besides its bookkeeping: when it stops, and where and
+# how fast it runs. Every other key defines what the stored rows mean.
 MAY_CHANGE = (
-    "trainer.epochs", "trainer.max_steps", "trainer.resume", "trainer.target_val_acc",
-    "trainer.log_every", "trainer.flush_every", "trainer.checkpoint_every", "trainer.tensorboard",
-    "trainer.on_nonfinite", "trainer.device", "trainer.compile", "trainer.deterministic",
-    "data.num_workers", "data.on_device", "data.root", "data.download", "probes.memory_budget",
-    "name", "out_root",
+    "trainer.epochs", "trainer.max_steps", "trainer.target_val_acc", "trainer.on_nonfinite",
+    "trainer.device", "trainer.compile", "trainer.deterministic", "data.on_device",
     "optim.lr_schedulers.cosine.T_max",  # trainer.epochs; the checkpoint's own T_max is restored
 )  # fmt: skip
 CONFIG = Path(".hydra") / "config.yaml"
@@ -133,7 +131,9 @@ def check(cfg: DictConfig, run_dir: str | Path) -> None:
     differ = [
         f"{key}={_show(before.get(key, missing))} (the run's) vs {_show(now.get(key, missing))}"
         for key in sorted(before.keys() | now.keys())
-        if key not in MAY_CHANGE and before.get(key, missing) != now.get(key, missing)
+        if key not in MAY_CHANGE
+        and not bookkeeping(key)
+        and before.get(key, missing) != now.get(key, missing)
     ]
     epochs = before.get("trainer.epochs")
     if isinstance(epochs, int) and now["trainer.epochs"] < epochs:

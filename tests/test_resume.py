@@ -203,3 +203,16 @@ def test_a_resume_with_nothing_to_train_leaves_every_file_as_it_was(tmp_path, ca
     assert cli([*args, "trainer.resume=true", "trainer.max_steps=2"]) == 2
     assert "trainer.max_steps=2 is fewer than the 12 steps" in capsys.readouterr().err
     assert files() == before
+
+
+def test_bookkeeping_may_change_on_resume_and_the_seed_may_not(tmp_path):
+    """Logging, checkpointing and the doctor's thresholds never define the stored rows."""
+    from netprobe import resume
+
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "model=cnn", "model.width=4", "model.hidden=16", "probes=none"]
+    train(compose([*overrides, "trainer.epochs=1", "trainer.checkpoint_every=1"]), run_dir)
+    later = [*overrides, "trainer.epochs=2", "trainer.resume=true", "trainer.log_interval_s=5"]
+    resume.check(compose([*later, "trainer.checkpoint_every=2", "doctor.dead_frac=0.5"]), run_dir)
+    with pytest.raises(ConfigError, match=r"seed=0 \(the run's\) vs 1"):
+        resume.check(compose([*later, "seed=1"]), run_dir)

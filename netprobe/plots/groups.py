@@ -5,11 +5,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from netprobe.config import bookkeeping
 from netprobe.plots.common import RunGroup
 from netprobe.store import Run
 
-# Keys that differ between runs without making them different experiments.
-IGNORED_KEYS = {"seed", "name", "out_root", "trainer.resume"}
 MAX_NAME = 60  # characters in a group's folder name
 HASH_CHARS = 6
 
@@ -64,9 +63,13 @@ def folder_name(parts: list[str], identity: str) -> str:
 
 
 def group_runs(runs: list[Run]) -> list[RunGroup]:
-    """Runs whose configs agree on everything but the seed form one group, named by the keys that
-    differ between groups (one group: no name)."""
-    configs = [{k: v for k, v in _config(r).items() if k not in IGNORED_KEYS} for r in runs]
+    """Runs whose configs agree on everything but the seed and the bookkeeping form one group,
+    named by the keys that differ between groups (one group: no name)."""
+    # The seed and the bookkeeping (logging, checkpoints, output) differ between runs without
+    # making them different experiments.
+    configs = [
+        {k: v for k, v in _config(r).items() if k != "seed" and not bookkeeping(k)} for r in runs
+    ]
     by_config: dict[str, list[int]] = {}
     for i, cfg in enumerate(configs):
         by_config.setdefault(repr(sorted((k, str(v)) for k, v in cfg.items())), []).append(i)

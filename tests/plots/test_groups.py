@@ -43,6 +43,23 @@ def test_seeds_share_a_group_and_absent_probes_do_not_name_it() -> None:
     assert sorted(r["path"] for g in rows for r in g["runs"]) == ["/runs/a0", "/runs/a1", "/runs/b"]
 
 
+def test_logging_checkpoints_and_output_do_not_tell_experiments_apart() -> None:
+    """Keys that cannot change what is learned: runs differing only in them (and the seed) are
+    seeds of one experiment, and they never name a group."""
+
+    def logged(name: str, seed: int, interval: int, every: int, init: str = "default") -> FakeRun:
+        trainer = {"epochs": 3, "log_interval_s": interval, "checkpoint_every": every}
+        doctor = {"dead_frac": 0.1 * seed}
+        return run(name, seed, trainer=trainer, doctor=doctor, init={"name": init})
+
+    one = group_runs([logged("a", 0, 10, 0), logged("b", 1, 30, 1)])
+    assert len(one) == 1 and one[0].label == "" and one[0].n == 2
+    mixed = [logged("a", 0, 10, 0), logged("b", 1, 30, 1), logged("z", 0, 30, 2, "zeros")]
+    groups = group_runs(mixed)
+    assert [g.label for g in groups] == ["init=default", "init=zeros"]
+    assert [g.n for g in groups] == [2, 1]
+
+
 def test_long_names_are_cut_with_a_stable_hash() -> None:
     def make() -> list[FakeRun]:
         return [
