@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from netprobe.errors import ConfigError
 from netprobe.query import read_config, varying_keys
-from netprobe.store import Run, flatten, read_runs_under
+from netprobe.store import RUN_FILE, Run, flatten, make_out_folder, read_runs_under
 
 TB_DIR = "tb"  # inside a run directory
 FINAL = ("best_val_acc", "final.loss", "final.acc", "final.val_loss", "final.val_acc")
@@ -263,7 +263,7 @@ def run_names(run_dirs: Sequence[Path], root: Path) -> dict[Path, str]:
 
 def export(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[Path]:
     """Event files for every stored run under `paths`, one TensorBoard run per run in `out`;
-    refuses (ConfigError, nothing written) when a target folder already holds event files."""
+    refuses (ConfigError, nothing written) an `out` that `check_out` does not accept."""
     require()
     out = Path(out)
     runs = {r.path: r for r in read_runs_under(paths)}
@@ -271,11 +271,8 @@ def export(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[P
     root = Path(os.path.commonpath([Path(p).resolve() for p in paths]))
     names = run_names(list(runs), root)
     targets = {path: out / name for path, name in names.items()}
-    for target in targets.values():
-        if target.is_dir() and any(target.glob("events.out.tfevents.*")):
-            raise ConfigError(
-                f"{target} already holds TensorBoard event files; choose another --out"
-            )
+    check_out(out)
+    make_out_folder(out)
     written = []
     for run in runs.values():
         wall_time = _wall_times(run.info)
@@ -284,6 +281,25 @@ def export(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[P
         writer.close(run.info, wall_time=wall_time(int(run.info.get("steps_done") or 0)))
         written.append(targets[run.path])
     return written
+
+
+def check_out(out: Path) -> None:
+    """Refuse (ConfigError) an --out inside a run directory, where a run's own files are, or one
+    that already holds event files, which TensorBoard would show beside the new ones."""
+    where = out.resolve()
+    for folder in (where, *where.parents):
+        if (folder / RUN_FILE).exists():
+            raise ConfigError(
+                f"--out {out} is inside the run directory {folder}, which export never writes "
+                "into; give an --out outside every run"
+            )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the event files")
+    if out.is_dir() and next(out.rglob("events.out.tfevents.*"), None) is not None:
+        raise ConfigError(
+            f"--out {out} already holds TensorBoard event files (an earlier export?); "
+            "give another --out, or remove that folder first"
+        )
 
 
 def _wall_times(info: Mapping[str, Any]) -> Any:

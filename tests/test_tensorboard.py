@@ -268,6 +268,31 @@ def test_bad_export_arguments_are_one_line_exit_2(sweep, tmp_path, capsys, args,
     assert not (tmp_path / "x").exists()
 
 
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    return {str(p): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("job0/tb", "inside the run directory"),  # the run's own live event files
+        ("job0/export", "inside the run directory"),
+        ("earlier", "already holds TensorBoard event files"),
+        ("/proc/nope", "cannot create the folder"),
+    ],
+)
+def test_an_out_that_export_must_not_write_is_refused(sweep, tmp_path, capsys, where, message):
+    earlier = tmp_path / "earlier"
+    assert cli(["export", str(sweep / "job1"), "--to", "tensorboard", "--out", str(earlier)]) == 0
+    out = where if where.startswith("/") else str(sweep / where if "job" in where else earlier)
+    before, exported = snapshot(sweep), snapshot(earlier)
+    capsys.readouterr()
+    assert cli(["export", str(sweep), "--to", "tensorboard", "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and out in err[0] and "--out" in err[0], err
+    assert snapshot(sweep) == before and snapshot(earlier) == exported
+
+
 def test_export_of_a_missing_path_is_one_line_exit_2(tmp_path, capsys):
     code = cli(["export", str(tmp_path / "nope"), "--to", "tensorboard", "--out", str(tmp_path)])
     assert code == 2

@@ -37,7 +37,7 @@ from netprobe.plots.common import FIGURES, RunGroup
 from netprobe.plots.compare import COMPARISONS, swept
 from netprobe.plots.groups import group_runs, mapping
 from netprobe.plots.page import Entry, Extra, Section, page
-from netprobe.store import Run, read_runs_under
+from netprobe.store import Run, make_out_folder, read_runs_under
 
 FORMATS = ("png", "svg", "pdf")
 MANIFEST = ".netprobe-plot.json"  # what each figure was drawn from, to skip unchanged ones
@@ -89,6 +89,7 @@ def plot(
     out = _out_folder(paths, out)
     runs = read_runs_under(paths)
     groups = group_runs(runs)
+    make_out_folder(out)
     targets, folders = _targets(groups)
     job_list = [
         Job(t, name, folders[t])
@@ -102,7 +103,6 @@ def plot(
     }
     _drop_gone(out, manifest, every, {str(Path(r.path).resolve()) for r in runs})
     done, drawn = _update(job_list, targets, formats, out, jobs, manifest)
-    out.mkdir(parents=True, exist_ok=True)
     _write_json(out / MANIFEST, manifest)  # other figures' records stay for a later full plot
     _write_json(out / GROUPS_FILE, mapping(groups))
     index = _write_index(out, _sections(targets, folders, job_list, done), extra)

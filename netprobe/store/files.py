@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from netprobe.errors import StorageError, first_line
+from netprobe.errors import ConfigError, StorageError, first_line
 from netprobe.lifecycle import RUN_FILE
 from netprobe.store.schema import SCHEMAS
 
@@ -76,6 +76,21 @@ def _finite(value: Any) -> Any:
     if isinstance(value, numbers.Real) and not math.isfinite(value):
         return None
     return value
+
+
+def make_out_folder(path: Path) -> None:
+    """Create the folder a command writes its output into (`--out`), once every other check has
+    passed; ConfigError (one line) when it cannot be created or written into."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path, os.W_OK)
+    except OSError as exc:
+        reason = exc.strerror or first_line(exc)
+        raise ConfigError(
+            f"--out {path}: cannot create the folder ({reason}); give another --out"
+        ) from None
+    if not writable:
+        raise ConfigError(f"--out {path}: the folder is not writable; give another --out")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ import netprobe
 from netprobe.plots import FIGURES, plot
 from netprobe.plots.common import RunGroup
 from netprobe.store import Run
+from tests.helpers import netprobe_cmd
 
 BASIC = ["training_curves", "grad_flow_bars", "grad_norms", "grad_heatmap"]
 
@@ -54,6 +55,16 @@ def test_paths_that_overlap_count_each_run_once(run: Run, tmp_path: Path) -> Non
     groups = json.loads((out / "groups.json").read_text())
     assert [len(g["runs"]) for g in groups] == [1]
     assert "One run (seed 0)" in (out / "index.html").read_text()
+
+
+def test_an_out_that_cannot_be_created_is_one_line_exit_2(run: Run) -> None:
+    done = netprobe_cmd("plot", str(run.path), "--out", "/proc/x", "--only", "training_curves")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip() == (
+        "netprobe: --out /proc/x: cannot create the folder (No such file or directory); "
+        "give another --out"
+    )
+    assert not (run.path / "figures").exists()
 
 
 def test_training_curves_draw_the_stored_loss_accuracy_and_validation(run: Run) -> None:
