@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+from matplotlib.ticker import Formatter, MaxNLocator  # noqa: E402
 
 from netprobe.store import Run  # noqa: E402
 
@@ -178,14 +178,31 @@ def step_axis(ax: Axes, label: str = "optimizer step") -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+class CompactFormatter(Formatter):
+    """Tick labels that carry their own magnitude (`2e-5`, `0.03`, `1.2e4`): no offset or
+    ×10ⁿ text in a corner, where it collides with neighbouring panels. Three significant digits,
+    or as many more as it takes to tell the ticks apart (2.3025, 2.303, 2.3035)."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return self.format_ticks([x])[0]
+
+    def format_ticks(self, values: Any) -> list[str]:
+        v = np.asarray(values, dtype=float)
+        if v.size > 1:  # a tick at zero computed as 1e-17 reads as zero
+            v = np.where(np.abs(v) < np.ptp(v) * 1e-9, 0.0, v)
+        for digits in range(3, 16):
+            labels = [f"{x:.{digits}g}".replace("e+0", "e").replace("e-0", "e-") for x in v]
+            if len(set(labels)) == len(labels):
+                break
+        return labels
+
+
 def compact_ticks(ax: Axes, axis: str = "both") -> None:
-    """Tick labels that carry their own magnitude (`2e-05`, `0.03`, `1.2e+04`): no offset or
-    ×10ⁿ text in a corner, where it collides with neighbouring panels."""
-    fmt = FuncFormatter(lambda v, _pos: f"{v:.3g}".replace("e+0", "e").replace("e-0", "e-"))
+    """CompactFormatter's tick labels on the linear axes among `axis` ("x", "y" or "both")."""
     for name in ("x", "y") if axis == "both" else (axis,):
         target = ax.xaxis if name == "x" else ax.yaxis
         if target.get_scale() == "linear":
-            target.set_major_formatter(fmt)
+            target.set_major_formatter(CompactFormatter())
 
 
 def mean_band(

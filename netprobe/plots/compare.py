@@ -3,6 +3,8 @@ one curve or panel per value of the swept key, each averaged over its seeds."""
 
 from __future__ import annotations
 
+import re
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -185,7 +187,18 @@ def compare_final(sweep: Sweep):
     df = pd.DataFrame(rows).dropna()
     if df.empty:
         return None
-    fig, axes = new_figure(1, 2, size=(max(4.0, 0.7 * len(sweep.groups) + 1.5), 4.0))
+    # Each label whole, a line per key (`init=zeros` over `optim.lr=0.1`): the keys are what
+    # tells the bars apart. Side by side while they fit, else each on one line turned upright
+    # (slanted, they would run under the neighbouring panel).
+    ticks = [_tick_label(label, g.n) for label, g in zip(sweep.labels, sweep.groups)]
+    chars = max(len(line) for t in ticks for line in t.splitlines())
+    upright = len(ticks) * chars <= 90
+    if not upright:
+        ticks = [t.replace("\n", ", ").replace(", (n=", " (n=") for t in ticks]
+    per_value = 0.085 * chars + 0.2 if upright else 0.3
+    width = max(3.6, per_value * len(ticks) + 1.0)
+    below = 0.0 if upright else 0.06 * max(map(len, ticks))  # inches the upright labels take
+    fig, axes = new_figure(1, 2, size=(width, 4.0 + below))
     colors = _colors(len(sweep.groups))
     x = np.arange(len(sweep.groups))
     for ax, (metric, title) in zip(axes[0], [("val_acc", "final validation accuracy"),
@@ -208,15 +221,28 @@ def compare_final(sweep: Sweep):
         size = part.groupby("i")["value"].transform("size").to_numpy()
         jitter = (rank - (size - 1) / 2) * min(0.08, 0.5 / size.max())
         ax.scatter(part["i"] + jitter, part["value"], s=12, color="black", zorder=3)
-        ticks = [f"{short(lbl, 18)} (n={g.n})" for lbl, g in zip(sweep.labels, sweep.groups)]
-        ax.set_xticks(x, ticks, rotation=40, ha="right")
-        ax.set_xlabel(sweep.key)
+        if upright:
+            ax.set_xticks(x, ticks, fontsize=8)
+        else:
+            ax.set_xticks(x, ticks, fontsize=8, rotation=90)
         ax.set_title(title)
         if metric == "val_acc":
             ax.set_ylim(0, 1.02)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(sweep.title)
+    # One axis label and a title, each wrapped to the figure's width, so neither runs off it.
+    fig.supxlabel(_wrap(sweep.key, 2 * width, 10))
+    fig.suptitle(_wrap(sweep.title, 2 * width, 12))
     return fig
+
+
+def _tick_label(label: str, n: int) -> str:
+    """A swept value as a tick label: one line per `key=value` of a label that joins several."""
+    return "\n".join([*re.split(r",(?! )", label), f"(n={n})"])
+
+
+def _wrap(text: str, width: float, points: float) -> str:
+    """`text` in lines that fit `width` inches at a font of `points` size."""
+    return textwrap.fill(text, max(20, int(width * 110 / points)), break_on_hyphens=False)
 
 
 def _before_after(

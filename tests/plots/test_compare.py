@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from netprobe.plots import group_runs, plot
-from netprobe.plots.common import RunGroup
-from netprobe.plots.compare import COMPARISONS, swept
+from netprobe.plots.common import CompactFormatter, RunGroup
+from netprobe.plots.compare import COMPARISONS, Sweep, compare_final, swept
 
 SMALL = ["model=cnn", "model.width=4", "model.hidden=16", "probes=[gradients]"]
 
@@ -51,3 +54,55 @@ def test_swept_orders_numbers_numerically_and_names_several_keys():
                   (("cnn", "mnist"), ("mlp", "digits"))])  # fmt: skip
     assert both.key == "data, model" and both.labels[0] == "model.name=cnn,data.name=mnist"
     assert swept([group(seed=0)]) is None
+
+
+@dataclass
+class FinalOnly:
+    """What compare_final reads of a run: its run.json."""
+
+    info: dict
+
+
+def final_sweep(labels: list[str], key: str) -> Sweep:
+    def group(i: int) -> RunGroup:
+        final = {"val_acc": 0.1 + 0.01 * i, "val_loss": 2.3025 + 0.0005 * i}
+        return RunGroup([FinalOnly({"model": "cnn", "data": "synthetic", "final": final})])
+
+    return Sweep(key, [group(i) for i in range(len(labels))], labels)
+
+
+def inside(box, outer) -> bool:
+    return box.x0 >= outer.x0 - 1 and box.x1 <= outer.x1 + 1 and box.y0 >= outer.y0 - 1
+
+
+@pytest.mark.parametrize("count", [2, 6])
+def test_compare_final_labels_are_whole_apart_and_inside_the_figure(count: int) -> None:
+    """Every tick label names each key of its value in full; titles, labels and ticks stay in
+    the figure, the two panels' tick labels never overlap, and close losses read apart."""
+    labels = [
+        f"init=orthogonal,optim.lr=0.00{i + 1},trainer.schedule=cosine{i}" for i in range(count)
+    ]
+    key = "init, optim.lr, trainer.schedule, " + ", ".join(f"probes.p{i}.every" for i in range(8))
+    fig = compare_final(final_sweep(labels, key))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ticks = [[t for t in ax.get_xticklabels() if t.get_text()] for ax in fig.axes]
+    for panel in ticks:
+        shown = [" ".join(t.get_text().split()).replace(",", " ") for t in panel]
+        for label, text in zip(labels, shown):
+            assert all(part in text for part in label.split(",")), (label, text)
+    boxes = [[t.get_window_extent(renderer) for t in panel] for panel in ticks]
+    texts = [fig._suptitle, fig._supxlabel]  # noqa: SLF001
+    for box in [*boxes[0], *boxes[1], *(t.get_window_extent(renderer) for t in texts)]:
+        assert inside(box, fig.bbox), box
+    assert not any(a.overlaps(b) for a in boxes[0] for b in boxes[1])
+    assert not any(a.overlaps(b) for a in boxes[0] for b in boxes[0] if a is not b)
+    loss_ticks = [t.get_text() for t in fig.axes[1].get_yticklabels() if t.get_text()]
+    assert len(set(loss_ticks)) == len(loss_ticks), loss_ticks
+
+
+def test_tick_labels_tell_close_values_apart() -> None:
+    formatter = CompactFormatter()
+    assert formatter.format_ticks([2.3025, 2.303, 2.3035]) == ["2.3025", "2.303", "2.3035"]
+    assert formatter.format_ticks([-0.1, 1.4e-17, 0.1]) == ["-0.1", "0", "0.1"]
+    assert formatter.format_ticks([2e-5, 4e-5, 1.2e4]) == ["2e-5", "4e-5", "1.2e4"]
