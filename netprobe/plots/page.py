@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +69,8 @@ main{margin-left:250px;padding:12px 20px;max-width:1900px}
 h1{font-size:20px;margin:4px 0 10px}h2{font-size:17px;margin:18px 0 6px}
 h3{font-size:15px;margin:10px 0 5px;color:#333}
 table{border-collapse:collapse;font-size:12.5px;margin:4px 0 10px;background:#fff}
-th,td{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}
-th{background:#eef1f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th,td{border:1px solid #ddd;padding:3px 5px;text-align:left;vertical-align:top}
+th{background:#eef1f5}th.group{background:#f6f7f9;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .status-completed{color:#1b7f2a}.status-failed,.status-diverged,.status-crashed{color:#b3261e}
 .status-running,.status-interrupted{color:#a05a00}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:10px}
@@ -100,6 +101,7 @@ window.addEventListener('load',function(){
  var bad=imgs.filter(function(i){return !(i.complete&&i.naturalWidth>0);});
  document.body.dataset.images=imgs.length;document.body.dataset.broken=bad.length;
  document.body.dataset.height=document.documentElement.scrollHeight;
+ document.body.dataset.width=document.documentElement.scrollWidth;
  if(bad.length){var b=document.getElementById('broken');b.style.display='block';
   b.textContent=bad.length+' of '+imgs.length+' figure files could not be loaded.';}});
 """
@@ -112,20 +114,18 @@ def page(
 ) -> str:
     """The whole index.html. `extra` sections go first, right under the heading: the one place
     for summaries that other commands add (findings, say)."""
-    runs = [r for s in sections if s.folder != "compare" for r in s.runs]
     e = html.escape
-    kinds = "sweep" if len(runs) > 1 else "run"
     parts = [
         "<!doctype html><html lang='en'><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width,initial-scale=1'>",
-        f"<title>netprobe — {len(runs)} {kinds}{'s' if len(runs) > 1 else ''}</title>",
+        f"<title>netprobe — {_count(sections)}</title>",
         f"<style>{STYLE}</style><body>",
-        _nav(sections, bool(extra)),
+        _nav(sections, extra),
         "<main><h1>netprobe report</h1><p id='broken'></p>",
     ]
     for i, section in enumerate(extra):
         parts.append(f"<h2 id='extra-{i}'>{e(section.title)}</h2>{section.body_html}")
-    parts.append(f"<h2 id='runs'>{_summary_title(sections)}</h2>")
+    parts.append(f"<h2 id='runs'>Runs ({_count(sections)})</h2>")
     parts.append(_runs_table(sections, out))
     groups = [s for s in sections if s.folder != "compare"]
     if len(groups) > 1:
@@ -136,10 +136,11 @@ def page(
     return "\n".join(parts)
 
 
-def _summary_title(sections: Sequence[Section]) -> str:
+def _count(sections: Sequence[Section]) -> str:
+    """`3 runs in 1 group`: the runs drawn, and the groups of seeds they form."""
     groups = [s for s in sections if s.folder != "compare"]
     n = sum(len(s.runs) for s in groups)
-    return f"Runs ({n} in {len(groups)} group{'s' if len(groups) > 1 else ''})"
+    return f"{n} run{'s' if n != 1 else ''} in {len(groups)} group{'s' if len(groups) != 1 else ''}"
 
 
 def _anchor(k: int, family: str = "") -> str:
@@ -154,11 +155,10 @@ def _families(section: Section) -> list[tuple[str, list[Entry]]]:
     return sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
 
 
-def _nav(sections: Sequence[Section], extra: bool) -> str:
+def _nav(sections: Sequence[Section], extra: Sequence[Extra]) -> str:
     e = html.escape
     items = ["<nav><b>Contents</b><ul>"]
-    if extra:
-        items.append("<li><a href='#extra-0'>Summary</a></li>")
+    items += [f"<li><a href='#extra-{i}'>{e(x.title)}</a></li>" for i, x in enumerate(extra)]
     items.append("<li><a href='#runs'>Runs</a></li>")
     for k, section in enumerate(sections):
         families = "".join(
@@ -191,7 +191,7 @@ def duration(info: dict[str, Any]) -> str:
 def _runs_table(sections: Sequence[Section], out: Path) -> str:
     e = html.escape
     head = (
-        "<table><tr><th>group</th><th>run</th><th>status</th><th>seed</th><th>epochs</th>"
+        "<table><tr><th>run</th><th>status</th><th>seed</th><th>epochs</th>"
         "<th>steps</th><th>best val acc</th><th>final val acc</th><th>final val loss</th>"
         "<th>duration</th><th>probe overhead</th><th>probes</th></tr>"
     )
@@ -202,6 +202,8 @@ def _runs_table(sections: Sequence[Section], out: Path) -> str:
     for section in sections:
         if section.folder == "compare":
             continue
+        # A row naming the group above its runs: as a column, its long title left no room.
+        rows.append(f"<tr><th colspan='11' class='group'>{e(section.title)}</th></tr>")
         for run in section.runs:
             name = Path(os.path.relpath(run.path.resolve(), base)).as_posix()
             info, final = run.info, run.info.get("final") or {}
@@ -210,8 +212,9 @@ def _runs_table(sections: Sequence[Section], out: Path) -> str:
                 f"<br><small>{e(str(reason)[:120])}</small>" if reason else ""
             )
             link = e(Path(os.path.relpath(run.path, out)).as_posix())
+            shown = re.sub("([/,])", r"\1<wbr>", e(name))  # lines break after a / or a comma
             rows.append(
-                f"<tr><td>{e(section.title)}</td><td><a href='{link}'>{e(name)}</a></td>"
+                f"<tr><td><a href='{link}'>{shown}</a></td>"
                 f"<td class='status-{e(run.status)}'>{status}</td>"
                 f"<td class='num'>{_fmt(info.get('seed'))}</td>"
                 f"<td class='num'>{_fmt(info.get('epochs_done'))}</td>"
