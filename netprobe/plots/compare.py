@@ -175,7 +175,8 @@ def _mean_over_runs(df: pd.DataFrame, x: str) -> pd.DataFrame:
 @comparison(
     "compare_final",
     "Final validation accuracy (bars from 0) and loss (mean ± std as a point, log axis when it "
-    "spans more than two decades) per value of the swept key, each seed a dot.",
+    "spans more than two decades) per value of the swept key, each seed a dot; a value whose "
+    "runs left none (diverged, failed) says so with their status.",
 )
 def compare_final(sweep: Sweep):
     rows = [
@@ -221,6 +222,12 @@ def compare_final(sweep: Sweep):
         size = part.groupby("i")["value"].transform("size").to_numpy()
         jitter = (rank - (size - 1) / 2) * min(0.08, 0.5 / size.max())
         ax.scatter(part["i"] + jitter, part["value"], s=12, color="black", zorder=3)
+        # A value with no final number says why (its runs diverged, failed, ...), not a blank
+        # that reads as a bar of 0.
+        for i in sorted(set(x) - set(part["i"])):
+            why = ", ".join(sorted({run.status for run in sweep.groups[i].runs}))
+            ax.text(i, 0.03, f"no final value\n({why})", transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=8, color="0.35")  # fmt: skip
         if upright:
             ax.set_xticks(x, ticks, fontsize=8)
         else:

@@ -58,9 +58,10 @@ def test_swept_orders_numbers_numerically_and_names_several_keys():
 
 @dataclass
 class FinalOnly:
-    """What compare_final reads of a run: its run.json."""
+    """What compare_final reads of a run: its run.json, and its status."""
 
     info: dict
+    status: str = "completed"
 
 
 def final_sweep(labels: list[str], key: str) -> Sweep:
@@ -106,3 +107,16 @@ def test_tick_labels_tell_close_values_apart() -> None:
     assert formatter.format_ticks([2.3025, 2.303, 2.3035]) == ["2.3025", "2.303", "2.3035"]
     assert formatter.format_ticks([-0.1, 1.4e-17, 0.1]) == ["-0.1", "0", "0.1"]
     assert formatter.format_ticks([2e-5, 4e-5, 1.2e4]) == ["2e-5", "4e-5", "1.2e4"]
+
+
+def test_compare_final_says_why_a_value_has_no_bar() -> None:
+    """A value whose runs left no final result (one diverged) is named with their status in
+    both panels, where its bar or point would be."""
+    sweep = final_sweep(["0.001", "1000"], "optim.lr")
+    sweep.groups[1].runs[0] = FinalOnly({"final": {}}, status="diverged")
+    fig = compare_final(sweep)
+    for ax in fig.axes:
+        notes = [t for t in ax.texts if t.get_text().startswith("no final value")]
+        assert [(t.get_text(), t.get_position()[0]) for t in notes] == [
+            ("no final value\n(diverged)", 1)
+        ]
