@@ -185,9 +185,20 @@ def _explain(exc: Exception, overrides: list[str], hydra_compose: Callable) -> C
         parent, _, leaf = key.rpartition(".")
         rest = [o for o in overrides if not o.lstrip("+~").startswith(key)]
         try:
-            node = OmegaConf.select(hydra_compose(CONFIG_NAME, overrides=rest), parent or "")
+            composed = hydra_compose(CONFIG_NAME, overrides=rest)
         except Exception:  # noqa: BLE001
-            node = None
+            composed = None
+        node = None if composed is None else OmegaConf.select(composed, parent or "")
+        probe = key.split(".")[1] if key.startswith("probes.") and "." in key[7:] else None
+        probes = set(options("probes")) - {"all", "none"}
+        if node is None and probe in probes:
+            # A key of a probe this run does not select (probes=[gradients] by default).
+            chosen = [k for k in (composed.probes if composed else []) if k in probes]
+            return ConfigError(
+                f"unknown config key {key!r}: {probe} is not among this run's probes "
+                f"({', '.join(map(str, chosen)) or 'none'}); select it too, e.g. "
+                f"probes=[{','.join([*map(str, chosen), probe])}]"
+            )
         if isinstance(node, DictConfig):
             where = f" under {parent}" if parent else ""
             return ConfigError(

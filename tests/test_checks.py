@@ -36,6 +36,14 @@ TRAIN_CASES = {
     "top key": (["bogus=1"], ["'bogus'", "seed"]),
     "probe key": (["probes.gradients.bogus=1"], ["probes.gradients.bogus", "every", "layers"]),
     "added probe key": (["+probes.gradients.bogus=1"], ["'bogus'", "gradients", "layers"]),
+    "unselected probe's key": (
+        ["probes.rwc.enabled=false"],
+        [
+            "'probes.rwc.enabled'",
+            "rwc is not among this run's probes (gradients)",
+            "probes=[gradients,rwc]",
+        ],
+    ),  # fmt: skip
     # wrong type
     "epochs type": (["trainer.epochs=abc"], ["trainer.epochs", "'abc'", "positive integer"]),
     "lr type": (["optim.lr=abc"], ["optim.lr", "'abc'", "positive number"]),
