@@ -54,6 +54,11 @@ class RelativeWeightChange(Probe):
                 f"probes.rwc.every={every!r} is not valid; valid: epoch (for a record every N "
                 "steps as well, set probes.rwc.every_steps=N)"
             )
+        if "at" in cfg:  # `every: epoch` would replace it, silently
+            raise ConfigError(
+                f"probes.rwc.at={cfg['at']!r}: rwc records at each epoch's end (every: epoch); "
+                "for a record every N steps as well, set probes.rwc.every_steps=N"
+            )
         super().__init__(ctx, **cfg)
         self.mode, self.every_steps = self.cfg["mode"], self.cfg["every_steps"]
         k = self.every_steps

@@ -203,6 +203,12 @@ def test_rwc_every_names_what_rwc_takes(capsys, every: str) -> None:
     assert "probes.rwc.every_steps=N" in err and "probes.rwc.at" not in err
 
 
+def test_rwc_refuses_an_added_at_rather_than_ignore_it(capsys) -> None:
+    assert cli(["probes", "probes=[rwc]", "+probes.rwc.at=[end]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "probes.rwc.at=" in err[0] and "every_steps=N" in err[0], err
+
+
 def test_listing_aligns_name_schedule_and_measures() -> None:
     probe, _ = make()
     assert listing([probe]) == [
