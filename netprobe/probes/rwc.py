@@ -54,7 +54,7 @@ class RelativeWeightChange(Probe):
                 f"probes.rwc.every={every!r} is not valid; valid: epoch (for a record every N "
                 "steps as well, set probes.rwc.every_steps=N)"
             )
-        if "at" in cfg:  # `every: epoch` would replace it, silently
+        if "at" in cfg:  # its records are the epochs' ends and every_steps' steps
             raise ConfigError(
                 f"probes.rwc.at={cfg['at']!r}: rwc records at each epoch's end (every: epoch); "
                 "for a record every N steps as well, set probes.rwc.every_steps=N"

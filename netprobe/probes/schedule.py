@@ -41,6 +41,12 @@ class Schedule:
         probe's default); `every: epoch` means `at: [epoch]`. Settings it would ignore fail."""
         every, at = cfg.get("every", default.every), cfg.get("at", default.at)
         if every == "epoch":
+            given = tuple(as_list(cfg.get("at", ("epoch",))))
+            if given != ("epoch",):  # not replaced silently by the epoch's end
+                raise ConfigError(
+                    f"probes.{probe}.at={list(given)} with probes.{probe}.every=epoch, which "
+                    f"records at each epoch's end only; give one of them"
+                )
             every, at = None, ("epoch",)
         # A setting the probe would ignore is an error, not a run that silently records nothing.
         if default.every is None and every is not None:

@@ -203,6 +203,15 @@ def test_rwc_every_names_what_rwc_takes(capsys, every: str) -> None:
     assert "probes.rwc.every_steps=N" in err and "probes.rwc.at" not in err
 
 
+def test_every_epoch_with_another_at_is_refused_not_replaced(capsys) -> None:
+    """`every: epoch` means `at: [epoch]`: an `at` beside it that says otherwise is an error."""
+    args = ["probes", "probes=[weights]", "+probes.weights.every=epoch"]
+    assert cli([*args, "probes.weights.at=[end]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "probes.weights.at=['end'] with probes.weights.every=epoch" in err[0]
+    assert cli([*args, "probes.weights.at=[epoch]"]) == 0  # the same thing said twice
+
+
 def test_rwc_refuses_an_added_at_rather_than_ignore_it(capsys) -> None:
     assert cli(["probes", "probes=[rwc]", "+probes.rwc.at=[end]"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
