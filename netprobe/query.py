@@ -25,6 +25,7 @@ from netprobe.store import (
     read_runs,
     read_runs_under,
     readable_parts,
+    run_holding,
     write_parquet,
     write_text,
 )
@@ -343,7 +344,7 @@ def output_format(fmt: str | None, out: str | None) -> str:
         folder = Path(out).resolve().parent
         if not folder.is_dir():
             raise ConfigError(f"--out {out}: no such directory {folder}")
-        run = next((d for d in (folder, *folder.parents) if (d / "run.json").is_file()), None)
+        run = run_holding(folder)
         if run is not None:
             raise ConfigError(f"--out {out} is inside the run {run}; write it outside any run")
     return fmt

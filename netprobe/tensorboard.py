@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from netprobe.errors import ConfigError
 from netprobe.query import read_config, varying_keys
-from netprobe.store import RUN_FILE, Run, flatten, make_out_folder, read_runs_under
+from netprobe.store import Run, flatten, make_out_folder, read_runs_under, run_holding
 
 TB_DIR = "tb"  # inside a run directory
 FINAL = ("best_val_acc", "final.loss", "final.acc", "final.val_loss", "final.val_acc")
@@ -286,13 +286,12 @@ def export(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[P
 def check_out(out: Path) -> None:
     """Refuse (ConfigError) an --out inside a run directory, where a run's own files are, or one
     that already holds event files, which TensorBoard would show beside the new ones."""
-    where = out.resolve()
-    for folder in (where, *where.parents):
-        if (folder / RUN_FILE).exists():
-            raise ConfigError(
-                f"--out {out} is inside the run directory {folder}, which export never writes "
-                "into; give an --out outside every run"
-            )
+    run = run_holding(out)
+    if run is not None:
+        raise ConfigError(
+            f"--out {out} is inside the run directory {run}, which export never writes into; "
+            "give an --out outside every run"
+        )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the event files")
     if out.is_dir() and next(out.rglob("events.out.tfevents.*"), None) is not None:

@@ -25,6 +25,7 @@ from netprobe.store.runs import (
     load,
     read_runs,
     read_runs_under,
+    run_holding,
     run_seconds,
     runs_under,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "read_runs_under",
     "readable_parts",
     "rows_table",
+    "run_holding",
     "run_seconds",
     "runs_under",
     "scalar_table",

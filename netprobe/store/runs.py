@@ -86,6 +86,13 @@ def read_runs(path: str | os.PathLike) -> list[Run]:
     return _open(find_runs(path))
 
 
+def run_holding(path: str | os.PathLike) -> Path | None:
+    """The run directory that `path` lies in (it, or a folder above it, holds a run.json), for
+    commands that write only outside runs; None where there is none."""
+    where = Path(path).resolve()
+    return next((d for d in (where, *where.parents) if (d / RUN_FILE).is_file()), None)
+
+
 def runs_under(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """The run directories at or beneath `paths`, each once however the paths overlap (a run
     given twice, a sweep and one of its runs), in the order found; ConfigError (one line) for a
