@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,6 @@ def run_job(cfg: DictConfig) -> str:
     JOBS["started"] = JOBS["started"] or here
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    started = time.perf_counter()
     status = "failed"
     try:
         status = train(cfg, run_dir)
@@ -93,9 +91,8 @@ def run_job(cfg: DictConfig) -> str:
         # A refused or finished run is left as it was: no summary in its train.log or run.json.
         shown = status not in ("refused", "unchanged") and distributed.launched().is_main
         if shown and (run_dir / "run.json").exists():
-            wall = time.perf_counter() - started
             findings = doctor.close_run(run_dir).rstrip("\n")  # keeps them in run.json too
-            text = summary(run_dir, wall, hint=False) + (f"\n{findings}" if findings else "")
+            text = summary(run_dir, hint=False) + (f"\n{findings}" if findings else "")
             # In a sweep the plot command comes once, after the sweep's table.
             if hydra_cfg.mode != RunMode.MULTIRUN:
                 text += f"\nnext: netprobe plot {run_dir}"

@@ -271,13 +271,17 @@ def _schedule_key(run_dir: str | Path, probe: str) -> str:
     return next((key for key in ("every", "at") if key in settings), "")
 
 
-def summary(run_dir: str | Path, wall_s: float | None = None, hint: bool = True) -> str:
-    """The closing lines: status and why it stopped, best and final metrics, wall time, the
-    probes' share of it when large, and the command that plots the run."""
+def summary(run_dir: str | Path, hint: bool = True) -> str:
+    """The closing lines: status and why it stopped, best and final metrics, the time spent
+    training (run.json's, as `netprobe ls` shows it), the probes' share of it when large, and the
+    command that plots the run."""
+    from netprobe.store import run_seconds
+
     with open(Path(run_dir) / "run.json") as f:
         info = json.load(f)
     status = info.get("status", "?")
-    took = f" in {duration(wall_s)}" if wall_s is not None else ""
+    trained_s = run_seconds(info)
+    took = f" in {duration(trained_s)}" if trained_s is not None else ""
     lines = [f"run {status}{took}: {run_dir}"]
     reason = info.get("stop_reason") or (info.get("error") if status != "completed" else None)
     if reason:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from netprobe.progress import summary
+from netprobe.progress import duration, summary
 from tests.helpers import netprobe_cmd
 
 TINY = ["data=synthetic", "data.num_samples=256", "data.image_size=8", "data.batch_size=32",
@@ -103,6 +103,9 @@ def test_train_log_holds_the_console(tmp_path: Path):
     assert f"{params / 1000:.1f}k parameters" in banner and "device  cpu" in banner
     # The early stop is the closing summary's reason.
     assert "stopped: validation accuracy" in res.stderr and info["stop_reason"] in res.stderr
+    # Its time is the run's time spent training, as `netprobe ls` shows it.
+    took = duration(info["duration_s"])
+    assert f"run completed in {took}: {run_dir}" in printed, printed
     assert printed[-1] == f"next: netprobe plot {run_dir}"
 
 
@@ -137,8 +140,9 @@ def write_info(path: Path, **info: object) -> Path:
 
 def test_summary_names_the_costliest_probe_when_probes_cost_much(tmp_path: Path):
     seconds = {"gradients": 1.0, "activations": 3.0}
-    run = write_info(tmp_path / "a", probe_overhead=0.59, probe_seconds=seconds)
-    text = summary(run, wall_s=125.0)
+    run = write_info(tmp_path / "a", probe_overhead=0.59, probe_seconds=seconds, duration_s=125.0)
+    text = summary(run)
+    # The time spent training, as run.json (and `netprobe ls`) holds it.
     assert text.splitlines()[0] == f"run completed in 2m05s: {run}"
     assert "best val_acc 0.9000" in text and "val_acc 0.8750" in text and "loss 0.2500" in text
     assert "probes took 59% of the wall time, most of it activations (75% of theirs)" in text
