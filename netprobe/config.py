@@ -258,6 +258,8 @@ _CHECKS: dict[str, tuple[Check, str]] = {
         lambda v: isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**64,
         "a 64-bit integer",
     ),
+    # The run folder's name ends with it: one folder, not a path of them.
+    "name": (lambda v: not set("/\\") & set(str(v)), "a folder name, without '/' or '\\'"),
     "trainer.epochs": (_positive_int, "a positive integer"),
     "trainer.max_steps": (_optional(_positive_int), "a positive integer or null"),
     "trainer.precision": (lambda v: str(v) in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
