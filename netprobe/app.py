@@ -114,7 +114,7 @@ def hydra_main(args: list[str]) -> int:
     import hydra
     from hydra.errors import HydraException
 
-    from netprobe.config import CONFIG_NAME, conf_dir
+    from netprobe.config import CONFIG_NAME, conf_dir, hydra_message
     from netprobe.errors import first_line
 
     app = hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")(
@@ -137,7 +137,7 @@ def hydra_main(args: list[str]) -> int:
         print(f"netprobe: {exc}", file=sys.stderr)
         JOBS["code"] = max(JOBS["code"], exc.code)
     except HydraException as exc:
-        raise ConfigError(first_line(exc)) from None
+        raise ConfigError(hydra_message(exc)) from None
     except Exception as exc:
         if not JOBS["started"]:  # Hydra refused the command line before running anything
             if isinstance(exc, BrokenPipeError):

@@ -205,7 +205,19 @@ def _explain(exc: Exception, overrides: list[str], hydra_compose: Callable) -> C
                 f"unknown config key {key!r}; valid keys{where}: {', '.join(map(str, node))}"
             )
         return ConfigError(f"unknown config key {key!r}")
-    return ConfigError(first_line(exc))
+    return ConfigError(hydra_message(exc))
+
+
+def hydra_message(exc: BaseException) -> str:
+    """One line for an error of Hydra's: its first line, but for an override of several values
+    outside a sweep, whose hints Hydra gives on the lines that follow."""
+    match = re.match(r"Ambiguous value for argument '([^']*)'", str(exc))
+    if match is None:
+        return first_line(exc)
+    return (
+        f"{match.group(1)} gives several values; valid: a sweep, one job each "
+        "(netprobe train -m), a list in brackets (key=[a,b]), or a quoted string (key='a,b')"
+    )
 
 
 # ---------------------------------------------------------------- validation

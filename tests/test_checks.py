@@ -109,6 +109,7 @@ TRAIN_CASES = {
     "seed type": (["seed=abc"], ["seed='abc'", "64-bit integer"]),
     "seed null": (["seed=null"], ["seed=None", "64-bit integer"]),
     "seed list": (["seed=[1,2]"], ["seed=[1, 2]", "64-bit integer"]),
+    "several values": (["seed=1,2"], ["seed=1,2", "several values", "-m", "key=[a,b]"]),
     "name path": (["name=a/b"], ["name='a/b'", "a folder name", "without '/'"]),
     "max_steps range": (["trainer.max_steps=9223372036854775808"], ["trainer.max_steps"]),
     "absurd data": (

@@ -181,6 +181,14 @@ def test_cli_refuses_train_flags_in_one_line(capsys, flag: str) -> None:
     )
 
 
+def test_cli_names_the_choices_for_several_values(capsys) -> None:
+    """Hydra's "Ambiguous value" keeps its hints on later lines; the one line gives them."""
+    assert cli(["probes", "seed=1,2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("netprobe: seed=1,2 gives several values")
+    assert "-m" in err and "key=[a,b]" in err and "key='a,b'" in err
+
+
 def test_a_disabled_probe_is_not_attached(capsys) -> None:
     """Every probe's config takes `enabled` (SPEC §5); false leaves the probe out."""
     args = ["probes", "probes=all", "probes.rwc.enabled=false", "probes.gradients.enabled=false"]
