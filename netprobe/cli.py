@@ -25,8 +25,8 @@ usage: netprobe {train,probes,plot,ls,doctor,export,query} ...
   netprobe export PATH --to tensorboard --out DIR
                                  TensorBoard event files for the runs under PATH
   netprobe query PATH "SQL" [--format table,csv,json,parquet] [--out FILE]
-                                 SQL over the runs under PATH: views runs, scalars,
-                                 histograms, matrices, layers (each with a `run` column)
+                                 SQL over the runs under PATH: views runs, findings,
+                                 scalars, histograms, matrices, layers (each with `run`)
 
 exit codes: 0 success, 1 run failed or diverged (or doctor --strict found a problem),
             2 bad usage or input, 130 interrupted
@@ -240,7 +240,8 @@ def query_command(args: list[str]) -> int:
     parser = _Parser(
         prog="netprobe query",
         description="SQL (DuckDB) over every run under PATH. Views: runs (run.json fields and "
-        "the flattened config, one row per run), scalars, histograms, matrices, layers; "
+        "the flattened config, one row per run), findings (one row per doctor finding kept in "
+        "run.json), scalars, histograms, matrices, layers; "
         "each has a `run` column.",
     )
     parser.add_argument("path", metavar="PATH", help="run or sweep directory")

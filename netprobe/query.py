@@ -20,6 +20,7 @@ from netprobe.store import (
     TABLES,
     Run,
     flatten,
+    json_text,
     part_files,
     plain,
     read_runs,
@@ -30,7 +31,23 @@ from netprobe.store import (
     write_text,
 )
 
-VIEWS = ("runs", *TABLES, "layers")
+VIEWS = ("runs", "findings", *TABLES, "layers")
+# The `findings` view: one row per doctor finding in a run.json, its evidence as JSON text (its
+# keys differ from one finding to the next).
+FINDINGS = pa.schema(
+    [
+        ("run", pa.string()),
+        ("code", pa.string()),
+        ("severity", pa.string()),
+        ("message", pa.string()),
+        ("layers", pa.list_(pa.string())),
+        ("steps", pa.list_(pa.int64())),
+        ("epochs", pa.list_(pa.int64())),
+        ("evidence", pa.string()),
+        ("advice", pa.string()),
+        ("figure", pa.string()),
+    ]
+)
 FORMATS = ("table", "csv", "json", "parquet")
 
 
@@ -92,6 +109,29 @@ def run_record(run: Run, config: Mapping[str, Any]) -> dict[str, Any]:
     return record
 
 
+def finding_row(run: Run, finding: Any) -> dict[str, Any]:
+    """One row of the `findings` view from one of run.json's `findings`; a value not of the
+    view's type (a run.json edited by hand) reads as null."""
+    item = finding if isinstance(finding, Mapping) else {}
+    row: dict[str, Any] = {"run": str(run.path)}
+    for column in FINDINGS.names[1:]:
+        value = item.get(column)
+        if column == "evidence":
+            row[column] = None if value is None else json_text(value, indent=None)
+        else:
+            row[column] = value if _fits(value, FINDINGS.field(column).type) else None
+    return row
+
+
+def _fits(value: Any, kind: pa.DataType) -> bool:
+    """Whether a value from JSON is of the Arrow type: a string, an int64, or a list of them."""
+    if pa.types.is_list(kind):
+        return isinstance(value, list) and all(_fits(v, kind.value_type) for v in value)
+    if pa.types.is_string(kind):
+        return isinstance(value, str)
+    return type(value) is int
+
+
 def records_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
     """Records with differing keys as one Arrow table; a column whose values do not share one
     type (an int in one run, a string in another) is kept as JSON text."""
@@ -117,9 +157,10 @@ def _sql_list(paths: Iterable[Path]) -> str:
 
 
 class Catalog:
-    """A DuckDB connection whose views `runs`, `scalars`, `histograms`, `matrices` and `layers`
-    cover the given runs, each with a `run` column (the run's directory). A query defines only
-    the views it names: `runs` reads every run's config, the others list every part file.
+    """A DuckDB connection whose views `runs`, `findings`, `scalars`, `histograms`, `matrices`
+    and `layers` cover the given runs, each with a `run` column (the run's directory). A query
+    defines only the views it names: `runs` reads every run's config, `findings` every run.json,
+    the others list every part file.
     DuckDB reads the part files where they lie, only the columns and row groups a query needs,
     so a query over thousands of runs reads little more than it returns; a part that does not
     read is skipped with the warning `netprobe.load` gives."""
@@ -155,6 +196,10 @@ class Catalog:
                 self.configs = {r.path: read_config(r) for r in self.runs}
             records = [run_record(r, self.configs[r.path]) for r in self.runs]
             self.con.register("runs", records_table(records))
+            return
+        if view == "findings":
+            rows = [finding_row(r, f) for r in self.runs for f in r.info.get("findings") or []]
+            self.con.register("findings", pa.Table.from_pylist(rows, schema=FINDINGS))
             return
         parts = self.parts(view)
         if not parts:

@@ -119,6 +119,50 @@ def test_runs_view_holds_run_json_and_the_flattened_config(root):
         assert list(row.probes) == run.info["probes"]
 
 
+@pytest.fixture(scope="module")
+def diagnosed(root, tmp_path_factory) -> Path:
+    """The runs with their findings kept in run.json, as `netprobe train` ends them."""
+    from netprobe.doctor import close_run
+
+    copy = tmp_path_factory.mktemp("diagnosed") / "runs"
+    shutil.copytree(root, copy)
+    for name in ("a", "b", "z"):
+        close_run(copy / name)
+    return copy
+
+
+def test_findings_view_has_a_row_per_finding_of_each_run_json(diagnosed):
+    got = query([diagnosed], "SELECT * FROM findings ORDER BY run, code")
+    expected = [
+        {"run": str(diagnosed / name), **f}
+        for name in ("a", "b", "z")
+        for f in json.loads((diagnosed / name / "run.json").read_text())["findings"]
+    ]
+    assert any(row["code"] == "symmetric_init" for row in expected)  # init=zeros
+    expected.sort(key=lambda row: (row["run"], row["code"]))
+    assert got.column_names == list(expected[0])
+    for row, want in zip(got.to_pylist(), expected, strict=True):
+        assert {**row, "evidence": json.loads(row["evidence"])} == want
+    # The evidence is JSON text, which DuckDB's JSON operators read.
+    zeros = sql(
+        diagnosed, "SELECT evidence->>'init' AS i FROM findings WHERE code = 'symmetric_init'"
+    )
+    assert zeros["i"].tolist() == ["zeros"]
+
+
+def test_findings_view_reads_an_odd_finding_as_nulls(tmp_path, root):
+    run = tmp_path / "runs" / "a"
+    shutil.copytree(root / "a", run)
+    info = json.loads((run / "run.json").read_text())
+    odd = {"code": "x", "layers": "net.1.weight", "steps": [1.5, 2], "epochs": [0, 1]}
+    (run / "run.json").write_text(json.dumps({**info, "findings": [odd, "not a finding"]}))
+    rows = query([tmp_path / "runs"], "SELECT * FROM findings ORDER BY code").to_pylist()
+    nulls = {**dict.fromkeys(rows[0], None), "run": str(run)}
+    assert rows == [{**nulls, "code": "x", "epochs": [0, 1]}, nulls]
+    empty = sql(tmp_path / "runs", "SELECT * FROM findings WHERE severity = 'error'")
+    assert empty.empty and list(empty.columns)[:3] == ["run", "code", "severity"]
+
+
 def test_every_view_has_each_runs_rows(root):
     runs = each_run(root)
     for table in ("scalars", "histograms", "layers"):
