@@ -49,6 +49,10 @@ TRAIN_CASES = {
     "lr type": (["optim.lr=abc"], ["optim.lr", "'abc'", "positive number"]),
     "batch type": (["data.batch_size=1.5"], ["data.batch_size=1.5", "positive integer"]),
     "on_nonfinite": (["trainer.on_nonfinite=maybe"], ["'maybe'", "stop or continue"]),
+    # a switch given a word or a number: 'maybe' would resume, compile or not as Python reads it
+    "resume type": (["trainer.resume=maybe"], ["trainer.resume='maybe'", "true or false"]),
+    "compile type": (["trainer.compile=1"], ["trainer.compile=1", "true or false"]),
+    "deterministic type": (["trainer.deterministic=yes"], ["trainer.deterministic='yes'"]),
     # out of range
     "epochs 0": (["trainer.epochs=0"], ["trainer.epochs=0", "positive integer"]),
     "epochs <0": (["trainer.epochs=-2"], ["trainer.epochs=-2", "positive integer"]),
