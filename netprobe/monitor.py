@@ -86,6 +86,7 @@ class Monitor:
         self._last: dict[str, torch.Tensor | float] = {}
         self.best_val_acc: float | None = None
         self.closed = False
+        self._stepping = False  # after_backward called, after_step not yet: the step's order
         try:
             check_budget(self.probes, memory_budget, self._device)
             if resume is not None:
@@ -147,6 +148,9 @@ class Monitor:
         With a GradScaler, `loss_scale` is the scale of the loss just backpropagated (its device
         tensor, so nothing is read back): what hooks saw during backward is divided by it.
         """
+        if self._stepping or self.closed:
+            raise self._misuse("after_backward")
+        self._stepping = True
         loss = loss.detach()
         grads = [g for p in self._params if (g := p.grad) is not None]
         values, total, rows = (self._host_curve if self._on_host else self._device_curve)(
@@ -210,6 +214,9 @@ class Monitor:
 
     def after_step(self) -> None:
         """Update probes read the new weights now; the step counter advances."""
+        if not self._stepping:
+            raise self._misuse("after_step")
+        self._stepping = False
         self.runner.after_step()
         if self.state.step % self.flush_every == 0:
             self.flush()
@@ -218,6 +225,8 @@ class Monitor:
 
     def end_epoch(self, val_loss: Number | None = None, val_acc: Number | None = None) -> None:
         """Record validation results, run the epoch captures, and flush."""
+        if self.closed:
+            raise self._misuse("end_epoch")
         for key, value in (("val_loss", val_loss), ("val_acc", val_acc)):
             if value is not None:
                 self._last[key] = float(value)
@@ -230,6 +239,24 @@ class Monitor:
         self.flush()
         self.writer.update(
             epochs_done=self.state.epoch, steps_done=self.state.step, best_val_acc=self.best_val_acc
+        )
+
+    def _misuse(self, call: str) -> RuntimeError:
+        """The error for a call out of the loop's order, or after the run was closed: raised
+        before anything is recorded, so the stored steps stay what training did."""
+        if self.closed:
+            return RuntimeError(
+                f"{call}(): the run in {self.path} is closed ({self.status}) and records nothing "
+                "more; attach again, to a new folder, for another run"
+            )
+        if call == "after_step":
+            return RuntimeError(
+                f"after_step() at step {self.state.step} without after_backward(loss) first: "
+                "call loss.backward(), mon.after_backward(loss), opt.step(), mon.after_step()"
+            )
+        return RuntimeError(
+            f"after_backward() twice at step {self.state.step}: call mon.after_step() after "
+            "opt.step(), once per after_backward(loss)"
         )
 
     # -- bookkeeping

@@ -325,3 +325,47 @@ def test_run_json_counts_the_steps_written_at_each_flush(tmp_path):
             info = json.loads((tmp_path / "run" / "run.json").read_text())
             assert info["steps_done"] == (i + 1) // 2 * 2 and info["status"] == "running"
         assert len(netprobe.load(tmp_path / "run").scalars(probe="train", metric="loss")) == 4
+
+
+def one_step(mon, model: nn.Module, order: tuple[str, ...]) -> None:
+    """One training step on `model`, with the monitor's calls in `order`."""
+    loss = F.cross_entropy(model(torch.randn(4, 4)), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    for call in order:
+        getattr(mon, call)(loss) if call == "after_backward" else getattr(mon, call)()
+
+
+@pytest.mark.parametrize(
+    "order, words",
+    [
+        (
+            ("after_step", "after_backward"),
+            ["after_step() at step 0", "after_backward(loss) first"],
+        ),
+        (("after_backward", "after_backward"), ["after_backward() twice at step 0"]),
+    ],
+)
+def test_calls_out_of_order_are_refused_before_anything_is_recorded(tmp_path, order, words):
+    """A loop that steps before after_backward would file the step's loss and gradients under
+    the next step; one that calls after_backward twice, two records under one step."""
+    model = small_net()
+    with pytest.raises(RuntimeError) as caught:
+        with netprobe.attach(model, tmp_path / "run", probes=["gradients"]) as mon:
+            one_step(mon, model, order)
+    assert all(w in str(caught.value) for w in words), caught.value
+    run = netprobe.load(tmp_path / "run")
+    assert run.info["status"] == "failed" and run.info["steps_done"] == 0
+    assert len(run.scalars(probe="train", metric="loss")) == (order[0] == "after_backward")
+
+
+@pytest.mark.parametrize("call", ["after_backward", "after_step", "end_epoch", "stop"])
+def test_a_closed_run_takes_no_more_calls_and_stays_as_it_was(tmp_path, call):
+    """Its lock is released when it closes, so another process may own the folder by then."""
+    model = small_net()
+    with netprobe.attach(model, tmp_path / "run", probes=["gradients"]) as mon:
+        one_step(mon, model, ("after_backward", "after_step"))
+    files = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    args = {"after_backward": (torch.tensor(1.0),), "stop": ("done",)}.get(call, ())
+    with pytest.raises(RuntimeError, match="is closed"):
+        getattr(mon, call)(*args)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == files

@@ -57,6 +57,7 @@ class RunWriter:
         if not (lock.held and lock.path.parent == self.path):
             raise ValueError(f"a writer of {self.path} needs that directory's lock, held")
         self.lock = lock
+        self.closed = False
         try:
             before = read_info(self.path) if resume else {}
             end_parts = before.pop("end_parts", None)
@@ -90,9 +91,11 @@ class RunWriter:
         try:
             self.update(status=status, error=error, ended_at=now_iso(), **fields)
         finally:
+            self.closed = True
             self.lock.release()
 
     def _write_info(self) -> None:
+        self._check_open()
         self.info["duration_s"] = round(self._earlier_s + time.monotonic() - self._t0, 3)
         write_json(self.path / RUN_FILE, self.info)
 
@@ -102,6 +105,7 @@ class RunWriter:
 
     def append(self, name: str, table: pa.Table) -> Path | None:
         """Write `table` as the next part file of `name`; each part is complete on its own."""
+        self._check_open()
         if table.num_rows == 0:
             return None
         folder = self.path / name
@@ -131,6 +135,11 @@ class RunWriter:
                 failure = failure or exc
         if failure is not None:
             raise failure
+
+    def _check_open(self) -> None:
+        """A closed run's files are final: its lock is released, another process may own it."""
+        if self.closed:
+            raise RuntimeError(f"the run in {self.path} is closed ({self.info['status']})")
 
     def mark_end_captures(self) -> None:
         """The parts written from now on hold the run's end captures (noted in run.json at
