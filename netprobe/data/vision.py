@@ -112,11 +112,18 @@ def missing_files(name: str, root: str | Path) -> list[str]:
     ]
 
 
+# The last data set read, by its files (name, size, mtime): `prepare` reads them before Hydra
+# makes a run directory, and the job in the same process takes them from here, not reading twice.
+_READ: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
 def prepare(cfg: Any) -> None:
-    """Make sure the files of `cfg.name` are under `cfg.root`, downloading them if allowed.
+    """Make sure the files of `cfg.name` are under `cfg.root`, downloading them if allowed, and
+    that they read whole.
 
     Runs before any training (and before Hydra makes a run directory): a data set that is
-    missing, or whose download fails, is a ConfigError naming the folder and both remedies.
+    missing, corrupted, or whose download fails, is a ConfigError naming the folder and the
+    remedies.
     """
     spec = SETS[cfg.name]
     for key in ("channels", "image_size", "num_classes"):
@@ -131,6 +138,7 @@ def prepare(cfg: Any) -> None:
     missing = missing_files(cfg.name, cfg.root)
     if not missing:
         _gunzip_idx(folder, spec)
+        _read(cfg)
         return
     if not cfg.get("download", False):
         found = (
@@ -152,24 +160,50 @@ def prepare(cfg: Any) -> None:
             f"data.root={cfg.root!s}: downloading {spec.title} into {folder} failed ({reason}); "
             f"put {spec.what_to_put} in {folder}"
         ) from None
+    _read(cfg)
 
 
 def load(cfg: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Train and test images as uint8 [N, C, H, W] and labels as int64 [N], from the files."""
-    prepare(cfg)
+    if _files_key(cfg) not in _READ:
+        prepare(cfg)
+    x_train, y_train, x_test, y_test = _READ[_files_key(cfg)]
+    return x_train, y_train, x_test, y_test
+
+
+def _read(cfg: Any) -> None:
+    """Read both splits into `_READ`; ConfigError when they do not read, or do not agree: as many
+    labels as images, each a class of the data set."""
     spec = SETS[cfg.name]
+    bad = f"data.root={cfg.root!s}: {spec.title} files in {spec.path(cfg.root)} are"
+    remedy = "delete them and run with data.download=true"
     parts = []
     for train in (True, False):
         try:
             ds = _torchvision_set(spec, cfg.root, train=train, download=False)
         except Exception:  # noqa: BLE001 - a failed CIFAR checksum, a truncated file, ...
+            raise ConfigError(f"{bad} unreadable or corrupted; {remedy}") from None
+        x, y = _as_tensors(ds.data, ds.targets)
+        split = "train" if train else "test"
+        if len(x) != len(y):
             raise ConfigError(
-                f"data.root={cfg.root!s}: {spec.title} files in {spec.path(cfg.root)} are "
-                "unreadable or corrupted; delete them and run with data.download=true"
-            ) from None
-        parts.extend(_as_tensors(ds.data, ds.targets))
-    x_train, y_train, x_test, y_test = parts
-    return x_train, y_train, x_test, y_test
+                f"{bad} inconsistent: {split} has {len(x)} images but {len(y)} labels; {remedy}"
+            )
+        if len(y) and not 0 <= int(y.min()) <= int(y.max()) < spec.num_classes:
+            raise ConfigError(
+                f"{bad} inconsistent: {split} labels run {int(y.min())}..{int(y.max())}, "
+                f"not 0..{spec.num_classes - 1}; {remedy}"
+            )
+        parts.extend((x, y))
+    _READ.clear()  # one data set held at a time
+    _READ[_files_key(cfg)] = tuple(parts)
+
+
+def _files_key(cfg: Any) -> tuple:
+    """What the files of `cfg.name` under `cfg.root` are: each one's path, size and mtime."""
+    folder = SETS[cfg.name].path(cfg.root)
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*"))]
+    return (cfg.name, str(folder.resolve()), *stats)
 
 
 def _torchvision_set(spec: VisionSet, root: str | Path, *, train: bool, download: bool) -> Any:

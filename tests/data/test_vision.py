@@ -14,6 +14,7 @@ import torch
 from netprobe.config import compose
 from netprobe.data import build_data, prepare_data
 from netprobe.errors import ConfigError
+from tests.data.conftest import write_cifar10, write_idx, write_mnist
 from tests.helpers import netprobe_cmd
 
 REPO = Path(__file__).resolve().parents[2]
@@ -192,3 +193,37 @@ def test_cli_missing_data_exits_2_before_any_run_directory(tmp_path: Path):
     assert "cifar-10-batches-py" in out.stderr and "data.download=true" in out.stderr
     assert not (tmp_path / "outputs").exists()
     assert not list(tmp_path.rglob("run.json"))
+
+
+def _mislabelled(root: Path) -> None:
+    """MNIST files that read, but hold 10 train labels for 64 images."""
+    write_mnist(root)
+    write_idx(root / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.zeros(10, dtype=np.uint8))
+
+
+def _label_out_of_range(root: Path) -> None:
+    write_mnist(root)
+    write_idx(root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte", np.full(16, 12, dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "name, damage, words",
+    [
+        ("cifar10", write_cifar10, ["cifar-10-batches-py are unreadable or corrupted"]),
+        ("mnist", _mislabelled, ["inconsistent: train has 64 images but 10 labels"]),
+        ("mnist", _label_out_of_range, ["inconsistent: test labels run 12..12, not 0..9"]),
+    ],
+    ids=["checksum", "label count", "label range"],
+)  # fmt: skip
+def test_cli_damaged_data_exits_2_before_any_run_directory(tmp_path: Path, name, damage, words):
+    """Files that are all there but do not read whole are refused where missing ones are: before
+    Hydra makes the run's folder, in one line (they used to leave an empty folder behind, or a
+    traceback from deep in the batches)."""
+    damage(tmp_path / "files")
+    run_dir = tmp_path / "run"
+    args = ["train", f"data={name}", f"data.root={tmp_path / 'files'}", f"hydra.run.dir={run_dir}"]
+    out = _cli(args, tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert all(w in out.stderr for w in [*words, "data.download=true"]), out.stderr
+    assert not run_dir.exists()
