@@ -301,7 +301,7 @@ def start_progress(setup: Setup, mon: AnyMonitor, first_epoch: int) -> TrainProg
         parameters=sum(p.numel() for p in setup.model.parameters()),
         samples=(setup.data.x_train.shape[0], setup.data.x_val.shape[0]),
         steps=(len(setup.train_batches), progress.total),
-        probes=[p.name for p in mon.probes],
+        probes=[p.name + (" (nothing to track)" if p.tracks_nothing else "") for p in mon.probes],
     )
     for line in lines:
         progress.print(line)

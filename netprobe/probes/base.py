@@ -137,6 +137,13 @@ class Probe:
                 ) from None
         return patterns
 
+    @property
+    def tracks_nothing(self) -> bool:
+        """Whether its `layers`, `exclude` and defaults left it no tensor or module of this model
+        (`channels` on an MLP, an `exclude` of everything): attached, it records nothing."""
+        selected = [getattr(self, key) for key in ("params", "modules") if hasattr(self, key)]
+        return bool(selected) and not any(selected)
+
     # -- hooks
     def start(self, state: StepState) -> None: ...
 

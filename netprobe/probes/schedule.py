@@ -226,9 +226,15 @@ def _has(probe: Probe, hook: str) -> bool:
     return getattr(method, "__func__", method) is not getattr(Probe, hook)
 
 
+NOTHING_TO_TRACK = "nothing to track on this model: its layers/exclude select no tensor or module"
+
+
 def listing(probes: Sequence[Probe]) -> list[str]:
     """One line per probe: its name, its schedule in words, and what it records."""
-    rows = [(p.name, p.schedule.describe(), p.measures) for p in probes]
+    rows = [
+        (p.name, p.schedule.describe(), NOTHING_TO_TRACK if p.tracks_nothing else p.measures)
+        for p in probes
+    ]
     if not rows:
         return []
     name_width = max(len(r[0]) for r in rows)

@@ -252,3 +252,17 @@ def test_the_runner_calls_only_hooks_a_probe_has_and_those_set_on_it() -> None:
     assert runner._reading == [] and runner._stepping == [told]
     train(runner, 3)
     assert seen == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["probes=[channels,gradients]"], ["probes=[gradients]", "probes.gradients.exclude=[.*]"]],
+    ids=["no conv in an mlp", "exclude of everything"],
+)
+def test_a_probe_left_nothing_to_track_says_so(overrides, capsys) -> None:
+    """Attached, it records nothing; its listing used to read as if it would record its usual."""
+    assert cli(["probes", *overrides]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    empty = "channels" if "channels" in overrides[0] else "gradients"
+    assert lines[empty].split("  ")[-1].strip().startswith("nothing to track on this model")
+    assert all("nothing" not in text for name, text in lines.items() if name != empty)
