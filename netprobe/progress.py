@@ -250,7 +250,7 @@ def banner(
         f"  model   {model.name} ({count(parameters)} parameters), init {cfg.init.name}, "
         f"{optimizer_name(cfg.optim)} lr {cfg.optim.lr:g}",
         f"  data    {data.name}: {samples[0]} train / {samples[1]} val samples, batch "
-        f"{data.batch_size}, {steps[0]} steps per epoch",
+        f"{data.batch_size}, {plural(steps[0], 'step')} per epoch",
         f"  device  {device}, precision {t.precision}; {plural(t.epochs, 'epoch')}, "
         f"{plural(steps[1], 'step')}",
         f"  probes  {', '.join(probes) if probes else 'none'}",

@@ -178,3 +178,22 @@ def test_summary_names_the_schedule_key_the_costliest_probe_takes(tmp_path, cost
     )
     text = summary(tmp_path, hint=False)
     assert f"most of it {costliest} (75% of theirs); probes.{costliest}.{key} sets" in text
+
+
+def test_banner_counts_in_words(tmp_path: Path):
+    from netprobe.config import compose
+    from netprobe.progress import banner
+
+    cfg = compose(["trainer.epochs=1"])
+    lines = banner(
+        cfg, tmp_path, resumed_at=None, device="cpu", parameters=1200, samples=(32, 8),
+        steps=(1, 1), probes=[],
+    )  # fmt: skip
+    assert lines[2].endswith(", 1 step per epoch") and lines[3].endswith("1 epoch, 1 step")
+
+
+def test_banner_marks_a_probe_with_nothing_to_track(tiny_run, capsys):
+    capsys.readouterr()
+    tiny_run(*TINY, "model=mlp", "probes=[gradients,channels]")  # channels: no conv in an MLP
+    probes = next(line for line in capsys.readouterr().err.splitlines() if "probes  " in line)
+    assert probes == "  probes  gradients, channels (nothing to track)"
