@@ -185,7 +185,17 @@ def test_layer_rules_against_reference(tmp_path: Path) -> None:
     assert found["stalled_layer"].layers == ["l1.weight"]
     # Not recorded: the rule says which probe to turn on, and says nothing else.
     dead = found["dead_units"]
-    assert dead.severity == "info" and "activations" in dead.advice
+    assert (
+        dead.severity == "info"
+        and dead.advice == "turn on probes=[activations] to check dead_units"
+    )
+    # On but left nothing to track by its layers/exclude: turning it on would not help.
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "probes": ["gradients", "activations"]}))
+    dead = next(f for f in diagnose(run) if f.code == "dead_units")
+    assert (
+        dead.advice == "probes.activations was on but tracked nothing: widen its layers or exclude"
+    )
 
 
 def test_symmetric_init_and_no_learning_thresholds(tmp_path: Path) -> None:

@@ -195,13 +195,19 @@ class _Tables:
         return None
 
 
-def _missing(code: str, probes: str, what: str) -> Finding:
+def _missing(t: _Tables, code: str, probes: str, what: str) -> Finding:
+    """`code` not checked for want of `what`: turn on the probe, or, where it was on and selected
+    no layer of this model, widen its selection."""
+    if probes in (t.run.info.get("probes") or []):
+        advice = f"probes.{probes} was on but tracked nothing: widen its layers or exclude"
+    else:
+        advice = f"turn on probes=[{probes}] to check {code}"
     return Finding(
         code,
         "info",
         f"not checked: {what} was not recorded",
         evidence={"missing": probes},
-        advice=f"turn on probes=[{probes}] to check {code}",
+        advice=advice,
     )
 
 

@@ -73,7 +73,7 @@ def _layer_gradient_scale(t: _Tables, th: Thresholds) -> list[Finding]:
         ("gradients", "l2") if t.has("gradients", "l2") else ("gradient_flow", "w_grad_l2")
     )
     if not t.has(probe, metric):
-        return [_missing("vanishing_gradients", "gradients", "per-layer gradient norms")]
+        return [_missing(t, "vanishing_gradients", "gradients", "per-layer gradient norms")]
     wide = t.per_layer(probe, metric)
     wide = wide.where(np.isfinite(wide))
     sizes = np.array([max(t.numel(n), 1) for n in wide.columns], float)
@@ -140,7 +140,7 @@ def dead_units(t: _Tables, th: Thresholds) -> list[Finding]:
     """Warning: at the last capture, a module feeding a ReLU has `dead_frac` (units ≤ 0 on every
     sample of the fixed train batch) ≥ `dead_frac`."""
     if not t.has("activations", "train/dead_frac"):
-        return [_missing("dead_units", "activations", "activations' dead_frac on train inputs")]
+        return [_missing(t, "dead_units", "activations", "activations' dead_frac on train inputs")]
     wide = t.per_layer("activations", "train/dead_frac")
     rectified = _rectified(t)
     wide = wide[[c for c in wide.columns if c in rectified]]
@@ -182,7 +182,7 @@ def zero_gradients(t: _Tables, th: Thresholds) -> list[Finding]:
         metric, limit = "steps_with_all_zero_gradient", 0.9
         figure = "grad_flow_bars"
     else:
-        return [_missing("zero_gradients", "gradients", "per-layer gradients")]
+        return [_missing(t, "zero_gradients", "gradients", "per-layer gradients")]
     hit = value[value >= limit]
     if hit.empty:
         return []
@@ -210,7 +210,7 @@ def stalled_layer(t: _Tables, th: Thresholds) -> list[Finding]:
         wide = t.per_layer(probe, metric)
         change = wide.iloc[-1]
     else:
-        return [_missing("stalled_layer", "rwc", "relative weight change (rwc or weights)")]
+        return [_missing(t, "stalled_layer", "rwc", "relative weight change (rwc or weights)")]
     change = change[np.isfinite(change)]
     if len(change) < 2:
         return []
@@ -246,7 +246,7 @@ def symmetric_init(t: _Tables, th: Thresholds) -> list[Finding]:
         init = t.config.get("init", {}) or {}
         name = init.get("name") if isinstance(init, dict) else None
         if name not in ("ones", "zeros"):
-            return [_missing("symmetric_init", "weights", "weight std per layer")]
+            return [_missing(t, "symmetric_init", "weights", "weight std per layer")]
         return [
             Finding(
                 "symmetric_init",
