@@ -139,16 +139,20 @@ def band(
     x: np.ndarray,
     mean: np.ndarray,
     std: np.ndarray,
-    n: int,
+    n: int | np.ndarray,
     label: str | None = None,
     color: Any = None,
     geometric: bool = False,
     **kwargs: Any,
 ) -> None:
-    """A mean line with a ±1 std band; the legend says how many runs it averages. `geometric`:
+    """A mean line with a ±1 std band; the legend says how many runs it averages: `n`, or the
+    number of runs at each x (`n=3–4` where some runs stopped earlier or lost rows). `geometric`:
     `mean` and `std` are of log10 values, drawn as the geometric mean ×/÷ the geometric std (a
     band on a log axis that never dips to zero)."""
-    label = f"{label} (n={n})" if label is not None and n > 1 else label
+    counts = np.atleast_1d(np.asarray(n))
+    low_n, n = (int(counts.min()), int(counts.max())) if counts.size else (0, 0)
+    runs = f"{low_n}–{n}" if low_n != n else f"{n}"
+    label = f"{label} (n={runs})" if label is not None and n > 1 else label
     low, high = mean - std, mean + std
     if geometric:
         mean, low, high = 10.0**mean, 10.0**low, 10.0**high
@@ -219,13 +223,13 @@ def mean_band(
     `markers_upto` points (0: never); `geometric`: averaged as log10 values, for a log axis."""
     if geometric:
         rows = rows[rows["value"] > 0].assign(value=lambda d: np.log10(d["value"]))
-    stats = rows.groupby(x)["value"].agg(["mean", "std"]).fillna(0.0)
+    stats = rows.groupby(x)["value"].agg(["mean", "std", "count"]).fillna(0.0)
     band(
         ax,
         stats.index.to_numpy(),
         stats["mean"].to_numpy(),
         stats["std"].to_numpy(),
-        n,
+        stats["count"].to_numpy() if n > 1 else n,
         label=label,
         color=color,
         geometric=geometric,

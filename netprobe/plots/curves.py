@@ -58,7 +58,7 @@ def training_curves(group: RunGroup):
             stats[x].to_numpy(),
             y,
             stats["std"].to_numpy(),
-            group.n,
+            stats["count"].to_numpy(),
             label="mean ± std" if group.n > 1 else None,
             geometric=log,
             marker="o" if x == "epoch" else None,

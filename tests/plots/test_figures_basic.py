@@ -122,3 +122,31 @@ def test_grad_flow_bars_are_the_peak_of_max_and_the_mean_of_mean_per_layer(run: 
     np.testing.assert_allclose(markers["^"], peak.loc[layers], rtol=1e-12)
     np.testing.assert_allclose(markers["o"], mean.loc[layers], rtol=1e-12)
     assert (peak >= mean).all()
+
+
+class Stopped:
+    """`run` as if it had stopped after step `last`: its scalars up to there (a seed that met
+    `trainer.target_val_acc` earlier than the others, or lost its last part file)."""
+
+    def __init__(self, run: Run, last: int) -> None:
+        self._run, self._last = run, last
+
+    def __getattr__(self, name: str):
+        return getattr(self._run, name)
+
+    def scalars(self, **kwargs) -> pd.DataFrame:
+        df = self._run.scalars(**kwargs)
+        return df[df["step"] <= self._last]
+
+
+def test_a_curves_legend_counts_the_runs_each_point_averages(run: Run) -> None:
+    """Where one of two runs has no rows (it stopped earlier), the mean there is of one run: the
+    legend says n=1–2, not n=2."""
+    first_epoch_end = int(run.scalars(probe="train", metric="val_loss")["step"].min())
+    group = RunGroup([run, Stopped(run, first_epoch_end)])
+    fig = FIGURES["training_curves"].draw(group)
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mean ± std (n=1–2)"]
+    full = RunGroup([run, run])
+    for ax in FIGURES["training_curves"].draw(full).axes:
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mean ± std (n=2)"]
