@@ -35,16 +35,19 @@ def training_curves(group: RunGroup):
         return None
     fig, axes = new_figure(2, 2, size=(5.2, 3.4))
     for ax, (metric, title, x) in zip(axes.flat, PANELS):
-        part = df[df["metric"] == metric]
+        every = df[df["metric"] == metric]
         ax.set_title(title)
         step_axis(ax, "epoch" if x == "epoch" else "optimizer step")
-        part = part[np.isfinite(part["value"])]
-        if part.empty:
-            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
-            continue
         if x == "epoch":
             # Validation rows sit at the end of their epoch: show epochs counted from 1.
-            part = part.assign(epoch=part["epoch"] + 1)
+            every = every.assign(epoch=every["epoch"] + 1)
+        part = every[np.isfinite(every["value"])]
+        if part.empty:
+            # Validation rows come at epoch ends: a run stopped within its first epoch has none.
+            ended = x == "step" or df.loc[df["metric"] == "loss", "epoch"].max() > 0
+            what = "not recorded" if ended else "no epoch finished"
+            ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes)
+            continue
         log = "loss" in metric and log_worthy(part["value"])
         if log:  # averaged as log values: a geometric mean and band
             ax.set_yscale("log")
@@ -63,12 +66,28 @@ def training_curves(group: RunGroup):
             geometric=log,
             marker="o" if x == "epoch" else None,
         )
+        _mark_nonfinite(ax, every, x, group.n)
         if not log:
             compact_ticks(ax, "y")
         if "acc" in metric:
             ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        if group.n > 1:
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize=8)
     fig.suptitle(group.title)
     return fig
+
+
+def _mark_nonfinite(ax, rows, x: str, n: int) -> None:
+    """An × on each run's last finite value before its first NaN or inf (a divergence), which
+    the curve alone would hide by ending there; the legend names the step."""
+    bad = rows[~np.isfinite(rows["value"])]
+    firsts = bad.groupby("run")[x].min()
+    for k, (run, first) in enumerate(firsts.items()):
+        before = rows[(rows["run"] == run) & (rows[x] < first) & np.isfinite(rows["value"])]
+        if before.empty:
+            continue
+        last = before.loc[before[x].idxmax()]
+        runs = f" in {len(firsts)} of {n} runs" if n > 1 else ""
+        label = f"non-finite from {x} {int(first)}{runs}" if k == 0 else None
+        ax.plot(last[x], last["value"], "x", color="red", ms=9, mew=2, label=label)

@@ -150,3 +150,29 @@ def test_a_curves_legend_counts_the_runs_each_point_averages(run: Run) -> None:
     full = RunGroup([run, run])
     for ax in FIGURES["training_curves"].draw(full).axes:
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mean ± std (n=2)"]
+
+
+class Diverged(Stopped):
+    """`run` as if its training loss had turned NaN at step `last` + 1 and it had stopped."""
+
+    def scalars(self, **kwargs) -> pd.DataFrame:
+        df = super().scalars(**kwargs).copy()
+        df.loc[(df["step"] == self._last) & (df["metric"] == "loss"), "value"] = np.nan
+        return df
+
+
+def test_training_curves_mark_where_the_loss_went_non_finite(run: Run) -> None:
+    """The loss curve of a diverged run ends at its last finite value, marked with an × and the
+    step; a run that stopped inside its first epoch says so in the validation panels."""
+    group = RunGroup([Diverged(run, 3)])
+    fig = FIGURES["training_curves"].draw(group)
+    titles = {ax.get_title(): ax for ax in fig.axes}
+    loss = run.scalars(probe="train", metric="loss").set_index("step")["value"]
+    marks = [line for line in titles["train loss"].get_lines() if line.get_marker() == "x"]
+    assert len(marks) == 1
+    assert list(marks[0].get_xdata()) == [2]
+    np.testing.assert_allclose(marks[0].get_ydata(), [loss[2]], rtol=1e-12)
+    legend = titles["train loss"].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["non-finite from step 3"]
+    for title in ("validation loss", "validation accuracy"):
+        assert [t.get_text() for t in titles[title].texts] == ["no epoch finished"]
