@@ -176,10 +176,17 @@ def positive(values: Any) -> bool:
     return bool(v.size) and bool((v > 0).all())
 
 
+def whole_numbers(nbins: int | str = "auto") -> MaxNLocator:
+    """Ticks at whole numbers only (steps, epochs), also where the data sit at one x (a single
+    capture): there MaxNLocator's default of two ticks falls back to fractions such as -0.045,
+    which run into each other."""
+    return MaxNLocator(nbins, integer=True, min_n_ticks=1)
+
+
 def step_axis(ax: Axes, label: str = "optimizer step") -> None:
     """An x axis of optimizer steps or epochs: whole-number ticks only."""
     ax.set_xlabel(label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(whole_numbers())
 
 
 class CompactFormatter(Formatter):
@@ -285,7 +292,7 @@ def stats_panel(
     axis when `log` and every value is positive."""
     layer_bands(ax, rows, colors, n, log=log and positive(rows["value"]))
     ax.set_title(title, fontsize=9)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(whole_numbers())
     ax.grid(alpha=0.3)
 
 

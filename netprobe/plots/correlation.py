@@ -17,6 +17,7 @@ from netprobe.plots.common import (
     mean_band,
     new_figure,
     short,
+    whole_numbers,
 )
 
 PROBE = "correlation"
@@ -177,7 +178,7 @@ def corr_mean_evolution(group: RunGroup):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch (0 = before training)")
         ax.set_ylabel("mean(max(C, 0))")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(whole_numbers())
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, title="forward order", title_fontsize=7)

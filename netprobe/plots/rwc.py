@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from matplotlib.colors import LogNorm, Normalize
-from matplotlib.ticker import MaxNLocator
 
 from netprobe.plots.common import (
     RunGroup,
@@ -16,6 +15,7 @@ from netprobe.plots.common import (
     positive,
     short,
     step_axis,
+    whole_numbers,
 )
 
 PROBE = "rwc"
@@ -53,7 +53,7 @@ def rwc_curves(group: RunGroup):
     layer_bands(ax, df.assign(x=df["epoch"] + 1), colors, group.n, markers_upto=30, log=log)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"RWC  {_formula(_mode(group))}")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(whole_numbers())
     ax.grid(alpha=0.3, which="both")
     ax.set_title("per epoch, against the weights one epoch before")
     if not steps.empty:
@@ -117,7 +117,7 @@ def rwc_heatmap(group: RunGroup):
                     )
     ax.set_yticks(range(len(layers)), [short(n, 36) for n in layers], fontsize=8)
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(whole_numbers())
     ax.set_ylabel("layer (forward order)")
     seeds = f", mean over {group.n} seeds" if group.n > 1 else ""
     ax.set_title(f"Relative weight change — {group.title}{seeds}", fontsize=10)

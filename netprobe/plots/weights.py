@@ -20,6 +20,7 @@ from netprobe.plots.common import (
     panel_grid,
     short,
     stats_panel,
+    whole_numbers,
 )
 
 PROBE = "weights"
@@ -265,7 +266,7 @@ def evolution_grid(
         mesh = _evolution(ax, per_layer[layer], *shared[layer], norm, values.get(layer, {}))
         ax.set_title(labels.get(layer, short(layer, 34)), fontsize=8, y=1.0)
         few_ticks(ax)
-        ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+        ax.xaxis.set_major_locator(whole_numbers(5))
     label_grid(axes, len(layers), "epochs trained", ylabel)
     if mesh is not None:
         _colour_bar(fig, mesh, axes.flat[0])

@@ -117,3 +117,24 @@ def test_no_figures_without_the_probe(tmp_path: Path) -> None:
         pass
     group = RunGroup([netprobe.load(tmp_path / "run")])
     assert all(FIGURES[name].draw(group) is None for name in NAMES)
+
+
+def test_one_capture_gets_whole_number_ticks(run_dir: Path) -> None:
+    """A run stopped inside its first epoch has only the start capture: the x axis shows epoch
+    0, not fractions of an epoch (-0.045, -0.03, ...) printed over one another."""
+    run = netprobe.load(run_dir)
+
+    class StartOnly:
+        def __getattr__(self, name: str):
+            return getattr(run, name)
+
+        def scalars(self, **kwargs) -> pd.DataFrame:
+            df = run.scalars(**kwargs)
+            return df[df["step"] == 0]
+
+    fig = FIGURES["activation_stats"].draw(RunGroup([StartOnly()]))
+    fig.canvas.draw()
+    for ax in fig.axes:
+        if ax.get_lines():
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks == [0.0], ticks
