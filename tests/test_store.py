@@ -234,3 +234,12 @@ def test_runs_under_lists_each_run_once_however_the_paths_overlap(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no runs"):
         runs_under([tmp_path / "empty"])
+
+
+def test_runs_are_found_in_the_order_of_their_job_numbers(tmp_path) -> None:
+    """A sweep's jobs come as Hydra numbered them, 0, 1, 2, ..., 10, 11: not 0, 1, 10, 11, 2."""
+    for job in range(12):
+        (tmp_path / "sweep" / str(job)).mkdir(parents=True)
+        (tmp_path / "sweep" / str(job) / "run.json").write_text("{}")
+    found = runs_under([tmp_path / "sweep"])
+    assert [p.name for p in found] == [str(job) for job in range(12)]

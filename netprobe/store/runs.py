@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
@@ -54,12 +55,23 @@ def load(path: str | os.PathLike) -> Run:
 
 
 def find_runs(path: str | os.PathLike) -> Iterator[Path]:
-    """Every run directory at or beneath `path`, in sorted order."""
+    """Every run directory at or beneath `path`, in sorted order (numbers by value: a sweep's
+    job 2 before its job 10)."""
     path = Path(path)
     if (path / RUN_FILE).exists():
         yield path
         return
-    yield from sorted(_runs_beneath(path))
+    yield from sorted(_runs_beneath(path), key=_natural)
+
+
+def _natural(path: Path) -> list[tuple[int, int, str]]:
+    """A sort key that orders the digits within each part of `path` as numbers."""
+    return [
+        (0, int(piece), "") if piece.isdigit() else (1, 0, piece)
+        for part in path.parts
+        for piece in re.split(r"(\d+)", part)
+        if piece
+    ]
 
 
 # What a run directory holds besides run.json: never searched for runs (a sweep of thousands of
