@@ -37,7 +37,7 @@ from netprobe.plots.common import FIGURES, RunGroup
 from netprobe.plots.compare import COMPARISONS, swept
 from netprobe.plots.groups import group_runs, mapping
 from netprobe.plots.page import Entry, Extra, Section, page
-from netprobe.store import Run, make_out_folder, read_runs_under
+from netprobe.store import Run, make_out_folder, read_runs_under, run_holding
 
 FORMATS = ("png", "svg", "pdf")
 MANIFEST = ".netprobe-plot.json"  # what each figure was drawn from, to skip unchanged ones
@@ -135,12 +135,19 @@ def _check(formats: tuple[str, ...], only: Sequence[str] | None, jobs: int | Non
 
 
 def _out_folder(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None) -> Path:
-    """`out`, by default `figures` in the folder the paths share; refused when it is a file."""
+    """`out`, by default `figures` in the folder the paths share; refused when it is a file, or
+    inside a run directory anywhere but its own `figures/` (its tables, its root)."""
     if out is None:
         out = Path(os.path.commonpath([Path(p).resolve() for p in paths])) / "figures"
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the figures and index.html")
+    run = run_holding(out)
+    if run is not None and not out.resolve().is_relative_to(run / "figures"):
+        raise ConfigError(
+            f"--out {out} is inside the run directory {run}, where plot writes only into "
+            f"{run / 'figures'}; give that folder or an --out outside every run"
+        )
     return out
 
 

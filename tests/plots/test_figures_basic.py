@@ -176,3 +176,23 @@ def test_training_curves_mark_where_the_loss_went_non_finite(run: Run) -> None:
     assert [t.get_text() for t in legend.get_texts()] == ["non-finite from step 3"]
     for title in ("validation loss", "validation accuracy"):
         assert [t.get_text() for t in titles[title].texts] == ["no epoch finished"]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("inside", ["scalars", ".", ".hydra"])
+def test_an_out_inside_a_run_but_its_figures_is_refused(run: Run, inside: str) -> None:
+    """Figures, index.html and the manifest would land among the run's tables or beside its
+    run.json: one line, exit 2, the run byte for byte as it was."""
+    before = snapshot(run.path)
+    out = run.path / inside
+    done = netprobe_cmd("plot", str(run.path), "--out", str(out), "--only", "training_curves")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip() == (
+        f"netprobe: --out {out} is inside the run directory {run.path.resolve()}, where plot "
+        f"writes only into {run.path.resolve() / 'figures'}; give that folder or an --out "
+        "outside every run"
+    )
+    assert snapshot(run.path) == before
