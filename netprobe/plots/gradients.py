@@ -52,7 +52,8 @@ def grad_flow_bars(group: RunGroup):
     ax.set_xlabel("layer (forward order)")
     ax.legend(title=f"n={group.n}" if group.n > 1 else None)
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"Gradient flow — {group.title}")
+    ax.set_title("Gradient flow")
+    fig.suptitle(group.title, wrap=True)  # a narrow figure: the title on lines of its width
     return fig
 
 
@@ -112,6 +113,7 @@ def grad_heatmap(group: RunGroup):
     )
     ax.set_yticks(range(len(layers)), [short(n, 36) for n in layers], fontsize=8)
     step_axis(ax)
-    ax.set_title(f"log10 ‖g‖₂ per layer — {group.title}")
+    ax.set_title("log10 ‖g‖₂ per layer")
+    fig.suptitle(group.title)
     fig.colorbar(mesh, ax=ax, label="log10 L2 norm")
     return fig

@@ -196,3 +196,18 @@ def test_an_out_inside_a_run_but_its_figures_is_refused(run: Run, inside: str) -
         "outside every run"
     )
     assert snapshot(run.path) == before
+
+
+@pytest.mark.parametrize("name", BASIC)
+def test_no_text_runs_off_the_figure_under_a_long_group_title(run: Run, name: str) -> None:
+    """A folder of mixed runs gives groups titles of 60 characters of differing keys: every title
+    and label stays inside the saved figure."""
+    detail = "optim=adam, probes=activations+8more, trainer.epochs=2, trainer.max_steps=40"
+    fig = FIGURES[name].draw(RunGroup([run], detail=detail))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    texts = [fig._suptitle, *(t for ax in fig.axes for t in (ax.title, ax.xaxis.label))]
+    for text in [t for t in texts if t is not None and t.get_text()]:
+        extent = text.get_window_extent(renderer)
+        assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1, text.get_text()
