@@ -33,7 +33,7 @@ from netprobe.plots import (  # noqa: F401 - importing registers their figures
     rwc,
     weights,
 )
-from netprobe.plots.common import FIGURES, RunGroup
+from netprobe.plots.common import FIGURES, RunGroup, fit_titles
 from netprobe.plots.compare import COMPARISONS, swept
 from netprobe.plots.groups import group_runs, mapping
 from netprobe.plots.page import Entry, Extra, Section, page
@@ -388,6 +388,7 @@ def _draw(job: Job) -> tuple[str, list[dict]]:
     for suffix, fig in items:
         stem = f"{job.name}_{suffix}" if suffix else job.name
         folder.mkdir(parents=True, exist_ok=True)
+        fit_titles(fig)
         files = _save(fig, folder / stem, what)
         plt.close(fig)
         if files:

@@ -326,6 +326,29 @@ def smooth(values: np.ndarray, points: int = 200) -> np.ndarray:
     return np.convolve(padded, kernel, mode="valid")
 
 
+def fit_titles(fig: Figure, smallest: float = 6.0) -> None:
+    """Shrinks each title that would run off the figure (a group title of many differing keys
+    over a narrow figure) until it fits, down to `smallest` points. Titles are measured where
+    they stand; where one comes near an edge, where its axes stand once laid out."""
+    renderer, box = fig.canvas.get_renderer(), fig.bbox
+    titles = [fig._suptitle, *(t for ax in fig.axes for t in (ax.title, ax._left_title))]
+    titles = [t for t in titles if t is not None and t.get_text() and t.get_visible()]
+    engine = fig.get_layout_engine()
+    if engine is not None and any(
+        t.get_window_extent(renderer).width > 0.8 * box.width for t in titles
+    ):
+        engine.execute(fig)
+    for text in titles:
+        for _ in range(3):  # width is not quite proportional to the size: measure again
+            extent = text.get_window_extent(renderer)
+            centre = (extent.x0 + extent.x1) / 2
+            room = 2 * min(centre - box.x0, box.x1 - centre)
+            size = text.get_fontsize()
+            if not extent.width > room > 0 or size <= smallest:
+                break
+            text.set_fontsize(max(smallest, size * 0.97 * room / extent.width))
+
+
 def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4, 4.2), **kw: Any):
     """A figure of `nrows × ncols` panels each about `size` inches, laid out without overlaps."""
     fig, axes = plt.subplots(
