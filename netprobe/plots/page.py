@@ -70,6 +70,7 @@ h1{font-size:20px;margin:4px 0 10px}h2{font-size:17px;margin:18px 0 6px}
 h3{font-size:15px;margin:10px 0 5px;color:#333}
 table{border-collapse:collapse;font-size:12.5px;margin:4px 0 10px;background:#fff}
 th,td{border:1px solid #ddd;padding:3px 5px;text-align:left;vertical-align:top}
+.groups td{overflow-wrap:anywhere}
 th{background:#eef1f5}th.group{background:#f6f7f9;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .status-completed{color:#1b7f2a}.status-failed,.status-diverged,.status-crashed{color:#b3261e}
 .status-running,.status-interrupted{color:#a05a00}
@@ -233,7 +234,11 @@ def _runs_table(sections: Sequence[Section], out: Path) -> str:
 def _groups_table(groups: Sequence[Section]) -> str:
     """Group → folder, the config keys that tell it apart, and its runs."""
     e = html.escape
-    rows = ["<table><tr><th>group (folder)</th><th>differing config keys</th><th>runs</th></tr>"]
+    # A key such as probes=a+b+c+... has no place to break: the table would run off the page.
+    rows = [
+        "<table class=groups><tr><th>group (folder)</th><th>differing config keys</th>"
+        "<th>runs</th></tr>"
+    ]
     for section in groups:
         keys = ", ".join(f"{k}={v}" for k, v in section.differing.items()) or "—"
         runs = ", ".join(f"{r.path.parent.name}/{r.path.name}" for r in section.runs)

@@ -68,3 +68,19 @@ def test_the_runs_table_fits_a_1200_pixel_window(tmp_path: Path) -> None:
     assert dom.returncode == 0, dom.stderr[-2000:]
     width = re.search(r'data-width="(\d+)"', dom.stdout)
     assert width and int(width.group(1)) <= 1200, width and width.group(0)
+
+
+def test_the_groups_table_fits_a_1200_pixel_window_with_long_keys(tmp_path: Path) -> None:
+    """A folder of runs with other probe sets: `probes=activations+augmentation+...` has no
+    space to break at, and the groups table ran off the page."""
+    index = tmp_path / "figures" / "index.html"
+    index.parent.mkdir()
+    groups = sections(tmp_path, 2, 1)
+    groups[1].differing["probes"] = "+".join(PROBES)
+    index.write_text(page(groups, index.parent))
+    dom = browse(index, tmp_path, "--window-size=1200,1000", "--virtual-time-budget=5000",
+                 "--dump-dom")  # fmt: skip
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "differing config keys" in dom.stdout
+    width = re.search(r'data-width="(\d+)"', dom.stdout)
+    assert width and int(width.group(1)) <= 1200, width and width.group(0)
