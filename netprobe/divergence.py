@@ -46,6 +46,10 @@ class NonfiniteWatch:
         if self.polled:
             self._poll()
 
+    def restore(self, step: int | None) -> None:
+        """Carry over the first non-finite step a resumed run already had (None: none)."""
+        self._known = step
+
     def _poll(self) -> None:
         assert self._first is not None
         if self._event is not None:

@@ -128,12 +128,15 @@ class Monitor:
         """Counters, best and latest results, and each probe's state; taken at an epoch end,
         when nothing is buffered."""
         results = {"best_val_acc": self.best_val_acc, "last": self.latest()}
-        return {**self.runner.state_dict(), **results}
+        first = self.nonfinite.settle()
+        return {**self.runner.state_dict(), **results, "first_nonfinite_step": first}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.runner.load_state_dict(state)
         self.best_val_acc = state["best_val_acc"]
         self._last = dict(state["last"])
+        # A run that went non-finite before the checkpoint (`on_nonfinite=continue`) still did.
+        self.nonfinite.restore(state.get("first_nonfinite_step"))
 
     # -- the training loop's calls
     def after_backward(

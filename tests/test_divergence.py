@@ -145,3 +145,18 @@ def test_a_diverged_run_writes_valid_json_everywhere(tmp_path, capsys):
     cli(["doctor", str(run_dir), "--format", "json"])
     doctor = strict_json(capsys.readouterr().out)[0]["findings"]
     assert next(f for f in doctor if f["code"] == "diverged")["evidence"] == evidence
+
+
+def test_a_resumed_run_keeps_its_first_nonfinite_step(tmp_path, train_tiny):
+    """`on_nonfinite=continue` trains on past a NaN; resumed, the run still diverged at that step,
+    whether it trains more epochs or has none left."""
+    args = [*EXPLODING, "trainer.on_nonfinite=continue", "trainer.epochs=2", "probes=none",
+            "trainer.checkpoint_every=1"]  # fmt: skip
+    run_dir = train_tiny(tmp_path / "run", *args)
+    first = netprobe.load(run_dir).info["first_nonfinite_step"]
+    assert first is not None
+    for epochs in (2, 3):
+        train_tiny(run_dir, *args, f"trainer.epochs={epochs}", "trainer.resume=true")
+        info = netprobe.load(run_dir).info
+        assert info["status"] == "diverged" and info["first_nonfinite_step"] == first
+        assert info["error"] == f"non-finite loss at step {first}"
