@@ -338,10 +338,18 @@ def test_a_full_disk_fails_the_run_in_one_line(tmp_path, monkeypatch, capsys):
     assert no_temp_files(run_dir) and not (run_dir / LOCK_FILE).exists()
 
 
-def test_a_checkpoint_that_cannot_be_written_fails_the_run(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_checkpoint_that_cannot_be_written_fails_the_run(tmp_path, monkeypatch, capsys, masked):
+    """`masked`: as torch.save does on a full disk, the ENOSPC is the context of a RuntimeError
+    its zip writer raises while closing."""
+
     def save(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        finally:
+            if masked:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
 
     monkeypatch.setattr(checkpoint.torch, "save", save)
     run_dir = tmp_path / "run"

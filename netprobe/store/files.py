@@ -43,11 +43,27 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
         _fsync(path.parent)
     except StorageError:
         raise
-    except OSError as exc:
-        raise StorageError(path, exc) from exc
+    except Exception as exc:
+        cause = _os_error(exc)
+        if cause is None:
+            raise
+        raise StorageError(path, cause) from exc
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """The OSError behind `exc`, itself or one it was raised while handling: torch.save, its
+    disk full, raises a RuntimeError of its own while closing the file, and the ENOSPC is that
+    one's context."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _fsync(path: Path) -> None:
