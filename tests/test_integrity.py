@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -349,7 +350,8 @@ def test_a_checkpoint_that_cannot_be_written_fails_the_run(tmp_path, monkeypatch
             raise OSError(errno.ENOSPC, "No space left on device")
         finally:
             if masked:
-                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+                # torch.save raises its own error, the interrupt only its context
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")  # noqa: B904
 
     monkeypatch.setattr(checkpoint.torch, "save", save)
     run_dir = tmp_path / "run"
@@ -360,6 +362,36 @@ def test_a_checkpoint_that_cannot_be_written_fails_the_run(tmp_path, monkeypatch
     run = netprobe.load(run_dir)
     assert run.info["status"] == "failed" and "start.pt" in run.info["error"]
     assert no_temp_files(run_dir) and not (run_dir / "checkpoints" / "start.pt").exists()
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch, capsys):
+    """Ctrl-C arrives while last.pt is being written: the file is finished first, then the run
+    stops `interrupted` (exit 130) and resumes from it. torch.save, cut short, would raise a
+    RuntimeError of its own that hid the interrupt and failed the run."""
+    real = checkpoint.torch.save
+    pressed = []
+
+    def save(obj, f, *args, **kwargs):
+        if "last.pt" in f.name and not pressed:
+            pressed.append(f.name)
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except BaseException as exc:  # torch.save's own error, hiding the interrupt
+                raise RuntimeError("enforce fail at inline_container.cc:672") from exc
+        real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    run_dir = tmp_path / "run"
+    args = ["train", *CHECKPOINTED, f"hydra.run.dir={run_dir}"]
+    assert cli(args) == 130
+    assert pressed
+    info = netprobe.load(run_dir).info
+    assert info["status"] == "interrupted" and info["epochs_done"] == 1
+    assert checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 0
+    assert no_temp_files(run_dir) and not (run_dir / LOCK_FILE).exists()
+    capsys.readouterr()
+    assert cli([*args, "trainer.resume=true"]) == 0
+    assert netprobe.load(run_dir).info["status"] == "completed"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")

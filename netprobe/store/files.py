@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from netprobe.errors import ConfigError, StorageError, first_line
-from netprobe.lifecycle import RUN_FILE
+from netprobe.lifecycle import RUN_FILE, signals_held
 from netprobe.store.schema import SCHEMAS
 
 CONFIG_FILE = ".hydra/config.yaml"  # the composed config, as Hydra writes it
@@ -34,23 +34,25 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     """Write `path` whole or not at all (SPEC §3): `write(tmp)` fills a temporary name beside it,
     which is fsynced and renamed into place, and the directory fsynced, so that neither a crash
     nor a power loss leaves a half-written or empty file. A failure leaves no temporary file
-    behind and raises StorageError naming `path`."""
+    behind and raises StorageError naming `path`. A stop signal waits until the file is whole
+    (a checkpoint cut short is lost, and torch.save hides the interrupt behind an error)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    except StorageError:
-        raise
-    except Exception as exc:
-        cause = _os_error(exc)
-        if cause is None:
+    with signals_held():
+        try:
+            write(tmp)
+            _fsync(tmp)
+            os.replace(tmp, path)
+            _fsync(path.parent)
+        except StorageError:
             raise
-        raise StorageError(path, cause) from exc
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        except Exception as exc:
+            cause = _os_error(exc)
+            if cause is None:
+                raise
+            raise StorageError(path, cause) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def _os_error(exc: BaseException | None) -> OSError | None:
