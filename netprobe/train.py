@@ -17,7 +17,7 @@ from netprobe import distributed, resume
 from netprobe.checkpoint import checkpoint_path, save_checkpoint
 from netprobe.config import validate
 from netprobe.data import Batches
-from netprobe.lifecycle import StopSignals
+from netprobe.lifecycle import StopSignals, signals_held
 from netprobe.native import step as native_step
 from netprobe.probes.memory import split_budget
 from netprobe.progress import TrainProgress, banner
@@ -206,12 +206,16 @@ def save_epoch_checkpoints(setup: Setup, mon: AnyMonitor, epoch: int, whole: boo
     every = setup.cfg.trainer.checkpoint_every
     if not every:
         return
-    if (epoch + 1) % every == 0:
-        checkpoint(setup, mon, epoch, epoch)
-    # Resuming starts at an epoch boundary: an epoch cut short by max_steps leaves last.pt at
-    # the epoch before, so a resumed run redoes it whole.
-    if whole:
-        checkpoint(setup, mon, "last", epoch)
+    # A stop signal waits for both: an epoch whose epoch-NNNN.pt was written but not its last.pt
+    # could not be resumed from. last.pt, what resuming reads, goes first (a disk that fills
+    # between the two still leaves it).
+    with signals_held():
+        # Resuming starts at an epoch boundary: an epoch cut short by max_steps leaves last.pt at
+        # the epoch before, so a resumed run redoes it whole.
+        if whole:
+            checkpoint(setup, mon, "last", epoch)
+        if (epoch + 1) % every == 0:
+            checkpoint(setup, mon, epoch, epoch)
 
 
 def checkpoint(setup: Setup, mon: AnyMonitor, name: int | str, epoch: int) -> None:
