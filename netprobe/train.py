@@ -35,19 +35,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> str:
     """
     validate(cfg)
     setup = build(cfg, run_dir)
-    mon = attach(setup)
-    first_epoch = restore(setup) if setup.resume_state else 0
-    progress = start_progress(setup, mon, first_epoch)
-    with StopSignals(), mon, progress:
-        if setup.ddp.is_main:
-            # Only now, the directory locked and checked, is the config written (a failure to
-            # write it fails the run like any other write).
-            save_config(cfg, setup.run_dir)
-        if cfg.trainer.checkpoint_every and setup.resume_state is None:
-            checkpoint(setup, mon, "start", epoch=-1)
-        reason = fit(setup, mon, progress, first_epoch)
-        if reason:
-            mon.stop(reason)
+    # From the moment the run holds its directory (its start captures may take a while), a stop
+    # signal ends it `interrupted`, never with its run.json left `running`.
+    with StopSignals(), attach(setup) as mon:
+        first_epoch = restore(setup) if setup.resume_state else 0
+        with start_progress(setup, mon, first_epoch) as progress:
+            if setup.ddp.is_main:
+                # Only now, the directory locked and checked, is the config written (a failure
+                # to write it fails the run like any other write).
+                save_config(cfg, setup.run_dir)
+            if cfg.trainer.checkpoint_every and setup.resume_state is None:
+                checkpoint(setup, mon, "start", epoch=-1)
+            reason = fit(setup, mon, progress, first_epoch)
+            if reason:
+                mon.stop(reason)
     return mon.status
 
 

@@ -93,6 +93,50 @@ def test_signal_flushes_and_marks_interrupted(tmp_path, sig):
     assert not (run_dir / LOCK_FILE).exists()
 
 
+# A probe whose start capture (before the first step) gets SIGTERM, as a scheduler may send it.
+TERM_AT_START = """
+import os, signal, sys
+from netprobe.cli import main
+from netprobe.probes import PROBES, Option, Probe, Schedule
+
+class TermAtStart(Probe):
+    name = "term_at_start"
+    default_schedule = Schedule(at=("start",))
+    options = (Option("x", int, None, nullable=True),)
+
+    def capture(self, state):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+PROBES["term_at_start"] = TermAtStart
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_during_the_start_captures_marks_interrupted(tmp_path):
+    """The run holds its folder and writes run.json before its start captures: a SIGTERM
+    there ends it `interrupted` (130, the lock released), not killed with run.json `running`."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            TERM_AT_START,
+            "train",
+            *ENDLESS,
+            "+probes.term_at_start.x=1",
+            f"hydra.run.dir={run_dir}",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 130, proc.stderr
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["steps_done"] == 0
+    assert not (run_dir / LOCK_FILE).exists()
+
+
 def test_kill_9_leaves_readable_parts_listed_as_crashed(tmp_path):
     run_dir = tmp_path / "run"
     proc = start_run(run_dir)
