@@ -61,10 +61,7 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
     info = read_info(run_dir)
     max_steps = cfg.trainer.get("max_steps")
     path = checkpoint_path(run_dir, "last")
-    if info.get("status") == "completed" and (
-        info.get("epochs_done", 0) >= cfg.trainer.epochs
-        or (max_steps and info.get("steps_done", 0) >= max_steps)
-    ):
+    if info.get("status") == "completed" and finished(info, cfg.trainer):
         # Nothing to train, but a damaged file is still said, as a resume that trains would.
         if path.exists():
             load_checkpoint(path)
@@ -74,7 +71,7 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
         raise NothingToDo(
             f"the run in {run_dir} completed {info.get('epochs_done')} epochs, "
             f"{info.get('steps_done')} steps; nothing to resume, and it is left as it was "
-            "(a larger trainer.epochs or trainer.max_steps trains on)"
+            "(a larger trainer.epochs, trainer.max_steps or trainer.target_val_acc trains on)"
         )
     if not path.exists():
         raise ConfigError(
@@ -91,6 +88,18 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
             "trainer.max_steps may be given"
         )
     return state
+
+
+def finished(info: dict[str, Any], trainer: DictConfig) -> bool:
+    """Whether a completed run (its run.json `info`) already met a stop rule of `trainer`: its
+    epochs, its steps, or the validation accuracy it was to reach (which it stopped at)."""
+    max_steps, target = trainer.get("max_steps"), trainer.get("target_val_acc")
+    val_acc = (info.get("final") or {}).get("val_acc")
+    return (
+        info.get("epochs_done", 0) >= trainer.epochs
+        or bool(max_steps and info.get("steps_done", 0) >= max_steps)
+        or (target is not None and val_acc is not None and val_acc >= target)
+    )
 
 
 # Keys a resumed run may change (SPEC §1) besides its bookkeeping: when it stops, and where and

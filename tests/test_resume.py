@@ -205,6 +205,22 @@ def test_a_resume_with_nothing_to_train_leaves_every_file_as_it_was(tmp_path, ca
     assert files() == before
 
 
+def test_a_run_that_reached_its_target_accuracy_is_finished(tmp_path, capsys):
+    """Stopped early at trainer.target_val_acc, a run sent again as it was (a sweep resent) is
+    left as it was; a higher target trains on."""
+    run_dir = tmp_path / "run"
+    args = ["train", *SETUP, "trainer.target_val_acc=0.01", f"hydra.run.dir={run_dir}"]
+    assert cli(args) == 0
+    assert netprobe.load(run_dir).info["epochs_done"] == 1
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert cli([*args, "trainer.resume=true"]) == 0
+    assert "nothing to resume" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
+    assert cli([*args, "trainer.resume=true", "trainer.target_val_acc=null"]) == 0
+    assert netprobe.load(run_dir).info["epochs_done"] == 3
+
+
 def test_bookkeeping_may_change_on_resume_and_the_seed_may_not(tmp_path):
     """Logging, checkpointing and the doctor's thresholds never define the stored rows."""
     from netprobe import resume
