@@ -77,6 +77,28 @@ def test_grad_stats_match_float64_and_ignore_the_thread_count(dtype) -> None:
     assert np.isnan(total)
 
 
+def test_finite_gradients_whose_squares_overflow_float32_keep_finite_norms() -> None:
+    """A diverging run's last finite gradients: |g| above 1.8e19 squares past float32's range,
+    which torch's float32 norm reports as inf; the kernels sum such a block again in double."""
+    grads = grads_of([7, 16385, 300_001])
+    grads[1][[5, 16384]] = torch.tensor([3e25, -2e20])  # the first block and the last one
+    grads[2][123_456] = 4e37  # Σ|g| past float32's range too (a lane sums 16 of them in T)
+    grads[2][123_457] = 3e38
+    kernels = native_step.kernels(grads)
+    for threads in (1, 2):
+        with torch_threads(threads):
+            per_tensor, total = fused_grad_stats(kernels, grads)
+            norm = kernels.norm(grads)
+        for row, g in zip(per_tensor, grads):
+            a = np.abs(g.double().numpy())
+            want = [a.sum(), np.sqrt((a * a).sum()), a.sum() / a.size, a.max(), 0]
+            np.testing.assert_allclose(row, want, rtol=1e-6)
+        want = np.sqrt(sum((g.double().numpy() ** 2).sum() for g in grads))
+        assert float(total) == pytest.approx(want, rel=1e-6) and math.isfinite(want)
+        assert float(norm) == float(total)
+    assert torch.linalg.vector_norm(grads[1]) == math.inf  # what the double pass is for
+
+
 def dynamics_reference(g_prev, g, w_before, w_after, compare: bool) -> list[float]:
     """optim_dynamics' ten metrics (or three without `compare`) of one tensor, in float64."""
     g_prev, g = g_prev.double().numpy(), g.double().numpy()

@@ -37,7 +37,8 @@ static inline MT FN(load_codes_)(const uint8_t *p, int64_t m) {
 /* Comparisons give lane masks of −1 (true) and 0: `count -= mask` counts the true lanes. */
 
 /* gradients: partials [Σ|g|, Σg², max|g| (NaN where Σ|g| is, as torch.amax), #(|g| not ≤ T_MAX)].
- * Sums run in T over SUB consecutive vectors per lane, then in double. */
+ * Sums run in T over SUB consecutive vectors per lane, then in double (the whole block in double
+ * where finite values overflow T). */
 static void FN(grad_block_)(const job_t *j, const block_t *b, double *p) {
     const T *x = (const T *)j->tensors[b->tensor] + b->start;
     const int64_t n = b->len;
@@ -61,6 +62,16 @@ static void FN(grad_block_)(const job_t *j, const block_t *b, double *p) {
     for (int l = 1; l < LANES; l++) most = top[l] > most ? top[l] : most;
     p[0] = fold(l1), p[1] = fold(sq), p[3] = FOLD_COUNT(nonfinite);
     p[2] = p[0] != p[0] ? p[0] : (double)most; /* a NaN among the |g| makes Σ|g| NaN */
+    if (p[3] == 0 && (isinf(p[0]) || isinf(p[1]))) {
+        /* Finite values whose squares (or sums) leave T's range, as a diverging run's do: the
+         * block again in double, so that a finite norm is not stored as inf. */
+        double s = 0, q = 0;
+        for (int64_t k = 0; k < n; k++) {
+            double a = fabs((double)x[k]);
+            s += a, q += a * a;
+        }
+        p[0] = s, p[1] = q;
+    }
 }
 
 /* ‖x‖₂: partial [Σx²], as in grad_block. */
@@ -78,6 +89,11 @@ static void FN(norm_block_)(const job_t *j, const block_t *b, double *p) {
         sq += __builtin_convertvector(q, f64xL);
     }
     p[0] = fold(sq);
+    if (isinf(p[0])) { /* as in grad_block: squares past T's range, again in double */
+        double q = 0;
+        for (int64_t k = 0; k < n; k++) q += (double)x[k] * (double)x[k];
+        p[0] = q;
+    }
 }
 
 #ifdef DYN_AVX512
