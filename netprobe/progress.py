@@ -5,6 +5,7 @@ run's train.log."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,11 +48,29 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' * (n != 1)}"
 
 
+def to_console(text: str) -> None:
+    """`text` on stderr, while someone reads it: once its reader is gone (`| head`, a `tee`
+    that ended), the run trains on without a console, its lines still kept in train.log."""
+    if _CONSOLE["gone"]:
+        return
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        _CONSOLE["gone"] = True
+        # Python's own flush of stderr at exit would fail again: it now writes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())
+        os.close(devnull)
+
+
+_CONSOLE = {"gone": False}
+
+
 def echo(text: str, run_dir: str | Path | None = None, show: bool = True) -> None:
     """Print `text` to stderr (unless not `show`: printed elsewhere) and append it to the run's
     train.log."""
     if show:
-        print(text, file=sys.stderr, flush=True)
+        to_console(text)
     if run_dir is not None and (Path(run_dir) / "run.json").exists():
         with open(Path(run_dir) / LOG_FILE, "a") as log:
             log.write(text + "\n")
@@ -103,7 +122,7 @@ class TrainProgress:
         if self.live:
             self.console.print(text, markup=False, soft_wrap=True)
         else:
-            print(text, file=sys.stderr, flush=True)
+            to_console(text)
         if self._log_path is not None:
             if self._log is None:
                 self._log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -197,3 +197,23 @@ def test_banner_marks_a_probe_with_nothing_to_track(tiny_run, capsys):
     tiny_run(*TINY, "model=mlp", "probes=[gradients,channels]")  # channels: no conv in an MLP
     probes = next(line for line in capsys.readouterr().err.splitlines() if "probes  " in line)
     assert probes == "  probes  gradients, channels (nothing to track)"
+
+
+def test_a_console_whose_reader_left_does_not_end_the_run(tmp_path: Path):
+    """`netprobe train ... 2>&1 | head -1`: the run trains on, its lines kept in train.log."""
+    run_dir = tmp_path / "run"
+    args = ["train", *TINY, "trainer.epochs=2", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netprobe", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr.readline().startswith("netprobe train: new run")
+    proc.stderr.close()  # the reader leaves
+    assert proc.wait(timeout=300) == 0
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "completed" and info["epochs_done"] == 2, info.get("error")
+    log = (run_dir / "train.log").read_text()
+    assert [line.split()[1] for line in log.splitlines() if line.startswith("epoch ")] == [
+        "1/2", "2/2",
+    ]  # fmt: skip
+    assert f"run completed in {duration(info['duration_s'])}: {run_dir}" in log
