@@ -76,7 +76,10 @@ def group_runs(runs: list[Run]) -> list[RunGroup]:
     if len(by_config) == 1:
         return [RunGroup(list(runs))]
     firsts = [configs[members_[0]] for members_ in by_config.values()]
-    keys = differing(firsts)
+    # A run without its config (one that crashed before writing it) has only what run.json
+    # names: the keys that tell the others apart come from theirs, not from what it lacks.
+    full = [configs[m[0]] for m in by_config.values() if runs[m[0]].config is not None]
+    keys = differing(full if len(full) > 1 else firsts)
     groups = []
     for identity, indices in by_config.items():
         cfg = configs[indices[0]]

@@ -91,3 +91,13 @@ def test_a_run_without_config_is_grouped_by_its_run_json() -> None:
     plain = FakeRun(None, Path("/runs/lib"), {"model": "mlp", "data": "digits", "seed": 0})
     labels = {g.label for g in group_runs([run("cli"), plain])}
     assert labels == {"model=cnn,data=synthetic", "model=mlp,data=digits"}
+
+
+def test_a_run_without_config_does_not_hide_what_tells_the_others_apart() -> None:
+    """A run that crashed before writing its config has only run.json's names: the keys that the
+    others differ in still name their groups (not a section it lacks, and a hash)."""
+    optim = lambda name, lr: {"optim": {"name": name, "lr": lr, "schedulers": {"cos": {"t": 3}}}}  # noqa: E731
+    crashed = FakeRun(None, Path("/runs/crashed"), {"model": "cnn", "data": "synthetic"})
+    groups = group_runs([run("adam", **optim("adam", 1e-3)), run("sgd", **optim("sgd", 1e3)),
+                         crashed])  # fmt: skip
+    assert [g.label for g in groups] == ["optim=adam", "optim=none", "optim=sgd"]
