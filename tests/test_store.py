@@ -243,3 +243,18 @@ def test_runs_are_found_in_the_order_of_their_job_numbers(tmp_path) -> None:
         (tmp_path / "sweep" / str(job) / "run.json").write_text("{}")
     found = runs_under([tmp_path / "sweep"])
     assert [p.name for p in found] == [str(job) for job in range(12)]
+
+
+def test_a_folder_of_damaged_runs_says_so_once_skipped(tmp_path):
+    from netprobe.store import read_runs_under
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text('{"status": "comp')  # cut short
+    with pytest.warns(UserWarning, match="skipping run") as caught:
+        with pytest.raises(ConfigError) as refused:
+            read_runs_under([tmp_path])
+    assert len(caught) == 2
+    assert str(refused.value) == (
+        f"no readable runs under {tmp_path}: 2 found, each with a damaged run.json (skipped above)"
+    )

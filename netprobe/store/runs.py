@@ -125,9 +125,13 @@ def read_runs_under(paths: Iterable[str | os.PathLike]) -> list[Run]:
     """The runs of `runs_under(paths)` opened; one whose run.json cannot be read is skipped, with
     a warning, and ConfigError when none can."""
     paths = list(paths)
-    runs = _open(runs_under(paths))
+    found = runs_under(paths)
+    runs = _open(found)
     if not runs:
-        _no_runs(paths)
+        raise ConfigError(
+            f"no readable runs under {', '.join(map(str, paths))}: {len(found)} found, each with "
+            f"a damaged {RUN_FILE} (skipped above)"
+        )
     return runs
 
 
