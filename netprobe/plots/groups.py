@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Any
 
 from netprobe.config import bookkeeping
@@ -73,6 +74,8 @@ def group_runs(runs: list[Run]) -> list[RunGroup]:
     by_config: dict[str, list[int]] = {}
     for i, cfg in enumerate(configs):
         by_config.setdefault(repr(sorted((k, str(v)) for k, v in cfg.items())), []).append(i)
+    for indices in by_config.values():
+        _warn_repeated_seeds([runs[i] for i in indices])
     if len(by_config) == 1:
         return [RunGroup(list(runs))]
     firsts = [configs[members_[0]] for members_ in by_config.values()]
@@ -95,6 +98,24 @@ def group_runs(runs: list[Run]) -> list[RunGroup]:
         groups.append(group)
     _unique_labels(groups, list(by_config))
     return sorted(groups, key=lambda g: g.label)
+
+
+def _warn_repeated_seeds(runs: list[Run]) -> None:
+    """Runs of one experiment with one seed (a run copied, a job run twice) count twice in its
+    mean and spread: said, not hidden."""
+    by_seed: dict[Any, list[Run]] = {}
+    for run in runs:
+        seed = run.info.get("seed")
+        if seed is not None:
+            by_seed.setdefault(seed, []).append(run)
+    for seed, same in by_seed.items():
+        if len(same) > 1:
+            where = ", ".join(str(r.path) for r in same)
+            warnings.warn(
+                f"{len(same)} runs of one config share seed {seed} ({where}); each counts in "
+                "their group's mean and spread",
+                stacklevel=3,
+            )
 
 
 def _config(run: Run) -> dict[str, Any]:

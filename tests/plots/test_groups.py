@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from netprobe.plots.groups import MAX_NAME, group_runs, mapping
 
 
@@ -101,3 +103,14 @@ def test_a_run_without_config_does_not_hide_what_tells_the_others_apart() -> Non
     groups = group_runs([run("adam", **optim("adam", 1e-3)), run("sgd", **optim("sgd", 1e3)),
                          crashed])  # fmt: skip
     assert [g.label for g in groups] == ["optim=adam", "optim=none", "optim=sgd"]
+
+
+def test_runs_of_one_config_and_seed_are_named_in_a_warning() -> None:
+    """A run copied beside itself would count twice in its group's mean: said."""
+    with pytest.warns(UserWarning) as caught:
+        groups = group_runs([run("a", 1), run("copy-of-a", 1), run("b", 2)])
+    assert len(groups) == 1 and groups[0].n == 3
+    assert [str(w.message) for w in caught] == [
+        "2 runs of one config share seed 1 (/runs/a, /runs/copy-of-a); each counts in their "
+        "group's mean and spread"
+    ]
