@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from matplotlib.colors import ListedColormap
 
 from netprobe.plots.common import (
     RunGroup,
@@ -92,28 +93,34 @@ def grad_norms(group: RunGroup):
     return fig
 
 
-@figure("grad_heatmap", "log10 of each layer's gradient L2 norm, layer × step.")
+@figure(
+    "grad_heatmap",
+    "log10 of each layer's gradient L2 norm, layer × step (mean over runs); red: NaN or inf.",
+)
 def grad_heatmap(group: RunGroup):
     l2 = _stats(group, "l2")
     if l2.empty:
         return None
     layers = group.ordered(l2["layer"])
-    table = l2.pivot_table(index="layer", columns="step", values="value", aggfunc="mean")
-    table = table.reindex(layers)
+    steps = np.unique(l2["step"].to_numpy())
+    # The mean over the runs whose norm is finite; a norm gone NaN or inf (a diverging run) is
+    # painted red over it, not left a blank cell or a colour scale stretched to infinity.
+    finite = np.isfinite(l2["value"].to_numpy(float))
+    table = l2[finite].pivot_table(index="layer", columns="step", values="value", aggfunc="mean")
+    table = table.reindex(index=layers, columns=steps)
     values = np.log10(np.clip(table.to_numpy(dtype=float), 1e-30, None))
-    steps = table.columns.to_numpy()
+    broken = l2[~finite].pivot_table(index="layer", columns="step", values="value", aggfunc="size")
+    broken = broken.reindex(index=layers, columns=steps).notna().to_numpy()
     fig, axes = new_figure(size=(9.0, max(3.0, 0.3 * len(layers) + 1.6)))
     ax = axes[0, 0]
-    mesh = ax.imshow(
-        values,
-        aspect="auto",
-        interpolation="nearest",
-        cmap="viridis",
-        extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5),
-    )
+    extent = (steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5)
+    cells = {"aspect": "auto", "interpolation": "nearest", "extent": extent}
+    mesh = ax.imshow(values, cmap="viridis", **cells)
+    if broken.any():
+        ax.imshow(np.where(broken, 1.0, np.nan), cmap=ListedColormap(["red"]), **cells)
     ax.set_yticks(range(len(layers)), [short(n, 36) for n in layers], fontsize=8)
     step_axis(ax)
-    ax.set_title("log10 ‖g‖₂ per layer")
+    ax.set_title("log10 ‖g‖₂ per layer" + ("  (red: NaN or inf)" if broken.any() else ""))
     fig.suptitle(group.title)
     fig.colorbar(mesh, ax=ax, label="log10 L2 norm")
     return fig

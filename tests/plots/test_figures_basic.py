@@ -179,6 +179,41 @@ def test_training_curves_mark_where_the_loss_went_non_finite(run: Run) -> None:
         assert [t.get_text() for t in titles[title].texts] == ["no epoch finished"]
 
 
+class BrokenGradients(Stopped):
+    """`run` with one layer's gradient L2 norm NaN at step 1 and another's inf at step 2."""
+
+    def scalars(self, **kwargs) -> pd.DataFrame:
+        df = self._run.scalars(**kwargs).copy()
+        l2 = (df["probe"] == "gradients") & (df["metric"] == "l2") & (df["layer"] != "")
+        layers = sorted(df.loc[l2, "layer"].unique())
+        df.loc[l2 & (df["step"] == 1) & (df["layer"] == layers[0]), "value"] = np.nan
+        df.loc[l2 & (df["step"] == 2) & (df["layer"] == layers[1]), "value"] = np.inf
+        return df
+
+
+def test_grad_heatmap_paints_a_non_finite_norm_red(run: Run) -> None:
+    """Over two runs, a cell where one run's norm is NaN or inf is red over the other run's mean
+    (not blank, not a colour scale stretched to infinity)."""
+    group = RunGroup([run, BrokenGradients(run, 10**9)])
+    fig = FIGURES["grad_heatmap"].draw(group)
+    ax = fig.axes[0]
+    df = layer_rows(run, "l2")
+    layers = group.ordered(df["layer"])
+    want = np.log10(df.pivot(index="layer", columns="step", values="value").loc[layers])
+    heat, red = ax.get_images()
+    # The finite runs' mean under it: here the one intact run's values, everywhere.
+    np.testing.assert_allclose(np.ma.getdata(heat.get_array()), want.to_numpy(), rtol=1e-12)
+    painted = ~np.ma.getmaskarray(red.get_array()) & np.isfinite(np.ma.getdata(red.get_array()))
+    expected = np.zeros_like(painted)
+    names = sorted(df["layer"].unique())
+    steps = list(want.columns)
+    expected[layers.index(names[0]), steps.index(1)] = True
+    expected[layers.index(names[1]), steps.index(2)] = True
+    np.testing.assert_array_equal(painted, expected)
+    assert ax.get_title() == "log10 ‖g‖₂ per layer  (red: NaN or inf)"
+    assert len(FIGURES["grad_heatmap"].draw(RunGroup([run])).axes[0].get_images()) == 1
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
