@@ -61,7 +61,7 @@ def grad_flow_bars(group: RunGroup):
 @figure(
     "grad_norms",
     "L1 and L2 norm of each layer's gradient over training steps (log scale; several runs: "
-    "geometric mean ×/÷ std).",
+    "geometric mean ×/÷ std); a red dotted line at the first step a norm went NaN or inf.",
 )
 def grad_norms(group: RunGroup):
     l1, l2 = _stats(group, "l1"), _stats(group, "l2")
@@ -72,7 +72,7 @@ def grad_norms(group: RunGroup):
     colors = layer_colors(layers)
     for ax, df, title in ((axes[0, 0], l1, "L1 norm"), (axes[0, 1], l2, "L2 norm")):
         for layer, color in colors.items():
-            part = df[(df["layer"] == layer) & (df["value"] > 0)]
+            part = df[(df["layer"] == layer) & (df["value"] > 0) & np.isfinite(df["value"])]
             logs = np.log10(part["value"]).groupby(part["step"]).agg(["mean", "std"]).fillna(0)
             band(
                 ax,
@@ -84,6 +84,10 @@ def grad_norms(group: RunGroup):
                 color=color,
                 geometric=True,
             )
+        broken = df.loc[~np.isfinite(df["value"].to_numpy(float)), "step"]
+        if not broken.empty:  # where the curves end because a norm went NaN or inf
+            first = int(broken.min())
+            ax.axvline(first, color="red", ls=":", lw=1.5, label=f"non-finite from step {first}")
         ax.set_yscale("log")
         step_axis(ax)
         ax.set_title(f"gradient {title}")

@@ -180,14 +180,15 @@ def test_training_curves_mark_where_the_loss_went_non_finite(run: Run) -> None:
 
 
 class BrokenGradients(Stopped):
-    """`run` with one layer's gradient L2 norm NaN at step 1 and another's inf at step 2."""
+    """`run` with one layer's gradient statistics NaN at step 1 and another's inf at step 2."""
 
     def scalars(self, **kwargs) -> pd.DataFrame:
         df = self._run.scalars(**kwargs).copy()
-        l2 = (df["probe"] == "gradients") & (df["metric"] == "l2") & (df["layer"] != "")
-        layers = sorted(df.loc[l2, "layer"].unique())
-        df.loc[l2 & (df["step"] == 1) & (df["layer"] == layers[0]), "value"] = np.nan
-        df.loc[l2 & (df["step"] == 2) & (df["layer"] == layers[1]), "value"] = np.inf
+        grads = (df["probe"] == "gradients") & (df["layer"] != "")
+        layers = sorted(df.loc[grads, "layer"].unique())
+        if layers:
+            df.loc[grads & (df["step"] == 1) & (df["layer"] == layers[0]), "value"] = np.nan
+            df.loc[grads & (df["step"] == 2) & (df["layer"] == layers[1]), "value"] = np.inf
         return df
 
 
@@ -212,6 +213,22 @@ def test_grad_heatmap_paints_a_non_finite_norm_red(run: Run) -> None:
     np.testing.assert_array_equal(painted, expected)
     assert ax.get_title() == "log10 ‖g‖₂ per layer  (red: NaN or inf)"
     assert len(FIGURES["grad_heatmap"].draw(RunGroup([run])).axes[0].get_images()) == 1
+
+
+def test_grad_norms_mark_the_first_step_a_norm_went_non_finite(run: Run) -> None:
+    group = RunGroup([run, BrokenGradients(run, 10**9)])
+    fig = FIGURES["grad_norms"].draw(group)
+    for ax in fig.axes:
+        marks = [line for line in ax.get_lines() if line.get_label().startswith("non-finite")]
+        assert [(m.get_label(), list(m.get_xdata())) for m in marks] == [
+            ("non-finite from step 1", [1, 1])
+        ]
+        for line in ax.get_lines():  # every curve drawn is finite
+            assert np.isfinite(np.asarray(line.get_ydata(), float)).all()
+    intact = FIGURES["grad_norms"].draw(RunGroup([run]))
+    assert not [
+        line for ax in intact.axes for line in ax.get_lines() if "non-finite" in line.get_label()
+    ]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
