@@ -35,7 +35,7 @@ from netprobe.plots import (  # noqa: F401 - importing registers their figures
 )
 from netprobe.plots.common import FIGURES, RunGroup, fit_titles
 from netprobe.plots.compare import COMPARISONS, swept
-from netprobe.plots.groups import group_runs, mapping
+from netprobe.plots.groups import group_runs, mapping, path_from
 from netprobe.plots.page import Entry, Extra, Section, page
 from netprobe.store import Run, make_out_folder, read_runs_under, run_holding
 
@@ -104,7 +104,7 @@ def plot(
     _drop_gone(out, manifest, every, {str(Path(r.path).resolve()) for r in runs})
     done, drawn = _update(job_list, targets, formats, out, jobs, manifest)
     _write_json(out / MANIFEST, manifest)  # other figures' records stay for a later full plot
-    _write_json(out / GROUPS_FILE, mapping(groups))
+    _write_json(out / GROUPS_FILE, mapping(groups, out))
     index = _write_index(out, _sections(targets, folders, job_list, done), extra)
     files = [out / f for job in job_list for e in done[job.key] for f in e["files"]]
     for path in files:
@@ -189,7 +189,7 @@ def _update(
         old = record.get("entries", []) if isinstance(record, dict) else []
         new = drawn.get(job.key, [])
         _remove_left_over(out, old, new)
-        runs = [_path(r, out) for r in _runs_of(targets[job.target])]
+        runs = [path_from(r, out) for r in _runs_of(targets[job.target])]
         manifest[job.key] = {"inputs": inputs[job.target], "entries": new, "runs": runs}
         done[job.key] = new
     return done, {job.key: done[job.key] for job in stale}
@@ -320,12 +320,6 @@ def _drop_gone(out: Path, manifest: dict[str, Any], jobs: set[str], runs: set[st
         if folder.parent == out and not folder.is_symlink() and folder.is_dir():
             if not any(folder.iterdir()):
                 folder.rmdir()
-
-
-def _path(run: Run, out: Path) -> str:
-    """Where a run is, from the figures' folder: a results tree copied or moved whole, figures
-    and all, keeps its records (an absolute path, as earlier plots wrote, reads the same)."""
-    return os.path.relpath(Path(run.path).resolve(), out.resolve())
 
 
 def _write_json(path: Path, data: Any) -> None:

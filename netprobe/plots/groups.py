@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 from netprobe.config import bookkeeping
@@ -152,20 +154,28 @@ def _unique_labels(groups: list[RunGroup], identities: list[str]) -> None:
             group.label = f"{group.label[: MAX_NAME - HASH_CHARS - 1]}-{digest}".lstrip("-")
 
 
-def mapping(groups: list[RunGroup]) -> list[dict[str, Any]]:
-    """Group → folder, differing keys and runs (path, seed, status): the file beside the figures."""
+def mapping(groups: list[RunGroup], out: Path) -> list[dict[str, Any]]:
+    """Group → folder, differing keys and runs (path from `out`, seed, status): the file beside
+    the figures in `out`."""
     return [
         {
             "group": group.label or "all runs",
             "folder": group.label,
             "differing": {k: _plain(v) for k, v in group.varying.items()},
             "runs": [
-                {"path": str(r.path), "seed": r.info.get("seed"), "status": r.status}
+                {"path": path_from(r, out), "seed": r.info.get("seed"), "status": r.status}
                 for r in group.runs
             ],
         }
         for group in groups
     ]
+
+
+def path_from(run: Run, out: Path) -> str:
+    """Where a run is, from the figures' folder `out`: a results tree copied or moved whole,
+    figures and all, still finds its runs (an absolute path, as earlier plots wrote, reads the
+    same)."""
+    return os.path.relpath(Path(run.path).resolve(), out.resolve())
 
 
 def _plain(value: Any) -> Any:

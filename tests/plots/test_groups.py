@@ -41,8 +41,9 @@ def test_seeds_share_a_group_and_absent_probes_do_not_name_it() -> None:
     assert [len(g.runs) for g in groups] == [2, 1]
     # probes.rwc.* exists in one run only: the section names the difference, not its keys.
     assert all(set(g.varying) == {"probes"} for g in groups)
-    rows = mapping(groups)
-    assert sorted(r["path"] for g in rows for r in g["runs"]) == ["/runs/a0", "/runs/a1", "/runs/b"]
+    rows = mapping(groups, Path("/figures"))  # each run's path from the figures' folder
+    paths = sorted(r["path"] for g in rows for r in g["runs"])
+    assert paths == ["../runs/a0", "../runs/a1", "../runs/b"]
 
 
 def test_logging_checkpoints_and_output_do_not_tell_experiments_apart() -> None:

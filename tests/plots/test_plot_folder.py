@@ -68,9 +68,11 @@ def test_any_folder_plots_with_readable_group_names(folder: Path, tmp_path: Path
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     mapping = json.loads((out / "groups.json").read_text())
-    # Every run named exactly once, in the group whose folder holds its figures.
-    named = sorted(r["path"] for g in mapping for r in g["runs"])
-    assert named == sorted(str(p) for p in run_dirs(folder))
+    # Every run named exactly once, in the group whose folder holds its figures, by its path
+    # from the figures' folder (which a results tree moved whole keeps).
+    named = sorted((out / r["path"]).resolve() for g in mapping for r in g["runs"])
+    assert named == sorted(p.resolve() for p in run_dirs(folder))
+    assert all(not Path(r["path"]).is_absolute() for g in mapping for r in g["runs"])
     for group in mapping:
         assert 0 < len(group["folder"]) <= 60, group["folder"]
         assert re.fullmatch(r"[\w=.,+-]+", group["folder"]), group["folder"]
