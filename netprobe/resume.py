@@ -57,11 +57,11 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
         if writes:
             print(f"netprobe: no run in {run_dir} to resume; starting it", file=sys.stderr)
         return None
-    check(cfg, run_dir)
+    stored = check(cfg, run_dir)
     info = read_info(run_dir)
     max_steps = cfg.trainer.get("max_steps")
     path = checkpoint_path(run_dir, "last")
-    if info.get("status") == "completed" and finished(info, cfg.trainer):
+    if info.get("status") == "completed" and finished(info, cfg.trainer, stored.trainer):
         # Nothing to train, but a damaged file is still said, as a resume that trains would.
         if path.exists():
             load_checkpoint(path)
@@ -90,14 +90,17 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
     return state
 
 
-def finished(info: dict[str, Any], trainer: DictConfig) -> bool:
-    """Whether a completed run (its run.json `info`) already met a stop rule of `trainer`: its
-    epochs, its steps, or the validation accuracy it was to reach (which it stopped at)."""
-    max_steps, target = trainer.get("max_steps"), trainer.get("target_val_acc")
-    val_acc = (info.get("final") or {}).get("val_acc")
+def finished(info: dict[str, Any], trainer: DictConfig, before: DictConfig) -> bool:
+    """Whether a completed run (its run.json `info`, its own trainer config `before`) already met
+    a stop rule of `trainer`: its epochs, its steps, or the validation accuracy it was to reach
+    (which it stopped at). A run its max_steps stopped may have stopped inside its last epoch,
+    which `epochs_done` counts: then only a max_steps it has reached finishes it."""
+    steps, max_steps = info.get("steps_done", 0), trainer.get("max_steps")
+    target, val_acc = trainer.get("target_val_acc"), (info.get("final") or {}).get("val_acc")
+    cut = bool(before.get("max_steps")) and steps >= before.max_steps
     return (
-        info.get("epochs_done", 0) >= trainer.epochs
-        or bool(max_steps and info.get("steps_done", 0) >= max_steps)
+        (info.get("epochs_done", 0) >= trainer.epochs and not cut)
+        or bool(max_steps and steps >= max_steps)
         or (target is not None and val_acc is not None and val_acc >= target)
     )
 
@@ -112,9 +115,10 @@ MAY_CHANGE = (
 CONFIG = Path(".hydra") / "config.yaml"
 
 
-def check(cfg: DictConfig, run_dir: str | Path) -> None:
+def check(cfg: DictConfig, run_dir: str | Path) -> DictConfig:
     """Refuse to resume the run in `run_dir` with `cfg` unless every key that defines its stored
-    rows is as the run's own config has it: one line naming each differing key, both values."""
+    rows is as the run's own config has it: one line naming each differing key, both values.
+    Returns the run's own config."""
     run_dir = Path(run_dir)
     read_info(run_dir)
     path = run_dir / CONFIG
@@ -153,6 +157,7 @@ def check(cfg: DictConfig, run_dir: str | Path) -> None:
             "A resumed run keeps its model, data, init, optim, seed, probes and precision; only "
             "trainer.epochs (larger), max_steps, logging, device and launcher may change"
         )
+    return stored
 
 
 def _flat(cfg: DictConfig) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from omegaconf import open_dict
 import netprobe
 from netprobe.cli import main as cli
 from netprobe.config import compose
-from netprobe.errors import ConfigError
+from netprobe.errors import ConfigError, NothingToDo
 from netprobe.probes import PROBES, Option, Probe, Schedule, StepState
 from netprobe.train import train
 
@@ -107,6 +107,23 @@ def test_interrupted_run_resumed_equals_an_unbroken_one(whole, stop, tmp_path, m
     assert b["started_at"] == info["started_at"]
     for key in ("steps_done", "epochs_done", "best_val_acc", "final"):
         assert a[key] == b[key], key
+
+
+def test_a_run_cut_by_max_steps_in_its_last_epoch_trains_on_without_it(
+    whole, tmp_path, monkeypatch
+):
+    """epochs_done counts the last epoch, cut short: the run is not finished for a resume that
+    lifts max_steps, which trains that epoch whole, as the unbroken run did."""
+    monkeypatch.setitem(PROBES, "interrupt", Interrupt)
+    broken = tmp_path / "broken"
+    assert train(config("trainer.max_steps=10"), broken) == "completed"  # epoch 2 is steps 8-11
+    info = netprobe.load(broken).info
+    assert (info["steps_done"], info["epochs_done"]) == (10, 3)
+    assert train(config("trainer.resume=true"), broken) == "completed"
+    pd.testing.assert_frame_equal(stored(whole)[0], stored(broken)[0])
+    assert netprobe.load(broken).info["steps_done"] == 12
+    with pytest.raises(NothingToDo):  # now it is finished
+        train(config("trainer.resume=true"), broken)
 
 
 def test_resume_continues_after_the_last_checkpoint(tmp_path):
