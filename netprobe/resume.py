@@ -61,10 +61,10 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
     info = read_info(run_dir)
     max_steps = cfg.trainer.get("max_steps")
     path = checkpoint_path(run_dir, "last")
-    if info.get("status") == "completed" and finished(info, cfg.trainer, stored.trainer):
-        # Nothing to train, but a damaged file is still said, as a resume that trains would.
-        if path.exists():
-            load_checkpoint(path)
+    # A damaged last.pt is said whether or not there is anything to train.
+    state = load_checkpoint(path) if path.exists() else None
+    if info.get("status") == "completed" and finished(info, cfg.trainer, stored.trainer, state):
+        # Nothing to train, but a damaged part file is still said, as a resume that trains would.
         damaged = damaged_part(run_dir, TABLES)
         if damaged is not None:
             raise ConfigError(f"{damaged[0]} is damaged ({damaged[1]}); the run is left as it was")
@@ -73,12 +73,11 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
             f"{info.get('steps_done')} steps; nothing to resume, and it is left as it was "
             "(a larger trainer.epochs, trainer.max_steps or trainer.target_val_acc trains on)"
         )
-    if not path.exists():
+    if state is None:
         raise ConfigError(
             f"trainer.resume=true, but {path} does not exist: the run saved no checkpoint "
             "(trainer.checkpoint_every=0, or it stopped in its first epoch)"
         )
-    state = load_checkpoint(path)
     if "monitor" not in state or "data" not in state:
         raise ConfigError(f"{path} lacks the probe and data state needed to resume")
     if max_steps and max_steps < state["step"]:
@@ -90,16 +89,20 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
     return state
 
 
-def finished(info: dict[str, Any], trainer: DictConfig, before: DictConfig) -> bool:
-    """Whether a completed run (its run.json `info`, its own trainer config `before`) already met
-    a stop rule of `trainer`: its epochs, its steps, or the validation accuracy it was to reach
-    (which it stopped at). A run its max_steps stopped may have stopped inside its last epoch,
-    which `epochs_done` counts: then only a max_steps it has reached finishes it."""
+def finished(
+    info: dict[str, Any], trainer: DictConfig, before: DictConfig, last: dict[str, Any] | None
+) -> bool:
+    """Whether a completed run (its run.json `info`, its own trainer config `before`, its last.pt
+    state `last`) already met a stop rule of `trainer`: its epochs, its steps, or the validation
+    accuracy it was to reach (which it stopped at). A run its max_steps stopped may have stopped
+    inside its last epoch, which `epochs_done` counts: its whole epochs are last.pt's."""
     steps, max_steps = info.get("steps_done", 0), trainer.get("max_steps")
     target, val_acc = trainer.get("target_val_acc"), (info.get("final") or {}).get("val_acc")
-    cut = bool(before.get("max_steps")) and steps >= before.max_steps
+    epochs = info.get("epochs_done", 0)
+    if before.get("max_steps") and steps >= before.max_steps and last is not None:
+        epochs = last.get("epoch", epochs - 1) + 1
     return (
-        (info.get("epochs_done", 0) >= trainer.epochs and not cut)
+        epochs >= trainer.epochs
         or bool(max_steps and steps >= max_steps)
         or (target is not None and val_acc is not None and val_acc >= target)
     )

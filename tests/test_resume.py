@@ -124,6 +124,13 @@ def test_a_run_cut_by_max_steps_in_its_last_epoch_trains_on_without_it(
     assert netprobe.load(broken).info["steps_done"] == 12
     with pytest.raises(NothingToDo):  # now it is finished
         train(config("trainer.resume=true"), broken)
+    # max_steps at the end of the last epoch: every epoch whole, nothing to train, no file touched.
+    edge = tmp_path / "edge"
+    assert train(config("trainer.max_steps=12"), edge) == "completed"
+    before = {p: p.read_bytes() for p in sorted(edge.rglob("*")) if p.is_file()}
+    with pytest.raises(NothingToDo):
+        train(config("trainer.resume=true"), edge)
+    assert {p: p.read_bytes() for p in sorted(edge.rglob("*")) if p.is_file()} == before
 
 
 def test_resume_continues_after_the_last_checkpoint(tmp_path):
