@@ -217,7 +217,7 @@ class Monitor:
 
     def after_step(self) -> None:
         """Update probes read the new weights now; the step counter advances."""
-        if not self._stepping:
+        if self.closed or not self._stepping:
             raise self._misuse("after_step")
         self._stepping = False
         self.runner.after_step()

@@ -369,3 +369,17 @@ def test_a_closed_run_takes_no_more_calls_and_stays_as_it_was(tmp_path, call):
     with pytest.raises(RuntimeError, match="is closed"):
         getattr(mon, call)(*args)
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == files
+
+
+def test_a_run_closed_within_a_step_takes_no_after_step(tmp_path):
+    """Closed between after_backward and after_step (an error, a signal): the step's end is
+    refused as closed, its probes and counters left as they were; stop() changes nothing."""
+    model = small_net()
+    with netprobe.attach(model, tmp_path / "run", probes=["gradients"]) as mon:
+        one_step(mon, model, ("after_backward",))
+    step, info = mon.state.step, dict(mon.writer.info)
+    with pytest.raises(RuntimeError, match="is closed"):
+        mon.after_step()
+    with pytest.raises(RuntimeError, match="is closed"):
+        mon.stop("done")
+    assert mon.state.step == step and mon.writer.info == info

@@ -76,6 +76,7 @@ class RunWriter:
             raise
 
     def update(self, **fields: Any) -> None:
+        self._check_open()  # before the fields: a closed run's info stays what it wrote
         self.info.update(fields)
         self._write_info()
 
