@@ -46,6 +46,8 @@ def training_curves(group: RunGroup):
             # Validation rows come at epoch ends: a run stopped within its first epoch has none.
             ended = x == "step" or df.loc[df["metric"] == "loss", "epoch"].max() > 0
             what = "not recorded" if ended else "no epoch finished"
+            if not every.empty:  # recorded, but not one value a number
+                what = "every value NaN or inf"
             ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes)
             continue
         log = "loss" in metric and log_worthy(part["value"])

@@ -231,6 +231,23 @@ def test_grad_norms_mark_the_first_step_a_norm_went_non_finite(run: Run) -> None
     ]
 
 
+class NonfiniteValidation(Stopped):
+    """`run` as if every validation loss it recorded had been NaN."""
+
+    def scalars(self, **kwargs) -> pd.DataFrame:
+        df = self._run.scalars(**kwargs).copy()
+        df.loc[df["metric"] == "val_loss", "value"] = np.nan
+        return df
+
+
+def test_training_curves_say_when_recorded_values_are_all_non_finite(run: Run) -> None:
+    """A finished epoch whose validation loss is NaN is not "no epoch finished"."""
+    fig = FIGURES["training_curves"].draw(RunGroup([NonfiniteValidation(run, 10**9)]))
+    titles = {ax.get_title(): ax for ax in fig.axes}
+    assert [t.get_text() for t in titles["validation loss"].texts] == ["every value NaN or inf"]
+    assert titles["validation accuracy"].get_lines()  # recorded and finite: drawn
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
