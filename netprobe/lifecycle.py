@@ -287,11 +287,27 @@ def signals_held() -> Iterator[None]:
         return
     noted: list[int] = []
     handlers, blocked = {}, set()
+
+    def note(signum: int, _frame: Any) -> None:
+        # Under a run's StopSignals, as its own handler would: said at once, and a second signal
+        # (or one after its first) exits at once.
+        stopper = getattr(handlers.get(signum), "__self__", None)
+        if isinstance(stopper, StopSignals):
+            name = signal.Signals(signum).name
+            if noted or stopper.received is not None:
+                _say(f"\nnetprobe: {name} again: exiting now")
+                os._exit(INTERRUPTED_EXIT)
+            _say(
+                f"\nnetprobe: {name}: stopping once the file being written is whole "
+                "(press Ctrl-C again to quit at once)"
+            )
+        noted.append(signum)
+
     for sig in StopSignals.SIGNALS:
         if signal.getsignal(sig) is None:
             blocked.add(sig)
         else:
-            handlers[sig] = signal.signal(sig, lambda signum, _frame: noted.append(signum))
+            handlers[sig] = signal.signal(sig, note)
     mask = None
     if blocked and hasattr(signal, "pthread_sigmask"):
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)

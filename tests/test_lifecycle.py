@@ -341,3 +341,26 @@ def test_a_stop_signal_during_a_flush_waits_for_its_rows(tmp_path, monkeypatch, 
     run = netprobe.load(tmp_path / "run")
     assert run.scalars(probe="train", metric="loss")["step"].tolist() == [0, 1, 2]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_signal_while_a_file_is_written_exits_at_once():
+    """Signals wait while a file is written whole, but a run's Ctrl-C is said at once and a
+    second one quits at once (130), as the run's own handler promises."""
+    code = (
+        "import signal, sys\n"
+        "from netprobe.lifecycle import StopSignals, signals_held\n"
+        "with StopSignals(), signals_held():\n"
+        "    signal.raise_signal(signal.SIGINT)\n"
+        "    print('held once', file=sys.stderr, flush=True)\n"
+        "    signal.raise_signal(signal.SIGINT)\n"
+        "    print('not reached', file=sys.stderr, flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line]
+    assert lines == [
+        "netprobe: SIGINT: stopping once the file being written is whole (press Ctrl-C again to "
+        "quit at once)",
+        "held once",
+        "netprobe: SIGINT again: exiting now",
+    ]
