@@ -189,12 +189,13 @@ def test_layer_rules_against_reference(tmp_path: Path) -> None:
         dead.severity == "info"
         and dead.advice == "turn on probes=[activations] to check dead_units"
     )
-    # On but left nothing to track by its layers/exclude: turning it on would not help.
+    # On, but it recorded nothing the rule reads: turning it on would not help.
     info = json.loads((run / "run.json").read_text())
     (run / "run.json").write_text(json.dumps({**info, "probes": ["gradients", "activations"]}))
     dead = next(f for f in diagnose(run) if f.code == "dead_units")
-    assert (
-        dead.advice == "probes.activations was on but tracked nothing: widen its layers or exclude"
+    assert dead.advice == (
+        "probes.activations was on but recorded none of it: its layers/exclude select no layer, "
+        "or the run ended before its first capture"
     )
 
 
@@ -292,3 +293,19 @@ def test_report_page_opens_with_linked_findings(gallery: dict[str, Path], tmp_pa
     assert start < page.index("<figure")
     href = page[start:].split(">dead_units</a>")[0].rsplit("<a href='", 1)[1].split("'")[0]
     assert Path(href).stem == "activation_stats" and (tmp_path / "fig" / href).exists()
+
+
+def test_the_table_says_which_missing_probes_were_on(tmp_path: Path, capsys) -> None:
+    """The "not checked" row names the probes to turn on apart from those already on."""
+    layers = [("l0", "weight", "Linear", 100)]
+    rows = [(s, 0, "gradients", "l0.weight", "l2", 1.0) for s in range(30)]
+    run = _store(tmp_path / "r", _loss([2.0 - 0.05 * i for i in range(30)]) + rows, layers)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "probes": ["gradients", "activations"]}))
+    code, out, err = _main(capsys, "doctor", str(run), "--format", "table")
+    assert code == 0, err
+    # The last column, "what helps", its folded lines joined.
+    cells = [line.split("│")[-2].strip() for line in out.splitlines() if line.count("│") == 7]
+    text = " ".join(c for c in cells if c)
+    assert text.startswith("turn on probes=[rwc,weights]; "), text
+    assert "probes.activations was on but recorded none of it" in text, text

@@ -196,19 +196,28 @@ class _Tables:
 
 
 def _missing(t: _Tables, code: str, probes: str, what: str) -> Finding:
-    """`code` not checked for want of `what`: turn on the probe, or, where it was on and selected
-    no layer of this model, widen its selection."""
-    if probes in (t.run.info.get("probes") or []):
-        advice = f"probes.{probes} was on but tracked nothing: widen its layers or exclude"
-    else:
-        advice = f"turn on probes=[{probes}] to check {code}"
+    """`code` not checked for want of `what`: turn on the probe, or, where it was on and recorded
+    nothing this check reads, say why that may be."""
+    on = probes in (t.run.info.get("probes") or [])
     return Finding(
         code,
         "info",
         f"not checked: {what} was not recorded",
-        evidence={"missing": probes},
-        advice=advice,
+        evidence={"missing": probes, "probe_on": on},
+        advice=missing_advice([], [probes]) if on else f"turn on probes=[{probes}] to check {code}",
     )
+
+
+def missing_advice(off: list[str], on: list[str]) -> str:
+    """What helps checks left undone: the probes to turn on, and those on that recorded nothing
+    the checks read (their layers/exclude selected no layer, or the run ended before a capture)."""
+    parts = [f"turn on probes=[{','.join(off)}]"] if off else []
+    parts += [
+        f"probes.{p} was on but recorded none of it: its layers/exclude select no layer, or the "
+        "run ended before its first capture"
+        for p in on
+    ]
+    return "; ".join(parts)
 
 
 def _window(n: int, frac: float = 0.1) -> int:

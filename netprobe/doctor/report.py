@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from netprobe.doctor.common import Finding, thresholds
+from netprobe.doctor.common import Finding, missing_advice, thresholds
 from netprobe.doctor.rules import counts, diagnose, problems
 from netprobe.store import Run, json_text, load, update_info
 
@@ -154,11 +154,13 @@ def _print_tables(results: list[tuple[Path | None, Path, str, str, list[Finding]
             if not rows:
                 rows.append(("ok", "", "", "", "", f"status {status}"))
             if unchecked:
-                missing = sorted({f.evidence.get("missing", "") for f in unchecked} - {""})
+                missing = {f.evidence.get("missing", ""): f.evidence.get("probe_on", False)
+                           for f in unchecked}  # fmt: skip
+                missing.pop("", None)
+                off = sorted(p for p, on in missing.items() if not on)
+                advice = missing_advice(off, sorted(p for p, on in missing.items() if on))
                 codes = ", ".join(f.code for f in unchecked)
-                rows.append(
-                    ("info", "not checked", codes, "", f"turn on probes=[{','.join(missing)}]", "")
-                )
+                rows.append(("info", "not checked", codes, "", advice, ""))
             for i, (severity, code, where, evidence, advice, message) in enumerate(rows):
                 style = _STYLE.get(severity, "green")
                 text = f"{message}\n{evidence}".strip() if message else evidence
