@@ -37,7 +37,7 @@ from netprobe.plots.common import FIGURES, RunGroup, fit_titles
 from netprobe.plots.compare import COMPARISONS, swept
 from netprobe.plots.groups import group_runs, mapping, path_from
 from netprobe.plots.page import Entry, Extra, Section, page
-from netprobe.store import Run, make_out_folder, read_runs_under, run_holding
+from netprobe.store import Run, make_out_folder, read_runs_under, run_holding, write_json
 
 FORMATS = ("png", "svg", "pdf")
 MANIFEST = ".netprobe-plot.json"  # what each figure was drawn from, to skip unchanged ones
@@ -103,8 +103,8 @@ def plot(
     }
     _drop_gone(out, manifest, every, {str(Path(r.path).resolve()) for r in runs})
     done, drawn = _update(job_list, targets, formats, out, jobs, manifest)
-    _write_json(out / MANIFEST, manifest)  # other figures' records stay for a later full plot
-    _write_json(out / GROUPS_FILE, mapping(groups, out))
+    write_json(out / MANIFEST, manifest)  # other figures' records stay for a later full plot
+    write_json(out / GROUPS_FILE, mapping(groups, out))
     index = _write_index(out, _sections(targets, folders, job_list, done), extra)
     files = [out / f for job in job_list for e in done[job.key] for f in e["files"]]
     for path in files:
@@ -320,12 +320,6 @@ def _drop_gone(out: Path, manifest: dict[str, Any], jobs: set[str], runs: set[st
         if folder.parent == out and not folder.is_symlink() and folder.is_dir():
             if not any(folder.iterdir()):
                 folder.rmdir()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def _draw_all(stale: list[Job], jobs: int | None, targets: set[int]) -> dict[str, list[dict]]:

@@ -111,7 +111,9 @@ def make_out_folder(path: Path) -> None:
         raise ConfigError(f"--out {path}: the folder is not writable; give another --out")
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: Any) -> None:
+    """A JSON file (run.json, a plot's manifest and groups.json) written atomically, a NaN or
+    ±inf as null."""
     atomic_write(path, lambda tmp: tmp.write_text(json_text(data)))
 
 
