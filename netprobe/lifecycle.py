@@ -295,9 +295,9 @@ def signals_held() -> Iterator[None]:
         if isinstance(stopper, StopSignals):
             name = signal.Signals(signum).name
             if noted or stopper.received is not None:
-                _say(f"\nnetprobe: {name} again: exiting now")
+                to_console(f"\nnetprobe: {name} again: exiting now")
                 os._exit(INTERRUPTED_EXIT)
-            _say(
+            to_console(
                 f"\nnetprobe: {name}: stopping once the file being written is whole "
                 "(press Ctrl-C again to quit at once)"
             )
@@ -355,14 +355,31 @@ class StopSignals:
     def handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
-            _say(f"\nnetprobe: {name} again: exiting now")
+            to_console(f"\nnetprobe: {name} again: exiting now")
             os._exit(INTERRUPTED_EXIT)
         self.received = signum
-        _say(f"\nnetprobe: {name}: saving what was recorded (press Ctrl-C again to quit at once)")
+        to_console(
+            f"\nnetprobe: {name}: saving what was recorded (press Ctrl-C again to quit at once)"
+        )
         raise KeyboardInterrupt(name)
 
 
-def _say(line: str) -> None:
-    """Print to stderr, which may be gone: after SIGHUP the terminal often is."""
-    with contextlib.suppress(OSError, ValueError):
-        print(line, file=sys.stderr, flush=True)
+def to_console(text: str) -> None:
+    """`text` on stderr, while someone reads it. Its reader may be gone (`| head`, a `tee` that
+    ended: from then on nothing more is printed, and the run trains on, its lines kept in
+    train.log), or the terminal itself (after SIGHUP: that line is lost)."""
+    if _CONSOLE["gone"]:
+        return
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        _CONSOLE["gone"] = True
+        # Python's own flush of stderr at exit would fail again: it now writes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+_CONSOLE = {"gone": False}

@@ -5,8 +5,6 @@ run's train.log."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -15,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from netprobe.config import optimizer_name
+from netprobe.lifecycle import to_console
 
 LOG_FILE = "train.log"
 # The probes' share of wall time above which the closing summary names it, and the costliest.
@@ -46,24 +45,6 @@ def count(n: int) -> str:
 def plural(n: int, word: str) -> str:
     """1 epoch, 3 epochs."""
     return f"{n} {word}{'s' * (n != 1)}"
-
-
-def to_console(text: str) -> None:
-    """`text` on stderr, while someone reads it: once its reader is gone (`| head`, a `tee`
-    that ended), the run trains on without a console, its lines still kept in train.log."""
-    if _CONSOLE["gone"]:
-        return
-    try:
-        print(text, file=sys.stderr, flush=True)
-    except BrokenPipeError:
-        _CONSOLE["gone"] = True
-        # Python's own flush of stderr at exit would fail again: it now writes nowhere.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stderr.fileno())
-        os.close(devnull)
-
-
-_CONSOLE = {"gone": False}
 
 
 def echo(text: str, run_dir: str | Path | None = None, show: bool = True) -> None:
