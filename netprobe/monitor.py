@@ -60,7 +60,8 @@ class Monitor:
         self.on_nonfinite, self.nonfinite = on_nonfinite, NonfiniteWatch()
         self._t0 = time.perf_counter()
         self.model, self.optimizer, self.flush_every = model, optimizer, flush_every
-        self.sink = sink  # `write(tables)` each flush, `close(info)` at the end: TensorBoard
+        # `write(tables)` each flush, `close(info)` at the end, `restart(step, tables)` when resumed
+        self.sink = sink  # (TensorBoard)
         self._unsunk: list[dict[str, Any]] = []  # drained tables the sink has yet to get
         # Where training is and the step's facts: one state, updated here, handed to the hooks.
         self.state = StepState()
@@ -99,6 +100,10 @@ class Monitor:
         try:
             self.writer.write_table("layers", layers_table(ctx.layers))
             self.writer.write_table("graph", graph_table(ctx.edges))
+            restart = getattr(sink, "restart", None)
+            if resume is not None and restart is not None:
+                # The steps this process trains again replace what the sink holds of them.
+                restart(self.state.step, self.writer.rows_from(self.state.step))
             self.runner.start() if resume is None else self.runner.resume()  # started before
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)

@@ -38,6 +38,7 @@ def _tensorboard() -> SimpleNamespace:
         raise ConfigError("TensorBoard output needs tensorboard: pip install tensorboard") from None
     return SimpleNamespace(
         Event=event_pb2.Event,
+        SessionLog=event_pb2.SessionLog,
         Summary=summary_pb2.Summary,
         HistogramProto=summary_pb2.HistogramProto,
         SummaryMetadata=summary_pb2.SummaryMetadata,
@@ -111,6 +112,16 @@ class EventWriter:
             summary = self.tb.Summary(value=events[step])
             f.add_event(self.tb.Event(wall_time=when(step), step=step, summary=summary))
         f.flush()
+
+    def restart(self, step: int, tables: Mapping[str, pa.Table]) -> None:
+        """A resumed run's first events: TensorBoard is told to drop every event the run's
+        earlier processes wrote at `step` or later (a restart event, as its readers purge on),
+        since this process trains those steps again; then the stored rows of `tables` from
+        `step` on, the captures of the epoch it resumes after, are written again."""
+        now = time.time()
+        restart = self.tb.SessionLog(status=self.tb.SessionLog.START)
+        self._open(now).add_event(self.tb.Event(wall_time=now, step=step, session_log=restart))
+        self.write(tables, wall_time=now)
 
     def _scalar_values(self, table: pa.Table, events: dict[int, list[Any]]) -> None:
         value = self.tb.Summary.Value

@@ -123,6 +123,27 @@ def test_live_hparams_hold_the_flattened_config(sweep):
     assert end.session_end_info.status == 1  # STATUS_SUCCESS
 
 
+def test_a_resumed_run_shows_each_step_once(tmp_path, train_tiny):
+    """The steps a resumed run trains again replace the events its first process wrote of
+    them (flushed before it stopped); the captures of the epoch it resumes after stay."""
+    run_dir = tmp_path / "run"
+    # 7 steps an epoch, a flush every 3: steps 7-8 reach the events before the stop at step 9.
+    extra = [
+        PROBES,
+        "trainer.tensorboard=true",
+        "trainer.flush_every=3",
+        "trainer.checkpoint_every=1",
+    ]
+    train_tiny(run_dir, *extra, "trainer.max_steps=9")
+    assert {s for _, s, _ in tb_scalars(read_events(run_dir / "tb"))} >= {7, 8}
+    train_tiny(run_dir, *extra, "trainer.resume=true")
+    run = netprobe.load(run_dir)
+    assert run.info["steps_done"] == 14 and len(run.info["resumed_at"]) == 1
+    acc = assert_events_match(run_dir / "tb", run)  # every stored row once, and nothing else
+    val = [(e.step, e.value) for e in acc.Scalars("train/val_acc")]
+    assert [s for s, _ in val] == [7, 14]  # the first epoch's, written before the stop, kept
+
+
 def live_run(path: Path) -> tuple[netprobe.Monitor, Callable[[int], None]]:
     """A tiny model's run in `path` with live events in path/tb, and what takes n steps of it."""
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from netprobe.errors import ConfigError, StorageError, first_line
@@ -179,20 +180,23 @@ def remove_temp_files(path: Path) -> None:
             tmp.unlink()
 
 
-def read_parts(parts: list[Path], table: str) -> pa.Table:
-    """The rows of every part that reads, as one table of `table`'s schema."""
+def read_parts(parts: list[Path], table: str, from_step: int | None = None) -> pa.Table:
+    """The rows of every part that reads, as one table of `table`'s schema; with `from_step`,
+    only those at that step or later (parts wholly before it are skipped by their statistics)."""
     if not parts:
         return SCHEMAS[table].empty_table()
+    filters = None if from_step is None else [("step", ">=", from_step)]
     try:
         # One multi-threaded scan of every part: twice as fast as a read per file. The schema
         # reads older parts as today's (whose matrices held list<float32> values).
-        return pq.read_table([str(p) for p in parts], schema=SCHEMAS[table])
+        return pq.read_table([str(p) for p in parts], schema=SCHEMAS[table], filters=filters)
     except (pa.ArrowException, OSError, ValueError):
         pass  # some part is damaged or differs: read them one by one, skipping the bad ones
     tables = [t for _, t in _each_readable(parts, stacklevel=5, schema=SCHEMAS[table])]
     if not tables:
         return SCHEMAS[table].empty_table()
-    return pa.concat_tables(tables, promote_options="permissive")
+    rows = pa.concat_tables(tables, promote_options="permissive")
+    return rows if from_step is None else rows.filter(pc.greater_equal(rows["step"], from_step))
 
 
 def damaged_part(run_dir: Path, tables: Iterable[str]) -> tuple[Path, str] | None:

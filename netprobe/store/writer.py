@@ -23,6 +23,7 @@ from netprobe.store.files import (
     now_iso,
     part_files,
     part_number,
+    read_parts,
     remove_temp_files,
     write_json,
     write_part,
@@ -146,6 +147,11 @@ class RunWriter:
         """The parts written from now on hold the run's end captures (noted in run.json at
         close): a resumed run drops them and takes its own at its end."""
         self.info["end_parts"] = dict(self._parts)
+
+    def rows_from(self, step: int) -> dict[str, pa.Table]:
+        """The stored rows of every table at `step` and later. A resumed run's are the captures
+        taken at the end of the epoch it resumes after: its later rows were dropped."""
+        return {name: read_parts(part_files(self.path, name), name, step) for name in TABLES}
 
     def first_unwritten_step(self) -> int | None:
         """The first step of the rows still held in memory after a failed write, if any."""
