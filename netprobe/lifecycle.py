@@ -22,6 +22,7 @@ from typing import Any
 from netprobe.errors import ConfigError, StorageError
 
 LOCK_FILE = ".netprobe.lock"
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota
 RUN_FILE = "run.json"
 # What a run leaves in its directory besides run.json: found without run.json, they belong to
 # something that is not (or no longer) a run, which netprobe must neither extend nor overwrite.
@@ -148,21 +149,30 @@ def claim_run_dir(path: str | os.PathLike, *, resume: bool = False) -> RunLock:
     return lock
 
 
+# Room the lock file keeps on the run's disk (blank padding after its JSON) for the run's last
+# words: when a full disk refuses the closing run.json, the padding is cut and the write tried
+# again, so that the run ends with an honest status, not `running`.
+RESERVE = 64 * 1024
+
+
 class RunLock:
     """`.netprobe.lock` in a run directory, created atomically; a second writer is refused.
 
     The file names the holder's pid and host, so a lock left by a killed process (gone from this
-    host) is taken over instead of blocking the directory for ever.
+    host) is taken over instead of blocking the directory for ever. It also holds RESERVE bytes
+    of the disk while the run writes (where the disk had them): `free_reserve` gives them back.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path) / LOCK_FILE
         self.held = False
+        self._text = ""
 
     def acquire(self) -> RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        self._text = json.dumps(me)
         for _ in range(3):
-            if _create_exclusive(self.path, json.dumps(me)):
+            if _create_exclusive(self.path, self._text, pad_to=RESERVE):
                 self.held = True
                 return self
             holder = _lock_holder(self.path)
@@ -188,6 +198,18 @@ class RunLock:
         finally:
             aside.unlink(missing_ok=True)
 
+    def free_reserve(self) -> bool:
+        """Cut the lock file back to its JSON, freeing the room it kept; whether it had any."""
+        if not self.held:
+            return False
+        try:
+            if self.path.stat().st_size <= len(self._text):
+                return False
+            os.truncate(self.path, len(self._text))
+        except OSError:
+            return False
+        return True
+
     def release(self) -> None:
         if self.held:
             self.held = False
@@ -203,14 +225,22 @@ class RunLock:
         self.release()
 
 
-def _create_exclusive(path: Path, text: str) -> bool:
-    """Create `path` holding `text` unless it exists; never leaves it half-written.
+def _create_exclusive(path: Path, text: str, pad_to: int = 0) -> bool:
+    """Create `path` holding `text` unless it exists; never leaves it half-written. With `pad_to`,
+    blanks follow the text up to that many bytes, where the disk has room for them.
 
     The text goes to a private file first and is hard-linked into place, which fails if the name
     exists; filesystems without hard links fall back to O_EXCL.
     """
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(text)
+    content = text.ljust(pad_to)
+    try:
+        tmp.write_text(content)
+    except OSError as exc:
+        if exc.errno not in NO_ROOM:
+            raise
+        content = text  # a full disk: the lock without its reserve
+        tmp.write_text(content)
     try:
         os.link(tmp, path)
         return True
@@ -224,7 +254,7 @@ def _create_exclusive(path: Path, text: str) -> bool:
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as f:
-            f.write(text)
+            f.write(content)
         return True
     finally:
         tmp.unlink(missing_ok=True)

@@ -26,8 +26,9 @@ from netprobe import checkpoint, store
 from netprobe.cli import main as cli
 from netprobe.config import compose
 from netprobe.errors import ConfigError, StorageError
-from netprobe.lifecycle import LOCK_FILE, claim_run_dir
+from netprobe.lifecycle import LOCK_FILE, RESERVE, claim_run_dir
 from netprobe.probes import PROBES, Option, Probe, Schedule, StepState
+from netprobe.store import writer as store_writer
 from netprobe.train import train
 from tests.helpers import fail_writes, train_steps
 
@@ -337,6 +338,46 @@ def test_a_full_disk_fails_the_run_in_one_line(tmp_path, monkeypatch, capsys):
     assert run.info["steps_done"] == 4
     assert run.scalars(probe="train", metric="loss")["step"].tolist() == list(range(4))
     assert no_temp_files(run_dir) and not (run_dir / LOCK_FILE).exists()
+
+
+def test_a_disk_full_to_the_last_byte_still_ends_the_run_failed(tmp_path, monkeypatch, capsys):
+    """From the third part on the disk has no byte left, for run.json too (its rewrite at the
+    flush fails first): only the room the lock file keeps, once cut, takes the closing run.json,
+    which says `failed` instead of staying `running`."""
+    parts = fail_writes(monkeypatch, "part-", after=2)
+    run_dir = tmp_path / "run"
+    lock, real = run_dir / LOCK_FILE, store_writer.write_json
+
+    def write_json(path, data):
+        if len(parts) > 2 and lock.stat().st_size >= RESERVE:  # full, the reserve still held
+            raise StorageError(path, OSError(errno.ENOSPC, "No space left on device"))
+        return real(path, data)
+
+    monkeypatch.setattr(store_writer, "write_json", write_json)
+    assert cli(["train", *CHECKPOINTED, f"hydra.run.dir={run_dir}"]) == 1
+    assert "ENOSPC" in capsys.readouterr().err
+    info = netprobe.load(run_dir).info
+    assert info["status"] == "failed" and "ENOSPC" in info["error"], info
+    assert not lock.exists() and no_temp_files(run_dir)
+
+
+def test_the_lock_keeps_room_where_the_disk_has_it(tmp_path, monkeypatch):
+    lock = claim_run_dir(tmp_path / "run")
+    assert lock.path.stat().st_size == RESERVE
+    assert json.loads(lock.path.read_text())["pid"] == os.getpid()  # blanks after the JSON
+    assert lock.free_reserve() and lock.path.stat().st_size < 100 and not lock.free_reserve()
+    lock.release()
+    real = Path.write_text
+
+    def no_room_for_padding(self, text, *args, **kwargs):
+        if len(text) >= RESERVE:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", no_room_for_padding)
+    lock = claim_run_dir(tmp_path / "run")  # a nearly full disk: the lock, without its room
+    assert lock.path.stat().st_size < 100 and not lock.free_reserve()
+    lock.release()
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from netprobe import __version__
 from netprobe.errors import ConfigError, StorageError, first_line
+from netprobe.lifecycle import NO_ROOM
 from netprobe.store.files import (
     RUN_FILE,
     atomic_write,
@@ -91,7 +92,15 @@ class RunWriter:
             error = f"{error}; {lost}" if error else lost
             status = "failed" if status == "completed" else status
         try:
-            self.update(status=status, error=error, ended_at=now_iso(), **fields)
+            self._check_open()
+            self.info.update(status=status, error=error, ended_at=now_iso(), **fields)
+            try:
+                self._write_info()
+            except StorageError as exc:
+                # A full disk: the room the lock kept is given back for this last write.
+                if exc.errno not in NO_ROOM or not self.lock.free_reserve():
+                    raise
+                self._write_info()
         finally:
             self.closed = True
             self.lock.release()
