@@ -16,6 +16,7 @@ from netprobe.checkpoint import checkpoint_path, load_checkpoint, set_rng_states
 from netprobe.config import bookkeeping
 from netprobe.errors import ConfigError, NothingToDo, first_line
 from netprobe.lifecycle import check_not_a_stray
+from netprobe.progress import plural
 from netprobe.store import RUN_FILE, TABLES, damaged_part, flatten, read_info
 
 _RESUME = re.compile(r"^\+*trainer\.resume=(true|True|1)$")
@@ -63,15 +64,21 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
     path = checkpoint_path(run_dir, "last")
     # A damaged last.pt is said whether or not there is anything to train.
     state = load_checkpoint(path) if path.exists() else None
-    if info.get("status") == "completed" and finished(info, cfg.trainer, stored.trainer, state):
+    done = ended(info, cfg.trainer, stored.trainer, state)
+    if done is not None:
         # Nothing to train, but a damaged part file is still said, as a resume that trains would.
         damaged = damaged_part(run_dir, TABLES)
         if damaged is not None:
             raise ConfigError(f"{damaged[0]} is damaged ({damaged[1]}); the run is left as it was")
+        more = (
+            "trainer.on_nonfinite=continue trains on past its non-finite loss"
+            if done.startswith("diverged")
+            else "a larger trainer.epochs, trainer.max_steps or trainer.target_val_acc trains on"
+        )
         raise NothingToDo(
-            f"the run in {run_dir} completed {info.get('epochs_done')} epochs, "
-            f"{info.get('steps_done')} steps; nothing to resume, and it is left as it was "
-            "(a larger trainer.epochs, trainer.max_steps or trainer.target_val_acc trains on)"
+            f"the run in {run_dir} {done} after {plural(info.get('epochs_done', 0), 'epoch')}, "
+            f"{plural(info.get('steps_done', 0), 'step')}; nothing to resume, and it is left as "
+            f"it was ({more})"
         )
     if state is None:
         raise ConfigError(
@@ -87,6 +94,22 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
             "trainer.max_steps may be given"
         )
     return state
+
+
+def ended(
+    info: dict[str, Any], trainer: DictConfig, before: DictConfig, last: dict[str, Any] | None
+) -> str | None:
+    """How the run (its run.json `info`, its own trainer config `before`, its last.pt state
+    `last`) already ended for good under `trainer`, or None when a resume has training to do.
+
+    A run that diverged while `trainer.on_nonfinite=stop` would only train from its last.pt into
+    the same non-finite loss: it has ended, whatever its epochs; `continue` trains on past it."""
+    status = info.get("status")
+    if status == "diverged" and trainer.get("on_nonfinite", "stop") == "stop":
+        return f"diverged ({info.get('error') or 'a non-finite loss'})"
+    if status in ("completed", "diverged") and finished(info, trainer, before, last):
+        return str(status)
+    return None
 
 
 def finished(

@@ -256,3 +256,39 @@ def test_bookkeeping_may_change_on_resume_and_the_seed_may_not(tmp_path):
     resume.check(compose([*later, "trainer.checkpoint_every=2", "doctor.dead_frac=0.5"]), run_dir)
     with pytest.raises(ConfigError, match=r"seed=0 \(the run's\) vs 1"):
         resume.check(compose([*later, "seed=1"]), run_dir)
+
+
+class Poison(Probe):
+    """Turns a weight into NaN after a given step: the next step's loss is non-finite."""
+
+    name = "poison"
+    default_schedule = Schedule(every=1)
+    options = (Option("at_step", int, None, nullable=True),)
+
+    def after_step(self, state: StepState) -> None:
+        if state.step == self.cfg["at_step"]:
+            next(p for p in self.ctx.model.parameters() if p.dim() > 1).data.fill_(float("nan"))
+
+
+def test_a_diverged_run_sent_again_is_left_as_it_was(tmp_path, monkeypatch):
+    """A run that diverged (on_nonfinite=stop) would only train from its last.pt into the same
+    non-finite loss: sent again, with more epochs too, it is left byte for byte, as a finished
+    run is; on_nonfinite=continue trains on past it."""
+    monkeypatch.setitem(PROBES, "poison", Poison)
+
+    def poisoned(*extra: str):
+        cfg = compose([*SETUP, *extra])
+        with open_dict(cfg):
+            cfg.probes.poison = {"at_step": 5}  # epoch 1; last.pt holds epoch 0
+        return cfg
+
+    run_dir = tmp_path / "run"
+    assert train(poisoned(), run_dir) == "diverged"
+    assert (run_dir / "checkpoints" / "last.pt").exists()
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    for extra in ([], ["trainer.epochs=5"]):
+        with pytest.raises(NothingToDo, match="diverged .*on_nonfinite=continue trains on"):
+            train(poisoned("trainer.resume=true", *extra), run_dir)
+        assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
+    assert train(poisoned("trainer.resume=true", "trainer.on_nonfinite=continue"), run_dir)
+    assert netprobe.load(run_dir).info["steps_done"] == 12
