@@ -34,10 +34,11 @@ class JobFailed(Exception):
         return str(self.args[1])
 
 
-# The jobs this process runs itself: the worst exit code, and whether any started. `pid` tells a
+# The jobs this process runs itself: the worst exit code, whether any started, and how each ended
+# (`ended`: run folder → its status, or `refused`/`unchanged`, and the line said). `pid` tells a
 # job whether it runs here or in a launcher's worker, whose globals nobody reads. `sweep` is the
 # directory of the sweep this process launched, if any (whatever launcher ran its jobs).
-JOBS: dict[str, Any] = {"code": 0, "pid": None, "started": False, "sweep": None}
+JOBS: dict[str, Any] = {"code": 0, "pid": None, "started": False, "sweep": None, "ended": {}}
 
 
 class SweepSummary(Callback):
@@ -61,17 +62,17 @@ def run_job(cfg: DictConfig) -> str:
     JOBS["started"] = JOBS["started"] or here
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    status = "failed"
+    status, said = "failed", ""
     try:
         status = train(cfg, run_dir)
     except ConfigError as exc:
-        status = "refused"
+        status, said = "refused", str(exc)
         if not here:
             raise  # Hydra hands it back to the sweep's own process, which exits 2
         # Refused before writing (its folder in use, say): one line and exit 2, in sweeps too.
         print(f"netprobe: {exc}", file=sys.stderr)
     except NothingToDo as exc:
-        status = "unchanged"
+        status, said = "unchanged", str(exc)
         print(f"netprobe: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         status = "interrupted"
@@ -100,6 +101,7 @@ def run_job(cfg: DictConfig) -> str:
     code = EXIT_CODES.get(status, 1)
     if here:
         JOBS["code"] = max(JOBS["code"], code)
+        JOBS["ended"][run_dir] = (status, said)
     elif code:
         raise JobFailed(code, f"run {run_dir} ended {status}")
     return status
@@ -121,7 +123,7 @@ def hydra_main(args: list[str]) -> int:
         run_job
     )
     # A fresh count for each call, when called more than once in a process.
-    JOBS.update(code=0, pid=os.getpid(), started=False, sweep=None)
+    JOBS.update(code=0, pid=os.getpid(), started=False, sweep=None, ended={})
     argv, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     extra: list[str] = []
     if not (INFO_FLAGS | CONFIG_FLAGS) & set(args):
@@ -154,5 +156,5 @@ def hydra_main(args: list[str]) -> int:
     if JOBS["sweep"] is not None and Path(JOBS["sweep"]).is_dir():
         from netprobe.listing import sweep_summary
 
-        sweep_summary(JOBS["sweep"])
+        sweep_summary(JOBS["sweep"], JOBS["ended"])
     return JOBS["code"]

@@ -9,7 +9,8 @@ import math
 import os
 import statistics
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +30,7 @@ STATUS_STYLE = {
     "interrupted": "yellow",
     "damaged": "red",
     "crashed": "red",
+    "refused": "red",
 }
 # Hydra writes multirun.yaml into a sweep's directory; its jobs' run directories lie beneath.
 SWEEP_FILE = "multirun.yaml"
@@ -42,6 +44,7 @@ class Row:
 
     def __init__(self, path: Path, sweep: Path | None = None, swept: str = "") -> None:
         self.path, self.sweep, self.swept = path, sweep, swept
+        self.said = ""  # what a command said of the run, shown as its reason (sweep_summary)
         try:
             self.info: dict[str, Any] = manifest(path)
             self.status = effective_status(self.info)
@@ -84,7 +87,10 @@ def _final(metric: str) -> Callable[[Row], Any]:
 
 
 def _reason(row: Row) -> str:
-    """Why a run ended as it did: the error of an unsuccessful one, an early stop's reason."""
+    """Why a run ended as it did: the error of an unsuccessful one, an early stop's reason; or
+    what the command that closes a sweep said of it."""
+    if row.said:
+        return row.said if len(row.said) <= 60 else row.said[:59] + "…"
     if row.status == "crashed":
         return "its process is gone without closing the run"
     if row.status == "damaged":
@@ -425,19 +431,47 @@ def table(rows: list[Row], columns: Sequence[str] | None = None) -> Any:
     return tab
 
 
-def sweep_summary(sweep: str | os.PathLike, out: Any = None) -> None:
+def sweep_summary(
+    sweep: str | os.PathLike,
+    ended: Mapping[Path, tuple[str, str]] | None = None,
+    out: Any = None,
+) -> None:
     """What closes `netprobe train -m`: the jobs' table, mean ± std over seeds, and the command
-    that plots the sweep."""
+    that plots the sweep.
+
+    `ended`: how each job this process ran ended (its run folder → its status, or `refused` or
+    `unchanged`, and the line it said). Given, the table and its count are of those jobs alone,
+    not of other runs in the folder: a refused job's row says `refused` and why (whatever run its
+    folder holds is another command's); a job with nothing to resume shows its run, untouched.
+    Jobs run in a launcher's workers are not known here: then every run in the folder is shown."""
     from rich.console import Console
 
     out = out or sys.stderr
-    groups = collect([sweep])
-    rows = [row for members in groups.values() for row in members]
+    try:
+        rows = [row for members in collect([sweep]).values() for row in members]
+    except ConfigError:  # no run in the folder: every job was refused before it made one
+        rows = []
+    outcomes = {row.path.resolve(): row.status for row in rows}
+    if ended:
+        found = {row.path.resolve(): row for row in rows}
+        home = Path(sweep).resolve()
+        rows = [found.get(Path(p).resolve()) or Row(Path(p), home) for p in ended]
+        for row, (status, said) in zip(rows, ended.values()):
+            outcomes[row.path.resolve()] = status
+            if status == "refused":
+                row.info, row.status, row.said = {}, "refused", said
+            elif status == "unchanged":
+                row.said = "nothing to resume: left as it was"
+    tally = Counter(outcomes[row.path.resolve()] for row in rows)
+    counts = [f"{tally.pop('completed', 0)} completed"]
+    counts += [f"{n} {OUTCOMES.get(status, status)}" for status, n in tally.items()]
     console = Console(file=out, width=None if out.isatty() else 200, highlight=False)
-    done = sum(row.status == "completed" for row in rows)
-    title = f"sweep {Path(sweep)}: {len(rows)} jobs, {done} completed"
-    console.print(title, markup=False, soft_wrap=True)
+    console.print(f"sweep {Path(sweep)}: {len(rows)} jobs, {', '.join(counts)}", soft_wrap=True)
     console.print(table(rows, ["path", *SWEEP_COLUMNS, "swept"]))
     for line in mean_std_lines(rows):
         console.print("  " + line, markup=False)
     console.print(f"next: netprobe plot {sweep}", markup=False)
+
+
+# How the sweep's closing count names what its command did to a job, besides its run's status.
+OUTCOMES = {"unchanged": "left as they were (nothing to resume)"}

@@ -116,3 +116,20 @@ def test_preflight_expands_a_presets_own_sweep(tmp_path: Path):
     with pytest.raises(ConfigError, match=f"{sweep / '3'} already holds a run"):
         preflight(args)
     preflight([*args, "init=orthogonal"])  # the command line wins: one job, folder 0
+
+
+def test_a_sweeps_closing_table_is_of_what_its_command_did(tmp_path: Path, capsys):
+    """A sweep sent into a folder that holds another sweep's runs: its jobs refused, its table
+    says so, not "2 completed" of the runs it left alone; sent again as it was, its jobs are
+    left as they were, and the table says that too."""
+    sweep = tmp_path / "sweep"
+    first = ["train", "-m", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"]
+    assert cli(first) == 0
+    capsys.readouterr()
+    assert cli([*first, "optim.lr=0.01", "trainer.resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert f"sweep {sweep}: 2 jobs, 0 completed, 2 refused" in err, err
+    assert err.count("│ refused │ trainer.resume=true refused: the run in") == 2
+    assert cli([*first, "trainer.resume=true"]) == 0
+    err = capsys.readouterr().err
+    assert f"sweep {sweep}: 2 jobs, 0 completed, 2 left as they were (nothing to resume)" in err
