@@ -38,7 +38,10 @@ class JobFailed(Exception):
 # (`ended`: run folder → its status, or `refused`/`unchanged`, and the line said). `pid` tells a
 # job whether it runs here or in a launcher's worker, whose globals nobody reads. `sweep` is the
 # directory of the sweep this process launched, if any (whatever launcher ran its jobs).
-JOBS: dict[str, Any] = {"code": 0, "pid": None, "started": False, "sweep": None, "ended": {}}
+# `stops`: the sweep's WorkerStops while a launcher's workers run its jobs.
+JOBS: dict[str, Any] = {
+    "code": 0, "pid": None, "started": False, "sweep": None, "ended": {}, "stops": None
+}  # fmt: skip
 
 
 class SweepSummary(Callback):
@@ -47,6 +50,11 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         JOBS["sweep"] = Path(config.hydra.sweep.dir)
+        if not str(config.hydra.launcher.get("_target_", "")).endswith(".BasicLauncher"):
+            # Jobs in worker processes: a stop signal to this one reaches their runs first.
+            from netprobe.lifecycle import WorkerStops
+
+            JOBS["stops"] = WorkerStops(JOBS["sweep"]).__enter__()
 
 
 def run_job(cfg: DictConfig) -> str:
@@ -123,7 +131,7 @@ def hydra_main(args: list[str]) -> int:
         run_job
     )
     # A fresh count for each call, when called more than once in a process.
-    JOBS.update(code=0, pid=os.getpid(), started=False, sweep=None, ended={})
+    JOBS.update(code=0, pid=os.getpid(), started=False, sweep=None, ended={}, stops=None)
     argv, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     extra: list[str] = []
     if not (INFO_FLAGS | CONFIG_FLAGS) & set(args):
@@ -148,6 +156,8 @@ def hydra_main(args: list[str]) -> int:
         traceback.print_exc()  # a run that crashed here: its traceback, then exit 1
         JOBS["code"] = max(JOBS["code"], 1)
     finally:
+        if JOBS["stops"] is not None:
+            JOBS["stops"].__exit__()
         sys.argv = argv
         if full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -413,3 +413,76 @@ def to_console(text: str) -> None:
 
 
 _CONSOLE = {"gone": False}
+
+
+class WorkerStops:
+    """In a sweep's own process while a launcher runs its jobs in worker processes (joblib's loky,
+    submitit's local jobs): a stop signal sent to this process alone is passed on to each worker
+    of it that holds a run under `sweep`, whose StopSignals close that run `interrupted`, and only
+    once they have let go of their runs does KeyboardInterrupt reach the launcher, which kills its
+    workers at once (loky with SIGKILL: their runs would be left `running`, then `crashed`).
+    A second signal meanwhile: at once. Only the main thread can receive signals."""
+
+    def __init__(self, sweep: str | os.PathLike) -> None:
+        self.sweep = Path(sweep)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> WorkerStops:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self.handle) for s in StopSignals.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            to_console(f"\nnetprobe: {name} again: stopping the sweep now")
+            raise KeyboardInterrupt(name)
+        self.received = signum
+        workers = self.workers()
+        to_console(
+            f"\nnetprobe: {name}: stopping the sweep once its {len(workers)} running job(s) have "
+            "saved what they recorded (press Ctrl-C again to stop at once)"
+        )
+        for pid in workers.values():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGINT)
+        while any(self._holds(lock, pid) for lock, pid in workers.items()):
+            time.sleep(0.05)
+        raise KeyboardInterrupt(name)
+
+    def workers(self) -> dict[Path, int]:
+        """The lock of each run under the sweep that a process descended from this one holds."""
+        found = {}
+        for depth in range(1, 4):
+            for lock in self.sweep.glob("/".join(["*"] * depth + [LOCK_FILE])):
+                pid = (_lock_holder(lock) or {}).get("pid")
+                if isinstance(pid, int) and _descends_from(pid, os.getpid()):
+                    found[lock] = pid
+        return found
+
+    @staticmethod
+    def _holds(lock: Path, pid: int) -> bool:
+        holder = _lock_holder(lock)
+        return holder is not None and holder.get("pid") == pid and process_alive(pid)
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Whether process `pid` is `ancestor`'s child, grandchild, ... (from /proc; False where
+    that cannot be read)."""
+    seen = 0
+    while pid > 1 and seen < 64:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid == ancestor:
+            return True
+        seen += 1
+    return False

@@ -133,3 +133,40 @@ def test_a_sweeps_closing_table_is_of_what_its_command_did(tmp_path: Path, capsy
     assert cli([*first, "trainer.resume=true"]) == 0
     err = capsys.readouterr().err
     assert f"sweep {sweep}: 2 jobs, 0 completed, 2 left as they were (nothing to resume)" in err
+
+
+def test_a_stop_signal_to_a_joblib_sweep_ends_its_runs_interrupted(
+    workers_import_netprobe, tmp_path: Path
+):
+    """SIGINT to the sweep's own process alone (a scheduler's, a `kill -INT`): the workers' runs
+    end `interrupted`, not killed with the launcher's workers and left `running` (crashed)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "seed=0,1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY[:-2],
+            "trainer.epochs=100000", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netprobe", "train", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Started from a shell in the background, SIGINT would be ignored: put Python's back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        runs = [sweep / "0" / "run.json", sweep / "1" / "run.json"]
+        while not all(r.exists() and json.loads(r.read_text())["steps_done"] for r in runs):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    for run in runs:
+        info = json.loads(run.read_text())
+        assert info["status"] == "interrupted", (run, info["status"], err)
+        assert not (run.parent / ".netprobe.lock").exists()
