@@ -179,8 +179,15 @@ def overrides_of(run_dir: Path) -> dict[str, str]:
 
 def swept_overrides(run_dirs: list[Path]) -> dict[Path, str]:
     """Each job's command-line overrides that differ between the jobs of its sweep (a key a job
-    was not given is left out of its line, not shown as `key=`)."""
-    jobs = {d: overrides_of(d) for d in run_dirs}
+    was not given is left out of its line, not shown as `key=`). Bookkeeping keys never define a
+    job (config.BOOKKEEPING): a sweep sent again with `trainer.resume=true` gives it to the jobs
+    it resumes or starts, not to those it leaves as they were."""
+    from netprobe.config import bookkeeping
+
+    jobs = {
+        d: {k: v for k, v in overrides_of(d).items() if not bookkeeping(k.lstrip("+~"))}
+        for d in run_dirs
+    }
     keys = sorted({k for job in jobs.values() for k in job})
     varying = [k for k in keys if len({job.get(k) for job in jobs.values()}) > 1]
     return {d: " ".join(f"{k}={job[k]}" for k in varying if k in job) for d, job in jobs.items()}

@@ -185,3 +185,20 @@ def test_a_swept_line_names_only_the_overrides_a_job_was_given(tmp_path: Path):
         fake_run(sweep / "1", 1, ["seed=1", "optim.lr=0.1"]),
     ]
     assert list(swept_overrides(runs).values()) == ["init=zeros seed=0", "optim.lr=0.1 seed=1"]
+
+
+def test_a_sweep_resent_with_resume_still_varies_only_its_seed(tmp_path: Path):
+    """Sent again with trainer.resume=true, a sweep's resumed (or newly started) jobs have that
+    override and the jobs it left as they were do not: bookkeeping, not what the sweep varied, so
+    the jobs stay one group for mean ± std."""
+    from netprobe.listing import Row, mean_std_lines, swept_overrides
+
+    sweep = tmp_path / "sweep"
+    runs = [fake_run(sweep / "0", 0, ["seed=0"], best=0.5),
+            fake_run(sweep / "1", 1, ["seed=1", "trainer.resume=True"], best=0.6),
+            fake_run(sweep / "2", 2, ["seed=2", "+trainer.resume=true", "trainer.log_every=5"],
+                     best=0.7)]  # fmt: skip
+    swept = swept_overrides(runs)
+    assert list(swept.values()) == ["seed=0", "seed=1", "seed=2"]
+    lines = mean_std_lines([Row(d, sweep, swept[d]) for d in runs])
+    assert len(lines) == 1 and lines[0].startswith("mean ± std over 3 runs"), lines
