@@ -150,6 +150,12 @@ def test_loss_plateau_and_threshold_override(tmp_path: Path) -> None:
         run = _store(tmp_path / f"val{last_val}", _loss(values) + val)
         found = [f for f in diagnose(run) if f.code == "loss_plateau"]
         assert bool(found) == reported, last_val
+    # A loss that rose far above its start and stays there has not levelled off: no plateau
+    # (it read "stopped improving at 2291329394756347648% of where it started").
+    risen = [2.3] * 20 + [1e17] * 80
+    assert not [
+        f for f in diagnose(_store(tmp_path / "risen", _loss(risen))) if f.code == "loss_plateau"
+    ]
 
 
 def test_overfitting_needs_k_rising_epochs(tmp_path: Path) -> None:

@@ -97,7 +97,8 @@ def _nonfinite_loss(t: _Tables, loss: pd.DataFrame, first_bad: int) -> list[Find
 
 def loss_plateau(t: _Tables, th: Thresholds) -> list[Finding]:
     """Warning: the median loss over the last quarter of steps improves on the quarter before by
-    less than `plateau_improvement`, while still ≥ `plateau_loss_frac` × its first tenth, and the
+    less than `plateau_improvement`, while between `plateau_loss_frac` × its first tenth and that
+    first tenth itself (a loss that ended higher rose, it did not level off), and the
     last epoch's validation loss (when recorded) improves on the epoch before by less than that
     too: a run whose validation loss still falls is learning, however slowly its loss moves."""
     val = t.curve("val_loss")["value"].to_numpy()
@@ -114,6 +115,8 @@ def loss_plateau(t: _Tables, th: Thresholds) -> list[Finding]:
     before, last = np.median(values[-2 * q : -q]), np.median(values[-q:])
     improvement = 1 - last / before if before > 0 else 0.0
     if improvement >= th.plateau_improvement or last < th.plateau_loss_frac * start:
+        return []
+    if last > start:  # it rose above where it started: for `diverged` and `unstable_loss`
         return []
     return _curve_finding(
         "loss_plateau",
