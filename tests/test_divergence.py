@@ -12,7 +12,7 @@ import torch.nn as nn
 import netprobe
 from netprobe.cli import main as cli
 from netprobe.divergence import NonfiniteWatch
-from netprobe.errors import ConfigError
+from netprobe.errors import ConfigError, NothingToDo
 
 EXPLODING = ["model=cnn", "optim=sgd", "optim.lr=1e6", "trainer.epochs=3"]
 
@@ -148,14 +148,18 @@ def test_a_diverged_run_writes_valid_json_everywhere(tmp_path, capsys):
 
 
 def test_a_resumed_run_keeps_its_first_nonfinite_step(tmp_path, train_tiny):
-    """`on_nonfinite=continue` trains on past a NaN; resumed, the run still diverged at that step,
-    whether it trains more epochs or has none left."""
+    """`on_nonfinite=continue` trains on past a NaN; resumed with more epochs, the run still
+    diverged at that step; with none left, it is left as it was."""
     args = [*EXPLODING, "trainer.on_nonfinite=continue", "trainer.epochs=2", "probes=none",
             "trainer.checkpoint_every=1"]  # fmt: skip
     run_dir = train_tiny(tmp_path / "run", *args)
     first = netprobe.load(run_dir).info["first_nonfinite_step"]
     assert first is not None
-    for epochs in (2, 3):
+    before = (run_dir / "run.json").read_bytes()
+    with pytest.raises(NothingToDo, match="diverged after 2 epochs"):
+        train_tiny(run_dir, *args, "trainer.resume=true")
+    assert (run_dir / "run.json").read_bytes() == before
+    for epochs in (3, 4):
         train_tiny(run_dir, *args, f"trainer.epochs={epochs}", "trainer.resume=true")
         info = netprobe.load(run_dir).info
         assert info["status"] == "diverged" and info["first_nonfinite_step"] == first
