@@ -284,9 +284,13 @@ def summary(run_dir: str | Path, hint: bool = True) -> str:
     took = f" in {duration(trained_s)}" if trained_s is not None else ""
     lines = [f"run {status}{took}: {run_dir}"]
     reason = info.get("stop_reason") or (info.get("error") if status != "completed" else None)
-    if reason:
-        lines.append(f"  stopped: {reason}")
     epochs, steps = info.get("epochs_done", 0), info.get("steps_done", 0)
+    first = info.get("first_nonfinite_step")
+    if reason and status == "diverged" and isinstance(first, int) and steps > first + 1:
+        # trainer.on_nonfinite=continue: the run did not stop at its non-finite loss.
+        lines.append(f"  ended: {reason}, and trained on past it (trainer.on_nonfinite=continue)")
+    elif reason:
+        lines.append(f"  stopped: {reason}")
     done = f"  {plural(epochs, 'epoch')}, {plural(steps, 'step')}"
     if isinstance(info.get("best_val_acc"), (int, float)):
         done += f"; best val_acc {info['best_val_acc']:.4f}"

@@ -163,6 +163,16 @@ def test_summary_says_why_a_run_stopped(tmp_path: Path):
     assert lines[1] == "  stopped: interrupted" and lines[2].startswith("  0 epochs, 24 steps")
     failed = write_info(tmp_path / "b", status="failed", error="ValueError: bad")
     assert "  stopped: ValueError: bad" in summary(failed)
+    # Stopped by its non-finite loss (the step after it never ran), or trained on past it.
+    error = "non-finite loss at step 28"
+    stopped = write_info(tmp_path / "c", status="diverged", error=error, steps_done=29,
+                         first_nonfinite_step=28)  # fmt: skip
+    assert summary(stopped).splitlines()[1] == f"  stopped: {error}"
+    went_on = write_info(tmp_path / "d", status="diverged", error=error, steps_done=69,
+                         first_nonfinite_step=28)  # fmt: skip
+    assert summary(went_on).splitlines()[1] == (
+        f"  ended: {error}, and trained on past it (trainer.on_nonfinite=continue)"
+    )
 
 
 @pytest.mark.parametrize(("costliest", "key"), [("activations", "at"), ("gradients", "every")])
