@@ -84,6 +84,8 @@ def run_job(cfg: DictConfig) -> str:
         print(f"netprobe: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         status = "interrupted"
+        if here:
+            JOBS["ended"][run_dir] = (status, "")  # for the sweep's table, printed on the way out
         raise
     except StorageError as exc:
         # A full disk or a folder gone read-only: the run is failed, in one line, no traceback.
@@ -141,8 +143,11 @@ def hydra_main(args: list[str]) -> int:
     sys.argv = ["netprobe train", *args, *extra]
     # Hydra raises instead of printing and exiting 1, so that each error gets its exit code.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    interrupted: KeyboardInterrupt | None = None
     try:
         app()
+    except KeyboardInterrupt as exc:
+        interrupted = exc  # a sweep's table of what its jobs did still closes it
     except JobFailed as exc:
         print(f"netprobe: {exc}", file=sys.stderr)
         JOBS["code"] = max(JOBS["code"], exc.code)
@@ -167,4 +172,6 @@ def hydra_main(args: list[str]) -> int:
         from netprobe.listing import sweep_summary
 
         sweep_summary(JOBS["sweep"], JOBS["ended"])
+    if interrupted is not None:
+        raise interrupted
     return JOBS["code"]

@@ -20,6 +20,7 @@ import yaml
 
 from netprobe.errors import ConfigError
 from netprobe.lifecycle import effective_status
+from netprobe.progress import plural
 from netprobe.store import RUN_FILE, flatten, json_text, manifest, run_seconds, runs_under
 
 STATUS_STYLE = {
@@ -473,7 +474,8 @@ def sweep_summary(
     counts = [f"{tally.pop('completed', 0)} completed"]
     counts += [f"{n} {OUTCOMES.get(status, status)}" for status, n in tally.items()]
     console = Console(file=out, width=None if out.isatty() else 200, highlight=False)
-    console.print(f"sweep {Path(sweep)}: {len(rows)} jobs, {', '.join(counts)}", soft_wrap=True)
+    jobs = plural(len(rows), "job")
+    console.print(f"sweep {Path(sweep)}: {jobs}, {', '.join(counts)}", soft_wrap=True)
     console.print(table(rows, ["path", *SWEEP_COLUMNS, "swept"]))
     for line in mean_std_lines(rows):
         console.print("  " + line, markup=False)

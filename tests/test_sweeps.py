@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 import netprobe
 from netprobe.cli import main as cli
 from netprobe.config import conf_dir
+from netprobe.probes import PROBES, Option, Probe, Schedule, StepState
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=cnn", "model.width=4", "model.hidden=16", "data=synthetic", "data.num_samples=64",
@@ -170,3 +171,34 @@ def test_a_stop_signal_to_a_joblib_sweep_ends_its_runs_interrupted(
         info = json.loads(run.read_text())
         assert info["status"] == "interrupted", (run, info["status"], err)
         assert not (run.parent / ".netprobe.lock").exists()
+
+
+class CtrlC(Probe):
+    """Presses Ctrl-C at step `at_step` of the sweep's second job."""
+
+    name = "ctrl_c"
+    default_schedule = Schedule(every=1)
+    options = (Option("at_step", int, None, nullable=True),)
+    jobs = 0
+
+    def start(self, state: StepState) -> None:
+        CtrlC.jobs += 1
+
+    def after_backward(self, state: StepState) -> None:
+        if CtrlC.jobs == 2 and state.step == self.cfg["at_step"]:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_sweep_still_closes_with_its_table(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setitem(PROBES, "ctrl_c", CtrlC)
+    monkeypatch.setattr(CtrlC, "jobs", 0)
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "seed=0,1,2", *TINY, "+probes.ctrl_c.at_step=1"]
+    assert cli([*args, f"hydra.sweep.dir={sweep}"]) == 130
+    err = capsys.readouterr().err
+    assert f"sweep {sweep}: 2 jobs, 1 completed, 1 interrupted" in err, err
+    assert err.rstrip().endswith("netprobe: interrupted")
+    assert not (sweep / "2").exists()  # the third job never started
+    monkeypatch.setattr(CtrlC, "jobs", 1)  # its first job is the one stopped
+    assert cli([*args, f"hydra.sweep.dir={tmp_path / 'one'}"]) == 130
+    assert f"sweep {tmp_path / 'one'}: 1 job, 0 completed, 1 interrupted" in capsys.readouterr().err
