@@ -81,22 +81,19 @@ def _line(exc: BaseException) -> str:
 
 
 def check_output_dir(
-    args: Sequence[str],
-    overrides: Sequence[str],
-    resume: bool,
-    jobs: int = 1,
-    cfg: DictConfig | None = None,
+    args: Sequence[str], overrides: Sequence[str], cfgs: Sequence[DictConfig]
 ) -> None:
     """The folder Hydra would write (hydra.run.dir, or hydra.sweep.dir with -m) must be writable
     and, unless resuming, must not hold another run: Hydra would overwrite that run's .hydra/
-    config before the run itself refused the folder. Resuming, the run must be one that the
-    command's config may continue (netprobe.resume.check).
+    config (and a sweep's multirun.yaml) before the run itself refused the folder. Resuming,
+    each run must be one that its job's config may continue (netprobe.resume.check).
 
-    `overrides` are the first job's own overrides (`cfg` their config); `args` the full command
-    line; `jobs` how many jobs a sweep has (their folders are `<sweep.dir>/<job number>` unless
-    sweep.subdir is changed).
+    `overrides` are the first job's own overrides; `cfgs` every job's config, in job order (a
+    sweep's job folders are `<sweep.dir>/<job number>` unless sweep.subdir is changed); `args`
+    the full command line.
     Folders that cannot be resolved here (Hydra-only interpolations) are left to Hydra.
     """
+    resume = bool(cfgs[0].trainer.get("resume"))
     multirun = bool({"-m", "--multirun"} & set(args)) or "hydra.mode=MULTIRUN" in args
     hydra_overrides = [a for a in args if re.match(r"^[+~]*hydra[./]", a)]
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -109,11 +106,11 @@ def check_output_dir(
     if not path.is_dir():
         return
     if not multirun:
-        check_run_dir(path, resume, cfg)
+        check_run_dir(path, resume, cfgs[0])
     elif subdir == "${hydra.job.num}":
-        for num in range(jobs):
+        for num, cfg in enumerate(cfgs):
             if (path / str(num)).is_dir():
-                check_run_dir(path / str(num), resume)
+                check_run_dir(path / str(num), resume, cfg)
 
 
 def check_run_dir(path: Path, resume: bool, cfg: DictConfig | None = None) -> None:

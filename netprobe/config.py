@@ -98,9 +98,12 @@ def preflight(args: Sequence[str], check_data: bool = True) -> None:
         from netprobe.setup import check_optimizer
 
     prepared = set()
+    # In Hydra's order: job number i composes the i-th combination.
     combos = itertools.islice(itertools.product(*choices), 1000)
-    for combo_index, combo in enumerate(combos):
+    cfgs = []
+    for combo in combos:
         cfg = compose(combo)
+        cfgs.append(cfg)
         key = (cfg.data.name, str(cfg.data.get("root")), bool(cfg.data.get("download")))
         if not only_prints and key not in prepared:
             # Missing data fails here, before Hydra makes a run directory.
@@ -109,12 +112,11 @@ def preflight(args: Sequence[str], check_data: bool = True) -> None:
         if not only_prints:
             check_probes(cfg)
             check_optimizer(cfg.optim)
-        if combo_index == 0:
-            first_combo, first_cfg = combo, cfg
+        if len(cfgs) == 1:
+            first_combo = combo
     if not only_prints:
         # After every job's own checks: the run folder, or the sweep's folder and its job folders.
-        resume = bool(first_cfg.trainer.get("resume"))
-        check_output_dir(args, first_combo, resume=resume, jobs=combo_index + 1, cfg=first_cfg)
+        check_output_dir(args, first_combo, cfgs)
 
 
 def _job_choices(args: Sequence[str]) -> list[list[str]]:
@@ -134,22 +136,27 @@ def _job_choices(args: Sequence[str]) -> list[list[str]]:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(first_line(exc)) from None
-    choices = []
-    for text, ov in zip(overrides, parsed):
-        if ov.is_sweep_override():
-            key = text.split("=", 1)[0]
-            choices.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
-        else:
-            choices.append([text])
+    # As Hydra's basic sweeper orders them: a preset's own sweep first, then the command line's
+    # overrides, a key given again keeping its first place and taking its last value.
+    choices: dict[str, list[str]] = {}
     if {"-m", "--multirun"} & set(args):
-        given = {text.split("=", 1)[0].lstrip("+~") for text in overrides}
         swept = [a for a in args if re.match(r"^\+*hydra\.sweeper\.params\.", a)]
-        for key, value in _sweeper_params([c[0] for c in choices], swept).items():
-            if key not in given:
-                ov = OverridesParser.create().parse_override(f"{key}={value}")
-                values = ov.sweep_string_iterator() if ov.is_sweep_override() else [value]
-                choices.append([f"{key}={v}" for v in values])
-    return choices
+        firsts = [
+            _values(ov)[0] if ov.is_sweep_override() else t for t, ov in zip(overrides, parsed)
+        ]
+        for key, value in _sweeper_params(firsts, swept).items():
+            choices[key] = _values(OverridesParser.create().parse_override(f"{key}={value}"))
+    for text, ov in zip(overrides, parsed):
+        choices[ov.get_key_element()] = _values(ov) if ov.is_sweep_override() else [text]
+    return list(choices.values())
+
+
+def _values(override: Any) -> list[str]:
+    """`key=value` for each value a (sweep) override takes."""
+    key = override.get_key_element()
+    if not override.is_sweep_override():
+        return [f"{key}={override.get_value_element_as_str()}"]
+    return [f"{key}={v}" for v in override.sweep_string_iterator()]
 
 
 def _sweeper_params(overrides: list[str], extra: list[str]) -> dict[str, str]:

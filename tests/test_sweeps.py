@@ -119,18 +119,40 @@ def test_preflight_expands_a_presets_own_sweep(tmp_path: Path):
     preflight([*args, "init=orthogonal"])  # the command line wins: one job, folder 0
 
 
+def test_preflight_numbers_jobs_as_hydra_does():
+    """Job i's folder is checked against the i-th job's config: the combinations in the order
+    of Hydra's basic sweeper (a preset's own sweep first, a key given again keeping its place)."""
+    import itertools
+
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from netprobe.config import _job_choices
+
+    overrides = ["experiment=init_test", "seed=0,1", "optim.lr=0.1", "init=ones,zeros,orthogonal"]
+    params = OmegaConf.load(conf_dir() / "experiment" / "init_test.yaml").hydra.sweeper.params
+    hydra_order = [f"{k}={v}" for k, v in params.items()] + overrides
+    (jobs,) = BasicSweeper.split_arguments(
+        OverridesParser.create().parse_overrides(hydra_order), None
+    )
+    ours = [list(c) for c in itertools.product(*_job_choices(["-m", *overrides]))]
+    assert len(ours) == 6 and ours == jobs
+
+
 def test_a_sweeps_closing_table_is_of_what_its_command_did(tmp_path: Path, capsys):
-    """A sweep sent into a folder that holds another sweep's runs: its jobs refused, its table
-    says so, not "2 completed" of the runs it left alone; sent again as it was, its jobs are
-    left as they were, and the table says that too."""
+    """A sweep sent into a folder that holds another sweep's runs: refused before it writes
+    anything (multirun.yaml included), in one line; sent again as it was, its jobs are left as
+    they were, and the table says so, not "2 completed" of runs it did not train."""
     sweep = tmp_path / "sweep"
     first = ["train", "-m", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"]
     assert cli(first) == 0
     capsys.readouterr()
+    before = {p: p.read_bytes() for p in sorted(sweep.rglob("*")) if p.is_file()}
     assert cli([*first, "optim.lr=0.01", "trainer.resume=true"]) == 2
     err = capsys.readouterr().err
-    assert f"sweep {sweep}: 2 jobs, 0 completed, 2 refused" in err, err
-    assert err.count("│ refused │ trainer.resume=true refused: the run in") == 2
+    assert err.startswith(f"netprobe: trainer.resume=true refused: the run in {sweep / '0'}")
+    assert len(err.splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in sorted(sweep.rglob("*")) if p.is_file()} == before
     assert cli([*first, "trainer.resume=true"]) == 0
     err = capsys.readouterr().err
     assert f"sweep {sweep}: 2 jobs, 0 completed, 2 left as they were (nothing to resume)" in err
