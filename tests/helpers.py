@@ -1,6 +1,7 @@
 """What many test modules do alike: run the `netprobe` command, step a model through the
 library API (`attach`) as a user's own loop does, run the fused kernels on other builds or
-thread counts, and make Parquet writes fail as on a full disk."""
+thread counts, make Parquet writes fail as on a full disk, and show a run as if it had stopped
+earlier."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 import netprobe
 from netprobe import native
 from netprobe.native import Block
+from netprobe.store import Run
 
 # Builds of a fused kernel unlike the tuned one, and the torch threads each runs on: SSE2 only,
 # AVX2 without AVX-512, and one that splits even a small job between 3 threads.
@@ -111,3 +114,18 @@ def fail_writes(monkeypatch: pytest.MonkeyPatch, where: str, after: int = 0) -> 
 
     monkeypatch.setattr(pq, "write_table", write_table)
     return calls
+
+
+class Stopped:
+    """`run` as if it had stopped after step `last`: its scalars up to there (a seed that met
+    `trainer.target_val_acc` earlier than the others, or lost its last part file)."""
+
+    def __init__(self, run: Run, last: int) -> None:
+        self._run, self._last = run, last
+
+    def __getattr__(self, name: str):
+        return getattr(self._run, name)
+
+    def scalars(self, **kwargs) -> pd.DataFrame:
+        df = self._run.scalars(**kwargs)
+        return df[df["step"] <= self._last]

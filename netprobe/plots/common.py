@@ -127,11 +127,15 @@ def epoch_suffix(epoch: int) -> str:
     return f"epoch{epoch:04d}"
 
 
-def mean_std(df: pd.DataFrame, by: list[str], value: str = "value") -> pd.DataFrame:
-    """Mean, std (0 for one run) and n of `value` over runs, per `by`."""
-    out = df.groupby(by, sort=True)[value].agg(["mean", "std", "count"]).reset_index()
-    out["std"] = out["std"].fillna(0.0)
-    return out
+def over_runs(rows: pd.DataFrame, x: str, geometric: bool = False) -> pd.DataFrame:
+    """Mean, std (0 where one run) and `count` of the finite `rows["value"]` over a group's runs,
+    indexed by `x`. Every x that any run reached is kept: a run that stopped earlier (its target
+    accuracy met, `max_steps`, a divergence) lowers the count from there on, it does not cut the
+    curve. `geometric`: of log10 of the positive values, for a log axis."""
+    rows = rows[np.isfinite(rows["value"].to_numpy(float))]
+    if geometric:
+        rows = rows[rows["value"] > 0].assign(value=lambda d: np.log10(d["value"]))
+    return rows.groupby(x)["value"].agg(["mean", "std", "count"]).fillna(0.0)
 
 
 def band(
@@ -228,9 +232,7 @@ def mean_band(
 ) -> None:
     """`band` of `rows["value"]` averaged over runs at each `x`, with dots while there are at most
     `markers_upto` points (0: never); `geometric`: averaged as log10 values, for a log axis."""
-    if geometric:
-        rows = rows[rows["value"] > 0].assign(value=lambda d: np.log10(d["value"]))
-    stats = rows.groupby(x)["value"].agg(["mean", "std", "count"]).fillna(0.0)
+    stats = over_runs(rows, x, geometric)
     band(
         ax,
         stats.index.to_numpy(),

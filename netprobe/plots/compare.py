@@ -15,16 +15,13 @@ from matplotlib.patches import Patch
 
 from netprobe.plots.common import (
     RunGroup,
-    band,
     compact_ticks,
     log_worthy,
-    mean_std,
     new_figure,
     short,
-    smooth,
     step_axis,
 )
-from netprobe.plots.curves import PANELS
+from netprobe.plots.curves import PANELS, metric_curve
 from netprobe.plots.weights import FIRST, LAST, draw_first_last
 
 MAX_ROWS = 8  # layers shown in the distribution grids; evenly spread over the network
@@ -135,22 +132,10 @@ def compare_curves(sweep: Sweep):
                 continue
             if x == "epoch":
                 part = part.assign(epoch=part["epoch"] + 1)  # epochs counted from 1
-            finite = part[np.isfinite(part["value"])]
-            if log:  # averaged as log values: a geometric mean and band
-                finite = finite[finite["value"] > 0].assign(value=lambda d: np.log10(d["value"]))
-            stats = _mean_over_runs(finite, x)
-            y = stats["mean"].to_numpy()
-            if x == "step":
-                y = smooth(y)
             style = styles[(k // 10) % len(styles)]  # colours repeat after ten: lines differ
-            band(ax, stats[x].to_numpy(), y, stats["std"].to_numpy(), group.n, label=label,
-                 color=color, ls=style, geometric=log,
-                 marker="o" if x == "epoch" and len(stats) < 30 else None,
-                 markersize=3)  # fmt: skip
-            if len(finite) < len(part) and len(stats):
-                # The run stopped being finite: its last finite value, marked.
-                last = 10 ** y[-1] if log else y[-1]
-                ax.plot(stats[x].iloc[-1], last, "x", color=color, ms=9, mew=2)
+            marker = "o" if x == "epoch" and part[x].nunique() < 30 else None
+            metric_curve(ax, part, x, log, label, color, group.n, named_marks=False, ls=style,
+                         marker=marker, markersize=3)  # fmt: skip
         if "acc" in metric:
             ax.set_ylim(0, 1.02)
         if not log:
@@ -164,12 +149,6 @@ def compare_curves(sweep: Sweep):
     fig.legend(handles, labels, title=sweep.key, loc="outside lower center", ncol=ncol, fontsize=8)
     fig.suptitle(sweep.title)
     return fig
-
-
-def _mean_over_runs(df: pd.DataFrame, x: str) -> pd.DataFrame:
-    """Mean and std over the runs of a group per x; only x values every run reached."""
-    per_x = mean_std(df, [x])
-    return per_x[per_x["count"] == df["run"].nunique()] if "run" in df else per_x
 
 
 @comparison(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import pandas as pd
 
 from netprobe.plots.common import (
     RunGroup,
@@ -10,8 +13,8 @@ from netprobe.plots.common import (
     compact_ticks,
     figure,
     log_worthy,
-    mean_std,
     new_figure,
+    over_runs,
     smooth,
     step_axis,
 )
@@ -51,24 +54,10 @@ def training_curves(group: RunGroup):
             ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes)
             continue
         log = "loss" in metric and log_worthy(part["value"])
-        if log:  # averaged as log values: a geometric mean and band
+        if log:
             ax.set_yscale("log")
-            part = part.assign(value=np.log10(part["value"]))
-        stats = mean_std(part, [x])
-        y = stats["mean"].to_numpy()
-        if x == "step":
-            y = smooth(y)
-        band(
-            ax,
-            stats[x].to_numpy(),
-            y,
-            stats["std"].to_numpy(),
-            stats["count"].to_numpy(),
-            label="mean ± std" if group.n > 1 else None,
-            geometric=log,
-            marker="o" if x == "epoch" else None,
-        )
-        _mark_nonfinite(ax, every, x, group.n)
+        label = "mean ± std" if group.n > 1 else None
+        metric_curve(ax, every, x, log, label, n=group.n, marker="o" if x == "epoch" else None)
         if not log:
             compact_ticks(ax, "y")
         if "acc" in metric:
@@ -80,9 +69,37 @@ def training_curves(group: RunGroup):
     return fig
 
 
-def _mark_nonfinite(ax, rows, x: str, n: int) -> None:
+def metric_curve(
+    ax,
+    rows: pd.DataFrame,
+    x: str,
+    log: bool,
+    label: str | None,
+    color: Any = None,
+    n: int = 1,
+    named_marks: bool = True,
+    **style: Any,
+) -> None:
+    """A group's curve of one training metric (`rows`: its runs' rows, with a `run` column), as
+    `training_curves` and `compare_curves` both draw it: the mean over the runs at every x any of
+    them reached (`over_runs`; the legend counts the runs, `n=2–3` where some stopped earlier),
+    smoothed along steps, ± std (geometric on a log axis), and an × at each run's last finite
+    value before a NaN or inf, red and named in the legend (`named_marks`) or in `color`."""
+    stats = over_runs(rows, x, geometric=log)
+    if stats.empty:
+        return
+    y = stats["mean"].to_numpy()
+    if x == "step":
+        y = smooth(y)
+    counts = stats["count"].to_numpy()
+    band(ax, stats.index.to_numpy(), y, stats["std"].to_numpy(), counts, label=label,
+         color=color, geometric=log, **style)  # fmt: skip
+    _mark_nonfinite(ax, rows, x, n, "red" if named_marks else color, named_marks)
+
+
+def _mark_nonfinite(ax, rows, x: str, n: int, color: Any, named: bool) -> None:
     """An × on each run's last finite value before its first NaN or inf (a divergence), which
-    the curve alone would hide by ending there; the legend names the step."""
+    the curve alone would hide by ending there; `named`: the legend names the step."""
     bad = rows[~np.isfinite(rows["value"])]
     firsts = bad.groupby("run")[x].min()
     for k, (run, first) in enumerate(firsts.items()):
@@ -91,5 +108,5 @@ def _mark_nonfinite(ax, rows, x: str, n: int) -> None:
             continue
         last = before.loc[before[x].idxmax()]
         runs = f" in {len(firsts)} of {n} runs" if n > 1 else ""
-        label = f"non-finite from {x} {int(first)}{runs}" if k == 0 else None
-        ax.plot(last[x], last["value"], "x", color="red", ms=9, mew=2, label=label)
+        label = f"non-finite from {x} {int(first)}{runs}" if named and k == 0 else None
+        ax.plot(last[x], last["value"], "x", color=color, ms=9, mew=2, label=label)

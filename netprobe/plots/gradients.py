@@ -11,6 +11,7 @@ from netprobe.plots.common import (
     figure,
     layer_colors,
     new_figure,
+    over_runs,
     short,
     smooth,
     step_axis,
@@ -72,14 +73,13 @@ def grad_norms(group: RunGroup):
     colors = layer_colors(layers)
     for ax, df, title in ((axes[0, 0], l1, "L1 norm"), (axes[0, 1], l2, "L2 norm")):
         for layer, color in colors.items():
-            part = df[(df["layer"] == layer) & (df["value"] > 0) & np.isfinite(df["value"])]
-            logs = np.log10(part["value"]).groupby(part["step"]).agg(["mean", "std"]).fillna(0)
+            logs = over_runs(df[df["layer"] == layer], "step", geometric=True)
             band(
                 ax,
                 logs.index.to_numpy(),
                 smooth(logs["mean"].to_numpy()),
                 smooth(logs["std"].to_numpy()),
-                group.n,
+                logs["count"].to_numpy(),
                 label=short(layer),
                 color=color,
                 geometric=True,

@@ -6,11 +6,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from netprobe.plots import group_runs, plot
+from netprobe.plots import FIGURES, group_runs, plot
 from netprobe.plots.common import CompactFormatter, RunGroup
-from netprobe.plots.compare import COMPARISONS, Sweep, compare_final, swept
+from netprobe.plots.compare import COMPARISONS, Sweep, compare_curves, compare_final, swept
+from tests.helpers import Stopped
 
 SMALL = ["model=cnn", "model.width=4", "model.hidden=16", "probes=[gradients]"]
 
@@ -33,6 +35,36 @@ def test_init_sweep_gets_side_by_side_figures(tiny_run, tmp_path: Path):
     # Group folders are named by the option alone, not by the keys that come with it.
     plot([r.path for r in runs], out=out, only=["training_curves"])
     assert (out / "init=orthogonal" / "training_curves.png").exists()
+
+
+def test_a_group_whose_runs_stopped_apart_is_drawn_alike_in_both_curve_figures(tiny_run):
+    """A seed that stopped an epoch earlier (its target accuracy met) leaves the count, not the
+    curve: compare_curves draws the group's mean at every step, as training_curves does, with the
+    same values and the same n=1–2 in the legend."""
+    runs = [tiny_run(*SMALL, "trainer.epochs=3", f"seed={s}") for s in (0, 1)]
+    first_epoch_end = int(runs[1].scalars(probe="train", metric="val_loss")["step"].min())
+    stopped = RunGroup([runs[0], Stopped(runs[1], first_epoch_end)])
+    sweep = Sweep("init", [stopped, RunGroup([runs[0]])], ["early", "whole"])
+
+    def curves(fig) -> dict[str, tuple[list, np.ndarray]]:
+        return {
+            ax.get_title(): (list(line.get_xdata()), np.asarray(line.get_ydata(), float))
+            for ax in fig.axes
+            for line in ax.get_lines()
+            if line.get_label() in ("early (n=1–2)", "mean ± std (n=1–2)")
+        }
+
+    compared, alone = (
+        curves(compare_curves(sweep)),
+        curves(FIGURES["training_curves"].draw(stopped)),
+    )
+    assert sorted(compared) == sorted(alone) == sorted(["train loss", "train accuracy",
+        "validation loss", "validation accuracy"])  # fmt: skip
+    last_step = int(runs[0].scalars(probe="train", metric="loss")["step"].max())
+    assert compared["train loss"][0][-1] == last_step > first_epoch_end
+    for title, (x, y) in compared.items():
+        assert x == alone[title][0], title
+        np.testing.assert_allclose(y, alone[title][1], rtol=1e-12)
 
 
 def test_comparisons_without_histograms_skip_the_distributions(tiny_run, tmp_path: Path):

@@ -15,7 +15,7 @@ import netprobe
 from netprobe.plots import FIGURES, plot
 from netprobe.plots.common import RunGroup, fit_titles
 from netprobe.store import Run
-from tests.helpers import netprobe_cmd
+from tests.helpers import Stopped, netprobe_cmd
 
 BASIC = ["training_curves", "grad_flow_bars", "grad_norms", "grad_heatmap"]
 
@@ -123,21 +123,6 @@ def test_grad_flow_bars_are_the_peak_of_max_and_the_mean_of_mean_per_layer(run: 
     np.testing.assert_allclose(markers["^"], peak.loc[layers], rtol=1e-12)
     np.testing.assert_allclose(markers["o"], mean.loc[layers], rtol=1e-12)
     assert (peak >= mean).all()
-
-
-class Stopped:
-    """`run` as if it had stopped after step `last`: its scalars up to there (a seed that met
-    `trainer.target_val_acc` earlier than the others, or lost its last part file)."""
-
-    def __init__(self, run: Run, last: int) -> None:
-        self._run, self._last = run, last
-
-    def __getattr__(self, name: str):
-        return getattr(self._run, name)
-
-    def scalars(self, **kwargs) -> pd.DataFrame:
-        df = self._run.scalars(**kwargs)
-        return df[df["step"] <= self._last]
 
 
 def test_a_curves_legend_counts_the_runs_each_point_averages(run: Run) -> None:
