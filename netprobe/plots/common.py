@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -16,6 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.legend import Legend  # noqa: E402
 from matplotlib.ticker import Formatter, MaxNLocator  # noqa: E402
 
 from netprobe.store import Run  # noqa: E402
@@ -274,8 +277,58 @@ def layer_bands(
         if layer in parts:
             label = short(layer) if labels else None
             mean_band(ax, parts[layer], x, n, label, color, markers_upto, geometric=log and n > 1)
+    reveal_coinciding(ax)
     if not log:
         compact_ticks(ax, "y")
+
+
+def reveal_coinciding(ax: Axes, dash: float = 4.0) -> None:
+    """Curves of `ax` that lie on one another (two layers with equal values, often both zero)
+    would show only the one drawn last while the legend lists them all: each such set is redrawn
+    as interleaved dashes, one colour after the other, and a note in the panel names it. Call it
+    once the panel's curves and y scale are set, before its legend is made."""
+    lines = [
+        line
+        for line in ax.get_lines()
+        if line.get_linestyle() not in ("None", "", " ") and len(line.get_xdata()) > 1
+    ]
+    log = ax.get_yscale() == "log"
+    ys = []
+    for line in lines:
+        y = np.asarray(line.get_ydata(), float)
+        ys.append(np.log10(np.where(y > 0, y, np.nan)) if log else y)
+    finite = np.concatenate([y[np.isfinite(y)] for y in ys] or [np.empty(0)])
+    if len(lines) < 2 or finite.size == 0:
+        return
+    # Apart by less than a line's width, about 1% of the panel's height: drawn as one line.
+    tol = 0.01 * np.ptp(finite) or 1e-9 * max(1.0, float(np.abs(finite).max()))
+    taken: set[int] = set()
+    notes = []
+    for i, line in enumerate(lines):
+        if i in taken:
+            continue
+        x = np.asarray(line.get_xdata(), float)
+        same = [i] + [
+            j
+            for j in range(i + 1, len(lines))
+            if j not in taken
+            and np.array_equal(np.asarray(lines[j].get_xdata(), float), x)
+            and np.allclose(ys[j], ys[i], rtol=0, atol=tol, equal_nan=True)
+        ]
+        if len(same) < 2:
+            continue
+        taken.update(same)
+        period = dash * len(same)
+        for k, j in enumerate(same):
+            lines[j].set_linestyle(((period - k * dash) % period, (dash, period - dash)))
+        # The legend's names, without the run counts of a band's label.
+        names = [re.sub(r" \(n=[^)]*\)$", "", lines[j].get_label()) for j in same]
+        names = [name for name in names if not name.startswith("_")]
+        what = " = ".join(names) if len(names) == len(same) else f"{len(same)} curves"
+        notes.append(textwrap.fill(what, 36, break_on_hyphens=False))
+    if notes:
+        note = "\n".join(["on one another (dashes alternate):", *notes])
+        ax.add_artist(Legend(ax, [], [], title=note, loc="best", title_fontsize=6.5))
 
 
 def layer_figure(

@@ -18,6 +18,7 @@ from netprobe.plots.common import (
     compact_ticks,
     log_worthy,
     new_figure,
+    reveal_coinciding,
     short,
     step_axis,
 )
@@ -136,6 +137,7 @@ def compare_curves(sweep: Sweep):
             marker = "o" if x == "epoch" and part[x].nunique() < 30 else None
             metric_curve(ax, part, x, log, label, color, group.n, named_marks=False, ls=style,
                          marker=marker, markersize=3)  # fmt: skip
+        reveal_coinciding(ax)
         if "acc" in metric:
             ax.set_ylim(0, 1.02)
         if not log:

@@ -16,6 +16,7 @@ from netprobe.plots.common import (
     layer_colors,
     mean_band,
     new_figure,
+    reveal_coinciding,
     short,
     whole_numbers,
 )
@@ -175,6 +176,7 @@ def corr_mean_evolution(group: RunGroup):
             value = part["values"].map(lambda v: float(v[0]))
             label = short(a) if a == b else f"{short(a, 14)} → {short(b, 14)}"
             mean_band(ax, part.assign(value=value), "x", group.n, label, colors[a], markers_upto)
+        reveal_coinciding(ax)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch (0 = before training)")
         ax.set_ylabel("mean(max(C, 0))")

@@ -12,6 +12,7 @@ from netprobe.plots.common import (
     layer_colors,
     new_figure,
     over_runs,
+    reveal_coinciding,
     short,
     smooth,
     step_axis,
@@ -89,6 +90,7 @@ def grad_norms(group: RunGroup):
             first = int(broken.min())
             ax.axvline(first, color="red", ls=":", lw=1.5, label=f"non-finite from step {first}")
         ax.set_yscale("log")
+        reveal_coinciding(ax)
         step_axis(ax)
         ax.set_title(f"gradient {title}")
         ax.grid(alpha=0.3)

@@ -10,10 +10,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.legend import Legend
 
 import netprobe
 from netprobe.plots import FIGURES, plot
-from netprobe.plots.common import RunGroup, fit_titles
+from netprobe.plots.common import RunGroup, fit_titles, layer_bands
 from netprobe.store import Run
 from tests.helpers import Stopped, netprobe_cmd
 
@@ -274,3 +275,33 @@ def test_no_title_runs_off_the_figure_under_a_long_group_title(tiny_run) -> None
             plt.close(fig)
             drawn += 1
     assert drawn > 20
+
+
+def test_layers_with_equal_values_stay_visible() -> None:
+    """Two layers whose values are equal (both zero here) would draw one line over the other
+    while the legend lists both: they alternate in dashes and a note names them; a layer apart
+    from them, and a log panel whose curves differ, keep their solid lines."""
+    steps = np.arange(5)
+    values = {"a.weight": 0.0 * steps, "b.weight": 0.0 * steps, "c.weight": 1.0 + steps}
+    df = pd.concat(
+        pd.DataFrame({"layer": layer, "x": steps, "value": v, "run": 0})
+        for layer, v in values.items()
+    )
+    fig, axes = plt.subplots(1, 2)
+    colors = dict(zip(values, ["C0", "C1", "C2"]))
+    layer_bands(axes[0], df, colors, 1)
+    lines = {line.get_label(): line for line in axes[0].get_lines()}
+    a, b, c = (lines[name] for name in values)
+    assert c.get_linestyle() == "-"
+    assert a.get_linestyle() == b.get_linestyle() == "--"  # dashed, each at its own offset
+    (offset_a, dashes_a), (offset_b, dashes_b) = a._unscaled_dash_pattern, b._unscaled_dash_pattern
+    assert dashes_a == dashes_b and offset_a != offset_b
+    notes = [artist for artist in axes[0].artists if isinstance(artist, Legend)]
+    assert [note.get_title().get_text() for note in notes] == [
+        "on one another (dashes alternate):\na.weight = b.weight"
+    ]
+    layer_bands(axes[1], df[df["layer"] != "b.weight"].assign(value=lambda d: d["value"] + 1),
+                colors, 1, log=True)  # fmt: skip
+    assert {line.get_linestyle() for line in axes[1].get_lines()} == {"-"}
+    assert not axes[1].artists
+    plt.close(fig)
