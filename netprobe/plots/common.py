@@ -163,6 +163,8 @@ def band(
     low, high = mean - std, mean + std
     if geometric:
         mean, low, high = 10.0**mean, 10.0**low, 10.0**high
+    if len(x) == 1 and kwargs.get("marker") is None:
+        kwargs["marker"] = "o"  # a line through one point draws nothing: a dot for it
     (line,) = ax.plot(x, mean, label=label, color=color, **kwargs)
     if n > 1:
         ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, lw=0)

@@ -305,3 +305,13 @@ def test_layers_with_equal_values_stay_visible() -> None:
     assert {line.get_linestyle() for line in axes[1].get_lines()} == {"-"}
     assert not axes[1].artists
     plt.close(fig)
+
+
+def test_a_curve_of_one_point_is_drawn(run: Run) -> None:
+    """Runs that went non-finite after their first step leave one finite loss each: their mean
+    is a dot (a line through one point draws nothing while the legend lists it)."""
+    group = RunGroup([Diverged(run, 1), Diverged(run, 1)])
+    fig = FIGURES["training_curves"].draw(group)
+    ax = next(ax for ax in fig.axes if ax.get_title() == "train loss")
+    (curve,) = [line for line in ax.get_lines() if line.get_label() == "mean ± std (n=2)"]
+    assert list(curve.get_xdata()) == [0] and curve.get_marker() == "o"
