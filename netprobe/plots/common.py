@@ -294,28 +294,23 @@ def reveal_coinciding(ax: Axes, dash: float = 4.0) -> None:
         for line in ax.get_lines()
         if line.get_linestyle() not in ("None", "", " ") and len(line.get_xdata()) > 1
     ]
-    log = ax.get_yscale() == "log"
-    ys = []
-    for line in lines:
-        y = np.asarray(line.get_ydata(), float)
-        ys.append(np.log10(np.where(y > 0, y, np.nan)) if log else y)
-    finite = np.concatenate([y[np.isfinite(y)] for y in ys] or [np.empty(0)])
+    curves = [(np.asarray(c.get_xdata(), float), np.asarray(c.get_ydata(), float)) for c in lines]
+    if ax.get_yscale() == "log":
+        curves = [(x, np.log10(np.where(y > 0, y, np.nan))) for x, y in curves]
+    finite = np.concatenate([y[np.isfinite(y)] for _, y in curves] or [np.empty(0)])
     if len(lines) < 2 or finite.size == 0:
         return
     # Apart by less than a line's width, about 1% of the panel's height: drawn as one line.
     tol = 0.01 * np.ptp(finite) or 1e-9 * max(1.0, float(np.abs(finite).max()))
     taken: set[int] = set()
     notes = []
-    for i, line in enumerate(lines):
+    for i in range(len(lines)):
         if i in taken:
             continue
-        x = np.asarray(line.get_xdata(), float)
         same = [i] + [
             j
             for j in range(i + 1, len(lines))
-            if j not in taken
-            and np.array_equal(np.asarray(lines[j].get_xdata(), float), x)
-            and np.allclose(ys[j], ys[i], rtol=0, atol=tol, equal_nan=True)
+            if j not in taken and _lies_on(*curves[i], *curves[j], tol)
         ]
         if len(same) < 2:
             continue
@@ -331,6 +326,17 @@ def reveal_coinciding(ax: Axes, dash: float = 4.0) -> None:
     if notes:
         note = "\n".join(["on one another (dashes alternate):", *notes])
         ax.add_artist(Legend(ax, [], [], title=note, loc="best", title_fontsize=6.5))
+
+
+def _lies_on(xa: np.ndarray, ya: np.ndarray, xb: np.ndarray, yb: np.ndarray, tol: float) -> bool:
+    """True when the shorter of curves a and b lies within `tol` of the other at each of its
+    points (a run that stopped earlier hides under one that went on the same way)."""
+    if len(xa) > len(xb):
+        xa, ya, xb, yb = xb, yb, xa, ya
+    common, ia, ib = np.intersect1d(xa, xb, return_indices=True)
+    if len(common) < max(len(xa), 2):
+        return False
+    return bool(np.allclose(ya[ia], yb[ib], rtol=0, atol=tol, equal_nan=True))
 
 
 def layer_figure(

@@ -287,7 +287,7 @@ def test_layers_with_equal_values_stay_visible() -> None:
         pd.DataFrame({"layer": layer, "x": steps, "value": v, "run": 0})
         for layer, v in values.items()
     )
-    fig, axes = plt.subplots(1, 2)
+    fig, axes = plt.subplots(1, 3)
     colors = dict(zip(values, ["C0", "C1", "C2"]))
     layer_bands(axes[0], df, colors, 1)
     lines = {line.get_label(): line for line in axes[0].get_lines()}
@@ -304,6 +304,14 @@ def test_layers_with_equal_values_stay_visible() -> None:
                 colors, 1, log=True)  # fmt: skip
     assert {line.get_linestyle() for line in axes[1].get_lines()} == {"-"}
     assert not axes[1].artists
+    # A curve that ends earlier (a run stopped sooner) but went the same way hides under the other.
+    shorter = df[df["layer"] == "c.weight"].head(3).assign(layer="d.weight")
+    layer_bands(axes[2], pd.concat([df, shorter]), {**colors, "d.weight": "C3"}, 1)
+    (note,) = axes[2].artists
+    assert note.get_title().get_text().splitlines()[1:] == [
+        "a.weight = b.weight",
+        "c.weight = d.weight",
+    ]
     plt.close(fig)
 
 
