@@ -126,6 +126,6 @@ class Stopped:
     def __getattr__(self, name: str):
         return getattr(self._run, name)
 
-    def scalars(self, **kwargs) -> pd.DataFrame:
-        df = self._run.scalars(**kwargs)
+    def scalars(self, *args, **kwargs) -> pd.DataFrame:
+        df = self._run.scalars(*args, **kwargs)
         return df[df["step"] <= self._last]

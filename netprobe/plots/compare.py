@@ -249,11 +249,13 @@ def _before_after(
         picks = np.unique(np.linspace(0, len(layers) - 1, MAX_ROWS).round().astype(int))
         layers = [layers[i] for i in picks]
     ncols = len(sweep.groups)
-    steps: dict[int, tuple[int, int]] = {}
     # Wide enough for the title even with two or three columns.
     fig, axes = new_figure(len(layers), ncols, size=(max(2.6, 8.0 / ncols), 1.9))
     for col, (df, label) in enumerate(zip(hists, sweep.labels)):
-        axes[0, col].set_title(label, fontsize=10)
+        # Each value's own captures: a run that stopped early (diverged at once) has fewer.
+        first, last = (int(df["step"].min()), int(df["step"].max())) if not df.empty else (0, 0)
+        span = f"step {first} → {last}" if last > first else f"step {first} only"
+        axes[0, col].set_title(f"{label}\n{span}" if not df.empty else label, fontsize=10)
         for row, layer in enumerate(layers):
             ax = axes[row, col]
             part = df[df["layer"] == layer] if not df.empty else df
@@ -262,17 +264,15 @@ def _before_after(
                         transform=ax.transAxes, fontsize=8)  # fmt: skip
                 ax.set_xticks([]), ax.set_yticks([])
             else:
-                first, last = part["step"].min(), part["step"].max()
-                rows = [part[part["step"] == step].iloc[0] for step in (first, last)]
-                draw_first_last(ax, *rows)
-                steps[col] = (int(first), int(last))
+                at = part["step"]
+                rows = [part[at == at.min()].iloc[0], part[at == at.max()].iloc[0]]
+                draw_first_last(ax, rows[0], rows[1] if at.max() > at.min() else None)
             if col == 0:
                 ax.set_ylabel(short(layer, 22), fontsize=8)
         axes[-1, col].set_xlabel(unit, fontsize=8)
-    first, last = next(iter(steps.values()), (0, 0))
     handles = [
-        Patch(facecolor=FIRST, alpha=0.5, label=f"before training (step {first})"),
-        Patch(facecolor="none", edgecolor=LAST, lw=1.4, label=f"after (step {last})"),
+        Patch(facecolor=FIRST, alpha=0.5, label="first capture (steps: column titles)"),
+        Patch(facecolor="none", edgecolor=LAST, lw=1.4, label="last capture"),
         Patch(facecolor="none", edgecolor="0.3", hatch="///", label="outside the bins"),
     ]
     fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8)

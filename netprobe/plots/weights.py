@@ -47,11 +47,15 @@ def first_run(group: RunGroup) -> tuple[int, str]:
     return 0, group.seed_note
 
 
-def draw_first_last(ax: Axes, first: pd.Series, last: pd.Series) -> None:
+def draw_first_last(ax: Axes, first: pd.Series, last: pd.Series | None) -> None:
     """Two histograms, each in its own bins, as densities (fraction of values per unit of value,
-    so bins of different widths compare), first filled, last outlined. What fell outside a
-    histogram's bins is a hatched bar just beyond its end, of the same area (its share). When one
-    range is far narrower than the other (features that grew), an inset shows its shape."""
+    so bins of different widths compare), first filled, last outlined (None: the first is the
+    only capture, drawn alone). What fell outside a histogram's bins is a hatched bar just beyond
+    its end, of the same area (its share). When one range is far narrower than the other
+    (features that grew), an inset shows its shape."""
+    if last is None:
+        _first_last(ax, [(first, FIRST, True)])
+        return
     spans = [max(r["edges"][-1] - r["edges"][0], 1e-300) for r in (first, last)]
     _first_last(ax, [(first, FIRST, True), (last, LAST, False)])
     if max(spans) > 4 * min(spans):
@@ -115,6 +119,8 @@ def moments_title(
     def change(metric: str, symbol: str, fmt: str = ".2g") -> str:
         first = values.get((metric, first_step), float("nan"))
         last = values.get((metric, last_step), float("nan"))
+        if first_step == last_step:  # one capture: no change to show
+            return f"{symbol} {first:{fmt}}"
         return f"{symbol} {first:{fmt}} → {last:{fmt}}"
 
     third = change("skew", "skew")
@@ -166,21 +172,20 @@ def histogram_grid(
         if first is None or last is None:
             ax.set_axis_off()
             continue
-        draw_first_last(ax, first.iloc[0], last.iloc[0])
+        draw_first_last(ax, first.iloc[0], last.iloc[0] if last_step > first_step else None)
         name = labels.get(layer, short(layer, 34))
         # y given: the title is not re-placed at each draw (no ticks on top to dodge).
         text = moments_title(name, values.get(layer, {}), first_step, last_step)
         ax.set_title(text, fontsize=8, y=1.0)
     label_grid(axes, len(layers), xlabel, "density (fraction per unit)")
     handles = [
-        Patch(facecolor=FIRST, alpha=0.5, label=capture_label(first_step, epoch_of[first_step])),
-        Patch(
-            facecolor="none",
-            edgecolor=LAST,
-            lw=1.4,
-            label=capture_label(last_step, epoch_of[last_step]),
-        ),
+        Patch(facecolor=FIRST, alpha=0.5, label=capture_label(first_step, epoch_of[first_step]))
     ]
+    if last_step > first_step:
+        last_label = capture_label(last_step, epoch_of[last_step])
+        handles.append(Patch(facecolor="none", edgecolor=LAST, lw=1.4, label=last_label))
+    else:
+        handles[0].set_label(f"{handles[0].get_label()}, the only capture")
     if (hists["below"] + hists["above"]).any():
         handles.append(
             Patch(

@@ -12,6 +12,7 @@ import pytest
 from netprobe.plots import FIGURES, group_runs, plot
 from netprobe.plots.common import CompactFormatter, RunGroup
 from netprobe.plots.compare import COMPARISONS, Sweep, compare_curves, compare_final, swept
+from netprobe.plots.weights import LAST
 from tests.helpers import Stopped
 
 SMALL = ["model=cnn", "model.width=4", "model.hidden=16", "probes=[gradients]"]
@@ -65,6 +66,40 @@ def test_a_group_whose_runs_stopped_apart_is_drawn_alike_in_both_curve_figures(t
     for title, (x, y) in compared.items():
         assert x == alone[title][0], title
         np.testing.assert_allclose(y, alone[title][1], rtol=1e-12)
+
+
+class FirstCaptureOnly(Stopped):
+    """`run` as if it had stopped before its first epoch ended (diverged at once): of its
+    histograms only the first capture."""
+
+    def histograms(self, *args, **kwargs):
+        df = self._run.histograms(*args, **kwargs)
+        return df[df["step"] == df["step"].min()]
+
+
+def test_before_after_says_each_values_captures_and_draws_no_after_it_lacks(tiny_run):
+    """A swept value whose run stopped before its first epoch ended has one capture: its column
+    says so and draws it alone, not twice as "before" and "after"; the weights' own grid too."""
+    runs = [tiny_run(*SMALL, "probes=[weights]", f"optim.lr={lr}") for lr in (0.01, 0.02)]
+    last = int(runs[0].histograms(probe="weights")["step"].max())
+    sweep = Sweep("optim.lr", [RunGroup([runs[0]]), RunGroup([FirstCaptureOnly(runs[1], 0)])],
+                  ["0.01", "0.02"])  # fmt: skip
+    fig = COMPARISONS["compare_weights"].draw(sweep)
+    ncols = 2
+    assert [ax.get_title() for ax in fig.axes[:ncols]] == [f"0.01\nstep 0 → {last}",
+                                                           "0.02\nstep 0 only"]  # fmt: skip
+
+    def outlines(ax) -> int:
+        return sum(line.get_color() == LAST for line in ax.get_lines())
+
+    assert all(outlines(ax) == 1 for ax in fig.axes[0::ncols])
+    assert all(outlines(ax) == 0 for ax in fig.axes[1::ncols])
+    grid = FIGURES["weights_histograms"].draw(RunGroup([FirstCaptureOnly(runs[1], 0)]))
+    assert [t.get_text() for t in grid.legends[0].get_texts()] == [
+        "before training, the only capture"
+    ]
+    assert not any(outlines(ax) for ax in grid.axes)
+    assert all("→" not in ax.get_title() for ax in grid.axes)
 
 
 def test_comparisons_without_histograms_skip_the_distributions(tiny_run, tmp_path: Path):
