@@ -287,12 +287,13 @@ def layer_bands(
 def reveal_coinciding(ax: Axes, dash: float = 4.0) -> None:
     """Curves of `ax` that lie on one another (two layers with equal values, often both zero)
     would show only the one drawn last while the legend lists them all: each such set is redrawn
-    as interleaved dashes, one colour after the other, and a note in the panel names it. Call it
-    once the panel's curves and y scale are set, before its legend is made."""
+    as interleaved dashes, one colour after the other, its dots as rings of decreasing size, and
+    a note in the panel names it. Call it once the panel's curves and y scale are set, before its
+    legend is made."""
     lines = [
         line
         for line in ax.get_lines()
-        if line.get_linestyle() not in ("None", "", " ") and len(line.get_xdata()) > 1
+        if line.get_linestyle() not in ("None", "", " ") and len(line.get_xdata())
     ]
     curves = [(np.asarray(c.get_xdata(), float), np.asarray(c.get_ydata(), float)) for c in lines]
     if ax.get_yscale() == "log":
@@ -304,6 +305,7 @@ def reveal_coinciding(ax: Axes, dash: float = 4.0) -> None:
     tol = 0.01 * np.ptp(finite) or 1e-9 * max(1.0, float(np.abs(finite).max()))
     taken: set[int] = set()
     notes = []
+    dashed = False  # a revealed set of lines, not only of dots
     for i in range(len(lines)):
         if i in taken:
             continue
@@ -315,16 +317,20 @@ def reveal_coinciding(ax: Axes, dash: float = 4.0) -> None:
         if len(same) < 2:
             continue
         taken.update(same)
+        dashed = dashed or max(len(curves[j][0]) for j in same) > 1
         period = dash * len(same)
         for k, j in enumerate(same):
             lines[j].set_linestyle(((period - k * dash) % period, (dash, period - dash)))
+            # Dots on one another as rings: each drawn smaller than the one under it.
+            size = lines[j].get_markersize()
+            lines[j].set_markersize(size * (1 + 0.5 * (len(same) - 1 - k)))
         # The legend's names, without the run counts of a band's label.
         names = [re.sub(r" \(n=[^)]*\)$", "", lines[j].get_label()) for j in same]
         names = [name for name in names if not name.startswith("_")]
         what = " = ".join(names) if len(names) == len(same) else f"{len(same)} curves"
         notes.append(textwrap.fill(what, 36, break_on_hyphens=False))
     if notes:
-        note = "\n".join(["on one another (dashes alternate):", *notes])
+        note = "\n".join(["on one another" + (" (dashes alternate):" if dashed else ":"), *notes])
         ax.add_artist(Legend(ax, [], [], title=note, loc="best", title_fontsize=6.5))
 
 
@@ -334,7 +340,7 @@ def _lies_on(xa: np.ndarray, ya: np.ndarray, xb: np.ndarray, yb: np.ndarray, tol
     if len(xa) > len(xb):
         xa, ya, xb, yb = xb, yb, xa, ya
     common, ia, ib = np.intersect1d(xa, xb, return_indices=True)
-    if len(common) < max(len(xa), 2):
+    if len(common) < len(xa):
         return False
     return bool(np.allclose(ya[ia], yb[ib], rtol=0, atol=tol, equal_nan=True))
 

@@ -312,6 +312,13 @@ def test_layers_with_equal_values_stay_visible() -> None:
         "a.weight = b.weight",
         "c.weight = d.weight",
     ]
+    # Curves of one point each (runs that stopped after one epoch) are dots: rings, and named.
+    ax = fig.add_subplot()
+    layer_bands(ax, df[df["x"] == 0], colors, 1)
+    dots = {line.get_label(): line.get_markersize() for line in ax.get_lines()}
+    assert dots["a.weight"] > dots["b.weight"] == dots["c.weight"]
+    (note,) = ax.artists
+    assert note.get_title().get_text().splitlines()[1:] == ["a.weight = b.weight"]
     plt.close(fig)
 
 
