@@ -150,15 +150,21 @@ def band(
     label: str | None = None,
     color: Any = None,
     geometric: bool = False,
+    unit: str | None = None,
     **kwargs: Any,
 ) -> None:
     """A mean line with a ±1 std band; the legend says how many runs it averages: `n`, or the
-    number of runs at each x (`n=3–4` where some runs stopped earlier or lost rows). `geometric`:
-    `mean` and `std` are of log10 values, drawn as the geometric mean ×/÷ the geometric std (a
-    band on a log axis that never dips to zero)."""
+    number of runs at each x (`n=3–4` where some runs stopped earlier or lost rows; given the
+    `unit` of x, where: `n=4, 3 from step 46`). `geometric`: `mean` and `std` are of log10
+    values, drawn as the geometric mean ×/÷ the geometric std (a band on a log axis that never
+    dips to zero)."""
     counts = np.atleast_1d(np.asarray(n))
     low_n, n = (int(counts.min()), int(counts.max())) if counts.size else (0, 0)
     runs = f"{low_n}–{n}" if low_n != n else f"{n}"
+    changes = np.flatnonzero(np.diff(counts)) + 1 if counts.size == len(x) else []
+    if unit is not None and 0 < len(changes) <= 3:
+        where = (f"{counts[i]} from {unit} {x[i]:g}" for i in changes)
+        runs = ", ".join([f"{counts[0]}", *where])
     label = f"{label} (n={runs})" if label is not None and n > 1 else label
     low, high = mean - std, mean + std
     if geometric:

@@ -82,9 +82,10 @@ def metric_curve(
 ) -> None:
     """A group's curve of one training metric (`rows`: its runs' rows, with a `run` column), as
     `training_curves` and `compare_curves` both draw it: the mean over the runs at every x any of
-    them reached (`over_runs`; the legend counts the runs, `n=2–3` where some stopped earlier),
-    smoothed along steps, ± std (geometric on a log axis), and an × at each run's last finite
-    value before a NaN or inf, red and named in the legend (`named_marks`) or in `color`."""
+    them reached (`over_runs`; the legend counts the runs: `n=3, 2 from step 46` where one
+    stopped earlier), smoothed along steps, ± std (geometric on a log axis), and an × at each
+    run's last finite value before a NaN or inf, red and named in the legend (`named_marks`) or
+    in `color`."""
     stats = over_runs(rows, x, geometric=log)
     if stats.empty:
         return
@@ -93,7 +94,7 @@ def metric_curve(
         y = smooth(y)
     counts = stats["count"].to_numpy()
     band(ax, stats.index.to_numpy(), y, stats["std"].to_numpy(), counts, label=label,
-         color=color, geometric=log, **style)  # fmt: skip
+         color=color, geometric=log, unit=x, **style)  # fmt: skip
     _mark_nonfinite(ax, rows, x, n, "red" if named_marks else color, named_marks)
 
 

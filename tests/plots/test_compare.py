@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ def test_init_sweep_gets_side_by_side_figures(tiny_run, tmp_path: Path):
 def test_a_group_whose_runs_stopped_apart_is_drawn_alike_in_both_curve_figures(tiny_run):
     """A seed that stopped an epoch earlier (its target accuracy met) leaves the count, not the
     curve: compare_curves draws the group's mean at every step, as training_curves does, with the
-    same values and the same n=1–2 in the legend."""
+    same values and the same count in the legend (`n=2, 1 from step 8`)."""
     runs = [tiny_run(*SMALL, "trainer.epochs=3", f"seed={s}") for s in (0, 1)]
     first_epoch_end = int(runs[1].scalars(probe="train", metric="val_loss")["step"].min())
     stopped = RunGroup([runs[0], Stopped(runs[1], first_epoch_end)])
@@ -52,7 +53,9 @@ def test_a_group_whose_runs_stopped_apart_is_drawn_alike_in_both_curve_figures(t
             ax.get_title(): (list(line.get_xdata()), np.asarray(line.get_ydata(), float))
             for ax in fig.axes
             for line in ax.get_lines()
-            if line.get_label() in ("early (n=1–2)", "mean ± std (n=1–2)")
+            if re.fullmatch(
+                r"(early|mean ± std) \(n=2, 1 from (step|epoch) \d+\)", line.get_label()
+            )
         }
 
     compared, alone = (

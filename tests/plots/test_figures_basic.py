@@ -128,12 +128,15 @@ def test_grad_flow_bars_are_the_peak_of_max_and_the_mean_of_mean_per_layer(run: 
 
 def test_a_curves_legend_counts_the_runs_each_point_averages(run: Run) -> None:
     """Where one of two runs has no rows (it stopped earlier), the mean there is of one run: the
-    legend says n=1–2, not n=2."""
+    legend says so and from where (the mean may jump there), not n=2."""
     first_epoch_end = int(run.scalars(probe="train", metric="val_loss")["step"].min())
     group = RunGroup([run, Stopped(run, first_epoch_end)])
     fig = FIGURES["training_curves"].draw(group)
     for ax in fig.axes:
-        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mean ± std (n=1–2)"]
+        where = "epoch 2" if "validation" in ax.get_title() else f"step {first_epoch_end + 1}"
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+            f"mean ± std (n=2, 1 from {where})"
+        ]
     full = RunGroup([run, run])
     for ax in FIGURES["training_curves"].draw(full).axes:
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mean ± std (n=2)"]
