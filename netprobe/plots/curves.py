@@ -30,7 +30,8 @@ PANELS = [
 @figure(
     "training_curves",
     "Training loss and accuracy per step (smoothed) and validation per epoch (epochs counted "
-    "from 1); loss on a log axis when it spans more than two decades.",
+    "from 1), several runs: their mean ± std over each run in grey; loss on a log axis when it "
+    "spans more than two decades.",
 )
 def training_curves(group: RunGroup):
     df = group.scalars("train")
@@ -58,6 +59,8 @@ def training_curves(group: RunGroup):
             ax.set_yscale("log")
         label = "mean ± std" if group.n > 1 else None
         metric_curve(ax, every, x, log, label, n=group.n, marker="o" if x == "epoch" else None)
+        if group.n > 1:  # each run faintly under the mean: seeds that split (some learn, some
+            _each_run(ax, part, x)  # do not) look like one spread-out curve in a band alone
         if not log:
             compact_ticks(ax, "y")
         if "acc" in metric:
@@ -67,6 +70,14 @@ def training_curves(group: RunGroup):
             ax.legend(loc="best", fontsize=8)
     fig.suptitle(group.title)
     return fig
+
+
+def _each_run(ax, rows: pd.DataFrame, x: str) -> None:
+    """A thin grey line per run of `rows` (finite values), smoothed along steps as the mean."""
+    for k, (_, one) in enumerate(rows.sort_values(x).groupby("run")):
+        y = one["value"].to_numpy()
+        ax.plot(one[x].to_numpy(), smooth(y) if x == "step" else y, color="0.5", lw=0.6,
+                alpha=0.6, zorder=1, label="each run" if k == 0 else None)  # fmt: skip
 
 
 def metric_curve(

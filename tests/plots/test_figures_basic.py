@@ -135,11 +135,28 @@ def test_a_curves_legend_counts_the_runs_each_point_averages(run: Run) -> None:
     for ax in fig.axes:
         where = "epoch 2" if "validation" in ax.get_title() else f"step {first_epoch_end + 1}"
         assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-            f"mean ± std (n=2, 1 from {where})"
+            f"mean ± std (n=2, 1 from {where})",
+            "each run",
         ]
     full = RunGroup([run, run])
     for ax in FIGURES["training_curves"].draw(full).axes:
-        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mean ± std (n=2)"]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+            "mean ± std (n=2)",
+            "each run",
+        ]
+
+
+def test_training_curves_show_each_run_under_the_mean(run: Run) -> None:
+    """Seeds that split (one learns, one stops early) read as one spread-out mean in a band
+    alone: each run is drawn too, thin and grey, with exactly its own stored values."""
+    first_epoch_end = int(run.scalars(probe="train", metric="val_loss")["step"].min())
+    fig = FIGURES["training_curves"].draw(RunGroup([run, Stopped(run, first_epoch_end)]))
+    ax = next(ax for ax in fig.axes if ax.get_title() == "validation accuracy")
+    thin = [line for line in ax.get_lines() if line.get_linewidth() < 1]
+    stored = run.scalars(probe="train", metric="val_acc")["value"].to_numpy()
+    assert [list(line.get_ydata()) for line in thin] == [list(stored), list(stored[:1])]
+    single = FIGURES["training_curves"].draw(RunGroup([run]))
+    assert not [line for ax in single.axes for line in ax.get_lines() if line.get_linewidth() < 1]
 
 
 class Diverged(Stopped):
