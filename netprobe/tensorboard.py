@@ -86,10 +86,15 @@ class EventWriter:
         self.hparams = dict(hparams or {})
         self._file: Any = None
 
-    def _open(self, start: float) -> Any:
+    def _open(self, start: float, step: int = 0) -> Any:
         if self._file is None:
             # Flushed by netprobe's flushes only, not by a timer thread of its own.
             self._file = self.tb.FileWriter(str(self.logdir), flush_secs=10**9)
+            # Each process's events begin with a session start at its first step. TensorBoard's
+            # server takes the first it reads as the run's start and each later one as a restart,
+            # dropping every event read before at that step or later.
+            begin = self.tb.SessionLog(status=self.tb.SessionLog.START)
+            self._file.add_event(self.tb.Event(wall_time=start, step=step, session_log=begin))
             if self.hparams:
                 self._hparams_start(start)
         return self._file
@@ -114,13 +119,12 @@ class EventWriter:
         f.flush()
 
     def restart(self, step: int, tables: Mapping[str, pa.Table]) -> None:
-        """A resumed run's first events: TensorBoard is told to drop every event the run's
-        earlier processes wrote at `step` or later (a restart event, as its readers purge on),
-        since this process trains those steps again; then the stored rows of `tables` from
-        `step` on, the captures of the epoch it resumes after, are written again."""
+        """A resumed run's first events: its session starts at `step`, so TensorBoard drops every
+        event the run's earlier processes wrote at `step` or later, since this process trains
+        those steps again; then the stored rows of `tables` from `step` on, the captures of the
+        epoch it resumes after, are written again."""
         now = time.time()
-        restart = self.tb.SessionLog(status=self.tb.SessionLog.START)
-        self._open(now).add_event(self.tb.Event(wall_time=now, step=step, session_log=restart))
+        self._open(now, step)
         self.write(tables, wall_time=now)
 
     def _scalar_values(self, table: pa.Table, events: dict[int, list[Any]]) -> None:

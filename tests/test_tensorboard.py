@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.util import tensor_util
 
 import netprobe
 from netprobe import monitor
@@ -44,6 +46,20 @@ def read_events(logdir: Path) -> EventAccumulator:
 def tb_scalars(acc: EventAccumulator) -> list[tuple[str, int, float]]:
     tags = [t for t in acc.Tags()["scalars"] if not t.startswith("final/")]
     return sorted((t, e.step, e.value) for t in tags for e in acc.Scalars(t))
+
+
+def served_scalars(logdir: Path) -> list[tuple[str, int, float]]:
+    """The scalars as TensorBoard's server reads them (its own accumulator, which takes the
+    first session start it reads as the run's start and only later ones as restarts)."""
+    acc = plugin_event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = acc.PluginTagToContent("scalars")
+    return sorted(
+        (t, e.step, tensor_util.make_ndarray(e.tensor_proto).item())
+        for t in tags
+        if not t.startswith("final/")
+        for e in acc.Tensors(t)
+    )
 
 
 def parquet_scalars(run: netprobe.Run) -> list[tuple[str, int, float]]:
@@ -136,10 +152,14 @@ def test_a_resumed_run_shows_each_step_once(tmp_path, train_tiny):
     ]
     train_tiny(run_dir, *extra, "trainer.max_steps=9")
     assert {s for _, s, _ in tb_scalars(read_events(run_dir / "tb"))} >= {7, 8}
+    # Resumed twice from the same checkpoint: the second resume stops at step 12, past a flush.
+    train_tiny(run_dir, *extra, "trainer.resume=true", "trainer.max_steps=12")
+    assert served_scalars(run_dir / "tb") == parquet_scalars(netprobe.load(run_dir))
     train_tiny(run_dir, *extra, "trainer.resume=true")
     run = netprobe.load(run_dir)
-    assert run.info["steps_done"] == 14 and len(run.info["resumed_at"]) == 1
+    assert run.info["steps_done"] == 14 and len(run.info["resumed_at"]) == 2
     acc = assert_events_match(run_dir / "tb", run)  # every stored row once, and nothing else
+    assert served_scalars(run_dir / "tb") == parquet_scalars(run)  # as the server shows them
     val = [(e.step, e.value) for e in acc.Scalars("train/val_acc")]
     assert [s for s, _ in val] == [7, 14]  # the first epoch's, written before the stop, kept
 
