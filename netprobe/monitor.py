@@ -367,7 +367,14 @@ class Monitor:
                 **info,
             )
             if self.sink is not None:
-                self.sink.close(self.writer.info)
+                try:
+                    self.sink.close(self.writer.info)
+                except Exception as exc:
+                    # What ended the run, written in run.json, is the failure to report.
+                    if failure is None and not ending_badly:
+                        raise
+                    if failure is not None:
+                        add_note(failure, f"the sink failed too: {exc}")
         if failure is not None and not ending_badly:
             raise failure
 

@@ -4,11 +4,14 @@ at each flush) and after the fact (`netprobe export PATH --to tensorboard --out 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
 import os
+import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from netprobe.errors import ConfigError
+from netprobe.errors import ConfigError, StorageError
 from netprobe.query import read_config, varying_keys
 from netprobe.store import Run, flatten, make_out_folder, read_runs_under, run_holding
 
@@ -33,7 +36,7 @@ def _tensorboard() -> SimpleNamespace:
     try:
         from tensorboard.compat.proto import event_pb2, summary_pb2
         from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.summary.writer.record_writer import RecordWriter
     except ImportError:
         raise ConfigError("TensorBoard output needs tensorboard: pip install tensorboard") from None
     return SimpleNamespace(
@@ -44,7 +47,7 @@ def _tensorboard() -> SimpleNamespace:
         SummaryMetadata=summary_pb2.SummaryMetadata,
         api=api_pb2,
         plugin=plugin_data_pb2,
-        FileWriter=EventFileWriter,
+        RecordWriter=RecordWriter,
     )
 
 
@@ -88,8 +91,7 @@ class EventWriter:
 
     def _open(self, start: float, step: int = 0) -> Any:
         if self._file is None:
-            # Flushed by netprobe's flushes only, not by a timer thread of its own.
-            self._file = self.tb.FileWriter(str(self.logdir), flush_secs=10**9)
+            self._file = EventFile(self.tb, self.logdir)
             # Each process's events begin with a session start at its first step. TensorBoard's
             # server takes the first it reads as the run's start and each later one as a restart,
             # dropping every event read before at that step or later.
@@ -209,6 +211,46 @@ class EventWriter:
         f.flush()
         f.close()
         self._file = None
+
+
+_FILE_NUMBER = itertools.count()  # of the event files this process opens, for unique names
+
+
+class EventFile:
+    """One event file, written in the caller's thread at netprobe's flushes only: a write that
+    fails (a full disk) raises StorageError where it happens, naming the file. (TensorBoard's
+    own writer writes from a thread of its own, whose failure prints a traceback there and is
+    raised again at a later, unrelated call.)"""
+
+    def __init__(self, tb: SimpleNamespace, logdir: Path) -> None:
+        host, number = socket.gethostname(), next(_FILE_NUMBER)
+        self.path = (
+            logdir / f"events.out.tfevents.{int(time.time()):010d}.{host}.{os.getpid()}.{number}"
+        )
+        with self._writing():
+            logdir.mkdir(parents=True, exist_ok=True)
+            self._records = tb.RecordWriter(open(self.path, "wb"))  # closed by close()
+        self.add_event(tb.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        self.flush()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise StorageError(self.path, exc) from None
+
+    def add_event(self, event: Any) -> None:
+        with self._writing():
+            self._records.write(event.SerializeToString())
+
+    def flush(self) -> None:
+        with self._writing():
+            self._records.flush()
+
+    def close(self) -> None:
+        with self._writing():
+            self._records.close()
 
 
 def _final_tag(key: str) -> str:

@@ -16,6 +16,7 @@ import torch.nn as nn
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.summary.writer import record_writer
 from tensorboard.util import tensor_util
 
 import netprobe
@@ -218,6 +219,35 @@ def test_when_the_sink_fails_too_the_writers_failure_is_raised(tmp_path, monkeyp
     monkeypatch.undo()
     mon.close()
     assert len(netprobe.load(tmp_path).scalars(probe="train", metric="loss")) == 1
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_full_disk_under_live_events_fails_the_run_in_one_line(
+    tmp_path, monkeypatch, capsys, train_tiny
+):
+    """The disk fills after the first flush, for the event file too: the run ends `failed`,
+    exit 1, with the store's one line, no traceback (from a writer thread or from the events'
+    closing write), and the events hold what was written before."""
+    parts = fail_writes(monkeypatch, "scalars", after=1)
+    real = record_writer.RecordWriter.write
+
+    def write(self, data):
+        if len(parts) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+    run_dir = tmp_path / "run"
+    tiny = ["data=synthetic", "data.num_samples=128", "data.image_size=8", "data.batch_size=32",
+            "data.probe_size=32", "trainer.epochs=1", "trainer.flush_every=2"]  # fmt: skip
+    code = cli(["train", *tiny, PROBES, "trainer.tensorboard=true", f"hydra.run.dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and "Exception" not in err, err
+    assert f"netprobe: run {run_dir} failed: cannot write {run_dir}/scalars/part-" in err
+    run = netprobe.load(run_dir)
+    assert run.info["status"] == "failed" and "ENOSPC" in run.info["error"]
+    monkeypatch.undo()
+    assert tb_scalars(read_events(run_dir / "tb"))  # the first flush's
 
 
 def test_a_table_whose_sink_write_fails_is_not_sent_again(tmp_path, monkeypatch):
