@@ -139,7 +139,10 @@ def claim_run_dir(path: str | os.PathLike, *, resume: bool = False) -> RunLock:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StorageError(path, exc) from None
-    lock = RunLock(path).acquire()
+    try:
+        lock = RunLock(path).acquire()
+    except OSError as exc:  # a disk without room for the lock's few bytes, a read-only folder
+        raise StorageError(path / LOCK_FILE, exc) from None
     try:
         if not resume:
             check_new_run_dir(path)
@@ -233,22 +236,23 @@ def _create_exclusive(path: Path, text: str, pad_to: int = 0) -> bool:
     exists; filesystems without hard links fall back to O_EXCL.
     """
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
-    content = text.ljust(pad_to)
-    try:
-        tmp.write_text(content)
-    except OSError as exc:
-        if exc.errno not in NO_ROOM:
-            raise
-        content = text  # a full disk: the lock without its reserve
-        tmp.write_text(content)
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-            raise
+    try:  # the private file goes, whatever fails (a full disk may refuse even the text)
+        content = text.ljust(pad_to)
+        try:
+            tmp.write_text(content)
+        except OSError as exc:
+            if exc.errno not in NO_ROOM:
+                raise
+            content = text  # a full disk: the lock without its reserve
+            tmp.write_text(content)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:

@@ -380,6 +380,25 @@ def test_the_lock_keeps_room_where_the_disk_has_it(tmp_path, monkeypatch):
     lock.release()
 
 
+def test_a_disk_without_room_for_the_lock_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    """Not even the lock's text fits: exit 1, one line naming the lock file, no traceback, and
+    no private file of the lock left behind in the run's folder."""
+    real = Path.write_text
+
+    def full(self, text, *args, **kwargs):
+        if self.name.startswith(LOCK_FILE):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    run_dir = tmp_path / "run"
+    assert cli(["train", *TINY, f"hydra.run.dir={run_dir}"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert f"failed: cannot write {run_dir / LOCK_FILE}: No space left on device (ENOSPC)" in err
+    assert list(run_dir.iterdir()) == []
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_a_checkpoint_that_cannot_be_written_fails_the_run(tmp_path, monkeypatch, capsys, masked):
     """`masked`: as torch.save does on a full disk, the ENOSPC is the context of a RuntimeError
