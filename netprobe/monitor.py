@@ -60,8 +60,8 @@ class Monitor:
         self.on_nonfinite, self.nonfinite = on_nonfinite, NonfiniteWatch()
         self._t0 = time.perf_counter()
         self.model, self.optimizer, self.flush_every = model, optimizer, flush_every
-        # `write(tables)` each flush, `close(info)` at the end, `restart(step, tables)` when resumed
-        self.sink = sink  # (TensorBoard)
+        # `write(tables)` each flush, `close(info)` at the end, `restart(step, rows_from)` when
+        self.sink = sink  # resumed (TensorBoard)
         self._unsunk: list[dict[str, Any]] = []  # drained tables the sink has yet to get
         # Where training is and the step's facts: one state, updated here, handed to the hooks.
         self.state = StepState()
@@ -103,7 +103,7 @@ class Monitor:
             restart = getattr(sink, "restart", None)
             if resume is not None and restart is not None:
                 # The steps this process trains again replace what the sink holds of them.
-                restart(self.state.step, self.writer.rows_from(self.state.step))
+                restart(self.state.step, self.writer.rows_from)
             self.runner.start() if resume is None else self.runner.resume()  # started before
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)

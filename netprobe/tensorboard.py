@@ -11,7 +11,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -120,14 +120,16 @@ class EventWriter:
             f.add_event(self.tb.Event(wall_time=when(step), step=step, summary=summary))
         f.flush()
 
-    def restart(self, step: int, tables: Mapping[str, pa.Table]) -> None:
+    def restart(self, step: int, rows_from: Callable[[int], Mapping[str, pa.Table]]) -> None:
         """A resumed run's first events: its session starts at `step`, so TensorBoard drops every
         event the run's earlier processes wrote at `step` or later, since this process trains
-        those steps again; then the stored rows of `tables` from `step` on, the captures of the
-        epoch it resumes after, are written again."""
+        those steps again; then the stored rows from `step` on (`rows_from(step)`: the captures
+        of the epoch it resumes after) are written again, or every stored row where the earlier
+        processes wrote no events (TensorBoard turned on at this resume)."""
+        written = next(self.logdir.glob("events.out.tfevents.*"), None) is not None
         now = time.time()
         self._open(now, step)
-        self.write(tables, wall_time=now)
+        self.write(rows_from(step if written else 0), wall_time=now)
 
     def _scalar_values(self, table: pa.Table, events: dict[int, list[Any]]) -> None:
         value = self.tb.Summary.Value

@@ -165,6 +165,19 @@ def test_a_resumed_run_shows_each_step_once(tmp_path, train_tiny):
     assert [s for s, _ in val] == [7, 14]  # the first epoch's, written before the stop, kept
 
 
+def test_events_turned_on_at_a_resume_hold_every_stored_row(tmp_path, train_tiny):
+    """A run trained without events and resumed with them: TensorBoard shows it all, as the
+    Parquet files hold it, not only the steps from the resume on."""
+    run_dir = tmp_path / "run"
+    extra = [PROBES, "trainer.checkpoint_every=1"]
+    train_tiny(run_dir, *extra, "trainer.max_steps=9")
+    train_tiny(run_dir, *extra, "trainer.resume=true", "trainer.tensorboard=true")
+    run = netprobe.load(run_dir)
+    assert run.info["steps_done"] == 14
+    assert_events_match(run_dir / "tb", run)
+    assert served_scalars(run_dir / "tb") == parquet_scalars(run)
+
+
 def live_run(path: Path) -> tuple[netprobe.Monitor, Callable[[int], None]]:
     """A tiny model's run in `path` with live events in path/tb, and what takes n steps of it."""
     torch.manual_seed(0)
