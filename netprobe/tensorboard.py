@@ -201,13 +201,15 @@ class EventWriter:
             step = int(info.get("steps_done") or 0)
             summary = self.tb.Summary(value=values)
             f.add_event(self.tb.Event(wall_time=when, step=step, summary=summary))
-        if self.hparams:
-            status = {
-                "completed": "STATUS_SUCCESS",
-                "failed": "STATUS_FAILURE",
-                "diverged": "STATUS_FAILURE",
-                "running": "STATUS_RUNNING",
-            }.get(str(info.get("status")), "STATUS_UNKNOWN")
+        status = {
+            "completed": "STATUS_SUCCESS",
+            "failed": "STATUS_FAILURE",
+            "diverged": "STATUS_FAILURE",
+            "running": "STATUS_RUNNING",
+        }.get(str(info.get("status")))
+        # TensorBoard's server keeps the first session end it reads of a run: an interrupted
+        # process writes none, so that the end of the process that resumes it is the one shown.
+        if self.hparams and status is not None:
             end = self.tb.plugin.SessionEndInfo(status=status, end_time_secs=when)
             self._plugin_event("_hparams_/session_end_info", session_end_info=end)
         f.flush()

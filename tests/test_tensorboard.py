@@ -178,6 +178,19 @@ def test_events_turned_on_at_a_resume_hold_every_stored_row(tmp_path, train_tiny
     assert served_scalars(run_dir / "tb") == parquet_scalars(run)
 
 
+def test_a_run_resumed_after_an_interrupt_ends_as_its_last_process(tmp_path):
+    """TensorBoard's server keeps the first session end it reads: the interrupted process
+    writes none, and the hparams show how the resumed process ended."""
+    for status in ("interrupted", "completed"):
+        writer = EventWriter(tmp_path, hparams={"seed": 0})
+        writer.restart(0, lambda step: {})
+        writer.close({"status": status})
+    acc = plugin_event_accumulator.EventAccumulator(str(tmp_path))
+    content = acc.Reload().PluginTagToContent("hparams")["_hparams_/session_end_info"]
+    end = plugin_data_pb2.HParamsPluginData.FromString(content).session_end_info
+    assert end.status == 1  # STATUS_SUCCESS
+
+
 def live_run(path: Path) -> tuple[netprobe.Monitor, Callable[[int], None]]:
     """A tiny model's run in `path` with live events in path/tb, and what takes n steps of it."""
     torch.manual_seed(0)
