@@ -71,6 +71,7 @@ def run_job(cfg: DictConfig) -> str:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     status, said = "failed", ""
+    before = run_file(run_dir)
     try:
         status = train(cfg, run_dir)
     except ConfigError as exc:
@@ -99,9 +100,10 @@ def run_job(cfg: DictConfig) -> str:
         traceback.print_exc()  # into the worker's log
         raise JobFailed(1, f"run {run_dir} failed: {type(exc).__name__}: {exc}") from None
     finally:
-        # A refused or finished run is left as it was: no summary in its train.log or run.json.
+        # A refused or finished run is left as it was: no summary in its train.log or run.json;
+        # so is one this job did not write (stopped before it took the folder, say).
         shown = status not in ("refused", "unchanged") and distributed.launched().is_main
-        if shown and (run_dir / "run.json").exists():
+        if shown and run_file(run_dir) not in (None, before):
             findings = doctor.close_run(run_dir).rstrip("\n")  # keeps them in run.json too
             text = summary(run_dir, hint=False) + (f"\n{findings}" if findings else "")
             # In a sweep the plot command comes once, after the sweep's table.
@@ -115,6 +117,15 @@ def run_job(cfg: DictConfig) -> str:
     elif code:
         raise JobFailed(code, f"run {run_dir} ended {status}")
     return status
+
+
+def run_file(run_dir: Path) -> bytes | None:
+    """The bytes of `run_dir`'s run.json, None without one: a job that writes the run changes
+    them (its status, its times)."""
+    try:
+        return (run_dir / "run.json").read_bytes()
+    except OSError:
+        return None
 
 
 def hydra_main(args: list[str]) -> int:

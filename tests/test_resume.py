@@ -229,6 +229,26 @@ def test_a_resume_with_nothing_to_train_leaves_every_file_as_it_was(tmp_path, ca
     assert files() == before
 
 
+def test_a_resume_stopped_before_it_takes_the_run_leaves_it_as_it_was(
+    tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C while the resume still builds its model and data: exit 130, and neither the old
+    run's summary, printed as if this process had ended it, nor a line in its train.log."""
+    run_dir = tmp_path / "run"
+    args = ["train", *SETUP, f"hydra.run.dir={run_dir}", "trainer.max_steps=5"]
+    assert cli(args) == 0
+    files = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("netprobe.train.build", interrupted)
+    assert cli([*args, "trainer.resume=true", "trainer.max_steps=12"]) == 130
+    assert "run completed" not in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == files
+
+
 def test_a_run_that_reached_its_target_accuracy_is_finished(tmp_path, capsys):
     """Stopped early at trainer.target_val_acc, a run sent again as it was (a sweep resent) is
     left as it was; a higher target trains on."""
