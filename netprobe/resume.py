@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,18 +162,26 @@ def check(cfg: DictConfig, run_dir: str | Path) -> DictConfig:
     # scheduler were the ones `optim.name` and `optim.scheduler` name, as now.
     # A run from before probes had `enabled` in their config ran every probe it lists.
     for key in now.keys() - before.keys():
+        listed = key.startswith("probes.") and _absent_group(key, before) is None
         if key.startswith(("optim._", "optim.lr_schedulers.")) or (
-            key.startswith("probes.") and key.endswith(".enabled") and now[key] is True
+            listed and key.endswith(".enabled") and now[key] is True
         ):
             before[key] = now[key]
     missing = "(absent)"
-    differ = [
-        f"{key}={_show(before.get(key, missing))} (the run's) vs {_show(now.get(key, missing))}"
-        for key in sorted(before.keys() | now.keys())
-        if key not in MAY_CHANGE
-        and not bookkeeping(key)
-        and before.get(key, missing) != now.get(key, missing)
-    ]
+    differ: dict[str, str] = {}
+    for key in sorted(before.keys() | now.keys()):
+        if (
+            key in MAY_CHANGE
+            or bookkeeping(key)
+            or before.get(key, missing) == now.get(key, missing)
+        ):
+            continue
+        # A group one side lacks as a whole (a probe the run did not select) is named once.
+        name = _absent_group(key, before) or _absent_group(key, now) or key
+        was = _show(before.get(key, missing)) if name == key else _present(name, before)
+        is_ = _show(now.get(key, missing)) if name == key else _present(name, now)
+        differ.setdefault(name, f"{name}={was} (the run's) vs {is_}")
+    differ = list(differ.values())
     epochs = before.get("trainer.epochs")
     if isinstance(epochs, int) and now["trainer.epochs"] < epochs:
         differ.append(f"trainer.epochs={now['trainer.epochs']} is fewer than the run's {epochs}")
@@ -184,6 +192,21 @@ def check(cfg: DictConfig, run_dir: str | Path) -> DictConfig:
             "trainer.epochs (larger), max_steps, logging, device and launcher may change"
         )
     return stored
+
+
+def _absent_group(key: str, flat: Mapping[str, Any]) -> str | None:
+    """The shortest group holding `key` (`probes.weights` of `probes.weights.bins`) of which
+    `flat` has no key at all, if any."""
+    parts = key.split(".")
+    for n in range(2, len(parts)):
+        group = ".".join(parts[:n])
+        if not any(k.startswith(f"{group}.") for k in flat):
+            return group
+    return None
+
+
+def _present(group: str, flat: Mapping[str, Any]) -> str:
+    return "(set)" if any(k.startswith(f"{group}.") for k in flat) else "(absent)"
 
 
 def _flat(cfg: DictConfig) -> dict[str, Any]:

@@ -185,7 +185,7 @@ RESUME_REFUSALS = {
     "optim": (["optim=sgd"], ["optim.name=adam (the run's) vs sgd", "optim.momentum"]),
     "lr": (["optim.lr=0.5"], ["optim.lr=0.001 (the run's) vs 0.5"]),
     "init": (["init=orthogonal"], ["init.name=default (the run's) vs orthogonal"]),
-    "probes": (["probes=[gradients]"], ["probes.weights.bins=50 (the run's) vs (absent)"]),
+    "probes": (["probes=[gradients]"], ["probes.weights=(set) (the run's) vs (absent)"]),
     "precision": (["trainer.precision=bf16"], ["trainer.precision=32 (the run's) vs bf16"]),
     "batch size": (["data.batch_size=16"], ["data.batch_size=32 (the run's) vs 16"]),
     "data": (["data.num_samples=256"], ["data.num_samples=128 (the run's) vs 256"]),

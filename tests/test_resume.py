@@ -276,6 +276,10 @@ def test_bookkeeping_may_change_on_resume_and_the_seed_may_not(tmp_path):
     resume.check(compose([*later, "trainer.checkpoint_every=2", "doctor.dead_frac=0.5"]), run_dir)
     with pytest.raises(ConfigError, match=r"seed=0 \(the run's\) vs 1"):
         resume.check(compose([*later, "seed=1"]), run_dir)
+    # A probe the run did not select is named once, not by each of its keys.
+    with pytest.raises(ConfigError) as refused:
+        resume.check(compose([*later, "probes=[weights]"]), run_dir)
+    assert "differs in probes.weights=(absent) (the run's) vs (set)." in str(refused.value)
 
 
 class Poison(Probe):
