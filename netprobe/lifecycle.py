@@ -4,6 +4,7 @@ gone) from one still running."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import json
@@ -152,7 +153,8 @@ def claim_run_dir(path: str | os.PathLike, *, resume: bool = False) -> RunLock:
     return lock
 
 
-# Room the lock file keeps on the run's disk (blank padding after its JSON) for the run's last
+# Room the lock file keeps on the run's disk (padding on the lines after its JSON: random text,
+# which a compressing filesystem cannot shrink to nothing, as it would blanks) for the run's last
 # words: when a full disk refuses the closing run.json, the padding is cut and the write tried
 # again, so that the run ends with an honest status, not `running`.
 RESERVE = 64 * 1024
@@ -230,14 +232,16 @@ class RunLock:
 
 def _create_exclusive(path: Path, text: str, pad_to: int = 0) -> bool:
     """Create `path` holding `text` unless it exists; never leaves it half-written. With `pad_to`,
-    blanks follow the text up to that many bytes, where the disk has room for them.
+    random text on the next line pads it to that many bytes, where the disk has room for them.
 
     The text goes to a private file first and is hard-linked into place, which fails if the name
     exists; filesystems without hard links fall back to O_EXCL.
     """
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
     try:  # the private file goes, whatever fails (a full disk may refuse even the text)
-        content = text.ljust(pad_to)
+        room = max(pad_to - len(text) - 1, 0)
+        filler = base64.b64encode(os.urandom(room)).decode()[:room]
+        content = f"{text}\n{filler}" if filler else text
         try:
             tmp.write_text(content)
         except OSError as exc:
@@ -265,8 +269,9 @@ def _create_exclusive(path: Path, text: str, pad_to: int = 0) -> bool:
 
 
 def _lock_holder(path: Path) -> dict[str, Any] | None:
+    """Who holds a lock: its first line (its reserve follows it); {} when that does not read."""
     try:
-        holder = json.loads(path.read_text())
+        holder = json.loads(path.read_bytes().split(b"\n", 1)[0])
     except FileNotFoundError:
         return None
     except (OSError, ValueError):

@@ -248,7 +248,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": dead_pid(), "host": os.uname()[1]}))
     check_new_run_dir(tmp_path)
     with RunLock(tmp_path) as lock:
-        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+        assert json.loads(lock.path.read_text().splitlines()[0])["pid"] == os.getpid()
     assert not (tmp_path / LOCK_FILE).exists()
 
 
