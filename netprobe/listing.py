@@ -21,7 +21,15 @@ import yaml
 from netprobe.errors import ConfigError
 from netprobe.lifecycle import effective_status
 from netprobe.progress import plural
-from netprobe.store import RUN_FILE, flatten, json_text, manifest, run_seconds, runs_under
+from netprobe.store import (
+    RUN_FILE,
+    Run,
+    flatten,
+    json_text,
+    manifest,
+    run_seconds,
+    runs_under,
+)
 
 STATUS_STYLE = {
     "completed": "green",
@@ -93,12 +101,24 @@ def _reason(row: Row) -> str:
     if row.said:
         return row.said if len(row.said) <= 60 else row.said[:59] + "…"
     if row.status == "crashed":
-        return "its process is gone without closing the run"
+        return "its process is gone without closing the run" + _last_recorded(row)
     if row.status == "damaged":
         return f"unreadable {RUN_FILE}"
     text = row.info.get("error") if row.status != "completed" else None
     text = str(text or row.info.get("stop_reason") or "")
     return text if len(text) <= 60 else text[:59] + "…"
+
+
+def _last_recorded(row: Row) -> str:
+    """What a run that never closed recorded last, for its reason: its `final` columns stay
+    empty, as run.json's `final` is, and out of the sweep's mean."""
+    try:
+        results = Run(row.path).results()
+    except (OSError, ValueError):
+        return ""
+    if "val_acc" not in results.values:
+        return ""
+    return f"; last val_acc {results.values['val_acc']:.4f} (epoch {results.epochs})"
 
 
 def _health(row: Row) -> str:

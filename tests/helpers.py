@@ -1,7 +1,7 @@
 """What many test modules do alike: run the `netprobe` command, step a model through the
 library API (`attach`) as a user's own loop does, run the fused kernels on other builds or
 thread counts, make Parquet writes fail as on a full disk, and show a run as if it had stopped
-earlier."""
+earlier, or as a kill -9 leaves it."""
 
 from __future__ import annotations
 
@@ -129,3 +129,16 @@ class Stopped:
     def scalars(self, *args, **kwargs) -> pd.DataFrame:
         df = self._run.scalars(*args, **kwargs)
         return df[df["step"] <= self._last]
+
+
+def crash(run_dir: Path) -> Run:
+    """The run in `run_dir` as a `kill -9` leaves it: run.json still `running`, with no `final`,
+    under a process that is gone (pid 2**22 + 1, above Linux's largest), its tables kept."""
+    import json
+    import socket
+
+    path = run_dir / "run.json"
+    info = json.loads(path.read_text())
+    info.update(status="running", final={}, ended_at=None, pid=2**22 + 1, host=socket.gethostname())
+    path.write_text(json.dumps(info))
+    return netprobe.load(run_dir)

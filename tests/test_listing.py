@@ -15,6 +15,7 @@ import yaml
 
 from netprobe.cli import main as cli
 from netprobe.listing import COLUMNS, flatten, list_runs, sweep_of, sweep_summary
+from tests.helpers import crash
 
 
 def fake_run(
@@ -202,3 +203,14 @@ def test_a_sweep_resent_with_resume_still_varies_only_its_seed(tmp_path: Path):
     assert list(swept.values()) == ["seed=0", "seed=1", "seed=2"]
     lines = mean_std_lines([Row(d, sweep, swept[d]) for d in runs])
     assert len(lines) == 1 and lines[0].startswith("mean ± std over 3 runs"), lines
+
+
+def test_a_killed_runs_reason_gives_its_last_recorded_accuracy(tiny_run):
+    """Its `val_acc` column stays empty (no final value, and none in a sweep's mean); the reason
+    says how far it got."""
+    run = crash(tiny_run("trainer.epochs=2").path)
+    last = run.results().values["val_acc"]
+    text = ls(str(run.path), "--fmt=csv", "--columns=status,reason,val_acc")
+    row = next(csv.DictReader(io.StringIO(text)))
+    assert row["status"] == "crashed" and row["val_acc"] == ""
+    assert row["reason"].endswith(f"; last val_acc {last:.4f} (epoch 2)")

@@ -11,6 +11,7 @@ import netprobe
 from netprobe.errors import ConfigError
 from netprobe.lifecycle import claim_run_dir
 from netprobe.store import RunWriter, ScalarBlock, runs_under, scalar_table, write_json
+from tests.helpers import crash
 
 STR = "str"
 SPEC_COLUMNS = {
@@ -258,3 +259,18 @@ def test_a_folder_of_damaged_runs_says_so_once_skipped(tmp_path):
     assert str(refused.value) == (
         f"no readable runs under {tmp_path}: 2 found, each with a damaged run.json (skipped above)"
     )
+
+
+def test_results_of_a_run_that_never_closed_are_its_last_recorded_values(tiny_run):
+    """A killed run's results are the last values its scalars hold, marked as not final, with
+    the epochs behind them; run.json's `final` stays as the run wrote it (empty)."""
+    run = tiny_run("trainer.epochs=2")
+    closed = run.results()
+    assert closed.final and closed.values == run.info["final"] and closed.epochs == 2
+    killed = crash(run.path)
+    assert killed.status == "crashed" and killed.info["final"] == {}
+    results = killed.results()
+    assert not results.final and results.epochs == 2
+    curves = killed.scalars(probe="train")
+    for metric in ("loss", "acc", "val_loss", "val_acc"):
+        assert results.values[metric] == curves[curves["metric"] == metric]["value"].iloc[-1]

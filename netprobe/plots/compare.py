@@ -156,23 +156,28 @@ def compare_curves(sweep: Sweep):
 @comparison(
     "compare_final",
     "Final validation accuracy (bars from 0) and loss (mean ± std as a point, log axis when it "
-    "spans more than two decades) per value of the swept key, each seed a dot; a value whose "
-    "runs left none (diverged, failed) says so with their status.",
+    "spans more than two decades) per value of the swept key, each seed a dot; a run that never "
+    "closed (crashed, still running) is a hollow dot at the last value it recorded, left out of "
+    "the mean; a value whose runs left none (diverged, failed) says so with their status.",
 )
 def compare_final(sweep: Sweep):
-    rows = [
-        {"i": i, "metric": metric, "value": run.info.get("final", {}).get(metric)}
-        for i, group in enumerate(sweep.groups)
-        for run in group.runs
-        for metric in ("val_acc", "val_loss")
-    ]
-    df = pd.DataFrame(rows).dropna()
+    rows = []
+    for i, group in enumerate(sweep.groups):
+        for run in group.runs:
+            results = run.results()
+            for metric in ("val_acc", "val_loss"):
+                value = results.values.get(metric)
+                rows.append({"i": i, "metric": metric, "value": value, "final": results.final,
+                             "epochs": results.epochs})  # fmt: skip
+    df = pd.DataFrame(rows).dropna(subset=["value"])
     if df.empty:
         return None
     # Each label whole, a line per key (`init=zeros` over `optim.lr=0.1`): the keys are what
     # tells the bars apart. Side by side while they fit, else each on one line turned upright
     # (slanted, they would run under the neighbouring panel).
-    ticks = [_tick_label(label, g.n) for label, g in zip(sweep.labels, sweep.groups)]
+    ticks = [
+        _tick_label(label, g.n, _unfinished(g)) for label, g in zip(sweep.labels, sweep.groups)
+    ]
     chars = max(len(line) for t in ticks for line in t.splitlines())
     upright = len(ticks) * chars <= 90
     if not upright:
@@ -185,7 +190,8 @@ def compare_final(sweep: Sweep):
     x = np.arange(len(sweep.groups))
     for ax, (metric, title) in zip(axes[0], [("val_acc", "final validation accuracy"),
                                              ("val_loss", "final validation loss")]):  # fmt: skip
-        part = df[(df["metric"] == metric) & np.isfinite(df["value"].astype(float))]
+        shown = df[(df["metric"] == metric) & np.isfinite(df["value"].astype(float))]
+        part = shown[shown["final"]]
         stats = part.groupby("i")["value"].agg(["mean", "std"]).reindex(x)
         if metric == "val_acc":
             ax.bar(x, stats["mean"], 0.7, yerr=stats["std"].fillna(0), color=colors, alpha=0.55)
@@ -194,17 +200,26 @@ def compare_final(sweep: Sweep):
             ax.errorbar(x, stats["mean"], yerr=stats["std"].fillna(0), fmt="none",
                         ecolor="0.3", capsize=4, zorder=2)  # fmt: skip
             ax.scatter(x, stats["mean"], s=160, marker="_", c=colors, linewidths=3, zorder=2)
-            if log_worthy(part["value"]):
+            if log_worthy(shown["value"]):
                 ax.set_yscale("log")
             else:
                 compact_ticks(ax, "y")
-        # Seeds of one value side by side, so equal results stay visible as separate dots.
-        rank = part.groupby("i").cumcount().to_numpy()
-        size = part.groupby("i")["value"].transform("size").to_numpy()
-        jitter = (rank - (size - 1) / 2) * min(0.08, 0.5 / size.max())
-        ax.scatter(part["i"] + jitter, part["value"], s=12, color="black", zorder=3)
-        # A value with no final number says why (its runs diverged, failed, ...), not a blank
-        # that reads as a bar of 0.
+        # Seeds of one value side by side, so equal results stay visible as separate dots; a
+        # run that never closed is hollow: where it stood when it stopped, not a final value.
+        rank = shown.groupby("i").cumcount().to_numpy()
+        size = shown.groupby("i")["value"].transform("size").to_numpy()
+        jitter = (rank - (size - 1) / 2) * min(0.08, 0.5 / size.max(initial=1))
+        final = shown["final"].to_numpy(bool)
+        at = shown["i"].to_numpy() + jitter
+        ax.scatter(at[final], shown["value"][final], s=12, color="black", zorder=3)
+        ax.scatter(at[~final], shown["value"][~final], s=18, facecolors="none",
+                   edgecolors="black", zorder=3)  # fmt: skip
+        for x_at, (_, row) in zip(at[~final], shown[~final].iterrows()):
+            epoch = f"epoch {int(row['epochs'])}" if pd.notna(row["epochs"]) else "no epoch"
+            ax.annotate(epoch, (x_at, row["value"]), xytext=(5, 0), textcoords="offset points",
+                        va="center", fontsize=7, color="0.35")  # fmt: skip
+        # A value with no final number says why (its runs diverged, failed, crashed...), not a
+        # blank that reads as a bar of 0.
         for i in sorted(set(x) - set(part["i"])):
             why = ", ".join(sorted({run.status for run in sweep.groups[i].runs}))
             ax.text(i, 0.03, f"no final value\n({why})", transform=ax.get_xaxis_transform(),
@@ -218,14 +233,31 @@ def compare_final(sweep: Sweep):
             ax.set_ylim(0, 1.02)
         ax.grid(axis="y", alpha=0.3)
     # One axis label and a title, each wrapped to the figure's width, so neither runs off it.
-    fig.supxlabel(_wrap(sweep.key, 2 * width, 10))
+    label = _wrap(sweep.key, 2 * width, 10)
+    if not df["final"].all():
+        label += "\n" + _wrap(UNFINISHED, 2 * width, 10)
+    fig.supxlabel(label)
     fig.suptitle(_wrap(sweep.title, 2 * width, 12))
     return fig
 
 
-def _tick_label(label: str, n: int) -> str:
-    """A swept value as a tick label: one line per `key=value` of a label that joins several."""
-    return "\n".join([*re.split(r",(?! )", label), f"(n={n})"])
+UNFINISHED = (
+    "○ the last value a run that never closed (crashed, running) recorded: not final, left out "
+    "of the mean"
+)
+
+
+def _unfinished(group: RunGroup) -> str:
+    """How many of a group's runs never closed, by status: `1 crashed`, or ``."""
+    statuses = [r.status for r in group.runs if r.status in ("running", "crashed")]
+    return ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(statuses)))
+
+
+def _tick_label(label: str, n: int, unfinished: str = "") -> str:
+    """A swept value as a tick label: one line per `key=value` of a label that joins several,
+    then the count of its runs and of those that never closed."""
+    count = f"(n={n}, {unfinished})" if unfinished else f"(n={n})"
+    return "\n".join([*re.split(r",(?! )", label), count])
 
 
 def _wrap(text: str, width: float, points: float) -> str:

@@ -207,7 +207,11 @@ def _runs_table(sections: Sequence[Section], out: Path) -> str:
         rows.append(f"<tr><th colspan='11' class='group'>{e(section.title)}</th></tr>")
         for run in section.runs:
             name = Path(os.path.relpath(run.path.resolve(), base)).as_posix()
-            info, final = run.info, run.info.get("final") or {}
+            info, results = run.info, run.results()
+            # A run that never closed shows where it stood when it stopped, marked as such.
+            unfinished = not results.final and results.epochs is not None
+            mark = f"<br><small>last recorded, epoch {results.epochs}</small>" if unfinished else ""
+            final = results.values
             reason = info.get("error") or info.get("stop_reason") or ""
             status = e(run.status) + (
                 f"<br><small>{e(str(reason)[:120])}</small>" if reason else ""
@@ -221,8 +225,8 @@ def _runs_table(sections: Sequence[Section], out: Path) -> str:
                 f"<td class='num'>{_fmt(info.get('epochs_done'))}</td>"
                 f"<td class='num'>{_fmt(info.get('steps_done'))}</td>"
                 f"<td class='num'>{_fmt(info.get('best_val_acc'), 'pct')}</td>"
-                f"<td class='num'>{_fmt(final.get('val_acc'), 'pct')}</td>"
-                f"<td class='num'>{_fmt(final.get('val_loss'))}</td>"
+                f"<td class='num'>{_fmt(final.get('val_acc'), 'pct')}{mark}</td>"
+                f"<td class='num'>{_fmt(final.get('val_loss'))}{mark}</td>"
                 f"<td class='num'>{duration(info)}</td>"
                 f"<td class='num'>{_fmt(info.get('probe_overhead'), 'pct')}</td>"
                 f"<td>{e(', '.join(info.get('probes') or []))}</td></tr>"

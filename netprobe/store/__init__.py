@@ -18,7 +18,7 @@ from netprobe.store.files import (
     write_parquet,
     write_text,
 )
-from netprobe.store.reader import Run, plain
+from netprobe.store.reader import FINAL_METRICS, Results, Run, plain
 from netprobe.store.runs import (
     find_runs,
     flatten,
@@ -46,12 +46,14 @@ from netprobe.store.writer import STATUSES, RunWriter, drop_rows_after, read_inf
 
 __all__ = [
     "CONFIG_FILE",
+    "FINAL_METRICS",
     "RUN_FILE",
     "SCHEMAS",
     "STATUSES",
     "TABLES",
     "HistogramBlock",
     "MatrixBlock",
+    "Results",
     "Run",
     "RunWriter",
     "ScalarBlock",

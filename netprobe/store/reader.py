@@ -3,8 +3,10 @@ files stay the same."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,21 @@ from netprobe.store.schema import TABLES
 
 if TYPE_CHECKING:
     import pandas as pd
+
+
+# What run.json's `final` holds: the last of each training curve.
+FINAL_METRICS = ("loss", "acc", "val_loss", "val_acc")
+
+
+@dataclass(frozen=True)
+class Results:
+    """A run's last loss, accuracy and validation results. `final`: run.json's `final`, written
+    as the run closed; else the last values its scalars hold of a run that never closed (crashed,
+    or still running), which say where training stood then, not where it ended."""
+
+    values: dict[str, float]
+    final: bool
+    epochs: int | None  # whole epochs behind the validation values; None where none was recorded
 
 
 class Run:
@@ -102,6 +119,20 @@ class Run:
                 "value": columns["value"][rows],
             }
         return groups
+
+    def results(self) -> Results:
+        """The run's final results (run.json's `final`) once it closed; before that (crashed,
+        running), the last finite value of each training curve its scalars recorded."""
+        if self.status not in ("running", "crashed"):
+            return Results(dict(self.info.get("final") or {}), True, self.info.get("epochs_done"))
+        df = self.scalars(probe="train")
+        if df.empty:  # killed before its first rows were written
+            return Results({}, False, None)
+        df = df[df["metric"].isin(FINAL_METRICS)].sort_values("step", kind="stable")
+        last = df[df["value"].map(math.isfinite)].groupby("metric").last()
+        values = {m: float(last.at[m, "value"]) for m in FINAL_METRICS if m in last.index}
+        epochs = [int(last.at[m, "epoch"]) + 1 for m in ("val_acc", "val_loss") if m in values]
+        return Results(values, False, max(epochs) if epochs else None)
 
     def histograms(
         self, probe: str | None = None, layer: str | None = None, source: str | None = None

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.collections import PathCollection
 
 from netprobe.plots import FIGURES, group_runs, plot
 from netprobe.plots.common import CompactFormatter, RunGroup
 from netprobe.plots.compare import COMPARISONS, Sweep, compare_curves, compare_final, swept
 from netprobe.plots.weights import LAST
-from tests.helpers import Stopped
+from netprobe.store import Results
+from tests.helpers import Stopped, crash
 
 SMALL = ["model=cnn", "model.width=4", "model.hidden=16", "probes=[gradients]"]
 
@@ -133,6 +135,9 @@ class FinalOnly:
     info: dict
     status: str = "completed"
 
+    def results(self) -> Results:
+        return Results(self.info["final"], True, None)
+
 
 def final_sweep(labels: list[str], key: str) -> Sweep:
     def group(i: int) -> RunGroup:
@@ -190,3 +195,19 @@ def test_compare_final_says_why_a_value_has_no_bar() -> None:
         assert [(t.get_text(), t.get_position()[0]) for t in notes] == [
             ("no final value\n(diverged)", 1)
         ]
+
+
+def test_compare_final_shows_a_killed_runs_last_values_apart_from_the_final_ones(tiny_run):
+    """A run killed before it closed has no final value: its last recorded values are drawn as
+    hollow dots, left out of the mean, and its value's tick label counts it as crashed."""
+    runs = [tiny_run(*SMALL, "init=xavier_normal", f"seed={s}") for s in (0, 1)]
+    runs[1] = crash(runs[1].path)
+    last = runs[1].results().values
+    fig = compare_final(Sweep("init", [RunGroup(runs)], ["xavier_normal"]))
+    for ax, metric in zip(fig.axes, ("val_acc", "val_loss")):
+        dots = [c for c in ax.collections if isinstance(c, PathCollection)]
+        hollow = [c for c in dots if len(c.get_offsets()) and not c.get_facecolors().any()]
+        assert [list(c.get_offsets()[:, 1]) for c in hollow] == [[last[metric]]]
+        assert ax.get_xticklabels()[0].get_text() == "xavier_normal\n(n=2, 1 crashed)"
+    assert fig.axes[0].patches[0].get_height() == runs[0].info["final"]["val_acc"]
+    assert "not final, left out of the mean" in " ".join(fig._supxlabel.get_text().split())  # noqa: SLF001

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from netprobe.plots.page import Extra, Section, page
+from netprobe.store import Results
+from tests.helpers import crash
 from tests.plots.test_plot_folder import browse
 
 PROBES = ["gradients", "gradient_flow", "weights", "rwc", "optim_dynamics", "activations",
@@ -21,6 +23,9 @@ class FakeRun:
     path: Path
     status: str = "completed"
     info: dict = field(default_factory=dict)
+
+    def results(self) -> Results:
+        return Results(self.info.get("final") or {}, True, self.info.get("epochs_done"))
 
 
 def sections(root: Path, groups: int, runs: int) -> list[Section]:
@@ -84,3 +89,14 @@ def test_the_groups_table_fits_a_1200_pixel_window_with_long_keys(tmp_path: Path
     assert "differing config keys" in dom.stdout
     width = re.search(r'data-width="(\d+)"', dom.stdout)
     assert width and int(width.group(1)) <= 1200, width and width.group(0)
+
+
+def test_the_runs_table_gives_a_killed_runs_last_values_as_such(tiny_run, tmp_path: Path) -> None:
+    """A run killed before it closed shows the last validation values it recorded, each marked
+    as the last recorded with its epoch, not a blank final value."""
+    run = crash(tiny_run("trainer.epochs=2").path)
+    last = run.results().values
+    text = page([Section("killed", "group0", [run], {})], tmp_path)
+    cells = re.findall(r"<td class='num'>([^<]*)<br><small>([^<]*)</small></td>", text)
+    assert cells == [(f"{last['val_acc']:.1%}", "last recorded, epoch 2"),
+                     (f"{last['val_loss']:.4g}", "last recorded, epoch 2")]  # fmt: skip
