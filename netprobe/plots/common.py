@@ -141,6 +141,21 @@ def over_runs(rows: pd.DataFrame, x: str, geometric: bool = False) -> pd.DataFra
     return rows.groupby(x)["value"].agg(["mean", "std", "count"]).fillna(0.0)
 
 
+def left_out(rows: pd.DataFrame, n: int, what: str = "values ≤ 0") -> str:
+    """What a log axis leaves out, to say beside it: the finite `rows` ≤ 0 (a dead network's
+    gradient norms), which `over_runs(geometric=True)` drops; unsaid, a run whose values are all
+    0 would leave its group's curves without a word, lowering only their n. "" when none."""
+    value = rows["value"].to_numpy(float)
+    out = np.isfinite(value) & (value <= 0)
+    if not out.any():
+        return ""
+    runs = rows.loc[out, "run"].unique()
+    always = not (rows["run"].isin(runs).to_numpy() & ~out).any()
+    where = f"{len(runs)} of {n} runs" if n > 1 else "the run"
+    where += ", at every step" if always else ""
+    return f"{int(out.sum()):,} {what} ({where}) left out of the curves: a log axis cannot show 0"
+
+
 def band(
     ax: Axes,
     x: np.ndarray,

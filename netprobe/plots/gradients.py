@@ -10,6 +10,7 @@ from netprobe.plots.common import (
     band,
     figure,
     layer_colors,
+    left_out,
     new_figure,
     over_runs,
     reveal_coinciding,
@@ -63,7 +64,9 @@ def grad_flow_bars(group: RunGroup):
 @figure(
     "grad_norms",
     "L1 and L2 norm of each layer's gradient over training steps (log scale; several runs: "
-    "geometric mean ×/÷ std); a red dotted line at the first step a norm went NaN or inf.",
+    "geometric mean ×/÷ std); a red dotted line at the first step a norm went NaN or inf; "
+    "norms of exactly 0 (a dead layer or network), which the log axis cannot show, are left out "
+    "of the mean and counted below the panels.",
 )
 def grad_norms(group: RunGroup):
     l1, l2 = _stats(group, "l1"), _stats(group, "l2")
@@ -90,11 +93,16 @@ def grad_norms(group: RunGroup):
             first = int(broken.min())
             ax.axvline(first, color="red", ls=":", lw=1.5, label=f"non-finite from step {first}")
         ax.set_yscale("log")
+        if not (df["value"] > 0).any():  # a dead network: no curve to draw, the note says why
+            ax.text(0.5, 0.5, "every norm is 0", ha="center", va="center", transform=ax.transAxes)
         reveal_coinciding(ax)
         step_axis(ax)
         ax.set_title(f"gradient {title}")
         ax.grid(alpha=0.3)
     axes[0, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    note = left_out(l2, group.n, "zero gradient norms")  # a norm is 0 in L1 and L2 alike
+    if note:
+        fig.supxlabel(note, fontsize=9)
     fig.suptitle(group.title)
     return fig
 

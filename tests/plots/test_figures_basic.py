@@ -350,3 +350,19 @@ def test_a_curve_of_one_point_is_drawn(run: Run) -> None:
     ax = next(ax for ax in fig.axes if ax.get_title() == "train loss")
     (curve,) = [line for line in ax.get_lines() if line.get_label() == "mean ± std (n=2)"]
     assert list(curve.get_xdata()) == [0] and curve.get_marker() == "o"
+
+
+def test_grad_norms_say_which_zero_norms_the_log_axis_left_out(run: Run, train_tiny, tmp_path):
+    """A seed whose network is dead (init=zeros: every weight's gradient exactly 0) cannot be
+    drawn on the log axis; the figure counts its norms left out, not only a lower n."""
+    dead = netprobe.load(train_tiny(tmp_path / "dead", "model=cnn", "init=zeros"))
+    zeros = layer_rows(dead, "l2")
+    assert (zeros["value"] == 0).all()
+    fig = FIGURES["grad_norms"].draw(RunGroup([run, dead]))
+    assert fig._supxlabel.get_text() == (  # noqa: SLF001
+        f"{len(zeros):,} zero gradient norms (1 of 2 runs, at every step) left out of the "
+        "curves: a log axis cannot show 0"
+    )
+    assert FIGURES["grad_norms"].draw(RunGroup([run]))._supxlabel is None  # noqa: SLF001
+    alone = FIGURES["grad_norms"].draw(RunGroup([dead]))
+    assert [t.get_text() for ax in alone.axes for t in ax.texts] == ["every norm is 0"] * 2
