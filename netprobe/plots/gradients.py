@@ -28,7 +28,8 @@ def _stats(group: RunGroup, metric: str):
 @figure(
     "grad_flow_bars",
     "Gradient flow per layer (forward order): max over steps of max|g| (▲) and mean over steps "
-    "of mean|g| (●), joined by a line (log axis: points, not bars; error bars ± std over runs).",
+    "of mean|g| (●), joined by a line (log axis: points, not bars; error bars ± std over runs); "
+    "a layer whose gradient is 0 throughout is marked |g| = 0.",
 )
 def grad_flow_bars(group: RunGroup):
     max_abs, mean_abs = _stats(group, "max_abs"), _stats(group, "mean_abs")
@@ -43,7 +44,8 @@ def grad_flow_bars(group: RunGroup):
     fig, axes = new_figure(size=(max(6.4, 0.45 * len(layers) + 2), 4.6))
     ax = axes[0, 0]
     err = group.n > 1
-    ax.set_yscale("log")
+    if (peak["mean"] > 0).any():  # else every gradient is 0: a linear axis shows them at 0
+        ax.set_yscale("log")
     ax.vlines(x, avg["mean"], peak["mean"], color="0.6", lw=2, zorder=1)
     for stats, marker, color, label in (
         (peak, "^", "tab:cyan", "max |g|"),
@@ -51,6 +53,9 @@ def grad_flow_bars(group: RunGroup):
     ):
         ax.errorbar(x, stats["mean"], yerr=stats["std"] if err else None, fmt=marker,
                     color=color, ms=7, capsize=3, label=label, zorder=2)  # fmt: skip
+    for i in np.flatnonzero(peak["mean"].to_numpy() <= 0):  # a log axis has no 0 to put them at
+        ax.text(x[i], 0.03, "|g| = 0", transform=ax.get_xaxis_transform(), ha="center",
+                va="bottom", rotation=90, fontsize=8, color="0.35")  # fmt: skip
     ax.set_xticks(x, [short(n) for n in layers], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("gradient magnitude")
     ax.set_xlabel("layer (forward order)")
@@ -109,7 +114,8 @@ def grad_norms(group: RunGroup):
 
 @figure(
     "grad_heatmap",
-    "log10 of each layer's gradient L2 norm, layer × step (mean over runs); red: NaN or inf.",
+    "log10 of each layer's gradient L2 norm, layer × step (mean over runs); black: 0 (a dead "
+    "layer), red: NaN or inf.",
 )
 def grad_heatmap(group: RunGroup):
     l2 = _stats(group, "l2")
@@ -122,7 +128,11 @@ def grad_heatmap(group: RunGroup):
     finite = np.isfinite(l2["value"].to_numpy(float))
     table = l2[finite].pivot_table(index="layer", columns="step", values="value", aggfunc="mean")
     table = table.reindex(index=layers, columns=steps)
-    values = np.log10(np.clip(table.to_numpy(dtype=float), 1e-30, None))
+    # A mean norm of 0 (every run's gradient exactly 0: a dead layer) has no log: painted black,
+    # not clipped to a made-up 1e-30 that the colour scale would show as a value.
+    means = table.to_numpy(dtype=float)
+    zero = means <= 0
+    values = np.log10(np.where(zero, np.nan, means))
     broken = l2[~finite].pivot_table(index="layer", columns="step", values="value", aggfunc="size")
     broken = broken.reindex(index=layers, columns=steps).notna().to_numpy()
     fig, axes = new_figure(size=(9.0, max(3.0, 0.3 * len(layers) + 1.6)))
@@ -130,11 +140,15 @@ def grad_heatmap(group: RunGroup):
     extent = (steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5)
     cells = {"aspect": "auto", "interpolation": "nearest", "extent": extent}
     mesh = ax.imshow(values, cmap="viridis", **cells)
-    if broken.any():
-        ax.imshow(np.where(broken, 1.0, np.nan), cmap=ListedColormap(["red"]), **cells)
+    for where, color in ((zero, "black"), (broken, "red")):
+        if where.any():
+            ax.imshow(np.where(where, 1.0, np.nan), cmap=ListedColormap([color]), **cells)
     ax.set_yticks(range(len(layers)), [short(n, 36) for n in layers], fontsize=8)
     step_axis(ax)
-    ax.set_title("log10 ‖g‖₂ per layer" + ("  (red: NaN or inf)" if broken.any() else ""))
+    marks = [
+        m for m, shown in (("black: 0", zero.any()), ("red: NaN or inf", broken.any())) if shown
+    ]
+    ax.set_title("log10 ‖g‖₂ per layer" + (f"  ({', '.join(marks)})" if marks else ""))
     fig.suptitle(group.title)
     fig.colorbar(mesh, ax=ax, label="log10 L2 norm")
     return fig

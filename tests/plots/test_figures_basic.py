@@ -366,3 +366,17 @@ def test_grad_norms_say_which_zero_norms_the_log_axis_left_out(run: Run, train_t
     assert FIGURES["grad_norms"].draw(RunGroup([run]))._supxlabel is None  # noqa: SLF001
     alone = FIGURES["grad_norms"].draw(RunGroup([dead]))
     assert [t.get_text() for ax in alone.axes for t in ax.texts] == ["every norm is 0"] * 2
+
+
+def test_gradient_figures_show_a_dead_networks_zero_norms_as_zero(train_tiny, tmp_path) -> None:
+    """A norm of 0 has no place on a log scale: the flow bars name each layer whose gradient is
+    0 throughout and the heatmap paints it black, not a blank axis or a made-up log10 of -30."""
+    dead = netprobe.load(train_tiny(tmp_path / "dead", "model=cnn", "init=zeros"))
+    layers = layer_rows(dead, "l2")["layer"].unique()
+    bars = FIGURES["grad_flow_bars"].draw(RunGroup([dead]))
+    assert [t.get_text() for t in bars.axes[0].texts] == ["|g| = 0"] * len(layers)
+    heat = FIGURES["grad_heatmap"].draw(RunGroup([dead])).axes[0]
+    scale, black = heat.get_images()
+    assert np.isnan(np.ma.getdata(scale.get_array())).all()
+    assert np.ma.getdata(black.get_array()).tolist() == np.ones(black.get_array().shape).tolist()
+    assert heat.get_title() == "log10 ‖g‖₂ per layer  (black: 0)"
