@@ -216,8 +216,9 @@ def compare_final(sweep: Sweep):
                    edgecolors="black", zorder=3)  # fmt: skip
         for x_at, (_, row) in zip(at[~final], shown[~final].iterrows()):
             epoch = f"epoch {int(row['epochs'])}" if pd.notna(row["epochs"]) else "no epoch"
-            ax.annotate(epoch, (x_at, row["value"]), xytext=(5, 0), textcoords="offset points",
-                        va="center", fontsize=7, color="0.35")  # fmt: skip
+            # Under its dot: beside it, it would cover a neighbouring seed's or leave the panel.
+            ax.annotate(epoch, (x_at, row["value"]), xytext=(0, -5), textcoords="offset points",
+                        ha="center", va="top", fontsize=7, color="0.35")  # fmt: skip
         # A value with no final number says why (its runs diverged, failed, crashed...), not a
         # blank that reads as a bar of 0.
         for i in sorted(set(x) - set(part["i"])):
