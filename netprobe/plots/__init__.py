@@ -245,9 +245,11 @@ def _code_version() -> str:
 
 
 def _fingerprint(target: Any, formats: Sequence[str], code: str) -> str:
-    """What a target's figures are drawn from: its runs' stored files, the formats, the code."""
+    """What a target's figures are drawn from: its runs' stored files and statuses (a run that
+    was running when last drawn and has since died is `crashed` with the same files), the
+    formats, the code."""
     what = [code, list(formats), getattr(target, "label", "compare")]
-    what += [[str(r.path), r.inputs()] for r in _runs_of(target)]
+    what += [[str(r.path), r.status, r.inputs()] for r in _runs_of(target)]
     return hashlib.sha1(json.dumps(what).encode()).hexdigest()
 
 

@@ -211,3 +211,21 @@ def test_compare_final_shows_a_killed_runs_last_values_apart_from_the_final_ones
         assert ax.get_xticklabels()[0].get_text() == "xavier_normal\n(n=2, 1 crashed)"
     assert fig.axes[0].patches[0].get_height() == runs[0].info["final"]["val_acc"]
     assert "not final, left out of the mean" in " ".join(fig._supxlabel.get_text().split())  # noqa: SLF001
+
+
+def test_a_run_that_died_since_the_last_plot_is_redrawn_as_crashed(tiny_run, tmp_path, monkeypatch):
+    """A kill -9 leaves a running run's files as they were; its status alone changes, and the
+    figures that name it (`1 running`) are drawn again (`1 crashed`), not kept as unchanged."""
+    import netprobe.lifecycle
+
+    runs = [tiny_run(*SMALL, "init=xavier_normal", f"seed={s}") for s in (0, 1)]
+    runs += [tiny_run(*SMALL, "init=orthogonal", "seed=0")]
+    runs[1] = crash(runs[1].path)
+    out = tmp_path / "figs"
+    stamps = []
+    for alive in (True, False):
+        monkeypatch.setattr(netprobe.lifecycle, "process_alive", lambda *a, alive=alive: alive)
+        assert runs[1].status == ("running" if alive else "crashed")
+        plot([r.path for r in runs], out=out, only=["compare_final"])
+        stamps.append((out / "compare" / "compare_final.png").stat().st_mtime_ns)
+    assert stamps[0] != stamps[1]
