@@ -68,6 +68,10 @@ def run_job(cfg: DictConfig) -> str:
 
     here = os.getpid() == JOBS["pid"]
     JOBS["started"] = JOBS["started"] or here
+    if not here:
+        from netprobe.lifecycle import leave_terminal_group
+
+        leave_terminal_group()  # stop signals reach this worker from the sweep's process alone
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     status, said = "failed", ""

@@ -426,7 +426,8 @@ _CONSOLE = {"gone": False}
 
 class WorkerStops:
     """In a sweep's own process while a launcher runs its jobs in worker processes (joblib's loky,
-    submitit's local jobs): a stop signal sent to this process alone is passed on to each worker
+    submitit's local jobs, each in a process group of its own: leave_terminal_group): a stop
+    signal to this process (Ctrl-C in the terminal included) is passed on to each worker
     of it that holds a run under `sweep`, whose StopSignals close that run `interrupted`, and only
     once they have let go of their runs does KeyboardInterrupt reach the launcher, which kills its
     workers at once (loky with SIGKILL: their runs would be left `running`, then `crashed`).
@@ -479,6 +480,15 @@ class WorkerStops:
     def _holds(lock: Path, pid: int) -> bool:
         holder = _lock_holder(lock)
         return holder is not None and holder.get("pid") == pid and process_alive(pid)
+
+
+def leave_terminal_group() -> None:
+    """In a launcher's worker: a process group of its own, so that Ctrl-C in the terminal (sent
+    to the whole foreground group) reaches the sweep's process alone, whose WorkerStops passes it
+    on once. Reaching the worker too, it would be a second signal there, which exits at once and
+    leaves the run `running`."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
 
 
 def _descends_from(pid: int, ancestor: int) -> bool:

@@ -158,11 +158,14 @@ def test_a_sweeps_closing_table_is_of_what_its_command_did(tmp_path: Path, capsy
     assert f"sweep {sweep}: 2 jobs, 0 completed, 2 left as they were (nothing to resume)" in err
 
 
+@pytest.mark.parametrize("to_group", [False, True], ids=["kill -INT PID", "Ctrl-C"])
 def test_a_stop_signal_to_a_joblib_sweep_ends_its_runs_interrupted(
-    workers_import_netprobe, tmp_path: Path
+    workers_import_netprobe, tmp_path: Path, to_group: bool
 ):
     """SIGINT to the sweep's own process alone (a scheduler's, a `kill -INT`): the workers' runs
-    end `interrupted`, not killed with the launcher's workers and left `running` (crashed)."""
+    end `interrupted`, not killed with the launcher's workers and left `running` (crashed). So
+    does Ctrl-C in the terminal, sent to the whole process group: passed on to the workers by the
+    sweep's process, it must not reach them twice (a second signal exits at once)."""
     import signal
     import subprocess
     import sys
@@ -177,14 +180,20 @@ def test_a_stop_signal_to_a_joblib_sweep_ends_its_runs_interrupted(
         stderr=subprocess.PIPE,
         text=True,
         # Started from a shell in the background, SIGINT would be ignored: put Python's back.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        # A process group of its own, as a terminal's foreground job has.
+        preexec_fn=lambda: (os.setpgrp(), signal.signal(signal.SIGINT, signal.SIG_DFL)),
     )
     try:
         runs = [sweep / "0" / "run.json", sweep / "1" / "run.json"]
         while not all(r.exists() and json.loads(r.read_text())["steps_done"] for r in runs):
             assert proc.poll() is None, proc.stderr.read()
             time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
+        for run in runs:  # each worker in a group of its own: Ctrl-C reaches the sweep alone
+            assert os.getpgid(json.loads(run.read_text())["pid"]) != proc.pid
+        if to_group:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
