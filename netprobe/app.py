@@ -89,8 +89,10 @@ def run_job(cfg: DictConfig) -> str:
         print(f"netprobe: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         status = "interrupted"
-        if here:
-            JOBS["ended"][run_dir] = (status, "")  # for the sweep's table, printed on the way out
+        if here:  # for the sweep's table, printed on the way out
+            # Stopped before it took its folder, the job has no run there: whatever is, is not its.
+            said = "" if run_file(run_dir) != before else "stopped before it started"
+            JOBS["ended"][run_dir] = (status, said)
         raise
     except StorageError as exc:
         # A full disk or a folder gone read-only: the run is failed, in one line, no traceback.

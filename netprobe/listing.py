@@ -469,8 +469,9 @@ def sweep_summary(
 
     `ended`: how each job this process ran ended (its run folder → its status, or `refused` or
     `unchanged`, and the line it said). Given, the table and its count are of those jobs alone,
-    not of other runs in the folder: a refused job's row says `refused` and why (whatever run its
-    folder holds is another command's); a job with nothing to resume shows its run, untouched.
+    not of other runs in the folder: a refused job's row says `refused` and why, one stopped
+    before it started `interrupted` and that (whatever run its folder holds is another command's);
+    a job with nothing to resume shows its run, untouched.
     Jobs run in a launcher's workers are not known here: then every run in the folder is shown."""
     from rich.console import Console
 
@@ -486,10 +487,10 @@ def sweep_summary(
         rows = [found.get(Path(p).resolve()) or Row(Path(p), home) for p in ended]
         for row, (status, said) in zip(rows, ended.values()):
             outcomes[row.path.resolve()] = status
-            if status == "refused":
-                row.info, row.status, row.said = {}, "refused", said
-            elif status == "unchanged":
+            if status == "unchanged":
                 row.said = "nothing to resume: left as it was"
+            elif said:  # refused, or stopped before it started: the folder holds no run of its
+                row.info, row.status, row.said = {}, status, said
     tally = Counter(outcomes[row.path.resolve()] for row in rows)
     counts = [f"{tally.pop('completed', 0)} completed"]
     counts += [f"{n} {OUTCOMES.get(status, status)}" for status, n in tally.items()]

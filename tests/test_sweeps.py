@@ -233,3 +233,26 @@ def test_an_interrupted_sweep_still_closes_with_its_table(tmp_path: Path, capsys
     monkeypatch.setattr(CtrlC, "jobs", 1)  # its first job is the one stopped
     assert cli([*args, f"hydra.sweep.dir={tmp_path / 'one'}"]) == 130
     assert f"sweep {tmp_path / 'one'}: 1 job, 0 completed, 1 interrupted" in capsys.readouterr().err
+
+
+def test_a_job_stopped_before_it_started_is_no_damaged_run(tmp_path: Path, capsys, monkeypatch):
+    """Ctrl-C while a sweep's second job loads its data, before it takes its folder: its row
+    says it was stopped, not that a run there is damaged."""
+    import netprobe.setup
+
+    loads = []
+
+    def ctrl_c_at_second(*args, **kwargs):
+        loads.append(1)
+        if len(loads) == 2:
+            raise KeyboardInterrupt
+        return build_data(*args, **kwargs)
+
+    build_data = netprobe.setup.build_data
+    monkeypatch.setattr(netprobe.setup, "build_data", ctrl_c_at_second)
+    sweep = tmp_path / "sweep"
+    assert cli(["train", "-m", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"]) == 130
+    err = capsys.readouterr().err
+    assert f"sweep {sweep}: 2 jobs, 1 completed, 1 interrupted" in err, err
+    row = next(line for line in err.splitlines() if line.startswith("│ 1 "))
+    assert "interrupted" in row and "stopped before it started" in row, err
