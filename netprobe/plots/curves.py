@@ -73,11 +73,13 @@ def training_curves(group: RunGroup):
 
 
 def _each_run(ax, rows: pd.DataFrame, x: str) -> None:
-    """A thin grey line per run of `rows` (finite values), smoothed along steps as the mean."""
+    """A thin grey line per run of `rows` (finite values), smoothed along steps as the mean; a
+    small dot for a run of one point (one epoch), which a line would not draw."""
     for k, (_, one) in enumerate(rows.sort_values(x).groupby("run")):
         y = one["value"].to_numpy()
         ax.plot(one[x].to_numpy(), smooth(y) if x == "step" else y, color="0.5", lw=0.6,
-                alpha=0.6, zorder=1, label="each run" if k == 0 else None)  # fmt: skip
+                alpha=0.6, zorder=1, label="each run" if k == 0 else None,
+                marker="o" if len(y) == 1 else None, ms=3)  # fmt: skip
 
 
 def metric_curve(

@@ -155,6 +155,8 @@ def test_training_curves_show_each_run_under_the_mean(run: Run) -> None:
     thin = [line for line in ax.get_lines() if line.get_linewidth() < 1]
     stored = run.scalars(probe="train", metric="val_acc")["value"].to_numpy()
     assert [list(line.get_ydata()) for line in thin] == [list(stored), list(stored[:1])]
+    # The run of one epoch is a dot: a line through one point draws nothing.
+    assert [line.get_marker() for line in thin] == ["None", "o"]
     single = FIGURES["training_curves"].draw(RunGroup([run]))
     assert not [line for ax in single.axes for line in ax.get_lines() if line.get_linewidth() < 1]
 
