@@ -156,7 +156,10 @@ def _values(override: Any) -> list[str]:
     key = override.get_key_element()
     if not override.is_sweep_override():
         return [f"{key}={override.get_value_element_as_str()}"]
-    return [f"{key}={v}" for v in override.sweep_string_iterator()]
+    values = [f"{key}={v}" for v in override.sweep_string_iterator()]
+    if not values:  # Hydra would run no job, and say nothing
+        raise ConfigError(f"{override.input_line or key} sweeps no value: give it one at least")
+    return values
 
 
 def _sweeper_params(overrides: list[str], extra: list[str]) -> dict[str, str]:

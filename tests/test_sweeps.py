@@ -139,6 +139,15 @@ def test_preflight_numbers_jobs_as_hydra_does():
     assert len(ours) == 6 and ours == jobs
 
 
+def test_a_sweep_of_no_value_is_refused(tmp_path: Path, capsys):
+    """`seed=range(0,0)` sweeps nothing: one line and exit 2 (it was a traceback), no folder."""
+    sweep = tmp_path / "sweep"
+    assert cli(["train", "-m", "seed=range(0,0)", *TINY, f"hydra.sweep.dir={sweep}"]) == 2
+    err = capsys.readouterr().err
+    assert err == "netprobe: seed=range(0,0) sweeps no value: give it one at least\n"
+    assert not sweep.exists()
+
+
 def test_a_sweeps_closing_table_is_of_what_its_command_did(tmp_path: Path, capsys):
     """A sweep sent into a folder that holds another sweep's runs: refused before it writes
     anything (multirun.yaml included), in one line; sent again as it was, its jobs are left as
