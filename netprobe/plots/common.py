@@ -309,8 +309,8 @@ def reveal_coinciding(ax: Axes, dash: float = 4.0) -> None:
     """Curves of `ax` that lie on one another (two layers with equal values, often both zero)
     would show only the one drawn last while the legend lists them all: each such set is redrawn
     as interleaved dashes, one colour after the other, its dots as rings of decreasing size, and
-    a note in the panel names it. Call it once the panel's curves and y scale are set, before its
-    legend is made."""
+    a note in the panel names it. Call it once the panel's curves, y scale and y limits are set,
+    before its legend is made."""
     lines = [
         line
         for line in ax.get_lines()
@@ -323,7 +323,10 @@ def reveal_coinciding(ax: Axes, dash: float = 4.0) -> None:
     if len(lines) < 2 or finite.size == 0:
         return
     # Apart by less than a line's width, about 1% of the panel's height: drawn as one line.
-    tol = 0.01 * np.ptp(finite) or 1e-9 * max(1.0, float(np.abs(finite).max()))
+    low, high = ax.get_ylim()
+    if ax.get_yscale() == "log":
+        low, high = np.log10([low, high])
+    tol = 0.01 * abs(high - low) or 1e-9 * max(1.0, float(np.abs(finite).max()))
     taken: set[int] = set()
     notes = []
     dashed = False  # a revealed set of lines, not only of dots

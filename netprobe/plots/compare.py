@@ -137,9 +137,9 @@ def compare_curves(sweep: Sweep):
             marker = "o" if x == "epoch" and part[x].nunique() < 30 else None
             metric_curve(ax, part, x, log, label, color, group.n, named_marks=False, ls=style,
                          marker=marker, markersize=3)  # fmt: skip
-        reveal_coinciding(ax)
         if "acc" in metric:
             ax.set_ylim(0, 1.02)
+        reveal_coinciding(ax)
         if not log:
             compact_ticks(ax, "y")
         ax.grid(alpha=0.3)

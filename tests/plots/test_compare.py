@@ -229,3 +229,28 @@ def test_a_run_that_died_since_the_last_plot_is_redrawn_as_crashed(tiny_run, tmp
         plot([r.path for r in runs], out=out, only=["compare_final"])
         stamps.append((out / "compare" / "compare_final.png").stat().st_mtime_ns)
     assert stamps[0] != stamps[1]
+
+
+class Raised(Stopped):
+    """`run` with its accuracies raised by `by`: a value whose curves differ by a hair."""
+
+    def __init__(self, run, by: float) -> None:
+        super().__init__(run, 10**9)
+        self._by = by
+
+    def scalars(self, *args, **kwargs):
+        df = super().scalars(*args, **kwargs)
+        return df.assign(
+            value=df["value"].where(~df["metric"].str.contains("acc"), df["value"] + self._by)
+        )
+
+
+def test_accuracy_curves_a_line_width_apart_on_the_panel_are_revealed(tiny_run) -> None:
+    """Closeness is judged on the panel as drawn: accuracies 0.4% apart on the 0–1 axis lie
+    within a line's width of one another, however far apart they are within their own range."""
+    run = tiny_run(*SMALL, "trainer.epochs=3")
+    sweep = Sweep("init", [RunGroup([run]), RunGroup([Raised(run, 0.004)])], ["a", "b"])
+    fig = compare_curves(sweep)
+    for ax in fig.axes:
+        if "accuracy" in ax.get_title():
+            assert {line.get_linestyle() for line in ax.get_lines()} == {"--"}, ax.get_title()
