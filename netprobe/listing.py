@@ -435,6 +435,7 @@ def _print_tables(
 
 def table(rows: list[Row], columns: Sequence[str] | None = None) -> Any:
     """A rich table of `rows`: `columns` (all by default), and what a sweep varied."""
+    from rich.markup import escape
     from rich.table import Table
 
     keys = list(columns or COLUMNS)
@@ -451,7 +452,8 @@ def table(rows: list[Row], columns: Sequence[str] | None = None) -> Any:
             overflow="fold",
         )
     for row in rows:
-        cells = [show(key, _get(row, key)) for key in keys]
+        # Text, not markup: a path, an error or a refusal may hold brackets (`probes=[a,b]`).
+        cells = [escape(show(key, _get(row, key))) for key in keys]
         if "status" in keys:
             i = keys.index("status")
             cells[i] = f"[{STATUS_STYLE.get(row.status, 'white')}]{cells[i]}[/]"
@@ -496,7 +498,7 @@ def sweep_summary(
     counts += [f"{n} {OUTCOMES.get(status, status)}" for status, n in tally.items()]
     console = Console(file=out, width=None if out.isatty() else 200, highlight=False)
     jobs = plural(len(rows), "job")
-    console.print(f"sweep {Path(sweep)}: {jobs}, {', '.join(counts)}", soft_wrap=True)
+    console.print(f"sweep {Path(sweep)}: {jobs}, {', '.join(counts)}", markup=False, soft_wrap=True)
     console.print(table(rows, ["path", *SWEEP_COLUMNS, "swept"]))
     for line in mean_std_lines(rows):
         console.print("  " + line, markup=False)

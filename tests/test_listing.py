@@ -214,3 +214,17 @@ def test_a_killed_runs_reason_gives_its_last_recorded_accuracy(tiny_run):
     row = next(csv.DictReader(io.StringIO(text)))
     assert row["status"] == "crashed" and row["val_acc"] == ""
     assert row["reason"].endswith(f"; last val_acc {last:.4f} (epoch 2)")
+
+
+@pytest.mark.parametrize("name", ["x[bold]y", "a[/b]"])
+def test_a_sweep_summary_prints_its_folder_as_it_is(tmp_path: Path, name: str):
+    """A folder named with brackets is no markup, nor a reason that holds them: printed whole,
+    and no MarkupError after the sweep has run."""
+    sweep = tmp_path / name
+    fake_run(sweep / "0", 0, ["seed=0"])
+    error = "probes=[gradients] (the run's) vs [gradients,weights]"
+    fake_run(sweep / "1", 1, ["seed=1"], status="failed", error=error)
+    out = io.StringIO()
+    sweep_summary(sweep, out=out)
+    assert out.getvalue().startswith(f"sweep {sweep}: 2 jobs, 1 completed, 1 failed\n")
+    assert "[gradients,weights]" in out.getvalue()
