@@ -70,9 +70,9 @@ def start(cfg: DictConfig, run_dir: str | Path, writes: bool = True) -> dict[str
         damaged = damaged_part(run_dir, TABLES)
         if damaged is not None:
             raise ConfigError(f"{damaged[0]} is damaged ({damaged[1]}); the run is left as it was")
-        more = (
+        more = (  # stuck at its non-finite loss (`stop`: `ended` gives why), or trained out
             "trainer.on_nonfinite=continue trains on past its non-finite loss"
-            if done.startswith("diverged")
+            if done != info.get("status")
             else "a larger trainer.epochs, trainer.max_steps or trainer.target_val_acc trains on"
         )
         raise NothingToDo(

@@ -156,8 +156,11 @@ def test_a_resumed_run_keeps_its_first_nonfinite_step(tmp_path, train_tiny):
     first = netprobe.load(run_dir).info["first_nonfinite_step"]
     assert first is not None
     before = (run_dir / "run.json").read_bytes()
-    with pytest.raises(NothingToDo, match="diverged after 2 epochs"):
+    with pytest.raises(NothingToDo, match="diverged after 2 epochs") as left:
         train_tiny(run_dir, *args, "trainer.resume=true")
+    # Given continue already, it is told what does train on, not to give continue.
+    assert str(left.value).endswith("(a larger trainer.epochs, trainer.max_steps or "
+                                    "trainer.target_val_acc trains on)")  # fmt: skip
     assert (run_dir / "run.json").read_bytes() == before
     for epochs in (3, 4):
         train_tiny(run_dir, *args, f"trainer.epochs={epochs}", "trainer.resume=true")
