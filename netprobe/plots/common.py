@@ -178,7 +178,7 @@ def band(
     runs = f"{low_n}–{n}" if low_n != n else f"{n}"
     changes = np.flatnonzero(np.diff(counts)) + 1 if counts.size == len(x) else []
     if unit is not None and 0 < len(changes) <= 3:
-        where = (f"{counts[i]} from {unit} {x[i]:g}" for i in changes)
+        where = (f"{counts[i]} from {unit} {x[i]:.12g}" for i in changes)
         runs = ", ".join([f"{counts[0]}", *where])
     label = f"{label} (n={runs})" if label is not None and n > 1 else label
     low, high = mean - std, mean + std

@@ -382,3 +382,14 @@ def test_gradient_figures_show_a_dead_networks_zero_norms_as_zero(train_tiny, tm
     assert np.isnan(np.ma.getdata(scale.get_array())).all()
     assert np.ma.getdata(black.get_array()).tolist() == np.ones(black.get_array().shape).tolist()
     assert heat.get_title() == "log10 ‖g‖₂ per layer  (black: 0)"
+
+
+def test_a_legend_names_the_exact_step_where_its_count_changes() -> None:
+    """Past a million steps the step is still written whole, not as 1.2e+06."""
+    from netprobe.plots.common import band
+
+    fig, ax = plt.subplots()
+    x = np.array([1_199_998, 1_199_999, 1_200_000])
+    band(ax, x, np.ones(3), np.zeros(3), np.array([2, 1, 1]), label="mean", unit="step")
+    assert ax.get_lines()[0].get_label() == "mean (n=2, 1 from step 1199999)"
+    plt.close(fig)
