@@ -32,6 +32,10 @@ CURVE_NAMES = {
 }
 
 
+# run.json: every stored row of a step before this one has reached the sink (its events).
+EVENTS_BEFORE = "events_before_step"
+
+
 class Monitor:
     """Drives the probes from the training loop's four calls and writes what they record."""
 
@@ -102,8 +106,11 @@ class Monitor:
             self.writer.write_table("graph", graph_table(ctx.edges))
             restart = getattr(sink, "restart", None)
             if resume is not None and restart is not None:
-                # The steps this process trains again replace what the sink holds of them.
-                restart(self.state.step, self.writer.rows_from)
+                # The steps this process trains again replace what the sink holds of them, and
+                # the rows it never got (a process that ran without it) are sent.
+                before = self.writer.info.get(EVENTS_BEFORE)
+                restart(self.state.step, self.writer.rows_from, before)
+                self.writer.remember(**{EVENTS_BEFORE: self.state.step})
             self.runner.start() if resume is None else self.runner.resume()  # started before
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
@@ -292,6 +299,8 @@ class Monitor:
         try:
             while self._unsunk:
                 self.sink.write(self._unsunk.pop(0))  # type: ignore[union-attr]
+            if self.sink is not None and failure is None:
+                self.writer.remember(**{EVENTS_BEFORE: self.state.step})
         except Exception as exc:
             if failure is None:
                 raise

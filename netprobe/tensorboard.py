@@ -120,16 +120,24 @@ class EventWriter:
             f.add_event(self.tb.Event(wall_time=when(step), step=step, summary=summary))
         f.flush()
 
-    def restart(self, step: int, rows_from: Callable[[int], Mapping[str, pa.Table]]) -> None:
-        """A resumed run's first events: its session starts at `step`, so TensorBoard drops every
-        event the run's earlier processes wrote at `step` or later, since this process trains
-        those steps again; then the stored rows from `step` on (`rows_from(step)`: the captures
-        of the epoch it resumes after) are written again, or every stored row where the earlier
-        processes wrote no events (TensorBoard turned on at this resume)."""
+    def restart(
+        self,
+        step: int,
+        rows_from: Callable[[int], Mapping[str, pa.Table]],
+        complete_before: int | None = None,
+    ) -> None:
+        """A resumed run's first events, for its training from `step` on: its session starts
+        where the earlier processes' events stop holding every stored row (`complete_before`,
+        where known; else `step`, or 0 without an event file), so TensorBoard drops every event
+        they wrote from there on; then the stored rows from there (`rows_from`) are written
+        again: the captures of the epoch it resumes after, and the steps of a process that ran
+        without events."""
         written = next(self.logdir.glob("events.out.tfevents.*"), None) is not None
+        start = min(step, complete_before if complete_before is not None else step)
+        start = start if written else 0
         now = time.time()
-        self._open(now, step)
-        self.write(rows_from(step if written else 0), wall_time=now)
+        self._open(now, start)
+        self.write(rows_from(start), wall_time=now)
 
     def _scalar_values(self, table: pa.Table, events: dict[int, list[Any]]) -> None:
         value = self.tb.Summary.Value

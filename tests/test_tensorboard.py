@@ -178,6 +178,22 @@ def test_events_turned_on_at_a_resume_hold_every_stored_row(tmp_path, train_tiny
     assert served_scalars(run_dir / "tb") == parquet_scalars(run)
 
 
+def test_events_turned_off_and_on_again_hold_every_stored_row_once(tmp_path, train_tiny):
+    """Events on, then a resume without them (steps 7-13 reach no event file), then one with
+    them again: those steps are written from the store, and the dropped ones are gone."""
+    run_dir = tmp_path / "run"
+    extra = [PROBES, "trainer.checkpoint_every=1", "trainer.flush_every=3"]
+    train_tiny(run_dir, *extra, "trainer.tensorboard=true", "trainer.max_steps=9")
+    train_tiny(run_dir, *extra, "trainer.resume=true", "trainer.epochs=3", "trainer.max_steps=16")
+    train_tiny(
+        run_dir, *extra, "trainer.resume=true", "trainer.epochs=3", "trainer.tensorboard=true"
+    )
+    run = netprobe.load(run_dir)
+    assert run.info["steps_done"] == 21 and len(run.info["resumed_at"]) == 2
+    assert_events_match(run_dir / "tb", run)
+    assert served_scalars(run_dir / "tb") == parquet_scalars(run)
+
+
 def test_a_run_resumed_after_an_interrupt_ends_as_its_last_process(tmp_path):
     """TensorBoard's server keeps the first session end it reads: the interrupted process
     writes none, and the hparams show how the resumed process ended."""

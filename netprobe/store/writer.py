@@ -147,6 +147,11 @@ class RunWriter:
         if failure is not None:
             raise failure
 
+    def remember(self, **fields: Any) -> None:
+        """Fields for run.json's next write (a flush's, an epoch's end, the close)."""
+        self._check_open()
+        self.info.update(fields)
+
     def _check_open(self) -> None:
         """A closed run's files are final: its lock is released, another process may own it."""
         if self.closed:
