@@ -179,7 +179,7 @@ def hydra_main(args: list[str]) -> int:
         JOBS["code"] = max(JOBS["code"], 1)
     finally:
         if JOBS["stops"] is not None:
-            JOBS["stops"].__exit__()
+            JOBS["stops"].__exit__(None, None, None)
         sys.argv = argv
         if full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -424,7 +424,7 @@ def to_console(text: str) -> None:
 _CONSOLE = {"gone": False}
 
 
-class WorkerStops:
+class WorkerStops(StopSignals):
     """In a sweep's own process while a launcher runs its jobs in worker processes (joblib's loky,
     submitit's local jobs, each in a process group of its own: leave_terminal_group): a stop
     signal to this process (Ctrl-C in the terminal included) is passed on to each worker
@@ -434,19 +434,8 @@ class WorkerStops:
     A second signal meanwhile: at once. Only the main thread can receive signals."""
 
     def __init__(self, sweep: str | os.PathLike) -> None:
+        super().__init__()
         self.sweep = Path(sweep)
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> WorkerStops:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self.handle) for s in StopSignals.SIGNALS}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
