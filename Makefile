@@ -9,6 +9,7 @@ RUN    := outputs/demo/$(shell date +%Y%m%d-%H%M%S)
 $(BIN)/netprobe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,sweep]'
+	$(BIN)/python -c 'from netprobe import native; native.tensor_checks()'  # the slow build, now
 	touch $@
 
 setup: $(BIN)/netprobe

@@ -167,11 +167,9 @@ class Monitor:
             raise self._misuse("after_backward")
         self._stepping = True
         loss = loss.detach()
-        grads = [g for p in self._params if (g := p.grad) is not None]
-        values, total, rows = (self._host_curve if self._on_host else self._device_curve)(
-            loss, acc, grads
-        )
-        self.record.scalars("train", [""], CURVE_NAMES[acc is not None, bool(grads)], values)
+        curve = self._host_curve if self._on_host else self._device_curve
+        values, total, rows = curve(loss, acc)
+        self.record.scalars("train", [""], CURVE_NAMES[acc is not None, total is not None], values)
         if self.optimizer is not None:
             # Its first parameter group's, as a host float (float64 on disk: 1e-3 stays 1e-3).
             lr = float(self.optimizer.param_groups[0]["lr"])
@@ -181,10 +179,10 @@ class Monitor:
         self.runner.after_backward(loss, total, loss_scale, rows, read)
 
     def _device_curve(
-        self, loss: torch.Tensor, acc: Number | None, grads: list[torch.Tensor]
+        self, loss: torch.Tensor, acc: Number | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
-        """The step's curve values as one device tensor [1, k] (nothing read back), ‖g‖₂, and
-        no gradient rows."""
+        """The step's curve values as one device tensor [1, k] (nothing read back), ‖g‖₂ (None
+        where no parameter has a gradient), and no gradient rows."""
         self.nonfinite.observe(loss, self.state.step)
         # Microseconds count here: no reshape of what is already a scalar.
         values = [loss if loss.dim() == 0 else loss.reshape(())]
@@ -195,14 +193,13 @@ class Monitor:
             acc = torch.as_tensor(acc, dtype=dtype, device=loss.device).detach()
             values.append(acc if acc.dim() == 0 else acc.reshape(()))
             self._last["acc"] = acc
-        total = None
-        if grads:  # the gradients probe records it too, from the state: one computation
-            total = self._total_norm(grads)
+        total = self._total_norm()  # the gradients probe records it too, from the state
+        if total is not None:
             values.append(total)
         return torch.stack(values)[None], total, None
 
     def _host_curve(
-        self, loss: torch.Tensor, acc: Number | None, grads: list[torch.Tensor]
+        self, loss: torch.Tensor, acc: Number | None
     ) -> tuple[tuple[float, ...], float | None, np.ndarray | None]:
         """The same on the CPU as host floats: no tensor op but the loss's read (and the
         accuracy's, given as a tensor; and the norm's, where the fused kernel does not serve
@@ -214,16 +211,16 @@ class Monitor:
             values.append(float(acc))
             self._last["acc"] = values[-1]
         total = rows = None
-        if grads:
-            step = self.state.step
-            if self._grad_rows is not None and (
-                self._rows_always or any(s.records(step) for s in self._row_readers)
-            ):
-                block = self._grad_rows.next()
-                total = self._total_norm.with_rows(grads, block)
-                rows = None if total is None else block.array
-            if total is None:
-                total = float(self._total_norm(grads))
+        step = self.state.step
+        if self._grad_rows is not None and (
+            self._rows_always or any(s.records(step) for s in self._row_readers)
+        ):
+            block = self._grad_rows.next()
+            total = self._total_norm.with_rows(block)
+            rows = None if total is None else block.array
+        if total is None and (norm := self._total_norm()) is not None:
+            total = float(norm)
+        if total is not None:
             values.append(total)
         return tuple(values), total, rows
 

@@ -19,6 +19,7 @@ import netprobe
 from netprobe.config import compose
 from netprobe.store import Run
 from netprobe.train import train
+from tests.helpers import python_checks
 
 # Small enough for a 2-core CI machine: a few dozen steps on 8×8 synthetic images.
 TINY = [
@@ -103,16 +104,20 @@ def _held_bytes(probe: object, model: nn.Module) -> list[int]:
     return sorted(seen.values())
 
 
-@pytest.fixture(params=["fused", "torch"])
+@pytest.fixture(params=["fused", "fused-py", "torch"])
 def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs a test on both paths of the probes that have fused CPU kernels: those kernels
-    (skipped where no C compiler builds them) and PyTorch's (NETPROBE_NATIVE=0), as on a GPU."""
+    (skipped where no C compiler builds them), their tensors checked by tensors.cpp where it is
+    built ("fused") or in Python ("fused-py", as where it is not), and PyTorch's
+    (NETPROBE_NATIVE=0), as on a GPU."""
     from netprobe import native
 
     if request.param == "torch":
         monkeypatch.setattr(native, "ENABLED", False)
     elif native.compiler() is None or not native.ENABLED:
         pytest.skip("no C compiler, or NETPROBE_NATIVE=0: the fused kernels are not built")
+    if request.param == "fused-py":
+        python_checks(monkeypatch)
     return request.param
 
 

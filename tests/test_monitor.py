@@ -173,10 +173,53 @@ def test_the_cpu_curve_stores_what_the_gpu_path_stores(tmp_path, monkeypatch, ac
     assert host[["step", "metric"]].equals(device[["step", "metric"]])
 
 
-def test_the_monitors_read_of_the_gradients_is_lent_to_the_hooks_only(tmp_path, monkeypatch):
-    """On the CPU the fused read of every gradient is handed to the probes' hooks (a Read:
-    optim_dynamics reads its gradients from it), and dropped when they return: it holds them.
-    Where a trained parameter has no gradient there is none to lend."""
+def test_the_fused_steps_check_no_tensor_in_python_where_tensors_cpp_is_built(
+    tmp_path, monkeypatch
+):
+    """Right after a small model's backward each tensor field read in Python costs µs: where
+    tensors.cpp is built, the monitor's norm, `gradients`, `optim_dynamics` and the accuracy
+    check every tensor there, and the Python checks are never called."""
+    from netprobe.native import step as native_step
+    from netprobe.train import batch_accuracy
+
+    if native.compiler() is None or native.tensor_checks() is None:
+        pytest.skip("tensors.cpp is not built here")
+    checked = []
+    original = native_step.StepKernels._python_checked
+    monkeypatch.setattr(
+        native_step.StepKernels,
+        "_python_checked",
+        lambda self, t: checked.append(1) or original(self, t),
+    )
+    monkeypatch.setattr(native_step, "_accuracy_kernel", lambda dtype: checked.append(1))
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    probes = ["gradients", "optim_dynamics"]
+    with netprobe.attach(model, tmp_path, probes=probes, optimizer=opt) as mon:
+        for _ in range(3):
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+            opt.zero_grad()
+            loss.backward()
+            acc = batch_accuracy(logits, y)
+            assert isinstance(acc, float)  # from the compiled accuracy, not PyTorch's ops
+            mon.after_backward(loss, acc=acc, batch_size=8)
+            opt.step()
+            mon.after_step()
+    assert checked == []
+    df = netprobe.load(tmp_path).scalars()
+    assert set(df["probe"]) >= {"train", "gradients", "optim_dynamics"}
+
+
+def test_the_monitors_read_of_the_gradients_is_lent_to_the_hooks_only(
+    tmp_path, monkeypatch, kernel_path
+):
+    """On the CPU, where the fused read's checks ran in Python, that read of every gradient is
+    handed to the probes' hooks (a Read: optim_dynamics reads its gradients from it), and
+    dropped when they return: it holds them. Where a trained parameter has no gradient there is
+    none to lend; nor where tensors.cpp checks them (each kernel's own check costs as little)."""
+    from netprobe import native
     from netprobe.probes.optim_dynamics import OptimDynamics
 
     seen, original = [], OptimDynamics.after_backward
@@ -204,7 +247,8 @@ def test_the_monitors_read_of_the_gradients_is_lent_to_the_hooks_only(tmp_path, 
         with netprobe.attach(model, tmp_path / str(unused), probes=["optim_dynamics"]) as mon:
             train_steps(mon, model, opt, [(x, y)] * 2)
             assert mon.state.grad_read is None
-            lent += [mon._total_norm.fused and not unused] * 2
+            python_checks = mon._total_norm.fused and native.tensor_checks() is None
+            lent += [python_checks and not unused] * 2
     assert seen == lent
 
 

@@ -19,7 +19,13 @@ from torch import nn
 from netprobe import native
 from netprobe.native import Block
 from netprobe.native import step as native_step
-from tests.helpers import OTHER_BUILDS, fused_grad_stats, other_build, torch_threads
+from tests.helpers import (
+    OTHER_BUILDS,
+    fused_grad_stats,
+    other_build,
+    python_checks,
+    torch_threads,
+)
 
 pytestmark = pytest.mark.skipif(
     native.compiler() is None or not native.ENABLED,
@@ -30,6 +36,17 @@ pytestmark = pytest.mark.skipif(
 SIZES = [1, 7, 8, 9, 16383, 16384, 16385, 300_001]
 ZERO, TINY = 1e-5, 1e-7
 NO_SAMPLE = torch.zeros((2, 0), dtype=torch.long)
+
+
+@pytest.fixture(params=["compiled", "python"])
+def checks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the kernels' tensors checked by tensors.cpp (skipped where it is not
+    built) and in Python, as where it is not."""
+    if request.param == "python":
+        python_checks(monkeypatch)
+    elif native.tensor_checks() is None:
+        pytest.skip("tensors.cpp is not built here (no C++ compiler, or no PyTorch headers)")
+    return request.param
 
 
 def grads_of(sizes: list[int], dtype=torch.float32, seed: int = 0) -> list[torch.Tensor]:
@@ -185,7 +202,7 @@ def test_only_cpu_tensors_of_one_float_dtype_take_the_fused_path() -> None:
     assert native_step.kernels([torch.zeros(3)]) is not None
 
 
-def test_a_strided_gradient_is_read_in_its_logical_order() -> None:
+def test_a_strided_gradient_is_read_in_its_logical_order(checks) -> None:
     g = torch.randn(6, 5).t()  # not contiguous
     per_tensor, _ = fused_grad_stats(native_step.kernels([g]), [g])
     assert per_tensor[0, 3] == g.abs().max().item()
@@ -291,9 +308,19 @@ def test_the_same_bits_on_any_vector_width(build, tmp_path) -> None:
         assert torch.equal(results[0][1], results[1][1])
 
 
-def test_a_tensor_unlike_the_kernels_is_refused() -> None:
-    """The C code reads as many elements as its sizes say: anything else is an error."""
-    kernels = native_step.kernels([torch.zeros(10), torch.zeros(3)])
+def test_a_tensor_unlike_the_kernels_is_refused(checks) -> None:
+    """The C code reads as many elements as its sizes say: anything else is an error. A
+    parameter without a gradient is one of its own kind (readers count it as zeros)."""
+    params = [nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(3))]
+    kernels = native_step.kernels(params)
+    params[0].grad = torch.ones(10)
+    with pytest.raises(native_step.MissingGrad):
+        kernels.norm(native_step.Grads(tuple(params)))
+    params[1].grad = torch.ones(3)
+    assert kernels.norm(native_step.Grads(tuple(params))) == pytest.approx(math.sqrt(13))
+    params[1].grad = torch.ones(3).to_sparse()
+    with pytest.raises(native_step.Unreadable, match="strided"):
+        kernels.norm(native_step.Grads(tuple(params)))
     for wrong in (
         [torch.zeros(10)],
         [torch.zeros(10), torch.zeros(4)],
@@ -311,6 +338,52 @@ def test_a_tensor_unlike_the_kernels_is_refused() -> None:
     freed.untyped_storage().resize_(0)  # freed in place: its address is 0
     with pytest.raises(native_step.Unreadable, match="without memory"):  # read otherwise
         kernels.norm([freed, torch.zeros(3)])
+
+
+def test_the_compiled_checks_pass_only_what_is_read_in_place() -> None:
+    """tensors.cpp writes the addresses PyTorch gives of the tensors, or of the parameters'
+    gradients, where each is a contiguous strided CPU tensor of the dtype and size asked for
+    with memory at its address; a missing gradient is told apart; anything else is left to the
+    Python checks, which name it."""
+    module = native.tensor_checks()
+    if module is None:
+        pytest.skip("tensors.cpp is not built here (no C++ compiler, or no PyTorch headers)")
+    sizes, out = (ctypes.c_int64 * 2)(10, 3), (ctypes.c_void_p * 2)()
+    read, missing, other = 0, 1, 2
+
+    def status(tensors, grads: bool = False, dtype: int = 0) -> int:
+        at = map(ctypes.addressof, (sizes, out))
+        return module.pointers(tensors, grads, 2, *[next(at)], dtype, *[next(at)])
+
+    good = [torch.randn(10), torch.randn(3)]
+    assert status(good) == read and list(out) == [t.data_ptr() for t in good]
+    wide = [t.double() for t in good]
+    assert status(tuple(wide), dtype=1) == read and list(out) == [t.data_ptr() for t in wide]
+    params = [nn.Parameter(t.clone()) for t in good]
+    assert status(params, grads=True) == missing
+    params[0].grad, params[1].grad = good
+    assert status(params, grads=True) == read and list(out) == [t.data_ptr() for t in good]
+    freed = torch.zeros(10)
+    freed.untyped_storage().resize_(0)
+    for wrong, dtype in (
+        ([good[0]], 0),
+        ([*good, good[1]], 0),
+        (good, 1),  # float32 tensors, float64 asked for
+        (wide, 0),
+        (good, 2),  # no such dtype code
+        ([good[0], torch.randn(4)], 0),
+        ([torch.randn(5, 2).t(), good[1]], 0),  # not contiguous
+        ([good[0].to_sparse(), good[1]], 0),
+        ([good[0], good[1].to_mkldnn()], 0),
+        ([torch.zeros(10, device="meta"), good[1]], 0),
+        ([freed, good[1]], 0),
+        ([good[0], 3], 0),
+    ):
+        assert status(wrong, dtype=dtype) == other
+    with pytest.raises(TypeError):
+        module.pointers(good, False)
+    with pytest.raises(TypeError):
+        status(None)
 
 
 def test_an_unwritable_cache_means_the_pytorch_path(monkeypatch, tmp_path) -> None:
@@ -371,7 +444,7 @@ def test_the_dynamics_state_cannot_move_or_be_resized() -> None:
         assert buffer.untyped_storage().data_ptr() == address
 
 
-def test_a_parameter_given_new_memory_is_read_there() -> None:
+def test_a_parameter_given_new_memory_is_read_there(checks) -> None:
     """The parameters' addresses are kept from one update to the next, but a parameter whose
     memory moved (`.data =`) is read at its new address, and checked again."""
     p, q = nn.Parameter(torch.zeros(1000)), nn.Parameter(torch.zeros(10))
@@ -388,9 +461,10 @@ def test_a_parameter_given_new_memory_is_read_there() -> None:
         dynamics.update([p, q], False, out, 2)
 
 
-def test_tensors_read_once_are_read_again_from_their_read() -> None:
-    """A Read of tensors checked by one kernels' call serves kernels over some of them, picked
-    by index; one unlike those kernels' tensors is refused."""
+def test_tensors_read_once_are_read_again_from_their_read(monkeypatch) -> None:
+    """A Read of tensors checked in Python by one kernels' call serves kernels over some of them,
+    picked by index; one unlike those kernels' tensors is refused."""
+    python_checks(monkeypatch)
     grads = grads_of([5, 7, 9, 11])
     whole = native_step.kernels(grads)
     whole.keeps_reads = True
@@ -425,7 +499,7 @@ def test_tensors_read_once_are_read_again_from_their_read() -> None:
     assert pair.take_read() is None
 
 
-def test_accuracy_is_torchs_to_the_bit() -> None:
+def test_accuracy_is_torchs_to_the_bit(checks) -> None:
     """The first largest logit of a row is its prediction, a NaN counting as largest (as
     torch.argmax): ties, NaN rows, -inf rows, float64, rows apart in memory, no rows."""
     nan, inf = float("nan"), float("inf")
@@ -453,7 +527,7 @@ def test_accuracy_is_torchs_to_the_bit() -> None:
         assert got == float(want) or (np.isnan(got) and want.isnan())
 
 
-def test_accuracy_leaves_what_it_cannot_read_to_pytorch() -> None:
+def test_accuracy_leaves_what_it_cannot_read_to_pytorch(checks) -> None:
     logits, target = torch.randn(8, 4), torch.randint(0, 4, (8,))
     freed, freed_target = torch.randn(8, 4), target.clone()
     for t in (freed, freed_target):  # no memory at its address: PyTorch's ops crash on it too

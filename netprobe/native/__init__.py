@@ -132,6 +132,7 @@ def _build(
     target: Path,
     tries: tuple[list[str], ...] = ([*FLAGS, *TUNED], FLAGS),
     otherwise: str = "the probes use PyTorch kernels",
+    libraries: tuple[str, ...] = ("-lm",),
 ) -> bool:
     """Compiles `source` into `target` with the first flags of `tries` that work: tuned for this
     CPU where the compiler can. Where none does, warns with what happens `otherwise`."""
@@ -142,7 +143,7 @@ def _build(
     error = ""
     for flags in tries:
         done = subprocess.run(
-            [compiler, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True
+            [compiler, *flags, str(source), "-o", tmp, *libraries], capture_output=True, text=True
         )
         if done.returncode == 0:
             os.replace(tmp, target)
@@ -151,6 +152,53 @@ def _build(
     os.unlink(tmp)
     warnings.warn(f"netprobe: compiling {source.name} failed ({error}); {otherwise}", stacklevel=5)
     return False
+
+
+def _cxx() -> str | None:
+    """The C++ compiler of tensors.cpp: $CXX, else c++ or g++ on the PATH."""
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+@functools.cache
+def _tensor_checks() -> ModuleType | None:
+    """tensors.cpp built (once per source, compiler, PyTorch and Python) against the installed
+    PyTorch's headers and libraries, as an extension module; None where a C++ compiler, those
+    headers or Python's are missing, or the build fails (warned once)."""
+    cxx, python = _cxx(), _module_flags()
+    root = Path(torch.__file__).parent
+    headers, libraries = root / "include", root / "lib"
+    if cxx is None or not python or not (headers / "torch" / "csrc").is_dir():
+        return None
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+    flags = ["-O2", "-std=c++20", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    flags += [f"-I{headers}", f"-I{headers / 'torch' / 'csrc' / 'api' / 'include'}", *python]
+    link = (f"-L{libraries}", f"-Wl,-rpath,{libraries}", "-ltorch_python", "-ltorch_cpu", "-lc10")
+    source = HERE / "tensors.cpp"
+    key = hashlib.sha256(source.read_bytes() + (HERE / "accuracy.h").read_bytes())
+    python_kind = [sys.version, sysconfig.get_config_var("EXT_SUFFIX") or ""]
+    key.update(" ".join([cxx, *flags, *link, torch.__version__, *python_kind]).encode())
+    target = cache_dir() / f"tensors-{key.hexdigest()[:16]}.so"
+    otherwise = "the per-step kernels check their tensors in Python"
+    try:
+        if not target.exists():
+            # PyTorch's headers take a while: say why the first run pauses, once per machine.
+            print(
+                "netprobe: compiling tensors.cpp for this PyTorch, once (~20 s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            if not _build(cxx, source, target, (flags,), otherwise, link):
+                return None
+        return _import("_netprobe_tensors", target)
+    except (OSError, ImportError) as exc:
+        warnings.warn(f"netprobe: tensors.cpp is unavailable ({exc}); {otherwise}", stacklevel=3)
+        return None
+
+
+def tensor_checks() -> ModuleType | None:
+    """The compiled checks of the tensors the per-step kernels read (tensors.cpp: `pointers`),
+    or None where they cannot be built or the fused kernels are off."""
+    return _tensor_checks() if ENABLED else None
 
 
 def library(name: str, module: bool = False) -> ctypes.CDLL | ModuleType | None:

@@ -58,8 +58,17 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> float | None:
     """(logits.argmax(1) == target).float().mean() to the bit, as a float, in one pass for CPU
     logits [rows, classes] of float32 or float64 and int64 targets; None where PyTorch's ops
     serve (four of them: 40-80 µs of a small model's CPU step, right after its backward)."""
+    if not native.ENABLED:
+        return None
+    try:
+        compiled = _accuracy_kernels[None]
+    except KeyError:
+        checks = native.tensor_checks()
+        compiled = _accuracy_kernels[None] = None if checks is None else checks.accuracy
+    if compiled is not None:  # it checks them in ~1 µs, and returns None for a GPU's
+        return compiled(logits, target)
     # As few reads of the tensors' layouts as will do: each costs µs right after a backward.
-    if not native.ENABLED or not logits.is_cpu:
+    if not logits.is_cpu:
         return None  # a GPU's logits: nothing compiled for them
     try:
         function = _accuracy_kernels[logits.dtype]
@@ -85,15 +94,32 @@ def _accuracy_kernel(dtype: torch.dtype) -> Callable[..., float] | None:
     return None if lib is None else getattr(_bind(lib), f"np_accuracy_{SUFFIXES[dtype]}")
 
 
-# The accuracy's kernel by logits dtype (None: none for it), found once: a cached function's
-# lookup costs several µs where this one is counted.
-_accuracy_kernels: dict[torch.dtype, Callable[..., float] | None] = {}
+# The accuracy's kernel by logits dtype (None: none for it), and under None tensors.cpp's, which
+# checks the tensors too (None: not built); each found once: a cached function's lookup costs
+# several µs where this one is counted.
+_accuracy_kernels: dict[torch.dtype | None, Callable[..., float | None] | None] = {}
 
 
 class Unreadable(ValueError):
     """A tensor given to the kernels has no memory of its own to read in place: another layout
     than strided (a sparse gradient, say), or none at its address (a DTensor's wrapper, the
     start of a storage freed in place). Callers that can read it otherwise catch this."""
+
+
+class MissingGrad(ValueError):
+    """A parameter of a `Grads` has no gradient this step."""
+
+
+class Grads(NamedTuple):
+    """The gradients of these parameters, for a StepKernels call to take from the parameters
+    themselves: in one compiled call where tensors.cpp is built (reading four parameters'
+    `.grad` in Python costs 16-30 µs right after a small model's backward)."""
+
+    params: tuple[torch.Tensor, ...]
+
+
+# tensors.cpp's statuses: every tensor read; a parameter without a gradient; one to look at.
+_READ, _MISSING = 0, 1
 
 
 class Read(NamedTuple):
@@ -135,6 +161,8 @@ class StepKernels:
         self._checked: StepKernels | None = None  # the source of Reads checked against picks
         self._result = ctypes.c_double()
         self._result_at = ctypes.addressof(self._result)
+        self._checks = native.tensor_checks()  # None: the checks below, in Python
+        self._code = 0 if dtype == torch.float32 else 1
 
     @property
     def picks(self) -> tuple[int, ...] | None:
@@ -152,12 +180,34 @@ class StepKernels:
         read, self._read = self._read, None
         return read
 
-    def _data(self, tensors: Sequence[torch.Tensor] | Read) -> tuple[int, list[torch.Tensor]]:
+    def _data(
+        self, tensors: Sequence[torch.Tensor] | Grads | Read
+    ) -> tuple[int, list[torch.Tensor]]:
         """The address of the pointers to each tensor's elements in order, and the copies made
         of non-contiguous ones (held by the caller for the call). A tensor unlike the one these
-        kernels were made for is refused: the C code trusts the sizes."""
+        kernels were made for is refused: the C code trusts the sizes. The compiled checks
+        pass what they can read in place; the rest comes here, to be named or copied."""
         if isinstance(tensors, Read):
             return self._picked(tensors), []
+        grads = isinstance(tensors, Grads)
+        given = tensors.params if grads else tensors
+        if self._checks is not None:
+            status = self._checks.pointers(
+                given, grads, self.n, self._sizes_at, self._code, self._pointers_at
+            )
+            if status == _READ:
+                self._calls += 1
+                self._read = None  # the compiled checks cost what a Read's would
+                return self._pointers_at, []
+        if grads:
+            tensors = [p.grad for p in given]
+            if any(g is None for g in tensors):
+                self._calls, self._read = self._calls + 1, None
+                raise MissingGrad("a parameter without a gradient given to kernels that read it")
+        return self._python_checked(tensors)
+
+    def _python_checked(self, tensors: Sequence[torch.Tensor]) -> tuple[int, list[torch.Tensor]]:
+        """`_data`'s checks in Python, which name what is wrong, and copy what is not contiguous."""
         if len(tensors) != self.n:
             raise ValueError(f"{len(tensors)} tensors given to kernels made for {self.n}")
         pointers: list[int] = []
@@ -217,7 +267,7 @@ class StepKernels:
             raise ValueError(f"an output of [{out.rows}, {out.cols}] for [{self.n}, {width}]")
         return out.ld
 
-    def grad_stats(self, grads: Sequence[torch.Tensor], out: Block) -> float:
+    def grad_stats(self, grads: Sequence[torch.Tensor] | Grads, out: Block) -> float:
         """Per tensor [l1, l2, mean_abs, max_abs, nonfinite] into `out` ([n, 5]); returns ‖g‖₂
         overall."""
         ld = self._fits(out, 5)
@@ -229,7 +279,7 @@ class StepKernels:
         )
         return self._result.value
 
-    def norm(self, tensors: Sequence[torch.Tensor]) -> float:
+    def norm(self, tensors: Sequence[torch.Tensor] | Grads) -> float:
         """‖·‖₂ over every element of every tensor, as a float: no tensor made per call."""
         data, _held = self._data(tensors)
         _check(self._norm(self.n, data, self._sizes_at, self._result_at, _threads()))
@@ -256,7 +306,7 @@ class Dynamics:
 
     def grad(
         self,
-        grads: Sequence[torch.Tensor] | Read,
+        grads: Sequence[torch.Tensor] | Grads | Read,
         compare: bool,
         zero: float,
         tiny: float,

@@ -164,7 +164,7 @@ class TorchBuffers:
         self.n_prev, self.n_zero = self.n_zero, None
 
     def read(
-        self, grads: Sequence[torch.Tensor | None], compare: bool, thresholds, sample: bool
+        self, grads: native_step.Grads, compare: bool, thresholds, sample: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """gradient_dynamics of this step's gradient (against the kept step before's with
         `compare`), and with `sample` the sign map's entries of it; afterwards this step's sign
@@ -173,7 +173,7 @@ class TorchBuffers:
         b = self.b
         g, z = b["g"], b["z"]
         # A parameter without a gradient this step (unused in the forward) counts as all zeros.
-        flat_sign_abs(grads, self.segments, g, z)
+        flat_sign_abs([p.grad for p in grads.params], self.segments, g, z)
         # sign · magnitude: exactly the values read
         values = (
             g.index_select(0, self.index).mul_(z.index_select(0, self.index)) if sample else None
@@ -245,22 +245,24 @@ class FusedCodes:
 
     def read(
         self,
-        grads: Sequence[torch.Tensor | None] | native_step.Read,
+        grads: native_step.Grads | native_step.Read,
         compare: bool,
         thresholds,
         sample: bool,
     ) -> tuple[Block, torch.Tensor | None]:
         """As TorchBuffers.read, in one pass, from the gradients or the monitor's read of them;
         the record's update columns are left to `update`."""
-        if not isinstance(grads, native_step.Read):
+        metrics = self._blocks[compare].next()
+        try:
+            values = self.dynamics.grad(grads, compare, *thresholds, metrics, sample)
+        except native_step.MissingGrad:
             # A parameter without a gradient this step (unused in the forward) reads as zeros.
             zeros = self._zeros
-            grads = [
-                g if g is not None else zeros.setdefault(i, torch.zeros_like(self.params[i]))
-                for i, g in enumerate(grads)
+            present = [
+                g if (g := p.grad) is not None else zeros.setdefault(i, torch.zeros_like(p))
+                for i, p in enumerate(self.params)
             ]
-        metrics = self._blocks[compare].next()
-        values = self.dynamics.grad(grads, compare, *thresholds, metrics, sample)
+            values = self.dynamics.grad(present, compare, *thresholds, metrics, sample)
         self.kept = False  # the codes now hold this step's sign and z
         return metrics, values
 
@@ -320,6 +322,7 @@ class OptimDynamics(Probe):
         self.params = self.select_dense_grads()
         self.names = [n for n, _ in self.params]
         self.tensors = [p for _, p in self.params]
+        self._grads = native_step.Grads(tuple(self.tensors))
         self.sizes = [p.numel() for p in self.tensors]
         self.sign_index, self.sign_sizes, self._sign_at = self._draw_sign_indices(k)
         self.segments = Segments(self.sizes)
@@ -372,10 +375,7 @@ class OptimDynamics(Probe):
         `_sign_stride`-th step's sampled gradients for the sign map."""
         sample = self._sign_seen % self._sign_stride == 0
         read = state.grad_read
-        if read is not None and self._reads_monitors:
-            grads: list[torch.Tensor | None] | native_step.Read = read
-        else:
-            grads = [p.grad for p in self.tensors]
+        grads = read if read is not None and self._reads_monitors else self._grads
         try:
             metrics, values = held.read(grads, compare, self._thresholds, sample)
         except (native_step.Unreadable, RuntimeError) as exc:

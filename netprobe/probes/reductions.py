@@ -7,7 +7,7 @@ import functools
 import torch
 
 from netprobe.native import Block
-from netprobe.native.step import Read, Unreadable, kernels
+from netprobe.native.step import Grads, MissingGrad, Read, Unreadable, kernels
 
 
 def stat_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -35,21 +35,29 @@ class TotalNorm:
     """‖g‖₂ over the gradients of a fixed list of parameters: a float from one fused pass on the
     CPU when every parameter has one, else a device scalar, a norm per tensor and a norm of
     those (nothing read back, but for a sparse gradient's count of entries, which waits for the
-    device as it coalesces). Sparse gradients (an `nn.Embedding(sparse=True)`'s) count by
-    their values, duplicates summed; the first gradient the fused pass cannot read in place
-    (sparse, or without memory of its own) ends the fused pass for the run."""
+    device as it coalesces), and None where none has one. Sparse gradients (an
+    `nn.Embedding(sparse=True)`'s) count by their values, duplicates summed; the first gradient
+    the fused pass cannot read in place (sparse, or without memory of its own) ends the fused
+    pass for the run."""
 
     def __init__(self, params: list[torch.Tensor]) -> None:
+        self._params = params
+        self._grads = Grads(tuple(params))
         self._fused = kernels(params)
         if self._fused is not None:
             self._fused.keeps_reads = True
 
-    def __call__(self, grads: list[torch.Tensor]) -> torch.Tensor | float:
-        if self._fused is not None and len(grads) == self._fused.n:
+    def __call__(self) -> torch.Tensor | float | None:
+        if self._fused is not None:
             try:
-                return self._fused.norm(grads)
+                return self._fused.norm(self._grads)
+            except MissingGrad:
+                pass
             except Unreadable:
                 self._fused = None
+        grads = [g for p in self._params if (g := p.grad) is not None]
+        if not grads:
+            return None
         return torch.linalg.vector_norm(torch.stack(l2_norms(grads, stat_dtype(grads))))
 
     @property
@@ -58,17 +66,20 @@ class TotalNorm:
 
     def take_read(self) -> Read | None:
         """The last call's gradients as a native Read, where the fused kernel read them all in
-        place: for probes' kernels to read them again this step without checking them again."""
+        place and checked them in Python: for probes' kernels to read them again this step
+        without checking them again."""
         return None if self._fused is None else self._fused.take_read()
 
-    def with_rows(self, grads: list[torch.Tensor], out: Block) -> float | None:
+    def with_rows(self, out: Block) -> float | None:
         """The same norm (the same bits, but for a NaN's sign) and, from the same read, each
         gradient's [l1, l2, mean_abs, max_abs, nonfinite] into `out`, where the fused kernel
         serves every parameter; None, with nothing written, elsewhere."""
-        if self._fused is None or len(grads) != self._fused.n:
+        if self._fused is None:
             return None
         try:
-            return self._fused.grad_stats(grads, out)
+            return self._fused.grad_stats(self._grads, out)
+        except MissingGrad:
+            return None
         except Unreadable:
             self._fused = None
             return None

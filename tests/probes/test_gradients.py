@@ -17,8 +17,9 @@ from tests.helpers import fused_grad_stats, train_steps
 
 @pytest.fixture(autouse=True)
 def both_paths(kernel_path: str) -> str:
-    """Every test here runs on the fused CPU kernels and on PyTorch's."""
-    return kernel_path
+    """Every test here runs on the fused CPU kernels (their tensors checked by tensors.cpp and
+    in Python) and on PyTorch's: "fused" or "torch"."""
+    return "torch" if kernel_path == "torch" else "fused"
 
 
 def per_tensor_stats(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +134,7 @@ def test_stored_gradients_of_weights_at_uneven_places_match_naive_loop(
         model.use_spare = True
         seen += train_seeing(mon, model, opt, (x, y), 1)
     # The fused path reads only at the step without the spare head's gradients.
-    assert len(own_reads) == (1 if kernel_path == "fused" else 3)
+    assert len(own_reads) == (1 if kernel_path != "torch" else 3)
     df = netprobe.load(tmp_path).scalars(probe="gradients")
     weights = {"conv.weight", "hidden.weight", "out.weight", "spare.weight"}
     assert set(df["layer"]) - {""} == weights
@@ -167,7 +168,7 @@ def test_the_monitors_rows_are_read_only_where_gradients_takes_them(
     probes = {"gradients": {"every": 3 if case == "every 3" else 1}}
     with netprobe.attach(model, tmp_path, probes=probes, probe_batch=(x, y)) as mon:
         seen = train_seeing(mon, model, opt, (x, y), 6)
-    fused = kernel_path == "fused"
+    fused = kernel_path != "torch"
     assert len(reads) == (0 if case == "frozen" or not fused else 2 if case == "every 3" else 6)
     df = netprobe.load(tmp_path).scalars(probe="gradients")
     rows = df[df["layer"] != ""]

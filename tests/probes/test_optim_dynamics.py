@@ -24,8 +24,9 @@ ZERO, TINY = 1e-5, 1e-7
 
 @pytest.fixture(autouse=True)
 def both_paths(kernel_path: str) -> str:
-    """Every test here runs on the fused CPU kernels and on PyTorch's."""
-    return kernel_path
+    """Every test here runs on the fused CPU kernels (their tensors checked by tensors.cpp and
+    in Python) and on PyTorch's: "fused" or "torch"."""
+    return "torch" if kernel_path == "torch" else "fused"
 
 
 TRACKED = [r"0\.weight", r"2\.weight", r"2\.bias"]
