@@ -461,6 +461,20 @@ def test_a_parameter_given_new_memory_is_read_there(checks) -> None:
         dynamics.update([p, q], False, out, 2)
 
 
+def test_the_weights_versions_tell_an_in_place_change(checks) -> None:
+    """`Dynamics.changed`: whether a weight was changed in place since the last call (its
+    version counter), so that W_{t−1} is read afresh."""
+    p, q = nn.Parameter(torch.zeros(5)), nn.Parameter(torch.zeros(3))
+    dynamics = native_step.Dynamics(native_step.kernels([p, q]), NO_SAMPLE)
+    assert dynamics.changed([p, q])  # nothing seen yet
+    assert not dynamics.changed((p, q))
+    with torch.no_grad():
+        q.add_(1.0)
+    assert dynamics.changed([p, q]) and not dynamics.changed([p, q])
+    p.detach().mul_(2.0)  # a view's change is its base's
+    assert dynamics.changed([p, q]) and not dynamics.changed([p, q])
+
+
 def test_tensors_read_once_are_read_again_from_their_read(monkeypatch) -> None:
     """A Read of tensors checked in Python by one kernels' call serves kernels over some of them,
     picked by index; one unlike those kernels' tensors is refused."""

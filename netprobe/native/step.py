@@ -303,6 +303,10 @@ class Dynamics:
         self._sample = sample.to("cpu", torch.int64, copy=True).reshape(2, -1).contiguous()
         self._sample_at = (self._sample[0].data_ptr(), self._sample[1].data_ptr())
         self._samples = self._sample.shape[1]
+        # The tensors' version counters at the last `changed` call, by tensors.cpp or in Python.
+        self._versions = np.full(kernels.n, -1, np.int64)
+        self._versions_at = self._versions.ctypes.data
+        self._version_list: list[int] | None = None
 
     def grad(
         self,
@@ -346,6 +350,19 @@ class Dynamics:
                 *(out.address + 8 * column, ld, _threads()),
             )
         )
+
+    def changed(self, params: Sequence[torch.Tensor]) -> bool:
+        """Whether any of `params` was changed in place (its version counter moved) since the
+        last call; True at the first. One compiled call where tensors.cpp is built: reading a
+        counter in Python costs ~1 µs there."""
+        checks = self.kernels._checks
+        if checks is not None:
+            changed = checks.versions(params, self._versions_at)
+            if changed >= 0:
+                return bool(changed)
+        now = [p._version for p in params]
+        changed, self._version_list = now != self._version_list, now
+        return changed
 
 
 def _aligned(n: int, dtype: type[np.generic], to: int = 64) -> np.ndarray:

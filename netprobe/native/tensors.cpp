@@ -22,6 +22,35 @@ namespace {
 #undef T
 #undef FN
 
+// versions(tensors, at) -> 1, 0 or -1
+//   Writes each tensor's count of in-place changes (its version counter) to the int64s at `at`
+//   and returns 1 where any differs from what was there, else 0; -1 for anything but a list or
+//   tuple of tensors with version counters (what was written then means nothing).
+PyObject *versions(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "versions takes 2 arguments, %zd given", nargs);
+        return nullptr;
+    }
+    auto *at = static_cast<int64_t *>(PyLong_AsVoidPtr(args[1]));
+    if (PyErr_Occurred()) return nullptr;
+    if (!PyList_CheckExact(args[0]) && !PyTuple_CheckExact(args[0])) return PyLong_FromLong(-1);
+    PyObject **items = PySequence_Fast_ITEMS(args[0]);
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(args[0]);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!THPVariable_Check(items[i])) return PyLong_FromLong(-1);
+    long changed = 0;
+    try {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const int64_t version = THPVariable_Unpack(items[i])._version();
+            changed |= version != at[i];
+            at[i] = version;
+        }
+    } catch (...) {  // a tensor without a version counter (an inference tensor): read it in Python
+        return PyLong_FromLong(-1);
+    }
+    return PyLong_FromLong(changed);
+}
+
 // Whether `t` is a strided CPU tensor whose fields can be read here and whose memory is at its
 // address (none where it has no elements).
 bool plain(const at::Tensor &t) {
@@ -116,6 +145,8 @@ PyObject *accuracy(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
 
 PyMethodDef functions[] = {
     {"pointers", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(pointers)),
+     METH_FASTCALL, nullptr},
+    {"versions", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(versions)),
      METH_FASTCALL, nullptr},
     {"accuracy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(accuracy)),
      METH_FASTCALL, nullptr},

@@ -4,7 +4,6 @@ by one fused pass (netprobe.native.step); elsewhere flat 0/±1 buffers reduced b
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -128,8 +127,6 @@ def update_dynamics(
     return torch.stack([wdiff_l2, mean_moved, local_min, local_max], dim=1)
 
 
-_VERSION = operator.attrgetter("_version")  # a tensor's count of in-place changes
-
 # `sign_map` codes: 0 exact zero, ±1 small positive / negative, 2 large; NaN for a non-finite g.
 SIGN_LARGE = 2.0
 
@@ -231,8 +228,9 @@ class FusedCodes:
         self.dynamics = native_step.Dynamics(kernels, sample)  # sample: the sign map's entries
         self.codes, self.w_prev = self.dynamics.codes, self.dynamics.w_prev
         self.kept = False
-        # The step whose starting weights w_prev holds, and the weights' versions then.
-        self._w_prev_of: tuple[int, list[int]] | None = None
+        # The step whose starting weights w_prev holds, if the weights' versions have not moved
+        # since (Dynamics.changed).
+        self._w_prev_of: int | None = None
         self._zeros: dict[int, torch.Tensor] = {}  # an absent gradient's stand-in
         # Each step's record, by whether it compares with the step before.
         self._blocks = {
@@ -267,7 +265,7 @@ class FusedCodes:
         return metrics, values
 
     def snapshot(self, params: Sequence[torch.Tensor], step: int) -> None:
-        if self._w_prev_of != (step, list(map(_VERSION, params))):
+        if self.dynamics.changed(params) or self._w_prev_of != step:
             with torch.no_grad():
                 torch.cat([p.reshape(-1) for p in params], out=self.w_prev)
 
@@ -277,7 +275,8 @@ class FusedCodes:
         """Fills the update columns of `metrics` (the grad columns came from `read`)."""
         column = len(GRAD_METRICS) if compare else 2
         self.dynamics.update(params, compare, metrics, column)
-        self._w_prev_of = (step + 1, list(map(_VERSION, params)))
+        self.dynamics.changed(params)  # the versions W_t has
+        self._w_prev_of = step + 1
         return metrics.array
 
     def saved(self) -> tuple[torch.Tensor, torch.Tensor]:
