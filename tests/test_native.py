@@ -473,6 +473,7 @@ def test_the_weights_versions_tell_an_in_place_change(checks) -> None:
     assert dynamics.changed([p, q]) and not dynamics.changed([p, q])
     p.detach().mul_(2.0)  # a view's change is its base's
     assert dynamics.changed([p, q]) and not dynamics.changed([p, q])
+    assert dynamics.changed([p]) and dynamics.changed([p, q])  # other tensors between
 
 
 def test_tensors_read_once_are_read_again_from_their_read(monkeypatch) -> None:

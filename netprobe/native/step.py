@@ -303,10 +303,9 @@ class Dynamics:
         self._sample = sample.to("cpu", torch.int64, copy=True).reshape(2, -1).contiguous()
         self._sample_at = (self._sample[0].data_ptr(), self._sample[1].data_ptr())
         self._samples = self._sample.shape[1]
-        # The tensors' version counters at the last `changed` call, by tensors.cpp or in Python.
+        # The tensors' version counters at the last `changed` call (-1: none yet).
         self._versions = np.full(kernels.n, -1, np.int64)
         self._versions_at = self._versions.ctypes.data
-        self._version_list: list[int] | None = None
 
     def grad(
         self,
@@ -357,11 +356,15 @@ class Dynamics:
         counter in Python costs ~1 µs there."""
         checks = self.kernels._checks
         if checks is not None:
-            changed = checks.versions(params, self._versions_at)
+            changed = checks.versions(params, len(self._versions), self._versions_at)
             if changed >= 0:
                 return bool(changed)
-        now = [p._version for p in params]
-        changed, self._version_list = now != self._version_list, now
+        now, last = [p._version for p in params], self._versions
+        if len(now) != len(last):  # other tensors than these kernels': no versions to compare
+            last[:] = -1
+            return True
+        changed = bool((last != now).any())
+        last[:] = now
         return changed
 
 

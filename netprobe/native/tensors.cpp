@@ -1,5 +1,5 @@
 // The per-step kernels' checks of their tensors, as an extension module, `_netprobe_tensors`,
-// built against the installed PyTorch's headers (netprobe.native.tensors). Right after a small
+// built against the installed PyTorch's headers (netprobe.native.tensor_checks). Right after a small
 // model's backward, Python's own code is cold: reading four parameters' `.grad` there took
 // 16-30 µs and checking their layouts 35-45 µs; here a tensor's fields are read in a few
 // nanoseconds, and the whole call costs ~3 µs. Nothing here decides a result: a tensor these
@@ -22,20 +22,21 @@ namespace {
 #undef T
 #undef FN
 
-// versions(tensors, at) -> 1, 0 or -1
-//   Writes each tensor's count of in-place changes (its version counter) to the int64s at `at`
-//   and returns 1 where any differs from what was there, else 0; -1 for anything but a list or
-//   tuple of tensors with version counters (what was written then means nothing).
+// versions(tensors, n, at) -> 1, 0 or -1
+//   Writes each of n tensors' count of in-place changes (its version counter) to the n int64s
+//   at `at` and returns 1 where any differs from what was there, else 0; -1 for anything but a
+//   list or tuple of n tensors with version counters (what was written then means nothing).
 PyObject *versions(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "versions takes 2 arguments, %zd given", nargs);
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "versions takes 3 arguments, %zd given", nargs);
         return nullptr;
     }
-    auto *at = static_cast<int64_t *>(PyLong_AsVoidPtr(args[1]));
+    const Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    auto *at = static_cast<int64_t *>(PyLong_AsVoidPtr(args[2]));
     if (PyErr_Occurred()) return nullptr;
     if (!PyList_CheckExact(args[0]) && !PyTuple_CheckExact(args[0])) return PyLong_FromLong(-1);
+    if (PySequence_Fast_GET_SIZE(args[0]) != n) return PyLong_FromLong(-1);
     PyObject **items = PySequence_Fast_ITEMS(args[0]);
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(args[0]);
     for (Py_ssize_t i = 0; i < n; i++)
         if (!THPVariable_Check(items[i])) return PyLong_FromLong(-1);
     long changed = 0;
@@ -59,7 +60,7 @@ bool plain(const at::Tensor &t) {
            (t.numel() == 0 || t.data_ptr() != nullptr);
 }
 
-// What `pointers` returns (netprobe.native.tensors mirrors these).
+// What `pointers` returns (netprobe.native.step names the first two).
 enum Status : long { READ = 0, MISSING = 1, OTHER = 2 };
 
 // pointers(tensors, grads, n, sizes, dtype, out) -> status
