@@ -386,6 +386,32 @@ def test_the_compiled_checks_pass_only_what_is_read_in_place() -> None:
         status(None)
 
 
+def test_tensors_cpp_that_will_not_build_is_tried_once_and_checked_in_python(
+    monkeypatch, tmp_path, capfd
+) -> None:
+    """A C++ compiler that fails: the first run says it compiles, warns that it failed, and the
+    Python checks serve; later runs do not pay for the build again, and say why."""
+    calls = tmp_path / "calls"
+    compiler = tmp_path / "c++"
+    compiler.write_text(f"#!/bin/sh\necho called >> {calls}\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(compiler))
+    native._tensor_checks.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="compiling tensors.cpp failed"):
+            assert native.tensor_checks() is None
+        assert "compiling tensors.cpp for this PyTorch" in capfd.readouterr().err
+        native._tensor_checks.cache_clear()
+        with pytest.warns(UserWarning, match="did not build here"):
+            assert native.tensor_checks() is None
+        assert calls.read_text() == "called\n"  # once
+        assert native_step.kernels([torch.ones(4)]).norm([torch.ones(4)]) == 2.0
+        assert not list((tmp_path / "cache").rglob("tensors-*.so"))
+    finally:
+        native._tensor_checks.cache_clear()
+
+
 def test_an_unwritable_cache_means_the_pytorch_path(monkeypatch, tmp_path) -> None:
     blocked = tmp_path / "file"
     blocked.write_text("")  # a file where the cache folder would be: mkdir fails

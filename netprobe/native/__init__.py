@@ -179,7 +179,15 @@ def _tensor_checks() -> ModuleType | None:
     key.update(" ".join([cxx, *flags, *link, torch.__version__, *python_kind]).encode())
     target = cache_dir() / f"tensors-{key.hexdigest()[:16]}.so"
     otherwise = "the per-step kernels check their tensors in Python"
+    failed = target.with_suffix(".failed")  # a build that failed is not tried at every run
     try:
+        if failed.exists():
+            warnings.warn(
+                f"netprobe: tensors.cpp did not build here ({failed}: remove it to try again); "
+                f"{otherwise}",
+                stacklevel=3,
+            )
+            return None
         if not target.exists():
             # PyTorch's headers take a while: say why the first run pauses, once per machine.
             print(
@@ -188,6 +196,7 @@ def _tensor_checks() -> ModuleType | None:
                 flush=True,
             )
             if not _build(cxx, source, target, (flags,), otherwise, link):
+                failed.write_text(" ".join([cxx, *flags, *link]) + "\n")
                 return None
         return _import("_netprobe_tensors", target)
     except (OSError, ImportError) as exc:
