@@ -257,17 +257,26 @@ def banner(
     ]
 
 
-def _schedule_key(run_dir: str | Path, probe: str) -> str:
-    """`every` or `at`, whichever the run's config gives the probe ("" without a config)."""
+def _setting(run_dir: str | Path, *keys: str) -> Any:
+    """The run's config value at `keys` (None without a config, or without that value)."""
     import yaml
 
     from netprobe.store import CONFIG_FILE
 
     try:
         with open(Path(run_dir) / CONFIG_FILE) as f:
-            settings = ((yaml.safe_load(f) or {}).get("probes") or {}).get(probe) or {}
-    except (OSError, yaml.YAMLError, AttributeError):
-        settings = {}
+            value = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _schedule_key(run_dir: str | Path, probe: str) -> str:
+    """`every` or `at`, whichever the run's config gives the probe ("" without a config)."""
+    settings = _setting(run_dir, "probes", probe)
+    settings = settings if isinstance(settings, dict) else {}
     return next((key for key in ("every", "at") if key in settings), "")
 
 
@@ -286,9 +295,13 @@ def summary(run_dir: str | Path, hint: bool = True) -> str:
     reason = info.get("stop_reason") or (info.get("error") if status != "completed" else None)
     epochs, steps = info.get("epochs_done", 0), info.get("steps_done", 0)
     first = info.get("first_nonfinite_step")
-    if reason and status == "diverged" and isinstance(first, int) and steps > first + 1:
+    diverged = reason and status == "diverged" and isinstance(first, int)
+    if diverged and steps > first + 1:
         # trainer.on_nonfinite=continue: the run did not stop at its non-finite loss.
         lines.append(f"  ended: {reason}, and trained on past it (trainer.on_nonfinite=continue)")
+    elif diverged and _setting(run_dir, "trainer", "on_nonfinite") == "continue":
+        # Its last step's loss, under continue: nothing was stopped, nothing came after it.
+        lines.append(f"  ended: {reason}, its last step (trainer.on_nonfinite=continue)")
     elif reason:
         lines.append(f"  stopped: {reason}")
     done = f"  {plural(epochs, 'epoch')}, {plural(steps, 'step')}"

@@ -173,6 +173,16 @@ def test_summary_says_why_a_run_stopped(tmp_path: Path):
     assert summary(went_on).splitlines()[1] == (
         f"  ended: {error}, and trained on past it (trainer.on_nonfinite=continue)"
     )
+    # Under continue, a non-finite loss at the run's very last step stopped nothing.
+    last = write_info(tmp_path / "e", status="diverged", error=error, steps_done=29,
+                      first_nonfinite_step=28)  # fmt: skip
+    (last / ".hydra").mkdir()
+    (last / ".hydra" / "config.yaml").write_text("trainer:\n  on_nonfinite: continue\n")
+    assert summary(last).splitlines()[1] == (
+        f"  ended: {error}, its last step (trainer.on_nonfinite=continue)"
+    )
+    (last / ".hydra" / "config.yaml").write_text("trainer:\n  on_nonfinite: stop\n")
+    assert summary(last).splitlines()[1] == f"  stopped: {error}"
 
 
 @pytest.mark.parametrize(("costliest", "key"), [("activations", "at"), ("gradients", "every")])
