@@ -95,18 +95,23 @@ def _final(metric: str) -> Callable[[Row], Any]:
     return lambda row: (row.info.get("final") or {}).get(metric)
 
 
-def _reason(row: Row) -> str:
-    """Why a run ended as it did: the error of an unsuccessful one, an early stop's reason; or
-    what the command that closes a sweep said of it."""
+def _why(row: Row) -> str:
+    """Why a run ended as it did, in full: the error of an unsuccessful one, an early stop's
+    reason; or what the command that closes a sweep said of it."""
     if row.said:
-        return row.said if len(row.said) <= 60 else row.said[:59] + "…"
+        return row.said
     if row.status == "crashed":
         return "its process is gone without closing the run" + _last_recorded(row)
     if row.status == "damaged":
         return f"unreadable {RUN_FILE}"
     text = row.info.get("error") if row.status != "completed" else None
-    text = str(text or row.info.get("stop_reason") or "")
-    return text if len(text) <= 60 else text[:59] + "…"
+    return str(text or row.info.get("stop_reason") or "")
+
+
+def _reason(row: Row) -> str:
+    """`_why`, cut to a table cell; a crashed run's whole, as it ends in its last accuracy."""
+    text = _why(row)
+    return text if len(text) <= 60 or row.status == "crashed" else text[:59] + "…"
 
 
 def _last_recorded(row: Row) -> str:
@@ -401,10 +406,12 @@ def _csv_cell(row: Row, key: str) -> Any:
 
 
 def _as_json(row: Row) -> dict[str, Any]:
-    """The whole run.json, the flattened config, and where the run lies."""
+    """The whole run.json, the flattened config, where the run lies, and the table's reason in
+    full (null where there is none)."""
     return {
         "path": str(row.path),
         "status": row.status,
+        "reason": _why(row) or None,
         "sweep": str(row.sweep) if row.sweep else None,
         "swept": row.swept,
         "info": row.info,

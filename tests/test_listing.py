@@ -97,10 +97,14 @@ def test_json_gives_back_every_runs_status_and_config(mixed: Path):
             info = json.loads((run_dir / "run.json").read_text())
         except ValueError:
             assert item["status"] == "damaged" and item["info"] == {}
+            assert item["reason"] == "unreadable run.json"
             continue
         assert item["info"] == info
         expected = "crashed" if run_dir.name == "c-crashed" else info["status"]
         assert item["status"] == expected
+        reasons = {"a-failed": "ValueError: x", "b-interrupted": "interrupted",
+                   "c-crashed": "its process is gone without closing the run"}  # fmt: skip
+        assert item["reason"] == reasons.get(run_dir.name)  # null for a completed run
         config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
         assert item["config"]["optim.lr"] == config["optim"]["lr"]
         assert item["config"]["name"] == "cnn-x"  # interpolations resolved
@@ -214,6 +218,8 @@ def test_a_killed_runs_reason_gives_its_last_recorded_accuracy(tiny_run):
     row = next(csv.DictReader(io.StringIO(text)))
     assert row["status"] == "crashed" and row["val_acc"] == ""
     assert row["reason"].endswith(f"; last val_acc {last:.4f} (epoch 2)")
+    listed = json.loads(ls(str(run.path), "--fmt=json"))
+    assert listed[0]["reason"] == row["reason"]
 
 
 @pytest.mark.parametrize("name", ["x[bold]y", "a[/b]"])
