@@ -235,13 +235,16 @@ def _runs_of(target: Any) -> list[Run]:
     )
 
 
-def _code_version() -> str:
-    """Changes whenever a figure module does, so that new code redraws every figure (the page
-    and the grouping are rebuilt at every call anyway)."""
-    here = Path(__file__).parent
-    figures = [p for p in sorted(here.glob("*.py")) if p.stem not in ("page", "groups")]
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in figures]
-    return hashlib.sha1(repr(stats).encode()).hexdigest()
+def _code_version(package: Path = Path(__file__).parent.parent) -> str:
+    """Changes whenever a figure module, the store's code that reads what they draw, or
+    matplotlib does, so that new code redraws every figure (the page and the grouping are
+    rebuilt at every call anyway)."""
+    import matplotlib
+
+    figures = [p for p in sorted(package.glob("plots/*.py")) if p.stem not in ("page", "groups")]
+    files = figures + sorted(package.glob("store/*.py"))
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha1(repr([matplotlib.__version__, *stats]).encode()).hexdigest()
 
 
 def _fingerprint(target: Any, formats: Sequence[str], code: str) -> str:

@@ -116,6 +116,26 @@ def test_a_second_plot_of_an_unchanged_folder_draws_nothing(folder: Path, tmp_pa
         shutil.copy(tmp_path / "saved.parquet", part)
 
 
+def test_the_code_version_follows_the_figures_and_the_store(tmp_path: Path) -> None:
+    """Figures are redrawn when the code that draws them changes: a figure module, or the store
+    that reads what they draw; the page's own modules are rebuilt at every call anyway."""
+    from netprobe.plots import _code_version
+
+    package = Path(_code_version.__defaults__[0])
+    copy = tmp_path / "netprobe"
+    for folder in ("plots", "store"):
+        shutil.copytree(package / folder, copy / folder)
+    version = _code_version(copy)
+    for name in ("plots/page.py", "plots/groups.py"):
+        os.utime(copy / name, ns=(0, 10**9))
+        assert _code_version(copy) == version
+    for name in ("plots/curves.py", "store/reader.py"):
+        assert (copy / name).exists()
+        os.utime(copy / name, ns=(0, 10**9))
+        assert _code_version(copy) != version
+        version = _code_version(copy)
+
+
 def test_figures_of_a_group_no_longer_drawn_are_removed(folder: Path, tmp_path: Path) -> None:
     """One group's figures sit at the top of the output folder; once the folder holds a second
     group, each gets a folder of its own, and the top-level figures of before (no longer on the
