@@ -343,8 +343,8 @@ def test_a_tensor_unlike_the_kernels_is_refused(checks) -> None:
 def test_the_compiled_checks_pass_only_what_is_read_in_place() -> None:
     """tensors.cpp writes the addresses PyTorch gives of the tensors, or of the parameters'
     gradients, where each is a contiguous strided CPU tensor of the dtype and size asked for
-    with memory at its address; a missing gradient is told apart; anything else is left to the
-    Python checks, which name it."""
+    with memory at its address, and hands back a capsule that holds the gradients it read; a
+    missing gradient is told apart; anything else is left to the Python checks, which name it."""
     module = native.tensor_checks()
     if module is None:
         pytest.skip("tensors.cpp is not built here (no C++ compiler, or no PyTorch headers)")
@@ -362,7 +362,8 @@ def test_the_compiled_checks_pass_only_what_is_read_in_place() -> None:
     params = [nn.Parameter(t.clone()) for t in good]
     assert status(params, grads=True) == missing
     params[0].grad, params[1].grad = good
-    assert status(params, grads=True) == read and list(out) == [t.data_ptr() for t in good]
+    held = status(params, grads=True)  # the gradients, held by a capsule
+    assert type(held).__name__ == "PyCapsule" and list(out) == [t.data_ptr() for t in good]
     freed = torch.zeros(10)
     freed.untyped_storage().resize_(0)
     for wrong, dtype in (
@@ -378,6 +379,7 @@ def test_the_compiled_checks_pass_only_what_is_read_in_place() -> None:
         ([torch.zeros(10, device="meta"), good[1]], 0),
         ([freed, good[1]], 0),
         ([good[0], 3], 0),
+        ([torch._neg_view(good[0]), good[1]], 0),  # memory that holds the negated values
     ):
         assert status(wrong, dtype=dtype) == other
     with pytest.raises(TypeError):
@@ -403,9 +405,15 @@ def test_tensors_cpp_that_will_not_build_is_tried_once_and_checked_in_python(
             assert native.tensor_checks() is None
         assert "compiling tensors.cpp for this PyTorch" in capfd.readouterr().err
         native._tensor_checks.cache_clear()
-        with pytest.warns(UserWarning, match="did not build here"):
+        with pytest.warns(UserWarning, match="did not build here today"):
             assert native.tensor_checks() is None
         assert calls.read_text() == "called\n"  # once
+        (failed,) = (tmp_path / "cache").rglob("tensors-*.failed")
+        os.utime(failed, (0, 0))  # a day later, the build is tried again (it may have passed)
+        native._tensor_checks.cache_clear()
+        with pytest.warns(UserWarning, match="compiling tensors.cpp failed"):
+            assert native.tensor_checks() is None
+        assert calls.read_text() == "called\ncalled\n"
         assert native_step.kernels([torch.ones(4)]).norm([torch.ones(4)]) == 2.0
         assert not list((tmp_path / "cache").rglob("tensors-*.so"))
     finally:
@@ -485,6 +493,36 @@ def test_a_parameter_given_new_memory_is_read_there(checks) -> None:
     p.data = torch.zeros(999)
     with pytest.raises(ValueError, match="kernels made for"):
         dynamics.update([p, q], False, out, 2)
+
+
+def test_the_gradients_read_are_held_for_the_kernels_call(checks) -> None:
+    """The kernels read with the GIL released: a .grad set to None by another thread meanwhile
+    must not free what they read. What `_data` hands back holds the gradients until dropped."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    p = nn.Parameter(torch.zeros(1000))
+    p.grad = torch.ones(1000)
+    kernels = native_step.kernels([p])
+    weak = StorageWeakRef(p.grad.untyped_storage())
+    _, held = kernels._data(native_step.Grads((p,)))
+    p.grad = None
+    assert not weak.expired()
+    del held
+    assert weak.expired()
+
+
+def test_a_negated_view_is_read_as_its_values(checks) -> None:
+    """A view that negates its memory's values (torch._neg_view, as PyTorch's conjugate and
+    negative views make) is read through a copy of its values, never as the memory holds it."""
+    g = torch.arange(1.0, 5.0)
+    kernels = native_step.kernels([g])
+    _, held = kernels._data([torch._neg_view(g)])
+    assert ctypes.c_float.from_address(kernels._pointers[0]).value == -1.0
+    if checks == "compiled":
+        sizes, out = (ctypes.c_int64 * 1)(4), (ctypes.c_void_p * 1)()
+        module = native.tensor_checks()
+        at = (ctypes.addressof(sizes), ctypes.addressof(out))
+        assert module.pointers([torch._neg_view(g)], False, 1, at[0], 0, at[1]) == 2
 
 
 def test_the_weights_versions_tell_an_in_place_change(checks) -> None:
@@ -586,6 +624,8 @@ def test_accuracy_leaves_what_it_cannot_read_to_pytorch(checks) -> None:
         (logits, target.to("meta")),
         (freed, target),
         (logits, freed_target),
+        (torch._neg_view(logits), target),  # memory that holds the negated values
+        (logits, torch._neg_view(target)),
     ):
         assert native_step.accuracy(*args) is None
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -179,16 +180,19 @@ def _tensor_checks() -> ModuleType | None:
     key.update(" ".join([cxx, *flags, *link, torch.__version__, *python_kind]).encode())
     target = cache_dir() / f"tensors-{key.hexdigest()[:16]}.so"
     otherwise = "the per-step kernels check their tensors in Python"
-    failed = target.with_suffix(".failed")  # a build that failed is not tried at every run
+    # A build that failed is not tried again at every run (it takes ~20 s) while the same
+    # compiler stands there, for a day: one that failed for a passing reason is tried again.
+    failed, stamp = target.with_suffix(".failed"), _stamp(cxx)
     try:
-        if failed.exists():
-            warnings.warn(
-                f"netprobe: tensors.cpp did not build here ({failed}: remove it to try again); "
-                f"{otherwise}",
-                stacklevel=3,
-            )
-            return None
         if not target.exists():
+            if _recent(failed, stamp):
+                warnings.warn(
+                    f"netprobe: tensors.cpp did not build here today ({failed}: remove it to "
+                    f"try again now); {otherwise}",
+                    stacklevel=3,
+                )
+                return None
+            target.parent.mkdir(parents=True, exist_ok=True)
             # PyTorch's headers take a while: say why the first run pauses, once per machine.
             print(
                 "netprobe: compiling tensors.cpp for this PyTorch, once (~20 s)",
@@ -196,12 +200,30 @@ def _tensor_checks() -> ModuleType | None:
                 flush=True,
             )
             if not _build(cxx, source, target, (flags,), otherwise, link):
-                failed.write_text(" ".join([cxx, *flags, *link]) + "\n")
+                failed.write_text(stamp)
                 return None
         return _import("_netprobe_tensors", target)
     except (OSError, ImportError) as exc:
         warnings.warn(f"netprobe: tensors.cpp is unavailable ({exc}); {otherwise}", stacklevel=3)
         return None
+
+
+def _stamp(compiler: str) -> str:
+    """What identifies a compiler's build: its path, size and modification time."""
+    path = shutil.which(compiler) or compiler
+    try:
+        info = os.stat(path)
+    except OSError:
+        return path
+    return f"{path} {info.st_size} {info.st_mtime_ns}"
+
+
+def _recent(failed: Path, stamp: str, day: float = 86400.0) -> bool:
+    """Whether `failed` records a failure of the compiler `stamp` names within the last day."""
+    try:
+        return failed.read_text() == stamp and time.time() - failed.stat().st_mtime < day
+    except OSError:
+        return False
 
 
 def tensor_checks() -> ModuleType | None:

@@ -78,6 +78,8 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> float | None:
         return None
     if logits.layout is not torch.strided or target.layout is not torch.strided:
         return None
+    if logits.is_neg() or target.is_neg():  # memory that holds the negated values
+        return None
     if logits.dim() != 2 or target.dim() != 1 or not target.is_contiguous():
         return None
     (rows, classes), (ld, unit) = logits.shape, logits.stride()
@@ -118,8 +120,9 @@ class Grads(NamedTuple):
     params: tuple[torch.Tensor, ...]
 
 
-# tensors.cpp's statuses: every tensor read; a parameter without a gradient; one to look at.
-_READ, _MISSING = 0, 1
+# tensors.cpp's statuses where not every tensor was read: a parameter without a gradient; a
+# tensor for the Python checks to look at.
+_MISSING, _OTHER = 1, 2
 
 
 class Read(NamedTuple):
@@ -180,34 +183,37 @@ class StepKernels:
         read, self._read = self._read, None
         return read
 
-    def _data(
-        self, tensors: Sequence[torch.Tensor] | Grads | Read
-    ) -> tuple[int, list[torch.Tensor]]:
-        """The address of the pointers to each tensor's elements in order, and the copies made
-        of non-contiguous ones (held by the caller for the call). A tensor unlike the one these
-        kernels were made for is refused: the C code trusts the sizes. The compiled checks
-        pass what they can read in place; the rest comes here, to be named or copied."""
+    def _data(self, tensors: Sequence[torch.Tensor] | Grads | Read) -> tuple[int, object]:
+        """The address of the pointers to each tensor's elements in order, and what the caller
+        holds for the call: the gradients read (the kernels run with the GIL released, when
+        another thread may set a .grad to None) and the copies made of tensors not readable in
+        place. A tensor unlike the one these kernels were made for is refused: the C code
+        trusts the sizes. The compiled checks pass what they can read in place; the rest comes
+        here, to be named or copied."""
         if isinstance(tensors, Read):
-            return self._picked(tensors), []
+            return self._picked(tensors), None  # the Read holds its tensors
         grads = isinstance(tensors, Grads)
         given = tensors.params if grads else tensors
         if self._checks is not None:
-            status = self._checks.pointers(
+            held = self._checks.pointers(
                 given, grads, self.n, self._sizes_at, self._code, self._pointers_at
             )
-            if status == _READ:
+            if held != _MISSING and held != _OTHER:  # 0, or the gradients, held
                 self._calls += 1
                 self._read = None  # the compiled checks cost what a Read's would
-                return self._pointers_at, []
-        if grads:
-            tensors = [p.grad for p in given]
-            if any(g is None for g in tensors):
-                self._calls, self._read = self._calls + 1, None
-                raise MissingGrad("a parameter without a gradient given to kernels that read it")
-        return self._python_checked(tensors)
+                return self._pointers_at, held
+        if not grads:
+            return self._python_checked(tensors)
+        tensors = [p.grad for p in given]
+        if any(g is None for g in tensors):
+            self._calls, self._read = self._calls + 1, None
+            raise MissingGrad("a parameter without a gradient given to kernels that read it")
+        at, copies = self._python_checked(tensors)
+        return at, (tensors, copies)
 
     def _python_checked(self, tensors: Sequence[torch.Tensor]) -> tuple[int, list[torch.Tensor]]:
-        """`_data`'s checks in Python, which name what is wrong, and copy what is not contiguous."""
+        """`_data`'s checks in Python, which name what is wrong, and copy what is not readable
+        in place (not contiguous, or a view that negates its memory's values)."""
         if len(tensors) != self.n:
             raise ValueError(f"{len(tensors)} tensors given to kernels made for {self.n}")
         pointers: list[int] = []
@@ -223,8 +229,8 @@ class StepKernels:
                 )
             if t.layout is not torch.strided:  # sparse, MKLDNN, nested: no data pointer to read
                 raise Unreadable(f"a {t.layout} tensor given to kernels made for strided ones")
-            if not t.is_contiguous():
-                t = t.detach().contiguous()  # a parameter's copy: no autograd node
+            if not t.is_contiguous() or t.is_neg():
+                t = t.detach().resolve_neg().contiguous()  # a parameter's copy: no autograd node
                 copies.append(t)
             pointers.append(t.data_ptr())
         if 0 in pointers and any(p == 0 and n for p, n in zip(pointers, self.sizes)):

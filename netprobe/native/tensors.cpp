@@ -8,6 +8,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 namespace {
 
@@ -52,46 +54,59 @@ PyObject *versions(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     return PyLong_FromLong(changed);
 }
 
-// Whether `t` is a strided CPU tensor whose fields can be read here and whose memory is at its
-// address (none where it has no elements).
+// Whether `t` is a strided CPU tensor whose fields can be read here, whose memory holds its
+// values as they are (no negation or conjugation left to apply) and is at its address (none
+// where it has no elements).
 bool plain(const at::Tensor &t) {
-    return t.defined() && t.layout() == c10::kStrided && t.is_cpu() &&
-           !t.unsafeGetTensorImpl()->is_python_dispatch() && t.has_storage() &&
+    return t.defined() && t.layout() == c10::kStrided && t.is_cpu() && !t.is_neg() &&
+           !t.is_conj() && !t.unsafeGetTensorImpl()->is_python_dispatch() && t.has_storage() &&
            (t.numel() == 0 || t.data_ptr() != nullptr);
 }
 
-// What `pointers` returns (netprobe.native.step names the first two).
-enum Status : long { READ = 0, MISSING = 1, OTHER = 2 };
+// What `pointers` returns where not READ (netprobe.native.step names them).
+enum Status : long { MISSING = 1, OTHER = 2 };
 
-// pointers(tensors, grads, n, sizes, dtype, out) -> status
+// The gradients a READ of them found, held for as long as the capsule lives: the kernels read
+// them with the GIL released, when another thread may set a parameter's .grad to None.
+struct Held {
+    std::vector<at::Tensor> tensors;
+};
+
+void release(PyObject *capsule) {
+    delete static_cast<Held *>(PyCapsule_GetPointer(capsule, "netprobe.held"));
+}
+
+// pointers(tensors, grads, n, sizes, dtype, out) -> 0, a capsule, 1 or 2
 //   tensors: a list or tuple of n tensors (parameters, with `grads`); grads: read each one's
 //   gradient instead; sizes: the address of n int64 element counts; dtype: 0 float32, 1
 //   float64; out: the address of n pointers, filled in (what it holds means nothing unless
-//   the status is READ).
-// READ: each one (its gradient) is a contiguous strided CPU tensor of that dtype and size with
-// memory of its own, and `out` holds their addresses. MISSING: some parameter has no gradient.
-// OTHER: some tensor is unlike that (the Python checks say how, or copy it).
+//   all were read).
+// All read: each one (its gradient) is a contiguous strided CPU tensor of that dtype and size
+// with memory of its own, and `out` holds their addresses; the result is 0 for tensors (the
+// caller's sequence holds them) and, for gradients, a capsule holding them, to keep for the
+// kernels' call. 1 (MISSING): some parameter has no gradient. 2 (OTHER): some tensor is unlike
+// that (the Python checks say how, or copy it).
 PyObject *pointers(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 6) {
         PyErr_Format(PyExc_TypeError, "pointers takes 6 arguments, %zd given", nargs);
         return nullptr;
     }
-    PyObject *seq = PySequence_Fast(args[0], "pointers takes a list or tuple of tensors");
-    if (seq == nullptr) return nullptr;
     const int grads = PyObject_IsTrue(args[1]);
+    if (grads < 0) return nullptr;
     const Py_ssize_t n = PyLong_AsSsize_t(args[2]);
     auto *sizes = static_cast<const int64_t *>(PyLong_AsVoidPtr(args[3]));
     const long code = PyLong_AsLong(args[4]);
     auto *out = static_cast<void **>(PyLong_AsVoidPtr(args[5]));
-    if (grads < 0 || PyErr_Occurred()) {
-        Py_DECREF(seq);
-        return nullptr;
-    }
+    if (PyErr_Occurred()) return nullptr;
+    PyObject *seq = PySequence_Fast(args[0], "pointers takes a list or tuple of tensors");
+    if (seq == nullptr) return nullptr;
     const c10::ScalarType dtype = code == 0 ? c10::ScalarType::Float : c10::ScalarType::Double;
     PyObject **items = PySequence_Fast_ITEMS(seq);
-    long status = PySequence_Fast_GET_SIZE(seq) == n && (code == 0 || code == 1) ? READ : OTHER;
+    long status = PySequence_Fast_GET_SIZE(seq) == n && (code == 0 || code == 1) ? 0 : OTHER;
+    auto held = std::make_unique<Held>();
     try {
-        for (Py_ssize_t i = 0; status == READ && i < n; i++) {
+        if (grads) held->tensors.reserve(static_cast<size_t>(n));
+        for (Py_ssize_t i = 0; status == 0 && i < n; i++) {
             if (!THPVariable_Check(items[i])) {
                 status = OTHER;
                 break;
@@ -105,13 +120,17 @@ PyObject *pointers(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
                 status = OTHER;  // a wrapper of other tensors, a storage freed in place, ...
             } else {
                 out[i] = t.data_ptr();
+                if (grads) held->tensors.push_back(t);
             }
         }
     } catch (...) {  // a tensor whose fields cannot be read this way: the Python checks say why
         status = OTHER;
     }
     Py_DECREF(seq);
-    return PyLong_FromLong(status);
+    if (status != 0 || !grads) return PyLong_FromLong(status);
+    PyObject *capsule = PyCapsule_New(held.get(), "netprobe.held", release);
+    if (capsule != nullptr) held.release();  // the capsule's now
+    return capsule;
 }
 
 // accuracy(logits, target) -> float or None
