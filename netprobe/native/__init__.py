@@ -227,8 +227,9 @@ def _recent(failed: Path, stamp: str, day: float = 86400.0) -> bool:
 
 
 def tensor_checks() -> ModuleType | None:
-    """The compiled checks of the tensors the per-step kernels read (tensors.cpp: `pointers`),
-    or None where they cannot be built or the fused kernels are off."""
+    """The compiled checks of the tensors the per-step kernels read (tensors.cpp: `pointers`;
+    also `versions` and the batch `accuracy`), or None where they cannot be built or the fused
+    kernels are off."""
     return _tensor_checks() if ENABLED else None
 
 
