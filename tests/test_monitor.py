@@ -212,6 +212,32 @@ def test_the_fused_steps_check_no_tensor_in_python_where_tensors_cpp_is_built(
     assert set(df["probe"]) >= {"train", "gradients", "optim_dynamics"}
 
 
+def test_a_parameter_with_gradients_of_another_dtype_is_read(tmp_path, kernel_path):
+    """`grad_dtype` (a float32 weight keeping float64 gradients) leaves the fused kernels, which
+    read one dtype, to PyTorch's path; the norms are those of the gradients as they are."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    model[0].weight.grad_dtype = torch.float64
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    want = []
+    probes = ["gradients", "optim_dynamics"]
+    with netprobe.attach(model, tmp_path, probes=probes, optimizer=opt) as mon:
+        for _ in range(3):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            squares = sum(float((p.grad.double() ** 2).sum()) for p in model.parameters())
+            want.append(squares**0.5)
+            mon.after_backward(loss, batch_size=8)
+            opt.step()
+            mon.after_step()
+    df = netprobe.load(tmp_path).scalars(probe="train")
+    got = df[df["metric"] == "grad_l2_total"].sort_values("step")["value"].tolist()
+    assert got == pytest.approx(want, rel=1e-6)
+    assert set(netprobe.load(tmp_path).scalars()["probe"]) >= {"gradients", "optim_dynamics"}
+
+
 def test_the_monitors_read_of_the_gradients_is_lent_to_the_hooks_only(
     tmp_path, monkeypatch, kernel_path
 ):

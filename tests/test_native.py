@@ -321,6 +321,12 @@ def test_a_tensor_unlike_the_kernels_is_refused(checks) -> None:
     params[1].grad = torch.ones(3).to_sparse()
     with pytest.raises(native_step.Unreadable, match="strided"):
         kernels.norm(native_step.Grads(tuple(params)))
+    params[1].grad = None
+    params[1].grad_dtype = torch.float64  # set after the kernels were made: read otherwise
+    params[1].grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(native_step.Unreadable, match="another dtype"):
+        kernels.norm(native_step.Grads(tuple(params)))
+    assert native_step.kernels(params) is None  # made now: PyTorch's path from the start
     for wrong in (
         [torch.zeros(10)],
         [torch.zeros(10), torch.zeros(4)],

@@ -50,6 +50,9 @@ def kernels(tensors: Sequence[torch.Tensor]) -> StepKernels | None:
     dtype = tensors[0].dtype
     if dtype not in SUFFIXES or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
         return None
+    # A parameter may keep gradients of another dtype (`grad_dtype`): kernels read one dtype.
+    if any(getattr(t, "grad_dtype", dtype) not in (None, dtype) for t in tensors):
+        return None
     lib = library("step", module=True)
     return None if lib is None else StepKernels(_bind(lib), [t.numel() for t in tensors], dtype)
 
@@ -208,6 +211,9 @@ class StepKernels:
         if any(g is None for g in tensors):
             self._calls, self._read = self._calls + 1, None
             raise MissingGrad("a parameter without a gradient given to kernels that read it")
+        if any(g.dtype != self.dtype for g in tensors):  # its `grad_dtype`, set since
+            self._calls, self._read = self._calls + 1, None
+            raise Unreadable(f"a gradient of another dtype than the {self.dtype} kernels read")
         at, copies = self._python_checked(tensors)
         return at, (tensors, copies)
 
