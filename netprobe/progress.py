@@ -284,7 +284,7 @@ def summary(run_dir: str | Path, hint: bool = True) -> str:
     """The closing lines: status and why it stopped, best and final metrics, the time spent
     training (run.json's, as `netprobe ls` shows it), the probes' share of it when large, and the
     command that plots the run."""
-    from netprobe.store import run_seconds
+    from netprobe.store import FINAL_METRICS, run_seconds
 
     with open(Path(run_dir) / "run.json") as f:
         info = json.load(f)
@@ -309,7 +309,7 @@ def summary(run_dir: str | Path, hint: bool = True) -> str:
         done += f"; best val_acc {info['best_val_acc']:.4f}"
     lines.append(done)
     final = info.get("final") or {}
-    shown = [f"{k} {final[k]:.4f}" for k in ("loss", "acc", "val_loss", "val_acc") if k in final]
+    shown = [f"{k} {final[k]:.4f}" for k in FINAL_METRICS if k in final]
     if shown:
         lines.append("  final   " + ", ".join(shown))
     share = info.get("probe_overhead")
