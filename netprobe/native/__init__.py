@@ -182,9 +182,10 @@ def _tensor_checks() -> ModuleType | None:
     otherwise = "the per-step kernels check their tensors in Python"
     # A build that failed is not tried again at every run (it takes ~20 s) while the same
     # compiler stands there, for a day: one that failed for a passing reason is tried again.
-    failed, stamp = target.with_suffix(".failed"), _stamp(cxx)
+    failed = target.with_suffix(".failed")
     try:
         if not target.exists():
+            stamp = _stamp(cxx)
             if _recent(failed, stamp):
                 warnings.warn(
                     f"netprobe: tensors.cpp did not build here today ({failed}: remove it to "
