@@ -121,6 +121,9 @@ static inline double fold(f64xL v) {
 #ifdef __AVX512F__ /* one instruction; compilers scalarize a generic byte-to-int conversion */
 #define CODES_OF(w) ((MT)_mm512_cvtepu8_epi32(_mm_set_epi64x((long long)w[1], (long long)w[0])))
 #endif
+#ifdef __AVX512F__ /* vmaxps: a > b ? a : b, NaN and all */
+#define VMAX(a, b) ((VT)_mm512_max_ps((__m512)(a), (__m512)(b)))
+#endif
 #ifdef __AVX512BW__ /* optim_dynamics' loops from step_avx512.h */
 #define DYN_AVX512
 #endif
@@ -135,6 +138,7 @@ static inline double fold(f64xL v) {
 #undef CODE_WORDS
 #undef CODE_SHIFTS
 #undef CODES_OF
+#undef VMAX
 
 #define T double
 #define S f64

@@ -33,18 +33,25 @@ static inline MT FN(load_codes_)(const uint8_t *p, int64_t m) {
 #define SPLAT(x) ((VT){0} + (T)(x))
 #define ABS(v) ((VT)((MT)(v) & ABS_BITS))
 #define SELECT(mask, a, b) ((VT)(((MT)(a) & (mask)) | ((MT)(b) & ~(mask))))
+/* a > b ? a : b per lane (b where either is NaN): one instruction where the type defines VMAX */
+#ifdef VMAX
+#define MAX(a, b) VMAX(a, b)
+#else
+#define MAX(a, b) SELECT((a) > (b), (a), (b))
+#endif
 #define FOLD_COUNT(c) fold(__builtin_convertvector((c), f64xL))
 /* Comparisons give lane masks of −1 (true) and 0: `count -= mask` counts the true lanes. */
 
 /* gradients: partials [Σ|g|, Σg², max|g| (NaN where Σ|g| is, as torch.amax), #(|g| not ≤ T_MAX)].
- * Sums run in T over SUB consecutive vectors per lane, then in double (the whole block in double
- * where finite values overflow T). */
+ * Sums run in T over SUB consecutive vectors per lane, then in double. Σ|g| is finite only where
+ * every |g| is, so the loop leaves the count of the others to a block whose sums are not: a second
+ * pass counts them and sums the block again in double, which keeps an inf or NaN among the
+ * values and makes finite the sums of finite values that leave T's range (a diverging run's). */
 static void FN(grad_block_)(const job_t *j, const block_t *b, double *p) {
     const T *x = (const T *)j->tensors[b->tensor] + b->start;
     const int64_t n = b->len;
     f64xL l1 = {0}, sq = {0};
     VT top = {0};
-    MT nonfinite = {0};
     for (int64_t i = 0; i < n; i += SUB * LANES) {
         int64_t end = n - i < SUB * LANES ? n - i : SUB * LANES;
         VT s = {0}, q = {0};
@@ -52,25 +59,23 @@ static void FN(grad_block_)(const job_t *j, const block_t *b, double *p) {
             VT a = ABS(LOAD(x + k, n - k));
             s += a;
             q += a * a;
-            top = SELECT(a > top, a, top);
-            nonfinite -= ~(a <= SPLAT(T_MAX));
+            top = MAX(a, top);
         }
         l1 += __builtin_convertvector(s, f64xL);
         sq += __builtin_convertvector(q, f64xL);
     }
     T most = top[0];
     for (int l = 1; l < LANES; l++) most = top[l] > most ? top[l] : most;
-    p[0] = fold(l1), p[1] = fold(sq), p[3] = FOLD_COUNT(nonfinite);
+    p[0] = fold(l1), p[1] = fold(sq), p[3] = 0;
     p[2] = p[0] != p[0] ? p[0] : (double)most; /* a NaN among the |g| makes Σ|g| NaN */
-    if (p[3] == 0 && (isinf(p[0]) || isinf(p[1]))) {
-        /* Finite values whose squares (or sums) leave T's range, as a diverging run's do: the
-         * block again in double, so that a finite norm is not stored as inf. */
-        double s = 0, q = 0;
+    if (!isfinite(p[0]) || !isfinite(p[1])) {
+        double s = 0, q = 0, nonfinite = 0;
         for (int64_t k = 0; k < n; k++) {
             double a = fabs((double)x[k]);
+            nonfinite += !(a <= T_MAX);
             s += a, q += a * a;
         }
-        p[0] = s, p[1] = q;
+        p[0] = s, p[1] = q, p[3] = nonfinite;
     }
 }
 
@@ -277,5 +282,6 @@ int FN(np_dyn_update_)(int64_t n, void *const *w, const int64_t *sizes, void *w_
 #undef SPLAT
 #undef ABS
 #undef SELECT
+#undef MAX
 #undef FOLD_COUNT
 #undef FN
