@@ -86,6 +86,22 @@ class PlainMLP(nn.Module):
         return self.net(x)
 
 
+class NaNGate(nn.Module):
+    """A linear classifier plus a gate whose first gradient is NaN while the loss is finite, on
+    any machine: the forward takes `gate * 0` where the gate is not positive, but autograd still
+    backpropagates a zero through the masked-out √gate, and 0 · ∂√g/∂g at g = −1 is NaN. SGD
+    then makes the gate NaN, and the next step's loss NaN."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_channels * image_size**2, num_classes)
+        self.gate = nn.Parameter(torch.tensor(-1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.where(self.gate > 0, self.gate.sqrt(), self.gate * 0)
+        return self.linear(x.flatten(1)) + gate
+
+
 def custom(name: str) -> list[str]:
     return ["model=custom", f"model._target_=tests.gallery.{name}"]
 

@@ -13,6 +13,7 @@ import netprobe
 from netprobe.cli import main as cli
 from netprobe.divergence import NonfiniteWatch
 from netprobe.errors import ConfigError, NothingToDo
+from tests.gallery import custom
 
 EXPLODING = ["model=cnn", "optim=sgd", "optim.lr=1e6", "trainer.epochs=3"]
 
@@ -131,14 +132,16 @@ def strict_json(text: str):
 
 
 def test_a_diverged_run_writes_valid_json_everywhere(tmp_path, capsys):
-    """Its findings' evidence holds the NaN gradient norm of the step that diverged: run.json,
-    `ls --format json` and `doctor --format json` write it as null, as `query` does."""
+    """Its findings' evidence holds the NaN gradient norm of the step before the loss went
+    non-finite: run.json, `ls --format json` and `doctor --format json` write it as null, as
+    `query` does. (A model whose first gradient is NaN by construction: how a too-large step
+    size blows up differs from one CPU to another.)"""
     run_dir = tmp_path / "run"
-    assert cli(["train", "optim=sgd", "optim.lr=1000", "trainer.epochs=2",
+    assert cli(["train", *custom("NaNGate"), "optim=sgd", "trainer.epochs=2",
                 f"hydra.run.dir={run_dir}"]) == 1  # fmt: skip
     info = strict_json((run_dir / "run.json").read_text())
     evidence = next(f for f in info["findings"] if f["code"] == "diverged")["evidence"]
-    assert evidence["grad_norm_before"][-1] is None
+    assert evidence["first_nonfinite_step"] == 1 and evidence["grad_norm_before"] == [None]
     capsys.readouterr()
     assert cli(["ls", str(run_dir), "--format", "json"]) == 0
     assert strict_json(capsys.readouterr().out)[0]["info"]["findings"] == info["findings"]
