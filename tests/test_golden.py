@@ -2,19 +2,25 @@
 
 A refactor must not change a stored number. When a change is meant to (a fixed formula), rewrite
 the copies with `NETPROBE_WRITE_GOLDEN=1 pytest tests/test_golden.py` and say why in the commit.
-The copies are PyTorch's path (NETPROBE_NATIVE=0, available everywhere); the fused CPU kernels
-sum in another order, so their values agree to FUSED_REL and everything else to the last bit.
 
-PyTorch's own float32 kernels round differently from one machine to another (the instruction set
-oneDNN and ATen pick, the BLAS code path): a forward's last bit differs, and 14 steps later so do
-histogram counts. So the copies are kept per machine class, under the name `machine()` gives
-this one, and a machine without copies of its own skips the comparison, saying how to write them.
+PyTorch's float32 kernels round differently from one CPU to another (the instruction set ATen
+and oneDNN pick, MKL's code path): a forward's last bit differs, and 14 steps later so do
+histogram counts. So the golden runs train in a fresh interpreter with those pinned to code that
+every x86-64 CPU runs alike (PINNED: ATen's default kernels, oneDNN off, MKL's reproducible
+COMPATIBLE path, one thread), on PyTorch's path of the probes. The copies are kept under the name
+`machine()` gives that arrangement; where it computes other bits (another architecture), the
+comparison is skipped, saying how to write copies there.
+
+The fused CPU kernels sum in another order: a run on each of their paths agrees with a run on
+PyTorch's path in this process to FUSED_REL on what they compute, and to the last bit elsewhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import netprobe
+from netprobe import native
 from netprobe.store import TABLES, write_parquet
 from tests.helpers import torch_threads
 
@@ -36,6 +43,27 @@ RUNS = {
     "cnn_all": ("model=cnn", "model.width=8", "model.hidden=16", "probes=all", *SMALL),
     "mlp_all": ("model=mlp", "model.hidden=[32,16]", "probes=all", "optim=adam", *SMALL),
 }
+# What makes PyTorch's float32 bits the same on every x86-64 CPU, for a fresh interpreter (ATen
+# reads its setting once, at start); the driver turns oneDNN off and takes one thread.
+PINNED = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE,STRICT", "NETPROBE_NATIVE": "0"}
+DRIVER = """
+import sys
+from pathlib import Path
+
+import torch
+
+torch.backends.mkldnn.enabled = False
+torch.set_num_threads(1)
+from netprobe.config import compose
+from netprobe.train import train
+from tests.conftest import TINY
+from tests.test_golden import RUNS, machine
+
+root = Path(sys.argv[1])
+for case, overrides in RUNS.items():
+    train(compose([*TINY, *overrides]), root / case)
+(root / "machine").write_text(machine())
+"""
 # Measured, not computed: throughput depends on the machine.
 TIMED = ("samples_per_s",)
 # What the fused kernels compute (netprobe.native): float32 sums of 16 values per lane, then
@@ -87,11 +115,11 @@ def _first_difference(name: str, got: pa.Table, want: pa.Table, fused: bool) -> 
 
 
 def machine() -> str:
-    """How this machine's PyTorch rounds float32 on one thread, as a name: a hash of the bits
-    that the ops the golden runs train with (the cnn's and mlp's layers at their shapes, the
-    losses, their gradients, the reductions the probes take, an Adam step) give on fixed inputs.
-    Two machines whose runs differ in a bit differ here: pinning oneDNN or ATen to another
-    instruction set changes both."""
+    """How PyTorch rounds float32 here on one thread, as a name: a hash of the bits that the ops
+    the golden runs train with (the cnn's and mlp's layers at their shapes, the losses, their
+    gradients, the reductions the probes take, an Adam step) give on fixed inputs. Settings that
+    change the runs' bits change it: unpinned, oneDNN's or ATen's instruction set; pinned, MKL's
+    code path (MKL_CBWR=AVX2 for COMPATIBLE); MKL_ENABLE_INSTRUCTIONS changes neither there."""
     g = torch.Generator().manual_seed(0)
 
     def weights(*shape: int) -> torch.Tensor:
@@ -131,37 +159,68 @@ def machine() -> str:
 
 
 @pytest.fixture(scope="module")
-def copies() -> Path:
-    """This machine's folder of golden copies (one per run)."""
-    return GOLDEN / machine()
+def pinned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Each golden run trained as PINNED says, in a fresh interpreter: its folder, and in
+    `machine` the name of the bits it computed."""
+    root = tmp_path_factory.mktemp("golden")
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(root)],
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, **PINNED},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
 
 
 @pytest.mark.parametrize("case", sorted(RUNS))
-def test_tables_match_the_golden_copy(
-    case: str, kernel_path: str, copies: Path, tmp_path: Path, train_tiny
-) -> None:
-    folder = copies / case
-    writing = bool(os.environ.get("NETPROBE_WRITE_GOLDEN")) and kernel_path == "torch"
-    if not writing and not folder.is_dir():
+def test_tables_match_the_golden_copy(case: str, pinned: Path) -> None:
+    name = (pinned / "machine").read_text()
+    folder = GOLDEN / name / case
+    tables = _tables(netprobe.load(pinned / case))
+    if os.environ.get("NETPROBE_WRITE_GOLDEN"):
+        folder.mkdir(parents=True, exist_ok=True)
+        for table, rows in tables.items():
+            write_parquet(folder / f"{table}.parquet", rows)
+    elif not folder.is_dir():
         known = sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())
         pytest.skip(
-            f"no golden copies for this machine's float32 kernels ({copies.name}; copies are "
+            f"no golden copies for the bits PyTorch computes here, pinned ({name}; copies are "
             f"kept for {', '.join(known) or 'none'}): `NETPROBE_WRITE_GOLDEN=1 pytest "
             "tests/test_golden.py` writes them"
         )
-    with torch_threads(1):  # one reduction order, whatever the machine
-        run = netprobe.load(train_tiny(tmp_path / case, *RUNS[case]))
-    tables = _tables(run)
-    if writing:
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, table in tables.items():
-            write_parquet(folder / f"{name}.parquet", table)
     assert sorted(p.stem for p in folder.glob("*.parquet")) == sorted(tables)
     differences = [
-        _first_difference(
-            name, table, pq.read_table(folder / f"{name}.parquet"), kernel_path != "torch"
-        )
-        for name, table in tables.items()
+        _first_difference(table, rows, pq.read_table(folder / f"{table}.parquet"), fused=False)
+        for table, rows in tables.items()
     ]
     assert not any(differences), "\n".join(d for d in differences if d)
     assert tables["histograms"].num_rows and tables["matrices"].num_rows
+
+
+@pytest.fixture(scope="module")
+def pytorch_tables(tmp_path_factory: pytest.TempPathFactory, train_tiny) -> dict[str, dict]:
+    """Each golden run trained in this process on PyTorch's path of the probes: its tables."""
+    root = tmp_path_factory.mktemp("pytorch")
+    tables = {}
+    with pytest.MonkeyPatch.context() as patch, torch_threads(1):
+        patch.setattr(native, "ENABLED", False)
+        for case, overrides in RUNS.items():
+            tables[case] = _tables(netprobe.load(train_tiny(root / case, *overrides)))
+    return tables
+
+
+@pytest.mark.parametrize("kernel_path", ["fused", "fused-py"], indirect=True)
+@pytest.mark.parametrize("case", sorted(RUNS))
+def test_the_fused_paths_agree_with_pytorchs(
+    case: str, kernel_path: str, pytorch_tables: dict[str, dict], tmp_path: Path, train_tiny
+) -> None:
+    with torch_threads(1):
+        tables = _tables(netprobe.load(train_tiny(tmp_path / case, *RUNS[case])))
+    want = pytorch_tables[case]
+    differences = [
+        _first_difference(table, rows, want[table], fused=True) for table, rows in tables.items()
+    ]
+    assert not any(differences), "\n".join(d for d in differences if d)
