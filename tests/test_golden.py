@@ -5,11 +5,11 @@ the copies with `NETPROBE_WRITE_GOLDEN=1 pytest tests/test_golden.py` and say wh
 
 PyTorch's float32 kernels round differently from one CPU to another (the instruction set ATen
 and oneDNN pick, MKL's code path): a forward's last bit differs, and 14 steps later so do
-histogram counts. So the golden runs train in a fresh interpreter with those pinned to code that
-every x86-64 CPU runs alike (PINNED: ATen's default kernels, oneDNN off, MKL's reproducible
-COMPATIBLE path, one thread), on PyTorch's path of the probes. The copies are kept under the name
-`machine()` gives that arrangement; where it computes other bits (another architecture), the
-comparison is skipped, saying how to write copies there.
+histogram counts. So the golden runs train in a fresh interpreter with those pinned to code meant
+to give the same bits on every x86-64 CPU (PINNED: ATen's default kernels, oneDNN off, MKL's
+reproducible COMPATIBLE path, one thread), on PyTorch's path of the probes. The copies are kept
+under the name `machine()` gives that arrangement; where it computes other bits (another
+architecture, say), the comparison is skipped, saying how to write copies there.
 
 The fused CPU kernels sum in another order: a run on each of their paths agrees with a run on
 PyTorch's path in this process to FUSED_REL on what they compute, and to the last bit elsewhere.
@@ -43,8 +43,8 @@ RUNS = {
     "cnn_all": ("model=cnn", "model.width=8", "model.hidden=16", "probes=all", *SMALL),
     "mlp_all": ("model=mlp", "model.hidden=[32,16]", "probes=all", "optim=adam", *SMALL),
 }
-# What makes PyTorch's float32 bits the same on every x86-64 CPU, for a fresh interpreter (ATen
-# reads its setting once, at start); the driver turns oneDNN off and takes one thread.
+# Meant to make PyTorch's float32 bits the same on every x86-64 CPU, for a fresh interpreter
+# (ATen reads its setting once, at start); the driver turns oneDNN off and takes one thread.
 PINNED = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE,STRICT", "NETPROBE_NATIVE": "0"}
 DRIVER = """
 import sys
