@@ -119,7 +119,9 @@ def machine() -> str:
     the golden runs train with (the cnn's and mlp's layers at their shapes, the losses, their
     gradients, the reductions the probes take, an Adam step) give on fixed inputs. Settings that
     change the runs' bits change it: unpinned, oneDNN's or ATen's instruction set; pinned, MKL's
-    code path (MKL_CBWR=AVX2 for COMPATIBLE); MKL_ENABLE_INSTRUCTIONS changes neither there."""
+    code path (MKL_CBWR=AVX2 for COMPATIBLE); MKL_ENABLE_INSTRUCTIONS changes neither there.
+    The layers are written out in PyTorch's ops rather than built from netprobe's models: a change
+    to netprobe must fail the comparison, not rename the machine and skip it."""
     g = torch.Generator().manual_seed(0)
 
     def weights(*shape: int) -> torch.Tensor:
