@@ -308,8 +308,19 @@ def test_status_for_how_a_run_ended():
     assert status_for(ValueError, error) == ("failed", "ValueError: bad batch")
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler meanwhile: a suite a shell started in the background inherits
+    SIGINT ignored, and no KeyboardInterrupt comes of that."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("handlers", ["python's", "netprobe train's"])
-def test_a_stop_signal_during_a_flush_waits_for_its_rows(tmp_path, monkeypatch, handlers):
+def test_a_stop_signal_during_a_flush_waits_for_its_rows(
+    tmp_path, monkeypatch, handlers, python_sigint
+):
     """With another thread alive (a data loader's), a signal sent while a flush holds what it
     drained reaches that thread, and Python runs the handler in the main thread all the same:
     the flush notes it and acts on it once the rows are on disk."""
